@@ -1,0 +1,91 @@
+"""Adapter for the Dask scheduler's dashboard HTTP API: read load, retire workers (any transport)."""
+
+import json
+import urllib.error
+import urllib.request
+from typing import Callable, Protocol
+
+from ..errors import SchedulerUnreachable
+from ..model import DaskLoad, WorkerInfo
+
+# The scheduler must serve these routes; distributed.http.scheduler.api is off by default.
+SCHEDULER_HTTP_ROUTES = [
+    "distributed.http.scheduler.json",
+    "distributed.http.health",
+    "distributed.http.scheduler.api",
+    "distributed.http.scheduler.info",
+    "distributed.http.proxy",
+    "distributed.http.statics",
+]
+FIRE_AND_FORGET_CLIENTS = 1  # the scheduler always counts its own "fire-and-forget" client
+
+
+class Transport(Protocol):
+    def get(self, path: str) -> bytes: ...
+    def post(self, path: str, body: bytes) -> bytes: ...
+
+
+class HttpTransport:
+    """Plain HTTP to a dashboard this process can reach (the local lab, on 127.0.0.1)."""
+
+    def __init__(self, base_url: str, timeout: float = 5.0):
+        self.base_url, self.timeout = base_url.rstrip("/"), timeout
+
+    def _call(self, req: urllib.request.Request) -> bytes:
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError
+            raise SchedulerUnreachable(f"{req.full_url}: {e}") from e
+
+    def get(self, path: str) -> bytes:
+        return self._call(urllib.request.Request(self.base_url + path))
+
+    def post(self, path: str, body: bytes) -> bytes:
+        return self._call(urllib.request.Request(self.base_url + path, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"}))
+
+
+def _json(raw: bytes, path: str):
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise SchedulerUnreachable(f"{path}: not JSON ({raw[:80]!r})") from e
+
+
+def _worker_load(identity: dict) -> float:
+    """Tasks on a worker plus what it holds, as one number (1 task ≈ 64 MiB moved)."""
+    metrics = identity.get("metrics", {})
+    tasks = sum(metrics.get("task_counts", {}).get(k, 0) for k in ("executing", "ready", "memory", "waiting"))
+    return tasks + metrics.get("managed_bytes", 0) / 2**26
+
+
+class Dashboard:
+    """The scheduler's HTTP API behind a transport; `node_of` maps a worker name to its node."""
+
+    def __init__(self, transport: Transport, node_of: Callable[[str], str] = lambda name: name):
+        self.transport, self.node_of = transport, node_of
+
+    def fetch_load(self) -> DaskLoad:
+        counts = _json(self.transport.get("/json/counts.json"), "counts.json")
+        target = _json(self.transport.get("/api/v1/adaptive_target"), "adaptive_target")
+        idle = _json(self.transport.get("/api/v1/check_idle"), "check_idle")
+        return DaskLoad(
+            workers=counts["workers"], processing=counts["processing"],
+            queued=counts.get("waiting", 0) + counts.get("unrunnable", 0) + counts.get("queued", 0),
+            clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS),
+            adaptive_target=int(target["workers"]), idle_since=idle.get("idle_since"),
+        )
+
+    def fetch_workers(self) -> tuple[WorkerInfo, ...]:
+        identity = _json(self.transport.get("/json/identity.json"), "identity.json")
+        return tuple(sorted((WorkerInfo(address=addr, name=str(w.get("name", addr)),
+                                        node=self.node_of(str(w.get("name", addr))), load=_worker_load(w))
+                             for addr, w in identity.get("workers", {}).items()), key=lambda w: w.name))
+
+    def apply_retire(self, addresses: list[str]) -> list[str]:
+        """Retire workers gracefully: the scheduler moves their data to the others, then closes them."""
+        if not addresses:
+            return []
+        raw = self.transport.post("/api/v1/retire_workers", json.dumps({"workers": addresses}).encode())
+        return sorted(_json(raw, "retire_workers"))

@@ -1,0 +1,243 @@
+"""Local backend adapter: a lab is a real Dask scheduler and worker processes on 127.0.0.1, its record a file."""
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import ConflictError, PermanentError, TransientError
+from ..model import MANAGED_BY, Lab
+from ..policy import Infra
+from .dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
+from .procs import free_port, pid_alive, spawn, stop_pid_group, wait_until
+
+
+def _node_of(worker_name: str) -> str:
+    return worker_name.split("-", 1)[0]  # workers are named n<node>-w<index>
+
+
+class LocalBackend:
+    """Labs as local processes. The record `<home>/labs/<lab>.json` holds spec, state and the process ids."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "labs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- records ---
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    @contextmanager
+    def _locked(self, name: str):
+        with open(self.root / f".{name}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self, name: str) -> dict | None:
+        try:
+            return json.loads(self._path(name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def _write(self, record: dict) -> None:
+        path = self._path(record["spec"]["name"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+
+    @contextmanager
+    def _update(self, name: str):
+        """Read-modify-write the record under its lock; bumps the version."""
+        with self._locked(name):
+            record = self._read(name)
+            if record is None:
+                raise TransientError(f"lab {name} record vanished")
+            yield record
+            record["version"] += 1
+            self._write(record)
+
+    @staticmethod
+    def _lab(record: dict) -> Lab:
+        return Lab.from_dict(record, str(record["version"]))
+
+    def fetch_labs(self) -> list[Lab]:
+        records = (self._read(p.stem) for p in sorted(self.root.glob("*.json")))
+        return [self._lab(r) for r in records if r and r.get("managed_by") == MANAGED_BY]
+
+    def fetch_lab(self, name: str) -> Lab | None:
+        record = self._read(name)
+        if record is None:
+            return None
+        if record.get("managed_by") != MANAGED_BY:
+            raise PermanentError(f"lab {name} is not managed by dasklab: refusing to touch it")
+        return self._lab(record)
+
+    def apply_create(self, lab: Lab) -> bool:
+        with self._locked(lab.name):
+            if self._path(lab.name).exists():
+                return False
+            self._write({"managed_by": MANAGED_BY, "version": 1, **lab.to_dict(),
+                         "local": {"scheduler": None, "workers": {}, "installed": False, "next_worker": 0}})
+        return True
+
+    def apply_record(self, lab: Lab) -> Lab:
+        with self._locked(lab.name):
+            record = self._read(lab.name)
+            if record is None or str(record["version"]) != lab.version:
+                raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+            record.update(lab.to_dict(), version=record["version"] + 1)
+            self._write(record)
+        return self._lab(record)
+
+    def apply_forget(self, lab: Lab) -> None:
+        with self._locked(lab.name):
+            self._path(lab.name).unlink(missing_ok=True)
+            shutil.rmtree(self.root / lab.name, ignore_errors=True)
+        (self.root / f".{lab.name}.lock").unlink(missing_ok=True)
+
+    # --- processes ---
+
+    def _local(self, lab: Lab) -> dict:
+        record = self._read(lab.name)
+        return record["local"] if record else {"scheduler": None, "workers": {}, "installed": False}
+
+    def _env(self, lab: Lab) -> dict:
+        scratch = self.root / lab.name / "scratch"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return {**os.environ, "DASK_TEMPORARY_DIRECTORY": str(scratch),
+                "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": json.dumps(SCHEDULER_HTTP_ROUTES)}
+
+    def _log(self, lab: Lab, what: str) -> Path:
+        path = self.root / lab.name / "logs" / f"{what}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def fetch_infra(self, lab: Lab) -> Infra:
+        local = self._local(lab)
+        sched = local["scheduler"]
+        if sched is None:
+            return Infra("absent")
+        if not pid_alive(sched["pid"]):
+            tail = self._log(lab, "scheduler").read_text()[-300:] if self._log(lab, "scheduler").exists() else ""
+            return Infra("error", detail=f"scheduler process {sched['pid']} exited: {tail.strip()}")
+        try:
+            HttpTransport(self._dashboard_url(sched), timeout=2).get("/health")
+        except TransientError:
+            return Infra("creating", detail="scheduler starting")
+        return Infra("running", "deployed" if local["installed"] else "absent")
+
+    def apply_provision(self, lab: Lab) -> None:
+        with self._update(lab.name) as record:
+            if record["local"]["scheduler"] and pid_alive(record["local"]["scheduler"]["pid"]):
+                return
+            port, dash = free_port(), free_port()
+            pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                         "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
+                        env=self._env(lab), log_path=self._log(lab, "scheduler"))
+            record["local"]["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
+
+    def apply_install(self, lab: Lab) -> None:
+        self.apply_workers(lab, lab.state.target_workers)
+        with self._update(lab.name) as record:
+            record["local"]["installed"] = True
+
+    def fetch_requested(self, lab: Lab) -> int:
+        return sum(pid_alive(w["pid"]) for w in self._local(lab)["workers"].values())
+
+    def apply_workers(self, lab: Lab, target: int) -> None:
+        """Start workers until `target` are alive, filling partly used nodes before opening new ones."""
+        per_node = lab.spec.workers_per_node
+        with self._update(lab.name) as record:
+            local = record["local"]
+            local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
+            sched = local["scheduler"]
+            for _ in range(target - len(local["workers"])):
+                used: dict[str, int] = {}
+                for w in local["workers"].values():
+                    used[w["node"]] = used.get(w["node"], 0) + 1
+                node = next((n for n in sorted(used) if used[n] < per_node), None)
+                if node is None:
+                    node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
+                name = f"{node}-w{local['next_worker']}"
+                local["next_worker"] += 1
+                threads = max(1, int(lab.spec.worker_cpu))
+                pid = spawn([sys.executable, "-m", "distributed.cli.dask_worker",
+                             f"tcp://127.0.0.1:{sched['port']}", "--name", name, "--nthreads", str(threads),
+                             "--memory-limit", str(lab.spec.worker_memory), "--no-nanny", "--no-dashboard",
+                             "--host", "127.0.0.1"], env=self._env(lab), log_path=self._log(lab, name))
+                local["workers"][name] = {"pid": pid, "node": node}
+
+    def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
+        """Retire through the scheduler (data moves to survivors), then wait for exactly those processes."""
+        dashboard = self.dashboard(lab)
+        names = {w.address: w.name for w in dashboard.fetch_workers()}
+        dashboard.apply_retire(addresses)
+        workers = self._local(lab)["workers"]
+        pids = [workers[names[a]]["pid"] for a in addresses if names.get(a) in workers]
+        try:
+            wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15, what="retired workers' exit")
+        finally:
+            with self._update(lab.name) as record:
+                for address in addresses:
+                    entry = record["local"]["workers"].pop(names.get(address, ""), None)
+                    if entry:
+                        stop_pid_group(entry["pid"])
+
+    def apply_delete(self, lab: Lab) -> None:
+        with self._update(lab.name) as record:
+            local = record["local"]
+            for w in local["workers"].values():
+                stop_pid_group(w["pid"])
+            if local["scheduler"]:
+                stop_pid_group(local["scheduler"]["pid"])
+            local.update(scheduler=None, workers={}, installed=False)
+
+    # --- access ---
+
+    @staticmethod
+    def _dashboard_url(sched: dict) -> str:
+        return f"http://127.0.0.1:{sched['dashboard_port']}"
+
+    def dashboard(self, lab: Lab) -> Dashboard:
+        sched = self._local(lab)["scheduler"]
+        if sched is None:
+            raise TransientError(f"lab {lab.name} has no scheduler")
+        return Dashboard(HttpTransport(self._dashboard_url(sched)), node_of=_node_of)
+
+    def connection_info(self, lab: Lab) -> dict:
+        sched = self._local(lab)["scheduler"] or {}
+        return {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
+                "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
+                "how": "from Python on this machine: distributed.Client('<scheduler>')"}
+
+    def stop_all(self) -> int:
+        """Kill every process of every local lab (used when the local controller shuts down)."""
+        count = 0
+        for lab in self.fetch_labs():
+            self.apply_delete(lab)
+            count += 1
+        return count
+
+
+class FileEvents:
+    """Status events as JSON lines in a local file (the local lab's status topic when no emulator runs)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, event: dict) -> None:
+        with open(self.path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(json.dumps(event, default=str) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []

@@ -1,0 +1,80 @@
+"""Pub/Sub adapter: publish commands and status events, set up topics and subscriptions (cloud or emulator)."""
+
+import json
+from functools import lru_cache
+
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from ..errors import TransientError
+
+ACK_DEADLINE_S = 600  # the longest Pub/Sub allows: a reconcile tick polls for about a minute
+
+
+@lru_cache(maxsize=1)
+def publisher() -> pubsub_v1.PublisherClient:
+    return pubsub_v1.PublisherClient()
+
+
+@lru_cache(maxsize=1)
+def subscriber() -> pubsub_v1.SubscriberClient:
+    return pubsub_v1.SubscriberClient()
+
+
+def topic_path(project: str, topic: str) -> str:
+    return publisher().topic_path(project, topic)
+
+
+def publish(project: str, topic: str, payload: dict, timeout: float = 30.0, **attributes: str) -> str:
+    """Publish one JSON message; returns its message id."""
+    future = publisher().publish(topic_path(project, topic), json.dumps(payload).encode(), **attributes)
+    try:
+        return future.result(timeout=timeout)
+    except (gexc.GoogleAPICallError, TimeoutError) as e:
+        raise TransientError(f"publish to {topic} failed: {e}") from e
+
+
+class PubSubEvents:
+    """Status events published as JSON on the status topic."""
+
+    def __init__(self, project: str, topic: str):
+        self.project, self.topic = project, topic
+
+    def publish(self, event: dict) -> None:
+        publish(self.project, self.topic, event, event=str(event.get("event", "")), lab=str(event.get("lab", "")))
+
+
+def ensure_topic(project: str, topic: str) -> bool:
+    """Create the topic if missing; True if it was created."""
+    try:
+        publisher().create_topic(name=topic_path(project, topic))
+        return True
+    except gexc.AlreadyExists:
+        return False
+
+
+def ensure_subscription(project: str, topic: str, name: str, push_endpoint: str | None = None) -> bool:
+    """Create a pull (or push, with an endpoint) subscription if missing; True if it was created."""
+    request = {"name": subscriber().subscription_path(project, name), "topic": topic_path(project, topic),
+               "ack_deadline_seconds": ACK_DEADLINE_S}
+    if push_endpoint:
+        request["push_config"] = {"push_endpoint": push_endpoint}
+    try:
+        subscriber().create_subscription(request=request)
+        return True
+    except gexc.AlreadyExists:
+        return False
+
+
+def pull(project: str, subscription: str, max_messages: int = 100, timeout: float = 5.0) -> list[dict]:
+    """Pull and acknowledge what is waiting on a subscription; returns the decoded JSON bodies."""
+    path = subscriber().subscription_path(project, subscription)
+    try:
+        response = subscriber().pull(request={"subscription": path, "max_messages": max_messages},
+                                     timeout=timeout)
+    except gexc.DeadlineExceeded:
+        return []
+    if response.received_messages:
+        subscriber().acknowledge(request={"subscription": path,
+                                          "ack_ids": [m.ack_id for m in response.received_messages]})
+    return [json.loads(m.message.data) for m in response.received_messages]

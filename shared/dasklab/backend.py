@@ -1,0 +1,59 @@
+"""The ports the core drives: a lab backend (local processes or GKE) and a status-event sink."""
+
+from typing import Protocol
+
+from .adapters.dashboard import Dashboard
+from .model import Lab
+from .policy import Infra
+
+
+class Backend(Protocol):
+    """Where labs live. Reads re-observe reality; every write is idempotent."""
+
+    def fetch_labs(self) -> list[Lab]:
+        """Every lab this controller manages (resources without the managed-by marker are never listed)."""
+
+    def fetch_lab(self, name: str) -> Lab | None:
+        """One managed lab, or None; PermanentError if a resource of that name exists but is not managed."""
+
+    def fetch_infra(self, lab: Lab) -> Infra:
+        """The state of the lab's cluster and Dask release."""
+
+    def fetch_requested(self, lab: Lab) -> int:
+        """How many workers the backend is running or starting (joined or not)."""
+
+    def dashboard(self, lab: Lab) -> Dashboard:
+        """The lab's scheduler HTTP API, reached the backend's secure way."""
+
+    def apply_create(self, lab: Lab) -> bool:
+        """Create the lab resource (and start provisioning where that is one call); False if it exists."""
+
+    def apply_provision(self, lab: Lab) -> None:
+        """(Re)start creating the lab's cluster; idempotent."""
+
+    def apply_record(self, lab: Lab) -> Lab:
+        """Store spec and state if `lab.version` is still current (ConflictError otherwise)."""
+
+    def apply_install(self, lab: Lab) -> None:
+        """Install (or resume installing) the Dask release with the lab's initial workers."""
+
+    def apply_workers(self, lab: Lab, target: int) -> None:
+        """Raise the worker pool (and the nodes under it) to `target` workers."""
+
+    def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
+        """Retire exactly these workers through the scheduler, then remove them and the nodes they empty."""
+
+    def apply_delete(self, lab: Lab) -> None:
+        """Delete the lab's infrastructure (idempotent; TransientError while that cannot happen yet)."""
+
+    def apply_forget(self, lab: Lab) -> None:
+        """Drop what is left of the lab's record once its infrastructure is gone."""
+
+    def connection_info(self, lab: Lab) -> dict:
+        """How a person reaches the lab's Jupyter and dashboard (never a secret)."""
+
+
+class Events(Protocol):
+    """Where status events (lab ready, failed, deleted) are published."""
+
+    def publish(self, event: dict) -> None: ...

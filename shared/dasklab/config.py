@@ -1,0 +1,64 @@
+"""Controller configuration: caps, defaults and scaling parameters, read once from the environment."""
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import ValidationError
+
+
+@dataclass(frozen=True)
+class Config:
+    # where labs run: "local" (real processes on this machine) or "gke"
+    backend: str = "local"
+    project: str = ""
+    location: str = "us-central1"
+    control_topic: str = "dasklab-control"
+    status_topic: str = "dasklab-status"
+    home: str = str(Path.home() / ".dasklab")
+    # caps: a request above one is refused, never truncated
+    max_workers: int = 16
+    max_nodes: int = 8
+    max_lifetime_s: int = 12 * 3600
+    # defaults for a start-lab that leaves them out
+    default_machine_type: str = "e2-standard-4"
+    default_idle_timeout_s: int = 30 * 60
+    default_lifetime_s: int = 8 * 3600
+    default_worker_cpu: float = 1.0
+    default_worker_memory: str = "3G"
+    # autoscaling: how often load is polled, how long a lower target must hold, at most how much goes per step
+    poll_s: float = 5.0
+    confirm_s: float = 20.0
+    cooldown_s: float = 15.0
+    down_fraction: float = 0.5
+    # a reconcile tick polls for this long (Cloud Scheduler fires at most once a minute)
+    tick_budget_s: float = 50.0
+
+
+def _convert(name: str, raw: str, kind: type):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValidationError(f"DASKLAB_{name.upper()}", f"must be {kind.__name__}, got {raw!r}") from None
+
+
+def from_env(env: dict | None = None) -> Config:
+    """Build the configuration from DASKLAB_* variables; GKE is the backend when a project is configured."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in fields(Config):
+        raw = env.get(f"DASKLAB_{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = _convert(f.name, raw, type(Config.__dataclass_fields__[f.name].default))
+    values.setdefault("project", env.get("GOOGLE_CLOUD_PROJECT", ""))
+    values.setdefault("backend", "gke" if values["project"] else "local")
+    if values["backend"] not in ("local", "gke"):
+        raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
+    return Config(**values)
+
+
+@lru_cache(maxsize=1)
+def current() -> Config:
+    """The process's configuration, read on first use (not at import)."""
+    return from_env()

@@ -1,0 +1,29 @@
+"""Error classes every layer raises; entry points map them to acknowledge (permanent) or retry (transient)."""
+
+
+class DasklabError(Exception):
+    """Base class of the errors the controller classifies."""
+
+
+class PermanentError(DasklabError):
+    """Retrying will not help: bad input, refused by policy, unknown lab. Logged and acknowledged."""
+
+
+class ValidationError(PermanentError):
+    """A message or configuration value breaks a rule; `field` names it, `rule` says which."""
+
+    def __init__(self, field: str, rule: str):
+        self.field, self.rule = field, rule
+        super().__init__(f"{field}: {rule}")
+
+
+class TransientError(DasklabError):
+    """Retrying later may help: timeouts, conflicts, an operation in progress. Raised to get a redelivery."""
+
+
+class ConflictError(TransientError):
+    """Somebody else changed the lab resource since we read it (optimistic concurrency)."""
+
+
+class SchedulerUnreachable(TransientError):
+    """The Dask scheduler's dashboard HTTP API did not answer."""

@@ -1,0 +1,161 @@
+"""The lab's data: desired spec, remembered state, observed load. Plain values shared by every layer."""
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+MANAGED_BY = "dasklab"  # value of the managed-by marker on every resource the controller creates
+
+# vCPUs and memory (GiB) of the machine types a start-lab may ask for; "local" is a group of local workers.
+MACHINE_TYPES: dict[str, tuple[float, float]] = {
+    "local": (2, 8),
+    **{f"e2-standard-{n}": (n, 4 * n) for n in (2, 4, 8, 16, 32)},
+    **{f"e2-highmem-{n}": (n, 8 * n) for n in (2, 4, 8, 16)},
+    **{f"e2-highcpu-{n}": (n, n) for n in (2, 4, 8, 16, 32)},
+    **{f"n2-standard-{n}": (n, 4 * n) for n in (2, 4, 8, 16, 32, 48, 64)},
+    **{f"n2-highmem-{n}": (n, 8 * n) for n in (2, 4, 8, 16, 32)},
+    **{f"c3-standard-{n}": (n, 4 * n) for n in (4, 8, 22, 44)},
+}
+# What a node keeps for the kubelet and system pods (GKE's allocatable is about this much less).
+NODE_RESERVED_CPU = 0.25
+NODE_RESERVED_MEMORY_GIB = 1.0
+
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
+_MEMORY_UNITS = {None: 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_CPU = re.compile(r"^(\d+(?:\.\d+)?)(m)?$")
+
+
+def parse_memory(value) -> int:
+    """Kubernetes memory quantity ('3G', '512Mi', 1073741824) → bytes; ValueError if malformed."""
+    m = _MEMORY.match(str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a memory quantity like 3G, 512Mi or a number of bytes")
+    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2)])
+
+
+def parse_cpu(value) -> float:
+    """Kubernetes CPU quantity (1, 0.5, '500m') → cores; ValueError if malformed."""
+    m = _CPU.match(str(value).strip())
+    if not m or float(m.group(1)) == 0:
+        raise ValueError(f"{value!r} is not a positive CPU quantity like 1, 0.5 or 500m")
+    return float(m.group(1)) / (1000 if m.group(2) else 1)
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """What the lab's owner asked for (start-lab, then scale and keep-alive change it)."""
+
+    name: str
+    owner: str
+    min_workers: int
+    max_workers: int
+    initial_workers: int
+    machine_type: str
+    worker_cpu: float
+    worker_memory: int  # bytes
+    idle_timeout_s: int
+    max_lifetime_s: int
+    spot: bool = False
+    values: dict = field(default_factory=dict)  # Dask Helm chart values as sent
+    public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
+    pinned_workers: int | None = None
+    keep_alive_until: float | None = None
+
+    @property
+    def workers_per_node(self) -> int:
+        cpu, mem_gib = MACHINE_TYPES[self.machine_type]
+        by_cpu = (cpu - NODE_RESERVED_CPU) // self.worker_cpu
+        by_mem = (mem_gib - NODE_RESERVED_MEMORY_GIB) * 2**30 // self.worker_memory
+        return max(1, int(min(by_cpu, by_mem)))
+
+    def nodes_for(self, workers: int) -> int:
+        return math.ceil(workers / self.workers_per_node)
+
+
+# Phases of a lab, in order; "gone" is the absence of the resource.
+REQUESTED, PROVISIONING, INSTALLING, READY, TEARING_DOWN, FAILED = (
+    "requested", "provisioning", "installing", "ready", "tearing-down", "failed")
+
+
+@dataclass(frozen=True)
+class LabState:
+    """What the controller remembers between invocations, stored on the lab resource."""
+
+    phase: str = REQUESTED
+    created_at: float = 0.0
+    ready_at: float | None = None
+    target_workers: int = 0  # workers requested from the backend
+    down_since: float | None = None  # when a lower target was first seen (confirmation window)
+    down_floor: int = 0  # highest target seen since down_since: scale down no lower than this
+    cooldown_until: float = 0.0
+    reason: str = ""  # why the lab is in its phase (failure, teardown cause)
+    node_seconds: float = 0.0  # node-time used so far, for the cost report
+    last_accounted: float = 0.0
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A lab as read from its backend: spec and state plus the backend's concurrency token."""
+
+    spec: LabSpec
+    state: LabState
+    version: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict:
+        return {"spec": asdict(self.spec), "state": asdict(self.state)}
+
+    @classmethod
+    def from_dict(cls, data: dict, version: str = "") -> "Lab":
+        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
+        return cls(LabSpec(**spec), LabState(**data["state"]), version)
+
+    def with_state(self, **changes) -> "Lab":
+        return replace(self, state=replace(self.state, **changes))
+
+    def with_spec(self, **changes) -> "Lab":
+        return replace(self, spec=replace(self.spec, **changes))
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One Dask worker as the scheduler reports it, with the node it runs on."""
+
+    address: str
+    name: str
+    node: str
+    load: float = 0.0  # tasks on it plus bytes it holds, scaled: what retiring it would move
+
+
+@dataclass(frozen=True)
+class DaskLoad:
+    """The scheduler's load, read from its dashboard HTTP API."""
+
+    workers: int
+    processing: int
+    queued: int  # waiting + unrunnable + queued tasks
+    clients: int  # user clients (the scheduler's own fire-and-forget entry excluded)
+    adaptive_target: int
+    idle_since: float | None
+    worker_infos: tuple[WorkerInfo, ...] = ()
+
+    @property
+    def busy(self) -> bool:
+        return self.processing > 0 or self.queued > 0
+
+
+# Cost figures for reports (us-central1 on-demand list prices; confirm against Google's price page).
+CLUSTER_FEE_PER_HOUR = 0.10
+E2_PER_VCPU_HOUR = 0.0335  # e2-standard-4 ≈ $0.134/h
+SPOT_DISCOUNT = 0.7
+
+
+def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:
+    """Estimated USD for a lab: the cluster fee for its lifetime plus its worker nodes."""
+    cpu, _ = MACHINE_TYPES[spec.machine_type]
+    node_hour = cpu * E2_PER_VCPU_HOUR * ((1 - SPOT_DISCOUNT) if spec.spot else 1)
+    return round(CLUSTER_FEE_PER_HOUR * lifetime_s / 3600 + node_hour * node_seconds / 3600, 4)

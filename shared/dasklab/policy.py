@@ -1,0 +1,194 @@
+"""Pure policy: given the lab's spec, remembered state, observed load and `now`, decide one step and say why."""
+
+import math
+from dataclasses import dataclass, field
+
+from .model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
+                    WorkerInfo)
+
+HOLD, UP, DOWN = "hold", "up", "down"
+
+
+@dataclass(frozen=True)
+class ScaleParams:
+    confirm_s: float = 20.0  # a lower target must hold this long before workers go
+    cooldown_s: float = 15.0  # after a scale-down, no further scale-down for this long
+    down_fraction: float = 0.5  # at most this share of the workers goes in one step (at least one)
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    action: str  # hold, up or down
+    target: int
+    reason: str
+    remember: dict = field(default_factory=dict)  # LabState fields to store with the decision
+
+
+def desired_workers(spec: LabSpec, load: DaskLoad) -> tuple[int, str]:
+    """What the lab should have now: the pinned count, else the scheduler's adaptive target, within min..max."""
+    if spec.pinned_workers is not None:
+        want, why = spec.pinned_workers, f"pinned at {spec.pinned_workers}"
+    else:
+        want, why = load.adaptive_target, (f"adaptive_target={load.adaptive_target} "
+                                           f"(processing={load.processing}, queued={load.queued})")
+    clamped = min(max(want, spec.min_workers), spec.max_workers)
+    if clamped != want:
+        why += f", clamped to [{spec.min_workers}, {spec.max_workers}]"
+    return clamped, why
+
+
+def plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, now: float,
+               params: ScaleParams = ScaleParams()) -> ScaleDecision:
+    """Decide the worker target: up at once; down only after confirmation, bounded, with a cooldown.
+
+    `requested` is how many workers the backend was asked for; `load.workers` how many have joined.
+    """
+    current = state.target_workers
+    want, why = desired_workers(spec, load)
+    reset = {"down_since": None, "down_floor": 0}
+    if want > current:
+        return ScaleDecision(UP, want, f"{why} > target {current}", reset)
+    if want == current:
+        changed = state.down_since is not None
+        return ScaleDecision(HOLD, current, f"{why} = target", reset if changed else {})
+    # want < current from here
+    if current > spec.max_workers or (spec.pinned_workers is not None and load.workers >= requested):
+        # limits lowered or a pin set by the owner: follow at once (still gracefully, by retirement)
+        return ScaleDecision(DOWN, want, f"{why}: owner's limits", {**reset, "cooldown_until": now + params.cooldown_s})
+    if load.workers < requested:
+        return ScaleDecision(HOLD, current, f"{why}, but {requested - load.workers} requested worker(s) "
+                                            f"have not joined yet: retire nothing before they arrive")
+    if state.down_since is None:
+        return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming for {params.confirm_s:g}s",
+                             {"down_since": now, "down_floor": want})
+    floor = max(state.down_floor, want)
+    if now - state.down_since < params.confirm_s:
+        return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming "
+                                            f"({now - state.down_since:.1f}/{params.confirm_s:g}s)",
+                             {"down_floor": floor} if floor != state.down_floor else {})
+    if now < state.cooldown_until:
+        return ScaleDecision(HOLD, current, f"cooling down for {state.cooldown_until - now:.1f}s more",
+                             {"down_floor": floor} if floor != state.down_floor else {})
+    step = max(1, math.floor(current * params.down_fraction))
+    target = max(floor, current - step, spec.min_workers)
+    return ScaleDecision(DOWN, target, f"{why} held for {now - state.down_since:.1f}s (highest {floor}); "
+                                       f"at most {step} per step", {**reset, "cooldown_until": now + params.cooldown_s})
+
+
+def plan_retirement(workers: tuple[WorkerInfo, ...] | list[WorkerInfo], count: int) -> list[str]:
+    """Choose `count` workers to retire so the survivors pack onto the fewest nodes.
+
+    Nodes with the fewest workers, then the least load, are emptied first; within a node the
+    least-loaded workers go first. Returns worker addresses.
+    """
+    by_node: dict[str, list[WorkerInfo]] = {}
+    for w in workers:
+        by_node.setdefault(w.node, []).append(w)
+    nodes = sorted(by_node.values(), key=lambda ws: (len(ws), sum(w.load for w in ws), ws[0].node))
+    chosen: list[str] = []
+    for ws in nodes:
+        for w in sorted(ws, key=lambda w: (w.load, w.name)):
+            if len(chosen) == count:
+                return chosen
+            chosen.append(w.address)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Infra:
+    """What the backend reports about a lab's infrastructure (cluster and Dask release)."""
+
+    cluster: str  # absent, creating, running, deleting, error
+    release: str = "absent"  # absent, installing, deployed, failed
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # provision, wait, install, mark-ready, mark-failed, delete, forget, none
+    phase: str  # the phase after the step
+    reason: str
+
+
+def plan_provision_step(phase: str, infra: Infra) -> Step:
+    """The next step of the lab's lifecycle state machine: requested → provisioning → installing → ready,
+    and tearing-down → gone. Each invocation takes at most one step."""
+    if phase == TEARING_DOWN:
+        if infra.cluster == "absent":
+            return Step("forget", "gone", "infrastructure deleted")
+        if infra.cluster == "creating":
+            return Step("wait", phase, "cluster still being created; it cannot be deleted before that ends")
+        if infra.cluster == "deleting":
+            return Step("wait", phase, "deletion in progress")
+        return Step("delete", phase, f"cluster {infra.cluster}: deleting it")
+    if phase in (READY, FAILED):
+        if infra.cluster in ("absent", "error") or infra.release == "failed":
+            if phase == FAILED:
+                return Step("none", phase, infra.detail or "lab failed")
+            return Step("mark-failed", FAILED, infra.detail or f"cluster {infra.cluster}, release {infra.release}")
+        return Step("none", phase, "ready")
+    # requested, provisioning, installing
+    if infra.cluster == "error":
+        return Step("mark-failed", FAILED, f"cluster creation failed: {infra.detail}")
+    if infra.cluster == "absent":
+        return Step("provision", PROVISIONING, "no cluster yet: creating it")
+    if infra.cluster == "creating":
+        return Step("wait", PROVISIONING, infra.detail or "cluster being created")
+    if infra.cluster == "deleting":
+        return Step("mark-failed", FAILED, "cluster is being deleted by someone else")
+    if infra.release == "absent":
+        return Step("install", INSTALLING, "cluster running: installing the Dask release")
+    if infra.release == "installing":
+        return Step("wait", INSTALLING, infra.detail or "Dask release installing")
+    if infra.release == "failed":
+        return Step("mark-failed", FAILED, f"Dask release failed: {infra.detail}")
+    return Step("mark-ready", READY, "Dask release deployed and scheduler answering")
+
+
+@dataclass(frozen=True)
+class TeardownDecision:
+    delete: bool
+    reason: str
+
+
+def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | None, now: float) -> TeardownDecision:
+    """Whether a tick (reconcile, teardown-idle, nightly-teardown) deletes the lab, and why."""
+    age = now - state.created_at
+    if age >= spec.max_lifetime_s:
+        return TeardownDecision(True, f"maximum lifetime {spec.max_lifetime_s}s reached (age {age:.0f}s)")
+    kept = spec.keep_alive_until is not None and now < spec.keep_alive_until
+    if state.phase == TEARING_DOWN or tick == "reconcile":
+        return TeardownDecision(False, "within lifetime")
+    if kept:
+        return TeardownDecision(False, f"kept alive for {spec.keep_alive_until - now:.0f}s more")
+    if tick == "nightly-teardown":
+        return TeardownDecision(True, "nightly teardown (not kept alive)")
+    # teardown-idle
+    if state.phase == FAILED:
+        return TeardownDecision(True, f"lab failed: {state.reason}")
+    if state.phase != READY:
+        return TeardownDecision(False, f"lab is {state.phase}")
+    if load is None:
+        return TeardownDecision(False, "scheduler unreachable: idleness unknown")
+    if load.busy:
+        return TeardownDecision(False, f"busy: {load.processing} processing, {load.queued} queued")
+    if load.clients > 0:
+        return TeardownDecision(False, f"{load.clients} client(s) connected")
+    if load.idle_since is None:
+        return TeardownDecision(False, "scheduler does not report idleness yet")
+    idle = now - max(load.idle_since, state.ready_at or 0.0)
+    if idle < spec.idle_timeout_s:
+        return TeardownDecision(False, f"idle for {idle:.0f}s < idle timeout {spec.idle_timeout_s}s")
+    return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s, no client")
+
+
+def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, str]:
+    """What a start-lab does given what exists: create, duplicate (nothing to do) or conflict (refuse)."""
+    if existing_spec is None:
+        return "create", "no such lab"
+    if existing_spec.owner != new_spec.owner:
+        return "conflict", f"lab {new_spec.name} exists and belongs to {existing_spec.owner}"
+    return "duplicate", "lab exists already: start-lab is idempotent (use scale to change its limits)"
+
+
+REQUESTED_PHASES = (REQUESTED, PROVISIONING, INSTALLING)

@@ -1,0 +1,143 @@
+"""The local controller: Pub/Sub emulator (or direct push), a functions-framework server running the real
+entry point, and the local timer firing the infra jobs. Used by `dasklab local serve`, the demo and tests."""
+
+import base64
+import json
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from . import logs
+from .adapters import procs
+from .adapters.local import LocalBackend
+from .config import Config
+from .errors import PermanentError, TransientError
+from .messages import parse_command
+from .timers import LocalTimer, load_infra
+
+REPO = Path(__file__).resolve().parents[2]
+FUNCTIONS_SOURCE = REPO / "functions" / "main.py"
+LOCAL_PROJECT = "dasklab-local"
+STATUS_PULL_SUBSCRIPTION = "dasklab-status-local"
+
+
+def push_envelope(payload: dict | bytes, message_id: str | None = None, attributes: dict | None = None) -> dict:
+    """The body a Pub/Sub push subscription sends: what the functions-framework server accepts."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return {"message": {"data": base64.b64encode(data).decode(), "attributes": attributes or {},
+                        "messageId": message_id or uuid.uuid4().hex, "publishTime": time.strftime(
+                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "subscription": f"projects/{LOCAL_PROJECT}/subscriptions/direct"}
+
+
+class LocalController:
+    """Starts and stops everything a local lab needs; `publish` sends a command the way the cloud would."""
+
+    def __init__(self, home: str | Path, *, emulator: bool | None = None, settings: dict | None = None,
+                 fire_timers: bool = True):
+        self.home = Path(home)
+        self.want_emulator = emulator
+        self.settings = {k: str(v) for k, v in (settings or {}).items()}  # DASKLAB_* for the controller
+        self.fire_timers = fire_timers
+        self.emulator = self.server = self.timer = None
+        self.infra = load_infra()
+
+    @property
+    def bus(self) -> str:
+        return "Pub/Sub emulator" if self.emulator else "direct push (no emulator)"
+
+    @property
+    def functions_log(self) -> Path:
+        return self.home / "logs" / "functions.log"
+
+    def start(self) -> "LocalController":
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        use = self.want_emulator if self.want_emulator is not None else procs.find_pubsub_emulator() is not None
+        env = {"DASKLAB_BACKEND": "local", "DASKLAB_HOME": str(self.home), **self.settings}
+        if use:
+            self.emulator = procs.start_pubsub_emulator(self.home / "logs", LOCAL_PROJECT)
+            os.environ.update(self.emulator.env)  # this process's clients talk to the emulator too
+            env.update(self.emulator.env)
+        self.server = procs.start_functions_server("control", FUNCTIONS_SOURCE, env=env,
+                                                   log_path=self.functions_log)
+        if self.emulator:
+            from .adapters import pubsub
+            topics = self.infra["topics"]
+            for topic in (topics["control"], topics["status"]):
+                pubsub.ensure_topic(LOCAL_PROJECT, topic)
+            pubsub.ensure_subscription(LOCAL_PROJECT, topics["control"], "dasklab-control-push",
+                                       push_endpoint=self.server.url)
+            pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
+        (self.home / "serve.json").write_text(json.dumps({
+            "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
+            "emulator_host": self.emulator.host if self.emulator else None, "project": LOCAL_PROJECT,
+            "control_topic": self.infra["topics"]["control"]}))
+        if self.fire_timers:
+            self.timer = LocalTimer(self.infra["jobs"], lambda job: self.publish(job.message),
+                                    fire_at_start=("dasklab-reconcile",)).start()
+
+    def publish(self, payload: dict) -> str:
+        return publish_local(self.home, payload)
+
+    def run_job(self, name: str) -> str:
+        """Fire a timer job now, like `gcloud scheduler jobs run`."""
+        job = next(j for j in self.infra["jobs"] if j.name == name)
+        return self.publish(job.message)
+
+    def stop(self) -> None:
+        """Stop the timer, every lab's processes, the functions server and the emulator."""
+        if self.timer:
+            self.timer.stop()
+        LocalBackend(self.home).stop_all()
+        if self.server:
+            self.server.stop()
+        if self.emulator:
+            self.emulator.stop()
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        (self.home / "serve.json").unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def serve_info(home: str | Path) -> dict:
+    path = Path(home) / "serve.json"
+    if not path.exists():
+        raise PermanentError(f"no local controller is running for {home}: start one with `dasklab local serve`")
+    return json.loads(path.read_text())
+
+
+def publish_local(home: str | Path, payload: dict) -> str:
+    """Validate a command, then send it to the running local controller over its bus; returns the message id."""
+    parse_command(payload)  # refuse locally with the same error the function would log
+    info = serve_info(home)
+    if info["emulator_host"]:
+        os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
+        from .adapters import pubsub
+        return pubsub.publish(info["project"], info["control_topic"], payload)
+    envelope = push_envelope(payload)
+    threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()
+    return envelope["message"]["messageId"]
+
+
+def _push(url: str, envelope: dict) -> None:
+    request = urllib.request.Request(url, data=json.dumps(envelope).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=600).read()
+    except OSError as e:  # what a push subscription would retry; here the next tick re-drives the lab
+        logs.emit("WARNING", action="push", reason=f"delivery failed: {e}")

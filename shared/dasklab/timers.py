@@ -1,0 +1,88 @@
+"""Timer definitions (infra/dasklab.yaml, the one source of truth for schedules) and the local timer."""
+
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+
+from .errors import ValidationError
+from .messages import TICK_TYPES, parse_command
+
+INFRA_FILE = Path(__file__).resolve().parents[2] / "infra" / "dasklab.yaml"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    schedule: str
+    time_zone: str
+    message: dict
+
+    def next_after(self, moment: datetime) -> datetime:
+        """The first firing strictly after `moment` (an aware datetime), in UTC."""
+        local = moment.astimezone(ZoneInfo(self.time_zone))
+        return croniter(self.schedule, local).get_next(datetime).astimezone(timezone.utc)
+
+
+def infra_path() -> Path:
+    return Path(os.environ.get("DASKLAB_INFRA", INFRA_FILE))
+
+
+def load_infra(path: Path | None = None) -> dict:
+    """The infra definition, with every job validated (schedule, time zone, message)."""
+    data = yaml.safe_load(Path(path or infra_path()).read_text())
+    jobs = []
+    for i, raw in enumerate(data.get("jobs", [])):
+        where = f"jobs[{i}]"
+        if not croniter.is_valid(raw.get("schedule", "")) or len(raw["schedule"].split()) != 5:
+            raise ValidationError(f"{where}.schedule", "must be a 5-field unix-cron expression")
+        try:
+            ZoneInfo(raw.get("time_zone", "Etc/UTC"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValidationError(f"{where}.time_zone", "must be an IANA time zone like Europe/Paris") from None
+        if parse_command(raw["message"]).type not in TICK_TYPES:
+            raise ValidationError(f"{where}.message", f"a timer sends a tick: {', '.join(TICK_TYPES)}")
+        jobs.append(Job(raw["name"], raw["schedule"], raw.get("time_zone", "Etc/UTC"), raw["message"]))
+    return {"topics": data["topics"], "jobs": jobs}
+
+
+class LocalTimer:
+    """Fires the infra jobs on their schedules in a background thread, like Cloud Scheduler would."""
+
+    def __init__(self, jobs: list[Job], fire: Callable[[Job], None], fire_at_start: tuple[str, ...] = (),
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.jobs, self.fire, self.clock = {j.name: j for j in jobs}, fire, clock
+        self.fire_at_start = fire_at_start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dasklab-timer", daemon=True)
+
+    def start(self) -> "LocalTimer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def run_now(self, name: str) -> None:
+        """Fire one job now (what `gcloud scheduler jobs run` does)."""
+        self.fire(self.jobs[name])
+
+    def _run(self) -> None:
+        for name in self.fire_at_start:
+            self.fire(self.jobs[name])
+        due = {name: job.next_after(self.clock()) for name, job in self.jobs.items()}
+        while not self._stop.is_set():
+            now = self.clock()
+            for name, when in due.items():
+                if when <= now:
+                    self.fire(self.jobs[name])
+                    due[name] = self.jobs[name].next_after(now)
+            self._stop.wait(max(0.05, min((w - now).total_seconds() for w in due.values())))

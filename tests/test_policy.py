@@ -1,0 +1,153 @@
+"""Policy tables: (spec, state, load, now) → decision and its reason."""
+
+import pytest
+
+from dasklab.model import WorkerInfo
+from dasklab.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_provision_step, plan_retirement, plan_scale,
+                            plan_start, plan_teardown)
+from tests.conftest import make_load, make_spec, make_state
+
+P = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5)
+
+
+@pytest.mark.parametrize("spec, state, load, requested, now, action, target, why", [
+    # scale up at once, clamped to max
+    ({}, {"target_workers": 2}, {"adaptive_target": 5}, 2, 100, UP, 5, "adaptive_target=5"),
+    ({}, {"target_workers": 2}, {"adaptive_target": 50}, 2, 100, UP, 8, "clamped to [1, 8]"),
+    # min raised above the target: up
+    ({"min_workers": 4}, {"target_workers": 2}, {"adaptive_target": 0}, 2, 100, UP, 4, "clamped"),
+    # equal: hold
+    ({}, {"target_workers": 3}, {"adaptive_target": 3, "workers": 3}, 3, 100, HOLD, 3, "= target"),
+    # lower target first seen: start confirming, remember when
+    ({}, {"target_workers": 6}, {"adaptive_target": 1, "workers": 6}, 6, 100, HOLD, 6, "confirming for 20s"),
+    # still inside the window
+    ({}, {"target_workers": 6, "down_since": 90.0, "down_floor": 1}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+     HOLD, 6, "confirming (10.0/20s)"),
+    # window passed: bounded step (half of 6 = 3)
+    ({}, {"target_workers": 6, "down_since": 70.0, "down_floor": 1}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+     DOWN, 3, "at most 3 per step"),
+    # the floor (highest target seen in the window) bounds the step
+    ({}, {"target_workers": 6, "down_since": 70.0, "down_floor": 5}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+     DOWN, 5, "highest 5"),
+    # never below min
+    ({"min_workers": 2}, {"target_workers": 3, "down_since": 0.0, "down_floor": 0},
+     {"adaptive_target": 0, "workers": 3}, 3, 100, DOWN, 2, "clamped"),
+    # cooldown after a previous step
+    ({}, {"target_workers": 4, "down_since": 70.0, "down_floor": 1, "cooldown_until": 105.0},
+     {"adaptive_target": 1, "workers": 4}, 4, 100, HOLD, 4, "cooling down"),
+    # requested workers have not all joined: never retire
+    ({}, {"target_workers": 6, "down_since": 0.0}, {"adaptive_target": 1, "workers": 4}, 6, 100, HOLD, 6,
+     "have not joined yet"),
+    # the owner lowered max: follow at once
+    ({"max_workers": 3}, {"target_workers": 6}, {"adaptive_target": 6, "workers": 6}, 6, 100, DOWN, 3,
+     "owner's limits"),
+    # pinned count wins over load
+    ({"pinned_workers": 4}, {"target_workers": 2}, {"adaptive_target": 0}, 2, 100, UP, 4, "pinned at 4"),
+    ({"pinned_workers": 2}, {"target_workers": 6}, {"adaptive_target": 6, "workers": 6}, 6, 100, DOWN, 2,
+     "pinned at 2"),
+])
+def test_plan_scale(spec, state, load, requested, now, action, target, why):
+    d = plan_scale(make_spec(**spec), make_state(**state), make_load(**load), requested, now, P)
+    assert (d.action, d.target) == (action, target), d.reason
+    assert why in d.reason
+
+
+def test_confirmation_window_remembers_start_and_floor():
+    spec, load = make_spec(), make_load(adaptive_target=2, workers=6)
+    d = plan_scale(spec, make_state(target_workers=6), load, 6, 100, P)
+    assert d.remember == {"down_since": 100, "down_floor": 2}
+    d = plan_scale(spec, make_state(target_workers=6, down_since=100.0, down_floor=2),
+                   make_load(adaptive_target=4, workers=6), 6, 110, P)
+    assert d.remember == {"down_floor": 4} and d.action == HOLD
+    # a load spike inside the window cancels it
+    d = plan_scale(spec, make_state(target_workers=6, down_since=100.0, down_floor=4),
+                   make_load(adaptive_target=6, workers=6), 6, 112, P)
+    assert d.action == HOLD and d.remember == {"down_since": None, "down_floor": 0}
+
+
+def test_step_sets_cooldown():
+    d = plan_scale(make_spec(), make_state(target_workers=8, down_since=0.0), make_load(adaptive_target=0, workers=8),
+                   8, 100, P)
+    assert d.action == DOWN and d.target == 4 and d.remember["cooldown_until"] == 115
+
+
+def _w(addr, node, load=0.0):
+    return WorkerInfo(address=addr, name=addr, node=node, load=load)
+
+
+@pytest.mark.parametrize("workers, count, expected", [
+    # empty the node with fewest workers first
+    ([_w("a", "n0"), _w("b", "n0"), _w("c", "n0"), _w("d", "n1")], 1, ["d"]),
+    # then the least loaded node, all of it
+    ([_w("a", "n0", 5), _w("b", "n0", 5), _w("c", "n1", 1), _w("d", "n1", 0)], 2, ["d", "c"]),
+    # partial: least loaded workers of the next node
+    ([_w("a", "n0", 5), _w("b", "n0", 1), _w("c", "n1", 9), _w("d", "n1", 9), _w("e", "n2", 0)], 2, ["e", "b"]),
+    ([_w("a", "n0")], 0, []),
+])
+def test_plan_retirement_packs_survivors(workers, count, expected):
+    assert plan_retirement(workers, count) == expected
+
+
+@pytest.mark.parametrize("phase, infra, action, to", [
+    ("provisioning", Infra("absent"), "provision", "provisioning"),
+    ("provisioning", Infra("creating"), "wait", "provisioning"),
+    ("provisioning", Infra("error", detail="quota"), "mark-failed", "failed"),
+    ("provisioning", Infra("running"), "install", "installing"),
+    ("installing", Infra("running", "installing"), "wait", "installing"),
+    ("installing", Infra("running", "failed", "ImagePullBackOff"), "mark-failed", "failed"),
+    ("installing", Infra("running", "deployed"), "mark-ready", "ready"),
+    ("ready", Infra("running", "deployed"), "none", "ready"),
+    ("ready", Infra("error", detail="scheduler exited"), "mark-failed", "failed"),
+    ("tearing-down", Infra("creating"), "wait", "tearing-down"),
+    ("tearing-down", Infra("running", "deployed"), "delete", "tearing-down"),
+    ("tearing-down", Infra("deleting"), "wait", "tearing-down"),
+    ("tearing-down", Infra("absent"), "forget", "gone"),
+])
+def test_plan_provision_step(phase, infra, action, to):
+    step = plan_provision_step(phase, infra)
+    assert (step.action, step.phase) == (action, to), step.reason
+
+
+IDLE = dict(processing=0, queued=0, clients=0, idle_since=1000.0)
+
+
+@pytest.mark.parametrize("tick, spec, state, load, now, delete, why", [
+    ("teardown-idle", {}, {}, IDLE, 1700, True, "idle for 700s"),
+    ("teardown-idle", {}, {}, IDLE, 1500, False, "idle for 500s < idle timeout 600s"),
+    ("teardown-idle", {}, {}, {**IDLE, "processing": 3}, 9000, False, "busy"),
+    ("teardown-idle", {}, {}, {**IDLE, "queued": 3}, 9000, False, "busy"),
+    ("teardown-idle", {}, {}, {**IDLE, "clients": 1}, 9000, False, "client(s) connected"),
+    ("teardown-idle", {}, {}, {**IDLE, "idle_since": None}, 9000, False, "does not report idleness"),
+    ("teardown-idle", {}, {}, None, 9000, False, "unreachable"),
+    ("teardown-idle", {"keep_alive_until": 10000.0}, {}, IDLE, 9000, False, "kept alive"),
+    ("teardown-idle", {}, {"phase": "failed", "reason": "boom"}, None, 100, True, "lab failed: boom"),
+    ("teardown-idle", {}, {"phase": "provisioning"}, None, 9000, False, "lab is provisioning"),
+    # idle counted from readiness at the earliest
+    ("teardown-idle", {}, {"ready_at": 1500.0}, IDLE, 1700, False, "idle for 200s"),
+    ("nightly-teardown", {}, {}, {**IDLE, "processing": 5}, 100, True, "nightly"),
+    ("nightly-teardown", {"keep_alive_until": 200.0}, {}, IDLE, 100, False, "kept alive"),
+    ("nightly-teardown", {"keep_alive_until": 200.0}, {}, IDLE, 300, True, "nightly"),
+    # lifetime caps everything, even keep-alive, on every tick
+    ("reconcile", {"keep_alive_until": 1e9}, {}, IDLE, 8 * 3600, True, "maximum lifetime"),
+    ("reconcile", {}, {}, IDLE, 100, False, "within lifetime"),
+])
+def test_plan_teardown(tick, spec, state, load, now, delete, why):
+    d = plan_teardown(tick, make_spec(**spec), make_state(**state), load and make_load(**load), now)
+    assert d.delete is delete and why in d.reason, d.reason
+
+
+def test_plan_start():
+    spec = make_spec()
+    assert plan_start(None, spec)[0] == "create"
+    assert plan_start(spec, spec)[0] == "duplicate"
+    assert plan_start(make_spec(owner="bob"), spec)[0] == "conflict"
+
+
+@pytest.mark.parametrize("machine, cpu, mem, per_node", [
+    ("e2-standard-4", 1, 3 * 10**9, 3), ("e2-standard-4", 2, 3 * 10**9, 1), ("e2-standard-8", 1, 3 * 10**9, 7),
+    ("e2-highcpu-8", 1, 3 * 10**9, 2), ("e2-standard-2", 4, 3 * 10**9, 1),
+])
+def test_workers_per_node(machine, cpu, mem, per_node):
+    spec = make_spec(machine_type=machine, worker_cpu=cpu, worker_memory=mem)
+    assert spec.workers_per_node == per_node
+    assert spec.nodes_for(per_node * 2 + 1) == 3
