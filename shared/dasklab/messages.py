@@ -283,7 +283,7 @@ def parse_command(data: bytes | str | dict) -> Command:
     """Decode a message body (JSON) into a command, or raise ValidationError naming the field and rule."""
     if isinstance(data, (bytes, str)):
         if len(data) > MAX_MESSAGE_BYTES:
-            raise ValidationError("data", f"message is {len(data)} bytes; at most {MAX_MESSAGE_BYTES} allowed")
+            raise ValidationError("data", f"message is {len(data)} bytes; at most {MAX_MESSAGE_BYTES} bytes allowed")
         try:
             data = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,0 +1,413 @@
+"""Tests for the GKE stand-in, driven through the real ClusterManagerClient: each rule refuses like GKE does."""
+
+import base64
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from google.api_core import exceptions
+from google.cloud import container_v1 as gke
+
+from tests.standins.gke import GkeStandin
+
+PROJECT = "lab-proj"
+REGION = f"projects/{PROJECT}/locations/us-central1"
+ZONE = f"projects/{PROJECT}/locations/us-central1-a"
+CLUSTER = f"{REGION}/clusters/lab-1"
+POOL = f"{CLUSTER}/nodePools/workers"
+Status, OpStatus, OpType = gke.Cluster.Status, gke.Operation.Status, gke.Operation.Type
+
+
+@pytest.fixture
+def standin():
+    s = GkeStandin(polls_per_operation=3, endpoint="127.0.0.1:6443")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(standin):
+    return standin.client()
+
+
+def pool(name="workers", count=2, spot=False, **kw) -> gke.NodePool:
+    config = gke.NodeConfig(machine_type="e2-standard-4", spot=spot)
+    return gke.NodePool(name=name, initial_node_count=count, config=config, **kw)
+
+
+def create(client, parent=REGION, name="lab-1", **kw) -> gke.Operation:
+    kw.setdefault("node_pools", [pool()])
+    return client.create_cluster(parent=parent, cluster=gke.Cluster(name=name, **kw))
+
+
+def set_labels(client, labels, fingerprint, name=CLUSTER) -> gke.Operation:
+    return client.set_labels(request={"name": name, "resource_labels": labels, "label_fingerprint": fingerprint})
+
+
+def resize(client, node_count, name=POOL) -> gke.Operation:
+    return client.set_node_pool_size(request={"name": name, "node_count": node_count})
+
+
+def autoscale(client, autoscaling, name=POOL) -> gke.Operation:
+    return client.set_node_pool_autoscaling(request={"name": name, "autoscaling": autoscaling})
+
+
+def op_name(op: gke.Operation) -> str:
+    return op.self_link.split("/v1/", 1)[1]
+
+
+def wait(client, op: gke.Operation) -> gke.Operation:
+    while op.status != OpStatus.DONE:
+        op = client.get_operation(name=op_name(op))
+    return op
+
+
+def running(client, **kw) -> gke.Cluster:
+    wait(client, create(client, **kw))
+    return client.get_cluster(name=f"{kw.get('parent', REGION)}/clusters/{kw.get('name', 'lab-1')}")
+
+
+# ---- happy paths -----------------------------------------------------------------------------
+
+
+def test_create_cluster_progresses_pending_running_done_over_polls(client):
+    op = create(client, resource_labels={"owner": "ada"}, description="a lab", node_pools=[pool(count=2)])
+    assert (op.status, op.operation_type) == (OpStatus.PENDING, OpType.CREATE_CLUSTER)
+    assert op.target_link == f"https://container.googleapis.com/v1/{CLUSTER}"
+    assert op.self_link == f"https://container.googleapis.com/v1/{REGION}/operations/{op.name}"
+    assert op.name.startswith("operation-") and op.location == "us-central1"
+    c = client.get_cluster(name=CLUSTER)
+    assert (c.status, c.endpoint, c.master_auth.cluster_ca_certificate) == (Status.PROVISIONING, "", "")
+
+    statuses = [client.get_operation(name=op_name(op)).status for _ in range(3)]
+    assert statuses == [OpStatus.RUNNING, OpStatus.RUNNING, OpStatus.DONE]
+    assert client.get_operation(name=op_name(op)).status == OpStatus.DONE  # stays DONE
+
+    c = client.get_cluster(name=CLUSTER)
+    assert c.status == Status.RUNNING and c.endpoint == "127.0.0.1:6443"
+    assert base64.b64decode(c.master_auth.cluster_ca_certificate).startswith(b"-----BEGIN CERTIFICATE-----")
+    assert (c.location, list(c.locations)) == ("us-central1", ["us-central1-a", "us-central1-b", "us-central1-c"])
+    assert dict(c.resource_labels) == {"owner": "ada"} and c.label_fingerprint and c.description == "a lab"
+    assert c.create_time.endswith("Z") and c.self_link.endswith(CLUSTER)
+    assert c.current_node_count == 2 * 3  # node count is per zone
+    np = c.node_pools[0]
+    assert (np.config.machine_type, np.status) == ("e2-standard-4", gke.NodePool.Status.RUNNING)
+
+
+def test_list_clusters_and_operations_filter_by_project_and_location(client):
+    create(client, name="east", parent=f"projects/{PROJECT}/locations/us-east1")
+    create(client, name="west")
+    create(client, name="other", parent="projects/other-proj/locations/us-central1")
+    names = lambda resp: sorted(c.name for c in resp.clusters)  # noqa: E731
+    assert names(client.list_clusters(parent=REGION)) == ["west"]
+    assert names(client.list_clusters(parent=f"projects/{PROJECT}/locations/-")) == ["east", "west"]
+    ops = client.list_operations(parent=f"projects/{PROJECT}/locations/-").operations
+    assert sorted(o.target_link.rsplit("/", 1)[1] for o in ops) == ["east", "west"]
+    assert [o.location for o in client.list_operations(parent=REGION).operations] == ["us-central1"]
+
+
+def test_deprecated_project_zone_fields_are_accepted(client):
+    running(client, parent=ZONE)
+    c = client.get_cluster(project_id=PROJECT, zone="us-central1-a", cluster_id="lab-1")
+    assert c.name == "lab-1" and list(c.locations) == ["us-central1-a"]
+
+
+def test_delete_cluster_stops_then_disappears_when_the_operation_is_done(client):
+    running(client)
+    op = client.delete_cluster(name=CLUSTER)
+    assert op.operation_type == OpType.DELETE_CLUSTER
+    assert client.get_cluster(name=CLUSTER).status == Status.STOPPING
+    wait(client, op)
+    with pytest.raises(exceptions.NotFound):
+        client.get_cluster(name=CLUSTER)
+    assert client.list_clusters(parent=REGION).clusters == []
+
+
+# ---- naming and label rules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["1lab", "Lab", "lab-", "lab_1", "lab.1", "a" * 41, "-lab", ""])
+def test_invalid_cluster_names_are_refused(client, name):
+    with pytest.raises(exceptions.InvalidArgument, match="cluster.name"):
+        create(client, name=name)
+
+
+@pytest.mark.parametrize("name", ["a", "a" * 40, "lab-2-x9"])
+def test_valid_cluster_names_are_accepted(client, name):
+    assert create(client, name=name).operation_type == OpType.CREATE_CLUSTER
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {f"k{i}": "v" for i in range(65)},
+        {"": "v"},
+        {"1key": "v"},
+        {"Key": "v"},
+        {"k" * 64: "v"},
+        {"key": "V"},
+        {"key": "v" * 64},
+        {"key": "a.b"},
+    ],
+    ids=["65-labels", "empty-key", "digit-key", "upper-key", "long-key", "upper-value", "long-value", "dot-value"],
+)
+def test_invalid_labels_are_refused_on_create_and_set_labels(client, labels):
+    with pytest.raises(exceptions.InvalidArgument):
+        create(client, resource_labels=labels)
+    c = running(client)
+    with pytest.raises(exceptions.InvalidArgument):
+        set_labels(client, labels, c.label_fingerprint)
+
+
+def test_boundary_labels_are_accepted(client):
+    labels = {f"k{i}": "" for i in range(63)} | {"k" * 63: "v" * 63}
+    assert create(client, resource_labels=labels)
+
+
+def test_duplicate_cluster_is_already_exists(client):
+    create(client)
+    with pytest.raises(exceptions.AlreadyExists, match=f"Already exists: {CLUSTER}"):
+        create(client)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_cluster(name=CLUSTER),
+        lambda c: c.delete_cluster(name=CLUSTER),
+        lambda c: set_labels(c, {}, ""),
+        lambda c: c.get_node_pool(name=POOL),
+        lambda c: c.list_node_pools(parent=CLUSTER),
+        lambda c: resize(c, 1),
+        lambda c: c.get_operation(name=f"{REGION}/operations/operation-1-0"),
+    ],
+    ids=["get", "delete", "set-labels", "get-pool", "list-pools", "resize", "get-operation"],
+)
+def test_missing_resources_are_not_found(client, call):
+    with pytest.raises(exceptions.NotFound):
+        call(client)
+
+
+def test_missing_node_pool_and_operation_in_another_location_are_not_found(client):
+    op = create(client)
+    client.get_node_pool(name=POOL)
+    with pytest.raises(exceptions.NotFound):
+        client.get_node_pool(name=f"{CLUSTER}/nodePools/nope")
+    with pytest.raises(exceptions.NotFound):
+        client.get_operation(name=f"projects/{PROJECT}/locations/europe-west1/operations/{op.name}")
+
+
+@pytest.mark.parametrize("name", ["lab-1", "projects/p/clusters/lab-1", f"{REGION}/clusters/lab-1/extra"])
+def test_malformed_resource_names_are_invalid_argument(client, name):
+    with pytest.raises(exceptions.InvalidArgument):
+        client.get_cluster(name=name)
+
+
+# ---- node pool and topology rules -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cluster, match",
+    [
+        (dict(node_pools=[pool(name="Workers")]), "node_pool.name"),
+        (dict(node_pools=[pool(name="w" * 41)]), "node_pool.name"),
+        (dict(node_pools=[gke.NodePool(name="workers", initial_node_count=1)]), "config must be set"),
+        (dict(node_pools=[pool(count=-1)]), "initial_node_count must be >= 0"),
+        (dict(node_pools=[pool(), pool()]), "must be unique"),
+        (dict(node_pools=[pool(autoscaling=gke.NodePoolAutoscaling(enabled=True, min_node_count=3, max_node_count=1))]),
+         "autoscaling limits"),
+        (dict(node_pools=[pool()], initial_node_count=1), "cannot be set together"),
+        (dict(node_pools=[], initial_node_count=0), "greater than zero"),
+        (dict(node_pools=[pool()], locations=["us-east1-b"]), "not in region"),
+        (dict(node_pools=[pool(locations=["europe-west1-b"])]), "not in region"),
+    ],
+    ids=[
+        "upper-pool-name", "long-pool-name", "no-config", "negative-count", "duplicate-pool", "autoscaling-min>max",
+        "pools-and-initial-count", "no-pools-no-count", "zone-outside-region", "pool-zone-outside-region",
+    ],
+)  # fmt: skip
+def test_invalid_node_pools_and_topology_are_refused(client, cluster, match):
+    with pytest.raises(exceptions.InvalidArgument, match=match):
+        create(client, **cluster)
+
+
+def test_legacy_initial_node_count_makes_a_default_pool(client):
+    c = running(client, node_pools=[], initial_node_count=2)
+    assert [p.name for p in c.node_pools] == ["default-pool"] and c.current_node_count == 6
+
+
+def test_node_pool_size_is_per_zone_and_initial_count_is_unchanged(client, standin):
+    running(client, node_pools=[pool(count=1, spot=True)])
+    np = client.get_node_pool(name=POOL)
+    assert len(np.instance_group_urls) == 3 and np.config.spot
+    assert re.fullmatch(
+        rf"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a/"
+        r"instanceGroupManagers/gke-lab-1-workers-[0-9a-f]+-grp",
+        np.instance_group_urls[0],
+    )
+    op = resize(client, 4)
+    assert (op.operation_type, op.target_link) == (OpType.SET_NODE_POOL_SIZE, np.self_link)
+    assert client.get_node_pool(name=POOL).status == gke.NodePool.Status.RECONCILING
+    assert standin.node_count(CLUSTER, "workers") == 1  # applied when the operation is DONE
+    wait(client, op)
+    assert standin.node_count(CLUSTER, "workers") == 4
+    assert client.get_cluster(name=CLUSTER).current_node_count == 12
+    assert client.get_node_pool(name=POOL).initial_node_count == 1
+
+
+def test_zonal_cluster_has_one_zone(client, standin):
+    running(client, parent=ZONE, node_pools=[pool(count=3)])
+    c = client.get_cluster(name=f"{ZONE}/clusters/lab-1")
+    assert list(c.locations) == ["us-central1-a"] and c.current_node_count == 3
+    assert len(c.node_pools[0].instance_group_urls) == 1
+
+
+def test_negative_node_pool_size_is_invalid(client):
+    running(client)
+    with pytest.raises(exceptions.InvalidArgument):
+        resize(client, -1)
+
+
+def test_set_node_pool_autoscaling_applies_when_done_and_validates_limits(client):
+    running(client)
+    bad = gke.NodePoolAutoscaling(enabled=True, min_node_count=0, max_node_count=0)
+    with pytest.raises(exceptions.InvalidArgument):
+        autoscale(client, bad)
+    good = gke.NodePoolAutoscaling(enabled=True, min_node_count=0, max_node_count=5)
+    wait(client, autoscale(client, good))
+    assert client.get_node_pool(name=POOL).autoscaling.max_node_count == 5
+
+
+def test_autopilot_refuses_node_pool_calls_and_must_be_regional(client):
+    c = running(client, node_pools=[], autopilot=gke.Autopilot(enabled=True))
+    assert c.autopilot.enabled and c.status == Status.RUNNING
+    for call in (
+        lambda: client.list_node_pools(parent=CLUSTER),
+        lambda: client.get_node_pool(name=f"{CLUSTER}/nodePools/default-pool"),
+        lambda: resize(client, 1, f"{CLUSTER}/nodePools/default-pool"),
+    ):
+        with pytest.raises(exceptions.InvalidArgument, match="Autopilot node pools cannot be accessed or modified"):
+            call()
+    with pytest.raises(exceptions.InvalidArgument):
+        create(client, parent=ZONE, name="ap-zonal", node_pools=[], autopilot=gke.Autopilot(enabled=True))
+    with pytest.raises(exceptions.InvalidArgument):
+        create(client, name="ap-pools", autopilot=gke.Autopilot(enabled=True))
+
+
+# ---- one operation at a time, fingerprints, failures --------------------------------------------
+
+
+def test_mutations_wait_for_the_running_operation(client, standin):
+    op = create(client)
+    busy = re.escape(f"Operation {op.name} is currently creating cluster lab-1. Please wait and try again once it is done.")
+    fp = client.get_cluster(name=CLUSTER).label_fingerprint
+    for call in (
+        lambda: client.delete_cluster(name=CLUSTER),  # deleting a PROVISIONING cluster
+        lambda: set_labels(client, {"a": "b"}, fp),
+        lambda: resize(client, 3),
+        lambda: autoscale(client, gke.NodePoolAutoscaling(enabled=False)),
+    ):
+        with pytest.raises(exceptions.FailedPrecondition, match=busy):
+            call()
+    standin.advance_all()
+    resizing = resize(client, 3)
+    with pytest.raises(exceptions.FailedPrecondition, match="is currently resizing a node pool for cluster lab-1"):
+        client.delete_cluster(name=CLUSTER)
+    wait(client, resizing)
+    assert client.delete_cluster(name=CLUSTER).operation_type == OpType.DELETE_CLUSTER
+
+
+def test_set_labels_requires_the_current_fingerprint_which_changes_on_success(client):
+    c = running(client, resource_labels={"phase": "idle"})
+    with pytest.raises(exceptions.FailedPrecondition, match="fingerprint mismatch.*supplied was \"\""):
+        set_labels(client, {"phase": "busy"}, "")
+    op = set_labels(client, {"phase": "busy"}, c.label_fingerprint)
+    assert op.operation_type == OpType.SET_LABELS
+    wait(client, op)
+    after = client.get_cluster(name=CLUSTER)
+    assert dict(after.resource_labels) == {"phase": "busy"}  # replaced, not merged
+    assert after.label_fingerprint != c.label_fingerprint
+    with pytest.raises(exceptions.FailedPrecondition, match="fingerprint mismatch"):
+        set_labels(client, {}, c.label_fingerprint)
+
+
+def test_failed_operation_is_done_with_error_and_cluster_in_error(client, standin):
+    op = create(client)
+    standin.fail_operation(op.name, message="Insufficient regional quota", code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    done = wait(client, op)
+    assert (done.status, done.error.code, done.error.message) == (OpStatus.DONE, 8, "Insufficient regional quota")
+    c = client.get_cluster(name=CLUSTER)
+    assert (c.status, c.status_message, c.endpoint) == (Status.ERROR, "Insufficient regional quota", "")
+    wait(client, client.delete_cluster(name=CLUSTER))  # an ERROR cluster can be deleted
+    assert CLUSTER not in standin.clusters
+
+
+def test_polls_per_operation_zero_finishes_at_once():
+    with GkeStandin(polls_per_operation=0) as s:
+        op = create(s.client())
+        assert op.status == OpStatus.DONE and s.clusters[CLUSTER].status == Status.RUNNING
+
+
+# ---- hooks, concurrency, lifecycle ---------------------------------------------------------------
+
+
+def test_fail_next_injects_one_error_and_calls_are_recorded(client, standin):
+    standin.fail_next("CreateCluster", grpc.StatusCode.RESOURCE_EXHAUSTED, "quota")
+    with pytest.raises(exceptions.ResourceExhausted, match="quota"):
+        create(client)
+    create(client)
+    standin.fail_next("GetCluster")  # UNAVAILABLE: the real client retries Get* by itself
+    assert client.get_cluster(name=CLUSTER).name == "lab-1"
+    assert standin.calls == ["CreateCluster", "CreateCluster", "GetCluster", "GetCluster"]
+    with pytest.raises(ValueError):
+        standin.fail_next("GetClusterz")
+
+
+def test_unimplemented_methods_are_refused(client):
+    with pytest.raises(exceptions.MethodNotImplemented):
+        client.create_node_pool(parent=CLUSTER, node_pool=pool())
+
+
+def test_latency_is_applied_per_call(client, standin):
+    standin.latency_s = 0.05
+    t0 = time.perf_counter()
+    client.list_clusters(parent=REGION)
+    assert time.perf_counter() - t0 >= 0.05
+
+
+def test_concurrent_creates_and_label_writes_are_serialized(client, standin):
+    def attempt(call):
+        try:
+            call()
+            return "ok"
+        except exceptions.GoogleAPICallError as e:
+            return type(e).__name__
+
+    with ThreadPoolExecutor(8) as pool_:
+        results = list(pool_.map(lambda _: attempt(lambda: create(client)), range(8)))
+    assert sorted(results) == ["AlreadyExists"] * 7 + ["ok"]
+    standin.advance_all()
+    fp = client.get_cluster(name=CLUSTER).label_fingerprint
+    with ThreadPoolExecutor(8) as pool_:
+        results = list(
+            pool_.map(
+                lambda i: attempt(
+                    lambda: set_labels(client, {"n": str(i)}, fp)
+                ),
+                range(8),
+            )
+        )
+    assert sorted(results) == ["FailedPrecondition"] * 7 + ["ok"]
+
+
+def test_stop_leaves_no_threads():
+    before = set(threading.enumerate())
+    with GkeStandin() as s:
+        s.client().list_clusters(parent=REGION)
+    assert set(threading.enumerate()) - before == set()

@@ -1,0 +1,118 @@
+"""Message schema: valid commands parse, bad ones are refused with the field and the rule."""
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dasklab.config import Config
+from dasklab.errors import ValidationError
+from dasklab.messages import MAX_MESSAGE_BYTES, StartLab, build_spec, check_caps, decode_pubsub, parse_command
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SEED = (EXAMPLES / "config.yaml").read_text()
+CFG = Config()
+
+
+def start(**kw) -> dict:
+    return {"v": 1, "type": "start-lab", "lab": "intro", "owner": "alice", **kw}
+
+
+def refused(payload) -> ValidationError:
+    with pytest.raises(ValidationError) as e:
+        cmd = parse_command(payload if isinstance(payload, (bytes, str)) else json.dumps(payload))
+        if isinstance(cmd, StartLab):
+            build_spec(cmd, CFG)
+    return e.value
+
+
+@pytest.mark.parametrize("as_text", [True, False])
+def test_seed_config_yaml_is_accepted_verbatim(as_text):
+    values = SEED if as_text else yaml.safe_load(SEED)
+    cmd = parse_command(json.dumps(start(values=values)))
+    spec = build_spec(cmd, CFG)
+    assert spec.values == yaml.safe_load(SEED)  # kept as written, for Helm
+    assert (spec.worker_cpu, spec.worker_memory) == (1.0, 3 * 10**9)  # from worker.resources.limits
+    assert spec.initial_workers == 3  # from worker.replicas
+
+
+def test_example_start_lab_and_defaults():
+    spec = build_spec(parse_command((EXAMPLES / "start-lab.json").read_bytes()), CFG)
+    assert (spec.min_workers, spec.initial_workers, spec.max_workers) == (1, 2, 8)
+    assert spec.idle_timeout_s == 1800 and spec.max_lifetime_s == 8 * 3600 and spec.spot
+    minimal = build_spec(parse_command(json.dumps({"type": "start-lab", "lab": "a1", "owner": "bob"})), CFG)
+    assert minimal.machine_type == CFG.default_machine_type and minimal.idle_timeout_s == CFG.default_idle_timeout_s
+
+
+@pytest.mark.parametrize("payload, field, rule", [
+    (start(lab="Intro"), "lab", "lowercase letters"),
+    (start(lab="a" * 41), "lab", "≤ 40 chars"),
+    (start(lab="1abc"), "lab", "start with a letter"),
+    (start(lab="abc-"), "lab", "end with a letter or digit"),
+    (start(owner="Alice@x.org"), "owner", "GKE label value"),
+    (start(owner="a" * 64), "owner", "1-63 chars"),
+    (start(workers={"min": 5, "max": 2}), "workers", "min (5) must be ≤ max (2)"),
+    (start(workers={"initial": 9, "max": 8}), "workers", "between min"),
+    (start(workers={"max": 99}), "workers.max", "controller cap max_workers=16"),
+    (start(max_lifetime="13h"), "max_lifetime", "controller cap"),
+    (start(idle_timeout="soon"), "idle_timeout", "not a duration"),
+    (start(machine_type="m9-huge"), "machine_type", "unknown machine type"),
+    (start(worker_resources={"cpu": 0, "memory": "1G"}), "worker_resources.cpu", "positive CPU"),
+    (start(worker_resources={"cpu": 1, "memory": "3X"}), "worker_resources.memory", "memory quantity"),
+    (start(worker_resources={"cpu": 8, "memory": "3G"}), "worker_resources", "does not fit"),
+    (start(values="worker: [unclosed"), "values", "not valid YAML"),
+    (start(values="- a list"), "values", "must be a mapping"),
+    (start(values={"worker": {"resources": {"limits": {"memory": "lots"}}}}), "values.worker.resources.limits.memory",
+     "memory quantity"),
+    (start(values={"jupyter": {"serviceType": "Public"}}), "values.jupyter.serviceType", "ClusterIP"),
+    (start(values={"worker": {"replicas": -1}}), "values.worker.replicas", "greater than or equal to 0"),
+    (start(values={"worker": {"env": [{"name": "EXTRA_PIP_PACKAGES", "value": "x; rm -rf /"}]}}),
+     "values.worker.env.0", "no shell characters"),
+    (start(expose={"source_ranges": ["0.0.0.0/0"]}), "expose.source_ranges", "whole internet"),
+    (start(expose={"source_ranges": []}), "expose.source_ranges", "at least 1"),
+    (start(surprise=1), "surprise", "Extra inputs are not permitted"),
+    (start(workers={"max": 16}), "workers.max", "max_nodes=8"),  # on e2-standard-2: 1 worker a node → 16 nodes
+    ({"type": "keep-alive", "lab": "a"}, "message", "exactly one of 'until'"),
+    ({"type": "keep-alive", "lab": "a", "until": "2026-11-27T02:00:00"}, "until", "time zone"),
+    ({"type": "scale", "lab": "a"}, "message", "at least one of"),
+    ({"type": "scale", "lab": "a", "pin": 2, "unpin": True}, "message", "pin or unpin"),
+    ({"type": "reconcile", "budget_seconds": 9999}, "budget_seconds", "less than or equal to 530"),
+    ({"type": "nope"}, "type", "must be one of start-lab"),
+    ({"lab": "a"}, "type", "required"),
+    ({"v": 2, "type": "reconcile"}, "v", "unsupported schema version"),
+    ([1, 2], "data", "JSON object"),
+    ("not json", "data", "JSON object"),
+    (b"\xff\xfe", "data", "JSON object"),
+    ("x" * (MAX_MESSAGE_BYTES + 1), "data", "at most 65536 bytes allowed"),
+])
+def test_refusals_name_field_and_rule(payload, field, rule):
+    if field == "workers.max" and "max_nodes" in rule:
+        payload = {**payload, "machine_type": "e2-standard-2"}
+    e = refused(payload)
+    assert e.field == field and rule in e.rule, f"{e.field}: {e.rule}"
+
+
+def test_caps_on_scale():
+    with pytest.raises(ValidationError, match="pin: 40 is above the controller cap"):
+        check_caps(parse_command(json.dumps({"type": "scale", "lab": "a", "pin": 40})), CFG)
+
+
+def test_ticks_and_keep_alive_parse():
+    assert parse_command(b'{"type": "reconcile"}').budget_seconds is None
+    ka = parse_command(json.dumps({"type": "keep-alive", "lab": "a", "for": "2h"}))
+    assert ka.deadline(1000.0) == 1000.0 + 7200
+    ka = parse_command(json.dumps({"type": "keep-alive", "lab": "a", "until": "1970-01-01T01:00:00+00:00"}))
+    assert ka.deadline(0) == 3600
+
+
+def test_decode_pubsub():
+    data = {"message": {"data": base64.b64encode(b'{"type":"reconcile"}').decode(), "messageId": "42",
+                        "attributes": {"a": "b"}}, "subscription": "projects/p/subscriptions/s"}
+    assert decode_pubsub(data) == (b'{"type":"reconcile"}', {"a": "b"}, "42")
+    for bad, field in [({}, "message"), ({"message": {"data": "!!!"}}, "message.data"),
+                       ({"message": {"data": "", "attributes": [1]}}, "message.attributes"), ("text", "message")]:
+        with pytest.raises(ValidationError) as e:
+            decode_pubsub(bad)
+        assert e.value.field == field
