@@ -78,10 +78,19 @@ class Dashboard:
         )
 
     def fetch_workers(self) -> tuple[WorkerInfo, ...]:
-        identity = _json(self.transport.get("/json/identity.json"), "identity.json")
-        return tuple(sorted((WorkerInfo(address=addr, name=str(w.get("name", addr)),
-                                        node=self.node_of(str(w.get("name", addr))), load=_worker_load(w))
-                             for addr, w in identity.get("workers", {}).items()), key=lambda w: w.name))
+        """The workers with their nodes, and their load where the scheduler can report it.
+
+        /json/identity.json answers 500 while tasks run (distributed 2026.8 cannot encode its tuple-keyed
+        task counts), so membership comes from /api/v1/get_workers and load is best effort.
+        """
+        listed = _json(self.transport.get("/api/v1/get_workers"), "get_workers")["workers"]
+        try:
+            identity = _json(self.transport.get("/json/identity.json"), "identity.json").get("workers", {})
+        except SchedulerUnreachable:
+            identity = {}
+        return tuple(sorted((WorkerInfo(address=w["address"], name=str(w["name"]), node=self.node_of(str(w["name"])),
+                                        load=_worker_load(identity.get(w["address"], {}))) for w in listed),
+                            key=lambda w: w.name))
 
     def apply_retire(self, addresses: list[str]) -> list[str]:
         """Retire workers gracefully: the scheduler moves their data to the others, then closes them."""

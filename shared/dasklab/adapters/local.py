@@ -218,13 +218,19 @@ class LocalBackend:
                 "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
                 "how": "from Python on this machine: distributed.Client('<scheduler>')"}
 
+    def pids(self, lab: Lab) -> list[int]:
+        """The scheduler's and workers' process ids (for checks that nothing is left behind)."""
+        local = self._local(lab)
+        sched = [local["scheduler"]["pid"]] if local["scheduler"] else []
+        return [w["pid"] for w in local["workers"].values()] + sched
+
     def stop_all(self) -> int:
-        """Kill every process of every local lab (used when the local controller shuts down)."""
-        count = 0
-        for lab in self.fetch_labs():
+        """Delete every local lab, processes and records (when the local controller shuts down)."""
+        labs = self.fetch_labs()
+        for lab in labs:
             self.apply_delete(lab)
-            count += 1
-        return count
+            self.apply_forget(lab)
+        return len(labs)
 
 
 class FileEvents:

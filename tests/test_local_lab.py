@@ -1,0 +1,139 @@
+"""The core on the local backend with real Dask processes: provision, autoscale, graceful scale-down, teardown."""
+
+import json
+import time
+
+import pytest
+from distributed import Client
+
+from dasklab.adapters import procs
+from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.config import Config
+from dasklab.errors import ConflictError, PermanentError
+from dasklab.messages import parse_command
+from dasklab.reconcile import Controller
+
+FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
+
+
+def cmd(**kw):
+    return parse_command(json.dumps({"v": 1, **kw}))
+
+
+def start_msg(lab="lab1", **kw):
+    base = {"type": "start-lab", "lab": lab, "owner": "alice", "workers": {"initial": 1, "min": 1, "max": 4},
+            "idle_timeout": "1s", "max_lifetime": "1h"}
+    return cmd(**{**base, **kw})
+
+
+@pytest.fixture
+def controller(home):
+    backend = LocalBackend(home)
+    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
+    yield ctl
+    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
+    backend.stop_all()
+    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
+
+
+def drive(ctl, until, timeout=30.0, tick="reconcile"):
+    """Run reconcile passes (as the tick's polling loop does) until `until()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ctl.reconcile_all(tick)
+        result = until()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"not reached in {timeout}s")
+
+
+def ready(ctl, name="lab1"):
+    return drive(ctl, lambda: (lab := ctl.backend.fetch_lab(name)) and lab.state.phase == "ready" and lab)
+
+
+def slow_inc(x):
+    time.sleep(0.3)
+    return x + 1
+
+
+def test_lab_story_scales_up_and_down_without_losing_results(controller):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(), "m1")
+    assert backend.fetch_lab("lab1").state.phase == "provisioning"
+    lab = ready(ctl)
+    events = ctl.events.read()
+    assert events[-1]["event"] == "lab-ready" and events[-1]["connection"]["dashboard"].startswith("http://127.0.0.1")
+    address = backend.connection_info(lab)["scheduler"]
+    with Client(address, timeout=20) as client:
+        futures = client.map(slow_inc, range(60), pure=False)
+        # load → scale up to max, and the workers really join
+        drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 4)
+        assert backend.fetch_lab("lab1").state.target_workers == 4
+        client.gather(futures)  # results now held in worker memory
+        # graceful scale-down to min while the results are held
+        drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 1)
+        assert backend.fetch_requested(backend.fetch_lab("lab1")) == 1
+        assert sum(client.gather(futures)) == sum(range(1, 61))  # nothing lost
+    # idle → teardown-idle deletes it
+    time.sleep(1.2)
+    drive(ctl, lambda: backend.fetch_lab("lab1") is None, tick="teardown-idle")
+    deleted = ctl.events.read()[-1]
+    assert deleted["event"] == "lab-deleted" and deleted["node_hours"] > 0 and deleted["estimated_cost_usd"] > 0
+
+
+def test_scale_down_during_running_computation_loses_nothing(controller):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 4, "min": 1, "max": 4}), "m1")
+    ready(ctl)
+    drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 4)
+    address = backend.connection_info(backend.fetch_lab("lab1"))["scheduler"]
+    with Client(address, timeout=20) as client:
+        held = client.map(lambda x: x * 3, range(200), pure=False)  # results spread over the 4 workers
+        client.gather(held)
+        running = client.map(slow_inc, range(16), pure=False)  # still computing while we pin down to 1
+        ctl.handle(cmd(type="scale", lab="lab1", pin=1), "m2")
+        drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 1)
+        assert sum(client.gather(held)) == 3 * sum(range(200))
+        assert sum(client.gather(running)) == sum(range(1, 17))
+
+
+def test_duplicate_commands_leave_the_same_state(controller):
+    ctl, backend = controller, controller.backend
+    for _ in range(3):
+        ctl.handle(start_msg(), "dup")
+    assert [lab.name for lab in backend.fetch_labs()] == ["lab1"]
+    ready(ctl)
+    for _ in range(2):
+        ctl.handle(cmd(type="keep-alive", lab="lab1", until="2099-01-01T00:00:00Z"), "ka")
+        ctl.handle(cmd(type="scale", lab="lab1", min=2, max=3), "sc")
+    lab = backend.fetch_lab("lab1")
+    assert lab.spec.keep_alive_until == 4070908800.0 and (lab.spec.min_workers, lab.spec.max_workers) == (2, 3)
+    for _ in range(3):
+        ctl.handle(cmd(type="stop-lab", lab="lab1"), "stop")
+    assert backend.fetch_lab("lab1") is None
+
+
+def test_conflicting_writes_are_refused(controller):
+    backend = controller.backend
+    controller.handle(start_msg(), "m1")
+    lab = backend.fetch_lab("lab1")
+    backend.apply_record(lab.with_state(target_workers=3))
+    with pytest.raises(ConflictError):
+        backend.apply_record(lab.with_state(target_workers=2))  # stale version
+    assert backend.fetch_lab("lab1").state.target_workers == 3
+
+
+def test_start_lab_of_another_owner_is_refused(controller):
+    controller.handle(start_msg(), "m1")
+    with pytest.raises(PermanentError, match="belongs to alice"):
+        controller.handle(start_msg(owner="bob"), "m2")
+
+
+def test_unmanaged_lab_is_never_touched(controller, home):
+    record = home / "labs" / "theirs.json"
+    record.write_text(json.dumps({"spec": {"name": "theirs"}, "state": {}, "version": 1}))
+    with pytest.raises(PermanentError, match="not managed by dasklab"):
+        controller.handle(cmd(type="stop-lab", lab="theirs"), "m1")
+    controller.handle(cmd(type="nightly-teardown"), "m2")
+    assert json.loads(record.read_text())["spec"] == {"name": "theirs"}
