@@ -1,0 +1,137 @@
+"""Entry points: CloudEvents called directly and through a real functions-framework server."""
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cloudevents.http import CloudEvent
+
+from dasklab import config, entry
+from dasklab.adapters import procs
+from dasklab.adapters.local import LocalBackend
+from dasklab.errors import ConflictError
+from dasklab.serve import push_envelope
+
+REPO = Path(__file__).resolve().parents[1]
+ATTRS = {"type": "google.cloud.pubsub.topic.v1.messagePublished",
+         "source": "//pubsub.googleapis.com/projects/p/topics/dasklab-control", "id": "evt-1"}
+
+
+def event(payload, message_id="m-1") -> CloudEvent:
+    return CloudEvent(ATTRS, push_envelope(payload, message_id))
+
+
+@pytest.fixture
+def local_env(home, monkeypatch):
+    monkeypatch.setenv("DASKLAB_HOME", str(home))
+    monkeypatch.setenv("DASKLAB_BACKEND", "local")
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    config.current.cache_clear()
+    entry.controller.cache_clear()
+    yield home
+    LocalBackend(home).stop_all()
+    config.current.cache_clear()
+    entry.controller.cache_clear()
+
+
+def errors(caplog) -> list[dict]:
+    return [json.loads(r.message) for r in caplog.records if r.name == "dasklab" and r.levelname == "ERROR"]
+
+
+def test_valid_command_reaches_the_controller(local_env, caplog):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "lab1", "owner": "alice"}))
+    assert LocalBackend(local_env).fetch_lab("lab1").state.phase == "provisioning"
+    decision = next(json.loads(r.message) for r in caplog.records if '"action": "create"' in r.message)
+    assert decision["message_id"] == "m-1" and decision["from"] == "gone" and decision["to"] == "provisioning"
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"type": "start-lab", "lab": "Bad_Name", "owner": "alice"}, "lab"),
+    ({"type": "scale", "lab": "x"}, "message"),
+    (b"{not json", "data"),
+    (b"x" * 70000, "data"),
+])
+def test_bad_input_is_logged_once_and_acknowledged(local_env, caplog, payload, field):
+    from functions import main
+    main.control(event(payload))  # returns normally: Pub/Sub acknowledges, no retry
+    [err] = errors(caplog)
+    assert err["field"] == field and err["action"] == "refused" and err["message_id"] == "m-1"
+    assert LocalBackend(local_env).fetch_labs() == []
+
+
+def test_malformed_envelope_is_acknowledged(local_env, caplog):
+    from functions import main
+    main.control(CloudEvent(ATTRS, {"message": {"data": "%%%"}}))
+    assert errors(caplog)[0]["field"] == "message.data"
+
+
+def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
+    from functions import main
+
+    def busy(cmd, mid):
+        raise ConflictError("someone else changed the lab")
+
+    monkeypatch.setattr(entry.controller(), "handle", busy)
+    with pytest.raises(ConflictError):
+        main.control(event({"type": "reconcile", "budget_seconds": 0}))
+
+
+def test_importing_the_functions_module_loads_no_cloud_sdk():
+    code = ("import sys, functions.main; heavy = [m for m in ('google.cloud.container_v1', 'google.cloud.pubsub_v1', "
+            "'google.cloud.scheduler_v1', 'kubernetes', 'distributed') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def server(local_env, tmp_path):
+    srv = procs.start_functions_server("control", REPO / "functions" / "main.py", log_path=tmp_path / "ff.log",
+                                       env={"DASKLAB_HOME": str(local_env), "DASKLAB_BACKEND": "local"})
+    yield srv
+    srv.stop()
+    assert not procs.pid_alive(srv.proc.pid)
+
+
+def post(url, body: bytes, headers: dict) -> int:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def log_lines(srv) -> list[dict]:
+    return [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_server_modes_and_malformed_bodies(server, local_env):
+    start = {"type": "start-lab", "lab": "via-binary", "owner": "alice"}
+    binary = {"ce-id": "1", "ce-specversion": "1.0", "ce-source": ATTRS["source"], "ce-type": ATTRS["type"],
+              "Content-Type": "application/json"}
+    assert post(server.url, json.dumps(push_envelope(start, "b-1")).encode(), binary) == 200
+    structured = {"specversion": "1.0", "id": "2", "source": ATTRS["source"], "type": ATTRS["type"],
+                  "datacontenttype": "application/json",
+                  "data": push_envelope({**start, "lab": "via-structured"}, "s-1")}
+    assert post(server.url, json.dumps(structured).encode(),
+                {"Content-Type": "application/cloudevents+json"}) == 200
+    raw_push = push_envelope({**start, "lab": "via-push"}, "p-1")  # what a push subscription sends
+    assert post(server.url, json.dumps(raw_push).encode(), {"Content-Type": "application/json"}) == 200
+    assert sorted(lab.name for lab in LocalBackend(local_env).fetch_labs()) == [
+        "via-binary", "via-push", "via-structured"]
+    # an unparseable body never reaches the handler
+    assert post(server.url, b"\x00garbage", {"Content-Type": "application/json"}) == 400
+    # a malformed or oversized command is acknowledged (200) with one error line naming the field
+    big = push_envelope(b"{" + b" " * 70000 + b"}", "big-1")
+    assert post(server.url, json.dumps(big).encode(), {"Content-Type": "application/json"}) == 200
+    bad = push_envelope({"type": "keep-alive", "lab": "via-push", "for": "forever"}, "bad-1")
+    assert post(server.url, json.dumps(bad).encode(), {"Content-Type": "application/json"}) == 200
+    refused = {e["message_id"]: e for e in log_lines(server) if e.get("severity") == "ERROR"}
+    assert refused["big-1"]["field"] == "data" and refused["bad-1"]["field"] == "for"
+
