@@ -1,6 +1,7 @@
 """`dasklab demo`: the whole lab story on real Dask through the real entry point, printed as a timeline."""
 
 import json
+import sys
 import shutil
 import tempfile
 import threading
@@ -90,6 +91,7 @@ def run_demo(json_lines: bool = False) -> int:
     stop_tail = threading.Event()
     ctl = LocalController(home, settings=SETTINGS)
     pids: list[int] = []
+    ok = False
 
     def lab():
         return backend.fetch_lab(LAB)
@@ -137,10 +139,14 @@ def run_demo(json_lines: bool = False) -> int:
         timeline.say("timer", f"teardown-idle job fired (message {mid})")
         _wait("waiting for the lab to be deleted", lambda: lab() is None, timeline, 60)
         timeline.say("demo", "lab deleted")
+        ok = True
     finally:
         ctl.stop()
         stop_tail.set()
-        shutil.rmtree(home, ignore_errors=True)
+        if ok:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print(f"demo failed: logs kept in {home}/logs and {home}/labs", file=sys.stderr)
     left = [p for p in pids if procs.pid_alive(p)]
     timeline.say("demo", f"controller stopped; processes left: {len(left)}")
     return 0 if not left and lost == 0 else 1
