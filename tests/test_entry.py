@@ -1,6 +1,5 @@
 """Entry points: CloudEvents called directly and through a real functions-framework server."""
 
-import base64
 import json
 import subprocess
 import sys

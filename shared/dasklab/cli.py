@@ -44,10 +44,19 @@ def _messages(a) -> dict:
     return json.loads(sys.stdin.read() if a.file == "-" else Path(a.file).read_text())
 
 
+def validate(payload: dict, cfg) -> None:
+    """Refuse a command here with the very error the function would log (caps included)."""
+    from .messages import Scale, StartLab, build_spec, check_caps, parse_command
+    cmd = parse_command(payload)
+    if isinstance(cmd, StartLab):
+        build_spec(cmd, cfg)
+    elif isinstance(cmd, Scale):
+        check_caps(cmd, cfg)
+
+
 def cmd_publish(a, cfg) -> int:
-    from .messages import parse_command
     payload = _messages(a)
-    parse_command(payload)
+    validate(payload, cfg)
     if cfg.backend == "gke":
         from .adapters import pubsub
         mid = pubsub.publish(cfg.project, cfg.control_topic, payload)
@@ -107,7 +116,7 @@ def cmd_status(a, cfg) -> int:
                       str(r["processing"] if r["processing"] is not None else "-"),
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
                       r["dashboard"] or "-")
-    Console().print(table if rows else "no labs")
+    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
     return 0
 
 

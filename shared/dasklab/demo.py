@@ -82,62 +82,77 @@ def _wait(what: str, check, timeline: Timeline, timeout: float, progress=lambda:
     raise TimeoutError(f"demo: {what} did not happen within {timeout:.0f}s")
 
 
+class Watch:
+    """What the demo reads from the lab while it waits (the same records and dashboard the controller uses)."""
+
+    def __init__(self, backend: LocalBackend):
+        self.backend = backend
+
+    def lab(self):
+        return self.backend.fetch_lab(LAB)
+
+    def load(self):
+        lab = self.lab()
+        return self.backend.dashboard(lab).fetch_load() if lab and lab.state.phase == READY else None
+
+    def phase(self) -> str:
+        lab = self.lab()
+        return lab.state.phase if lab else "gone"
+
+    def workers(self) -> str:
+        load = self.load()
+        return f"(workers {load.workers}, processing {load.processing}, queued {load.queued})" if load else ""
+
+    def idle_for(self) -> float:
+        load = self.load()
+        return time.time() - load.idle_since if load and load.idle_since and load.clients == 0 else 0.0
+
+
 def run_demo(json_lines: bool = False) -> int:
     from distributed import Client
 
     timeline = Timeline(json_lines)
     home = Path(tempfile.mkdtemp(prefix="dasklab-demo-"))
     backend = LocalBackend(home)
+    watch = Watch(backend)
     stop_tail = threading.Event()
     ctl = LocalController(home, settings=SETTINGS)
     pids: list[int] = []
-    ok = False
-
-    def lab():
-        return backend.fetch_lab(LAB)
-
-    def load():
-        current = lab()
-        return backend.dashboard(current).fetch_load() if current and current.state.phase == READY else None
-
+    ok = lost = False
     try:
         ctl.start()
         pids += [ctl.server.proc.pid] + ([ctl.emulator.proc.pid] if ctl.emulator else [])
-        tail = threading.Thread(target=timeline.follow, args=(ctl.functions_log, stop_tail), daemon=True)
-        tail.start()
+        threading.Thread(target=timeline.follow, args=(ctl.functions_log, stop_tail), daemon=True).start()
         timeline.say("demo", f"local controller up: bus = {ctl.bus}; functions-framework at {ctl.server.url}")
         mid = ctl.publish(START)
         timeline.say("demo", f"start-lab published (message {mid}): 1 worker, min 1, max 6, idle timeout 10s")
-        ready = _wait("waiting for the lab to be ready", lambda: (l := lab()) and l.state.phase == READY and l,
-                      timeline, 60, lambda: f"(phase {getattr(lab(), 'state', None) and lab().state.phase})")
-        info = backend.connection_info(ready)
-        pids += backend.pids(ready)
+        _wait("waiting for the lab to be ready", lambda: watch.phase() == READY, timeline, 60,
+              lambda: f"(phase {watch.phase()})")
+        lab = watch.lab()
+        info = backend.connection_info(lab)
+        pids += backend.pids(lab)
         timeline.say("demo", f"lab ready: dashboard {info['dashboard']}, scheduler {info['scheduler']}")
 
         with Client(info["scheduler"], timeout=20) as client:
             futures = client.map(_slow_square, range(TASKS), pure=False)
             timeline.say("demo", f"workload started: {TASKS} tasks × {TASK_SECONDS}s of sleep")
-            _wait("running", lambda: all(f.done() for f in futures), timeline, 120,
-                  lambda: f"(workers {(l := load()) and l.workers}, processing {l and l.processing}, "
-                          f"queued {l and l.queued})")
-            pids += backend.pids(lab())
+            _wait("running", lambda: all(f.done() for f in futures), timeline, 120, watch.workers)
+            pids += backend.pids(watch.lab())
             timeline.say("demo", f"workload done; {TASKS} results held in worker memory while the lab scales down")
             _wait("waiting for graceful scale-down to the minimum",
-                  lambda: (l := load()) and l.workers == 1 and lab().state.target_workers == 1, timeline, 90,
-                  lambda: f"(workers {(l := load()) and l.workers})")
-            total = sum(client.gather(futures))
-            expected = sum(x * x for x in range(TASKS))
-            lost = 0 if total == expected else TASKS
+                  lambda: watch.lab().state.target_workers == 1 and backend.fetch_requested(watch.lab()) == 1,
+                  timeline, 90, watch.workers)
+            total, expected = sum(client.gather(futures)), sum(x * x for x in range(TASKS))
+            lost = total != expected
             timeline.say("demo", f"results gathered after scale-down: sum {total} (expected {expected}); "
-                                 f"{lost} lost")
-            del futures
+                                 f"{TASKS if lost else 0} lost")
+            client.cancel(futures)
         timeline.say("demo", "client disconnected; the lab is now idle")
-        _wait("waiting for the idle timeout (10s)",
-              lambda: (l := load()) and l.idle_since and time.time() - l.idle_since >= 10 and l.clients == 0,
-              timeline, 60, lambda: f"(idle since {(l := load()) and l.idle_since and round(time.time() - l.idle_since)}s)")
+        _wait("waiting for the idle timeout (10s)", lambda: watch.idle_for() >= 10, timeline, 60,
+              lambda: f"(idle for {watch.idle_for():.0f}s)")
         mid = ctl.run_job("dasklab-teardown-idle")
         timeline.say("timer", f"teardown-idle job fired (message {mid})")
-        _wait("waiting for the lab to be deleted", lambda: lab() is None, timeline, 60)
+        _wait("waiting for the lab to be deleted", lambda: watch.lab() is None, timeline, 60)
         timeline.say("demo", "lab deleted")
         ok = True
     finally:
@@ -149,4 +164,4 @@ def run_demo(json_lines: bool = False) -> int:
             print(f"demo failed: logs kept in {home}/logs and {home}/labs", file=sys.stderr)
     left = [p for p in pids if procs.pid_alive(p)]
     timeline.say("demo", f"controller stopped; processes left: {len(left)}")
-    return 0 if not left and lost == 0 else 1
+    return 0 if not left and not lost else 1

@@ -6,15 +6,14 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-from . import logs
 from .adapters import procs
 from .adapters.local import LocalBackend
-from .config import Config
-from .errors import PermanentError, TransientError
+from .errors import PermanentError
 from .messages import parse_command
 from .timers import LocalTimer, load_infra
 
@@ -134,10 +133,17 @@ def publish_local(home: str | Path, payload: dict) -> str:
     return envelope["message"]["messageId"]
 
 
-def _push(url: str, envelope: dict) -> None:
+def _push(url: str, envelope: dict, attempts: int = 5) -> None:
+    """Deliver like a push subscription: retry a 5xx (a transient failure) with backoff."""
     request = urllib.request.Request(url, data=json.dumps(envelope).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
-    try:
-        urllib.request.urlopen(request, timeout=600).read()
-    except OSError as e:  # what a push subscription would retry; here the next tick re-drives the lab
-        logs.emit("WARNING", action="push", reason=f"delivery failed: {e}")
+    for attempt in range(attempts):
+        try:
+            urllib.request.urlopen(request, timeout=600).read()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return  # the request itself is at fault (4xx): retrying cannot help
+            time.sleep(2**attempt)
+        except OSError:
+            return  # the server is gone (the local controller stopped): nothing left to deliver to

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Adapter for local processes (Pub/Sub emulator, functions-framework servers) used by the local backend, demo and tests."""
+"""Adapter for local processes (Pub/Sub emulator, functions-framework) used by the local backend, demo and tests."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Self, TypeVar
 
 T = TypeVar("T")
 
@@ -23,7 +24,9 @@ _LAUNCHER = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 # functions-framework 3.10 serves with gunicorn: WORKERS processes x THREADS threads (gthread worker),
 # CLOUD_RUN_TIMEOUT_SECONDS=0 disables gunicorn's timeout. We pin them so a long request never blocks
 # the others and the behaviour does not depend on the CPU count (its default is THREADS = 4 x CPUs).
-FUNCTIONS_SERVER_ENV = {"WORKERS": "1", "THREADS": "8", "CLOUD_RUN_TIMEOUT_SECONDS": "0", "PYTHONUNBUFFERED": "1"}
+# GUNICORN_LOG_LEVEL=info makes it log "Listening at: …", which tells us that the port is ours.
+FUNCTIONS_SERVER_ENV = {"WORKERS": "1", "THREADS": "8", "CLOUD_RUN_TIMEOUT_SECONDS": "0",
+                        "GUNICORN_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
 
 
 def free_port() -> int:
@@ -94,7 +97,8 @@ def _cmdline(pid: int) -> str | None:
     except OSError:
         return None
     try:  # no /proc (macOS)
-        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -202,32 +206,46 @@ def _wait_ready(proc: Proc, ready: Callable[[], bool], timeout: float, what: str
     try:
         wait_until(check, timeout, what=what)
     except TimeoutError as exc:
-        proc.stop()
+        proc.stop(timeout=1.0)  # nothing in flight to finish (gunicorn ignores SIGTERM while retrying a bind)
         raise RuntimeError(f"{exc}; log {proc.log_path}:\n{proc.log_tail()}") from None
     except BaseException:
-        proc.stop()
+        proc.stop(timeout=1.0)
         raise
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _http_ok(port: int) -> bool:
-    """GET / answers 200 "Ok" (the emulator's health answer). http.client ignores *_proxy variables."""
+def _http_get(port: int) -> tuple[int, bytes] | None:
+    """GET / on 127.0.0.1:`port` → (status, stripped body), None if no HTTP answer (ignores *_proxy)."""
     conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1.0)
     try:
         conn.request("GET", "/")
         resp = conn.getresponse()
-        return resp.status == 200 and resp.read().strip() == b"Ok"
+        return resp.status, resp.read().strip()
     except (OSError, http.client.HTTPException):
-        return False
+        return None
     finally:
         conn.close()
+
+
+def _spawn_on_free_port(argv: Callable[[int], list[str]], *, log_path: Path, env: Mapping[str, str] | None,
+                        name: str, listening: str, ready: Callable[[int], bool], port_taken: str,
+                        timeout: float) -> tuple[Proc, int]:
+    """Start `argv(port)` on a free port; ready once its log says `listening.format(port=…)` (so that
+    it is our process that holds the port) and `ready(port)`. free_port() races with other processes:
+    retry twice when the log says `port_taken`. RuntimeError with the log tail otherwise."""
+    for attempt in range(3):
+        port = free_port()
+        proc = Proc.spawn(argv(port), log_path=log_path, env=env, name=name)
+        line = listening.format(port=port)
+        try:
+            _wait_ready(proc, lambda proc=proc, line=line, port=port: line in proc.log_text() and ready(port),
+                        timeout, what=f"{name} on {LOCALHOST}:{port}",
+                        failed=lambda proc=proc: port_taken in proc.log_text())
+        except RuntimeError as exc:
+            if attempt < 2 and port_taken in str(exc):
+                continue
+            raise
+        return proc, port
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --- Pub/Sub emulator -------------------------------------------------------------------------------
@@ -281,7 +299,7 @@ class Emulator:
     def stop(self, timeout: float = 5.0) -> None:
         self.proc.stop(timeout)
 
-    def __enter__(self) -> Emulator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -301,18 +319,13 @@ def start_pubsub_emulator(data_dir: Path, project: str = "dasklab-local", *, tim
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "pubsub-emulator.log"
-    for attempt in range(3):  # free_port() can race with another process taking the port
-        port = free_port()
-        proc = Proc.spawn([*cmd, f"--host={LOCALHOST}", f"--port={port}"], log_path=log_path, name="pubsub-emulator")
-        try:  # on a startup error (port taken…) the JVM logs it and keeps running: watch the log
-            _wait_ready(proc, lambda: _http_ok(port), timeout, what=f"Pub/Sub emulator on {LOCALHOST}:{port}",
-                        failed=lambda: 'Exception in thread "main"' in proc.log_text())
-        except RuntimeError as exc:
-            if attempt < 2 and "BindException" in str(exc):
-                continue
-            raise
-        return Emulator(host=f"{LOCALHOST}:{port}", project=project, proc=proc, log_path=log_path)
-    raise AssertionError("unreachable")  # pragma: no cover
+    # on a taken port the JVM logs a BindException and keeps running: the log tells, not the exit code
+    proc, port = _spawn_on_free_port(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
+                                     log_path=log_path, env=None, name="Pub/Sub emulator",
+                                     listening="Server started, listening on {port}",
+                                     ready=lambda port: _http_get(port) == (200, b"Ok"),
+                                     port_taken="java.net.BindException", timeout=timeout)
+    return Emulator(host=f"{LOCALHOST}:{port}", project=project, proc=proc, log_path=log_path)
 
 
 # --- functions-framework server ---------------------------------------------------------------------
@@ -329,7 +342,7 @@ class FunctionsServer:
     def stop(self, timeout: float = 5.0) -> None:
         self.proc.stop(timeout)
 
-    def __enter__(self) -> FunctionsServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -343,12 +356,18 @@ def start_functions_server(target: str, source: Path, *, env: Mapping[str, str] 
 
     `env` is added to this process's environment. Raises RuntimeError with the log tail when it fails.
     """
-    port = free_port()
     full_env = {**os.environ, **FUNCTIONS_SERVER_ENV, **(env or {})}
-    argv = [sys.executable, "-m", "functions_framework", "--target", target, "--source", str(source),
-            "--signature-type", "cloudevent", "--host", LOCALHOST, "--port", str(port)]
-    proc = Proc.spawn(argv, log_path=Path(log_path), env=full_env, name=f"functions-framework {target}")
-    _wait_ready(proc, lambda: _port_open(port), timeout, what=f"functions-framework {target} on port {port}")
+
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "functions_framework", "--target", target, "--source", str(source),
+                "--signature-type", "cloudevent", "--host", LOCALHOST, "--port", str(port)]
+
+    # gunicorn logs "Listening at" (info) once bound, then any HTTP answer to GET / (405 for a CloudEvent
+    # target) means a worker serves; on a taken port it logs "Connection in use", retrying ~5 s, then exits
+    proc, port = _spawn_on_free_port(argv, log_path=Path(log_path), env=full_env, name=f"functions-framework {target}",
+                                     listening=f"Listening at: http://{LOCALHOST}:{{port}}",
+                                     ready=lambda port: _http_get(port) is not None,
+                                     port_taken="Connection in use", timeout=timeout)
     return FunctionsServer(url=f"http://{LOCALHOST}:{port}/", port=port, proc=proc, log_path=Path(log_path))
 
 
