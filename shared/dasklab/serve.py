@@ -73,10 +73,11 @@ class LocalController:
         if self.emulator:
             from .adapters import pubsub
             topics = self.infra["topics"]
-            for topic in (topics["control"], topics["status"]):
+            for topic in (topics["control"], topics["status"], topics["dead_letter"]):
                 pubsub.ensure_topic(LOCAL_PROJECT, topic)
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["control"], "dasklab-control-push",
-                                       push_endpoint=self.server.url)
+                                       push_endpoint=f"{self.server.url}projects/{LOCAL_PROJECT}/topics/"
+                                                     f"{topics['control']}", dead_letter_topic=topics["dead_letter"])
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,

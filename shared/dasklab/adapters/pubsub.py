@@ -53,12 +53,21 @@ def ensure_topic(project: str, topic: str) -> bool:
         return False
 
 
-def ensure_subscription(project: str, topic: str, name: str, push_endpoint: str | None = None) -> bool:
-    """Create a pull (or push, with an endpoint) subscription if missing; True if it was created."""
+def ensure_subscription(project: str, topic: str, name: str, push_endpoint: str | None = None,
+                        dead_letter_topic: str | None = None) -> bool:
+    """Create a pull (or push, with an endpoint) subscription if missing; True if it was created.
+
+    A push subscription retries failures with backoff (without a policy the emulator redelivers every
+    second) and, given a dead-letter topic, gives up after 10 attempts as the deployed trigger does.
+    """
     request = {"name": subscriber().subscription_path(project, name), "topic": topic_path(project, topic),
                "ack_deadline_seconds": ACK_DEADLINE_S}
     if push_endpoint:
         request["push_config"] = {"push_endpoint": push_endpoint}
+        request["retry_policy"] = {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}
+    if dead_letter_topic:
+        request["dead_letter_policy"] = {"dead_letter_topic": topic_path(project, dead_letter_topic),
+                                         "max_delivery_attempts": 10}
     try:
         subscriber().create_subscription(request=request)
         return True

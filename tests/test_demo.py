@@ -1,0 +1,28 @@
+"""`dasklab demo --json` end to end: real Dask, the Pub/Sub emulator, the functions-framework server."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_demo_tells_the_whole_story():
+    env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
+    out = subprocess.run([sys.executable, "-m", "dasklab.cli", "demo", "--json"], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    timeline = [json.loads(line) for line in out.stdout.splitlines()]
+    events = [e["event"] for e in timeline]
+
+    def at(prefix: str) -> float:
+        return next(e["t"] for e in timeline if e["event"].startswith(prefix))
+
+    assert "bus = Pub/Sub emulator" in events[0]
+    order = ["start-lab published", "create gone → provisioning", "mark-ready", "lab ready", "workload started",
+             "scale-up 1 → ", "workload done", "scale-down", "results gathered", "teardown-idle job fired",
+             "teardown ready → tearing-down", "lab deleted", "controller stopped"]
+    times = [at(p) for p in order]
+    assert times == sorted(times), list(zip(order, times))
+    assert any(e.endswith("; 0 lost") for e in events)
+    assert events[-1] == "controller stopped; processes left: 0"
+    assert timeline[-1]["t"] < 120  # the whole story in under two minutes
