@@ -34,7 +34,7 @@ class Timeline:
 
     def __init__(self, json_lines: bool):
         self.t0, self.json_lines = time.monotonic(), json_lines
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         self.lock = threading.Lock()
 
     def say(self, source: str, what: str, **fields) -> None:

@@ -185,7 +185,7 @@ def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | No
 def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, str]:
     """What a start-lab does given what exists: create, duplicate (nothing to do) or conflict (refuse)."""
     if existing_spec is None:
-        return "create", "no such lab"
+        return "create", "new lab requested"
     if existing_spec.owner != new_spec.owner:
         return "conflict", f"lab {new_spec.name} exists and belongs to {existing_spec.owner}"
     return "duplicate", "lab exists already: start-lab is idempotent (use scale to change its limits)"
