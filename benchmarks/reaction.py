@@ -6,7 +6,9 @@ Run: python benchmarks/reaction.py [--poll 1.0] [--trials 5]   (goal: every reac
 import argparse
 import json
 import logging
+import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +39,7 @@ def _sleep(x):
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind so the lab's processes are stopped
     ap = argparse.ArgumentParser()
     ap.add_argument("--poll", type=float, default=1.0)
     ap.add_argument("--trials", type=int, default=5)

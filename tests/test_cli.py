@@ -29,8 +29,7 @@ def status(home) -> list[dict]:
 
 @pytest.fixture
 def serve(home, tmp_path):
-    env = {**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_POLL_S": "0.5", "DASKLAB_CONFIRM_S": "2",
-           "DASKLAB_TICK_BUDGET_S": "120"}
+    env = {**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_POLL_S": "0.5", "DASKLAB_CONFIRM_S": "2"}
     env.pop("PUBSUB_EMULATOR_HOST", None)
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([*DASKLAB, "local", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,

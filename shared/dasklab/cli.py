@@ -5,6 +5,7 @@ import getpass
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -179,7 +180,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwind, so the demo and `local serve` stop what they started
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     a = parser().parse_args(argv)
     if a.home:
         os.environ["DASKLAB_HOME"] = a.home

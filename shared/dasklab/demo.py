@@ -17,7 +17,7 @@ from .serve import LocalController
 
 LAB = "demo"
 TASKS, TASK_SECONDS = 120, 0.5
-SETTINGS = {"DASKLAB_POLL_S": 1, "DASKLAB_CONFIRM_S": 4, "DASKLAB_COOLDOWN_S": 2, "DASKLAB_TICK_BUDGET_S": 170}
+SETTINGS = {"DASKLAB_POLL_S": 1, "DASKLAB_CONFIRM_S": 4, "DASKLAB_COOLDOWN_S": 2}
 START = {"v": 1, "type": "start-lab", "lab": LAB, "owner": "demo", "workers": {"initial": 1, "min": 1, "max": 6},
          "machine_type": "e2-standard-4", "idle_timeout": "10s", "max_lifetime": "1h"}
 SHOWN = {"create", "provision", "install", "mark-ready", "scale-up", "scale-down", "retire", "teardown", "delete",

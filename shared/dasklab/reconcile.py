@@ -136,6 +136,7 @@ class Controller:
                 self._begin_teardown(lab, verdict.reason, mid)
                 return
             if tick != "reconcile":
+                logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
             if load is not None:
                 self._autoscale(lab, load, mid)

@@ -39,7 +39,8 @@ class LocalController:
                  fire_timers: bool = True):
         self.home = Path(home)
         self.want_emulator = emulator
-        self.settings = {k: str(v) for k, v in (settings or {}).items()}  # DASKLAB_* for the controller
+        self.settings = {"DASKLAB_TICK_BUDGET_S": "57", **{k: str(v) for k, v in (settings or {}).items()}}
+        self.budget_s = float(self.settings["DASKLAB_TICK_BUDGET_S"])
         self.fire_timers = fire_timers
         self.emulator = self.server = self.timer = None
         self.infra = load_infra()
@@ -84,8 +85,15 @@ class LocalController:
             "emulator_host": self.emulator.host if self.emulator else None, "project": LOCAL_PROJECT,
             "control_topic": self.infra["topics"]["control"]}))
         if self.fire_timers:
-            self.timer = LocalTimer(self.infra["jobs"], lambda job: self.publish(job.message),
-                                    fire_at_start=("dasklab-reconcile",)).start()
+            self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",)).start()
+
+    def _fire(self, job, seconds_to_next: float) -> str:
+        """Publish a job's tick. A reconcile tick polls until just before the next one: the emulator pushes at
+        most two messages at a time per subscription, so overlapping polling ticks would hold back commands."""
+        message = dict(job.message)
+        if message["type"] == "reconcile":
+            message.setdefault("budget_seconds", max(0.0, min(self.budget_s, seconds_to_next - 2)))
+        return publish_local(self.home, message, tick=message["type"])
 
     def publish(self, payload: dict) -> str:
         return publish_local(self.home, payload)
@@ -93,15 +101,15 @@ class LocalController:
     def run_job(self, name: str) -> str:
         """Fire a timer job now, like `gcloud scheduler jobs run`."""
         job = next(j for j in self.infra["jobs"] if j.name == name)
-        return self.publish(job.message)
+        return self._fire(job, seconds_to_next=0)
 
     def stop(self) -> None:
         """Stop the timer, every lab's processes, the functions server and the emulator."""
         if self.timer:
             self.timer.stop()
+        if self.server:  # first, so no invocation acts on the labs while they are stopped
+            self.server.stop(timeout=2)
         LocalBackend(self.home).stop_all()
-        if self.server:
-            self.server.stop()
         if self.emulator:
             self.emulator.stop()
             os.environ.pop("PUBSUB_EMULATOR_HOST", None)
@@ -121,15 +129,16 @@ def serve_info(home: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def publish_local(home: str | Path, payload: dict) -> str:
+def publish_local(home: str | Path, payload: dict, tick: str | None = None) -> str:
     """Validate a command, then send it to the running local controller over its bus; returns the message id."""
     parse_command(payload)  # refuse locally with the same error the function would log
     info = serve_info(home)
+    attributes = {"dasklab-tick": tick} if tick else {}
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
         from .adapters import pubsub
-        return pubsub.publish(info["project"], info["control_topic"], payload)
-    envelope = push_envelope(payload)
+        return pubsub.publish(info["project"], info["control_topic"], payload, **attributes)
+    envelope = push_envelope(payload, attributes=attributes)
     threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()
     return envelope["message"]["messageId"]
 

@@ -53,9 +53,13 @@ def load_infra(path: Path | None = None) -> dict:
 
 
 class LocalTimer:
-    """Fires the infra jobs on their schedules in a background thread, like Cloud Scheduler would."""
+    """Fires the infra jobs on their schedules in a background thread, like Cloud Scheduler would.
 
-    def __init__(self, jobs: list[Job], fire: Callable[[Job], None], fire_at_start: tuple[str, ...] = (),
+    `fire(job, seconds_to_next)` also gets the time until the job fires again, so a polling tick can end
+    before the next one starts.
+    """
+
+    def __init__(self, jobs: list[Job], fire: Callable[[Job, float], None], fire_at_start: tuple[str, ...] = (),
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self.jobs, self.fire, self.clock = {j.name: j for j in jobs}, fire, clock
         self.fire_at_start = fire_at_start
@@ -73,16 +77,21 @@ class LocalTimer:
 
     def run_now(self, name: str) -> None:
         """Fire one job now (what `gcloud scheduler jobs run` does)."""
-        self.fire(self.jobs[name])
+        self._fire(self.jobs[name])
+
+    def _fire(self, job: Job) -> datetime:
+        now = self.clock()
+        due = job.next_after(now)
+        self.fire(job, (due - now).total_seconds())
+        return due
 
     def _run(self) -> None:
         for name in self.fire_at_start:
-            self.fire(self.jobs[name])
+            self._fire(self.jobs[name])
         due = {name: job.next_after(self.clock()) for name, job in self.jobs.items()}
         while not self._stop.is_set():
             now = self.clock()
             for name, when in due.items():
                 if when <= now:
-                    self.fire(self.jobs[name])
-                    due[name] = self.jobs[name].next_after(now)
+                    due[name] = self._fire(self.jobs[name])
             self._stop.wait(max(0.05, min((w - now).total_seconds() for w in due.values())))
