@@ -43,6 +43,9 @@ class Backend(Protocol):
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
         """Retire exactly these workers through the scheduler, then remove them and the nodes they empty."""
 
+    def apply_settle(self, lab: Lab) -> None:
+        """Workers are where the target wants them: finish what a scaling step left (e.g. after a crash)."""
+
     def apply_delete(self, lab: Lab) -> None:
         """Delete the lab's infrastructure (idempotent; TransientError while that cannot happen yet)."""
 

@@ -102,28 +102,33 @@ class Controller:
     # --- ticks ---
 
     def tick(self, cmd: Reconcile | TeardownIdle | NightlyTeardown, mid: str) -> None:
-        """One timer tick over every managed lab. A reconcile tick keeps polling for its budget."""
+        """One timer tick over every managed lab. A reconcile tick keeps polling for its budget; the next pass
+        retries what failed. A teardown tick has one pass: if a lab failed, the tick raises to be redelivered."""
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
         deadline = self.clock() + budget
         while True:
-            self.reconcile_all(cmd.type, mid)
-            if self.clock() + self.config.poll_s > deadline:
+            failed = self.reconcile_all(cmd.type, mid)
+            if failed and not isinstance(cmd, Reconcile):
+                raise TransientError(f"{cmd.type}: retry for {', '.join(failed)}")
+            if self.clock() + self.config.poll_s >= deadline:
                 return
             self.sleep(self.config.poll_s)
 
-    def reconcile_all(self, tick: str, mid: str = "", workers: int = 16) -> int:
-        """One pass over all labs, concurrently; a lab's transient failure waits for the next pass."""
+    def reconcile_all(self, tick: str, mid: str = "", workers: int = 16) -> list[str]:
+        """One pass over all labs, concurrently. Returns the labs whose step failed transiently."""
         labs = self.backend.fetch_labs()
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:
-            list(pool.map(lambda lab: self._reconcile_safely(lab, tick, mid), labs))
-        return len(labs)
+            results = list(pool.map(lambda lab: self._reconcile_safely(lab, tick, mid), labs))
+        return [lab.name for lab, ok in zip(labs, results) if not ok]
 
-    def _reconcile_safely(self, lab: Lab, tick: str, mid: str) -> None:
+    def _reconcile_safely(self, lab: Lab, tick: str, mid: str) -> bool:
         try:
             self.reconcile_lab(lab, tick, mid)
-        except TransientError as e:  # the next pass or tick re-reads and retries
+            return True
+        except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
+            return False
 
     def reconcile_lab(self, lab: Lab, tick: str, mid: str = "") -> None:
         """Move one lab one step: teardown if a tick says so, else autoscale a ready lab or advance its phase."""
@@ -153,8 +158,8 @@ class Controller:
         elif step.action == "install":
             self.backend.apply_install(lab)
         elif step.action == "delete":
+            self._publish_deleted(lab, now)  # events are at least once: published before the act they report
             self.backend.apply_delete(lab)
-            self._publish_deleted(lab, now)
         elif step.action == "forget":
             self.backend.apply_forget(lab)
             logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
@@ -165,14 +170,14 @@ class Controller:
         changes = {"phase": step.phase, "reason": step.reason}
         if step.phase == READY:
             changes["ready_at"] = now
-        lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
-        logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
-        if step.phase == READY:
+        if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "connection": self.backend.connection_info(lab)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
+        lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
+        logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
 
     def _autoscale(self, lab: Lab, load, mid: str) -> None:
         now = self.clock()
@@ -188,7 +193,7 @@ class Controller:
         self._converge(lab, load, requested, mid)
 
     def _converge(self, lab: Lab, load, requested: int, mid: str) -> None:
-        """Move the backend toward the recorded target: start missing workers, retire extra ones."""
+        """Move the backend toward the recorded target: start missing workers, retire extra ones, else settle."""
         target = lab.state.target_workers
         if requested < target:
             self.backend.apply_workers(lab, target)
@@ -199,6 +204,8 @@ class Controller:
                 self.backend.apply_scale_down(lab, chosen, target)
                 logs.emit("INFO", lab=lab.name, action="retire", reason=f"{len(workers)} → {target} workers",
                           workers=chosen, message_id=mid)
+        else:
+            self.backend.apply_settle(lab)
 
     # --- helpers ---
 

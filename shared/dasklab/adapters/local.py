@@ -190,6 +190,9 @@ class LocalBackend:
                     if entry:
                         stop_pid_group(entry["pid"])
 
+    def apply_settle(self, lab: Lab) -> None:
+        """Nothing: local scaling steps finish within their call."""
+
     def apply_delete(self, lab: Lab) -> None:
         with self._update(lab.name) as record:
             local = record["local"]

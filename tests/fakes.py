@@ -1,0 +1,158 @@
+"""An in-memory Backend for core-level properties (interleavings, fault injection): GKE-like semantics —
+operations take several observations, deletion is refused while creating — without processes or clouds."""
+
+from dataclasses import dataclass, field
+
+from dasklab.adapters.dashboard import Dashboard
+from dasklab.errors import ConflictError, PermanentError, TransientError
+from dasklab.model import Lab, WorkerInfo
+from dasklab.policy import Infra
+
+POLLS = 2  # observations an operation takes
+
+
+@dataclass
+class FakeLoad:
+    adaptive_target: int = 0
+    processing: int = 0
+    queued: int = 0
+    clients: int = 0
+    idle_since: float | None = 0.0
+
+
+@dataclass
+class FakeLab:
+    record: dict
+    version: int = 1
+    cluster: str = "absent"
+    release: str = "absent"
+    polls: int = 0
+    workers: list = field(default_factory=list)
+    next_worker: int = 0
+    load: FakeLoad = field(default_factory=FakeLoad)
+
+
+class FakeTransport:
+    """Serves the scheduler's HTTP API from the fake lab's load and workers."""
+
+    def __init__(self, lab: FakeLab):
+        self.lab = lab
+
+    def get(self, path: str) -> bytes:
+        import json
+        load, workers = self.lab.load, self.lab.workers
+        body = {"/json/counts.json": {"workers": len(workers), "processing": load.processing, "waiting": load.queued,
+                                      "unrunnable": 0, "clients": load.clients + 1},
+                "/api/v1/adaptive_target": {"workers": load.adaptive_target},
+                "/api/v1/check_idle": {"idle_since": load.idle_since},
+                "/api/v1/get_workers": {"workers": [{"name": w.name, "address": w.address} for w in workers]},
+                "/json/identity.json": {"workers": {}}}[path]
+        return json.dumps(body).encode()
+
+    def post(self, path: str, body: bytes) -> bytes:
+        import json
+        gone = set(json.loads(body)["workers"])
+        self.lab.workers = [w for w in self.lab.workers if w.address not in gone]
+        return json.dumps({a: {} for a in gone}).encode()
+
+
+class FakeBackend:
+    def __init__(self):
+        self.labs: dict[str, FakeLab] = {}
+        self.unmanaged: set[str] = set()
+
+    def _lab(self, rec: FakeLab) -> Lab:
+        return Lab.from_dict(rec.record, str(rec.version))
+
+    def _get(self, lab: Lab) -> FakeLab:
+        if lab.name not in self.labs:
+            raise TransientError(f"{lab.name} vanished")
+        return self.labs[lab.name]
+
+    def fetch_labs(self):
+        return [self._lab(r) for r in self.labs.values()]
+
+    def fetch_lab(self, name):
+        if name in self.unmanaged:
+            raise PermanentError(f"{name} is not managed by dasklab")
+        return self._lab(self.labs[name]) if name in self.labs else None
+
+    def fetch_infra(self, lab):
+        rec = self._get(lab)
+        if rec.cluster in ("creating", "deleting") or rec.release == "installing":
+            rec.polls += 1
+            if rec.polls >= POLLS:
+                rec.polls = 0
+                if rec.cluster == "creating":
+                    rec.cluster = "running"
+                elif rec.cluster == "deleting":
+                    rec.cluster, rec.release, rec.workers = "absent", "absent", []
+                elif rec.release == "installing":
+                    rec.release = "deployed"
+        return Infra(rec.cluster, rec.release)
+
+    def fetch_requested(self, lab):
+        return len(self._get(lab).workers)
+
+    def dashboard(self, lab):
+        return Dashboard(FakeTransport(self._get(lab)), node_of=lambda name: name.split("-")[0])
+
+    def apply_create(self, lab):
+        if lab.name in self.labs:
+            return False
+        self.labs[lab.name] = FakeLab(lab.to_dict())
+        return True
+
+    def apply_provision(self, lab):
+        rec = self._get(lab)
+        if rec.cluster == "absent":
+            rec.cluster = "creating"
+
+    def apply_record(self, lab):
+        rec = self._get(lab)
+        if str(rec.version) != lab.version:
+            raise ConflictError(f"{lab.name}: stale version {lab.version}")
+        rec.record, rec.version = lab.to_dict(), rec.version + 1
+        return self._lab(rec)
+
+    def apply_install(self, lab):
+        rec = self._get(lab)
+        if rec.release == "absent":
+            rec.release = "installing"
+        self.apply_workers(lab, lab.state.target_workers)
+
+    def apply_workers(self, lab, target):
+        rec = self._get(lab)
+        per_node = lab.spec.workers_per_node
+        while len(rec.workers) < target:
+            i = rec.next_worker
+            rec.next_worker += 1
+            rec.workers.append(WorkerInfo(f"tcp://w{i}", f"n{len(rec.workers) // per_node}-w{i}",
+                                          f"n{len(rec.workers) // per_node}"))
+
+    def apply_scale_down(self, lab, addresses, target):
+        self.dashboard(lab).apply_retire(addresses)
+
+    def apply_settle(self, lab):
+        pass
+
+    def apply_delete(self, lab):
+        rec = self._get(lab)
+        if rec.cluster == "creating":
+            raise TransientError("cluster is being created: wait before deleting")
+        if rec.cluster != "absent":
+            rec.cluster = "deleting"
+
+    def apply_forget(self, lab):
+        self.labs.pop(lab.name, None)
+
+    def connection_info(self, lab):
+        return {"dashboard": f"fake://{lab.name}"}
+
+
+class ListEvents:
+    def __init__(self):
+        self.events = []
+
+    def publish(self, event):
+        self.events.append(event)

@@ -1,0 +1,244 @@
+"""Reliability of the core: duplicates and interleavings converge; a fault at every external call converges
+on the next invocation; safety properties of the policy hold for any input."""
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dasklab.backend import Backend
+from dasklab.config import Config
+from dasklab.errors import PermanentError, TransientError
+from dasklab.messages import parse_command
+from dasklab.model import FAILED, READY, TEARING_DOWN
+from dasklab.policy import ScaleParams, plan_scale, plan_teardown
+from dasklab.reconcile import Controller
+from tests.conftest import make_load, make_spec, make_state
+from tests.fakes import FakeBackend, ListEvents
+
+CONFIG = Config(poll_s=0, confirm_s=2, cooldown_s=1, tick_budget_s=0)
+
+
+class Clock:
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def controller(backend=None):
+    clock = Clock()
+    return Controller(backend or FakeBackend(), ListEvents(), CONFIG, clock=clock, sleep=lambda s: None), clock
+
+
+def msg(**kw):
+    return parse_command(json.dumps({"v": 1, **kw}))
+
+
+def deliver(ctl, cmd):
+    """One invocation, as the entry point runs it: permanent errors are acknowledged, others retried."""
+    try:
+        ctl.handle(cmd, "m")
+    except PermanentError:
+        pass
+
+
+def settle(ctl, clock, passes=40):
+    for _ in range(passes):
+        clock.t += 1
+        ctl.reconcile_all("reconcile")
+
+
+def end_state(backend: FakeBackend) -> dict:
+    return {name: (r.record["state"]["phase"], r.record["state"]["target_workers"], r.record["spec"]["min_workers"],
+                   r.record["spec"]["max_workers"], r.record["spec"]["pinned_workers"],
+                   r.record["spec"]["keep_alive_until"], len(r.workers), r.cluster)
+            for name, r in sorted(backend.labs.items())}
+
+
+COMMANDS = [
+    {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 2, "min": 1, "max": 6}},
+    {"type": "start-lab", "lab": "b", "owner": "bob", "workers": {"initial": 1, "min": 0, "max": 3}},
+    {"type": "scale", "lab": "a", "max": 4},
+    {"type": "keep-alive", "lab": "a", "until": "2099-01-01T00:00:00Z"},
+    {"type": "scale", "lab": "a", "pin": 3},
+    {"type": "stop-lab", "lab": "b"},
+    {"type": "start-lab", "lab": "c", "owner": "carol"},
+    {"type": "nightly-teardown"},
+]
+
+
+def run(schedule, seed):
+    """Deliver the commands in order; `schedule(i)` gives how many copies of command i, and ticks between."""
+    rng = random.Random(seed)
+    ctl, clock = controller()
+    for i, body in enumerate(COMMANDS):
+        for _ in range(schedule(rng, i)):
+            deliver(ctl, msg(**body))
+            for _ in range(rng.randint(0, 3) if schedule is not once else 0):
+                clock.t += 1
+                ctl.reconcile_all("reconcile")
+        settle(ctl, clock, passes=10)
+    settle(ctl, clock)
+    return end_state(ctl.backend), ctl.events.events
+
+
+def once(rng, i):
+    return 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_duplicates_and_interleaved_ticks_reach_the_same_end_state(seed):
+    reference, _ = run(once, 0)
+    state, events = run(lambda rng, i: rng.randint(1, 5), seed)
+    assert state == reference
+    assert reference["a"][0] == READY and reference["a"][4] == 3 and "b" not in reference and "c" not in reference
+    assert {e["event"] for e in events} == {"lab-ready", "lab-deleted"}
+
+
+class Faulty:
+    """Wraps a backend; raises at one chosen call (before or after the call takes effect) and records calls."""
+
+    def __init__(self, inner, target=None, when="before", error=TransientError):
+        self.inner, self.target, self.when, self.error = inner, target, when, error
+        self.calls: list[str] = []
+        self.fired = False
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            point = (name, self.calls.count(name))
+            hit = not self.fired and point == self.target
+            if hit and self.when == "before":
+                self.fired = True
+                raise self.error(f"injected before {point}")
+            result = attr(*args, **kwargs)
+            if hit:
+                self.fired = True
+                raise self.error(f"injected after {point}")
+            return result
+        return call
+
+
+def story(backend) -> list[dict]:
+    """start-lab → ready → load up → load down → idle → teardown-idle → gone, retrying failed invocations."""
+    ctl, clock = controller(backend)
+    fake = backend.inner
+
+    def invoke(fn):
+        for _ in range(20):  # a failed invocation is redelivered
+            try:
+                return fn()
+            except (TransientError, RuntimeError):
+                clock.t += 1
+
+    def passes_until(cond, limit=40):
+        for _ in range(limit):
+            if cond():
+                return
+            clock.t += 1
+            invoke(lambda: ctl.reconcile_all("reconcile"))
+
+    invoke(lambda: ctl.handle(msg(type="start-lab", lab="s", owner="o", workers={"initial": 1, "max": 5},
+                                  idle_timeout=60), "m1"))
+    passes_until(lambda: "s" in fake.labs and fake.labs["s"].record["state"]["phase"] == READY)
+    fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 5, 40
+    fake.labs["s"].load.idle_since = None
+    passes_until(lambda: len(fake.labs["s"].workers) == 5)
+    peak = len(fake.labs["s"].workers)
+    fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 0, 0
+    passes_until(lambda: not fake.labs["s"].workers)
+    low = len(fake.labs["s"].workers)
+    fake.labs["s"].load.idle_since = clock.t
+    clock.t += 61
+    invoke(lambda: ctl.handle(msg(type="teardown-idle"), "m2"))
+    passes_until(lambda: "s" not in fake.labs, limit=10)
+    return [peak, low, "s" in fake.labs, sorted({e["event"] for e in ctl.events.events})]
+
+
+def test_fault_at_every_external_call_converges():
+    clean = Faulty(FakeBackend())
+    expected = story(clean)
+    assert expected == [5, 0, False, ["lab-deleted", "lab-ready"]]
+    points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
+                                               for k, n in enumerate(clean.calls)]})
+    # every port method the core can call is exercised by the story (a new external call must be covered)
+    port = {m for m in dir(Backend) if m.startswith(("fetch_", "apply_")) or m in ("dashboard", "connection_info")}
+    assert port <= {name for name, _ in points}, port - {name for name, _ in points}
+    failures = []
+    for point in points:
+        for when in ("before", "after"):
+            for error in (TransientError, RuntimeError):
+                faulty = Faulty(FakeBackend(), point, when, error)
+                if story(faulty) != expected:
+                    failures.append((point, when, error.__name__))
+    assert not failures, failures
+    assert len(points) > 40
+
+
+def test_unmanaged_labs_are_never_touched():
+    backend = FakeBackend()
+    backend.unmanaged.add("theirs")
+    ctl, clock = controller(backend)
+    for body in ({"type": "stop-lab", "lab": "theirs"}, {"type": "scale", "lab": "theirs", "max": 2},
+                 {"type": "keep-alive", "lab": "theirs", "for": "1h"},
+                 {"type": "start-lab", "lab": "theirs", "owner": "x"}):
+        with pytest.raises(PermanentError, match="not managed"):
+            ctl.handle(msg(**body), "m")
+    settle(ctl, clock, 3)
+    assert backend.labs == {}
+
+
+# --- safety properties of the policy, for any input ---
+
+counts = st.integers(0, 30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(lo=counts, span=counts, current=counts, joined=counts, requested=counts, target=counts,
+       pinned=st.none() | counts, down_since=st.none() | st.floats(0, 200), floor=counts,
+       cooldown=st.floats(0, 300), now=st.floats(0, 300))
+def test_scale_target_never_leaves_min_max(lo, span, current, joined, requested, target, pinned, down_since, floor,
+                                           cooldown, now):
+    hi = lo + span + 1
+    if pinned is not None:
+        pinned = min(max(pinned, lo), hi)
+    spec = make_spec(min_workers=lo, max_workers=hi, pinned_workers=pinned)
+    state = make_state(target_workers=min(max(current, lo), hi), down_since=down_since, down_floor=floor,
+                       cooldown_until=cooldown)
+    d = plan_scale(spec, state, make_load(workers=joined, adaptive_target=target), requested, now,
+                   ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5))
+    assert lo <= d.target <= hi, d.reason
+    if d.target < state.target_workers and pinned is None:
+        assert joined >= requested  # never retire while requested workers have not arrived
+
+
+@settings(max_examples=500, deadline=None)
+@given(processing=counts, queued=counts, clients=counts, idle_for=st.floats(0, 10_000),
+       idle_timeout=st.integers(1, 5000), age=st.floats(0, 20_000), keep=st.none() | st.floats(-5000, 5000),
+       tick=st.sampled_from(["reconcile", "teardown-idle", "nightly-teardown"]),
+       phase=st.sampled_from([READY, FAILED, "provisioning", TEARING_DOWN]))
+def test_teardown_safety(processing, queued, clients, idle_for, idle_timeout, age, keep, tick, phase):
+    now = 100_000.0
+    spec = make_spec(idle_timeout_s=idle_timeout, max_lifetime_s=12 * 3600,
+                     keep_alive_until=None if keep is None else now + keep)
+    state = make_state(phase=phase, created_at=now - age, ready_at=now - age)
+    load = make_load(processing=processing, queued=queued, clients=clients, idle_since=now - idle_for)
+    d = plan_teardown(tick, spec, state, load, now)
+    if age >= spec.max_lifetime_s:
+        assert d.delete  # the lifetime caps every lab
+        return
+    if d.delete and tick == "teardown-idle" and phase == READY:
+        # a lab with work or a client, or inside its idle window, is never torn down as idle
+        assert processing == queued == clients == 0 and min(idle_for, age) >= idle_timeout
+    if keep is not None and keep >= 1:
+        assert not d.delete  # keep-alive is honoured by the nightly and idle teardowns
+    if tick == "reconcile":
+        assert not d.delete
