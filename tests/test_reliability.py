@@ -242,3 +242,60 @@ def test_teardown_safety(processing, queued, clients, idle_for, idle_timeout, ag
         assert not d.delete  # keep-alive is honoured by the nightly and idle teardowns
     if tick == "reconcile":
         assert not d.delete
+
+
+# --- the same on the local backend, with real Dask processes ---
+
+PORT = sorted(m for m in dir(Backend) if m.startswith(("fetch_", "apply_")) or m == "dashboard")
+
+
+def local_story(backend, clock_ctl):
+    """start-lab → ready → 2 workers → 0 → stop-lab → gone on real processes, retrying failed invocations."""
+    import time as _time
+    ctl = Controller(backend, ListEvents(), Config(poll_s=0.2, confirm_s=0.5, cooldown_s=0.2, tick_budget_s=0))
+    inner = backend.inner
+
+    def invoke(fn):
+        for _ in range(10):
+            try:
+                return fn()
+            except (TransientError, RuntimeError):
+                _time.sleep(0.1)
+
+    def until(cond, limit=150):
+        for _ in range(limit):
+            if cond():
+                return True
+            invoke(lambda: ctl.reconcile_all("reconcile"))
+            _time.sleep(0.1)
+        return False
+
+    def lab():
+        return inner.fetch_lab("loc")
+
+    invoke(lambda: ctl.handle(msg(type="start-lab", lab="loc", owner="o", workers={"initial": 0, "max": 2}), "m1"))
+    ready = until(lambda: lab() is not None and lab().state.phase == READY)
+    invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=2), "m2"))
+    up = until(lambda: inner.dashboard(lab()).fetch_load().workers == 2)
+    invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=0), "m3"))
+    down = until(lambda: inner.fetch_requested(lab()) == 0 and inner.dashboard(lab()).fetch_load().workers == 0)
+    pids = {p for lab_ in inner.fetch_labs() for p in inner.pids(lab_)}
+    invoke(lambda: ctl.handle(msg(type="stop-lab", lab="loc"), "m4"))
+    gone = until(lambda: lab() is None)
+    return [ready, up, down, gone], pids
+
+
+@pytest.mark.parametrize("method", PORT)
+def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
+    from dasklab.adapters import procs
+    from dasklab.adapters.local import LocalBackend
+    faulty = Faulty(LocalBackend(home), (method, 1), "after", RuntimeError)
+    try:
+        result, pids = local_story(faulty, None)
+    finally:
+        leftover = [p for lab in LocalBackend(home).fetch_labs() for p in LocalBackend(home).pids(lab)]
+        LocalBackend(home).stop_all()
+    assert result == [True, True, True, True]
+    assert not leftover and not [p for p in pids if procs.pid_alive(p)]
+    if method not in ("apply_forget", "connection_info"):
+        assert faulty.fired or method in ("apply_settle",), f"{method} was never called by the story"

@@ -54,13 +54,13 @@ class LocalBackend:
 
     @contextmanager
     def _update(self, name: str):
-        """Read-modify-write the record under its lock; bumps the version."""
+        """Read-modify-write the record's process bookkeeping under its lock. The version (the concurrency
+        token of spec and state) is left alone: bookkeeping never conflicts with a decision."""
         with self._locked(name):
             record = self._read(name)
             if record is None:
                 raise TransientError(f"lab {name} record vanished")
-            yield record
-            record["version"] += 1
+            yield record["local"]
             self._write(record)
 
     @staticmethod
@@ -134,19 +134,19 @@ class LocalBackend:
         return Infra("running", "deployed" if local["installed"] else "absent")
 
     def apply_provision(self, lab: Lab) -> None:
-        with self._update(lab.name) as record:
-            if record["local"]["scheduler"] and pid_alive(record["local"]["scheduler"]["pid"]):
+        with self._update(lab.name) as local:
+            if local["scheduler"] and pid_alive(local["scheduler"]["pid"]):
                 return
             port, dash = free_port(), free_port()
             pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                          "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
                         env=self._env(lab), log_path=self._log(lab, "scheduler"))
-            record["local"]["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
+            local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
 
     def apply_install(self, lab: Lab) -> None:
         self.apply_workers(lab, lab.state.target_workers)
-        with self._update(lab.name) as record:
-            record["local"]["installed"] = True
+        with self._update(lab.name) as local:
+            local["installed"] = True
 
     def fetch_requested(self, lab: Lab) -> int:
         return sum(pid_alive(w["pid"]) for w in self._local(lab)["workers"].values())
@@ -154,8 +154,7 @@ class LocalBackend:
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Start workers until `target` are alive, filling partly used nodes before opening new ones."""
         per_node = lab.spec.workers_per_node
-        with self._update(lab.name) as record:
-            local = record["local"]
+        with self._update(lab.name) as local:
             local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
             sched = local["scheduler"]
             for _ in range(target - len(local["workers"])):
@@ -184,9 +183,9 @@ class LocalBackend:
         try:
             wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15, what="retired workers' exit")
         finally:
-            with self._update(lab.name) as record:
+            with self._update(lab.name) as local:
                 for address in addresses:
-                    entry = record["local"]["workers"].pop(names.get(address, ""), None)
+                    entry = local["workers"].pop(names.get(address, ""), None)
                     if entry:
                         stop_pid_group(entry["pid"])
 
@@ -194,8 +193,7 @@ class LocalBackend:
         """Nothing: local scaling steps finish within their call."""
 
     def apply_delete(self, lab: Lab) -> None:
-        with self._update(lab.name) as record:
-            local = record["local"]
+        with self._update(lab.name) as local:
             for w in local["workers"].values():
                 stop_pid_group(w["pid"])
             if local["scheduler"]:
