@@ -13,7 +13,8 @@ class Config:
     # where labs run: "local" (real processes on this machine) or "gke"
     backend: str = "local"
     project: str = ""
-    location: str = "us-central1"
+    location: str = "us-central1"  # where lab clusters run
+    region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the same as `location`
     control_topic: str = "dasklab-control"
     status_topic: str = "dasklab-status"
     home: str = str(Path.home() / ".dasklab")
@@ -34,6 +35,19 @@ class Config:
     down_fraction: float = 0.5
     # a reconcile tick polls for this long (Cloud Scheduler fires at most once a minute)
     tick_budget_s: float = 50.0
+    # the nightly teardown timer: local time of day (HH:MM, 24 h) in an IANA time zone
+    nightly_at: str = "02:00"
+    nightly_time_zone: str = "Etc/UTC"
+    # GKE backend: node pools of each lab's Standard cluster, and the Dask Helm release the in-cluster Job installs
+    node_service_account: str = ""  # e-mail of the nodes' account (infra/iam.yaml: dasklab-nodes); "" = GKE's default
+    node_zones: str = ""  # comma-separated zones for the node pools; "" = GKE's default (one zone is cheapest)
+    system_pool: str = "system"
+    system_machine_type: str = "e2-standard-4"  # scheduler, Jupyter and the Helm Job run here
+    system_nodes: int = 1  # per zone
+    worker_pool: str = "workers"  # cluster autoscaler off: the controller sizes it
+    chart_repo: str = "https://helm.dask.org"
+    chart_version: str = "2024.1.1"  # the official dask/dask chart, pinned
+    helm_image: str = "alpine/helm:3.16.3"
 
 
 def _convert(name: str, raw: str, kind: type):
@@ -53,6 +67,7 @@ def from_env(env: dict | None = None) -> Config:
             values[f.name] = _convert(f.name, raw, type(Config.__dataclass_fields__[f.name].default))
     values.setdefault("project", env.get("GOOGLE_CLOUD_PROJECT", ""))
     values.setdefault("backend", "gke" if values["project"] else "local")
+    values["region"] = values.get("region") or values.get("location") or Config.location
     if values["backend"] not in ("local", "gke"):
         raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
     return Config(**values)

@@ -203,6 +203,16 @@ class GkeStandin(GrpcStandin):
         with self._lock:
             return self._sizes[(cluster, pool)]
 
+    def set_node_count(self, cluster: str, pool: str, per_zone: int) -> None:
+        """The pool's size changed outside the GKE API: its managed instance groups deleted chosen instances
+        (compute instanceGroupManagers.deleteInstances) and GKE reports the groups' size."""
+        with self._lock:
+            if (cluster, pool) not in self._sizes:
+                raise KeyError(f"no node pool {pool} in {cluster}")
+            self._sizes[(cluster, pool)] = per_zone
+            c = self._clusters[cluster]
+            c.current_node_count = self._node_total(cluster, c)
+
     def fail_operation(
         self, operation: str, message: str = "Operation failed (stand-in)", code: grpc.StatusCode | int = 13
     ) -> None:

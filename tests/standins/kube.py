@@ -1244,8 +1244,10 @@ class _KubeApi(kmock.KubernetesScaffold):
                   and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", ()))]
         for pod in sorted(pods, key=lambda p: self._born.get(p["metadata"]["uid"], 0)):
             if not pod["spec"].get("nodeName"):
+                wanted = (pod["spec"].get("nodeSelector") or {}).items()
                 node = next((n for n in usable if load[n["metadata"]["name"]]
-                             < int(n["status"].get("allocatable", {}).get("pods", 110))), None)
+                             < int(n["status"].get("allocatable", {}).get("pods", 110))
+                             and wanted <= (n["metadata"].get("labels") or {}).items()), None)
                 if node is None:
                     self._unschedulable(pod, len(nodes))
                     continue
@@ -1355,18 +1357,21 @@ class _KubeApi(kmock.KubernetesScaffold):
         self._put(JOBS, job)
         self.reconcile()
 
-    def set_nodes(self, capacities: Mapping[str, int], labels: Mapping[str, str]) -> None:
+    def set_nodes(self, capacities: Mapping[str, int], labels: Mapping[str, str],
+                  node_labels: Mapping[str, Mapping[str, str]]) -> None:
         for node in self.stored(NODES):
             if node["metadata"]["name"] not in capacities:
                 self._remove(NODES, node)
         for i, (name, pods) in enumerate(capacities.items()):
             status = node_status(pods, f"10.128.0.{i + 2}")
             node = self.find(NODES, None, name)
+            own = {**labels, **node_labels.get(name, {})}
             if node is None:
                 self.create(NODES, None, {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
-                                                                                   **labels}}, "status": status})
+                                                                                   **own}}, "status": status})
             else:
                 node["status"] = status
+                node["metadata"]["labels"] = {**(node["metadata"].get("labels") or {}), **own}
                 self._put(NODES, node)
         self.reconcile()
 
@@ -1383,7 +1388,7 @@ class KubeStandin:
     deletecollection; owner-reference garbage collection (Orphan honoured); /scale (autoscaling/v1 Scale), /status,
     pod /log and /eviction; the service proxy to registered backends (503 when none); controllers for
     Deployment → ReplicaSet → Pods (real deletion ranking), a first-fit scheduler over Node objects (cordon
-    honoured, Pending when no room), and Jobs completed by the test. Watch, dryRun, server-side apply and finalizers
+    and nodeSelector honoured, Pending when no room), and Jobs completed by the test. Watch, dryRun, server-side apply and finalizers
     are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 
@@ -1489,10 +1494,12 @@ class KubeStandin:
         self._run(self._api.failures.append, (method.upper(), path_substring, status))
 
     def set_nodes(self, nodes: Iterable[str] | Mapping[str, int], *, pods_per_node: int = 110,
-                  labels: Mapping[str, str] | None = None) -> None:
-        """Make the cluster's Nodes exactly these (names, or name → pod capacity); pods of removed nodes go."""
+                  labels: Mapping[str, str] | None = None,
+                  node_labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Make the cluster's Nodes exactly these (names, or name → pod capacity); pods of removed nodes go.
+        ``labels`` go on every node, ``node_labels`` (name → labels) on the named ones, e.g. GKE's pool and zone."""
         capacities = dict(nodes) if isinstance(nodes, Mapping) else {name: pods_per_node for name in nodes}
-        self._run(self._api.set_nodes, capacities, dict(labels or {}))
+        self._run(self._api.set_nodes, capacities, dict(labels or {}), dict(node_labels or {}))
 
     def complete_job(self, namespace: str, name: str, *, succeeded: bool = True, log: str = "") -> None:
         """Finish the Job: its pod Succeeded/Failed with ``log``; status.succeeded=1 or failed=1 with a condition."""

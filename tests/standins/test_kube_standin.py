@@ -329,6 +329,24 @@ def test_cordoned_and_removed_nodes(kube, core, apps):
     assert len(pods_of(core, "app=web")) == 3
 
 
+def test_node_selector_and_per_node_labels(kube, core, apps):
+    pool = "cloud.google.com/gke-nodepool"
+    kube.set_nodes({"a-system": 10, "b-worker": 10}, labels={"env": "test"},
+                   node_labels={"a-system": {pool: "system"}, "b-worker": {pool: "workers"}})
+    assert core.read_node("b-worker").metadata.labels[pool] == "workers"
+    body = deployment("w", 2)
+    body["spec"]["template"]["spec"]["nodeSelector"] = {pool: "workers"}
+    apps.create_namespaced_deployment(NS, body)
+    assert {p.spec.node_name for p in pods_of(core, "app=w").values()} == {"b-worker"}  # not first-fit on a-system
+    body = deployment("x", 1)
+    body["spec"]["template"]["spec"]["nodeSelector"] = {pool: "gpu"}
+    apps.create_namespaced_deployment(NS, body)
+    assert [p.status.phase for p in pods_of(core, "app=x").values()] == ["Pending"]  # no such node
+    core.patch_node("a-system", {"metadata": {"labels": {"mark": "x"}}})
+    kube.set_nodes({"a-system": 10, "b-worker": 10}, node_labels={"a-system": {pool: "system"}})
+    assert core.read_node("a-system").metadata.labels["mark"] == "x"  # labels merge into existing nodes
+
+
 def test_scale_down_follows_the_replicaset_deletion_ranking(kube, core, apps):
     kube.set_nodes({"node-a": 10})
     apps.create_namespaced_deployment(NS, deployment("web", 1))

@@ -1,0 +1,65 @@
+"""Adapter for Compute Engine managed instance groups (google-cloud-compute): a GKE node pool's per-zone sizes and
+the deletion of chosen instances, the only way to take a chosen node out of a pool (a resize removes at random)."""
+
+import re
+from typing import Callable
+
+from google.api_core import exceptions as gexc
+
+from ..errors import PermanentError, TransientError
+
+_MIG_URL = re.compile(r"projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)$")
+
+
+def parse_mig(url: str) -> tuple[str, str, str]:
+    """(project, zone, name) of an instance group manager URL, as GKE lists them in `instance_group_urls`."""
+    m = _MIG_URL.search(url)
+    if not m:
+        raise PermanentError(f"not an instance group manager URL: {url}")
+    return m["project"], m["zone"], m["name"]
+
+
+def _translate(e: Exception, what: str) -> Exception:
+    if isinstance(e, (gexc.InvalidArgument, gexc.PermissionDenied, gexc.Unauthenticated, gexc.BadRequest)):
+        return PermanentError(f"{what}: {e}")
+    return TransientError(f"{what}: {e}")
+
+
+class Migs:
+    """The node pools' instance groups. The client (its import costs ~2 s) is built on first use only."""
+
+    def __init__(self, client_factory: Callable[[], object]):
+        self._factory, self._client = client_factory, None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._factory()
+        return self._client
+
+    def target_sizes(self, urls: list[str]) -> dict[str, int]:
+        """zone → target size of each group (what GKE reports as the pool's node count in that zone)."""
+        sizes = {}
+        for url in urls:
+            project, zone, name = parse_mig(url)
+            try:
+                sizes[zone] = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
+            except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+                raise _translate(e, f"read instance group {name}") from e
+        return sizes
+
+    def delete_instances(self, url: str, instances: list[str]) -> None:
+        """Delete exactly these instances (node names) and shrink the group by as many; instances that are gone
+        already are skipped, so a repeated call is harmless."""
+        from google.cloud.compute_v1 import InstanceGroupManagersDeleteInstancesRequest
+
+        project, zone, name = parse_mig(url)
+        body = InstanceGroupManagersDeleteInstancesRequest(
+            instances=[f"zones/{zone}/instances/{i}" for i in instances], skip_instances_on_validation_error=True)
+        try:
+            self.client.delete_instances(project=project, zone=zone, instance_group_manager=name,
+                                         instance_group_managers_delete_instances_request_resource=body)
+        except gexc.NotFound:
+            return  # the group is gone with its pool: nothing left to delete
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"delete instances from {name}") from e

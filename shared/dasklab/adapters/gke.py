@@ -1,0 +1,556 @@
+"""GKE backend adapter: one Standard cluster per lab (container v1), its Kubernetes API (adapters.kube), the node
+pool's instance groups (adapters.compute) and the official Dask Helm release installed by an in-cluster Job.
+
+Where a lab's record lives (state is on the resources; `Lab.version` names the store and its CAS token):
+
+- While the cluster is not running (being created, in error, being deleted) the record is on the cluster:
+  the chart `values` (the only large, immutable part) as JSON in its `description` (zlib+base64 past 2,048
+  chars), and the rest of spec and state as zlib-compressed base32 text cut into `rec0…recN` resource labels,
+  next to the readable `managed-by`, `lab`, `owner` and `phase` labels. Writes are SetLabels with the
+  `label_fingerprint` read (version ``gke:<fingerprint>``); GKE refuses them while another operation runs.
+- Once the cluster runs, the authoritative record (spec + state) is the ConfigMap `dasklab-lab` in the lab's
+  namespace, replaced with the resourceVersion read (version ``k8s:<resourceVersion>``; 409 → ConflictError).
+  The first write after creation moves it there (create = compare-and-swap). Autoscaling decisions therefore
+  never need a cluster operation, which would block SetNodePoolSize.
+- A deleting cluster's labels are read as a lab tearing down.
+
+Workers: the release names each Dask worker after its pod, so worker → pod → node is exact. Scale-up raises the
+worker pool (per zone, never lowering a zone) and the Deployment's replicas. Scale-down gives exactly the retired
+workers' pods a low pod-deletion-cost, retires them through the scheduler (reached through the API server's
+service proxy), cordons and marks the nodes they empty, lowers the replicas (the ReplicaSet deletes exactly those
+pods) and deletes exactly the marked nodes' instances from the pool's managed instance groups; GKE never picks.
+"""
+
+import base64
+import binascii
+import json
+import math
+import re
+import secrets
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from google.api_core import exceptions as gexc
+from google.cloud import container_v1 as gke
+
+from .. import logs
+from ..config import Config
+from ..errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from ..model import MANAGED_BY, TEARING_DOWN, Lab
+from ..policy import Infra
+from ..release import POOL_LABEL, build_namespace, build_release, build_token_secret, chart_fullname
+from .compute import Migs, parse_mig
+from .dashboard import Dashboard
+from .kube import DELETION_COST, Kube
+
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+REMOVING_LABEL = "dasklab/removing"  # on a cordoned worker node: value = the namespace of the lab emptying it
+RECORD, RECORD_KEY = "dasklab-lab", "record"
+DESCRIPTION_PREFIX, DESCRIPTION_MAX = "dasklab lab values: ", 2048
+LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+Status = gke.Cluster.Status
+UP = (Status.RUNNING, Status.RECONCILING)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a lab lives: its cluster, its namespace, its Helm release (and the chart's object names)."""
+
+    cluster: str
+    namespace: str
+    release: str
+
+    @property
+    def fullname(self) -> str:
+        return chart_fullname(self.release)
+
+    @property
+    def workers(self) -> str:
+        return f"{self.fullname}-worker"
+
+
+def place_of(lab: str) -> Place:
+    """THE lab ↔ (cluster, namespace) mapping: one cluster per lab today, one namespace per lab always."""
+    return Place(cluster=lab, namespace=f"dasklab-{lab}", release=lab)
+
+
+def nodes_per_zone(nodes: int, zones: int) -> int:
+    """Node pool sizes are per zone: enough in each zone for `nodes` in all."""
+    return math.ceil(nodes / max(1, zones))
+
+
+# --- the record on the cluster (pure) ---
+
+def _pack(obj) -> str:
+    raw = zlib.compress(json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), 9)
+    return base64.b32encode(raw).decode().rstrip("=").lower()  # label values: [a-z0-9_-] only
+
+
+def _unpack(text: str):
+    padded = text.upper() + "=" * (-len(text) % 8)
+    return json.loads(zlib.decompress(base64.b32decode(padded)))
+
+
+def encode_labels(lab: Lab) -> dict[str, str]:
+    """Resource labels carrying the record without the chart values (those are in the description)."""
+    record = lab.to_dict()
+    record["spec"].pop("values")
+    data = _pack(record)
+    labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase}
+    labels.update({f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))})
+    if len(labels) > 64:
+        raise ValidationError("lab", f"record needs {len(labels)} cluster labels, above GKE's 64")
+    return labels
+
+
+def encode_description(lab: Lab) -> str:
+    text = json.dumps({"values": lab.spec.values}, separators=(",", ":"), sort_keys=True)
+    description = DESCRIPTION_PREFIX + text
+    if len(description) > DESCRIPTION_MAX:
+        description = DESCRIPTION_PREFIX + "z:" + base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+    if len(description) > DESCRIPTION_MAX:
+        raise ValidationError("values", f"{len(description)} chars once compressed: above the "
+                                        f"{DESCRIPTION_MAX} a cluster description keeps")
+    return description
+
+
+def decode_cluster_record(labels: dict[str, str], description: str) -> dict:
+    """The record from a cluster's labels and description; PermanentError if they do not hold one."""
+    try:
+        chunks = []
+        while f"rec{len(chunks)}" in labels:
+            chunks.append(labels[f"rec{len(chunks)}"])
+        record = _unpack("".join(chunks))
+        text = description.removeprefix(DESCRIPTION_PREFIX)
+        if text.startswith("z:"):
+            text = zlib.decompress(base64.b64decode(text[2:])).decode()
+        record["spec"]["values"] = json.loads(text)["values"]
+    except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as e:
+        raise PermanentError(f"cluster labels or description hold no readable lab record: {e}") from e
+    return record
+
+
+def _record_manifest(lab: Lab) -> dict:
+    place = place_of(lab.name)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": RECORD, "namespace": place.namespace,
+                         "labels": {"managed-by": MANAGED_BY, "lab": lab.name}},
+            "data": {RECORD_KEY: json.dumps(lab.to_dict(), sort_keys=True)}}
+
+
+def _translate(e: Exception, what: str) -> Exception:
+    """GKE's refusals → ours. FAILED_PRECONDITION is "another operation runs, wait" (transient) or a stale
+    label fingerprint (conflict); bad requests and missing rights are permanent; the rest is transient."""
+    message = f"{what}: {getattr(e, 'message', None) or e}"
+    if isinstance(e, gexc.FailedPrecondition):
+        return ConflictError(message) if "fingerprint" in message.lower() else TransientError(message)
+    if isinstance(e, (gexc.InvalidArgument, gexc.PermissionDenied, gexc.Unauthenticated, gexc.NotFound,
+                      gexc.AlreadyExists, gexc.MethodNotImplemented)):
+        return PermanentError(message)
+    return TransientError(message)
+
+
+class GkeBackend:
+    """The Backend protocol on GKE. Clients are injected (tests: the stand-ins); `from_config` builds real ones."""
+
+    def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
+                 migs: Migs, *, sleep: Callable[[float], None] = time.sleep):
+        self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
+        self.parent = f"projects/{config.project}/locations/{config.location}"
+        self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
+
+    @classmethod
+    def from_config(cls, config: Config) -> "GkeBackend":
+        """Real clients with the function's identity (google.auth.default); Kubernetes without gcloud/kubeconfig:
+        the cluster's endpoint and CA certificate, and an OAuth token refreshed whenever it is no longer valid."""
+        import google.auth
+        import kubernetes.client
+        from google.auth.transport.requests import Request
+
+        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
+        apis: dict[tuple[str, str], kubernetes.client.ApiClient] = {}
+
+        def kube_for(cluster: gke.Cluster):
+            key = (cluster.name, cluster.endpoint)
+            if key not in apis:
+                with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as ca:
+                    ca.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
+                conf = kubernetes.client.Configuration(host=f"https://{cluster.endpoint}")
+                conf.ssl_ca_cert = ca.name
+                apis[key] = kubernetes.client.ApiClient(conf)
+            if not credentials.valid:
+                credentials.refresh(Request())
+            apis[key].configuration.api_key = {"authorization": f"Bearer {credentials.token}"}
+            return apis[key]
+
+        def compute():
+            from google.cloud import compute_v1
+            return compute_v1.InstanceGroupManagersClient(credentials=credentials)
+
+        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute))
+
+    # --- GKE calls ---
+
+    def _path(self, place: Place) -> str:
+        return f"{self.parent}/clusters/{place.cluster}"
+
+    def _gcall(self, what: str, fn, **kwargs):
+        try:
+            return fn(**kwargs)
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, what) from e
+
+    def _get(self, place: Place) -> gke.Cluster | None:
+        try:
+            cluster = self.clusters.get_cluster(name=self._path(place))
+        except gexc.NotFound:
+            self._seen.pop(place.cluster, None)
+            return None
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"read cluster {place.cluster}") from e
+        self._seen[place.cluster] = cluster
+        return cluster
+
+    @staticmethod
+    def _check_managed(cluster: gke.Cluster) -> None:
+        if cluster.resource_labels.get("managed-by") != MANAGED_BY:
+            raise PermanentError(f"cluster {cluster.name} is not managed by dasklab: refusing to touch it")
+
+    def _running(self, place: Place) -> gke.Cluster:
+        cluster = self._get(place)
+        if cluster is None or cluster.status not in UP:
+            raise TransientError(f"cluster {place.cluster} is not running")
+        self._check_managed(cluster)
+        return cluster
+
+    def _kube(self, place: Place, cluster: gke.Cluster | None = None) -> Kube:
+        cluster = cluster or self._seen.get(place.cluster) or self._get(place)
+        if cluster is None or not cluster.endpoint:
+            raise TransientError(f"cluster {place.cluster} has no Kubernetes endpoint yet")
+        return Kube(self._kube_for(cluster))
+
+    def _operations(self, cluster: gke.Cluster) -> tuple[list, str]:
+        """Poll the cluster's unfinished operations (GKE advances them; polling is a read) → (those still
+        unfinished, the error of the latest failed one)."""
+        ops = self._gcall("list operations", self.clusters.list_operations, parent=self.parent).operations
+        name = cluster.name
+        mine = [o for o in ops if o.target_link.endswith(f"/clusters/{name}") or f"/clusters/{name}/" in o.target_link]
+        pending, error = [], ""
+        for op in mine:
+            if op.status != gke.Operation.Status.DONE:
+                op = self._gcall("poll operation", self.clusters.get_operation,
+                                 name=f"{self.parent}/operations/{op.name}")
+            if op.status != gke.Operation.Status.DONE:
+                pending.append(op)
+            elif op.error.message:
+                error = op.error.message
+        return pending, error
+
+    def _wait(self, op, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while op.status != gke.Operation.Status.DONE and time.monotonic() < deadline:
+            self.sleep(0.2)
+            op = self._gcall("poll operation", self.clusters.get_operation, name=f"{self.parent}/operations/{op.name}")
+        return op
+
+    # --- records ---
+
+    def _read(self, cluster: gke.Cluster) -> Lab:
+        self._check_managed(cluster)
+        self._seen[cluster.name] = cluster
+        place = place_of(cluster.resource_labels.get("lab", cluster.name))
+        if cluster.status in UP:
+            found = self._kube(place, cluster).read_configmap(place.namespace, RECORD)
+            if found is not None:
+                return Lab.from_dict(json.loads(found[0][RECORD_KEY]), f"k8s:{found[1]}")
+        lab = Lab.from_dict(decode_cluster_record(dict(cluster.resource_labels), cluster.description),
+                            f"gke:{cluster.label_fingerprint}")
+        if cluster.status == Status.STOPPING and lab.state.phase != TEARING_DOWN:
+            lab = lab.with_state(phase=TEARING_DOWN, reason="cluster being deleted")
+        return lab
+
+    def fetch_labs(self) -> list[Lab]:
+        listed = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent).clusters
+        labs = []
+        for cluster in listed:
+            if cluster.resource_labels.get("managed-by") != MANAGED_BY:
+                continue  # never listed, changed or deleted
+            try:
+                labs.append(self._read(cluster))
+            except TransientError as e:  # one unreachable cluster must not stop the others
+                logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
+        return sorted(labs, key=lambda lab: lab.name)
+
+    def fetch_lab(self, name: str) -> Lab | None:
+        cluster = self._get(place_of(name))
+        return None if cluster is None else self._read(cluster)
+
+    def apply_record(self, lab: Lab) -> Lab:
+        place = place_of(lab.name)
+        store, _, token = lab.version.partition(":")
+        if store == "k8s":
+            rv = self._kube(place).replace_configmap(_record_manifest(lab), token)
+            return replace(lab, version=f"k8s:{rv}")
+        cluster = self._get(place)
+        if cluster is None:
+            raise ConflictError(f"cluster {place.cluster} is gone")
+        self._check_managed(cluster)
+        if lab.version != f"gke:{cluster.label_fingerprint}":
+            raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+        if cluster.status in UP:  # from now on the record lives in the lab's namespace
+            kube = self._kube(place, cluster)
+            kube.create(build_namespace(place.namespace, lab.name))
+            if not kube.create(_record_manifest(lab)):
+                raise ConflictError(f"lab {lab.name}: its record moved into the cluster concurrently")
+            return replace(lab, version=f"k8s:{kube.read_configmap(place.namespace, RECORD)[1]}")
+        op = self._gcall(f"set labels on {place.cluster}", self.clusters.set_labels, request=gke.SetLabelsRequest(
+            name=self._path(place), resource_labels=encode_labels(lab), label_fingerprint=cluster.label_fingerprint))
+        self._wait(op)
+        cluster = self._get(place)
+        return replace(lab, version=f"gke:{cluster.label_fingerprint if cluster else ''}")
+
+    def apply_forget(self, lab: Lab) -> None:
+        """Nothing: the record went with the cluster."""
+
+    # --- provisioning ---
+
+    def _zones(self) -> list[str]:
+        return [z.strip() for z in self.config.node_zones.split(",") if z.strip()]
+
+    def apply_create(self, lab: Lab) -> bool:
+        """Create the lab's cluster (its record on it, see the module docstring); False if it exists."""
+        cfg, spec = self.config, lab.spec
+        zones = self._zones()
+        zone_count = len(zones) or (1 if _ZONE.fullmatch(cfg.location) else 3)  # GKE's regional default: 3
+        off = gke.NodePoolAutoscaling(enabled=False)  # the controller sizes the pools
+        account = {"service_account": cfg.node_service_account, "oauth_scopes": [CLOUD_PLATFORM]} \
+            if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'
+        cluster = gke.Cluster(
+            name=place_of(lab.name).cluster, description=encode_description(lab),
+            resource_labels=encode_labels(lab), locations=zones,
+            node_pools=[
+                gke.NodePool(name=cfg.system_pool, initial_node_count=cfg.system_nodes, autoscaling=off,
+                             config=gke.NodeConfig(machine_type=cfg.system_machine_type, **account)),
+                gke.NodePool(name=cfg.worker_pool, autoscaling=off,
+                             initial_node_count=nodes_per_zone(spec.nodes_for(lab.state.target_workers), zone_count),
+                             config=gke.NodeConfig(machine_type=spec.machine_type, spot=spec.spot, **account)),
+            ])
+        try:
+            self.clusters.create_cluster(parent=self.parent, cluster=cluster)
+        except gexc.AlreadyExists:
+            return False
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"create cluster {cluster.name}") from e
+        return True
+
+    def apply_provision(self, lab: Lab) -> None:
+        self.apply_create(lab)
+
+    def _release(self, lab: Lab):
+        cfg, place = self.config, place_of(lab.name)
+        return build_release(lab.spec, release=place.release, namespace=place.namespace, chart_repo=cfg.chart_repo,
+                             chart_version=cfg.chart_version, helm_image=cfg.helm_image,
+                             system_pool=cfg.system_pool, worker_pool=cfg.worker_pool)
+
+    def fetch_infra(self, lab: Lab) -> Infra:
+        place = place_of(lab.name)
+        cluster = self._get(place)
+        if cluster is None:
+            return Infra("absent")
+        pending, error = self._operations(cluster)
+        cluster = self._get(place)
+        if cluster is None:
+            return Infra("absent")
+        if cluster.status == Status.PROVISIONING:
+            return Infra("creating", detail="cluster being created" + (
+                f" (operation {pending[0].name} {pending[0].status.name})" if pending else ""))
+        if cluster.status == Status.STOPPING:
+            return Infra("deleting")
+        if cluster.status in (Status.ERROR, Status.DEGRADED):
+            return Infra("error", detail=cluster.status_message or error or f"cluster {cluster.status.name}")
+        if cluster.status not in UP:
+            return Infra("creating", detail=f"cluster {cluster.status.name}")
+        return Infra("running", *self._release_state(lab, cluster))
+
+    def _release_state(self, lab: Lab, cluster: gke.Cluster) -> tuple[str, str]:
+        """Follow the install Job: absent, installing, failed (with the tail of its log) or deployed (Job done
+        and the scheduler answering through the API server's proxy)."""
+        place, release = place_of(lab.name), self._release(lab)
+        kube = self._kube(place, cluster)
+        job = kube.read_job(place.namespace, release.job_name)
+        if job is None:
+            return "absent", ""
+        conditions = {c.type: c.status for c in (job.status.conditions or [])}
+        if conditions.get("Failed") == "True":
+            tail = kube.job_log_tail(place.namespace, release.job_name).strip()[-800:]
+            return "failed", f"helm job {release.job_name} failed: {tail}"
+        if conditions.get("Complete") != "True":
+            return "installing", f"helm job {release.job_name} running"
+        try:
+            self.dashboard(lab).transport.get("/health")
+        except SchedulerUnreachable as e:
+            return "installing", f"release installed; scheduler not answering yet ({e})"
+        return "deployed", ""
+
+    def apply_install(self, lab: Lab) -> None:
+        """Namespace, Jupyter's token Secret, installer RBAC, values ConfigMap and the Helm Job (each created
+        if absent: a repeated install is harmless; a later invocation follows the Job)."""
+        place = place_of(lab.name)
+        kube = self._kube(place, self._running(place))
+        namespace, *rest = self._release(lab).manifests
+        kube.create(namespace)
+        kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
+        for manifest in rest:
+            kube.create(manifest)
+
+    # --- workers and nodes ---
+
+    def fetch_requested(self, lab: Lab) -> int:
+        place = place_of(lab.name)
+        return self._kube(place).replicas(place.namespace, place.workers) or 0
+
+    def dashboard(self, lab: Lab) -> Dashboard:
+        place = place_of(lab.name)
+        kube = self._kube(place)
+        nodes: dict[str, str] = {}
+
+        def node_of(worker: str) -> str:  # worker name = pod name
+            if worker not in nodes:
+                nodes.update({p.metadata.name: p.spec.node_name or f"unscheduled:{p.metadata.name}"
+                              for p in kube.pods_of(place.namespace, place.workers)})
+            return nodes.get(worker, worker)
+
+        return Dashboard(kube.proxy(place.namespace, f"{place.fullname}-scheduler", f"{place.fullname}-webui"),
+                         node_of=node_of)
+
+    def _worker_pool(self, cluster: gke.Cluster):
+        pool = next((p for p in cluster.node_pools if p.name == self.config.worker_pool), None)
+        if pool is None:
+            raise PermanentError(f"cluster {cluster.name} has no node pool {self.config.worker_pool}")
+        return pool
+
+    def apply_workers(self, lab: Lab, target: int) -> None:
+        """Nodes first (per zone, never lowering a zone), then the Deployment's replicas."""
+        place = place_of(lab.name)
+        cluster = self._running(place)
+        pool = self._worker_pool(cluster)
+        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
+        need = nodes_per_zone(lab.spec.nodes_for(target), len(sizes))
+        if sizes and min(sizes.values()) < need:
+            pending, _ = self._operations(cluster)
+            if pending:
+                raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
+            count = max(need, *sizes.values())  # a lower count would let GKE remove nodes at random
+            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=count)
+            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
+            logs.emit("INFO", lab=lab.name, action="resize-pool", **{"from": sizes, "to": count},
+                      reason=f"{target} workers need {need} node(s) per zone")
+        kube = self._kube(place, cluster)
+        replicas = kube.replicas(place.namespace, place.workers)
+        if replicas is None:
+            raise TransientError(f"lab {lab.name}: no worker Deployment yet")
+        if replicas < target:
+            kube.scale(place.namespace, place.workers, target)
+
+    def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
+        place = place_of(lab.name)
+        cluster = self._running(place)
+        kube, dashboard = self._kube(place, cluster), self.dashboard(lab)
+        names = {w.address: w.name for w in dashboard.fetch_workers()}
+        retiring = {names[a] for a in addresses if a in names}
+        pods = kube.pods_of(place.namespace, place.workers)
+        for pod in pods:  # exactly the retired workers' pods are cheap to delete (stale marks are cleared)
+            want = str(LOW_COST) if pod.metadata.name in retiring else None
+            if (pod.metadata.annotations or {}).get(DELETION_COST) != want:
+                kube.set_deletion_cost(place.namespace, pod.metadata.name, want and LOW_COST)
+        dashboard.apply_retire(addresses)  # the scheduler moves their results to the survivors first
+        on_node: dict[str, set[str]] = {}
+        for pod in pods:
+            on_node.setdefault(pod.spec.node_name or "", set()).add(pod.metadata.name)
+        emptied = sorted(n for n, held in on_node.items() if n and held <= retiring)
+        for node in emptied:  # cordoned and marked before the pods go, so a crash cannot lose track of them
+            kube.cordon(node, {REMOVING_LABEL: place.namespace})
+        kube.scale(place.namespace, place.workers, target)
+        survivors = {p.metadata.name for p in kube.pods_of(place.namespace, place.workers)}
+        if survivors & retiring or len(survivors) != target:
+            logs.emit("WARNING", lab=lab.name, action="retire", reason="the ReplicaSet kept pods of retired workers",
+                      workers=sorted(survivors & retiring))
+        self._remove_marked_nodes(lab, cluster, kube)
+
+    def apply_settle(self, lab: Lab) -> None:
+        """Between scaling decisions: poll the cluster's operations and finish an interrupted node removal."""
+        place = place_of(lab.name)
+        cluster = self._get(place)
+        if cluster is None or cluster.status not in UP:
+            return
+        self._operations(cluster)
+        self._remove_marked_nodes(lab, cluster, self._kube(place, cluster))
+
+    def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube) -> None:
+        """Delete the instances of the nodes this lab marked, once no worker of it runs there."""
+        place = place_of(lab.name)
+        marked = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool},{REMOVING_LABEL}={place.namespace}")
+        if not marked:
+            return
+        busy = {p.spec.node_name for p in kube.pods_of(place.namespace, place.workers)}
+        groups = {parse_mig(url)[1]: url for url in self._worker_pool(cluster).instance_group_urls}
+        by_zone: dict[str, list[str]] = {}
+        for node in marked:
+            name = node.metadata.name
+            if name in busy:  # a scale-down was interrupted and its workers came back: keep the node
+                kube.cordon(name, {REMOVING_LABEL: None}, unschedulable=False)
+                continue
+            for pod in kube.pods_on(name):  # DaemonSet pods go with the node; anything else moves first
+                if not any(ref.kind == "DaemonSet" for ref in pod.metadata.owner_references or ()):
+                    kube.evict(pod.metadata.namespace, pod.metadata.name)
+            by_zone.setdefault(node.metadata.labels.get(ZONE_LABEL, ""), []).append(name)
+        for zone, names in sorted(by_zone.items()):
+            if zone not in groups:
+                raise PermanentError(f"no instance group of pool {self.config.worker_pool} in zone {zone!r}")
+            self.migs.delete_instances(groups[zone], names)
+            logs.emit("INFO", lab=lab.name, action="remove-nodes", nodes=names, zone=zone,
+                      reason="emptied by retirement: their instances deleted from the node pool's group")
+
+    # --- teardown and access ---
+
+    def apply_delete(self, lab: Lab) -> None:
+        """Delete the cluster (NotFound = done; GKE refuses while another operation runs → TransientError).
+        The public Jupyter load balancer goes first: its forwarding rule would outlive the cluster."""
+        place = place_of(lab.name)
+        cluster = self._get(place)
+        if cluster is None:
+            return
+        self._check_managed(cluster)
+        if lab.spec.public_source_ranges and cluster.status in UP:
+            self._kube(place, cluster).delete_service(place.namespace, f"{place.fullname}-jupyter-public")
+        try:
+            self.clusters.delete_cluster(name=self._path(place))
+        except gexc.NotFound:
+            return
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"delete cluster {place.cluster}") from e
+
+    def connection_info(self, lab: Lab) -> dict:
+        """Commands to reach the lab from a workstation with kubectl; the token is read from its Secret, never
+        carried here."""
+        place, cfg = place_of(lab.name), self.config
+        ns, full = place.namespace, place.fullname
+        info = {
+            "cluster": place.cluster, "namespace": ns,
+            "credentials": f"gcloud container clusters get-credentials {place.cluster} --location {cfg.location} "
+                           f"--project {cfg.project}",
+            "dashboard": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8787:80  # then http://localhost:8787",
+            "jupyter": f"kubectl -n {ns} port-forward svc/{full}-jupyter 8888:80  # then http://localhost:8888",
+            "jupyter_token": f"kubectl -n {ns} get secret dasklab-jupyter-token -o jsonpath='{{.data.token}}' "
+                             "| base64 -d",
+            "scheduler": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8786:8786  # then tcp://localhost:8786",
+        }
+        if lab.spec.public_source_ranges:
+            info["jupyter_public"] = (f"kubectl -n {ns} get svc {full}-jupyter-public  # its EXTERNAL-IP, open to "
+                                      f"{', '.join(lab.spec.public_source_ranges)}")
+        return info

@@ -1,0 +1,180 @@
+"""Adapter for one cluster's Kubernetes API (the `kubernetes` client): the reads and writes the GKE backend needs,
+with ApiException translated into our errors; also the service-proxy Transport to the Dask dashboard."""
+
+import json
+
+import kubernetes.client as k8s
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from ..errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster
+
+
+def translate(e: ApiException, what: str) -> Exception:
+    """An API error → ours: 409 conflict, 5xx/429/no answer transient, other refusals permanent."""
+    if e.status == 409:
+        return ConflictError(f"{what}: {e.reason}")
+    if e.status in (0, 429) or e.status >= 500:
+        return TransientError(f"{what}: {e.status} {e.reason}")
+    return PermanentError(f"{what}: {e.status} {e.reason}")
+
+
+class Kube:
+    """One cluster's API, reached with the controller's own identity (the ApiClient carries it)."""
+
+    def __init__(self, api: k8s.ApiClient):
+        self.api = api
+        self.core, self.apps, self.batch = k8s.CoreV1Api(api), k8s.AppsV1Api(api), k8s.BatchV1Api(api)
+        self.rbac = k8s.RbacAuthorizationV1Api(api)
+
+    def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
+        try:
+            return fn(*args, _request_timeout=TIMEOUT, **kwargs)
+        except ApiException as e:
+            if missing_ok and e.status == 404:
+                return None
+            raise translate(e, what) from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise TransientError(f"{what}: {e}") from e
+
+    # --- generic create (idempotent) ---
+
+    def create(self, manifest: dict) -> bool:
+        """Create an object from its manifest; False if one of that name exists already."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        ns = meta.get("namespace")
+        fn = {"Namespace": lambda: self.core.create_namespace(manifest, _request_timeout=TIMEOUT),
+              "ConfigMap": lambda: self.core.create_namespaced_config_map(ns, manifest, _request_timeout=TIMEOUT),
+              "Secret": lambda: self.core.create_namespaced_secret(ns, manifest, _request_timeout=TIMEOUT),
+              "Service": lambda: self.core.create_namespaced_service(ns, manifest, _request_timeout=TIMEOUT),
+              "ServiceAccount": lambda: self.core.create_namespaced_service_account(ns, manifest,
+                                                                                    _request_timeout=TIMEOUT),
+              "Role": lambda: self.rbac.create_namespaced_role(ns, manifest, _request_timeout=TIMEOUT),
+              "RoleBinding": lambda: self.rbac.create_namespaced_role_binding(ns, manifest,
+                                                                              _request_timeout=TIMEOUT),
+              "Job": lambda: self.batch.create_namespaced_job(ns, manifest, _request_timeout=TIMEOUT)}[kind]
+        try:
+            fn()
+        except ApiException as e:
+            if e.status == 409 and "AlreadyExists" in (e.body or ""):
+                return False
+            raise translate(e, f"create {kind} {meta['name']}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise TransientError(f"create {kind} {meta['name']}: {e}") from e
+        return True
+
+    # --- the lab's record (a ConfigMap, compared-and-swapped on resourceVersion) ---
+
+    def read_configmap(self, ns: str, name: str) -> tuple[dict, str] | None:
+        cm = self._call(f"read ConfigMap {ns}/{name}", self.core.read_namespaced_config_map, name, ns,
+                        missing_ok=True)
+        return (dict(cm.data or {}), cm.metadata.resource_version) if cm else None
+
+    def replace_configmap(self, manifest: dict, resource_version: str) -> str:
+        """Replace if still at `resource_version` (409 → ConflictError); returns the new resourceVersion."""
+        meta = manifest["metadata"]
+        body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
+        cm = self._call(f"replace ConfigMap {meta['namespace']}/{meta['name']}",
+                        self.core.replace_namespaced_config_map, meta["name"], meta["namespace"], body, missing_ok=True)
+        if cm is None:
+            raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
+        return cm.metadata.resource_version
+
+    def delete_service(self, ns: str, name: str) -> None:
+        self._call(f"delete Service {ns}/{name}", self.core.delete_namespaced_service, name, ns, missing_ok=True)
+
+    # --- the install Job ---
+
+    def read_job(self, ns: str, name: str):
+        return self._call(f"read Job {ns}/{name}", self.batch.read_namespaced_job, name, ns, missing_ok=True)
+
+    def job_log_tail(self, ns: str, job: str, lines: int = 20) -> str:
+        pods = self._call("list Job pods", self.core.list_namespaced_pod, ns, label_selector=f"job-name={job}").items
+        if not pods:
+            return ""
+        pod = max(pods, key=lambda p: p.metadata.creation_timestamp or 0)
+        try:
+            return self.core.read_namespaced_pod_log(pod.metadata.name, ns, tail_lines=lines,
+                                                     _request_timeout=TIMEOUT) or ""
+        except ApiException as e:  # a pod that never started has no log: say why instead
+            return f"(no log: {e.reason})"
+
+    # --- workers ---
+
+    def replicas(self, ns: str, deployment: str) -> int | None:
+        scale = self._call(f"read scale {deployment}", self.apps.read_namespaced_deployment_scale, deployment, ns,
+                           missing_ok=True)
+        return None if scale is None else (scale.spec.replicas or 0)
+
+    def scale(self, ns: str, deployment: str, replicas: int) -> None:
+        self._call(f"scale {deployment}", self.apps.patch_namespaced_deployment_scale, deployment, ns,
+                   {"spec": {"replicas": replicas}})
+
+    def pods_of(self, ns: str, deployment: str) -> list:
+        """The Deployment's active pods (selected by the Deployment's own selector)."""
+        dep = self._call(f"read {deployment}", self.apps.read_namespaced_deployment, deployment, ns,
+                         missing_ok=True)
+        if dep is None:
+            return []
+        selector = ",".join(f"{k}={v}" for k, v in sorted((dep.spec.selector.match_labels or {}).items()))
+        pods = self._call("list pods", self.core.list_namespaced_pod, ns, label_selector=selector).items
+        return [p for p in pods if p.status.phase not in ("Succeeded", "Failed") and not p.metadata.deletion_timestamp]
+
+    def set_deletion_cost(self, ns: str, pod: str, cost: int | None) -> None:
+        self._call(f"annotate pod {pod}", self.core.patch_namespaced_pod, pod, ns,
+                   {"metadata": {"annotations": {DELETION_COST: None if cost is None else str(cost)}}})
+
+    # --- nodes ---
+
+    def nodes(self, selector: str) -> list:
+        return self._call("list nodes", self.core.list_node, label_selector=selector).items
+
+    def pods_on(self, node: str) -> list:
+        pods = self._call("list pods", self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
+        return [p for p in pods.items if p.status.phase not in ("Succeeded", "Failed")]
+
+    def cordon(self, node: str, labels: dict[str, str | None], unschedulable: bool = True) -> None:
+        self._call(f"cordon {node}", self.core.patch_node, node,
+                   {"metadata": {"labels": labels}, "spec": {"unschedulable": unschedulable or None}})
+
+    def evict(self, ns: str, pod: str) -> None:
+        self._call(f"evict {ns}/{pod}", self.core.create_namespaced_pod_eviction, pod, ns,
+                   {"metadata": {"name": pod, "namespace": ns}}, missing_ok=True)
+
+    # --- the dashboard, through the API server's service proxy ---
+
+    def proxy(self, ns: str, service: str, port: str) -> "ProxyTransport":
+        return ProxyTransport(self.api, ns, service, port)
+
+
+class ProxyTransport:
+    """dashboard.Transport over `/api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH`, with the controller's
+    identity: the scheduler's HTTP API is never exposed outside the cluster."""
+
+    def __init__(self, api: k8s.ApiClient, ns: str, service: str, port: str, timeout: float = 5.0):
+        self.api, self.timeout = api, timeout
+        self.base = f"/api/v1/namespaces/{ns}/services/{service}:{port}/proxy"
+
+    def _call(self, method: str, path: str, body=None) -> bytes:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            request = self.api.param_serialize(method, self.base + path, header_params=headers, body=body,
+                                               auth_settings=["BearerToken"])
+            response = self.api.call_api(*request, _request_timeout=self.timeout)
+            response.read()
+        except ApiException as e:
+            raise SchedulerUnreachable(f"{path}: {e.status} {e.reason}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise SchedulerUnreachable(f"{path}: {e}") from e
+        if not 200 <= response.status < 300:
+            raise SchedulerUnreachable(f"{path}: HTTP {response.status} {response.data[:120]!r}")
+        return response.data
+
+    def get(self, path: str) -> bytes:
+        return self._call("GET", path)
+
+    def post(self, path: str, body: bytes) -> bytes:
+        return self._call("POST", path, json.loads(body))

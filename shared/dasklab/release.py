@@ -1,0 +1,170 @@
+"""Pure builders for the Dask Helm release on GKE: chart values and the manifests of its install Job (no SDK)."""
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .adapters.dashboard import SCHEDULER_HTTP_ROUTES
+from .model import MANAGED_BY, LabSpec
+
+CHART = "dask"  # the official chart dask/dask
+POOL_LABEL = "cloud.google.com/gke-nodepool"  # GKE puts it on every node of a pool
+VALUES_KEY = "values.yaml"
+TOKEN_SECRET = "dasklab-jupyter-token"  # key "token": Jupyter's login token, never in values, logs or events
+TOKEN_KEY = "token"
+INSTALLER = "dasklab-helm"  # ServiceAccount, Role and RoleBinding of the install Job, limited to the namespace
+JUPYTER_PORT = 8888
+WEBUI_PORT = 80  # the chart's webUI.servicePort: the scheduler Service's dashboard port
+
+# What every lab gets unless its values say otherwise (the scheduler and Jupyter share the system pool).
+CONTROLLER_DEFAULTS = {
+    "scheduler": {"resources": {"requests": {"cpu": "500m", "memory": "1G"}}},
+    "jupyter": {"resources": {"requests": {"cpu": "500m", "memory": "1G"}}},
+}
+
+
+def chart_fullname(release: str) -> str:
+    """The chart's `dask.fullname`: `<release>-dask`, or the release itself when it already contains "dask"."""
+    name = release if CHART in release else f"{release}-{CHART}"
+    return name[:63].rstrip("-")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge of chart values: mappings merge, anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _with_env(env, enforced: list[dict]) -> list[dict]:
+    """The component's env list with the enforced variables replacing any of the same name."""
+    names = {e["name"] for e in enforced}
+    return [e for e in (env or []) if e.get("name") not in names] + enforced
+
+
+def _cpu(cores: float):
+    return int(cores) if float(cores).is_integer() else f"{round(cores * 1000)}m"
+
+
+def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> dict:
+    """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
+
+    Enforced: the scheduler serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
+    are sized by the spec, start at the initial count (the controller scales the Deployment afterwards), run
+    alone on the worker pool and are named after their pods (so a Dask worker maps to its pod and node);
+    every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
+    with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
+    Secret, has no RBAC to scale workers, and the chart's known default password is removed.
+    """
+    values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
+
+    def on(pool: str) -> dict:
+        return {POOL_LABEL: pool}
+
+    quantity = {"cpu": _cpu(spec.worker_cpu), "memory": str(spec.worker_memory)}
+    scheduler, worker, jupyter = (values.get(k) or {} for k in ("scheduler", "worker", "jupyter"))
+    user_args = list(worker.get("extraArgs") or [])
+    while "--name" in user_args:  # the controller names workers
+        i = user_args.index("--name")
+        del user_args[i:i + 2]
+    enforced = {
+        "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
+                      "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
+                                                               "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
+        "webUI": {"ingress": {"enabled": False}},
+        "worker": {"replicas": spec.initial_workers, "resources": {"limits": dict(quantity), "requests": quantity},
+                   "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
+                   "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {
+                       "fieldRef": {"fieldPath": "metadata.name"}}}]),
+                   "extraArgs": user_args + ["--name", "$(POD_NAME)"]},
+        "additional_worker_groups": [],
+        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "serviceAccountName": None, "password": "",
+                    "ingress": {"enabled": False}, "nodeSelector": on(system_pool),
+                    "env": _with_env(jupyter.get("env"), [{"name": "JUPYTER_TOKEN", "valueFrom": {
+                        "secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}])},
+    }
+    return _merge(values, enforced)
+
+
+def _meta(name: str, namespace: str | None, lab: str, **labels: str) -> dict:
+    meta = {"name": name, "labels": {"managed-by": MANAGED_BY, "lab": lab, **labels}}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+def build_namespace(namespace: str, lab: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(namespace, None, lab)}
+
+
+def build_token_secret(namespace: str, lab: str, token: str) -> dict:
+    """The Secret holding Jupyter's token (the chart's Jupyter reads it as JUPYTER_TOKEN)."""
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(TOKEN_SECRET, namespace, lab),
+            "type": "Opaque", "stringData": {TOKEN_KEY: token}}
+
+
+def build_public_jupyter_service(release: str, namespace: str, lab: str, source_ranges) -> dict:
+    """An opt-in LoadBalancer for Jupyter only, restricted to `source_ranges` (the chart's Jupyter Service has
+    no loadBalancerSourceRanges, so this one is the controller's; it selects the chart's Jupyter pods)."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(f"{chart_fullname(release)}-jupyter-public", namespace, lab),
+            "spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": list(source_ranges),
+                     "selector": {"app": CHART, "release": release, "component": "jupyter"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": JUPYTER_PORT, "protocol": "TCP"}]}}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One Helm release of the dask/dask chart in its own namespace, and how the controller installs it."""
+
+    name: str
+    namespace: str
+    values: dict
+    job_name: str  # derives from a hash of everything the Job does: a duplicate Job is the same Job
+    manifests: tuple[dict, ...]  # in creation order, the Job last but for the public Service
+
+
+def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: str, chart_version: str,
+                  helm_image: str, system_pool: str, worker_pool: str) -> Release:
+    """The release's values and the manifests that install it: namespace, installer RBAC, values ConfigMap,
+    the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked."""
+    import yaml  # PyYAML: only the install path pays for it
+
+    values = build_helm_values(spec, system_pool=system_pool, worker_pool=worker_pool)
+    job = [helm_image, chart_repo, CHART, chart_version, release, namespace, values]
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:10]
+    job_name, values_cm, lab = f"{INSTALLER}-{digest}", f"dasklab-values-{digest}", spec.name
+    rules = [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["*"]},
+             {"apiGroups": [""], "resources": ["services", "configmaps", "secrets"], "verbs": ["*"]},
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    args = ["upgrade", "--install", release, CHART, "--repo", chart_repo, "--version", chart_version,
+            "--namespace", namespace, "-f", f"/values/{VALUES_KEY}"]
+    manifests = [
+        build_namespace(namespace, lab),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(INSTALLER, namespace, lab)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(INSTALLER, namespace, lab),
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(INSTALLER, namespace, lab),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": INSTALLER},
+         "subjects": [{"kind": "ServiceAccount", "name": INSTALLER, "namespace": namespace}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(values_cm, namespace, lab),
+         "data": {VALUES_KEY: yaml.safe_dump(values, sort_keys=True)}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(job_name, namespace, lab),
+         "spec": {"backoffLimit": 1, "activeDeadlineSeconds": 900, "template": {
+             "metadata": {"labels": {"managed-by": MANAGED_BY, "lab": lab}},
+             "spec": {"serviceAccountName": INSTALLER, "restartPolicy": "Never",
+                      "nodeSelector": {POOL_LABEL: system_pool},
+                      "containers": [{"name": "helm", "image": helm_image, "command": ["helm"], "args": args,
+                                      "volumeMounts": [{"name": "values", "mountPath": "/values",
+                                                        "readOnly": True}]}],
+                      "volumes": [{"name": "values", "configMap": {"name": values_cm}}]}}}},
+    ]
+    if spec.public_source_ranges:
+        manifests.append(build_public_jupyter_service(release, namespace, lab, spec.public_source_ranges))
+    return Release(release, namespace, values, job_name, tuple(manifests))

@@ -1,0 +1,298 @@
+"""The core on the GKE backend through the real clients: GKE, Kubernetes and instance-group stand-ins, a fake
+helm rendering the chart, and real Dask processes for the scheduler and every worker pod."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from dasklab.adapters.gke import place_of
+from dasklab.adapters.procs import pid_alive
+from dasklab.errors import PermanentError, TransientError
+from dasklab.messages import parse_command
+from dasklab.reconcile import Controller
+from distributed import Client
+from google.cloud import container_v1 as gke
+
+from tests.gke_world import CONFIG, LOCATION, PROJECT, Crash, World
+
+SEED_VALUES = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
+PARENT = f"projects/{PROJECT}/locations/{LOCATION}"
+
+
+class Events:
+    def __init__(self):
+        self.published: list[dict] = []
+
+    def publish(self, event: dict) -> None:
+        self.published.append(event)
+
+
+def cmd(**kw):
+    return parse_command(json.dumps({"v": 1, **kw}))
+
+
+def start_msg(lab="lab1", **kw):
+    base = {"type": "start-lab", "lab": lab, "owner": "alice", "workers": {"initial": 1, "min": 1, "max": 6},
+            "machine_type": "e2-standard-4", "worker_resources": {"cpu": 1, "memory": "3G"},
+            "idle_timeout": "1s", "max_lifetime": "1h", "values": SEED_VALUES}
+    return cmd(**{**base, **kw})
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    pids = w.close()
+    assert not [p for p in pids if pid_alive(p)], "a Dask process survived"
+
+
+@pytest.fixture
+def controller(world):
+    return Controller(world.backend(), Events(), CONFIG)
+
+
+def handle(ctl, message, mid="m"):
+    """Deliver a message as Pub/Sub does: again after a crash (at least once)."""
+    for _ in range(20):
+        try:
+            return ctl.handle(message, mid)
+        except Crash:
+            continue
+    raise AssertionError("never delivered")
+
+
+def drive(ctl, world, until, timeout=60.0, tick="reconcile"):
+    """Reconcile passes (the tick's polling loop), the cloud's glue running between them; a crash ends a pass."""
+    deadline, passes = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        world.sync()
+        passes += 1
+        try:
+            ctl.reconcile_all(tick)
+        except Crash:
+            pass
+        world.sync()
+        result = until()
+        if result:
+            return passes
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {timeout}s")
+
+
+def lab_of(ctl, name="lab1"):
+    return ctl.backend.fetch_lab(name)
+
+
+def phase(ctl, name="lab1"):
+    lab = lab_of(ctl, name)
+    return lab and lab.state.phase
+
+
+def workers(ctl, name="lab1") -> int:
+    return ctl.backend.dashboard(lab_of(ctl, name)).fetch_load().workers
+
+
+def slow_inc(x):
+    time.sleep(0.3)
+    return x + 1
+
+
+@pytest.mark.parametrize("crashing", [False, True], ids=["clean", "crash-after-every-kind-of-write"])
+def test_lab_story_on_gke(world, controller, caplog, crashing):
+    caplog.set_level(logging.INFO, logger="dasklab")
+    ctl, backend, ns = controller, controller.backend, place_of("lab1").namespace
+    world.crashing = crashing
+    world.stage = "start"
+    for _ in range(3):  # duplicates: one cluster
+        handle(ctl, start_msg())
+    assert [c.rsplit("/", 1)[1] for c in world.gke.clusters] == ["lab1"]
+    created = world.gke.clusters[f"{PARENT}/clusters/lab1"]
+    assert dict(created.resource_labels)["managed-by"] == "dasklab" and created.resource_labels["owner"] == "alice"
+    assert not created.autopilot.enabled
+    pools = {p.name: p for p in created.node_pools}
+    assert set(pools) == {"system", "workers"} and not pools["workers"].autoscaling.enabled
+    assert pools["workers"].config.machine_type == "e2-standard-4"
+
+    world.stage = "provision"
+    passes = drive(ctl, world, lambda: phase(ctl) == "ready")
+    assert passes >= 3, "creation takes operation polls, then the Helm Job, then the scheduler"
+    ready = [e for e in ctl.events.published if e["event"] == "lab-ready"]
+    assert len(ready) == 1 + crashing * (len(ready) - 1)  # a crash may repeat an event, never lose it
+    assert "port-forward" in ready[0]["connection"]["dashboard"]
+    assert lab_of(ctl).version.startswith("k8s:")  # the record moved into the lab's namespace
+
+    # the release: one Helm Job (a duplicate is the same Job), values enforced, no public Service
+    assert len({run["job"] for run in world.helm_runs}) == 1
+    values = world.helm_runs[-1]["values"]
+    routes = {e["name"]: e["value"] for e in values["scheduler"]["env"]}["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"]
+    assert "distributed.http.scheduler.api" in json.loads(routes)
+    services = world.kube.list("services", ns)
+    assert services and {s["spec"]["type"] for s in services} == {"ClusterIP"}  # the seed asked for LoadBalancers
+    token = world.token(ns)
+    assert len(token) >= 43 and token not in json.dumps(world.helm_runs)
+
+    world.stage = "scale-up"
+    with Client(world.scheduler_address(ns), timeout=20) as client:
+        futures = client.map(slow_inc, range(90), pure=False)
+        drive(ctl, world, lambda: workers(ctl) == 6)
+        assert backend.fetch_requested(lab_of(ctl)) == 6
+        assert world.gke.node_count(f"{PARENT}/clusters/lab1", "workers") == 2  # 3 workers per e2-standard-4
+        client.gather(futures)
+
+        world.stage = "scale-down"
+        retired, before = [], {p["metadata"]["name"]: p["spec"]["nodeName"]
+                               for p in world.kube.list("pods", ns, "component=worker")}
+        scale_down = backend.apply_scale_down
+
+        def spy(lab, addresses, target):
+            names = {w.address: w.name for w in backend.dashboard(lab).fetch_workers()}
+            pods = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+            try:
+                scale_down(lab, addresses, target)
+            finally:  # once the replicas are lowered (crash or not), exactly the retired workers' pods went
+                gone = pods - {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+                assert gone in (set(), {names[a] for a in addresses})
+                retired.extend(gone)
+
+        backend.apply_scale_down = spy
+        drive(ctl, world, lambda: workers(ctl) == 1 and backend.fetch_requested(lab_of(ctl)) == 1
+              and world.gke.node_count(f"{PARENT}/clusters/lab1", "workers") == 1)
+        assert sum(client.gather(futures)) == sum(range(1, 91))  # 0 lost results
+        survivors = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+        assert set(before) - survivors == set(retired) and len(survivors) == 1
+        assert world.migs.removed_at_random == []  # GKE never chose a node
+        emptied = {before[p] for p in retired} - {before[p] for p in survivors}
+        assert set(world.migs.deleted) == emptied and len(emptied) == 1
+
+    world.stage = "teardown"
+    time.sleep(1.2)
+    drive(ctl, world, lambda: lab_of(ctl) is None, tick="teardown-idle")
+    assert world.gke.clusters == {}
+    deleted = [e for e in ctl.events.published if e["event"] == "lab-deleted"]
+    assert deleted and deleted[-1]["node_hours"] > 0
+    assert "lab-failed" not in [e["event"] for e in ctl.events.published]
+
+    lines = caplog.text + json.dumps(ctl.events.published)
+    assert token not in lines, "the Jupyter token leaked into a log line or an event"
+    if crashing:
+        sites = " ".join(world.crashed)
+        for site in ("create_cluster", "POST jobs", "POST configmaps", "PATCH pods", "POST proxy /api/v1/retire",
+                     "PATCH nodes", "PATCH deployments scale", "delete_instances", "set_node_pool_size",
+                     "delete_cluster"):
+            assert site in sites, f"no crash after {site}: {world.crashed}"
+
+
+def test_gke_refusals_are_retried_not_failures(world, controller):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(), "m1")
+    with pytest.raises(TransientError, match="Please wait"):  # stop-lab while creating: redelivered later
+        ctl.handle(cmd(type="stop-lab", lab="lab1"), "m2")
+    with pytest.raises(TransientError, match="Please wait"):  # and never a delete while creating
+        backend.apply_delete(lab_of(ctl))
+    ctl.reconcile_all("nightly-teardown")  # teardown waits for the creation, no failure
+    assert phase(ctl) == "provisioning"
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+
+    lab = lab_of(ctl)
+    backend.apply_workers(lab, 4)  # the resize operation now runs…
+    with pytest.raises(TransientError, match="runs on cluster"):
+        backend.apply_workers(lab, 7)  # …so another waits
+    world.gke.advance_all()
+
+    other = Controller(world.backend(), Events(), CONFIG)  # a concurrent invocation: conflicts, never doubled
+    ctl.handle(cmd(type="stop-lab", lab="lab1"), "m3")
+    other.reconcile_all("reconcile")
+    drive(ctl, world, lambda: lab_of(ctl) is None)
+    assert [e["event"] for e in ctl.events.published] == ["lab-ready", "lab-deleted"]
+
+
+def test_failed_cluster_creation_and_failed_release(world, controller):
+    ctl = controller
+    ctl.handle(start_msg(lab="broken"), "m1")
+    (op,) = world.gke.operations
+    world.gke.fail_operation(op, "Insufficient regional quota", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    drive(ctl, world, lambda: phase(ctl, "broken") == "failed")
+    assert ctl.events.published[-1]["event"] == "lab-failed"
+    assert "Insufficient regional quota" in ctl.events.published[-1]["reason"]
+
+    world.helm_fails = True
+    ctl.handle(start_msg(lab="nochart"), "m2")
+    drive(ctl, world, lambda: phase(ctl, "nochart") == "failed")
+    failed = ctl.events.published[-1]
+    assert failed["lab"] == "nochart" and "INSTALLATION FAILED" in failed["reason"]  # the tail of the Job's log
+
+    drive(ctl, world, lambda: not world.gke.clusters, tick="teardown-idle")  # failed labs are deleted
+
+
+def test_public_jupyter_only_with_source_ranges(world, controller):
+    ctl = controller
+    ctl.handle(start_msg(expose={"source_ranges": ["203.0.113.0/24"]}), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    services = {s["metadata"]["name"]: s["spec"] for s in world.kube.list("services", place_of("lab1").namespace)}
+    public = {name: spec for name, spec in services.items() if spec["type"] == "LoadBalancer"}
+    assert list(public) == ["lab1-dask-jupyter-public"]
+    assert public["lab1-dask-jupyter-public"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert public["lab1-dask-jupyter-public"]["selector"]["component"] == "jupyter"
+    ctl.handle(cmd(type="stop-lab", lab="lab1"), "m2")
+    assert world.kube.get("services", place_of("lab1").namespace, "lab1-dask-jupyter-public") is None
+    drive(ctl, world, lambda: lab_of(ctl) is None)
+
+
+def test_unmanaged_clusters_are_never_touched(world, controller):
+    ctl = controller
+    theirs = gke.Cluster(name="theirs", resource_labels={"team": "data"}, node_pools=[gke.NodePool(
+        name="default", initial_node_count=1, config=gke.NodeConfig(machine_type="e2-standard-4"))])
+    world.gke.client().create_cluster(parent=PARENT, cluster=theirs)
+    world.gke.advance_all()
+    assert ctl.backend.fetch_labs() == []
+    for message in (cmd(type="stop-lab", lab="theirs"), start_msg(lab="theirs"),
+                    cmd(type="scale", lab="theirs", max=2)):
+        with pytest.raises(PermanentError, match="not managed by dasklab"):
+            ctl.handle(message, "m")
+    for tick in ("reconcile", "teardown-idle", "nightly-teardown"):
+        ctl.reconcile_all(tick)
+    assert not {"DeleteCluster", "SetLabels", "SetNodePoolSize"} & set(world.gke.calls)
+    assert list(world.gke.clusters) == [f"{PARENT}/clusters/theirs"]
+
+
+def test_from_config_reaches_kubernetes_without_gcloud(monkeypatch, tmp_path):
+    """Real clients from google.auth.default(); Kubernetes from the cluster's endpoint and CA certificate and a
+    token refreshed once it is no longer valid (no gcloud, no kubeconfig)."""
+    import base64
+
+    import google.auth
+    from dasklab.adapters.gke import GkeBackend
+    from dasklab.config import Config
+    from google.auth import credentials as ga_credentials
+
+    class Creds(ga_credentials.Credentials):
+        refreshes = 0
+
+        def refresh(self, request):
+            Creds.refreshes += 1
+            self.token = f"token-{Creds.refreshes}"
+
+        @property
+        def valid(self):
+            return self.token is not None and not getattr(self, "stale", False)
+
+    creds = Creds()
+    monkeypatch.setattr(google.auth, "default", lambda scopes=None: (creds, "p"))
+    backend = GkeBackend.from_config(Config(backend="gke", project=PROJECT, location=LOCATION,
+                                            node_service_account="nodes@p.iam.gserviceaccount.com"))
+    ca = b"-----BEGIN CERTIFICATE-----\nZGFza2xhYg==\n-----END CERTIFICATE-----\n"
+    cluster = gke.Cluster(name="lab1", endpoint="192.0.2.10",
+                          master_auth=gke.MasterAuth(cluster_ca_certificate=base64.b64encode(ca).decode()))
+    api = backend._kube_for(cluster)
+    conf = api.configuration
+    assert conf.host == "https://192.0.2.10" and Path(conf.ssl_ca_cert).read_bytes() == ca
+    assert conf.api_key == {"authorization": "Bearer token-1"}
+    assert backend._kube_for(cluster) is api and Creds.refreshes == 1  # still valid: no refresh
+    creds.stale = True
+    backend._kube_for(cluster)
+    assert Creds.refreshes == 2 and conf.api_key == {"authorization": "Bearer token-2"}
+    api.close()
+    Path(conf.ssl_ca_cert).unlink()

@@ -1,0 +1,167 @@
+"""Pure builders of the Dask Helm release (values, install Job, public Service) and of the GKE lab record."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from dasklab.adapters.gke import (
+    decode_cluster_record,
+    encode_description,
+    encode_labels,
+    nodes_per_zone,
+    place_of,
+)
+from dasklab.config import Config
+from dasklab.errors import PermanentError, ValidationError
+from dasklab.messages import build_spec, parse_command
+from dasklab.model import Lab, LabState
+from dasklab.release import (
+    POOL_LABEL,
+    TOKEN_SECRET,
+    build_helm_values,
+    build_release,
+    build_token_secret,
+    chart_fullname,
+)
+
+from tests.conftest import make_spec
+
+SEED = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
+POOLS = {"system_pool": "system", "worker_pool": "workers"}
+
+
+def seed_spec(**kw):
+    message = {"v": 1, "type": "start-lab", "lab": "intro-dask", "owner": "alice", "values": SEED,
+               "workers": {"initial": 2, "min": 1, "max": 8}, **kw}
+    return build_spec(parse_command(json.dumps(message)), Config())
+
+
+def release(spec, **kw):
+    return build_release(spec, release=spec.name, namespace=f"dasklab-{spec.name}", chart_repo="https://helm.dask.org",
+                         chart_version="2024.1.1", helm_image="alpine/helm:3.16.3", **POOLS, **kw)
+
+
+def env(component: dict) -> dict:
+    return {e["name"]: e for e in component["env"]}
+
+
+def test_seed_values_are_kept_but_exposure_and_control_are_enforced():
+    values = build_helm_values(seed_spec(), **POOLS)
+    # the request's values pass through…
+    assert env(values["worker"])["EXTRA_PIP_PACKAGES"]["value"] == "s3fs gcsfs dask-ml --upgrade"
+    assert values["scheduler"]["resources"]["limits"] == {"cpu": 1, "memory": "3G"}
+    # …but nothing is public (the seed asks for two LoadBalancers) and no Ingress is made
+    assert values["scheduler"]["serviceType"] == values["jupyter"]["serviceType"] == "ClusterIP"
+    assert not values["jupyter"]["ingress"]["enabled"] and not values["webUI"]["ingress"]["enabled"]
+    routes = json.loads(env(values["scheduler"])["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"]["value"])
+    assert "distributed.http.scheduler.api" in routes and "distributed.http.scheduler.json" in routes
+    # workers: the controller's count and sizes, alone on the worker pool, named after their pods
+    worker = values["worker"]
+    assert worker["replicas"] == 2  # initial, not the seed's 3
+    assert worker["resources"]["limits"] == worker["resources"]["requests"] == {"cpu": 1, "memory": "3000000000"}
+    assert worker["nodeSelector"] == {POOL_LABEL: "workers"} and values["scheduler"]["nodeSelector"] == {
+        POOL_LABEL: "system"}
+    assert worker["extraArgs"][-2:] == ["--name", "$(POD_NAME)"]
+    assert env(worker)["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert values["additional_worker_groups"] == []
+    # Jupyter: a token from a Secret, no RBAC to scale workers, no known default password
+    jupyter = values["jupyter"]
+    assert env(jupyter)["JUPYTER_TOKEN"] == {"name": "JUPYTER_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}}
+    assert jupyter["rbac"] is False and jupyter["serviceAccountName"] is None and jupyter["password"] == ""
+
+
+def test_enforced_settings_win_over_the_request():
+    spec = make_spec(name="lab", worker_cpu=0.5, values={
+        "scheduler": {"serviceType": "LoadBalancer", "env": [
+            {"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "value": "[]"}, {"name": "KEEP", "value": "1"}]},
+        "worker": {"replicas": 9, "extraArgs": ["--name", "mine", "--lifetime", "1h"]},
+        "jupyter": {"env": [{"name": "JUPYTER_TOKEN", "value": "guessable"}]},
+        "additional_worker_groups": [{"name": "big"}]})
+    values = build_helm_values(spec, **POOLS)
+    assert values["scheduler"]["serviceType"] == "ClusterIP" and env(values["scheduler"])["KEEP"]["value"] == "1"
+    assert "scheduler.api" in env(values["scheduler"])["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"]["value"]
+    assert values["worker"]["replicas"] == 1 and values["additional_worker_groups"] == []
+    assert values["worker"]["extraArgs"] == ["--lifetime", "1h", "--name", "$(POD_NAME)"]
+    assert values["worker"]["resources"]["limits"]["cpu"] == "500m" and values["worker"]["threads_per_worker"] == 1
+    assert "guessable" not in json.dumps(values)
+
+
+def test_install_job_runs_helm_on_the_pinned_chart_with_values_from_a_configmap():
+    rel = release(seed_spec())
+    kinds = [m["kind"] for m in rel.manifests]
+    assert kinds == ["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    assert all(m["metadata"]["labels"]["managed-by"] == "dasklab" for m in rel.manifests)
+    assert all(m["metadata"].get("namespace") == "dasklab-intro-dask" for m in rel.manifests[1:])
+    role = rel.manifests[2]
+    assert {g for rule in role["rules"] for g in rule["apiGroups"]} <= {"", "apps"}  # no RBAC escalation
+    values_cm, job = rel.manifests[4], rel.manifests[5]
+    assert yaml.safe_load(values_cm["data"]["values.yaml"]) == rel.values
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["helm"] and container["args"] == [
+        "upgrade", "--install", "intro-dask", "dask", "--repo", "https://helm.dask.org", "--version", "2024.1.1",
+        "--namespace", "dasklab-intro-dask", "-f", "/values/values.yaml"]
+    assert pod["volumes"] == [{"name": "values", "configMap": {"name": values_cm["metadata"]["name"]}}]
+    assert pod["serviceAccountName"] == "dasklab-helm" and pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {POOL_LABEL: "system"}
+
+
+def test_job_name_is_a_hash_of_what_it_installs():
+    a, b = release(seed_spec()), release(seed_spec())
+    assert a.job_name == b.job_name and re.fullmatch(r"dasklab-helm-[0-9a-f]{10}", a.job_name)
+    assert release(seed_spec(workers={"initial": 3, "max": 8})).job_name != a.job_name
+    other_chart = build_release(seed_spec(), release="intro-dask", namespace="dasklab-intro-dask",
+                                chart_repo="https://helm.dask.org", chart_version="2025.1.0",
+                                helm_image="alpine/helm:3.16.3", **POOLS)
+    assert other_chart.job_name != a.job_name
+    # the limits a scale command changes are not install inputs: the same Job
+    assert release(seed_spec(workers={"initial": 2, "min": 0, "max": 4})).job_name == a.job_name
+
+
+def test_public_jupyter_only_with_source_ranges_and_never_the_scheduler():
+    assert not [m for m in release(seed_spec()).manifests if m["kind"] == "Service"]
+    rel = release(seed_spec(expose={"source_ranges": ["203.0.113.0/24", "198.51.100.7/32"]}))
+    (service,) = [m for m in rel.manifests if m["kind"] == "Service"]
+    assert service["metadata"]["name"] == "intro-dask-jupyter-public"
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24", "198.51.100.7/32"]
+    assert service["spec"]["selector"] == {"app": "dask", "release": "intro-dask", "component": "jupyter"}
+    assert service["spec"]["ports"][0]["targetPort"] == 8888
+    assert rel.values["scheduler"]["serviceType"] == "ClusterIP"
+
+
+def test_token_secret_and_names():
+    secret = build_token_secret("ns", "lab", "t0ken")
+    assert secret["stringData"] == {"token": "t0ken"} and secret["metadata"]["name"] == TOKEN_SECRET
+    assert chart_fullname("lab1") == "lab1-dask" and chart_fullname("intro-dask") == "intro-dask"
+    place = place_of("a" * 40)
+    assert len(place.namespace) <= 63 and place.cluster == "a" * 40
+    assert (nodes_per_zone(5, 1), nodes_per_zone(5, 3), nodes_per_zone(0, 3)) == (5, 2, 0)
+
+
+def test_cluster_record_round_trips_through_labels_and_description():
+    lab = Lab(make_spec(name="intro-dask", values=yaml.safe_load(SEED), public_source_ranges=("10.0.0.0/8",),
+                        keep_alive_until=4070908800.0),
+              LabState(phase="provisioning", created_at=1.5, target_workers=2, reason="new lab requested"))
+    labels, description = encode_labels(lab), encode_description(lab)
+    assert len(labels) <= 64 and labels["managed-by"] == "dasklab" and labels["phase"] == "provisioning"
+    for key, value in labels.items():  # GKE's label rules
+        assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) and re.fullmatch(r"[a-z0-9_-]{0,63}", value), (key, value)
+    assert len(description) <= 2048
+    assert Lab.from_dict(decode_cluster_record(labels, description)) == lab
+
+
+def test_large_values_are_compressed_and_too_large_refused():
+    values = {"worker": {"env": [{"name": f"V{i}", "value": "same text " * 5} for i in range(60)]}}
+    lab = Lab(make_spec(values=values), LabState())
+    description = encode_description(lab)
+    assert "z:" in description and len(description) <= 2048
+    assert decode_cluster_record(encode_labels(lab), description)["spec"]["values"] == values
+    noise = {"x": [f"{i * 7919 % 10007:05d}{i}" for i in range(2000)]}
+    with pytest.raises(ValidationError, match="values"):
+        encode_description(Lab(make_spec(values=noise), LabState()))
+    with pytest.raises(PermanentError, match="no readable lab record"):
+        decode_cluster_record({"managed-by": "dasklab", "rec0": "zzzz"}, description)
