@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from dasklab import config
 from dasklab.adapters import procs
 
 DASKLAB = [sys.executable, "-m", "dasklab.cli"]
@@ -65,6 +66,9 @@ def test_commands_through_the_local_controller(serve, home):
     run(home, "scale", "--lab", "cli1", "--pin", "2")
     wait_for(lambda: status(home)[0]["workers"]["current"] == 2)
     run(home, "keep-alive", "--lab", "cli1", "--for", "2h")
+    connect = run(home, "connect", "cli1").stdout
+    assert "local backend" in connect and "scheduler: tcp://127.0.0.1:" in connect
+    assert f"dashboard: {row['dashboard']}" in connect
     run(home, "stop-lab", "--lab", "cli1")
     wait_for(lambda: status(home) == [])
     pids = [serve["pid"]]
@@ -90,3 +94,205 @@ def test_publishing_without_a_controller_says_how_to_start_one(home):
 
 def test_status_without_labs(home):
     assert "no labs" in run(home, "status").stdout
+
+
+# --- Google Cloud commands -------------------------------------------------------------------------
+
+def cloud_run(home, *args, project=None):
+    """The command with no project in the environment (so the one on the command line is the only one)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DASKLAB_PROJECT", "GOOGLE_CLOUD_PROJECT", "DASKLAB_REGION", "DASKLAB_LOCATION",
+                        "PUBSUB_EMULATOR_HOST")}
+    env["DASKLAB_HOME"] = str(home)
+    if project:
+        env["DASKLAB_PROJECT"] = project
+    return subprocess.run([*DASKLAB, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
+    out = cloud_run(home, "deploy", "--dry-run", "--project", "demo-p", "--region", "europe-west1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    ids = [line.split(":", 1)[0].split("] ", 1)[1] for line in lines]
+    assert ids[0] == "role-dasklabController" and ids[-4:] == ["test", "stage", "deploy-control", "infra"]
+    assert lines[0].startswith(f"[1/{len(lines)}] ")
+    deploy_line = next(line for line in lines if "gcloud functions deploy dasklab-control" in line)
+    assert "--region=europe-west1" in deploy_line and "--entry-point=control" in deploy_line
+    assert "--service-account=dasklab-controller@demo-p.iam.gserviceaccount.com" in deploy_line
+    assert "DASKLAB_PROJECT=demo-p" in deploy_line
+    assert "infra apply --project=demo-p --region=europe-west1" in lines[-1]
+    assert "unless `gcloud iam service-accounts describe dasklab-controller@demo-p" in out.stdout
+    assert "service-PROJECT_NUMBER@gcp-sa-pubsub" in out.stdout  # not looked up in a dry run
+
+
+def test_deploy_dry_run_options(home):
+    quick = cloud_run(home, "deploy", "--dry-run", "--skip-tests", "--skip-identity", project="env-p").stdout
+    assert [line.split(":", 1)[0].split("] ")[1] for line in quick.splitlines()] == [
+        "stage", "deploy-control", "infra"]
+    assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
+    build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
+    assert build.splitlines() == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
+                                  "--substitutions=_REGION=us-central1,_LOCATION=us-central1,"
+                                  "_CONTROL_TOPIC=dasklab-control,_SERVICE_ACCOUNT=dasklab-controller,"
+                                  "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
+                                  "_TIME_ZONE=Etc/UTC ."]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["deploy", "--dry-run"], 2, "project: give a Google Cloud project with --project, DASKLAB_PROJECT"),
+    (["infra", "apply", "--dry-run"], 2, "project: give a Google Cloud project"),
+    (["infra", "destroy"], 2, "project: give a Google Cloud project"),
+    (["destroy"], 2, "project: give a Google Cloud project"),
+    (["infra"], 2, "the following arguments are required: infra_cmd"),
+    (["deploy", "--project"], 2, "argument --project: expected one argument"),
+    (["connect"], 2, "the following arguments are required: lab"),
+    (["connect", "nosuch"], 2, "no lab named 'nosuch' on the local backend"),
+])
+def test_cloud_command_errors(home, args, code, message):
+    out = cloud_run(home, *args)
+    assert out.returncode == code and message in out.stderr, out.stderr
+
+
+def test_a_bad_nightly_time_is_refused_before_anything_runs(home):
+    out = subprocess.run([*DASKLAB, "infra", "apply", "--dry-run", "--project", "p"], capture_output=True, text=True,
+                         env={**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_NIGHTLY_AT": "25:00"}, timeout=60)
+    assert out.returncode == 2 and "nightly_at: must be HH:MM" in out.stderr, out.stderr
+
+
+# --- in-process against the Pub/Sub emulator and the Cloud Scheduler stand-in ----------------------
+# (a subprocess cannot reach the in-process stand-in, so these call the CLI's main() in this process)
+
+@pytest.fixture(scope="module")
+def emulator_host(tmp_path_factory):
+    if procs.find_pubsub_emulator() is None:
+        pytest.skip("Pub/Sub emulator unavailable")
+    emu = procs.start_pubsub_emulator(tmp_path_factory.mktemp("pubsub-cli"))
+    yield emu.host
+    emu.stop()
+    assert not emu.proc.alive()
+
+
+@pytest.fixture
+def gcp(emulator_host, monkeypatch, home):
+    """`infra.default_clients` answering from the emulator and the stand-in; a fresh project per test."""
+    from google.cloud import pubsub_v1
+
+    from dasklab import infra
+    from tests.standins.cloud_scheduler import CloudSchedulerStandin
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DASKLAB_HOME", str(home))
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    with CloudSchedulerStandin(lambda topic, data, attrs: publisher.publish(topic, data, **attrs).result(10)) as s:
+        monkeypatch.setattr(infra, "default_clients", lambda: infra.Clients(publisher, subscriber, s.client()))
+        yield s
+    config.current.cache_clear()
+
+
+def main(*args) -> int:
+    """The CLI's main() in this process; it installs a SIGTERM handler, put back afterwards."""
+    from dasklab import cli
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return cli.main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of a rich table, as lists of cell texts."""
+    return [[c.strip() for c in line.strip("│").split("│")] for line in text.splitlines() if line.startswith("│")]
+
+
+_projects = iter(range(1, 1000))
+
+
+def test_infra_apply_dry_run_then_apply_then_destroy(gcp, capsys):
+    project = f"cli-p{next(_projects)}"
+    assert main("infra", "apply", "--dry-run", "--project", project) == 0
+    plan = capsys.readouterr()
+    assert "infra plan (dry run: nothing written)" in plan.out and "planning" in plan.err
+    rows = table_rows(plan.out)
+    assert [(r[0], r[2]) for r in rows] == [("topic", "create")] * 3 + [("subscription", "create")] + [
+        ("job", "create")] * 3
+    assert gcp.jobs == {}
+    assert main("infra", "apply", "--project", project, "--region", "europe-west1") == 0
+    assert {name.split("/")[3] for name in gcp.jobs} == {"europe-west1"}
+    capsys.readouterr()
+    assert main("infra", "apply", "--dry-run", "--project", project, "--region", "europe-west1") == 0
+    assert {r[2] for r in table_rows(capsys.readouterr().out)} == {"unchanged"}
+    assert main("infra", "destroy", "--project", project, "--region", "europe-west1") == 0
+    assert {(r[0], r[2]) for r in table_rows(capsys.readouterr().out)} == {("job", "delete"), ("topic", "delete"),
+                                                                          ("subscription", "delete")}
+    assert gcp.jobs == {}
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    """A `gcloud` on PATH that logs its arguments; `functions describe` says the function does not exist."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "gcloud.log"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in *describe*) exit 1;; esac\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_destroy_refuses_while_labs_exist_and_force_deletes_them_with_the_rest(gcp, capsys, home, monkeypatch,
+                                                                              fake_gcloud):
+    from dasklab import runtime
+    from dasklab.adapters.local import LocalBackend
+    from dasklab.model import Lab
+    from tests.conftest import make_spec, make_state
+
+    backend = LocalBackend(home)
+    backend.apply_create(Lab(make_spec(name="left-over"), make_state(phase="ready")))
+    monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)  # the labs a GKE backend would list
+    project = f"cli-p{next(_projects)}"
+    assert main("infra", "apply", "--project", project) == 0
+    capsys.readouterr()
+
+    assert main("destroy", "--project", project) == 2
+    out = capsys.readouterr()
+    assert "1 managed lab(s) still exist" in out.err and "--force" in out.err
+    assert ["left-over", "alice", "ready"] in table_rows(out.out)
+    assert len(gcp.jobs) == 3 and not fake_gcloud.exists()  # nothing touched
+
+    assert main("destroy", "--force", "--project", project) == 0
+    out = capsys.readouterr()
+    assert "functions describe dasklab-control --gen2 --region=us-central1" in fake_gcloud.read_text()
+    assert "functions delete" not in fake_gcloud.read_text()  # it did not exist: skipped
+    assert "delete-dasklab-control: nothing to do" in out.out
+    assert gcp.jobs == {} and "kept the service accounts (dasklab-controller, dasklab-nodes)" in out.out
+    assert backend.fetch_lab("left-over").state.phase == "ready"  # its infrastructure deleted (no processes here)
+
+
+def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
+    """Over the GKE stand-in: the lab is read from its cluster, the commands come from connection_info."""
+    from dasklab import runtime
+    from dasklab.adapters.compute import Migs
+    from dasklab.adapters.gke import GkeBackend
+    from dasklab.model import Lab
+    from tests.conftest import make_spec, make_state
+    from tests.standins.gke import GkeStandin
+
+    for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a")
+    with GkeStandin() as gke:
+        backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None))
+        assert backend.apply_create(Lab(make_spec(name="intro"), make_state(phase="provisioning")))
+        monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)
+        assert main("connect", "intro", "--project", "demo-p") == 0
+        assert main("connect", "nosuch", "--project", "demo-p") == 2
+    out = capsys.readouterr()
+    assert "lab intro (provisioning, owner alice, gke backend)" in out.out
+    assert "credentials: gcloud container clusters get-credentials intro --location us-central1-a --project demo-p" \
+        in out.out
+    assert "jupyter_token: kubectl -n dasklab-intro get secret dasklab-jupyter-token" in out.out
+    assert "no lab named 'nosuch' on the gke backend" in out.err

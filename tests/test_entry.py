@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -134,3 +135,102 @@ def test_server_modes_and_malformed_bodies(server, local_env):
     refused = {e["message_id"]: e for e in log_lines(server) if e.get("severity") == "ERROR"}
     assert refused["big-1"]["field"] == "data" and refused["bad-1"]["field"] == "for"
 
+
+# --- the whole path: timer job → Pub/Sub emulator → push subscription → functions server → core → local lab ---
+
+needs_emulator = pytest.mark.skipif(procs.find_pubsub_emulator() is None, reason="Pub/Sub emulator unavailable")
+E2E_PROJECT, LOCATION = "dasklab-e2e", "us-central1"
+
+
+def until(check, timeout=60.0, every=0.3, what="condition"):
+    return procs.wait_until(check, timeout, interval=every, what=what)
+
+
+@needs_emulator
+def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_server(home, tmp_path, monkeypatch):
+    from google.cloud import pubsub_v1
+
+    from dasklab import infra
+    from tests.standins.cloud_scheduler import CloudSchedulerStandin
+
+    emu = procs.start_pubsub_emulator(tmp_path / "pubsub")
+    server = None
+    backend = LocalBackend(home)
+    try:
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emu.host)
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        published = []  # message ids of what the timers sent
+
+        def scheduler_publish(topic, data, attributes):  # Cloud Scheduler delivering a job to its topic
+            published.append(publisher.publish(topic, data, **attributes).result(timeout=10))
+
+        with CloudSchedulerStandin(scheduler_publish) as standin:
+            clients = infra.Clients(publisher, subscriber, standin.client())
+            assert {c.action for c in infra.run(E2E_PROJECT, LOCATION, clients)} == {"create"}
+            # the function, as deployed: the real entry point behind a push subscription (what Eventarc creates)
+            env = {"DASKLAB_HOME": str(home), "DASKLAB_BACKEND": "local", "DASKLAB_PROJECT": E2E_PROJECT,
+                   "DASKLAB_TICK_BUDGET_S": "0"}  # one pass per reconcile tick
+            server = procs.start_functions_server("control", REPO / "functions" / "main.py",
+                                                  log_path=tmp_path / "ff.log", env=env)
+            control = f"projects/{E2E_PROJECT}/topics/dasklab-control"
+            trigger = f"projects/{E2E_PROJECT}/subscriptions/eventarc-{LOCATION}-dasklab-control-sub"
+            subscriber.create_subscription(request={
+                "name": trigger, "topic": control, "push_config": {"push_endpoint": server.url},
+                "ack_deadline_seconds": 600,
+                "retry_policy": {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}})
+            watch = f"projects/{E2E_PROJECT}/subscriptions/status-watch"
+            subscriber.create_subscription(name=watch, topic=f"projects/{E2E_PROJECT}/topics/dasklab-status")
+            # a second apply gives the trigger's subscription the dead-letter policy, and changes nothing else
+            changes = {c.name: c for c in infra.run(E2E_PROJECT, LOCATION, clients)}
+            assert changes.pop(trigger).action == "update" and {c.action for c in changes.values()} == {"unchanged"}
+
+            def run_job(name):
+                job = standin.client().run_job(name=f"projects/{E2E_PROJECT}/locations/{LOCATION}/jobs/{name}")
+                assert job.status.code == 0, job.status.message
+
+            # an instructor starts a lab: a plain publish on the control topic (`gcloud pubsub topics publish`)
+            start = {"v": 1, "type": "start-lab", "lab": "e2e", "owner": "alice", "idle_timeout": "1s",
+                     "workers": {"initial": 1, "min": 1, "max": 2}}
+            publisher.publish(control, json.dumps(start).encode()).result(timeout=10)
+            until(lambda: backend.fetch_lab("e2e"), what="the start-lab through the push subscription")
+
+            def ticked_to(phase):  # the reconcile timer moves it on, one step per tick
+                run_job("dasklab-reconcile")
+                lab = backend.fetch_lab("e2e")
+                return lab is not None and lab.state.phase == phase
+
+            until(lambda: ticked_to("ready"), every=1.0, what="the lab ready after reconcile ticks")
+            # idle for longer than its 1 s idle timeout: the teardown-idle timer deletes it
+            until(lambda: backend.dashboard(backend.fetch_lab("e2e")).fetch_load().idle_since, what="idle")
+            time.sleep(1.5)
+            run_job("dasklab-teardown-idle")
+            until(lambda: backend.fetch_lab("e2e") is None or backend.fetch_lab("e2e").state.phase == "tearing-down",
+                  what="teardown")
+
+            def forgotten():
+                if backend.fetch_lab("e2e") is None:
+                    return True
+                run_job("dasklab-reconcile")  # deletion is followed, then forgotten, by reconcile ticks
+                return False
+
+            until(forgotten, every=1.0, what="the lab forgotten")
+
+        decisions = [line for line in log_lines(server) if line.get("lab") == "e2e"]
+        teardown = next(d for d in decisions if d.get("action") == "teardown")
+        assert teardown["from"] == "ready" and "idle" in teardown["reason"]
+        assert teardown["message_id"] in published  # the teardown-idle job's own message
+        events = []
+
+        def status_events():  # what the controller published on the status topic
+            received = subscriber.pull(subscription=watch, max_messages=10, timeout=5).received_messages
+            events.extend(json.loads(m.message.data) for m in received)
+            return {"lab-ready", "lab-deleted"} <= {e["event"] for e in events}
+
+        until(status_events, what="lab-ready and lab-deleted on the status topic")
+        assert {e["lab"] for e in events} == {"e2e"}
+    finally:
+        if server:
+            server.stop()
+        backend.stop_all()
+        emu.stop()
+    assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid)

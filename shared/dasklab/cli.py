@@ -1,4 +1,4 @@
-"""The `dasklab` command: publish validated commands, show status, run the local controller and the demo."""
+"""The `dasklab` command: publish validated commands, show status, deploy to Google Cloud, run the local lab."""
 
 import argparse
 import getpass
@@ -8,10 +8,12 @@ import re
 import signal
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from . import config as config_mod
-from .errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError
+from .errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
 
 def _owner() -> str:
@@ -99,6 +101,30 @@ def fetch_status(cfg) -> list[dict]:
     return rows
 
 
+def print_table(title: str, columns: tuple[str, ...], rows: list[tuple], empty: str = "nothing") -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(("-" if v is None else str(v)) for v in row))
+    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else empty)
+
+
+@contextmanager
+def progress(what: str):
+    """A spinner on a terminal (a line otherwise) while something slow runs."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        print(f"{what} …", file=sys.stderr)
+        yield
+        return
+    with console.status(what):
+        yield
+
+
 def cmd_status(a, cfg) -> int:
     rows = fetch_status(cfg)
     if a.json:
@@ -139,11 +165,123 @@ def cmd_demo(a, cfg) -> int:
     return run_demo(json_lines=a.json)
 
 
+# --- Google Cloud: infrastructure, deployment, teardown, connection -----------------------------------
+
+def _require_project(cfg) -> None:
+    if not cfg.project:
+        raise ValidationError("project", "give a Google Cloud project with --project, DASKLAB_PROJECT or "
+                                         "GOOGLE_CLOUD_PROJECT")
+
+
+def print_changes(title: str, changes) -> None:
+    print_table(title, ("kind", "name", "action", "diff"), [(c.kind, c.name, c.action, c.diff) for c in changes])
+
+
+def cmd_infra(a, cfg) -> int:
+    """`infra apply [--dry-run]` / `infra destroy`: dasklab's topics, dead-letter subscription and timers."""
+    from . import infra
+    from .timers import load_infra
+    _require_project(cfg)
+    infra.build_desired(load_infra(), cfg.project, cfg.region, nightly_at=cfg.nightly_at,
+                        time_zone=cfg.nightly_time_zone)  # refuse bad settings before any client is built
+    clients = infra.default_clients()
+    where = f"{cfg.project} ({cfg.region})"
+    if a.infra_cmd == "destroy":
+        with progress(f"deleting dasklab's timers, subscriptions and topics on {where}"):
+            changes = infra.destroy(cfg.project, cfg.region, clients)
+        print_changes(f"infra destroy on {where}", changes)
+        return 0
+    with progress(f"{'planning' if a.dry_run else 'applying'} dasklab's topics and timers on {where}"):
+        changes = infra.run(cfg.project, cfg.region, clients, dry_run=a.dry_run, nightly_at=cfg.nightly_at,
+                            time_zone=cfg.nightly_time_zone)
+    print_changes(f"infra {'plan (dry run: nothing written)' if a.dry_run else 'apply'} on {where}", changes)
+    return 0
+
+
+def deploy_steps(a, cfg) -> list:
+    """What `dasklab deploy` runs: the identity of infra/iam.yaml, then cloudbuild.yaml's steps (or a build)."""
+    from . import deploy
+    from .timers import load_infra
+    build, iam = deploy.load_build(), deploy.load_iam()
+    values = deploy.substitutions(build, cfg.project, {
+        "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
+        "_SERVICE_ACCOUNT": iam["accounts"]["controller"]["account"],
+        "_NODE_SERVICE_ACCOUNT": iam["accounts"]["nodes"]["account"], "_NIGHTLY_AT": cfg.nightly_at,
+        "_TIME_ZONE": cfg.nightly_time_zone})
+    steps = []
+    if not a.skip_identity:
+        number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
+        steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
+    if a.cloud_build:
+        return steps + [deploy.cloud_build_step(values)]
+    return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
+
+
+def cmd_deploy(a, cfg) -> int:
+    from . import deploy
+    _require_project(cfg)
+    steps = deploy_steps(a, cfg)
+    if a.dry_run:
+        for n, step in enumerate(steps, 1):
+            guard = f"  # unless `{' '.join(step.unless)}` succeeds" if step.unless else ""
+            print(f"[{n}/{len(steps)}] {step.id}: {step}{guard}")
+        return 0
+    deploy.run_steps(steps)
+    print(f"dasklab is deployed on {cfg.project} ({cfg.region}): start a lab with `dasklab start-lab --lab NAME`")
+    return 0
+
+
+def cmd_destroy(a, cfg) -> int:
+    """Delete the function(s) and what `infra` created; refuses while managed labs exist unless --force."""
+    from . import deploy, infra
+    from .runtime import build_backend
+    _require_project(cfg)
+    backend = build_backend(replace(cfg, backend="gke"))
+    labs = backend.fetch_labs()
+    if labs:
+        print_table(f"managed labs on {cfg.project}", ("lab", "owner", "phase"),
+                    [(lab.name, lab.spec.owner, lab.state.phase) for lab in labs])
+        if not a.force:
+            raise PermanentError(f"{len(labs)} managed lab(s) still exist: stop them with `dasklab stop-lab --lab "
+                                 f"NAME`, or pass --force to delete them with everything else")
+    deploy.run_steps(deploy.delete_function_steps(deploy.load_build(), cfg.project, cfg.region))
+    with progress(f"deleting {len(labs)} lab(s)"):
+        for lab in labs:  # after the function is gone, so no invocation recreates anything
+            backend.apply_delete(lab)
+    with progress(f"deleting dasklab's timers, subscriptions and topics on {cfg.project}"):
+        changes = infra.destroy(cfg.project, cfg.region, infra.default_clients())
+    print_changes(f"destroyed on {cfg.project}", changes)
+    accounts = ", ".join(i["account"] for i in deploy.load_iam()["accounts"].values())
+    print(f"kept the service accounts ({accounts}): delete them with `gcloud iam service-accounts delete`")
+    return 0
+
+
+def cmd_connect(a, cfg) -> int:
+    """What a student needs to reach a lab: from the backend's connection_info (never a secret itself)."""
+    from .runtime import build_backend
+    backend = build_backend(cfg)
+    lab = backend.fetch_lab(a.lab)
+    if lab is None:
+        raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
+    info = backend.connection_info(lab)
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"lab {lab.name} ({lab.state.phase}, owner {lab.spec.owner}, {cfg.backend} backend)")
+    for key, value in info.items():
+        print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dasklab", description="Dask labs on GKE (or locally) driven by messages.")
     p.add_argument("--home", help="local state folder (default $DASKLAB_HOME or ~/.dasklab)")
+    gcp = argparse.ArgumentParser(add_help=False)
+    gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
+    gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
+                                      "else $DASKLAB_LOCATION, else us-central1)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start-lab", help="provision a lab")
+    s = sub.add_parser("start-lab", parents=[gcp], help="provision a lab")
     s.add_argument("--lab", required=True)
     s.add_argument("--owner")
     s.add_argument("--workers", type=int, help="initial workers")
@@ -155,26 +293,42 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
-    s = sub.add_parser("stop-lab", help="tear a lab down")
+    s = sub.add_parser("stop-lab", parents=[gcp], help="tear a lab down")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("keep-alive", help="keep a lab from idle and nightly teardown")
+    s = sub.add_parser("keep-alive", parents=[gcp], help="keep a lab from idle and nightly teardown")
     s.add_argument("--lab", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--until", help="an ISO time with zone, e.g. 2026-11-27T02:00:00Z")
     g.add_argument("--for", dest="for_", help="a duration, e.g. 4h")
-    s = sub.add_parser("scale", help="change a lab's min/max or pin its worker count")
+    s = sub.add_parser("scale", parents=[gcp], help="change a lab's min/max or pin its worker count")
     s.add_argument("--lab", required=True)
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--pin", type=int)
     s.add_argument("--unpin", action="store_true")
-    s = sub.add_parser("publish", help="publish a raw JSON message (validated first)")
+    s = sub.add_parser("publish", parents=[gcp], help="publish a raw JSON message (validated first)")
     s.add_argument("file", help="a JSON file, or - for stdin")
-    s = sub.add_parser("status", help="show every lab")
+    s = sub.add_parser("status", parents=[gcp], help="show every lab")
     s.add_argument("--json", action="store_true")
     local = sub.add_parser("local", help="the local controller").add_subparsers(dest="local_cmd", required=True)
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
+    s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
+    s.add_argument("lab")
+    s.add_argument("--json", action="store_true")
+    infra = sub.add_parser("infra", help="dasklab's topics and timers on Google Cloud").add_subparsers(
+        dest="infra_cmd", required=True)
+    s = infra.add_parser("apply", parents=[gcp], help="create or update them (idempotent)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    infra.add_parser("destroy", parents=[gcp], help="delete exactly what apply creates")
+    s = sub.add_parser("deploy", parents=[gcp], help="identity, then cloudbuild.yaml's steps: tests, functions, infra")
+    s.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    s.add_argument("--cloud-build", action="store_true", help="run the build on Cloud Build (gcloud builds submit)")
+    s.add_argument("--skip-tests", action="store_true", help="leave out the build's test step")
+    s.add_argument("--skip-identity", action="store_true",
+                   help="leave out creating the service accounts and granting their roles (infra/iam.yaml)")
+    s = sub.add_parser("destroy", parents=[gcp], help="delete the functions and the infra (not the accounts)")
+    s.add_argument("--force", action="store_true", help="also delete every managed lab")
     s = sub.add_parser("demo", help="the whole lab story on real Dask, in under two minutes")
     s.add_argument("--json", action="store_true", help="print the timeline as JSON lines")
     return p
@@ -184,18 +338,30 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwind, so the demo and `local serve` stop what they started
 
 
+def _cloud_errors() -> tuple[type, ...]:
+    """Google API and credential errors, if their SDKs were imported (evaluated only when something failed)."""
+    found = []
+    for module, name in (("google.api_core.exceptions", "GoogleAPICallError"),
+                         ("google.auth.exceptions", "GoogleAuthError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     a = parser().parse_args(argv)
-    if a.home:
-        os.environ["DASKLAB_HOME"] = a.home
+    for option, variable in (("home", "DASKLAB_HOME"), ("project", "DASKLAB_PROJECT"), ("region", "DASKLAB_REGION")):
+        if getattr(a, option, None):
+            os.environ[variable] = getattr(a, option)
     try:
         cfg = config_mod.from_env()
         handler = {"start-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
                    "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status, "demo": cmd_demo,
-                   "local": cmd_serve}[a.cmd]
+                   "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
+                   "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)
-    except (DasklabError, OSError, ValueError) as e:
+    except (DasklabError, OSError, ValueError, *_cloud_errors()) as e:
         print(f"dasklab: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, PermanentError) else 1
 

@@ -1,0 +1,315 @@
+"""Fleet: one `reconcile` pass (Controller.reconcile_all) over 10, 100 and 500 READY labs on the GKE path against
+the stand-ins, with injected latency per call (GKE gRPC and Kubernetes API, the service proxy included).
+
+Run: python benchmarks/fleet.py [--sizes 10,100,500] [--workers 16,32,64] [--latency 0.05]
+Goals at 500 labs: one pass ≤ 5 s wall, ≤ 200 MB peak RSS.
+
+Three kinds of process, so that RSS is the controller's alone:
+- the "cloud" (--cloud): GkeStandin, KubeStandin, MigStandin and one tiny HTTP server standing in for every lab's
+  Dask dashboard (steady load: 1 worker, target 1, not idle → no scaling, no teardown); a fake helm renders the
+  chart's objects and registers that server as the backend of the lab's scheduler Service. Driven over stdin.
+- the controller (--controller): real clients to the cloud's addresses (one Kubernetes ApiClient per cluster, as
+  GkeBackend.from_config builds them); creates labs at latency 0, or measures one pass (ru_maxrss of this process).
+- this orchestrator: starts them, sets the latency, counts calls, prints the table.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GRPC_THREADS = 256  # the GkeStandin serves 16 RPCs at a time by default: a stand-in limit, not GKE's
+
+
+# --------------------------------------------------------------------------------------------------- the cloud
+
+class _Dashboards(BaseHTTPRequestHandler):
+    slow: dict[str, float] = {}  # namespace → extra seconds per answer (one slow lab)
+    hits = 0
+
+    def do_GET(self):  # /lab/<namespace>/<path>
+        _, _, ns, rest = self.path.split("/", 3)
+        type(self).hits += 1
+        if self.slow.get(ns):
+            time.sleep(self.slow[ns])
+        body = {"json/counts.json": {"workers": 1, "processing": 0, "waiting": 0, "unrunnable": 0, "queued": 0,
+                                     "clients": 1, "idle": 0, "saturated": 0},
+                "api/v1/adaptive_target": {"workers": 1},
+                "api/v1/check_idle": {"idle_since": None},
+                "api/v1/get_workers": {"workers": []},
+                "health": "ok"}.get(rest.split("?")[0])
+        data = (body if isinstance(body, str) else json.dumps(body)).encode() if body is not None else b"{}"
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def cloud() -> None:
+    import yaml
+    from dasklab.release import chart_fullname
+    from tests.gke_world import CONFIG, TOKEN, World
+    from tests.standins.compute import MigStandin
+    from tests.standins.gke import GkeStandin
+    from tests.standins.kube import KubeStandin
+
+    class WideGke(GkeStandin):
+        def start(self):  # GrpcStandin.start builds ThreadPoolExecutor(max_workers=16): widen it
+            import tests.standins.gke as mod
+            real = mod.ThreadPoolExecutor
+            mod.ThreadPoolExecutor = lambda max_workers, **kw: real(max_workers=GRPC_THREADS, **kw)
+            try:
+                return super().start()
+            finally:
+                mod.ThreadPoolExecutor = real
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Dashboards)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dash_url = f"http://127.0.0.1:{server.server_address[1]}"
+    gke = WideGke(polls_per_operation=1).start()
+    kube = KubeStandin(TOKEN, nodes=())
+    migs = MigStandin(gke).start()
+
+    class Shim:  # World._render only needs .kube
+        pass
+    shim = Shim()
+    shim.kube = kube
+
+    def helm(job: dict) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        pod = job["spec"]["template"]["spec"]
+        release = pod["containers"][0]["args"][2]
+        values = yaml.safe_load(kube.get("configmaps", ns, pod["volumes"][0]["configMap"]["name"])["data"]
+                                ["values.yaml"])
+        full = chart_fullname(release)
+        World._render(shim, ns, release, full, values)
+        kube.register_service_backend(ns, f"{full}-scheduler", 80, f"{dash_url}/lab/{ns}")
+        kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
+
+    kube.on_job_created(helm)
+    print(json.dumps({"gke": gke.address, "kube": kube.url, "token": TOKEN, "migs": migs.address}), flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "latency":
+            gke.latency_s = kube.latency_s = float(args[0])
+        elif cmd == "slow":
+            _Dashboards.slow = {args[0]: float(args[1])} if float(args[1]) else {}
+        elif cmd == "counts":
+            reqs = kube.requests
+            print(json.dumps({"gke": len(gke.calls), "kube": len(reqs),
+                              "proxy": sum("/proxy/" in p for _, p in reqs),
+                              "writes": sum(m in ("POST", "PUT", "PATCH", "DELETE") for m, _ in reqs)
+                              + sum(not c.startswith(("Get", "List")) for c in gke.calls),
+                              "migs": len(migs.calls), "dash": _Dashboards.hits,
+                              "ops": len(gke.operations)}), flush=True)
+        elif cmd == "quit":
+            break
+    server.shutdown()
+    server.server_close()
+    migs.stop()
+    kube.stop()
+    gke.stop()
+
+
+# --------------------------------------------------------------------------------------------- the controller
+
+def controller(addr: dict, mode: str, n: int, workers: int) -> None:
+    import logging
+    logging.getLogger("dasklab").setLevel(logging.ERROR)  # one JSON line per decision would swamp the output
+    import grpc
+    import kubernetes.client
+    from dasklab.adapters.compute import Migs
+    from dasklab.adapters.gke import GkeBackend
+    from dasklab.messages import parse_command
+    from dasklab.reconcile import Controller
+    from google.cloud import container_v1 as gke
+    from google.cloud.container_v1.services.cluster_manager.transports import ClusterManagerGrpcTransport
+    from tests.gke_world import CONFIG
+
+    channel = grpc.insecure_channel(addr["gke"])
+    clusters = gke.ClusterManagerClient(transport=ClusterManagerGrpcTransport(channel=channel))
+    apis: dict = {}
+    lock = threading.Lock()
+
+    def kube_for(cluster):  # one ApiClient per cluster, as GkeBackend.from_config does
+        with lock:
+            if cluster.name not in apis:
+                conf = kubernetes.client.Configuration(host=addr["kube"])
+                conf.api_key = {"authorization": f"Bearer {addr['token']}"}
+                apis[cluster.name] = kubernetes.client.ApiClient(conf)
+            return apis[cluster.name]
+
+    def migs_client():
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import compute_v1
+        from google.cloud.compute_v1.services.instance_group_managers.transports import \
+            InstanceGroupManagersRestTransport
+        return compute_v1.InstanceGroupManagersClient(transport=InstanceGroupManagersRestTransport(
+            host=addr["migs"], url_scheme="http", credentials=AnonymousCredentials()))
+
+    class Events:
+        def publish(self, event):
+            pass
+
+    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), sleep=lambda s: None), Events(),
+                     CONFIG)
+    out: dict = {}
+    if mode == "create":  # labs lab0000… up to n, then passes until all are ready and a pass changes nothing
+        have = {lab.name for lab in ctl.backend.fetch_labs()}
+        new = [f"lab{i:04d}" for i in range(n) if f"lab{i:04d}" not in have]
+
+        def start(name):
+            ctl.handle(parse_command(json.dumps({
+                "v": 1, "type": "start-lab", "lab": name, "owner": "bench",
+                "workers": {"initial": 1, "min": 1, "max": 6}, "machine_type": "e2-standard-4",
+                "worker_resources": {"cpu": 1, "memory": "3G"}, "idle_timeout": "1h", "max_lifetime": "12h",
+                "values": (ROOT / "examples" / "config.yaml").read_text()})), "bench")
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(start, new))
+        t0, passes = time.monotonic(), 0
+        while True:
+            passes += 1
+            ctl.reconcile_all("reconcile", "bench", workers=32)
+            labs = ctl.backend.fetch_labs()
+            if len(labs) == n and all(lab.state.phase == "ready" for lab in labs):
+                break
+            if time.monotonic() - t0 > 600:
+                raise SystemExit(f"labs not ready: {[(l.name, l.state.phase) for l in labs if l.state.phase != 'ready'][:5]}")
+        ctl.reconcile_all("reconcile", "bench", workers=32)  # settle: the first ready pass records its timers
+        out = {"passes": passes, "seconds": round(time.monotonic() - t0, 1)}
+    else:
+        c0 = time.monotonic()  # a cold pass first (lazy imports of the kubernetes models, new connections)
+        ctl.reconcile_all("reconcile", "warm", workers=workers)
+        cold = time.monotonic() - c0
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdin.readline()  # the orchestrator snapshots the call counts
+        t0 = time.monotonic()
+        if os.environ.get("FLEET_PROFILE"):  # where the pass's time goes (all threads' wall, by function)
+            import cProfile, pstats
+            prof = cProfile.Profile()
+            prof.enable()
+        failed = ctl.reconcile_all("reconcile", "bench", workers=workers)
+        wall = time.monotonic() - t0
+        if os.environ.get("FLEET_PROFILE"):
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        out = {"wall": wall, "cold": cold, "failed": len(failed), "rss0_mb": rss0 / 1024,
+               "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "threads_after": threading.active_count()}
+    for api in apis.values():
+        api.close()
+    channel.close()
+    print(json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- the orchestrator
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,100,500")
+    ap.add_argument("--workers", default="16,32,64")
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--cloud", action="store_true")
+    ap.add_argument("--controller", nargs=4, metavar=("ADDR", "MODE", "N", "WORKERS"))
+    a = ap.parse_args()
+    if a.cloud:
+        cloud()
+        return 0
+    if a.controller:
+        addr, mode, n, w = a.controller
+        controller(json.loads(addr), mode, int(n), int(w))
+        return 0
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    me = [sys.executable, str(Path(__file__).resolve())]
+    cl = subprocess.Popen(me + ["--cloud"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    rows = []
+    try:
+        addr = cl.stdout.readline().strip()
+
+        def tell(line: str) -> dict | None:
+            cl.stdin.write(line + "\n")
+            cl.stdin.flush()
+            return json.loads(cl.stdout.readline()) if line == "counts" else None
+
+        def run(mode: str, n: int, w: int) -> tuple[dict, dict]:
+            p = subprocess.Popen(me + ["--controller", addr, mode, str(n), str(w)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env)
+            try:
+                before = {}
+                if mode != "create":
+                    assert p.stdout.readline().strip() == "ready"
+                    before = tell("counts")
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                result = json.loads(p.stdout.readline())
+                after = tell("counts")
+                p.wait(timeout=60)
+                if p.returncode:
+                    raise SystemExit(f"controller exited {p.returncode}")
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            return result, {k: after[k] - before.get(k, 0) for k in after} if before else after
+
+        for n in map(int, a.sizes.split(",")):
+            tell("latency 0")
+            made, _ = run("create", n, 32)
+            print(f"# {n} labs ready ({made['passes']} passes, {made['seconds']} s at latency 0)", flush=True)
+            tell(f"latency {a.latency}")
+            for w in map(int, a.workers.split(",")):
+                res, calls = run("measure", n, w)
+                rows.append((n, w, res, calls))
+                print(f"  n={n} workers={w}: {json.dumps(res)} calls={json.dumps(calls)}", flush=True)
+        # one slow lab (its dashboard 2 s per answer) must not hold the others back
+        n = int(a.sizes.split(",")[-1])
+        tell("slow dasklab-lab0000 2.0")
+        slow, _ = run("measure", n, 64)
+        tell("slow dasklab-lab0000 0")
+    finally:
+        if cl.poll() is None:
+            cl.stdin.write("quit\n")
+            cl.stdin.flush()
+            try:
+                cl.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                cl.kill()
+                cl.wait()
+
+    print(f"\nOne reconcile pass over N READY GKE labs, {a.latency * 1000:.0f} ms per GKE/Kubernetes call "
+          f"(warm pass, after a cold one; RSS = ru_maxrss of the controller process: after the cold pass → peak)")
+    print(f"{'labs':>5} {'workers':>7} {'wall s':>7} {'s/lab ms':>8} {'GKE':>6} {'kube':>6} {'proxy':>6} "
+          f"{'writes':>6} {'RSS MB':>15} {'failed':>6} {'cold s':>6}")
+    for n, w, r, c in rows:
+        print(f"{n:>5} {w:>7} {r['wall']:>7.2f} {1000 * r['wall'] / n:>8.1f} {c['gke']:>6} {c['kube']:>6} "
+              f"{c['proxy']:>6} {c['writes']:>6} {r['rss0_mb']:>6.0f} → {r['rss_mb']:>5.0f} {r['failed']:>6} {r['cold']:>6.2f}")
+    big = [(w, r) for n, w, r, _ in rows if n == 500]
+    for w, r in big:
+        print(f"500 labs, workers={w}: wall {r['wall']:.2f} s = {r['wall'] / 5:.2f}× the 5 s goal; "
+              f"peak RSS {r['rss_mb']:.0f} MB = {r['rss_mb'] / 200:.2f}× the 200 MB goal")
+    print(f"one slow lab (2 s per dashboard call, {n} labs, workers=64): wall {slow['wall']:.2f} s, "
+          f"failed {slow['failed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

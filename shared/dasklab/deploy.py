@@ -1,0 +1,203 @@
+"""Deployment: the steps of cloudbuild.yaml run here in order, the identity of infra/iam.yaml, and teardown.
+
+    load_build → build_steps (pure: substitute Cloud Build variables) → run_steps (subprocesses)
+    load_iam   → build_iam_steps (pure: gcloud commands)              → run_steps
+
+`dasklab deploy` runs the identity steps, then the build's steps (or `gcloud builds submit` with
+`--cloud-build`); `dasklab destroy` deletes the functions the build deploys and what `infra` created.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import DasklabError, ValidationError
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_FILE = REPO / "cloudbuild.yaml"
+IAM_FILE = REPO / "infra" / "iam.yaml"
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)\}|\$(\w+)")
+
+
+class StepFailed(DasklabError):
+    """A deployment step exited with an error."""
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    argv: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+    dir: str = ""
+    unless: tuple[str, ...] = ()  # skip the step when this command succeeds ("it exists already")
+    only_if: tuple[str, ...] = ()  # skip the step when this command fails ("there is nothing to delete")
+
+    def __str__(self) -> str:
+        env = " ".join(f"{k}={_quote(v)}" for k, v in self.env.items())
+        return " ".join(filter(None, [env, " ".join(map(_quote, self.argv))]))
+
+
+def _quote(arg: str) -> str:
+    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+# --- cloudbuild.yaml -------------------------------------------------------------------------------
+
+def load_build(path: Path | None = None) -> dict:
+    return yaml.safe_load(Path(path or BUILD_FILE).read_text())
+
+
+def substitute(text: str, values: dict) -> str:
+    """Cloud Build's substitution: $NAME and ${NAME} from `values`, `$$` → `$`; an unknown name is an error."""
+    def one(m: re.Match) -> str:
+        if m[0] == "$$":
+            return "$"
+        name = m[1] or m[2]
+        if name not in values:
+            raise ValidationError(f"${name}", "is not a substitution of cloudbuild.yaml (declare it under "
+                                              "`substitutions`) nor PROJECT_ID")
+        return str(values[name])
+    return _VARIABLE.sub(one, text)
+
+
+def substitutions(build: dict, project: str, overrides: dict | None = None) -> dict:
+    """The file's defaults, overridden by `overrides` (keys like _REGION), plus PROJECT_ID."""
+    declared = {k: str(v) for k, v in (build.get("substitutions") or {}).items()}
+    unknown = sorted(set(overrides or {}) - set(declared))
+    if unknown:
+        raise ValidationError(unknown[0], "is not declared under `substitutions` in cloudbuild.yaml")
+    return {**declared, **{k: str(v) for k, v in (overrides or {}).items()}, "PROJECT_ID": project}
+
+
+def build_steps(build: dict, values: dict, skip: tuple[str, ...] = ()) -> list[Step]:
+    """Every step of the build as a local command, substituted; each must name its entrypoint."""
+    steps = []
+    for i, raw in enumerate(build["steps"]):
+        step_id = raw.get("id", f"step-{i}")
+        if step_id in skip:
+            continue
+        if "entrypoint" not in raw:
+            raise ValidationError(f"steps[{i}].entrypoint", "is required: the step must also run outside Cloud Build")
+        env = dict(item.split("=", 1) for item in raw.get("env", []))
+        steps.append(Step(step_id, tuple(substitute(a, values) for a in [raw["entrypoint"], *raw.get("args", [])]),
+                          {k: substitute(v, values) for k, v in env.items()}, raw.get("dir", "")))
+    return steps
+
+
+def function_deploys(build: dict) -> list[dict]:
+    """The functions the build deploys: {"step", "name", "flags": {--flag: value}} per `gcloud functions deploy`."""
+    deploys = []
+    for raw in build["steps"]:
+        args = [raw.get("entrypoint", ""), *raw.get("args", [])]
+        if args[:3] == ["gcloud", "functions", "deploy"]:
+            flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in args[4:] if a.startswith("--"))
+            deploys.append({"step": raw.get("id", ""), "name": args[3], "flags": flags})
+    return deploys
+
+
+def delete_function_steps(build: dict, project: str, region: str) -> list[Step]:
+    """`gcloud functions delete` for each function the build deploys, skipped when it does not exist."""
+    where = (f"--region={region}", f"--project={project}")
+    return [Step(f"delete-{d['name']}", ("gcloud", "functions", "delete", d["name"], "--gen2", *where, "--quiet"),
+                 only_if=("gcloud", "functions", "describe", d["name"], "--gen2", *where, "--format=none"))
+            for d in function_deploys(build)]
+
+
+def cloud_build_step(values: dict, build_file: Path | None = None) -> Step:
+    """`gcloud builds submit` of this repository with the same substitutions."""
+    subs = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("_"))
+    return Step("cloud-build", ("gcloud", "builds", "submit", f"--project={values['PROJECT_ID']}",
+                                f"--config={(build_file or BUILD_FILE).name}", f"--substitutions={subs}", "."))
+
+
+# --- infra/iam.yaml --------------------------------------------------------------------------------
+
+def load_iam(path: Path | None = None) -> dict:
+    return yaml.safe_load(Path(path or IAM_FILE).read_text())
+
+
+def account_email(name: str, project: str) -> str:
+    return f"{name}@{project}.iam.gserviceaccount.com"
+
+
+def build_iam_steps(iam: dict, project: str) -> list[Step]:
+    """gcloud commands that create the custom roles and the service accounts, and grant exactly the roles of
+    infra/iam.yaml. Every command is idempotent; a role or account is created only when `describe` finds none."""
+    steps = []
+    for role_id, role in iam.get("custom_roles", {}).items():
+        where = (f"--project={project}", f"--title={role['title']}", f"--permissions={','.join(role['permissions'])}")
+        steps.append(Step(f"role-{role_id}", ("gcloud", "iam", "roles", "create", role_id, *where, "--stage=GA"),
+                          unless=("gcloud", "iam", "roles", "describe", role_id, f"--project={project}")))
+        steps.append(Step(f"role-{role_id}", ("gcloud", "iam", "roles", "update", role_id, *where, "--quiet")))
+    for key, ident in iam["accounts"].items():
+        email = account_email(ident["account"], project)
+        steps.append(Step(f"account-{key}", ("gcloud", "iam", "service-accounts", "create", ident["account"],
+                                             f"--project={project}", f"--display-name={ident['display_name']}"),
+                          unless=("gcloud", "iam", "service-accounts", "describe", email, f"--project={project}")))
+    for key, ident in iam["accounts"].items():
+        member = f"--member=serviceAccount:{account_email(ident['account'], project)}"
+        for grant in ident.get("roles", []):
+            on = grant.get("on_account")
+            if on:  # a role on another service account, not on the project
+                target = ("iam", "service-accounts", "add-iam-policy-binding",
+                          account_email(iam["accounts"][on]["account"], project), f"--project={project}")
+            else:
+                target = ("projects", "add-iam-policy-binding", project)
+            role = grant["role"].format(project=project)
+            steps.append(Step(f"grant-{key}", ("gcloud", *target, member, f"--role={role}", "--condition=None",
+                                               "--quiet", "--format=none")))
+    return steps
+
+
+def build_service_agent_steps(iam: dict, project: str, project_number: str) -> list[Step]:
+    """Grants to Google's service agents (named by the project number) that dasklab relies on."""
+    steps = []
+    for key, agent in iam.get("service_agents", {}).items():
+        member = f"--member=serviceAccount:{agent['email'].format(project_number=project_number)}"
+        for grant in agent["roles"]:
+            steps.append(Step(f"grant-{key}", ("gcloud", "projects", "add-iam-policy-binding", project, member,
+                                               f"--role={grant['role']}", "--condition=None", "--quiet",
+                                               "--format=none")))
+    return steps
+
+
+def fetch_project_number(project: str) -> str:
+    out = subprocess.run(["gcloud", "projects", "describe", project, "--format=value(projectNumber)"],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise StepFailed(f"cannot read the number of project {project}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+def local_env(extra: dict | None = None) -> dict:
+    """This environment, with this interpreter's bin folder first so `python` and `pip` are the venv's."""
+    env = {**os.environ, **(extra or {})}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def run_steps(steps: list[Step], *, cwd: Path = REPO, say=print) -> None:
+    """Run each step in order, its output streamed; StepFailed at the first that fails."""
+    def succeeds(argv) -> bool:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, check=False, env=local_env()).returncode == 0
+
+    for n, step in enumerate(steps, 1):
+        if (step.unless and succeeds(step.unless)) or (step.only_if and not succeeds(step.only_if)):
+            say(f"[{n}/{len(steps)}] {step.id}: nothing to do")
+            continue
+        say(f"[{n}/{len(steps)}] {step.id}: {step}")
+        try:
+            code = subprocess.run(step.argv, cwd=cwd / step.dir, env=local_env(step.env), check=False).returncode
+        except FileNotFoundError:
+            raise StepFailed(f"step {step.id}: {step.argv[0]} is not installed") from None
+        if code != 0:
+            raise StepFailed(f"step {step.id} failed with exit code {code}")

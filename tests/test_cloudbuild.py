@@ -1,0 +1,158 @@
+"""cloudbuild.yaml: one deploy step per entry point of functions/main.py, consistent substitutions, and a staged
+source folder in which the deployed function really imports (built here by running the staging step)."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dasklab import deploy
+from dasklab.timers import load_infra
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = deploy.load_build()
+STEPS = {s.get("id"): s for s in BUILD["steps"]}
+
+
+def entry_points() -> set[str]:
+    """Functions of functions/main.py decorated with @functions_framework.cloud_event."""
+    tree = ast.parse((REPO / "functions" / "main.py").read_text())
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+            and any(ast.unparse(d) == "functions_framework.cloud_event" for d in node.decorator_list)}
+
+
+def test_one_deploy_step_per_entry_point():
+    deploys = deploy.function_deploys(BUILD)
+    assert entry_points() == {"control"}
+    assert sorted(d["flags"]["entry-point"] for d in deploys) == sorted(entry_points())
+    assert len({d["name"] for d in deploys}) == len(deploys)
+
+
+@pytest.mark.parametrize("fn", deploy.function_deploys(BUILD), ids=lambda d: d["name"])
+def test_deploy_step_flags(fn):
+    flags = fn["flags"]
+    assert flags["gen2"] is True and flags["retry"] is True
+    assert (flags["runtime"], flags["region"], flags["source"], flags["timeout"]) == (
+        "python312", "$_REGION", "build/function", "540s")
+    assert flags["trigger-topic"] == "$_CONTROL_TOPIC" and flags["max-instances"] == "$_MAX_INSTANCES"
+    assert flags["service-account"] == "$_SERVICE_ACCOUNT@$PROJECT_ID.iam.gserviceaccount.com"
+    env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
+    assert env["DASKLAB_PROJECT"] == "$PROJECT_ID" and env["DASKLAB_LOCATION"] == "$_LOCATION"
+    assert flags["ingress-settings"] == "internal-only" and flags["no-allow-unauthenticated"] is True
+    order = list(STEPS)
+    assert order.index("test") < order.index("stage") < order.index(fn["step"]) < order.index("infra")
+
+
+def test_substitutions_are_declared_used_and_agree_with_the_infra_files():
+    text = yaml.safe_dump(BUILD["steps"])
+    used = set(re.findall(r"\$\{?(_[A-Z0-9_]+)", text))
+    assert used == set(BUILD["substitutions"]), "every $_NAME is declared, every declared one is used"
+    assert BUILD["substitutions"]["_CONTROL_TOPIC"] == load_infra()["topics"]["control"]
+    iam = deploy.load_iam()
+    assert BUILD["substitutions"]["_SERVICE_ACCOUNT"] == iam["accounts"]["controller"]["account"]
+    assert BUILD["substitutions"]["_NODE_SERVICE_ACCOUNT"] == iam["accounts"]["nodes"]["account"]
+    assert all("entrypoint" in s for s in BUILD["steps"]), "each step must also run outside Cloud Build"
+
+
+def test_substitution_rules():
+    values = deploy.substitutions(BUILD, "p1", {"_REGION": "europe-west1"})
+    assert deploy.substitute("--region=$_REGION ${PROJECT_ID} $$HOME", values) == "--region=europe-west1 p1 $HOME"
+    with pytest.raises(Exception, match=r"\$_NOPE"):
+        deploy.substitute("$_NOPE", values)
+    with pytest.raises(Exception, match="_NOPE"):
+        deploy.substitutions(BUILD, "p1", {"_NOPE": "x"})
+
+
+def test_the_infra_step_applies_with_the_timer_settings():
+    [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == "infra"]
+    assert "python -m dasklab.cli infra apply --project=p1 --region=us-central1" in step.argv[-1]
+    assert step.env == {"DASKLAB_NIGHTLY_AT": "02:00", "DASKLAB_NIGHTLY_TIME_ZONE": "Etc/UTC"}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    """Run the staging step's script in a folder holding (links to) the repository inputs."""
+    root = tmp_path_factory.mktemp("workspace")
+    for name in ("functions", "shared", "requirements.txt"):
+        (root / name).symlink_to(REPO / name)
+    [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == "stage"]
+    subprocess.run(step.argv, cwd=root, check=True, timeout=60)
+    return root / "build" / "function"
+
+
+def test_the_staged_folder_holds_the_function_and_the_library(staged):
+    assert (staged / "main.py").read_text() == (REPO / "functions" / "main.py").read_text()
+    assert (staged / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
+    assert (staged / "dasklab" / "__init__.py").is_file() and (staged / "dasklab" / "adapters" / "gke.py").is_file()
+    assert not list(staged.rglob("__pycache__")) and not (staged / "dasklab" / "tests").exists()
+
+
+def test_the_staged_function_imports_its_own_copy_of_the_library(staged):
+    code = ("import sys, main, dasklab, dasklab.runtime, dasklab.adapters.gke, dasklab.adapters.kube; "
+            "print(main.control.__name__, dasklab.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=staged, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    name, where = out.stdout.split()
+    assert name == "control" and Path(where).resolve().is_relative_to(staged.resolve())
+
+
+CLI_ONLY = {"rich"}  # the `dasklab` command's tables: never imported by the function
+TRANSITIVE = {"google-api-core", "google-auth", "protobuf", "urllib3", "proto-plus"}  # come with the clients
+
+
+def distribution_of(module: str) -> str:
+    """The installed distribution providing `module` (the longest dotted prefix that one distribution owns)."""
+    top = module.split(".")[0]
+    candidates = importlib.metadata.packages_distributions().get(top, [top])
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i])
+        owners = {d for d in candidates if any(str(f) == path + ".py" or str(f).startswith(path + "/")
+                                                for f in importlib.metadata.distribution(d).files or [])}
+        if len(owners) == 1:
+            return owners.pop().lower()
+    return candidates[0].lower()
+
+
+def test_requirements_cover_what_the_staged_library_imports(staged):
+    """Every third-party distribution imported by the deployed modules is in requirements.txt."""
+    wanted = set()
+    for line in (staged / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, extras = re.split(r"[<>=; ]", line.strip())[0].partition("[")
+            wanted |= {name.lower()} | {e.strip().lower() for e in extras.rstrip("]").split(",") if e.strip()}
+    modules = set()
+    for path in [staged / "main.py", *(staged / "dasklab").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules |= {f"{node.module}.{a.name}" for a in node.names}
+    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names | {"dasklab", "main"}}
+    needed = {distribution_of(m) for m in third_party}
+    missing = sorted(needed - wanted - CLI_ONLY - TRANSITIVE)
+    assert missing == [], f"add to requirements.txt: {missing}"
+
+
+def test_run_steps_in_order_skipping_what_is_done_and_stopping_at_a_failure(tmp_path):
+    said = []
+    steps = [deploy.Step("exists", ("sh", "-c", "exit 9"), unless=("true",)),
+             deploy.Step("absent", ("sh", "-c", "exit 9"), only_if=("false",)),
+             deploy.Step("first", ("sh", "-c", "touch first"), env={"X": "1"}),
+             deploy.Step("broken", ("sh", "-c", "exit 3")),
+             deploy.Step("never", ("sh", "-c", "touch never"))]
+    with pytest.raises(deploy.StepFailed, match="step broken failed with exit code 3"):
+        deploy.run_steps(steps, cwd=tmp_path, say=said.append)
+    assert (tmp_path / "first").exists() and not (tmp_path / "never").exists()
+    assert said == ["[1/5] exists: nothing to do", "[2/5] absent: nothing to do",
+                    "[3/5] first: X=1 sh -c 'touch first'", "[4/5] broken: sh -c 'exit 3'"]
+    with pytest.raises(deploy.StepFailed, match="no-such-tool-here is not installed"):
+        deploy.run_steps([deploy.Step("x", ("no-such-tool-here",))], cwd=tmp_path, say=said.append)

@@ -1,0 +1,208 @@
+"""infra/iam.yaml against the code: every SDK call and gcloud command has its permission in one table, every
+permission an identity needs is granted by its roles, and no role is there without a need."""
+
+import ast
+import inspect
+from functools import lru_cache
+from pathlib import Path
+
+import kubernetes.client as k8s
+import pytest
+import yaml
+from google.cloud import compute_v1, container_v1, scheduler_v1
+from google.pubsub_v1.services.publisher import PublisherClient
+from google.pubsub_v1.services.subscriber import SubscriberClient
+
+from dasklab import deploy
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "shared" / "dasklab"
+IAM = yaml.safe_load((REPO / "infra" / "iam.yaml").read_text())
+PROJECT = "demo-proj"
+
+# SDK family → (the import that brings it in, its client classes [, only these methods])
+FAMILIES = {
+    "container": ("container_v1", [(container_v1.ClusterManagerClient, None)]),
+    "pubsub": ("pubsub_v1", [(PublisherClient, None), (SubscriberClient, None)]),
+    "scheduler": ("scheduler_v1", [(scheduler_v1.CloudSchedulerClient, None)]),
+    "compute": ("compute_v1", [(compute_v1.InstanceGroupManagersClient, None)]),
+    "kubernetes": ("kubernetes", [(k8s.CoreV1Api, None), (k8s.AppsV1Api, None), (k8s.BatchV1Api, None),
+                                  (k8s.RbacAuthorizationV1Api, None), (k8s.ApiClient, {"call_api"})]),
+}
+KNOWN_CLIENTS = {cls.__name__ for _, classes in FAMILIES.values() for cls, _ in classes} | {"PublisherClient"}
+_VARIANTS = ("_with_http_info", "_without_preload_content", "_unary")
+
+
+@lru_cache(maxsize=None)
+def methods(family: str) -> frozenset[str]:
+    """The API methods of a family's clients: public plain functions (not path helpers, not properties)."""
+    names = set()
+    for cls, only in FAMILIES[family][1]:
+        names |= {n for n, v in vars(cls).items() if inspect.isfunction(v) and not n.startswith("_")
+                  and not n.endswith(_VARIANTS) and (only is None or n in only)}
+    return frozenset(names)
+
+
+def families_of(tree: ast.Module) -> set[str]:
+    """The SDK families a module imports (at its top or inside a function)."""
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {f for f, (marker, _) in FAMILIES.items() if any(marker in name for name in imported)}
+
+
+def scan(path: Path) -> list[tuple[str, str]]:
+    """(family.method, scope) for every client method a module calls or passes on, scope = 'path::TopLevelName'.
+
+    A method whose name has an underscore counts wherever it appears; a one-word name (get, publish) only on a
+    receiver that also receives a multi-word method in the module, so `labels.get` is not read as an API call."""
+    tree = ast.parse(path.read_text())
+    families = families_of(tree)
+    rel = path.relative_to(REPO).as_posix()
+    found, receivers = [], set()
+    for top in tree.body:
+        scope = f"{rel}::{top.name}" if isinstance(top, (ast.FunctionDef, ast.ClassDef)) else rel
+        for node in ast.walk(top):
+            if isinstance(node, ast.Attribute):
+                for family in families:
+                    if node.attr in methods(family):
+                        found.append((family, node.attr, ast.unparse(node.value), scope))
+                        if "_" in node.attr:
+                            receivers.add(ast.unparse(node.value))
+    return sorted({(f"{family}.{name}", scope) for family, name, receiver, scope in found
+                   if "_" in name or receiver in receivers})
+
+
+def code_calls() -> list[tuple[str, str]]:
+    return sorted({call for path in sorted(PACKAGE.rglob("*.py")) for call in scan(path)})
+
+
+def gcloud_commands() -> set[str]:
+    """Every gcloud command dasklab runs: cloudbuild.yaml's steps and those `dasklab deploy`/`destroy` build."""
+    build = deploy.load_build()
+    values = deploy.substitutions(build, PROJECT)
+    steps = (deploy.build_iam_steps(IAM, PROJECT) + deploy.build_service_agent_steps(IAM, PROJECT, "123")
+             + deploy.build_steps(build, values) + deploy.delete_function_steps(build, PROJECT, "us-central1")
+             + [deploy.cloud_build_step(values)])
+    argvs = [argv for s in steps for argv in (s.argv, s.unless, s.only_if) if argv]
+    for node in ast.walk(ast.parse((PACKAGE / "deploy.py").read_text())):  # commands outside any step
+        if isinstance(node, (ast.List, ast.Tuple)) and node.elts and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts[:2]):
+            argvs.append([e.value for e in node.elts if isinstance(e, ast.Constant)])
+    return {" ".join(a for a in argv if not a.startswith("-")) for argv in argvs if argv[0] == "gcloud"}
+
+
+def command_key(command: str) -> str | None:
+    keys = [k for k in IAM["calls"] if k.startswith("gcloud ") and (command + " ").startswith(k + " ")]
+    return max(keys, key=len, default=None)
+
+
+def role_permissions(role: str) -> set[str]:
+    custom = role.rsplit("/roles/", 1)[1] if role.startswith("projects/") else None
+    return set(IAM["custom_roles"][custom]["permissions"] if custom else IAM["role_permissions"][role])
+
+
+def in_scope(scope: str, scopes: list[str]) -> bool:
+    return any(scope == s or scope.split("::")[0] == s for s in scopes)
+
+
+def identities() -> dict[str, dict]:
+    return {**{f"account {k}": v for k, v in IAM["accounts"].items()},
+            **{f"service agent {k}": v for k, v in IAM["service_agents"].items()}, "deployer": IAM["deployer"]}
+
+
+def needed(ident: dict) -> set[str]:
+    perms = set(ident.get("platform", {}))
+    for key, scope in code_calls():
+        if in_scope(scope, ident.get("runs", [])):
+            perms |= set(IAM["calls"][key])
+    if "cloudbuild.yaml" in ident.get("runs", []):
+        perms |= {p for command in gcloud_commands() for p in IAM["calls"][command_key(command)]}
+    return perms
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+def test_the_scan_sees_the_calls_we_know_of():
+    calls = dict.fromkeys(code_calls())
+    assert ("container.create_cluster", "shared/dasklab/adapters/gke.py::GkeBackend") in calls
+    assert ("compute.get", "shared/dasklab/adapters/compute.py::Migs") in calls  # a one-word name on a client
+    assert ("kubernetes.patch_namespaced_deployment_scale", "shared/dasklab/adapters/kube.py::Kube") in calls
+    assert ("pubsub.publish", "shared/dasklab/adapters/pubsub.py::publish") in calls
+    assert ("scheduler.delete_job", "shared/dasklab/infra.py::destroy") in calls  # passed on, not called there
+    assert not any(key.endswith(".get") and "gke.py" in scope for key, scope in calls)  # dict.get is not an API
+    assert "gcloud functions deploy dasklab-control" in gcloud_commands()
+
+
+def test_every_call_has_a_permission():
+    missing = sorted({key for key, _ in code_calls() if key not in IAM["calls"]})
+    assert missing == [], f"add these calls with their IAM permissions to infra/iam.yaml `calls`: {missing}"
+    unmapped = sorted(c for c in gcloud_commands() if command_key(c) is None)
+    assert unmapped == [], f"add these gcloud commands to infra/iam.yaml `calls`: {unmapped}"
+
+
+def test_every_mapped_call_is_still_made():
+    used = {key for key, _ in code_calls()} | {command_key(c) for c in gcloud_commands()}
+    assert sorted(set(IAM["calls"]) - used) == []
+
+
+def test_every_call_runs_as_a_known_identity():
+    scopes = [s for ident in identities().values() for s in ident.get("runs", [])] + IAM["local_only"]
+    strays = sorted({(key, scope) for key, scope in code_calls() if not in_scope(scope, scopes)})
+    assert strays == [], "say in infra/iam.yaml which identity runs these (or that they are local_only)"
+
+
+@pytest.mark.parametrize("name", sorted(identities()))
+def test_roles_grant_every_permission_needed(name):
+    ident = identities()[name]
+    granted = set().union(*(role_permissions(g["role"]) for g in ident["roles"]))
+    assert sorted(needed(ident) - granted) == []
+
+
+@pytest.mark.parametrize("name", sorted(identities()))
+def test_no_role_is_unneeded(name):
+    ident, need = identities()[name], needed(identities()[name])
+    for grant in ident["roles"]:
+        others = set().union(set(), *(role_permissions(g["role"]) for g in ident["roles"] if g is not grant))
+        only_here = (role_permissions(grant["role"]) & need) - others
+        assert only_here, f"{grant['role']} grants nothing {name} needs that its other roles do not"
+        assert grant.get("why"), f"{grant['role']}: say why"
+
+
+def test_the_scan_knows_every_client_class_the_code_builds():
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        if families_of(tree):
+            names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and (n.attr.endswith("Client") or n.attr.endswith("Api"))}
+    assert sorted(names - KNOWN_CLIENTS) == [], "add the new client class to FAMILIES"
+
+
+def test_deploy_grants_exactly_the_file_and_act_as_only_on_the_nodes_account():
+    steps = deploy.build_iam_steps(IAM, PROJECT)
+    grants = {(s.argv[1], s.argv[s.argv.index("add-iam-policy-binding") + 1], a.split("=", 1)[1], r.split("=", 1)[1])
+              for s in steps if "add-iam-policy-binding" in s.argv
+              for a in s.argv if a.startswith("--member=") for r in s.argv if r.startswith("--role=")}
+    controller = f"serviceAccount:dasklab-controller@{PROJECT}.iam.gserviceaccount.com"
+    nodes = f"dasklab-nodes@{PROJECT}.iam.gserviceaccount.com"
+    assert ("iam", nodes, controller, "roles/iam.serviceAccountUser") in grants
+    assert not any(g[0] == "projects" and g[3] == "roles/iam.serviceAccountUser" for g in grants)
+    expected = sum(len(a["roles"]) for a in IAM["accounts"].values())
+    assert len(grants) == expected
+    assert {g[3] for g in grants if g[2] == controller} == {
+        g["role"].format(project=PROJECT) for g in IAM["accounts"]["controller"]["roles"]}
+
+
+def test_the_function_runs_as_the_controller_and_its_nodes_as_the_nodes_account():
+    build = deploy.load_build()
+    [fn] = deploy.function_deploys(build)
+    values = deploy.substitutions(build, PROJECT)
+    flags = {k: deploy.substitute(v, values) if isinstance(v, str) else v for k, v in fn["flags"].items()}
+    controller = deploy.account_email(IAM["accounts"]["controller"]["account"], PROJECT)
+    assert flags["service-account"] == flags["trigger-service-account"] == controller
+    env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
+    assert env["DASKLAB_NODE_SERVICE_ACCOUNT"] == deploy.account_email(IAM["accounts"]["nodes"]["account"], PROJECT)
