@@ -151,3 +151,11 @@ def test_workers_per_node(machine, cpu, mem, per_node):
     spec = make_spec(machine_type=machine, worker_cpu=cpu, worker_memory=mem)
     assert spec.workers_per_node == per_node
     assert spec.nodes_for(per_node * 2 + 1) == 3
+
+
+def test_a_stale_floor_never_scales_down_upwards():
+    # found by the property test: a floor remembered before max was lowered must not raise the target
+    d = plan_scale(make_spec(min_workers=0, max_workers=1), make_state(target_workers=1, down_since=0.0,
+                                                                        down_floor=2),
+                   make_load(adaptive_target=0, workers=1), 1, 20, P)
+    assert d.action == HOLD and d.target == 1 and d.remember == {"down_since": None, "down_floor": 0}

@@ -61,7 +61,7 @@ def plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, n
     if state.down_since is None:
         return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming for {params.confirm_s:g}s",
                              {"down_since": now, "down_floor": want})
-    floor = max(state.down_floor, want)
+    floor = min(max(state.down_floor, want), spec.max_workers)  # a remembered floor never exceeds max
     if now - state.down_since < params.confirm_s:
         return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming "
                                             f"({now - state.down_since:.1f}/{params.confirm_s:g}s)",
@@ -69,6 +69,9 @@ def plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, n
     if now < state.cooldown_until:
         return ScaleDecision(HOLD, current, f"cooling down for {state.cooldown_until - now:.1f}s more",
                              {"down_floor": floor} if floor != state.down_floor else {})
+    if floor >= current:
+        return ScaleDecision(HOLD, current, f"{why}, but {floor} was wanted within the window: nothing to retire",
+                             {"down_since": None, "down_floor": 0})
     step = max(1, math.floor(current * params.down_fraction))
     target = max(floor, current - step, spec.min_workers)
     return ScaleDecision(DOWN, target, f"{why} held for {now - state.down_since:.1f}s (highest {floor}); "
