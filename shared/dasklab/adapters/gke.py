@@ -30,6 +30,7 @@ import secrets
 import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -276,14 +277,17 @@ class GkeBackend:
 
     def fetch_labs(self) -> list[Lab]:
         listed = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent).clusters
-        labs = []
-        for cluster in listed:
-            if cluster.resource_labels.get("managed-by") != MANAGED_BY:
-                continue  # never listed, changed or deleted
+        managed = [c for c in listed if c.resource_labels.get("managed-by") == MANAGED_BY]  # others: never touched
+
+        def read(cluster: gke.Cluster) -> Lab | None:
             try:
-                labs.append(self._read(cluster))
+                return self._read(cluster)
             except TransientError as e:  # one unreachable cluster must not stop the others
                 logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
+                return None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(managed)))) as pool:  # records read concurrently
+            labs = [lab for lab in pool.map(read, managed) if lab is not None]
         return sorted(labs, key=lambda lab: lab.name)
 
     def fetch_lab(self, name: str) -> Lab | None:
