@@ -24,7 +24,8 @@ def test_demo_tells_the_whole_story():
              "results gathered", "teardown-idle job fired", "lab deleted", "controller stopped"]
     times = [at(p) for p in order]
     assert times == sorted(times), list(zip(order, times))
-    for decision in ("create gone → provisioning", "mark-ready provisioning → ready", "teardown ready → tearing-down",
+    for decision in ("create gone → provisioning", "install provisioning → installing", "mark-ready installing → ready",
+                     "teardown ready → tearing-down",
                      "forget tearing-down → gone"):
         assert at(decision) >= at("start-lab published")
     assert any(e.endswith("; 0 lost") for e in events)

@@ -299,3 +299,24 @@ def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
     assert not leftover and not [p for p in pids if procs.pid_alive(p)]
     if method not in ("apply_forget", "connection_info"):
         assert faulty.fired or method in ("apply_settle",), f"{method} was never called by the story"
+
+
+def test_a_pass_past_its_deadline_leaves_the_rest_for_the_next_one():
+    ctl, clock = controller()
+    for name in ("l1", "l2", "l3", "l4"):
+        deliver(ctl, msg(type="start-lab", lab=name, owner="o"))
+    seen = []
+    real = ctl._reconcile_safely
+
+    def slow(lab, tick, mid):  # every lab step takes 10 s
+        seen.append(lab.name)
+        clock.t += 10
+        return real(lab, tick, mid)
+
+    ctl._reconcile_safely = slow
+    left = ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 15)
+    assert len(seen) == 2 and sorted(seen + left) == ["l1", "l2", "l3", "l4"]  # none dropped
+    clock.t += 60  # the next tick starts elsewhere in the rotation
+    seen.clear()
+    ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 15)
+    assert set(seen) & set(left)

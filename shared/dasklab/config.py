@@ -35,6 +35,8 @@ class Config:
     down_fraction: float = 0.5
     # a reconcile tick polls for this long (Cloud Scheduler fires at most once a minute)
     tick_budget_s: float = 50.0
+    # a pass starts no lab after this long (a Cloud Function invocation ends at 540 s); the rest wait a pass
+    pass_budget_s: float = 480.0
     # the nightly teardown timer: local time of day (HH:MM, 24 h) in an IANA time zone
     nightly_at: str = "02:00"
     nightly_time_zone: str = "Etc/UTC"

@@ -103,23 +103,36 @@ class Controller:
 
     def tick(self, cmd: Reconcile | TeardownIdle | NightlyTeardown, mid: str) -> None:
         """One timer tick over every managed lab. A reconcile tick keeps polling for its budget; the next pass
-        retries what failed. A teardown tick has one pass: if a lab failed, the tick raises to be redelivered."""
+        retries what failed. A teardown tick has one pass: if a lab failed or was not reached before the
+        invocation's deadline, the tick raises to be redelivered."""
+        start = self.clock()
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
-        deadline = self.clock() + budget
+        deadline = start + budget
         while True:
-            failed = self.reconcile_all(cmd.type, mid)
-            if failed and not isinstance(cmd, Reconcile):
-                raise TransientError(f"{cmd.type}: retry for {', '.join(failed)}")
+            left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s))
+            if left and not isinstance(cmd, Reconcile):
+                raise TransientError(f"{cmd.type}: retry for {', '.join(left)}")
             if self.clock() + self.config.poll_s >= deadline:
                 return
             self.sleep(self.config.poll_s)
 
-    def reconcile_all(self, tick: str, mid: str = "", workers: int = 16) -> list[str]:
-        """One pass over all labs, concurrently. Returns the labs whose step failed transiently."""
+    def reconcile_all(self, tick: str, mid: str = "", workers: int = 32, deadline: float | None = None) -> list[str]:
+        """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
+        started when `deadline` passes is left for the next pass; the order rotates every minute, so a fleet
+        too large for one pass is covered over a few. Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
+        if labs:
+            turn = int(self.clock() // 60) % len(labs)
+            labs = labs[turn:] + labs[:turn]
+
+        def one(lab: Lab) -> bool:
+            if deadline is not None and self.clock() >= deadline:
+                return False  # not started: the next pass or tick takes it
+            return self._reconcile_safely(lab, tick, mid)
+
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:
-            results = list(pool.map(lambda lab: self._reconcile_safely(lab, tick, mid), labs))
+            results = list(pool.map(one, labs))
         return [lab.name for lab, ok in zip(labs, results) if not ok]
 
     def _reconcile_safely(self, lab: Lab, tick: str, mid: str) -> bool:
