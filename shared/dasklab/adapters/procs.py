@@ -279,8 +279,23 @@ def find_pubsub_emulator() -> list[str] | None:
     return None
 
 
+class _Served:
+    """A server process of ours: stopped with its process group, usable as a context manager."""
+
+    proc: Proc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.proc.stop(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class Emulator:
+class Emulator(_Served):
     """A running Pub/Sub emulator. Clients reach it with PUBSUB_EMULATOR_HOST=`host` (see `env`)."""
 
     host: str
@@ -295,15 +310,6 @@ class Emulator:
     @property
     def env(self) -> dict[str, str]:
         return {"PUBSUB_EMULATOR_HOST": self.host, "PUBSUB_PROJECT_ID": self.project}
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.proc.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_pubsub_emulator(data_dir: Path, project: str = "dasklab-local", *, timeout: float = 30.0) -> Emulator:
@@ -331,22 +337,13 @@ def start_pubsub_emulator(data_dir: Path, project: str = "dasklab-local", *, tim
 # --- functions-framework server ---------------------------------------------------------------------
 
 @dataclass
-class FunctionsServer:
+class FunctionsServer(_Served):
     """A functions-framework server for one CloudEvent target, on 127.0.0.1."""
 
     url: str
     port: int
     proc: Proc
     log_path: Path = field(repr=False)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.proc.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_functions_server(target: str, source: Path, *, env: Mapping[str, str] | None = None, log_path: Path,
