@@ -7,13 +7,16 @@
 
 The workload is closed-loop, like a person at a notebook: submit a burst of sleep tasks, wait for its results,
 pause, submit the next. Every result stays held (in worker memory) until the end, after the last scale-down,
-when each phase's results are gathered and checked against its known sum. The same sampler reads the
-scheduler's worker and task counts every 0.25 s for all three runs.
+when each phase's results are gathered and checked against their known values (a lost or recomputed-wrong
+result counts as lost). The same sampler reads the scheduler's worker and task counts every 0.25 s (by
+`run_on_scheduler`; /json/counts.json has no count of queued tasks) for all three runs.
 
 Run:  python benchmarks/autoscale.py                      # the three runs, the table, docs/autoscale.png
       python benchmarks/autoscale.py --params confirm_s=6,cooldown_s=0,down_fraction=1
       python benchmarks/autoscale.py --sweep               # static + adaptive once, then dasklab per setting
       python benchmarks/autoscale.py --sweep "confirm_s=4,cooldown_s=0" "confirm_s=8,down_fraction=1"
+      (a key left out takes DEFAULT_PARAMS' value; exit 0 unless a result is lost or a process is left behind;
+      Ctrl-C or SIGTERM stops every process started and exits 130 / 143)
 
 Goals: makespan ≤ 1.10× static, worker-seconds ≤ 0.55× static; against Adaptive, worker-seconds ≤ 1.0× at a
 makespan ≤ 1.05×. Worker-seconds are integrated over the run (first submit → last result) from the sampled
@@ -46,15 +49,16 @@ SAMPLE_S = 0.25
 TAIL_MAX_S = 40.0  # after the last result, watch the scale-down for at most this long (not in the metrics)
 GOALS = {"makespan_vs_static": 1.10, "ws_vs_static": 0.55, "ws_vs_adaptive": 1.0, "makespan_vs_adaptive": 1.05}
 TUNABLE = ("poll_s", "confirm_s", "cooldown_s", "down_fraction")
-# what the benchmark runs dasklab with unless --params says otherwise (the sweep's winner)
-DEFAULT_PARAMS = {"poll_s": 1.0, "confirm_s": 6.0, "cooldown_s": 0.0, "down_fraction": 1.0}
+# what the benchmark runs dasklab with unless --params says otherwise: the sweep's winner at poll 1 s
+DEFAULT_PARAMS = {"poll_s": 1.0, "confirm_s": 2.0, "cooldown_s": 0.0, "down_fraction": 1.0}
 # the built-in sweep: the repository's defaults (at poll 1 s), then shorter windows
 SWEEP = [
     {"poll_s": 1.0, "confirm_s": 20.0, "cooldown_s": 15.0, "down_fraction": 0.5},  # the repository's defaults
     {"poll_s": 1.0, "confirm_s": 10.0, "cooldown_s": 0.0, "down_fraction": 1.0},
     {"poll_s": 1.0, "confirm_s": 6.0, "cooldown_s": 0.0, "down_fraction": 1.0},
-    {"poll_s": 1.0, "confirm_s": 4.0, "cooldown_s": 0.0, "down_fraction": 1.0},
     {"poll_s": 1.0, "confirm_s": 4.0, "cooldown_s": 4.0, "down_fraction": 0.5},
+    {"poll_s": 1.0, "confirm_s": 4.0, "cooldown_s": 0.0, "down_fraction": 1.0},
+    {"poll_s": 1.0, "confirm_s": 3.0, "cooldown_s": 0.0, "down_fraction": 1.0},
     {"poll_s": 1.0, "confirm_s": 2.0, "cooldown_s": 0.0, "down_fraction": 1.0},
     {"poll_s": 0.5, "confirm_s": 2.0, "cooldown_s": 0.0, "down_fraction": 1.0},
 ]
@@ -166,7 +170,7 @@ def check_results(client, runs: list[PhaseRun]) -> dict[str, int]:
         try:
             got = client.gather(r.held, errors="raise")
             lost[r.phase.name] = sum(g != e for g, e in zip(got, expected)) + abs(len(got) - len(expected))
-        except Exception:  # a result that cannot be gathered is lost
+        except Exception:  # noqa: BLE001 - whatever makes a result impossible to gather, it is lost
             lost[r.phase.name] = len(expected)
     return lost
 
@@ -193,12 +197,12 @@ class Sampler(threading.Thread):
                     t, workers, queued, processing = c.run_on_scheduler(_snapshot)
                     try:
                         req = self.requested()
-                    except Exception:
+                    except (OSError, ValueError, KeyError):  # a record being rewritten: no value this time
                         req = None
                     self.samples.append((t, workers, queued, processing, req))
                     nxt += SAMPLE_S
                     self.halt.wait(max(0.0, nxt - time.time()))
-        except BaseException as e:  # reported by the run, not swallowed
+        except Exception as e:  # noqa: BLE001 - kept and raised again by run_workload, not swallowed
             self.error = e
 
     def latest_workers(self) -> int | None:
@@ -294,12 +298,11 @@ class CountingHandler(logging.Handler):
 
 def _local_lab(home: Path, lab: str, initial: int, lo: int, hi: int, params: dict, echo: bool):
     """A local lab through dasklab's own controller: start-lab, reconcile until ready, `initial` workers joined."""
-    from distributed import Client
-
     from dasklab.adapters.local import FileEvents, LocalBackend
     from dasklab.config import Config
     from dasklab.messages import parse_command
     from dasklab.reconcile import Controller
+    from distributed import Client
 
     backend = LocalBackend(home)
     cfg = Config(home=str(home), tick_budget_s=24 * 3600, **params)
@@ -336,16 +339,33 @@ def run_static(home: Path, workload, a, stop) -> ModeRun:
         backend.stop_all()
 
 
+class _Halted(Exception):
+    """Raised in the reconcile thread's sleep to end its tick when the run is over."""
+
+
 def run_dasklab(home: Path, workload, a, stop, params: dict, label: str = "") -> ModeRun:
     from dasklab.messages import parse_command
 
     mode = ModeRun("dasklab", label or "dasklab " + fmt_params(params), min_workers=a.min, params=params)
     backend, ctl, log, address = _local_lab(home, "dasklab", a.min, a.min, a.max, params, a.verbose)
     halt = threading.Event()
-    ctl.sleep = lambda s: halt.wait(s)
-    ctl.clock = lambda: time.time() if not halt.is_set() else float("inf")  # ends the tick loop
-    loop = threading.Thread(target=ctl.tick, args=(parse_command(b'{"type": "reconcile"}'), "bench"),
-                            daemon=True, name="reconcile")
+
+    def sleep(seconds: float) -> None:  # the tick's pause between passes; it ends the tick once halted
+        if halt.wait(seconds):
+            raise _Halted
+
+    died: list[BaseException] = []
+
+    def ticking() -> None:
+        try:
+            ctl.tick(parse_command(b'{"type": "reconcile"}'), "bench")
+        except _Halted:
+            pass
+        except Exception as e:  # noqa: BLE001 - a dead controller voids the run: raised below
+            died.append(e)
+
+    ctl.sleep = sleep
+    loop = threading.Thread(target=ticking, daemon=True, name="reconcile")
     try:
         loop.start()
         run_workload(mode, address, workload, lambda: backend.fetch_lab("dasklab").state.target_workers,
@@ -354,14 +374,14 @@ def run_dasklab(home: Path, workload, a, stop, params: dict, label: str = "") ->
         halt.set()
         loop.join(timeout=30)
         backend.stop_all()
+    if died:
+        raise RuntimeError(f"the controller's reconcile loop died: {died[0]!r}") from died[0]
     mode.decisions = [e for e in log.entries if e.get("lab") == "dasklab"]
     mode.up_requests = [e["_t"] for e in mode.decisions if e.get("action") == "scale-up"]
     return mode
 
 
 def run_adaptive(home: Path, workload, a, stop) -> ModeRun:
-    from distributed import LocalCluster
-
     mode = ModeRun("adaptive", f"Adaptive (distributed {_dist_version()})", min_workers=a.min)
     home.mkdir(parents=True, exist_ok=True)
     # the nannies' worker processes read this at start: quiet their connection-closed chatter on retirement
@@ -489,7 +509,7 @@ def goals(d: Metrics, static: Metrics | None, adaptive: Metrics | None) -> list[
 # --- output -------------------------------------------------------------------------------------------
 
 def fmt_params(p: dict) -> str:
-    return ", ".join(f"{k.removesuffix('_s').removesuffix('_fraction')}={v:g}" for k, v in p.items())
+    return " ".join(f"{k.removesuffix('_s').removesuffix('_fraction')}={v:g}" for k, v in p.items())
 
 
 def _medmax(xs: list[float]) -> str:
@@ -500,10 +520,11 @@ def print_runs(console, runs: list[ModeRun], ms: list[Metrics], title: str) -> N
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for col in ("run", "makespan s", "worker-s", "mean / peak workers", "cold bursts",
+    t.add_column("run", no_wrap=True)
+    for col in ("makespan s", "worker-s", "mean / peak workers", "cold bursts",
                 "onset→requested s\nmed / max", "onset→joined s\nmed / max", "end→min s\nmed / max (reached)",
                 "results lost"):
-        t.add_column(col, justify="left" if col == "run" else "right")
+        t.add_column(col, justify="right")
     for r, m in zip(runs, ms):
         down = "—" if r.name == "static" else f"{_medmax(m.down)} ({len(m.down)}/{m.down_total})"
         t.add_row(r.label, f"{m.makespan:.1f}", f"{m.ws:.0f}", f"{m.mean:.2f} / {m.peak}",
@@ -534,7 +555,9 @@ def print_phases(console, runs: list[ModeRun]) -> None:
     for r in runs:
         t.add_column(r.name, justify="right")
     timings = [phase_timings(r) for r in runs]
-    f = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+    def f(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
     for i, pr in enumerate(runs[0].phases):
         cells = [f"{pts[i].duration:.1f}" + ("" if r.name == "static" else
                                              f"  ({f(pts[i].requested)} / {f(pts[i].joined)} / {f(pts[i].to_min)})")
@@ -640,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"(defaults {fmt_params(DEFAULT_PARAMS)})")
     ap.add_argument("--sweep", nargs="*", metavar="SET", default=None,
                     help="run static and adaptive once, then dasklab for each parameter set (built-in sets if none)")
-    ap.add_argument("--modes", default="static,adaptive,dasklab")
+    ap.add_argument("--modes", default="static,adaptive,dasklab", help="a subset of static,adaptive,dasklab")
     ap.add_argument("--plot", default=str(PLOT), help="where to save the figure ('' for none)")
     ap.add_argument("--verbose", action="store_true", help="echo the controller's JSON decisions")
     ap.add_argument("--dump", default="", help="write every run's samples, phases and decisions to this JSON file")
