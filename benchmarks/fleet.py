@@ -62,7 +62,7 @@ class _Dashboards(BaseHTTPRequestHandler):
 def cloud() -> None:
     import yaml
     from dasklab.release import chart_fullname
-    from tests.gke_world import CONFIG, TOKEN, World
+    from tests.gke_world import TOKEN, World
     from tests.standins.compute import MigStandin
     from tests.standins.gke import GkeStandin
     from tests.standins.kube import KubeStandin
@@ -190,7 +190,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
             if len(labs) == n and all(lab.state.phase == "ready" for lab in labs):
                 break
             if time.monotonic() - t0 > 600:
-                raise SystemExit(f"labs not ready: {[(l.name, l.state.phase) for l in labs if l.state.phase != 'ready'][:5]}")
+                pending = [(lab.name, lab.state.phase) for lab in labs if lab.state.phase != "ready"]
+                raise SystemExit(f"labs not ready: {pending[:5]}")
         ctl.reconcile_all("reconcile", "bench", workers=32)  # settle: the first ready pass records its timers
         out = {"passes": passes, "seconds": round(time.monotonic() - t0, 1)}
     else:
@@ -203,7 +204,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         sys.stdin.readline()  # the orchestrator snapshots the call counts
         t0 = time.monotonic()
         if os.environ.get("FLEET_PROFILE"):  # where the pass's time goes (all threads' wall, by function)
-            import cProfile, pstats
+            import cProfile
+            import pstats
             prof = cProfile.Profile()
             prof.enable()
         failed = ctl.reconcile_all("reconcile", "bench", workers=workers)
@@ -301,7 +303,8 @@ def main() -> int:
           f"{'writes':>6} {'RSS MB':>15} {'failed':>6} {'cold s':>6}")
     for n, w, r, c in rows:
         print(f"{n:>5} {w:>7} {r['wall']:>7.2f} {1000 * r['wall'] / n:>8.1f} {c['gke']:>6} {c['kube']:>6} "
-              f"{c['proxy']:>6} {c['writes']:>6} {r['rss0_mb']:>6.0f} → {r['rss_mb']:>5.0f} {r['failed']:>6} {r['cold']:>6.2f}")
+              f"{c['proxy']:>6} {c['writes']:>6} {r['rss0_mb']:>6.0f} → {r['rss_mb']:>5.0f} {r['failed']:>6} "
+              f"{r['cold']:>6.2f}")
     big = [(w, r) for n, w, r, _ in rows if n == 500]
     for w, r in big:
         print(f"500 labs, workers={w}: wall {r['wall']:.2f} s = {r['wall'] / 5:.2f}× the 5 s goal; "
