@@ -773,18 +773,20 @@ def dump(runs: list[ModeRun], path: Path) -> None:
 def print_sweep(console, ours, by) -> None:
     from rich.table import Table
 
-    t = Table(title="dasklab parameter sweep (ratio/target per goal; ≤ 1 is met; worst = the largest)",
+    t = Table(title="dasklab parameter sweep (ratios; green = goal met; worst = the largest ratio/target, ≤ 1 all met)",
               title_justify="left")
-    for col in ("poll, confirm, cooldown, down_fraction", "makespan s", "worker-s", "mk/static ≤1.10",
-                "ws/static ≤0.55", "ws/Adaptive ≤1.0", "mk/Adaptive ≤1.05", "worst", "lost"):
-        t.add_column(col, justify="left" if col.startswith("poll") else "right")
+    t.add_column("poll, confirm, cooldown, down_fraction")
+    for col in ("makespan s", "worker-s", "mk / static\n≤ 1.10", "ws / static\n≤ 0.55", "ws / Adaptive\n≤ 1.0",
+                "mk / Adaptive\n≤ 1.05", "worst", "lost"):
+        t.add_column(col, justify="right")
     scored = []
     for r, m in ours:
         g = goals(m, by.get("static"), by.get("adaptive"))
         worst = max((ratio / target for _, ratio, target in g), default=float("nan"))
         scored.append((worst, r, m, g))
         t.add_row(", ".join(f"{r.params[k]:g}" for k in TUNABLE), f"{m.makespan:.1f}", f"{m.ws:.0f}",
-                  *[f"{ratio / target:.2f}" for _, ratio, target in g], f"{worst:.2f}", str(m.lost))
+                  *[f"[{'green' if ratio <= target else 'red'}]{ratio:.3f}[/]" for _, ratio, target in g],
+                  f"{worst:.2f}", str(m.lost))
     console.print(t)
     if scored:
         best = min(scored, key=lambda s: s[0])
