@@ -33,7 +33,13 @@ GRPC_THREADS = 256  # the GkeStandin serves 16 RPCs at a time by default: a stan
 
 # --------------------------------------------------------------------------------------------------- the cloud
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class _Dashboards(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the stand-in's proxy reuses its connections, as an API server does
     slow: dict[str, float] = {}  # namespace → extra seconds per answer (one slow lab)
     hits = 0
 
@@ -102,11 +108,33 @@ def cloud() -> None:
         kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
     kube.on_job_created(helm)
+
+    def seed(n: int) -> dict:
+        """Labs lab0001… up to n as copies of lab0000 (created through the controller): its cluster, and its
+        namespace with every object in it, renamed; each copy's record labels re-encoded from its own record."""
+        from dasklab.adapters.gke import RECORD, RECORD_KEY, encode_labels
+        from dasklab.model import Lab
+        t0 = time.monotonic()
+        clusters = gke.clusters
+        source = next(name for name in clusters if name.endswith("/clusters/lab0000"))
+        have = {name.rsplit("/", 1)[-1] for name in clusters}
+        objects = 0
+        for i in range(1, n):
+            name = f"lab{i:04d}"
+            if name in have:
+                continue
+            objects += kube.clone_namespace("dasklab-lab0000", f"dasklab-{name}", {"lab0000": name})
+            record = json.loads(kube.get("configmaps", f"dasklab-{name}", RECORD)["data"][RECORD_KEY])
+            gke.clone_cluster(source, name, encode_labels(Lab.from_dict(record, "")))
+        return {"objects": objects, "seconds": round(time.monotonic() - t0, 1)}
+
     print(json.dumps({"gke": gke.address, "kube": kube.url, "token": TOKEN, "migs": migs.address}), flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "latency":
             gke.latency_s = kube.latency_s = float(args[0])
+        elif cmd == "seed":
+            print(json.dumps(seed(int(args[0]))), flush=True)
         elif cmd == "slow":
             _Dashboards.slow = {args[0]: float(args[1])} if float(args[1]) else {}
         elif cmd == "counts":
@@ -116,7 +144,7 @@ def cloud() -> None:
                               "writes": sum(m in ("POST", "PUT", "PATCH", "DELETE") for m, _ in reqs)
                               + sum(not c.startswith(("Get", "List")) for c in gke.calls),
                               "migs": len(migs.calls), "dash": _Dashboards.hits,
-                              "ops": len(gke.operations)}), flush=True)
+                              "ops": len(gke.operations), "cpu": _cpu()}), flush=True)
         elif cmd == "quit":
             break
     server.shutdown()
@@ -202,18 +230,18 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         sys.stdin.readline()  # the orchestrator snapshots the call counts
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), _cpu()
         if os.environ.get("FLEET_PROFILE"):  # where the pass's time goes (all threads' wall, by function)
             import cProfile
             import pstats
             prof = cProfile.Profile()
             prof.enable()
         failed = ctl.reconcile_all("reconcile", "bench", workers=workers)
-        wall = time.monotonic() - t0
+        wall, cpu = time.monotonic() - t0, _cpu() - cpu0
         if os.environ.get("FLEET_PROFILE"):
             prof.disable()
             pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
-        out = {"wall": wall, "cold": cold, "failed": len(failed), "rss0_mb": rss0 / 1024,
+        out = {"wall": wall, "cpu": cpu, "cold": cold, "failed": len(failed), "rss0_mb": rss0 / 1024,
                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "threads_after": threading.active_count()}
     for api in apis.values():
@@ -250,7 +278,7 @@ def main() -> int:
         def tell(line: str) -> dict | None:
             cl.stdin.write(line + "\n")
             cl.stdin.flush()
-            return json.loads(cl.stdout.readline()) if line == "counts" else None
+            return json.loads(cl.stdout.readline()) if line.split()[0] in ("counts", "seed") else None
 
         def run(mode: str, n: int, w: int) -> tuple[dict, dict]:
             p = subprocess.Popen(me + ["--controller", addr, mode, str(n), str(w)], stdin=subprocess.PIPE,
@@ -273,10 +301,13 @@ def main() -> int:
                     p.wait()
             return result, {k: after[k] - before.get(k, 0) for k in after} if before else after
 
+        made, _ = run("create", 1, 32)
+        print(f"# lab0000 ready through the controller ({made['passes']} passes, {made['seconds']} s at "
+              "latency 0)", flush=True)
         for n in map(int, a.sizes.split(",")):
-            tell("latency 0")
-            made, _ = run("create", n, 32)
-            print(f"# {n} labs ready ({made['passes']} passes, {made['seconds']} s at latency 0)", flush=True)
+            seeded = tell(f"seed {n}")
+            print(f"# {n} labs: copies of lab0000 seeded ({seeded['objects']} objects, {seeded['seconds']} s)",
+                  flush=True)
             tell(f"latency {a.latency}")
             for w in map(int, a.workers.split(",")):
                 res, calls = run("measure", n, w)

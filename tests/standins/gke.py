@@ -224,6 +224,24 @@ class GkeStandin(GrpcStandin):
             code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
             op.error = status_pb2.Status(code=code, message=message)
 
+    def clone_cluster(self, source: str, name: str, resource_labels: dict[str, str]) -> None:
+        """Seed a copy of the idle cluster `source` (full name) as `name` (short), with its own labels: for
+        benchmarks that need hundreds of running clusters without creating each. Every occurrence of the source's
+        short name (self links, node pool instance groups) becomes `name`."""
+        with self._lock:
+            old = source.rsplit("/", 1)[-1]
+            target = f"{source.rsplit('/', 1)[0]}/{name}"
+            if target in self._clusters:
+                raise ValueError(f"cluster {target} exists")
+            self._check_idle(source)
+            c = gke.Cluster.from_json(gke.Cluster.to_json(self._clusters[source]).replace(old, name))
+            c.resource_labels.clear()
+            c.resource_labels.update(resource_labels)
+            c.label_fingerprint = self._fingerprint(target)
+            c.id = hashlib.sha256(target.encode()).hexdigest()[:32]
+            self._clusters[target] = c
+            self._sizes.update({(target, p.name): self._sizes[(source, p.name)] for p in c.node_pools})
+
     def advance_all(self) -> None:
         """Finish every operation that is not DONE."""
         with self._lock:

@@ -687,6 +687,7 @@ class _KubeApi(kmock.KubernetesScaffold):
     _born: dict[str, int] = attrs.field(factory=dict)  # uid → creation order (precise; timestamps are seconds)
     _ready_at: dict[str, int] = attrs.field(factory=dict)  # uid → order of becoming Ready
     _ips: Iterable[int] = attrs.field(factory=lambda: itertools.count(2))
+    _index: dict[kmock.resource, dict[str | None, dict[str, None]]] = attrs.field(factory=dict)  # res → ns → names
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock: discovery endpoints and the 404 fallback
@@ -826,8 +827,10 @@ class _KubeApi(kmock.KubernetesScaffold):
 
     def stored(self, kind: Kind, ns: str | None = None) -> list[Obj]:
         res = self._key(kind, None, "")[0]
-        found = [copy.deepcopy(o.raw) for (r, o_ns, _), o in self.objects.items()
-                 if r == res and not o.deleted and (ns is None or not kind.namespaced or o_ns == ns)]
+        spaces = self._index.get(res, {})
+        names = [(ns, spaces.get(ns, ()))] if kind.namespaced and ns is not None else spaces.items()
+        found = [copy.deepcopy(o.raw) for o_ns, in_ns in names for name in in_ns
+                 if not (o := self.objects[res, o_ns, name]).deleted]
         return sorted(found, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
 
     def _put(self, kind: Kind, obj: Obj) -> Obj:
@@ -841,6 +844,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         meta["resourceVersion"] = str(self._rv)
         if stored is None:
             self.objects[key] = copy.deepcopy(obj)
+            self._index.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = None
         else:
             stored.history.append(copy.deepcopy(obj))
         return copy.deepcopy(obj)
@@ -1357,6 +1361,37 @@ class _KubeApi(kmock.KubernetesScaffold):
         self._put(JOBS, job)
         self.reconcile()
 
+    def clone_namespace(self, old: str, new: str, replace: Mapping[str, str]) -> int:
+        """Copy namespace `old` and everything in it as `new`, every string also with ``replace``'s
+        substitutions, each object with a new uid and resourceVersion; the copies are in the state the originals
+        reached, so no controller has work to do. Service proxy backends and pod logs are copied too. Returns the
+        number of objects. Benchmark seeding only."""
+        replace = {old: new, **replace}
+        if self.find(NAMESPACES, None, new) is not None:
+            raise fail(409, f'namespaces "{new}" already exists', reason="AlreadyExists")
+        found = [(NAMESPACES, self.read(NAMESPACES, None, old))] + [
+            (kind, obj) for kind in KINDS.values() if kind.namespaced for obj in self.stored(kind, old)]
+        uids = {obj["metadata"]["uid"]: self._uid() for _, obj in found}
+
+        def sub(text: str) -> str:
+            for a, b in {**replace, **uids}.items():
+                text = text.replace(a, b)
+            return text
+
+        for kind, obj in found:
+            uid = obj["metadata"]["uid"]
+            self._born[uids[uid]] = next(self._seq)
+            if uid in self._ready_at:
+                self._ready_at[uids[uid]] = self._ready_at[uid]
+            self._put(kind, json.loads(sub(json.dumps(obj))))
+        for (ns, service, port), url in list(self.backends.items()):
+            if ns == old:
+                self.backends[(new, sub(service), port)] = sub(url)
+        for (ns, pod), text in list(self.logs.items()):
+            if ns == old:
+                self.logs[(new, sub(pod))] = text
+        return len(found)
+
     def set_nodes(self, capacities: Mapping[str, int], labels: Mapping[str, str],
                   node_labels: Mapping[str, Mapping[str, str]]) -> None:
         for node in self.stored(NODES):
@@ -1508,6 +1543,10 @@ class KubeStandin:
     def on_job_created(self, callback: Callable[[Obj], Any]) -> None:
         """Call ``callback(job)`` after each Job is created, before the 201 is sent, in a worker thread."""
         self._api.job_callbacks.append(callback)
+
+    def clone_namespace(self, old: str, new: str, replace: Mapping[str, str] | None = None) -> int:
+        """Seed a copy of a namespace and its objects (see ``_KubeApi.clone_namespace``): benchmarks only."""
+        return self._run(self._api.clone_namespace, old, new, dict(replace or {}))
 
     def register_service_backend(self, namespace: str, service: str, port: int | str, url: str) -> None:
         """Route the service proxy for (service, port number or port name) to ``url``, e.g. a Dask dashboard."""

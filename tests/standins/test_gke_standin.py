@@ -411,3 +411,20 @@ def test_stop_leaves_no_threads():
     with GkeStandin() as s:
         s.client().list_clusters(parent=REGION)
     assert set(threading.enumerate()) - before == set()
+
+
+def test_clone_cluster_seeds_a_running_copy_under_a_new_name(standin, client):
+    running(client, resource_labels={"lab": "lab-1"})
+    standin.clone_cluster(CLUSTER, "lab-2", {"lab": "lab-2"})
+    original, clone = client.get_cluster(name=CLUSTER), client.get_cluster(name=f"{REGION}/clusters/lab-2")
+    assert (clone.name, clone.status, dict(clone.resource_labels)) == ("lab-2", gke.Cluster.Status.RUNNING,
+                                                                    {"lab": "lab-2"})
+    assert clone.self_link.endswith("/clusters/lab-2") and clone.id != original.id
+    assert clone.label_fingerprint != original.label_fingerprint
+    assert [p.name for p in clone.node_pools] == [p.name for p in original.node_pools]
+    assert all("lab-2" in url for p in clone.node_pools for url in p.instance_group_urls)
+    wait(client, resize(client, 3, name=f"{REGION}/clusters/lab-2/nodePools/workers"))  # each has its own pools
+    assert standin.node_count(f"{REGION}/clusters/lab-2", "workers") == 3
+    assert standin.node_count(CLUSTER, "workers") != 3
+    with pytest.raises(ValueError, match="exists"):
+        standin.clone_cluster(CLUSTER, "lab-2", {})

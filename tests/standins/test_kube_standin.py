@@ -10,6 +10,7 @@ import time
 
 import dask
 import distributed
+import kmock
 import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
@@ -587,3 +588,32 @@ def test_stop_leaves_nothing_behind():
     config.retries = 0
     with client.ApiClient(config) as dead, pytest.raises(Exception, match="Connection refused"):
         client.CoreV1Api(dead).list_namespace(_request_timeout=1)
+
+
+
+def test_clone_namespace_copies_objects_with_new_identities(kube, core, apps):
+    def pods(lab):
+        return {p.metadata.name: p for p in core.list_pod_for_all_namespaces(label_selector=f"lab={lab}").items}
+
+    core.create_namespace({"metadata": {"name": "lab-a"}})
+    apps.create_namespaced_deployment("lab-a", deployment("lab-a-worker", 2, {"app": "dask", "lab": "lab-a"}))
+    core.create_namespaced_config_map("lab-a", {"metadata": {"name": "record"}, "data": {"lab": "lab-a"}})
+    core.create_namespaced_service("lab-a", {"metadata": {"name": "lab-a-scheduler"},
+                                             "spec": {"ports": [{"name": "http", "port": 80}]}})
+    kube.register_service_backend("lab-a", "lab-a-scheduler", 80, "http://127.0.0.1:9/lab-a")
+
+    copied = kube.clone_namespace("lab-a", "lab-b", {"lab-a": "lab-b"})
+    assert copied == 7  # the namespace, its Deployment, ReplicaSet, 2 pods, ConfigMap and Service
+    assert core.read_namespaced_config_map("record", "lab-b").data == {"lab": "lab-b"}
+    old, new = pods("lab-a"), pods("lab-b")
+    assert len(new) == 2 and all(p.metadata.namespace == "lab-b" for p in new.values())
+    (rs,) = apps.list_namespaced_replica_set("lab-b").items
+    assert all(p.metadata.owner_references[0].uid == rs.metadata.uid for p in new.values())  # owners remapped
+    assert not {p.metadata.uid for p in old.values()} & {p.metadata.uid for p in new.values()}
+    assert kube.handler.backends[("lab-b", "lab-b-scheduler", "80")] == "http://127.0.0.1:9/lab-b"
+    apps.patch_namespaced_deployment_scale("lab-b-worker", "lab-b", {"spec": {"replicas": 1}})
+    assert len(pods("lab-b")) == 1 and len(pods("lab-a")) == 2  # the controllers own the copies
+    core.delete_namespace("lab-b")
+    assert pods("lab-b") == {} and len(pods("lab-a")) == 2
+    with pytest.raises(kmock.KubernetesError, match="already exists"):
+        kube.clone_namespace("lab-a", "lab-a")

@@ -487,12 +487,14 @@ class GkeBackend:
         self._remove_marked_nodes(lab, cluster, kube)
 
     def apply_settle(self, lab: Lab) -> None:
-        """Between scaling decisions: poll the cluster's operations and finish an interrupted node removal."""
+        """Between scaling decisions: follow a pool operation in flight and finish an interrupted node removal.
+        The cluster as listed in this pass will do (no GKE call at rest: one list per pass for the fleet)."""
         place = place_of(lab.name)
-        cluster = self._get(place)
+        cluster = self._seen.get(place.cluster) or self._get(place)
         if cluster is None or cluster.status not in UP:
             return
-        self._operations(cluster)
+        if any(pool.status != gke.NodePool.Status.RUNNING for pool in cluster.node_pools):
+            self._operations(cluster)
         self._remove_marked_nodes(lab, cluster, self._kube(place, cluster))
 
     def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube) -> None:
