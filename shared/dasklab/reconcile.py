@@ -15,6 +15,8 @@ from .model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, est
 from .policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
     plan_teardown
 
+GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
+
 
 @dataclass
 class Controller:
@@ -119,11 +121,13 @@ class Controller:
 
     def reconcile_all(self, tick: str, mid: str = "", workers: int = 32, deadline: float | None = None) -> list[str]:
         """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
-        started when `deadline` passes is left for the next pass; the order rotates every minute, so a fleet
-        too large for one pass is covered over a few. Returns the labs failed or left over."""
+        started when `deadline` passes is left for the next pass. The pass starts at a point of the ring of labs
+        that moves by the golden ratio of the ring every minute, so successive starts spread evenly: a fleet of
+        which a pass reaches a fraction f has every lab reached within about 1.5/f minutes, with no state kept.
+        Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
         if labs:
-            turn = int(self.clock() // 60) % len(labs)
+            turn = int((self.clock() // 60 * GOLDEN) % 1 * len(labs))
             labs = labs[turn:] + labs[:turn]
 
         def one(lab: Lab) -> bool:
