@@ -4,6 +4,8 @@ helm rendering the chart, and real Dask processes for the scheduler and every wo
 import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -239,6 +241,25 @@ def test_public_jupyter_only_with_source_ranges(world, controller):
     ctl.handle(cmd(type="stop-lab", lab="lab1"), "m2")
     assert world.kube.get("services", place_of("lab1").namespace, "lab1-dask-jupyter-public") is None
     drive(ctl, world, lambda: lab_of(ctl) is None)
+
+
+def test_scheduler_api_is_reached_only_through_the_authenticated_proxy(world, controller):
+    ctl, ns = controller, place_of("lab1").namespace
+    ctl.handle(start_msg(), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    assert {s["spec"]["type"] for s in world.kube.list("services", ns)} == {"ClusterIP"}  # no address outside
+    transport = ctl.backend.dashboard(lab_of(ctl)).transport
+    assert transport.base == f"/api/v1/namespaces/{ns}/services/lab1-dask-scheduler:lab1-dask-webui/proxy"
+    retire = world.kube.url + transport.base + "/api/v1/retire_workers"
+    for auth in ({}, {"Authorization": "Bearer not-the-token"}):  # the mutating API, without the identity
+        request = urllib.request.Request(retire, data=b'{"n": 1}', method="POST",
+                                         headers={"Content-Type": "application/json", **auth})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    assert workers(ctl) == 1  # nothing was retired
+    proxied = [path for method, path in world.kube.requests if "/proxy/" in path]
+    assert proxied and all(path.startswith(transport.base) for path in proxied)
 
 
 def test_unmanaged_clusters_are_never_touched(world, controller):
