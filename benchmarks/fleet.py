@@ -49,7 +49,7 @@ class _Dashboards(BaseHTTPRequestHandler):
         if self.slow.get(ns):
             time.sleep(self.slow[ns])
         body = {"json/counts.json": {"workers": 1, "processing": 0, "waiting": 0, "unrunnable": 0, "queued": 0,
-                                     "clients": 1, "idle": 0, "saturated": 0},
+                                     "clients": 1, "idle": 0, "saturated": 0, "desired_workers": 1},
                 "api/v1/adaptive_target": {"workers": 1},
                 "api/v1/check_idle": {"idle_since": None},
                 "api/v1/get_workers": {"workers": []},

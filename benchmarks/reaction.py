@@ -38,6 +38,10 @@ def _sleep(x):
     return x
 
 
+class _Stopped(Exception):
+    """Raised in the tick's pause between passes once the benchmark is done, to end the tick."""
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind so the lab's processes are stopped
     ap = argparse.ArgumentParser()
@@ -58,9 +62,18 @@ def main() -> None:
         while backend.fetch_lab("bench").state.phase != "ready":
             ctl.reconcile_all("reconcile")
             time.sleep(0.2)
-        ctl.sleep = lambda s: stop.wait(s)
-        ctl.clock = lambda: time.time() if not stop.is_set() else float("inf")
-        loop = threading.Thread(target=ctl.tick, args=(parse_command(b'{"type": "reconcile"}'), "bench"), daemon=True)
+        def sleep(seconds: float) -> None:
+            if stop.wait(seconds):
+                raise _Stopped
+
+        def ticking() -> None:
+            try:
+                ctl.tick(parse_command(b'{"type": "reconcile"}'), "bench")
+            except _Stopped:
+                pass
+
+        ctl.sleep = sleep
+        loop = threading.Thread(target=ticking, daemon=True)
         loop.start()
         reactions = []
         with Client(backend.connection_info(backend.fetch_lab("bench"))["scheduler"]) as client:

@@ -42,7 +42,8 @@ class FakeTransport:
         import json
         load, workers = self.lab.load, self.lab.workers
         body = {"/json/counts.json": {"workers": len(workers), "processing": load.processing, "waiting": load.queued,
-                                      "unrunnable": 0, "clients": load.clients + 1},
+                                      "unrunnable": 0, "clients": load.clients + 1,
+                                      "desired_workers": load.adaptive_target},
                 "/api/v1/adaptive_target": {"workers": load.adaptive_target},
                 "/api/v1/check_idle": {"idle_since": load.idle_since},
                 "/api/v1/get_workers": {"workers": [{"name": w.name, "address": w.address} for w in workers]},

@@ -246,7 +246,7 @@ def test_public_jupyter_only_with_source_ranges(world, controller):
 def test_scheduler_api_is_reached_only_through_the_authenticated_proxy(world, controller):
     ctl, ns = controller, place_of("lab1").namespace
     ctl.handle(start_msg(), "m1")
-    drive(ctl, world, lambda: phase(ctl) == "ready")
+    drive(ctl, world, lambda: phase(ctl) == "ready" and workers(ctl) == 1)
     assert {s["spec"]["type"] for s in world.kube.list("services", ns)} == {"ClusterIP"}  # no address outside
     transport = ctl.backend.dashboard(lab_of(ctl)).transport
     assert transport.base == f"/api/v1/namespaces/{ns}/services/lab1-dask-scheduler:lab1-dask-webui/proxy"
@@ -257,6 +257,7 @@ def test_scheduler_api_is_reached_only_through_the_authenticated_proxy(world, co
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 401
+    time.sleep(1)
     assert workers(ctl) == 1  # nothing was retired
     proxied = [path for method, path in world.kube.requests if "/proxy/" in path]
     assert proxied and all(path.startswith(transport.base) for path in proxied)

@@ -137,3 +137,17 @@ def test_unmanaged_lab_is_never_touched(controller, home):
         controller.handle(cmd(type="stop-lab", lab="theirs"), "m1")
     controller.handle(cmd(type="nightly-teardown"), "m2")
     assert json.loads(record.read_text())["spec"] == {"name": "theirs"}
+
+
+def test_load_counts_the_tasks_queued_on_the_scheduler(controller):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}), "m1")
+    lab = ready(ctl)
+    with Client(backend.connection_info(lab)["scheduler"], timeout=20) as client:
+        client.wait_for_workers(1, timeout=20)
+        futures = client.map(slow_inc, range(30), pure=False)  # one thread: most wait in the scheduler's queue
+        load = procs.wait_until(lambda: (got := backend.dashboard(lab).fetch_load()).processing and got, timeout=10)
+        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.queued)) > 0
+        assert 20 <= load.queued <= 30 - load.processing and load.busy
+        assert sum(client.gather(futures)) == sum(range(1, 31))
+        assert backend.dashboard(lab).fetch_load().queued == 0

@@ -1,5 +1,7 @@
 """Policy tables: (spec, state, load, now) → decision and its reason."""
 
+from dataclasses import replace
+
 import pytest
 
 from dasklab.model import WorkerInfo
@@ -19,24 +21,30 @@ P = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5)
     # equal: hold
     ({}, {"target_workers": 3}, {"adaptive_target": 3, "workers": 3}, 3, 100, HOLD, 3, "= target"),
     # lower target first seen: start confirming, remember when
-    ({}, {"target_workers": 6}, {"adaptive_target": 1, "workers": 6}, 6, 100, HOLD, 6, "confirming for 20s"),
+    ({}, {"target_workers": 6}, {"adaptive_target": 1, "workers": 6}, 6, 100, HOLD, 6, "confirming (0.0/20s)"),
     # still inside the window
-    ({}, {"target_workers": 6, "down_since": 90.0, "down_floor": 1}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+    ({}, {"target_workers": 6, "down_window": ((1, 90.0),)}, {"adaptive_target": 1, "workers": 6}, 6, 100,
      HOLD, 6, "confirming (10.0/20s)"),
     # window passed: bounded step (half of 6 = 3)
-    ({}, {"target_workers": 6, "down_since": 70.0, "down_floor": 1}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+    ({}, {"target_workers": 6, "down_window": ((1, 70.0),)}, {"adaptive_target": 1, "workers": 6}, 6, 100,
      DOWN, 3, "at most 3 per step"),
-    # the floor (highest target seen in the window) bounds the step
-    ({}, {"target_workers": 6, "down_since": 70.0, "down_floor": 5}, {"adaptive_target": 1, "workers": 6}, 6, 100,
-     DOWN, 5, "highest 5"),
+    # the highest target wanted over the last 20 s bounds the step: 5 until 85, 1 since
+    ({}, {"target_workers": 6, "down_window": ((5, 70.0), (1, 85.0))}, {"adaptive_target": 1, "workers": 6}, 6, 100,
+     DOWN, 5, "at most 5 wanted over the last 20s"),
+    # 4 → 3 → 1 with no staircase: only 1 was wanted over the last 20 s (the step still goes at most half)
+    ({}, {"target_workers": 4, "down_window": ((3, 70.0), (1, 80.0))}, {"adaptive_target": 1, "workers": 4}, 4, 100,
+     DOWN, 2, "at most 1 wanted"),
+    # a rise inside the window breaks the lower steps: 3 wanted now, so 4 (wanted until 100) is the floor
+    ({}, {"target_workers": 6, "down_window": ((4, 70.0), (1, 85.0))}, {"adaptive_target": 3, "workers": 6}, 6, 100,
+     DOWN, 4, "at most 4 wanted"),
     # never below min
-    ({"min_workers": 2}, {"target_workers": 3, "down_since": 0.0, "down_floor": 0},
+    ({"min_workers": 2}, {"target_workers": 3, "down_window": ((2, 0.0),)},
      {"adaptive_target": 0, "workers": 3}, 3, 100, DOWN, 2, "clamped"),
     # cooldown after a previous step
-    ({}, {"target_workers": 4, "down_since": 70.0, "down_floor": 1, "cooldown_until": 105.0},
+    ({}, {"target_workers": 4, "down_window": ((1, 70.0),), "cooldown_until": 105.0},
      {"adaptive_target": 1, "workers": 4}, 4, 100, HOLD, 4, "cooling down"),
     # requested workers have not all joined: never retire
-    ({}, {"target_workers": 6, "down_since": 0.0}, {"adaptive_target": 1, "workers": 4}, 6, 100, HOLD, 6,
+    ({}, {"target_workers": 6, "down_window": ((1, 0.0),)}, {"adaptive_target": 1, "workers": 4}, 6, 100, HOLD, 6,
      "have not joined yet"),
     # the owner lowered max: follow at once
     ({"max_workers": 3}, {"target_workers": 6}, {"adaptive_target": 6, "workers": 6}, 6, 100, DOWN, 3,
@@ -52,23 +60,50 @@ def test_plan_scale(spec, state, load, requested, now, action, target, why):
     assert why in d.reason
 
 
-def test_confirmation_window_remembers_start_and_floor():
-    spec, load = make_spec(), make_load(adaptive_target=2, workers=6)
-    d = plan_scale(spec, make_state(target_workers=6), load, 6, 100, P)
-    assert d.remember == {"down_since": 100, "down_floor": 2}
-    d = plan_scale(spec, make_state(target_workers=6, down_since=100.0, down_floor=2),
-                   make_load(adaptive_target=4, workers=6), 6, 110, P)
-    assert d.remember == {"down_floor": 4} and d.action == HOLD
-    # a load spike inside the window cancels it
-    d = plan_scale(spec, make_state(target_workers=6, down_since=100.0, down_floor=4),
+def test_confirmation_window_remembers_the_highest_target_over_the_window():
+    spec = make_spec()
+
+    def seen(window, want, now):
+        return plan_scale(spec, make_state(target_workers=6, down_window=window),
+                          make_load(adaptive_target=want, workers=6), 6, now, P)
+
+    d = seen((), 2, 100)
+    assert d.action == HOLD and d.remember == {"down_window": ((2, 100),)}
+    # lower: a new step, the older one still holds
+    assert seen(((2, 100.0),), 1, 105).remember == {"down_window": ((2, 100.0), (1, 105))}
+    # the same value again: nothing new to remember
+    assert seen(((2, 100.0), (1, 105.0)), 1, 106).remember == {}
+    # higher than the last step: the steps below it are broken, the ones above still hold
+    assert seen(((4, 100.0), (1, 105.0)), 2, 110).remember == {"down_window": ((4, 100.0), (2, 110))}
+    assert seen(((2, 100.0), (1, 105.0)), 4, 110).remember == {"down_window": ((4, 110),)}
+    # requested workers still joining: the window starts again once they have arrived
+    d = plan_scale(spec, make_state(target_workers=6, down_window=((1, 90.0),)),
+                   make_load(adaptive_target=1, workers=4), 6, 112, P)
+    assert d.action == HOLD and d.remember == {"down_window": ()}
+    # a load spike back to the target cancels the window
+    d = plan_scale(spec, make_state(target_workers=6, down_window=((4, 100.0),)),
                    make_load(adaptive_target=6, workers=6), 6, 112, P)
-    assert d.action == HOLD and d.remember == {"down_since": None, "down_floor": 0}
+    assert d.action == HOLD and d.remember == {"down_window": ()}
+
+
+def test_a_falling_target_is_reached_one_window_after_it_was_first_wanted():
+    # wanted 6 → 3 (t=100) → 1 (t=105): down to 3 at 120, to 1 at 125, not a whole new window after 120
+    spec, params = make_spec(), ScaleParams(confirm_s=20, cooldown_s=0, down_fraction=1)
+    state, steps = make_state(target_workers=6), []
+    for now in range(100, 131):
+        want = 3 if now < 105 else 1
+        d = plan_scale(spec, state, make_load(adaptive_target=want, workers=state.target_workers),
+                       state.target_workers, now, params)
+        state = replace(state, target_workers=d.target, **d.remember)
+        if d.action == DOWN:
+            steps.append((now, d.target))
+    assert steps == [(120, 3), (125, 1)]
 
 
 def test_step_sets_cooldown():
-    d = plan_scale(make_spec(), make_state(target_workers=8, down_since=0.0), make_load(adaptive_target=0, workers=8),
-                   8, 100, P)
-    assert d.action == DOWN and d.target == 4 and d.remember["cooldown_until"] == 115
+    d = plan_scale(make_spec(), make_state(target_workers=8, down_window=((1, 0.0),)),
+                   make_load(adaptive_target=1, workers=8), 8, 100, P)
+    assert d.action == DOWN and d.target == 4 and d.remember == {"down_window": ((1, 0.0),), "cooldown_until": 115}
 
 
 def _w(addr, node, load=0.0):
@@ -155,7 +190,6 @@ def test_workers_per_node(machine, cpu, mem, per_node):
 
 def test_a_stale_floor_never_scales_down_upwards():
     # found by the property test: a floor remembered before max was lowered must not raise the target
-    d = plan_scale(make_spec(min_workers=0, max_workers=1), make_state(target_workers=1, down_since=0.0,
-                                                                        down_floor=2),
+    d = plan_scale(make_spec(min_workers=0, max_workers=1), make_state(target_workers=1, down_window=((2, 0.0),)),
                    make_load(adaptive_target=0, workers=1), 1, 20, P)
-    assert d.action == HOLD and d.target == 1 and d.remember == {"down_since": None, "down_floor": 0}
+    assert d.action == HOLD and d.target == 1 and d.remember == {"down_window": ((0, 20),)}

@@ -3,6 +3,7 @@ on the next invocation; safety properties of the policy hold for any input."""
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from dasklab.config import Config
 from dasklab.errors import PermanentError, TransientError
 from dasklab.messages import parse_command
 from dasklab.model import FAILED, READY, TEARING_DOWN
-from dasklab.policy import ScaleParams, plan_scale, plan_teardown
+from dasklab.policy import DOWN, ScaleParams, plan_scale, plan_teardown
 from dasklab.reconcile import Controller
 from tests.conftest import make_load, make_spec, make_state
 from tests.fakes import FakeBackend, ListEvents
@@ -203,21 +204,49 @@ counts = st.integers(0, 30)
 
 @settings(max_examples=500, deadline=None)
 @given(lo=counts, span=counts, current=counts, joined=counts, requested=counts, target=counts,
-       pinned=st.none() | counts, down_since=st.none() | st.floats(0, 200), floor=counts,
+       pinned=st.none() | counts, window=st.lists(st.tuples(counts, st.floats(0, 200))).map(tuple),
        cooldown=st.floats(0, 300), now=st.floats(0, 300))
-def test_scale_target_never_leaves_min_max(lo, span, current, joined, requested, target, pinned, down_since, floor,
-                                           cooldown, now):
+def test_scale_target_never_leaves_min_max(lo, span, current, joined, requested, target, pinned, window, cooldown,
+                                           now):
     hi = lo + span + 1
     if pinned is not None:
         pinned = min(max(pinned, lo), hi)
     spec = make_spec(min_workers=lo, max_workers=hi, pinned_workers=pinned)
-    state = make_state(target_workers=min(max(current, lo), hi), down_since=down_since, down_floor=floor,
-                       cooldown_until=cooldown)
+    state = make_state(target_workers=min(max(current, lo), hi), down_window=window, cooldown_until=cooldown)
     d = plan_scale(spec, state, make_load(workers=joined, adaptive_target=target), requested, now,
                    ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5))
     assert lo <= d.target <= hi, d.reason
     if d.target < state.target_workers and pinned is None:
         assert joined >= requested  # never retire while requested workers have not arrived
+
+
+@settings(max_examples=300, deadline=None)
+@given(wanted=st.lists(st.tuples(st.floats(0.1, 5), st.integers(0, 8)), min_size=1, max_size=40),
+       confirm=st.floats(0, 10), cooldown=st.sampled_from([0.0, 3.0]), fraction=st.sampled_from([0.5, 1.0]),
+       steady=st.integers(0, 8))
+def test_scale_down_follows_the_highest_target_over_the_window(wanted, confirm, cooldown, fraction, steady):
+    """Never below a target wanted within the last confirm_s (each value holds until the next is seen); and
+    with no cooldown nor step bound, a steady target is reached at the first poll one window after it began."""
+    spec = make_spec(min_workers=0, max_workers=8)
+    params = ScaleParams(confirm_s=confirm, cooldown_s=cooldown, down_fraction=fraction)
+    state, now, seen = make_state(target_workers=8), 0.0, [(float("-inf"), 8)]
+    steady_from = None
+    for dt, want in wanted + [(1.0, steady)] * (int(confirm) + 3):
+        now += dt
+        if want != steady:
+            steady_from = None
+        elif steady_from is None:
+            steady_from = now
+        seen.append((now, want))
+        d = plan_scale(spec, state, make_load(workers=state.target_workers, adaptive_target=want),
+                       state.target_workers, now, params)
+        state = replace(state, target_workers=d.target, **d.remember)
+        if d.action == DOWN:
+            in_effect = next(w for t, w in reversed(seen) if now - t >= confirm)  # the value at now - confirm
+            held = [w for t, w in seen if now - t < confirm] + [in_effect]
+            assert d.target >= max(held), (d.reason, seen)
+        if cooldown == 0 and fraction == 1 and steady_from is not None and now - steady_from >= confirm:
+            assert state.target_workers == steady, (d.reason, seen)
 
 
 @settings(max_examples=500, deadline=None)
@@ -320,3 +349,24 @@ def test_a_pass_past_its_deadline_leaves_the_rest_for_the_next_one():
     seen.clear()
     ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 15)
     assert set(seen) & set(left)
+
+
+def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_ticks():
+    ctl, clock = controller()
+    names = [f"l{i}" for i in range(10)]
+    for name in names:
+        deliver(ctl, msg(type="start-lab", lab=name, owner="o"))
+    reached: dict[str, list[int]] = {name: [-1] for name in names}
+    real = ctl._reconcile_safely
+
+    def slow(lab, tick, mid):  # every lab step takes 10 s: a 25 s deadline reaches 3 labs in 10
+        clock.t += 10
+        return real(lab, tick, mid)
+
+    ctl._reconcile_safely = slow
+    for minute in range(40):
+        clock.t = 1_000_020 + 60 * minute
+        for name in set(names) - set(ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 25)):
+            reached[name].append(minute)
+    gaps = [b - a for ticks in reached.values() for a, b in zip(ticks, ticks[1:] + [40])]
+    assert max(gaps) <= 5  # ≈ 1.5 / (3/10); a rotation by one lab a minute would leave gaps of 8

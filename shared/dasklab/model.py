@@ -86,8 +86,8 @@ class LabState:
     created_at: float = 0.0
     ready_at: float | None = None
     target_workers: int = 0  # workers requested from the backend
-    down_since: float | None = None  # when a lower target was first seen (confirmation window)
-    down_floor: int = 0  # highest target seen since down_since: scale down no lower than this
+    # the confirmation window of a scale-down: (level, since) steps, "nothing above level wanted since since"
+    down_window: tuple[tuple[int, float], ...] = ()
     cooldown_until: float = 0.0
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
@@ -112,7 +112,10 @@ class Lab:
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
         spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
-        return cls(LabSpec(**spec), LabState(**data["state"]), version)
+        # fields a record of an older version holds and this one no longer has are dropped
+        state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
+        state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
+        return cls(LabSpec(**spec), LabState(**state), version)
 
     def with_state(self, **changes) -> "Lab":
         return replace(self, state=replace(self.state, **changes))
@@ -137,7 +140,7 @@ class DaskLoad:
 
     workers: int
     processing: int
-    queued: int  # waiting + unrunnable + queued tasks
+    queued: int  # tasks not running nor done: waiting on dependencies, without a worker, queued
     clients: int  # user clients (the scheduler's own fire-and-forget entry excluded)
     adaptive_target: int
     idle_since: float | None

@@ -37,45 +37,51 @@ def desired_workers(spec: LabSpec, load: DaskLoad) -> tuple[int, str]:
     return clamped, why
 
 
+def _window(steps: tuple, want: int, now: float) -> tuple[tuple[int, float], ...]:
+    """The confirmation window after `want` is seen at `now`: steps (level, since), each meaning "nothing above
+    `level` was wanted since `since`", levels falling as times rise. Seeing `want` breaks the steps below it."""
+    kept = tuple((level, since) for level, since in steps if level >= want)
+    return kept if kept and kept[-1][0] == want else kept + ((want, now),)
+
+
 def plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, now: float,
                params: ScaleParams = ScaleParams()) -> ScaleDecision:
     """Decide the worker target: up at once; down only after confirmation, bounded, with a cooldown.
 
+    Down goes no lower than the highest target wanted over the last `confirm_s` (a sliding window, kept as
+    steps on the lab), so a target that keeps falling is reached one window after it was first wanted.
     `requested` is how many workers the backend was asked for; `load.workers` how many have joined.
     """
     current = state.target_workers
     want, why = desired_workers(spec, load)
-    reset = {"down_since": None, "down_floor": 0}
+    reset = {"down_window": ()}
     if want > current:
         return ScaleDecision(UP, want, f"{why} > target {current}", reset)
     if want == current:
-        changed = state.down_since is not None
-        return ScaleDecision(HOLD, current, f"{why} = target", reset if changed else {})
+        return ScaleDecision(HOLD, current, f"{why} = target", reset if state.down_window else {})
     # want < current from here
     if current > spec.max_workers or (spec.pinned_workers is not None and load.workers >= requested):
         # limits lowered or a pin set by the owner: follow at once (still gracefully, by retirement)
         return ScaleDecision(DOWN, want, f"{why}: owner's limits", {**reset, "cooldown_until": now + params.cooldown_s})
-    if load.workers < requested:
+    if load.workers < requested:  # the window starts once they have arrived
         return ScaleDecision(HOLD, current, f"{why}, but {requested - load.workers} requested worker(s) "
-                                            f"have not joined yet: retire nothing before they arrive")
-    if state.down_since is None:
-        return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming for {params.confirm_s:g}s",
-                             {"down_since": now, "down_floor": want})
-    floor = min(max(state.down_floor, want), spec.max_workers)  # a remembered floor never exceeds max
-    if now - state.down_since < params.confirm_s:
+                                            f"have not joined yet: retire nothing before they arrive",
+                             reset if state.down_window else {})
+    window = tuple(s for s in _window(state.down_window, want, now) if s[0] < current)
+    seen = {"down_window": window} if window != state.down_window else {}
+    confirmed = [level for level, since in window if now - since >= params.confirm_s]
+    if not confirmed:
         return ScaleDecision(HOLD, current, f"{why} < target {current}: confirming "
-                                            f"({now - state.down_since:.1f}/{params.confirm_s:g}s)",
-                             {"down_floor": floor} if floor != state.down_floor else {})
+                                            f"({now - window[0][1]:.1f}/{params.confirm_s:g}s)", seen)
     if now < state.cooldown_until:
-        return ScaleDecision(HOLD, current, f"cooling down for {state.cooldown_until - now:.1f}s more",
-                             {"down_floor": floor} if floor != state.down_floor else {})
-    if floor >= current:
-        return ScaleDecision(HOLD, current, f"{why}, but {floor} was wanted within the window: nothing to retire",
-                             {"down_since": None, "down_floor": 0})
+        return ScaleDecision(HOLD, current, f"cooling down for {state.cooldown_until - now:.1f}s more", seen)
+    floor = confirmed[-1]  # the highest target wanted over the last confirm_s
     step = max(1, math.floor(current * params.down_fraction))
     target = max(floor, current - step, spec.min_workers)
-    return ScaleDecision(DOWN, target, f"{why} held for {now - state.down_since:.1f}s (highest {floor}); "
-                                       f"at most {step} per step", {**reset, "cooldown_until": now + params.cooldown_s})
+    return ScaleDecision(DOWN, target, f"{why}: at most {floor} wanted over the last {params.confirm_s:g}s; "
+                                       f"at most {step} per step",
+                         {"down_window": tuple(s for s in window if s[0] < target),
+                          "cooldown_until": now + params.cooldown_s})
 
 
 def plan_retirement(workers: tuple[WorkerInfo, ...] | list[WorkerInfo], count: int) -> list[str]:

@@ -152,7 +152,7 @@ class Controller:
         now = self.clock()
         phase = lab.state.phase
         if phase != TEARING_DOWN:
-            load = self._load_or_none(lab) if phase == READY else None
+            load = self._load_or_none(lab, idle=tick == "teardown-idle") if phase == READY else None
             verdict = plan_teardown(tick, lab.spec, lab.state, load, now)
             if verdict.delete:
                 self._begin_teardown(lab, verdict.reason, mid)
@@ -232,9 +232,10 @@ class Controller:
             logs.emit("INFO", lab=name, action=action, reason="no such lab: nothing to do", message_id=mid)
         return lab
 
-    def _load_or_none(self, lab: Lab):
+    def _load_or_none(self, lab: Lab, idle: bool):
+        """The scheduler's load (with when it became idle, if `idle`: only the idle teardown needs it)."""
         try:
-            return self.backend.dashboard(lab).fetch_load()
+            return self.backend.dashboard(lab).fetch_load(idle)
         except SchedulerUnreachable as e:
             logs.emit("WARNING", lab=lab.name, action="observe", reason=f"scheduler unreachable: {e}")
             return None

@@ -3,6 +3,7 @@
 import json
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from typing import Callable, Protocol
 
 from ..errors import SchedulerUnreachable
@@ -60,22 +61,40 @@ def _worker_load(identity: dict) -> float:
     return tasks + metrics.get("managed_bytes", 0) / 2**26
 
 
+def _pending(counts: dict) -> int:
+    """Tasks known to the scheduler but not running nor done: waiting on dependencies, without a worker, or
+    queued on the scheduler (its default: tasks beyond the workers' saturation wait in its `queued` set).
+
+    counts.json has no count of queued tasks (only /metrics, which needs prometheus_client in the scheduler's
+    image, has one), so it is what is left of `tasks` once released, erred, processing and in-memory tasks
+    are taken out. `memory` counts replicas, so while a result sits on two workers this falls short by one
+    (AMM drops extra replicas within seconds); it never counts a task that is not pending.
+    """
+    g = counts.get
+    left = g("tasks", 0) - g("released", 0) - g("erred", 0) - g("processing", 0) - g("memory", 0)
+    return max(left, g("waiting", 0) + g("unrunnable", 0), 0)
+
+
 class Dashboard:
     """The scheduler's HTTP API behind a transport; `node_of` maps a worker name to its node."""
 
     def __init__(self, transport: Transport, node_of: Callable[[str], str] = lambda name: name):
         self.transport, self.node_of = transport, node_of
 
-    def fetch_load(self) -> DaskLoad:
+    def fetch_load(self, idle: bool = True) -> DaskLoad:
+        """One call, /json/counts.json (counts and the adaptive target); with `idle`, and only when no task
+        and no client keeps the scheduler busy, a second one for when it became idle (/api/v1/check_idle)."""
         counts = _json(self.transport.get("/json/counts.json"), "counts.json")
-        target = _json(self.transport.get("/api/v1/adaptive_target"), "adaptive_target")
-        idle = _json(self.transport.get("/api/v1/check_idle"), "check_idle")
-        return DaskLoad(
-            workers=counts["workers"], processing=counts["processing"],
-            queued=counts.get("waiting", 0) + counts.get("unrunnable", 0) + counts.get("queued", 0),
-            clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS),
-            adaptive_target=int(target["workers"]), idle_since=idle.get("idle_since"),
-        )
+        target = counts.get("desired_workers")
+        if target is None:  # a counts.json without it (none seen in distributed since 2022): ask the API
+            target = _json(self.transport.get("/api/v1/adaptive_target"), "adaptive_target")["workers"]
+        load = DaskLoad(workers=counts["workers"], processing=counts["processing"], queued=_pending(counts),
+                        clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS), adaptive_target=int(target),
+                        idle_since=None)
+        if idle and not load.busy and not load.clients:
+            since = _json(self.transport.get("/api/v1/check_idle"), "check_idle").get("idle_since")
+            load = replace(load, idle_since=since)
+        return load
 
     def fetch_workers(self) -> tuple[WorkerInfo, ...]:
         """The workers with their nodes, and their load where the scheduler can report it.

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,11 +13,23 @@ from ..errors import ConflictError, PermanentError, TransientError
 from ..model import MANAGED_BY, Lab
 from ..policy import Infra
 from .dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
-from .procs import free_port, pid_alive, spawn, stop_pid_group, wait_until
+from .procs import free_port, pid_alive, spawn, stop_pid_group
+
+
+RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
 
 
 def _node_of(worker_name: str) -> str:
     return worker_name.split("-", 1)[0]  # workers are named n<node>-w<index>
+
+
+def _reap(retiring: dict) -> None:
+    """Forget the retired workers that exited; stop those still running after RETIRE_TIMEOUT_S (in place)."""
+    for name, w in list(retiring.items()):
+        if pid_alive(w["pid"]) and time.time() - w["since"] < RETIRE_TIMEOUT_S:
+            continue
+        stop_pid_group(w["pid"])  # nothing to do if it is gone, with whatever it started
+        del retiring[name]
 
 
 class LocalBackend:
@@ -84,7 +97,8 @@ class LocalBackend:
             if self._path(lab.name).exists():
                 return False
             self._write({"managed_by": MANAGED_BY, "version": 1, **lab.to_dict(),
-                         "local": {"scheduler": None, "workers": {}, "installed": False, "next_worker": 0}})
+                         "local": {"scheduler": None, "workers": {}, "retiring": {}, "installed": False,
+                                   "next_worker": 0}})
         return True
 
     def apply_record(self, lab: Lab) -> Lab:
@@ -149,6 +163,7 @@ class LocalBackend:
             local["installed"] = True
 
     def fetch_requested(self, lab: Lab) -> int:
+        """Live workers, not counting retired ones that are still exiting."""
         return sum(pid_alive(w["pid"]) for w in self._local(lab)["workers"].values())
 
     def apply_workers(self, lab: Lab, target: int) -> None:
@@ -156,6 +171,7 @@ class LocalBackend:
         per_node = lab.spec.workers_per_node
         with self._update(lab.name) as local:
             local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
+            _reap(local.setdefault("retiring", {}))
             sched = local["scheduler"]
             for _ in range(target - len(local["workers"])):
                 used: dict[str, int] = {}
@@ -174,31 +190,33 @@ class LocalBackend:
                 local["workers"][name] = {"pid": pid, "node": node}
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
-        """Retire through the scheduler (data moves to survivors), then wait for exactly those processes."""
+        """Retire through the scheduler (data moves to survivors; it removes them before answering), then
+        record the retired processes as retiring: they exit on their own, and a later step reaps them.
+        A crash before the record leaves exiting processes among the workers, which no longer count once gone."""
         dashboard = self.dashboard(lab)
         names = {w.address: w.name for w in dashboard.fetch_workers()}
-        dashboard.apply_retire(addresses)
-        workers = self._local(lab)["workers"]
-        pids = [workers[names[a]]["pid"] for a in addresses if names.get(a) in workers]
-        try:
-            wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15, what="retired workers' exit")
-        finally:
-            with self._update(lab.name) as local:
-                for address in addresses:
-                    entry = local["workers"].pop(names.get(address, ""), None)
-                    if entry:
-                        stop_pid_group(entry["pid"])
+        retired = dashboard.apply_retire(addresses)  # a worker whose data could not move is not retired
+        with self._update(lab.name) as local:
+            retiring = local.setdefault("retiring", {})
+            for address in retired:
+                entry = local["workers"].pop(names.get(address, ""), None)
+                if entry:
+                    retiring[names[address]] = {**entry, "since": time.time()}
+            _reap(retiring)
 
     def apply_settle(self, lab: Lab) -> None:
-        """Nothing: local scaling steps finish within their call."""
+        """Reap the retired workers: forget those that exited, stop those still running after RETIRE_TIMEOUT_S."""
+        if self._local(lab).get("retiring"):
+            with self._update(lab.name) as local:
+                _reap(local["retiring"])
 
     def apply_delete(self, lab: Lab) -> None:
         with self._update(lab.name) as local:
-            for w in local["workers"].values():
+            for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
                 stop_pid_group(w["pid"])
             if local["scheduler"]:
                 stop_pid_group(local["scheduler"]["pid"])
-            local.update(scheduler=None, workers={}, installed=False)
+            local.update(scheduler=None, workers={}, retiring={}, installed=False)
 
     # --- access ---
 
@@ -222,7 +240,7 @@ class LocalBackend:
         """The scheduler's and workers' process ids (for checks that nothing is left behind)."""
         local = self._local(lab)
         sched = [local["scheduler"]["pid"]] if local["scheduler"] else []
-        return [w["pid"] for w in local["workers"].values()] + sched
+        return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + sched
 
     def stop_all(self) -> int:
         """Delete every local lab, processes and records (when the local controller shuts down)."""
