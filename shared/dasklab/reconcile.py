@@ -119,7 +119,7 @@ class Controller:
                 return
             self.sleep(self.config.poll_s)
 
-    def reconcile_all(self, tick: str, mid: str = "", workers: int = 32, deadline: float | None = None) -> list[str]:
+    def reconcile_all(self, tick: str, mid: str = "", workers: int = 64, deadline: float | None = None) -> list[str]:
         """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
         started when `deadline` passes is left for the next pass. The pass starts at a point of the ring of labs
         that moves by the golden ratio of the ring every minute, so successive starts spread evenly: a fleet of

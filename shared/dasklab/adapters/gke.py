@@ -286,7 +286,7 @@ class GkeBackend:
                 logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
                 return None
 
-        with ThreadPoolExecutor(max_workers=max(1, min(32, len(managed)))) as pool:  # records read concurrently
+        with ThreadPoolExecutor(max_workers=max(1, min(64, len(managed)))) as pool:  # records read concurrently
             labs = [lab for lab in pool.map(read, managed) if lab is not None]
         return sorted(labs, key=lambda lab: lab.name)
 
