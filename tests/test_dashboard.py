@@ -29,14 +29,10 @@ def test_a_reconcile_poll_is_one_call():
     assert (load.workers, load.adaptive_target, load.clients, load.idle_since) == (2, 2, 0, None)
 
 
-@pytest.mark.parametrize("busy", [{"processing": 3}, {"waiting": 2}, {"clients": 2}], ids=str)
-def test_idleness_is_asked_only_when_nothing_keeps_the_scheduler_busy(busy):
-    transport = Recorded(**busy)
-    assert Dashboard(transport).fetch_load(idle=True).idle_since is None
-    assert transport.calls == ["/json/counts.json"]
-    idle = Recorded()
-    assert Dashboard(idle).fetch_load(idle=True).idle_since == 1234.5
-    assert idle.calls == ["/json/counts.json", "/api/v1/check_idle"]
+def test_idleness_is_a_second_call_when_asked():
+    transport = Recorded()
+    assert Dashboard(transport).fetch_load(idle=True).idle_since == 1234.5
+    assert transport.calls == ["/json/counts.json", "/api/v1/check_idle"]
 
 
 def test_without_desired_workers_the_adaptive_target_is_asked():

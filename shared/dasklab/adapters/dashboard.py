@@ -82,8 +82,8 @@ class Dashboard:
         self.transport, self.node_of = transport, node_of
 
     def fetch_load(self, idle: bool = True) -> DaskLoad:
-        """One call, /json/counts.json (counts and the adaptive target); with `idle`, and only when no task
-        and no client keeps the scheduler busy, a second one for when it became idle (/api/v1/check_idle)."""
+        """One call, /json/counts.json (counts and the adaptive target); with `idle` a second one, for when the
+        scheduler became idle (/api/v1/check_idle)."""
         counts = _json(self.transport.get("/json/counts.json"), "counts.json")
         target = counts.get("desired_workers")
         if target is None:  # a counts.json without it (none seen in distributed since 2022): ask the API
@@ -91,7 +91,7 @@ class Dashboard:
         load = DaskLoad(workers=counts["workers"], processing=counts["processing"], queued=_pending(counts),
                         clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS), adaptive_target=int(target),
                         idle_since=None)
-        if idle and not load.busy and not load.clients:
+        if idle:
             since = _json(self.transport.get("/api/v1/check_idle"), "check_idle").get("idle_since")
             load = replace(load, idle_since=since)
         return load
