@@ -9,7 +9,8 @@ Three kinds of process, so that RSS is the controller's alone:
   Dask dashboard (steady load: 1 worker, target 1, not idle → no scaling, no teardown); a fake helm renders the
   chart's objects and registers that server as the backend of the lab's scheduler Service. Driven over stdin.
 - the controller (--controller): real clients to the cloud's addresses (one Kubernetes ApiClient per cluster, as
-  GkeBackend.from_config builds them); creates labs at latency 0, or measures one pass (ru_maxrss of this process).
+  GkeBackend.from_config builds them); creates lab0000 at latency 0, or measures one pass (ru_maxrss and CPU
+  time of this process). The other labs are copies of lab0000 the cloud seeds into its stand-ins ("seed N").
 - this orchestrator: starts them, sets the latency, counts calls, prints the table.
 """
 
@@ -231,16 +232,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         sys.stdout.flush()
         sys.stdin.readline()  # the orchestrator snapshots the call counts
         t0, cpu0 = time.monotonic(), _cpu()
-        if os.environ.get("FLEET_PROFILE"):  # where the pass's time goes (all threads' wall, by function)
-            import cProfile
-            import pstats
-            prof = cProfile.Profile()
-            prof.enable()
         failed = ctl.reconcile_all("reconcile", "bench", workers=workers)
         wall, cpu = time.monotonic() - t0, _cpu() - cpu0
-        if os.environ.get("FLEET_PROFILE"):
-            prof.disable()
-            pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
         out = {"wall": wall, "cpu": cpu, "cold": cold, "failed": len(failed), "rss0_mb": rss0 / 1024,
                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "threads_after": threading.active_count()}
