@@ -439,22 +439,28 @@ def check_body(obj: Any, kind_name: str, api_version: str) -> Obj:
     return obj
 
 
+def check_item_names(items: list[Obj], path: str, causes: Causes, required: bool) -> None:
+    """The `name` of each item of a list (containers, ports): present if required, unique, a DNS label."""
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        field, name = f"{path}[{i}].name", item.get("name") or ""
+        if required and not name:
+            causes.required(field)
+        elif name in seen:
+            causes.add(field, "FieldValueDuplicate", f"Duplicate value: {json.dumps(name)}")
+        for problem in name_problems("label", name) if name else ():
+            causes.invalid(field, name, problem)
+        seen.add(name)
+
+
 def check_pod_spec(spec: Obj, path: str, causes: Causes, policies: tuple[str, ...]) -> None:
     containers = spec.get("containers") or []
     if not containers:
         causes.required(f"{path}.containers")
-    seen: set[str] = set()
+    check_item_names(containers, f"{path}.containers", causes, required=True)
     for i, container in enumerate(containers):
-        field, name = f"{path}.containers[{i}]", container.get("name") or ""
-        if not name:
-            causes.required(f"{field}.name")
-        elif name in seen:
-            causes.add(f"{field}.name", "FieldValueDuplicate", f"Duplicate value: {json.dumps(name)}")
-        for problem in name_problems("label", name) if name else ():
-            causes.invalid(f"{field}.name", name, problem)
-        seen.add(name)
         if not container.get("image"):
-            causes.required(f"{field}.image")
+            causes.required(f"{path}.containers[{i}].image")
     if spec.get("restartPolicy") not in policies:
         causes.unsupported(f"{path}.restartPolicy", spec.get("restartPolicy"), policies)
 
@@ -522,16 +528,9 @@ def check_service(obj: Obj, old: Obj | None, causes: Causes) -> None:
     ports = spec.get("ports") or []
     if not ports and spec.get("type") != "ExternalName" and spec.get("clusterIP") != "None":
         causes.required("spec.ports")
-    seen: set[str] = set()
+    check_item_names(ports, "spec.ports", causes, required=len(ports) > 1)
     for i, port in enumerate(ports):
-        field, name = f"spec.ports[{i}]", port.get("name") or ""
-        if len(ports) > 1 and not name:
-            causes.required(f"{field}.name")
-        elif name in seen:
-            causes.add(f"{field}.name", "FieldValueDuplicate", f"Duplicate value: {json.dumps(name)}")
-        for problem in name_problems("label", name) if name else ():
-            causes.invalid(f"{field}.name", name, problem)
-        seen.add(name)
+        field = f"spec.ports[{i}]"
         for key in ("port", "targetPort"):
             value = port.get(key)
             if (key == "port" or isinstance(value, int)) and not (isinstance(value, int) and 1 <= value <= 65535):
