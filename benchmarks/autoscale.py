@@ -300,9 +300,9 @@ class CountingHandler(logging.Handler):
 def _local_lab(home: Path, lab: str, initial: int, lo: int, hi: int, params: dict, echo: bool):
     """A local lab through dasklab's own controller: start-lab, reconcile until ready, `initial` workers joined."""
     from dasklab.adapters.local import FileEvents, LocalBackend
-    from dasklab.config import Config
-    from dasklab.messages import parse_command
-    from dasklab.reconcile import Controller
+    from dasklab.core.config import Config
+    from dasklab.core.messages import parse_command
+    from dasklab.core.reconcile import Controller
     from distributed import Client
 
     backend = LocalBackend(home)
@@ -345,7 +345,7 @@ class _Halted(Exception):
 
 
 def run_dasklab(home: Path, workload, a, stop, params: dict, label: str = "") -> ModeRun:
-    from dasklab.messages import parse_command
+    from dasklab.core.messages import parse_command
 
     mode = ModeRun("dasklab", label or "dasklab " + fmt_params(params), min_workers=a.min, params=params)
     backend, ctl, log, address = _local_lab(home, "dasklab", a.min, a.min, a.max, params, a.verbose)

@@ -68,7 +68,7 @@ class _Dashboards(BaseHTTPRequestHandler):
 
 def cloud() -> None:
     import yaml
-    from dasklab.release import chart_fullname
+    from dasklab.adapters.release import chart_fullname
     from tests.gke_world import TOKEN, World
     from tests.standins.compute import MigStandin
     from tests.standins.gke import GkeStandin
@@ -114,7 +114,7 @@ def cloud() -> None:
         """Labs lab0001… up to n as copies of lab0000 (created through the controller): its cluster, and its
         namespace with every object in it, renamed; each copy's record labels re-encoded from its own record."""
         from dasklab.adapters.gke import RECORD, RECORD_KEY, encode_labels
-        from dasklab.model import Lab
+        from dasklab.core.model import Lab
         t0 = time.monotonic()
         clusters = gke.clusters
         source = next(name for name in clusters if name.endswith("/clusters/lab0000"))
@@ -164,8 +164,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
     import kubernetes.client
     from dasklab.adapters.compute import Migs
     from dasklab.adapters.gke import GkeBackend
-    from dasklab.messages import parse_command
-    from dasklab.reconcile import Controller
+    from dasklab.core.messages import parse_command
+    from dasklab.core.reconcile import Controller
     from google.cloud import container_v1 as gke
     from google.cloud.container_v1.services.cluster_manager.transports import ClusterManagerGrpcTransport
     from tests.gke_world import CONFIG

@@ -16,9 +16,9 @@ import time
 from distributed import Client
 
 from dasklab.adapters.local import FileEvents, LocalBackend
-from dasklab.config import Config
-from dasklab.messages import parse_command
-from dasklab.reconcile import Controller
+from dasklab.core.config import Config
+from dasklab.core.messages import parse_command
+from dasklab.core.reconcile import Controller
 
 
 class Decisions(logging.Handler):

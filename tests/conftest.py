@@ -2,7 +2,7 @@
 
 import pytest
 
-from dasklab.model import DaskLoad, LabSpec, LabState
+from dasklab.core.model import DaskLoad, LabSpec, LabState
 
 
 def make_spec(**kw) -> LabSpec:

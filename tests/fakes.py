@@ -4,9 +4,9 @@ operations take several observations, deletion is refused while creating — wit
 from dataclasses import dataclass, field
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.errors import ConflictError, PermanentError, TransientError
-from dasklab.model import Lab, WorkerInfo
-from dasklab.policy import Infra
+from dasklab.core.errors import ConflictError, PermanentError, TransientError
+from dasklab.core.model import Lab, WorkerInfo
+from dasklab.core.policy import Infra
 
 POLLS = 2  # observations an operation takes
 

@@ -15,8 +15,8 @@ import yaml
 from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
-from dasklab.config import Config
-from dasklab.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, chart_fullname
+from dasklab.core.config import Config
+from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, chart_fullname
 from kubernetes import client as k8s
 
 from tests.standins.compute import MigStandin

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dasklab import config
+from dasklab.core import config
 from dasklab.adapters import procs
 
 DASKLAB = [sys.executable, "-m", "dasklab.cli"]
@@ -177,7 +177,7 @@ def gcp(emulator_host, monkeypatch, home):
     """`infra.default_clients` answering from the emulator and the stand-in; a fresh project per test."""
     from google.cloud import pubsub_v1
 
-    from dasklab import infra
+    from dasklab.cloud import infra
     from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
@@ -246,7 +246,7 @@ def test_destroy_refuses_while_labs_exist_and_force_deletes_them_with_the_rest(g
                                                                               fake_gcloud):
     from dasklab import runtime
     from dasklab.adapters.local import LocalBackend
-    from dasklab.model import Lab
+    from dasklab.core.model import Lab
     from tests.conftest import make_spec, make_state
 
     backend = LocalBackend(home)
@@ -276,7 +276,7 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
     from dasklab import runtime
     from dasklab.adapters.compute import Migs
     from dasklab.adapters.gke import GkeBackend
-    from dasklab.model import Lab
+    from dasklab.core.model import Lab
     from tests.conftest import make_spec, make_state
     from tests.standins.gke import GkeStandin
 

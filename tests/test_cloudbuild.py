@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dasklab import deploy
-from dasklab.timers import load_infra
+from dasklab.cloud import deploy
+from dasklab.local.timers import load_infra
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = deploy.load_build()

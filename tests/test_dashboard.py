@@ -4,7 +4,7 @@ import json
 
 import pytest
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.errors import SchedulerUnreachable
+from dasklab.core.errors import SchedulerUnreachable
 
 
 class Recorded:

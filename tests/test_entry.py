@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from cloudevents.http import CloudEvent
 
-from dasklab import config, entry
+from dasklab.core import config
+from dasklab import entry
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
-from dasklab.errors import ConflictError
-from dasklab.serve import push_envelope
+from dasklab.core.errors import ConflictError
+from dasklab.local.serve import push_envelope
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = {"type": "google.cloud.pubsub.topic.v1.messagePublished",
@@ -150,7 +151,7 @@ def until(check, timeout=60.0, every=0.3, what="condition"):
 def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_server(home, tmp_path, monkeypatch):
     from google.cloud import pubsub_v1
 
-    from dasklab import infra
+    from dasklab.cloud import infra
     from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
     emu = procs.start_pubsub_emulator(tmp_path / "pubsub")

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 from dasklab import entry
-from dasklab.config import Config
-from dasklab.errors import ValidationError
-from dasklab.messages import COMMAND_TYPES, TICK_TYPES, Scale, StartLab, build_spec, check_caps, parse_command
+from dasklab.core.config import Config
+from dasklab.core.errors import ValidationError
+from dasklab.core.messages import COMMAND_TYPES, TICK_TYPES, Scale, StartLab, build_spec, check_caps, parse_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

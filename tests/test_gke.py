@@ -12,9 +12,9 @@ import grpc
 import pytest
 from dasklab.adapters.gke import place_of
 from dasklab.adapters.procs import pid_alive
-from dasklab.errors import PermanentError, TransientError
-from dasklab.messages import parse_command
-from dasklab.reconcile import Controller
+from dasklab.core.errors import PermanentError, TransientError
+from dasklab.core.messages import parse_command
+from dasklab.core.reconcile import Controller
 from distributed import Client
 from google.cloud import container_v1 as gke
 
@@ -287,7 +287,7 @@ def test_from_config_reaches_kubernetes_without_gcloud(monkeypatch, tmp_path):
 
     import google.auth
     from dasklab.adapters.gke import GkeBackend
-    from dasklab.config import Config
+    from dasklab.core.config import Config
     from google.auth import credentials as ga_credentials
 
     class Creds(ga_credentials.Credentials):

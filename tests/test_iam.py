@@ -13,7 +13,7 @@ from google.cloud import compute_v1, container_v1, scheduler_v1
 from google.pubsub_v1.services.publisher import PublisherClient
 from google.pubsub_v1.services.subscriber import SubscriberClient
 
-from dasklab import deploy
+from dasklab.cloud import deploy
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "shared" / "dasklab"
@@ -88,7 +88,7 @@ def gcloud_commands() -> set[str]:
              + deploy.build_steps(build, values) + deploy.delete_function_steps(build, PROJECT, "us-central1")
              + [deploy.cloud_build_step(values)])
     argvs = [argv for s in steps for argv in (s.argv, s.unless, s.only_if) if argv]
-    for node in ast.walk(ast.parse((PACKAGE / "deploy.py").read_text())):  # commands outside any step
+    for node in ast.walk(ast.parse((PACKAGE / "cloud" / "deploy.py").read_text())):  # commands outside any step
         if isinstance(node, (ast.List, ast.Tuple)) and node.elts and all(
                 isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts[:2]):
             argvs.append([e.value for e in node.elts if isinstance(e, ast.Constant)])
@@ -132,7 +132,7 @@ def test_the_scan_sees_the_calls_we_know_of():
     assert ("compute.get", "shared/dasklab/adapters/compute.py::Migs") in calls  # a one-word name on a client
     assert ("kubernetes.patch_namespaced_deployment_scale", "shared/dasklab/adapters/kube.py::Kube") in calls
     assert ("pubsub.publish", "shared/dasklab/adapters/pubsub.py::publish") in calls
-    assert ("scheduler.delete_job", "shared/dasklab/infra.py::destroy") in calls  # passed on, not called there
+    assert ("scheduler.delete_job", "shared/dasklab/cloud/infra.py::destroy") in calls  # passed on, not called there
     assert not any(key.endswith(".get") and "gke.py" in scope for key, scope in calls)  # dict.get is not an API
     assert "gcloud functions deploy dasklab-control" in gcloud_commands()
 

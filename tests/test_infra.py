@@ -9,11 +9,11 @@ import pytest
 from google.cloud import pubsub_v1
 from google.cloud import scheduler_v1 as sched
 
-from dasklab import infra
+from dasklab.cloud import infra
 from dasklab.adapters import procs
-from dasklab.errors import ValidationError
-from dasklab.messages import parse_command
-from dasklab.timers import load_infra
+from dasklab.core.errors import ValidationError
+from dasklab.core.messages import parse_command
+from dasklab.local.timers import load_infra
 from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
 LOCATION = "us-central1"

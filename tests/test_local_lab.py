@@ -8,10 +8,10 @@ from distributed import Client
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import FileEvents, LocalBackend
-from dasklab.config import Config
-from dasklab.errors import ConflictError, PermanentError
-from dasklab.messages import parse_command
-from dasklab.reconcile import Controller
+from dasklab.core.config import Config
+from dasklab.core.errors import ConflictError, PermanentError
+from dasklab.core.messages import parse_command
+from dasklab.core.reconcile import Controller
 
 FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
 

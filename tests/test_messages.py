@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dasklab.config import Config
-from dasklab.errors import ValidationError
-from dasklab.messages import MAX_MESSAGE_BYTES, StartLab, build_spec, check_caps, decode_pubsub, parse_command
+from dasklab.core.config import Config
+from dasklab.core.errors import ValidationError
+from dasklab.core.messages import MAX_MESSAGE_BYTES, StartLab, build_spec, check_caps, decode_pubsub, parse_command
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SEED = (EXAMPLES / "config.yaml").read_text()

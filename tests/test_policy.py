@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from dasklab.model import WorkerInfo
-from dasklab.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_provision_step, plan_retirement, plan_scale,
+from dasklab.core.model import WorkerInfo
+from dasklab.core.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_provision_step, plan_retirement, plan_scale,
                             plan_start, plan_teardown)
 from tests.conftest import make_load, make_spec, make_state
 

@@ -13,11 +13,11 @@ from dasklab.adapters.gke import (
     nodes_per_zone,
     place_of,
 )
-from dasklab.config import Config
-from dasklab.errors import PermanentError, ValidationError
-from dasklab.messages import build_spec, parse_command
-from dasklab.model import Lab, LabState
-from dasklab.release import (
+from dasklab.core.config import Config
+from dasklab.core.errors import PermanentError, ValidationError
+from dasklab.core.messages import build_spec, parse_command
+from dasklab.core.model import Lab, LabState
+from dasklab.adapters.release import (
     POOL_LABEL,
     TOKEN_SECRET,
     build_helm_values,

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dasklab.backend import Backend
-from dasklab.config import Config
-from dasklab.errors import PermanentError, TransientError
-from dasklab.messages import parse_command
-from dasklab.model import FAILED, READY, TEARING_DOWN
-from dasklab.policy import DOWN, ScaleParams, plan_scale, plan_teardown
-from dasklab.reconcile import Controller
+from dasklab.core.backend import Backend
+from dasklab.core.config import Config
+from dasklab.core.errors import PermanentError, TransientError
+from dasklab.core.messages import parse_command
+from dasklab.core.model import FAILED, READY, TEARING_DOWN
+from dasklab.core.policy import DOWN, ScaleParams, plan_scale, plan_teardown
+from dasklab.core.reconcile import Controller
 from tests.conftest import make_load, make_spec, make_state
 from tests.fakes import FakeBackend, ListEvents
 

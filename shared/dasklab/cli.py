@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from . import config as config_mod
-from .errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core import config as config_mod
+from dasklab.core.errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
 
 def _owner() -> str:
@@ -49,7 +49,7 @@ def _messages(a) -> dict:
 
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
-    from .messages import Scale, StartLab, build_spec, check_caps, parse_command
+    from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
         build_spec(cmd, cfg)
@@ -61,11 +61,11 @@ def cmd_publish(a, cfg) -> int:
     payload = _messages(a)
     validate(payload, cfg)
     if cfg.backend == "gke":
-        from .adapters import pubsub
+        from dasklab.adapters import pubsub
         mid = pubsub.publish(cfg.project, cfg.control_topic, payload)
         where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
     else:
-        from .serve import publish_local, serve_info
+        from dasklab.local.serve import publish_local, serve_info
         mid = publish_local(cfg.home, payload)
         where = f"the local controller ({serve_info(cfg.home)['bus']})"
     print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})")
@@ -81,7 +81,7 @@ def _ago(now: float, then: float | None) -> str:
 
 def fetch_status(cfg) -> list[dict]:
     """One row per lab: what `dasklab status` shows."""
-    from .runtime import build_backend
+    from dasklab.runtime import build_backend
     backend, now, rows = build_backend(cfg), time.time(), []
     for lab in backend.fetch_labs():
         load = None
@@ -148,7 +148,7 @@ def cmd_status(a, cfg) -> int:
 
 
 def cmd_serve(a, cfg) -> int:
-    from .serve import LocalController
+    from dasklab.local.serve import LocalController
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
@@ -161,7 +161,7 @@ def cmd_serve(a, cfg) -> int:
 
 
 def cmd_demo(a, cfg) -> int:
-    from .demo import run_demo
+    from dasklab.local.demo import run_demo
     return run_demo(json_lines=a.json)
 
 
@@ -179,8 +179,8 @@ def print_changes(title: str, changes) -> None:
 
 def cmd_infra(a, cfg) -> int:
     """`infra apply [--dry-run]` / `infra destroy`: dasklab's topics, dead-letter subscription and timers."""
-    from . import infra
-    from .timers import load_infra
+    from dasklab.cloud import infra
+    from dasklab.local.timers import load_infra
     _require_project(cfg)
     infra.build_desired(load_infra(), cfg.project, cfg.region, nightly_at=cfg.nightly_at,
                         time_zone=cfg.nightly_time_zone)  # refuse bad settings before any client is built
@@ -200,8 +200,8 @@ def cmd_infra(a, cfg) -> int:
 
 def deploy_steps(a, cfg) -> list:
     """What `dasklab deploy` runs: the identity of infra/iam.yaml, then cloudbuild.yaml's steps (or a build)."""
-    from . import deploy
-    from .timers import load_infra
+    from dasklab.cloud import deploy
+    from dasklab.local.timers import load_infra
     build, iam = deploy.load_build(), deploy.load_iam()
     values = deploy.substitutions(build, cfg.project, {
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
@@ -218,7 +218,7 @@ def deploy_steps(a, cfg) -> list:
 
 
 def cmd_deploy(a, cfg) -> int:
-    from . import deploy
+    from dasklab.cloud import deploy
     _require_project(cfg)
     steps = deploy_steps(a, cfg)
     if a.dry_run:
@@ -233,8 +233,8 @@ def cmd_deploy(a, cfg) -> int:
 
 def cmd_destroy(a, cfg) -> int:
     """Delete the function(s) and what `infra` created; refuses while managed labs exist unless --force."""
-    from . import deploy, infra
-    from .runtime import build_backend
+    from dasklab.cloud import deploy, infra
+    from dasklab.runtime import build_backend
     _require_project(cfg)
     backend = build_backend(replace(cfg, backend="gke"))
     labs = backend.fetch_labs()
@@ -258,7 +258,7 @@ def cmd_destroy(a, cfg) -> int:
 
 def cmd_connect(a, cfg) -> int:
     """What a student needs to reach a lab: from the backend's connection_info (never a secret itself)."""
-    from .runtime import build_backend
+    from dasklab.runtime import build_backend
     backend = build_backend(cfg)
     lab = backend.fetch_lab(a.lab)
     if lab is None:

@@ -2,15 +2,15 @@
 
 from functools import lru_cache
 
-from . import logs
-from .errors import PermanentError
-from .messages import decode_pubsub, parse_command
+from dasklab.core import logs
+from dasklab.core.errors import PermanentError
+from dasklab.core.messages import decode_pubsub, parse_command
 
 
 @lru_cache(maxsize=1)
 def controller():
     """The controller for this process's configuration, built on first use so imports stay light."""
-    from . import runtime
+    from dasklab import runtime
     return runtime.build_controller()
 
 

@@ -3,24 +3,24 @@
 import os
 from pathlib import Path
 
-from .config import Config, current
-from .reconcile import Controller
+from dasklab.core.config import Config, current
+from dasklab.core.reconcile import Controller
 
 
 def build_events(config: Config):
     """Status events go to the status topic when Pub/Sub is reachable (cloud or emulator), else to a file."""
     if config.backend == "gke" or os.environ.get("PUBSUB_EMULATOR_HOST"):
-        from .adapters.pubsub import PubSubEvents
+        from dasklab.adapters.pubsub import PubSubEvents
         return PubSubEvents(config.project or "dasklab-local", config.status_topic)
-    from .adapters.local import FileEvents
+    from dasklab.adapters.local import FileEvents
     return FileEvents(Path(config.home) / "status.jsonl")
 
 
 def build_backend(config: Config):
     if config.backend == "local":
-        from .adapters.local import LocalBackend
+        from dasklab.adapters.local import LocalBackend
         return LocalBackend(config.home)
-    from .adapters.gke import GkeBackend
+    from dasklab.adapters.gke import GkeBackend
     return GkeBackend.from_config(config)
 
 

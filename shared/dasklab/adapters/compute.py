@@ -6,7 +6,7 @@ from typing import Callable
 
 from google.api_core import exceptions as gexc
 
-from ..errors import PermanentError, TransientError
+from dasklab.core.errors import PermanentError, TransientError
 
 _MIG_URL = re.compile(r"projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)$")
 

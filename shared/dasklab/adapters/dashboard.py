@@ -6,8 +6,8 @@ import urllib.request
 from dataclasses import replace
 from typing import Callable, Protocol
 
-from ..errors import SchedulerUnreachable
-from ..model import DaskLoad, WorkerInfo
+from dasklab.core.errors import SchedulerUnreachable
+from dasklab.core.model import DaskLoad, WorkerInfo
 
 # The scheduler must serve these routes; distributed.http.scheduler.api is off by default.
 SCHEDULER_HTTP_ROUTES = [

@@ -37,15 +37,15 @@ from typing import Callable
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
 
-from .. import logs
-from ..config import Config
-from ..errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
-from ..model import MANAGED_BY, TEARING_DOWN, Lab
-from ..policy import Infra
-from ..release import POOL_LABEL, build_namespace, build_release, build_token_secret, chart_fullname
-from .compute import Migs, parse_mig
-from .dashboard import Dashboard
-from .kube import DELETION_COST, Kube
+from dasklab.core import logs
+from dasklab.core.config import Config
+from dasklab.core.errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.model import MANAGED_BY, TEARING_DOWN, Lab
+from dasklab.core.policy import Infra
+from dasklab.adapters.release import POOL_LABEL, build_namespace, build_release, build_token_secret, chart_fullname
+from dasklab.adapters.compute import Migs, parse_mig
+from dasklab.adapters.dashboard import Dashboard
+from dasklab.adapters.kube import DELETION_COST, Kube
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 ZONE_LABEL = "topology.kubernetes.io/zone"

@@ -7,7 +7,7 @@ import kubernetes.client as k8s
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from ..errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError
+from dasklab.core.errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster

@@ -9,11 +9,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConflictError, PermanentError, TransientError
-from ..model import MANAGED_BY, Lab
-from ..policy import Infra
-from .dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
-from .procs import free_port, pid_alive, spawn, stop_pid_group
+from dasklab.core.errors import ConflictError, PermanentError, TransientError
+from dasklab.core.model import MANAGED_BY, Lab
+from dasklab.core.policy import Infra
+from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
+from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped

@@ -6,7 +6,7 @@ from functools import lru_cache
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from ..errors import TransientError
+from dasklab.core.errors import TransientError
 
 ACK_DEADLINE_S = 600  # the longest Pub/Sub allows: a reconcile tick polls for about a minute
 

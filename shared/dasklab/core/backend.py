@@ -2,9 +2,9 @@
 
 from typing import Protocol
 
-from .adapters.dashboard import Dashboard
-from .model import Lab
-from .policy import Infra
+from dasklab.adapters.dashboard import Dashboard
+from dasklab.core.model import Lab
+from dasklab.core.policy import Infra
 
 
 class Backend(Protocol):

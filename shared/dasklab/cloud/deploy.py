@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DasklabError, ValidationError
+from dasklab.core.errors import DasklabError, ValidationError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUILD_FILE = REPO / "cloudbuild.yaml"
 IAM_FILE = REPO / "infra" / "iam.yaml"
 _VARIABLE = re.compile(r"\$\$|\$\{(\w+)\}|\$(\w+)")

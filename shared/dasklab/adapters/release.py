@@ -5,8 +5,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .adapters.dashboard import SCHEDULER_HTTP_ROUTES
-from .model import MANAGED_BY, LabSpec
+from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES
+from dasklab.core.model import MANAGED_BY, LabSpec
 
 CHART = "dask"  # the official chart dask/dask
 POOL_LABEL = "cloud.google.com/gke-nodepool"  # GKE puts it on every node of a pool

@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from croniter import croniter
 
-from .errors import ValidationError
-from .messages import TICK_TYPES, parse_command
+from dasklab.core.errors import ValidationError
+from dasklab.core.messages import TICK_TYPES, parse_command
 
-INFRA_FILE = Path(__file__).resolve().parents[2] / "infra" / "dasklab.yaml"
+INFRA_FILE = Path(__file__).resolve().parents[3] / "infra" / "dasklab.yaml"
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .adapters import procs
-from .adapters.local import LocalBackend
-from .model import READY
-from .serve import LocalController
+from dasklab.adapters import procs
+from dasklab.adapters.local import LocalBackend
+from dasklab.core.model import READY
+from dasklab.local.serve import LocalController
 
 LAB = "demo"
 TASKS, TASK_SECONDS = 120, 0.5

@@ -5,14 +5,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from . import logs
-from .backend import Backend, Events
-from .config import Config
-from .errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
-from .messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
+from dasklab.core import logs
+from dasklab.core.backend import Backend, Events
+from dasklab.core.config import Config
+from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     build_spec, check_caps
-from .model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
-from .policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
+from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
+from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
     plan_teardown
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)

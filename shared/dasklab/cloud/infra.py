@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 from google.api_core.exceptions import AlreadyExists, NotFound
 
-from .errors import ValidationError
-from .logs import emit
-from .timers import load_infra
+from dasklab.core.errors import ValidationError
+from dasklab.core.logs import emit
+from dasklab.local.timers import load_infra
 
 NIGHTLY_TYPE = "nightly-teardown"
 TICK_ATTRIBUTE = "dasklab-tick"

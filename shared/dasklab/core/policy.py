@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
-from .model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
+from dasklab.core.model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
                     WorkerInfo)
 
 HOLD, UP, DOWN = "hold", "up", "down"

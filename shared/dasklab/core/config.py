@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import ValidationError
+from dasklab.core.errors import ValidationError
 
 
 @dataclass(frozen=True)

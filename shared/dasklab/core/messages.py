@@ -8,9 +8,9 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
-from .config import Config
-from .errors import ValidationError
-from .model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
+from dasklab.core.config import Config
+from dasklab.core.errors import ValidationError
+from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -11,13 +11,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .adapters import procs
-from .adapters.local import LocalBackend
-from .errors import PermanentError
-from .messages import parse_command
-from .timers import LocalTimer, load_infra
+from dasklab.adapters import procs
+from dasklab.adapters.local import LocalBackend
+from dasklab.core.errors import PermanentError
+from dasklab.core.messages import parse_command
+from dasklab.local.timers import LocalTimer, load_infra
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FUNCTIONS_SOURCE = REPO / "functions" / "main.py"
 LOCAL_PROJECT = "dasklab-local"
 STATUS_PULL_SUBSCRIPTION = "dasklab-status-local"
@@ -72,7 +72,7 @@ class LocalController:
         self.server = procs.start_functions_server("control", FUNCTIONS_SOURCE, env=env,
                                                    log_path=self.functions_log)
         if self.emulator:
-            from .adapters import pubsub
+            from dasklab.adapters import pubsub
             topics = self.infra["topics"]
             for topic in (topics["control"], topics["status"], topics["dead_letter"]):
                 pubsub.ensure_topic(LOCAL_PROJECT, topic)
@@ -136,7 +136,7 @@ def publish_local(home: str | Path, payload: dict, tick: str | None = None) -> s
     attributes = {"dasklab-tick": tick} if tick else {}
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
-        from .adapters import pubsub
+        from dasklab.adapters import pubsub
         return pubsub.publish(info["project"], info["control_topic"], payload, **attributes)
     envelope = push_envelope(payload, attributes=attributes)
     threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()

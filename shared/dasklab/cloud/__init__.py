@@ -1,0 +1,1 @@
+"""Cloud operations: what a person runs against Google Cloud (infrastructure, deployment)."""
