@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
-from dasklab.core.model import Lab, WorkerInfo
+from dasklab.core.model import NO_JUPYTER, JupyterActivity, Lab, WorkerInfo
 from dasklab.core.policy import Infra
 
 POLLS = 2  # observations an operation takes
@@ -30,6 +30,7 @@ class FakeLab:
     workers: list = field(default_factory=list)
     next_worker: int = 0
     load: FakeLoad = field(default_factory=FakeLoad)
+    jupyter: JupyterActivity = NO_JUPYTER
 
 
 class FakeTransport:
@@ -97,6 +98,9 @@ class FakeBackend:
 
     def dashboard(self, lab):
         return Dashboard(FakeTransport(self._get(lab)), node_of=lambda name: name.split("-")[0])
+
+    def fetch_jupyter(self, lab):
+        return self._get(lab).jupyter
 
     def apply_create(self, lab):
         if lab.name in self.labs:

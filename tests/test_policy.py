@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from dasklab.core.model import WorkerInfo
-from dasklab.core.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_provision_step, plan_retirement, plan_scale,
-                            plan_start, plan_teardown)
+from dasklab.core.model import NO_JUPYTER, JupyterActivity, WorkerInfo
+from dasklab.core.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_idle_check, plan_provision_step,
+                                 plan_retirement, plan_scale, plan_start, plan_teardown)
 from tests.conftest import make_load, make_spec, make_state
 
 P = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5)
@@ -151,7 +151,8 @@ IDLE = dict(processing=0, queued=0, clients=0, idle_since=1000.0)
     ("teardown-idle", {}, {}, IDLE, 1500, False, "idle for 500s < idle timeout 600s"),
     ("teardown-idle", {}, {}, {**IDLE, "processing": 3}, 9000, False, "busy"),
     ("teardown-idle", {}, {}, {**IDLE, "queued": 3}, 9000, False, "busy"),
-    ("teardown-idle", {}, {}, {**IDLE, "clients": 1}, 9000, False, "client(s) connected"),
+    # a connected client alone keeps nothing (a notebook left open with a Client)
+    ("teardown-idle", {}, {}, {**IDLE, "clients": 1}, 9000, True, "1 client(s) connected but unused"),
     ("teardown-idle", {}, {}, {**IDLE, "idle_since": None}, 9000, False, "does not report idleness"),
     ("teardown-idle", {}, {}, None, 9000, False, "unreachable"),
     ("teardown-idle", {"keep_alive_until": 10000.0}, {}, IDLE, 9000, False, "kept alive"),
@@ -164,11 +165,107 @@ IDLE = dict(processing=0, queued=0, clients=0, idle_since=1000.0)
     ("nightly-teardown", {"keep_alive_until": 200.0}, {}, IDLE, 300, True, "nightly"),
     # lifetime caps everything, even keep-alive, on every tick
     ("reconcile", {"keep_alive_until": 1e9}, {}, IDLE, 8 * 3600, True, "maximum lifetime"),
-    ("reconcile", {}, {}, IDLE, 100, False, "within lifetime"),
+    ("reconcile", {}, {}, {**IDLE, "idle_since": None}, 9000, False, "within lifetime"),
+    # a reconcile tick that read the scheduler's idleness tears an idle lab down (within a minute, not at 15)
+    ("reconcile", {}, {}, IDLE, 1700, True, "idle for 700s ≥ idle timeout 600s"),
+    ("reconcile", {}, {}, IDLE, 1500, False, "idle for 500s < idle timeout 600s"),
+    ("reconcile", {"keep_alive_until": 10000.0}, {}, IDLE, 9000, False, "kept alive"),
+    ("reconcile", {}, {"phase": "failed"}, IDLE, 9000, False, "within lifetime"),  # failed: the 15-minute tick
 ])
 def test_plan_teardown(tick, spec, state, load, now, delete, why):
     d = plan_teardown(tick, make_spec(**spec), make_state(**state), load and make_load(**load), now)
     assert d.delete is delete and why in d.reason, d.reason
+
+
+def jup(last_activity=1000.0, kernels=1, busy=0):
+    return JupyterActivity(last_activity=last_activity, kernels=kernels, busy_kernels=busy)
+
+
+@pytest.mark.parametrize("load, jupyter, now, delete, why", [
+    # idle means all three for the idle timeout: the scheduler, every kernel, Jupyter's own activity
+    (IDLE, jup(), 1700, True, "no task, no Jupyter kernel busy or activity"),
+    (IDLE, NO_JUPYTER, 1700, True, "no task"),
+    # a kernel running a long cell that is not Dask: the scheduler is idle, the lab is not
+    (IDLE, jup(busy=1, kernels=2), 9000, False, "1 of 2 Jupyter kernel(s) busy"),
+    # somebody used Jupyter (opened a notebook, saved, ran a cell) after the scheduler went idle
+    (IDLE, jup(last_activity=1500.0), 1700, False, "Jupyter idle for 200s < idle timeout 600s"),
+    (IDLE, jup(last_activity=1500.0), 2100, True, "idle for 600s"),
+    # Jupyter active long ago counts for nothing: the scheduler went idle later
+    (IDLE, jup(last_activity=10.0), 1500, False, "idle for 500s"),
+    # a Jupyter that does not answer: idleness unknown, the lifetime cap still holds
+    (IDLE, None, 9000, False, "Jupyter unreachable"),
+    (IDLE, None, 8 * 3600, True, "maximum lifetime"),
+    # busy scheduler: Jupyter is not even needed to keep it
+    ({**IDLE, "processing": 1}, jup(), 9000, False, "busy"),
+])
+def test_plan_teardown_is_jupyter_aware(load, jupyter, now, delete, why):
+    for tick in ("teardown-idle", "reconcile"):
+        d = plan_teardown(tick, make_spec(), make_state(), make_load(**load), now, jupyter)
+        assert d.delete is delete and why in d.reason, (tick, d.reason)
+    # the scheduler alone would let it go: the caller must read Jupyter before acting
+    if delete and jupyter is not None and "lifetime" not in why:
+        assert plan_teardown("teardown-idle", make_spec(), make_state(), make_load(**load), now).cause == "idle"
+
+
+@pytest.mark.parametrize("spec, state, load, now, ask", [
+    ({}, {}, {}, 1000, True),
+    ({}, {}, {"processing": 2}, 1000, False),  # work: not idle, no need to ask
+    ({}, {}, {"queued": 2}, 1000, False),
+    ({}, {"ready_at": 900.0}, {}, 1000, False),  # ready for less than the idle timeout: cannot be idle long enough
+    ({"keep_alive_until": 2000.0}, {}, {}, 1000, False),
+    ({}, {"phase": "installing"}, {}, 1000, False),
+    ({}, {}, {"clients": 3}, 1000, True),  # a client alone keeps nothing: ask
+])
+def test_plan_idle_check_asks_only_labs_that_could_be_idle(spec, state, load, now, ask):
+    assert plan_idle_check(make_spec(**spec), make_state(**state), make_load(**load), now) is ask
+
+
+W = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5, warmup_s=900)
+
+
+@pytest.mark.parametrize("spec, state, load, now, action, target, why, remember", [
+    # a new lab keeps its 4 initial workers while nobody has used it, though the target says 0
+    ({"initial_workers": 4, "min_workers": 0}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 160, HOLD, 4, "warming up: keeping the 4 initial workers", {}),
+    ({"initial_workers": 4, "min_workers": 0, "idle_timeout_s": 3600}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 160, HOLD, 4, "840s left", {}),
+    ({"initial_workers": 4, "min_workers": 0}, {"target_workers": 4, "ready_at": 100.0},  # idle timeout 600 s bounds it
+     {"adaptive_target": 0, "workers": 4}, 160, HOLD, 4, "540s left", {}),
+    # first use (a client connects): remembered; the warm-up is over, the confirmation window starts
+    ({"initial_workers": 4, "min_workers": 0}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4, "clients": 1}, 160, HOLD, 4, "confirming",
+     {"first_used_at": 160, "down_window": ((0, 160),)}),
+    # a task ran: used too
+    ({"initial_workers": 4, "min_workers": 0}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 4, "workers": 4, "processing": 3}, 160, HOLD, 4, "= target", {"first_used_at": 160}),
+    # used earlier: scales down as usual
+    ({"initial_workers": 4, "min_workers": 0},
+     {"target_workers": 4, "ready_at": 100.0, "first_used_at": 150.0, "down_window": ((0, 130.0),)},
+     {"adaptive_target": 0, "workers": 4}, 160, DOWN, 2, "at most 2 per step", None),
+    # never used, the warm-up period passed: scales down
+    ({"initial_workers": 4, "min_workers": 0}, {"target_workers": 4, "ready_at": 100.0, "down_window": ((0, 990.0),)},
+     {"adaptive_target": 0, "workers": 4}, 1010, DOWN, 2, "at most 0 wanted", None),
+    # the warm-up is bounded by the idle timeout (here 60 s < warmup_s)
+    ({"initial_workers": 4, "min_workers": 0, "idle_timeout_s": 60}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 161, HOLD, 4, "confirming", None),
+    ({"initial_workers": 4, "min_workers": 0, "idle_timeout_s": 60}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 159, HOLD, 4, "1s left", None),
+    # load above the initial count still scales up at once
+    ({"initial_workers": 2, "min_workers": 0}, {"target_workers": 2, "ready_at": 100.0},
+     {"adaptive_target": 6, "workers": 2}, 110, UP, 6, "adaptive_target=6", None),
+    # the owner's pin wins over the warm-up
+    ({"initial_workers": 4, "min_workers": 0, "pinned_workers": 1}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 110, DOWN, 1, "pinned at 1", None),
+    # max lowered below the initial count: the warm-up keeps no more than max
+    ({"initial_workers": 4, "min_workers": 0, "max_workers": 3}, {"target_workers": 4, "ready_at": 100.0},
+     {"adaptive_target": 0, "workers": 4}, 110, DOWN, 3, "keeping the 3 initial workers", None),
+])
+def test_warm_up_keeps_the_initial_workers_until_first_use(spec, state, load, now, action, target, why, remember):
+    d = plan_scale(make_spec(**spec), make_state(**state), make_load(**load), load["workers"], now, W)
+    assert (d.action, d.target) == (action, target), d.reason
+    assert why in d.reason, d.reason
+    if remember is not None:
+        assert d.remember == remember
 
 
 def test_plan_start():
@@ -190,6 +287,7 @@ def test_workers_per_node(machine, cpu, mem, per_node):
 
 def test_a_stale_floor_never_scales_down_upwards():
     # found by the property test: a floor remembered before max was lowered must not raise the target
-    d = plan_scale(make_spec(min_workers=0, max_workers=1), make_state(target_workers=1, down_window=((2, 0.0),)),
+    d = plan_scale(make_spec(min_workers=0, max_workers=1),
+                   make_state(target_workers=1, down_window=((2, 0.0),), first_used_at=0.0),
                    make_load(adaptive_target=0, workers=1), 1, 20, P)
     assert d.action == HOLD and d.target == 1 and d.remember == {"down_window": ((0, 20),)}

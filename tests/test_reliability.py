@@ -14,6 +14,7 @@ from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, TransientError
 from dasklab.core.messages import parse_command
 from dasklab.core.model import FAILED, READY, TEARING_DOWN
+from dasklab.core.model import NO_JUPYTER, JupyterActivity
 from dasklab.core.policy import DOWN, ScaleParams, plan_scale, plan_teardown
 from dasklab.core.reconcile import Controller
 from tests.conftest import make_load, make_spec, make_state
@@ -229,7 +230,7 @@ def test_scale_down_follows_the_highest_target_over_the_window(wanted, confirm, 
     with no cooldown nor step bound, a steady target is reached at the first poll one window after it began."""
     spec = make_spec(min_workers=0, max_workers=8)
     params = ScaleParams(confirm_s=confirm, cooldown_s=cooldown, down_fraction=fraction)
-    state, now, seen = make_state(target_workers=8), 0.0, [(float("-inf"), 8)]
+    state, now, seen = make_state(target_workers=8, first_used_at=0.0), 0.0, [(float("-inf"), 8)]  # warm-up over
     steady_from = None
     for dt, want in wanted + [(1.0, steady)] * (int(confirm) + 3):
         now += dt
@@ -253,24 +254,30 @@ def test_scale_down_follows_the_highest_target_over_the_window(wanted, confirm, 
 @given(processing=counts, queued=counts, clients=counts, idle_for=st.floats(0, 10_000),
        idle_timeout=st.integers(1, 5000), age=st.floats(0, 20_000), keep=st.none() | st.floats(-5000, 5000),
        tick=st.sampled_from(["reconcile", "teardown-idle", "nightly-teardown"]),
-       phase=st.sampled_from([READY, FAILED, "provisioning", TEARING_DOWN]))
-def test_teardown_safety(processing, queued, clients, idle_for, idle_timeout, age, keep, tick, phase):
+       phase=st.sampled_from([READY, FAILED, "provisioning", TEARING_DOWN]),
+       jupyter=st.none() | st.just("absent") | st.tuples(st.integers(0, 2), st.none() | st.floats(0, 10_000)))
+def test_teardown_safety(processing, queued, clients, idle_for, idle_timeout, age, keep, tick, phase, jupyter):
     now = 100_000.0
     spec = make_spec(idle_timeout_s=idle_timeout, max_lifetime_s=12 * 3600,
                      keep_alive_until=None if keep is None else now + keep)
     state = make_state(phase=phase, created_at=now - age, ready_at=now - age)
     load = make_load(processing=processing, queued=queued, clients=clients, idle_since=now - idle_for)
-    d = plan_teardown(tick, spec, state, load, now)
+    busy, active_for = (0, None) if jupyter in (None, "absent") else jupyter
+    activity = None if jupyter is None else NO_JUPYTER if jupyter == "absent" else JupyterActivity(
+        last_activity=None if active_for is None else now - active_for, kernels=2, busy_kernels=busy)
+    d = plan_teardown(tick, spec, state, load, now, activity)
     if age >= spec.max_lifetime_s:
         assert d.delete  # the lifetime caps every lab
         return
-    if d.delete and tick == "teardown-idle" and phase == READY:
-        # a lab with work or a client, or inside its idle window, is never torn down as idle
-        assert processing == queued == clients == 0 and min(idle_for, age) >= idle_timeout
+    if d.delete and tick in ("teardown-idle", "reconcile") and phase == READY:
+        # a lab with work, a busy kernel or Jupyter activity, or inside its idle window, is never torn down as idle,
+        # nor when Jupyter does not answer (a client alone keeps nothing)
+        assert processing == queued == busy == 0 and min(idle_for, age) >= idle_timeout and activity is not None
+        assert active_for is None or active_for >= idle_timeout
     if keep is not None and keep >= 1:
         assert not d.delete  # keep-alive is honoured by the nightly and idle teardowns
-    if tick == "reconcile":
-        assert not d.delete
+    if tick == "reconcile" and d.delete:
+        assert d.cause == "idle" and phase == READY  # a minute tick ends an idle lab, nothing else but the cap
 
 
 # --- the same on the local backend, with real Dask processes ---
@@ -302,7 +309,8 @@ def local_story(backend, clock_ctl):
     def lab():
         return inner.fetch_lab("loc")
 
-    invoke(lambda: ctl.handle(msg(type="start-lab", lab="loc", owner="o", workers={"initial": 0, "max": 2}), "m1"))
+    invoke(lambda: ctl.handle(msg(type="start-lab", lab="loc", owner="o", workers={"initial": 0, "max": 2},
+                                  values={"jupyter": {"enabled": False}}), "m1"))  # Jupyter: tests/test_jupyter.py
     ready = until(lambda: lab() is not None and lab().state.phase == READY)
     invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=2), "m2"))
     up = until(lambda: inner.dashboard(lab()).fetch_load().workers == 2)
@@ -327,7 +335,8 @@ def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
     assert result == [True, True, True, True]
     assert not leftover and not [p for p in pids if procs.pid_alive(p)]
     if method not in ("apply_forget", "connection_info"):
-        assert faulty.fired or method in ("apply_settle",), f"{method} was never called by the story"
+        # the story ends by stop-lab: idleness (and so Jupyter) is not asked
+        assert faulty.fired or method in ("apply_settle", "fetch_jupyter"), f"{method} was never called by the story"
 
 
 def test_a_pass_past_its_deadline_leaves_the_rest_for_the_next_one():

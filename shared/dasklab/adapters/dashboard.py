@@ -92,9 +92,12 @@ class Dashboard:
                         clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS), adaptive_target=int(target),
                         idle_since=None)
         if idle:
-            since = _json(self.transport.get("/api/v1/check_idle"), "check_idle").get("idle_since")
-            load = replace(load, idle_since=since)
+            load = replace(load, idle_since=self.fetch_idle_since())
         return load
+
+    def fetch_idle_since(self) -> float | None:
+        """Since when the scheduler has had no task (epoch s), None while it has some (/api/v1/check_idle)."""
+        return _json(self.transport.get("/api/v1/check_idle"), "check_idle").get("idle_since")
 
     def fetch_workers(self) -> tuple[WorkerInfo, ...]:
         """The workers with their nodes, and their load where the scheduler can report it.

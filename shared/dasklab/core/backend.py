@@ -3,7 +3,7 @@
 from typing import Protocol
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.core.model import Lab
+from dasklab.core.model import JupyterActivity, Lab
 from dasklab.core.policy import Infra
 
 
@@ -24,6 +24,9 @@ class Backend(Protocol):
 
     def dashboard(self, lab: Lab) -> Dashboard:
         """The lab's scheduler HTTP API, reached the backend's secure way."""
+
+    def fetch_jupyter(self, lab: Lab) -> JupyterActivity:
+        """What the lab's Jupyter Server reports (NO_JUPYTER if the lab runs none); JupyterUnreachable otherwise."""
 
     def apply_create(self, lab: Lab) -> bool:
         """Create the lab resource (and start provisioning where that is one call); False if it exists."""

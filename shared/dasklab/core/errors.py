@@ -27,3 +27,11 @@ class ConflictError(TransientError):
 
 class SchedulerUnreachable(TransientError):
     """The Dask scheduler's dashboard HTTP API did not answer."""
+
+
+class JupyterUnreachable(TransientError):
+    """The lab's Jupyter Server did not answer (its token is never in the message)."""
+
+
+class NoEndpoints(SchedulerUnreachable):
+    """The API server's service proxy found no ready pod behind the Service: nothing runs there to answer."""

@@ -92,6 +92,7 @@ class LabState:
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
     last_accounted: float = 0.0
+    first_used_at: float | None = None  # when a client or a task was first seen: the warm-up ends there
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,19 @@ class DaskLoad:
     @property
     def busy(self) -> bool:
         return self.processing > 0 or self.queued > 0
+
+
+@dataclass(frozen=True)
+class JupyterActivity:
+    """What the lab's Jupyter Server reports: when it last saw activity and how many of its kernels are busy."""
+
+    last_activity: float | None  # epoch s: the latest of /api/status last_activity and the kernels' last_activity
+    kernels: int = 0
+    busy_kernels: int = 0  # execution_state "busy": a cell is running
+    running: bool = True  # False: the lab runs no Jupyter (or none answers behind its Service): it adds no activity
+
+
+NO_JUPYTER = JupyterActivity(last_activity=None, running=False)
 
 
 # Cost figures for reports (us-central1 on-demand list prices; confirm against Google's price page).

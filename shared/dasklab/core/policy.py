@@ -1,10 +1,10 @@
 """Pure policy: given the lab's spec, remembered state, observed load and `now`, decide one step and say why."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from dasklab.core.model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
-                    WorkerInfo)
+from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
+                                JupyterActivity, LabSpec, LabState, WorkerInfo)
 
 HOLD, UP, DOWN = "hold", "up", "down"
 
@@ -14,6 +14,7 @@ class ScaleParams:
     confirm_s: float = 20.0  # a lower target must hold this long before workers go
     cooldown_s: float = 15.0  # after a scale-down, no further scale-down for this long
     down_fraction: float = 0.5  # at most this share of the workers goes in one step (at least one)
+    warmup_s: float = 900.0  # a new lab keeps its initial workers until first used or this long (≤ its idle timeout)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ def desired_workers(spec: LabSpec, load: DaskLoad) -> tuple[int, str]:
     return clamped, why
 
 
+def warmup_left(spec: LabSpec, state: LabState, now: float, params: ScaleParams) -> float:
+    """Seconds the lab still keeps its initial workers: from readiness until first used (a client or a task seen),
+    for at most `warmup_s`, bounded by the lab's idle timeout. 0 once the warm-up is over."""
+    if state.first_used_at is not None or spec.initial_workers <= spec.min_workers:
+        return 0.0
+    start = state.ready_at if state.ready_at is not None else state.created_at
+    return max(0.0, start + min(params.warmup_s, spec.idle_timeout_s) - now)
+
+
 def _window(steps: tuple, want: int, now: float) -> tuple[tuple[int, float], ...]:
     """The confirmation window after `want` is seen at `now`: steps (level, since), each meaning "nothing above
     `level` was wanted since `since`", levels falling as times rise. Seeing `want` breaks the steps below it."""
@@ -55,6 +65,18 @@ def plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, n
     current = state.target_workers
     want, why = desired_workers(spec, load)
     reset = {"down_window": ()}
+    used = {"first_used_at": now} if state.first_used_at is None and (load.clients > 0 or load.busy) else {}
+    warming = 0.0 if used or spec.pinned_workers is not None else warmup_left(spec, state, now, params)
+    keep = min(spec.initial_workers, spec.max_workers)
+    if warming and want < keep:
+        want, why = keep, (f"{why}; warming up: keeping the {keep} initial workers until first used "
+                           f"(a client or a task), {warming:.0f}s left")
+    decision = _plan_scale(spec, state, load, requested, now, params, current, want, why, reset)
+    return replace(decision, remember={**decision.remember, **used}) if used else decision
+
+
+def _plan_scale(spec: LabSpec, state: LabState, load: DaskLoad, requested: int, now: float, params: ScaleParams,
+                current: int, want: int, why: str, reset: dict) -> ScaleDecision:
     if want > current:
         return ScaleDecision(UP, want, f"{why} > target {current}", reset)
     if want == current:
@@ -158,37 +180,65 @@ def plan_provision_step(phase: str, infra: Infra) -> Step:
 class TeardownDecision:
     delete: bool
     reason: str
+    cause: str = ""  # what a deletion rests on: lifetime, nightly, failed or idle (Jupyter may still veto idle)
 
 
-def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | None, now: float) -> TeardownDecision:
-    """Whether a tick (reconcile, teardown-idle, nightly-teardown) deletes the lab, and why."""
+def plan_idle_check(spec: LabSpec, state: LabState, load: DaskLoad, now: float) -> bool:
+    """Whether asking the scheduler since when it is idle (one more dashboard call) could end the lab now: it is
+    ready, runs no task, is not kept alive, and has been ready for at least its idle timeout."""
+    kept = spec.keep_alive_until is not None and now < spec.keep_alive_until
+    ready_for = now - (state.ready_at if state.ready_at is not None else state.created_at)
+    return state.phase == READY and not load.busy and not kept and ready_for >= spec.idle_timeout_s
+
+
+def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | None, now: float,
+                  jupyter: JupyterActivity | None = NO_JUPYTER) -> TeardownDecision:
+    """Whether a tick (reconcile, teardown-idle, nightly-teardown) deletes the lab, and why.
+
+    Idle means, for the whole idle timeout: the scheduler idle (no task), no Jupyter kernel busy and no Jupyter
+    activity. A connected client alone keeps nothing. A reconcile tick judges idleness when it has read the
+    scheduler's `idle_since`. `jupyter` is None when the lab's Jupyter did not answer (idleness unknown) and
+    NO_JUPYTER when the lab runs none; a caller may read it only once the scheduler alone would let the lab go
+    (cause "idle"), then ask again with it.
+    """
     age = now - state.created_at
     if age >= spec.max_lifetime_s:
-        return TeardownDecision(True, f"maximum lifetime {spec.max_lifetime_s}s reached (age {age:.0f}s)")
+        return TeardownDecision(True, f"maximum lifetime {spec.max_lifetime_s}s reached (age {age:.0f}s)", "lifetime")
     kept = spec.keep_alive_until is not None and now < spec.keep_alive_until
-    if state.phase == TEARING_DOWN or tick == "reconcile":
+    if state.phase == TEARING_DOWN or (tick == "reconcile" and (
+            state.phase != READY or load is None or load.idle_since is None)):
         return TeardownDecision(False, "within lifetime")
     if kept:
         return TeardownDecision(False, f"kept alive for {spec.keep_alive_until - now:.0f}s more")
     if tick == "nightly-teardown":
-        return TeardownDecision(True, "nightly teardown (not kept alive)")
-    # teardown-idle
+        return TeardownDecision(True, "nightly teardown (not kept alive)", "nightly")
+    # teardown-idle, or a reconcile tick that read the scheduler's idleness
     if state.phase == FAILED:
-        return TeardownDecision(True, f"lab failed: {state.reason}")
+        return TeardownDecision(True, f"lab failed: {state.reason}", "failed")
     if state.phase != READY:
         return TeardownDecision(False, f"lab is {state.phase}")
     if load is None:
         return TeardownDecision(False, "scheduler unreachable: idleness unknown")
     if load.busy:
         return TeardownDecision(False, f"busy: {load.processing} processing, {load.queued} queued")
-    if load.clients > 0:
-        return TeardownDecision(False, f"{load.clients} client(s) connected")
     if load.idle_since is None:
         return TeardownDecision(False, "scheduler does not report idleness yet")
-    idle = now - max(load.idle_since, state.ready_at or 0.0)
+    if jupyter is None:
+        return TeardownDecision(False, "Jupyter unreachable: idleness unknown")
+    if jupyter.busy_kernels:
+        return TeardownDecision(False, f"{jupyter.busy_kernels} of {jupyter.kernels} Jupyter kernel(s) busy")
+    since = max(load.idle_since, state.ready_at or 0.0)
+    if jupyter.last_activity is not None and jupyter.last_activity > since:
+        since, what = jupyter.last_activity, "Jupyter idle"
+    else:
+        what = "idle"
+    idle = now - since
     if idle < spec.idle_timeout_s:
-        return TeardownDecision(False, f"idle for {idle:.0f}s < idle timeout {spec.idle_timeout_s}s")
-    return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s, no client")
+        return TeardownDecision(False, f"{what} for {idle:.0f}s < idle timeout {spec.idle_timeout_s}s")
+    clients = f"; {load.clients} client(s) connected but unused" if load.clients else ""
+    jupyter_note = ", no Jupyter kernel busy or activity" if jupyter.running else ""
+    return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s: no task"
+                                  f"{jupyter_note}{clients}", "idle")
 
 
 def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, str]:

@@ -8,12 +8,13 @@ from typing import Callable
 from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
-from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.errors import JupyterUnreachable, PermanentError, SchedulerUnreachable, TransientError, \
+    ValidationError
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     build_spec, check_caps
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
-from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
-    plan_teardown
+from dasklab.core.policy import HOLD, ScaleParams, plan_idle_check, plan_provision_step, plan_retirement, plan_scale, \
+    plan_start, plan_teardown
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 
@@ -28,7 +29,8 @@ class Controller:
     params: ScaleParams = field(init=False)
 
     def __post_init__(self):
-        self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction)
+        self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction,
+                                  warmup_s=self.config.warmup_s)
 
     # --- commands ---
 
@@ -111,19 +113,24 @@ class Controller:
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
         deadline = start + budget
+        idle = True  # the first pass of a tick asks idle labs since when (once a minute: Cloud Scheduler's period)
         while True:
-            left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s))
+            left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s),
+                                      idle=idle)
+            idle = False
             if left and not isinstance(cmd, Reconcile):
                 raise TransientError(f"{cmd.type}: retry for {', '.join(left)}")
             if self.clock() + self.config.poll_s >= deadline:
                 return
             self.sleep(self.config.poll_s)
 
-    def reconcile_all(self, tick: str, mid: str = "", workers: int = 64, deadline: float | None = None) -> list[str]:
+    def reconcile_all(self, tick: str, mid: str = "", workers: int = 64, deadline: float | None = None,
+                      idle: bool | None = None) -> list[str]:
         """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
         started when `deadline` passes is left for the next pass. The pass starts at a point of the ring of labs
         that moves by the golden ratio of the ring every minute, so successive starts spread evenly: a fleet of
         which a pass reaches a fraction f has every lab reached within about 1.5/f minutes, with no state kept.
+        With `idle` (default: on teardown ticks) labs without work are asked since when they are idle.
         Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
         if labs:
@@ -133,27 +140,32 @@ class Controller:
         def one(lab: Lab) -> bool:
             if deadline is not None and self.clock() >= deadline:
                 return False  # not started: the next pass or tick takes it
-            return self._reconcile_safely(lab, tick, mid)
+            return self._reconcile_safely(lab, tick, mid, idle)
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:
             results = list(pool.map(one, labs))
         return [lab.name for lab, ok in zip(labs, results) if not ok]
 
-    def _reconcile_safely(self, lab: Lab, tick: str, mid: str) -> bool:
+    def _reconcile_safely(self, lab: Lab, tick: str, mid: str, idle: bool | None = None) -> bool:
         try:
-            self.reconcile_lab(lab, tick, mid)
+            self.reconcile_lab(lab, tick, mid, idle)
             return True
         except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
             return False
 
-    def reconcile_lab(self, lab: Lab, tick: str, mid: str = "") -> None:
-        """Move one lab one step: teardown if a tick says so, else autoscale a ready lab or advance its phase."""
+    def reconcile_lab(self, lab: Lab, tick: str, mid: str = "", idle: bool | None = None) -> None:
+        """Move one lab one step: teardown if a tick says so, else autoscale a ready lab or advance its phase.
+        With `idle` (default: on a teardown-idle tick) a lab without work is asked since when it is idle, and
+        Jupyter is read once the scheduler alone would let the lab go."""
         now = self.clock()
         phase = lab.state.phase
         if phase != TEARING_DOWN:
-            load = self._load_or_none(lab, idle=tick == "teardown-idle") if phase == READY else None
+            idle = tick == "teardown-idle" if idle is None else idle
+            load = self._load_or_none(lab, idle, now) if phase == READY else None
             verdict = plan_teardown(tick, lab.spec, lab.state, load, now)
+            if verdict.delete and verdict.cause == "idle":
+                verdict = plan_teardown(tick, lab.spec, lab.state, load, now, self._jupyter_or_none(lab))
             if verdict.delete:
                 self._begin_teardown(lab, verdict.reason, mid)
                 return
@@ -232,12 +244,24 @@ class Controller:
             logs.emit("INFO", lab=name, action=action, reason="no such lab: nothing to do", message_id=mid)
         return lab
 
-    def _load_or_none(self, lab: Lab, idle: bool):
-        """The scheduler's load (with when it became idle, if `idle`: only the idle teardown needs it)."""
+    def _load_or_none(self, lab: Lab, idle: bool, now: float):
+        """The scheduler's load; with `idle`, and if idleness could end the lab now, when it became idle."""
         try:
-            return self.backend.dashboard(lab).fetch_load(idle)
+            dashboard = self.backend.dashboard(lab)
+            load = dashboard.fetch_load(idle=False)
+            if idle and plan_idle_check(lab.spec, lab.state, load, now):
+                load = replace(load, idle_since=dashboard.fetch_idle_since())
+            return load
         except SchedulerUnreachable as e:
             logs.emit("WARNING", lab=lab.name, action="observe", reason=f"scheduler unreachable: {e}")
+            return None
+
+    def _jupyter_or_none(self, lab: Lab):
+        """What the lab's Jupyter reports (NO_JUPYTER when it runs none); None when it does not answer."""
+        try:
+            return self.backend.fetch_jupyter(lab)
+        except JupyterUnreachable as e:
+            logs.emit("WARNING", lab=lab.name, action="observe", reason=f"Jupyter unreachable: {e}")
             return None
 
     def _begin_teardown(self, lab: Lab, reason: str, mid: str) -> None:
