@@ -264,6 +264,10 @@ def cmd_connect(a, cfg) -> int:
     if lab is None:
         raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
+    login = getattr(backend, "jupyter_login_url", None)  # the local lab: this machine's own Jupyter, with its token
+    if login and (url := login(lab)):
+        info["jupyter"] = url
+        info.pop("jupyter_token", None)
     if a.json:
         print(json.dumps(info, indent=1))
         return 0

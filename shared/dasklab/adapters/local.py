@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -10,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
-from dasklab.core.model import MANAGED_BY, Lab
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab
 from dasklab.core.policy import Infra
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
+from dasklab.adapters.jupyter import JupyterApi, jupyter_available, start_jupyter, stop_jupyter, write_token
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
@@ -133,19 +135,31 @@ class LocalBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _tail(self, lab: Lab, what: str) -> str:
+        path = self._log(lab, what)
+        return path.read_text(errors="replace")[-300:].strip() if path.exists() else ""
+
     def fetch_infra(self, lab: Lab) -> Infra:
         local = self._local(lab)
         sched = local["scheduler"]
         if sched is None:
             return Infra("absent")
         if not pid_alive(sched["pid"]):
-            tail = self._log(lab, "scheduler").read_text()[-300:] if self._log(lab, "scheduler").exists() else ""
-            return Infra("error", detail=f"scheduler process {sched['pid']} exited: {tail.strip()}")
+            return Infra("error", detail=f"scheduler process {sched['pid']} exited: {self._tail(lab, 'scheduler')}")
         try:
             HttpTransport(self._dashboard_url(sched), timeout=2).get("/health")
         except TransientError:
             return Infra("creating", detail="scheduler starting")
-        return Infra("running", "deployed" if local["installed"] else "absent")
+        if not local["installed"]:
+            return Infra("running", "absent")
+        if lab.state.phase != READY and local.get("jupyter"):  # the lab is ready once its Jupyter answers
+            if not pid_alive(local["jupyter"]["pid"]):
+                return Infra("running", "failed", f"Jupyter exited: {self._tail(lab, 'jupyter')}")
+            try:
+                self.fetch_jupyter(lab)
+            except TransientError:
+                return Infra("running", "installing", "Jupyter starting")
+        return Infra("running", "deployed")
 
     def apply_provision(self, lab: Lab) -> None:
         with self._update(lab.name) as local:
@@ -157,10 +171,54 @@ class LocalBackend:
                         env=self._env(lab), log_path=self._log(lab, "scheduler"))
             local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
 
+    def _python(self, lab: Lab) -> str:
+        """The python the lab's scheduler, workers and Jupyter run (one environment per lab)."""
+        return sys.executable
+
+    def _jupyter_wanted(self, lab: Lab) -> bool:
+        """Jupyter runs unless the chart values say `jupyter.enabled: false`, if the python has JupyterLab."""
+        return (lab.spec.values.get("jupyter") or {}).get("enabled", True) is not False \
+            if isinstance(lab.spec.values, dict) else True
+
     def apply_install(self, lab: Lab) -> None:
+        """Workers at the initial count, then Jupyter (once: a recorded one still running is kept)."""
         self.apply_workers(lab, lab.state.target_workers)
         with self._update(lab.name) as local:
+            jupyter = local.get("jupyter")
+            if jupyter is None or not pid_alive(jupyter["pid"]):
+                local["jupyter"] = self._start_jupyter(lab, local["scheduler"])
             local["installed"] = True
+
+    def _start_jupyter(self, lab: Lab, sched: dict) -> dict | None:
+        python = self._python(lab)
+        if not self._jupyter_wanted(lab) or not jupyter_available(python):
+            return None
+        here = self.root / lab.name / "jupyter"
+        write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
+        port = free_port()
+        pid = start_jupyter(python, port=port, token_file=here / "token", root_dir=self.root / lab.name / "notebooks",
+                            runtime_dir=here / "runtime", scheduler_address=f"tcp://127.0.0.1:{sched['port']}",
+                            env=self._env(lab), log_path=self._log(lab, "jupyter"))
+        return {"pid": pid, "port": port}
+
+    def _jupyter_api(self, lab: Lab, jupyter: dict) -> JupyterApi:
+        token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
+        return JupyterApi(HttpTransport(f"http://127.0.0.1:{jupyter['port']}", timeout=5), token)
+
+    def fetch_jupyter(self, lab: Lab) -> JupyterActivity:
+        """NO_JUPYTER when the lab runs none (or it exited: nobody can use it); JupyterUnreachable if it is silent."""
+        jupyter = self._local(lab).get("jupyter")
+        if not jupyter or not pid_alive(jupyter["pid"]):
+            return NO_JUPYTER
+        return self._jupyter_api(lab, jupyter).fetch_activity()
+
+    def jupyter_login_url(self, lab: Lab) -> str | None:
+        """Jupyter's URL with its login token, for `dasklab connect` on this machine (never logged nor published)."""
+        jupyter = self._local(lab).get("jupyter")
+        if not jupyter:
+            return None
+        token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
+        return f"http://127.0.0.1:{jupyter['port']}/lab?token={token}"
 
     def fetch_requested(self, lab: Lab) -> int:
         """Live workers, not counting retired ones that are still exiting."""
@@ -214,9 +272,11 @@ class LocalBackend:
         with self._update(lab.name) as local:
             for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
                 stop_pid_group(w["pid"])
+            if local.get("jupyter"):
+                stop_jupyter(local["jupyter"]["pid"])
             if local["scheduler"]:
                 stop_pid_group(local["scheduler"]["pid"])
-            local.update(scheduler=None, workers={}, retiring={}, installed=False)
+            local.update(scheduler=None, workers={}, retiring={}, installed=False, jupyter=None)
 
     # --- access ---
 
@@ -231,16 +291,25 @@ class LocalBackend:
         return Dashboard(HttpTransport(self._dashboard_url(sched)), node_of=_node_of)
 
     def connection_info(self, lab: Lab) -> dict:
-        sched = self._local(lab)["scheduler"] or {}
-        return {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
+        local = self._local(lab)
+        sched, jupyter = local["scheduler"] or {}, local.get("jupyter")
+        info = {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
                 "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
                 "how": "from Python on this machine: distributed.Client('<scheduler>')"}
+        if jupyter:
+            info["jupyter"] = f"http://127.0.0.1:{jupyter['port']}/lab"
+            info["jupyter_token"] = f"dasklab connect {lab.name}  # prints the URL with its token"
+        elif self._jupyter_wanted(lab):
+            info["jupyter"] = None
+            info["jupyter_note"] = "no Jupyter: install it with pip install 'dasklab[jupyter]'"
+        return info
 
     def pids(self, lab: Lab) -> list[int]:
         """The scheduler's and workers' process ids (for checks that nothing is left behind)."""
         local = self._local(lab)
         sched = [local["scheduler"]["pid"]] if local["scheduler"] else []
-        return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + sched
+        jupyter = [local["jupyter"]["pid"]] if local.get("jupyter") else []
+        return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + sched + jupyter
 
     def stop_all(self) -> int:
         """Delete every local lab, processes and records (when the local controller shuts down)."""

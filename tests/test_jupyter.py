@@ -1,0 +1,112 @@
+"""Jupyter in the local lab (a real JupyterLab): the seed's dask-array exercise run as a notebook cell on the lab's
+workers, `dasklab connect`, and Jupyter-aware idleness (a busy kernel keeps the lab; a notebook left open does not)."""
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+
+import pytest
+from distributed import Client
+
+from dasklab.adapters import procs
+from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.core.reconcile import Controller
+from tests.notebook import DASK_ARRAY_CELL, DASK_ARRAY_SUM, Notebook
+from tests.test_cli import run
+from tests.test_local_lab import FAST, cmd, drive, start_msg
+
+pytest.importorskip("jupyterlab", reason="the dasklab[jupyter] extra (installed by .ci/run with .[test])")
+
+
+@pytest.fixture
+def controller(home):
+    backend = LocalBackend(home)
+    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
+    yield ctl
+    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
+    backend.stop_all()
+    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
+
+
+def ready(ctl, name="lab1"):
+    # JupyterLab takes 3-10 s to answer on a loaded 2-core machine: the lab is ready once it does
+    return drive(ctl, lambda: (lab := ctl.backend.fetch_lab(name)) and lab.state.phase == "ready" and lab, timeout=120)
+
+
+def login(backend, lab) -> tuple[str, str]:
+    url = urllib.parse.urlsplit(backend.jupyter_login_url(lab))
+    return f"{url.scheme}://{url.netloc}", urllib.parse.parse_qs(url.query)["token"][0]
+
+
+def test_the_dask_array_exercise_runs_as_a_notebook_cell_on_the_lab_workers(controller, home):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 2, "min": 2, "max": 2}, idle_timeout="1h"), "m1")
+    lab = ready(ctl)
+    base, token = login(backend, lab)
+    info = backend.connection_info(lab)
+    assert info["jupyter"] == f"{base}/lab" and base.startswith("http://127.0.0.1:")
+    assert len(token) == 64  # 256 random bits
+    # the token is in no event and no record, and Jupyter refuses a request without it
+    assert token not in (home / "status.jsonl").read_text() and token not in (home / "labs" / "lab1.json").read_text()
+    assert ctl.events.read()[-1]["connection"]["jupyter"] == f"{base}/lab"
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        Notebook(base, token).rest("GET", "/api/status", token=False)
+
+    # `dasklab connect LAB` prints the URL to open, token included
+    out = run(home, "connect", "lab1").stdout
+    assert f"jupyter: {base}/lab?token={token}" in out, out
+
+    nb = Notebook(base, token)
+    nb.open()
+    assert nb.run("import os; print(os.environ['DASK_SCHEDULER_ADDRESS'])") == info["scheduler"]
+    scheduler, total = nb.run(DASK_ARRAY_CELL).splitlines()
+    assert scheduler == info["scheduler"] and float(total) == DASK_ARRAY_SUM
+    # the lab's two workers ran the tasks (not a cluster of the kernel's own)
+    with Client(info["scheduler"], timeout=20) as client:
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert len(executed) == 2 and all(n > 0 for n in executed.values()), executed
+    assert any(p.startswith("mean") for p in prefixes), prefixes
+    nb.close()
+
+
+def test_a_busy_kernel_keeps_the_lab_and_a_notebook_left_open_does_not(controller, home, caplog):
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(idle_timeout="4s"), "m1")
+    lab = ready(ctl)
+    base, token = login(backend, lab)
+    nb = Notebook(base, token)
+    nb.open()
+    kernel_pid = int(nb.run("from distributed import Client; client = Client(); import os; print(os.getpid())"))
+    jupyter_pid = backend._local(lab)["jupyter"]["pid"]
+
+    def tick(kind="reconcile"):
+        ctl.handle(cmd(type=kind, **({"budget_seconds": 0} if kind == "reconcile" else {})), "tick")
+        return backend.fetch_lab("lab1")
+
+    # a long cell that is not Dask: the scheduler is idle, a client is connected, the kernel is busy
+    cell = nb.send("import time; time.sleep(25); print('done')")
+    procs.wait_until(lambda: backend.fetch_jupyter(lab).busy_kernels == 1, timeout=20, what="kernel busy")
+    time.sleep(5)  # longer than the idle timeout: only the busy kernel holds the lab now
+    caplog.set_level(logging.INFO, logger="dasklab")
+    kept_until = time.monotonic() + 8
+    while time.monotonic() < kept_until:
+        assert tick() is not None, "a lab whose kernel runs a cell was torn down"
+        time.sleep(1)
+    assert tick("teardown-idle") is not None
+    keeps = [json.loads(r.getMessage()) for r in caplog.records if '"action": "keep"' in r.getMessage()]
+    assert keeps and keeps[-1]["reason"] == "1 of 1 Jupyter kernel(s) busy", keeps
+    assert nb.wait(cell, timeout=60) == "done"
+
+    # the notebook stays open (kernel alive, its Client connected), nobody touches it: gone within the timeout
+    nb.close()
+    done = time.monotonic()
+    drive(ctl, lambda: tick() is None, timeout=60)
+    took = time.monotonic() - done
+    assert 3 <= took <= 40, took  # the idle timeout (4 s) and a few ticks on a loaded machine, never at once
+    deleted = ctl.events.read()[-1]
+    assert deleted["event"] == "lab-deleted" and "1 client(s) connected but unused" in deleted["reason"], deleted
+    assert "no Jupyter kernel busy or activity" in deleted["reason"]
+    assert not procs.pid_alive(kernel_pid) and not procs.pid_alive(jupyter_pid)
