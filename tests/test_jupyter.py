@@ -42,7 +42,7 @@ def login(backend, lab) -> tuple[str, str]:
 
 def test_the_dask_array_exercise_runs_as_a_notebook_cell_on_the_lab_workers(controller, home):
     ctl, backend = controller, controller.backend
-    ctl.handle(start_msg(workers={"initial": 2, "min": 2, "max": 2}, idle_timeout="1h"), "m1")
+    ctl.handle(start_msg(workers={"initial": 2, "min": 2, "max": 2}, idle_timeout="1h", values={}), "m1")
     lab = ready(ctl)
     base, token = login(backend, lab)
     info = backend.connection_info(lab)
@@ -74,7 +74,7 @@ def test_the_dask_array_exercise_runs_as_a_notebook_cell_on_the_lab_workers(cont
 
 def test_a_busy_kernel_keeps_the_lab_and_a_notebook_left_open_does_not(controller, home, caplog):
     ctl, backend = controller, controller.backend
-    ctl.handle(start_msg(idle_timeout="4s"), "m1")
+    ctl.handle(start_msg(idle_timeout="4s", values={}), "m1")
     lab = ready(ctl)
     base, token = login(backend, lab)
     nb = Notebook(base, token)

@@ -22,7 +22,8 @@ def cmd(**kw):
 
 def start_msg(lab="lab1", **kw):
     base = {"type": "start-lab", "lab": lab, "owner": "alice", "workers": {"initial": 1, "min": 1, "max": 4},
-            "idle_timeout": "1s", "max_lifetime": "1h"}
+            "idle_timeout": "1s", "max_lifetime": "1h",
+            "values": {"jupyter": {"enabled": False}}}  # these are autoscaling stories; Jupyter: test_jupyter.py
     return cmd(**{**base, **kw})
 
 
