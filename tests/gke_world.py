@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend
+from dasklab.adapters.jupyter import start_jupyter, stop_jupyter, write_token
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 from dasklab.core.config import Config
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, chart_fullname
@@ -45,8 +46,10 @@ def _call_site(method: str, url: str) -> str:
 
 
 class World:
-    def __init__(self, tmp: Path, *, worker_capacity: int = 3):
+    def __init__(self, tmp: Path, *, worker_capacity: int = 3, jupyter: bool = False):
         self.tmp, self.worker_capacity = tmp, worker_capacity
+        self.jupyter = jupyter  # a real Jupyter Server per lab behind the service proxy (else it has no endpoints)
+        self.jupyters: dict[str, tuple[int, int]] = {}  # namespace → (Jupyter pid, port)
         self.gke = GkeStandin(polls_per_operation=2).start()
         self.kube = KubeStandin(TOKEN, nodes=())
         self.migs = MigStandin(self.gke).start()
@@ -120,6 +123,8 @@ class World:
         for key in [k for k in self.workers if k[0] == ns]:
             stop_pid_group(self.workers.pop(key))
         stop_pid_group(self.schedulers.pop(ns)[0])
+        if ns in self.jupyters:
+            stop_jupyter(self.jupyters.pop(ns)[0])
         if self.kube.get("namespaces", None, ns):
             self.admin.delete_namespace(ns)
 
@@ -172,6 +177,16 @@ class World:
                     log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
         self.schedulers[ns] = (pid, port)
         self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
+        if self.jupyter:  # the chart's Jupyter pod: JUPYTER_TOKEN from the Secret, the scheduler's address
+            token_file = self.tmp / f"jupyter-{ns}" / "token"
+            write_token(token_file, self.token(ns))
+            jport = free_port()
+            jpid = start_jupyter(sys.executable, port=jport, token_file=token_file, root_dir=self.tmp / f"jupyter-{ns}",
+                                 runtime_dir=self.tmp / f"jupyter-{ns}" / "runtime",
+                                 scheduler_address=f"tcp://127.0.0.1:{port}", env=self._env(),
+                                 log_path=self.tmp / "logs" / f"jupyter-{ns}.log")
+            self.jupyters[ns] = (jpid, jport)
+            self.kube.register_service_backend(ns, f"{full}-jupyter", 80, f"http://127.0.0.1:{jport}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
     def _render(self, ns: str, release: str, full: str, values: dict) -> None:
@@ -216,14 +231,21 @@ class World:
     def scheduler_address(self, ns: str) -> str:
         return f"tcp://127.0.0.1:{self.schedulers[ns][1]}"
 
+    def jupyter_url(self, ns: str) -> str:
+        return f"http://127.0.0.1:{self.jupyters[ns][1]}"
+
     def pids(self) -> list[int]:
-        return [p for p, _ in self.schedulers.values()] + list(self.workers.values())
+        return [p for p, _ in self.schedulers.values()] + list(self.workers.values()) + \
+            [p for p, _ in self.jupyters.values()]
 
     def close(self) -> list[int]:
         """Stop everything; the pids that were running, to check none is left."""
         pids = self.pids()
+        for pid, _ in self.jupyters.values():
+            stop_jupyter(pid)
         for pid in pids:
             stop_pid_group(pid)
+        self.jupyters.clear()
         self.workers.clear()
         self.schedulers.clear()
         self.migs.stop()

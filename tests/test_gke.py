@@ -318,3 +318,49 @@ def test_from_config_reaches_kubernetes_without_gcloud(monkeypatch, tmp_path):
     assert Creds.refreshes == 2 and conf.api_key == {"authorization": "Bearer token-2"}
     api.close()
     Path(conf.ssl_ca_cert).unlink()
+
+
+def test_jupyter_behind_the_service_proxy_holds_an_idle_lab_while_a_kernel_is_busy(tmp_path, caplog):
+    """The chart's Jupyter as a real Jupyter Server behind the stand-in's service proxy (its token from the Secret):
+    a kernel running a long cell keeps a lab whose scheduler is idle; once the cell is done the lab goes."""
+    pytest.importorskip("jupyterlab", reason="the dasklab[jupyter] extra (installed by .ci/run with .[test])")
+    from tests.notebook import Notebook
+
+    world = World(tmp_path, jupyter=True)
+    try:
+        ctl, ns = Controller(world.backend(), Events(), CONFIG), place_of("lab1").namespace
+        handle(ctl, start_msg(idle_timeout="3s"))
+        drive(ctl, world, lambda: phase(ctl) == "ready", timeout=120)
+        token = world.token(ns)
+        nb = Notebook(world.jupyter_url(ns), token)
+        procs_wait = time.monotonic() + 90
+        while True:  # JupyterLab answers a few seconds after the release is deployed
+            try:
+                nb.open()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < procs_wait, "Jupyter never answered"
+                time.sleep(0.5)
+        cell = nb.send("import time; time.sleep(20); print('done')")
+        deadline = time.monotonic() + 20
+        while ctl.backend.fetch_jupyter(lab_of(ctl)).busy_kernels != 1:  # read through the proxy, as the tick does
+            assert time.monotonic() < deadline, "the kernel never looked busy through the proxy"
+            time.sleep(0.3)
+        time.sleep(4)  # past the idle timeout: the scheduler is idle, only the kernel is busy
+        caplog.set_level(logging.INFO, logger="dasklab")
+        world.sync()
+        handle(ctl, cmd(type="teardown-idle"))
+        assert phase(ctl) == "ready"
+        keeps = [json.loads(r.getMessage()) for r in caplog.records if '"action": "keep"' in r.getMessage()]
+        assert keeps[-1]["reason"] == "1 of 1 Jupyter kernel(s) busy", keeps
+        assert nb.wait(cell, timeout=60) == "done"
+        nb.close()
+        time.sleep(4)
+        handle(ctl, cmd(type="teardown-idle"))
+        drive(ctl, world, lambda: phase(ctl) is None, timeout=60)
+        deleted = [e for e in ctl.events.published if e["event"] == "lab-deleted"][-1]
+        assert "no Jupyter kernel busy or activity" in deleted["reason"], deleted
+        assert token not in caplog.text and token not in json.dumps(ctl.events.published)
+    finally:
+        pids = world.close()
+    assert not [p for p in pids if pid_alive(p)], "a process survived"

@@ -40,11 +40,13 @@ from google.cloud import container_v1 as gke
 from dasklab.core import logs
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
-from dasklab.core.model import MANAGED_BY, TEARING_DOWN, Lab
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, TEARING_DOWN, JupyterActivity, Lab
 from dasklab.core.policy import Infra
-from dasklab.adapters.release import POOL_LABEL, build_namespace, build_release, build_token_secret, chart_fullname
+from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
+    build_token_secret, chart_fullname
 from dasklab.adapters.compute import Migs, parse_mig
 from dasklab.adapters.dashboard import Dashboard
+from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import DELETION_COST, Kube
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
@@ -431,6 +433,18 @@ class GkeBackend:
 
         return Dashboard(kube.proxy(place.namespace, f"{place.fullname}-scheduler", f"{place.fullname}-webui"),
                          node_of=node_of)
+
+    def fetch_jupyter(self, lab: Lab) -> JupyterActivity:
+        """The chart's Jupyter through the API server's service proxy (`<fullname>-jupyter` port 80), logging in
+        with the token of the Secret the controller made; NO_JUPYTER if the values disable it or no pod serves."""
+        if ((lab.spec.values or {}).get("jupyter") or {}).get("enabled", True) is False:
+            return NO_JUPYTER
+        place = place_of(lab.name)
+        kube = self._kube(place)
+        token = kube.read_secret(place.namespace, TOKEN_SECRET, TOKEN_KEY)
+        if token is None:
+            raise TransientError(f"lab {lab.name}: no Secret {TOKEN_SECRET} yet")
+        return JupyterApi(kube.proxy(place.namespace, f"{place.fullname}-jupyter", "80"), token).fetch_activity()
 
     def _worker_pool(self, cluster: gke.Cluster):
         pool = next((p for p in cluster.node_pools if p.name == self.config.worker_pool), None)

@@ -7,7 +7,7 @@ import kubernetes.client as k8s
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from dasklab.core.errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError
+from dasklab.core.errors import ConflictError, NoEndpoints, PermanentError, SchedulerUnreachable, TransientError
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster
@@ -82,6 +82,13 @@ class Kube:
         if cm is None:
             raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
         return cm.metadata.resource_version
+
+    def read_secret(self, ns: str, name: str, key: str) -> str | None:
+        """One key of a Secret, decoded (None if the Secret or the key is missing)."""
+        import base64
+        secret = self._call(f"read Secret {ns}/{name}", self.core.read_namespaced_secret, name, ns, missing_ok=True)
+        raw = (secret.data or {}).get(key) if secret else None
+        return base64.b64decode(raw).decode() if raw else None
 
     def delete_service(self, ns: str, name: str) -> None:
         self._call(f"delete Service {ns}/{name}", self.core.delete_namespaced_service, name, ns, missing_ok=True)
@@ -166,6 +173,8 @@ class ProxyTransport:
             response = self.api.call_api(*request, _request_timeout=self.timeout)
             response.read()
         except ApiException as e:
+            if e.status == 503 and "no endpoints available" in str(e.body or ""):  # no ready pod behind the Service
+                raise NoEndpoints(f"{self.base}: no endpoints available") from None
             raise SchedulerUnreachable(f"{path}: {e.status} {e.reason}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise SchedulerUnreachable(f"{path}: {e}") from e
