@@ -131,7 +131,8 @@ def run_demo(json_lines: bool = False) -> int:
         lab = watch.lab()
         info = backend.connection_info(lab)
         pids += backend.pids(lab)
-        timeline.say("demo", f"lab ready: dashboard {info['dashboard']}, scheduler {info['scheduler']}")
+        timeline.say("demo", f"lab ready: dashboard {info['dashboard']}, scheduler {info['scheduler']}"
+                             + (f", Jupyter {info['jupyter']}" if info.get("jupyter") else ""))
 
         with Client(info["scheduler"], timeout=20) as client:
             futures = client.map(_slow_square, range(TASKS), pure=False)
