@@ -173,11 +173,13 @@ class ProxyTransport:
             response = self.api.call_api(*request, _request_timeout=self.timeout)
             response.read()
         except ApiException as e:
-            if e.status == 503 and "no endpoints available" in str(e.body or ""):  # no ready pod behind the Service
-                raise NoEndpoints(f"{self.base}: no endpoints available") from None
             raise SchedulerUnreachable(f"{path}: {e.status} {e.reason}") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise SchedulerUnreachable(f"{path}: {e}") from e
+        # the API server answers 503 "no endpoints available for service …" when no ready pod backs the Service
+        # (kubernetes pkg/registry/core/service/storage, ResourceLocation)
+        if response.status == 503 and b"no endpoints available" in (response.data or b""):
+            raise NoEndpoints(f"{self.base}: no endpoints available")
         if not 200 <= response.status < 300:
             raise SchedulerUnreachable(f"{path}: HTTP {response.status} {response.data[:120]!r}")
         return response.data
