@@ -73,13 +73,13 @@ def test_a_reconcile_tick_asks_idleness_once_not_at_every_poll():
 def test_an_idle_lab_goes_at_the_first_reconcile_tick_past_its_timeout_not_the_15_minute_one():
     ctl, backend, clock = ready_lab(idle_timeout=60)
     fake = backend.labs["a"]
-    fake.load.idle_since = start = clock[0]
+    clock[0] += 60  # ready for a minute: it could be idle that long
+    fake.load.idle_since = start = clock[0]  # the last task ended now
     fake.jupyter = JupyterActivity(last_activity=clock[0] - 5, kernels=1)
-    clock[0] = start + 30
-    ctl.handle(msg(type="reconcile"), "t1")
-    assert "a" in backend.labs and backend.jupyter_reads == 0
-    assert backend.paths.count("/api/v1/check_idle") == 0  # ready for 30 s < 60 s: it cannot be idle long enough
-    clock[0] = start + 90  # the next minute's tick: idle 90 s ≥ 60 s
+    ctl.handle(msg(type="reconcile"), "t1")  # polls over 40 s: the lab is asked once, idle for at most ~25 s
+    assert backend.labs["a"].record["state"]["phase"] == READY and backend.jupyter_reads == 0
+    assert backend.paths.count("/api/v1/check_idle") == 1
+    clock[0] = start + 60  # the next minute's tick: asked at the same point of it, idle ≥ 60 s
     ctl.handle(msg(type="reconcile"), "t2")
     assert backend.jupyter_reads == 1
     assert "a" not in backend.labs or backend.labs["a"].record["state"]["phase"] == "tearing-down"

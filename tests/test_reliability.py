@@ -346,10 +346,10 @@ def test_a_pass_past_its_deadline_leaves_the_rest_for_the_next_one():
     seen = []
     real = ctl._reconcile_safely
 
-    def slow(lab, tick, mid):  # every lab step takes 10 s
+    def slow(lab, tick, mid, idle=None):  # every lab step takes 10 s
         seen.append(lab.name)
         clock.t += 10
-        return real(lab, tick, mid)
+        return real(lab, tick, mid, idle)
 
     ctl._reconcile_safely = slow
     left = ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 15)
@@ -368,9 +368,9 @@ def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_
     reached: dict[str, list[int]] = {name: [-1] for name in names}
     real = ctl._reconcile_safely
 
-    def slow(lab, tick, mid):  # every lab step takes 10 s: a 25 s deadline reaches 3 labs in 10
+    def slow(lab, tick, mid, idle=None):  # every lab step takes 10 s: a 25 s deadline reaches 3 labs in 10
         clock.t += 10
-        return real(lab, tick, mid)
+        return real(lab, tick, mid, idle)
 
     ctl._reconcile_safely = slow
     for minute in range(40):

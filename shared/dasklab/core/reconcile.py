@@ -1,6 +1,7 @@
 """Reconcile: per message or tick, observe the lab (adapters) → plan (policy) → act (adapters), one step."""
 
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -113,11 +114,21 @@ class Controller:
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
         deadline = start + budget
-        idle = True  # the first pass of a tick asks idle labs since when (once a minute: Cloud Scheduler's period)
+        # Once per tick (a minute: Cloud Scheduler's period) each lab that could be idle is asked since when it is,
+        # on the first pass past a point of the tick's first half fixed by its name: spread over the passes,
+        # never on every poll. `asked` only saves calls within this invocation; losing it costs one more call.
+        asked: set[str] = set()
+        spread = budget / 2
+
+        def idle(name: str) -> bool:
+            if name in asked or self.clock() - start < spread * (zlib.crc32(name.encode()) % 1000) / 1000:
+                return False
+            asked.add(name)
+            return True
+
         while True:
             left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s),
-                                      idle=idle)
-            idle = False
+                                      idle=idle if isinstance(cmd, Reconcile) else None)
             if left and not isinstance(cmd, Reconcile):
                 raise TransientError(f"{cmd.type}: retry for {', '.join(left)}")
             if self.clock() + self.config.poll_s >= deadline:
@@ -125,12 +136,13 @@ class Controller:
             self.sleep(self.config.poll_s)
 
     def reconcile_all(self, tick: str, mid: str = "", workers: int = 64, deadline: float | None = None,
-                      idle: bool | None = None) -> list[str]:
+                      idle: bool | Callable[[str], bool] | None = None) -> list[str]:
         """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
         started when `deadline` passes is left for the next pass. The pass starts at a point of the ring of labs
         that moves by the golden ratio of the ring every minute, so successive starts spread evenly: a fleet of
         which a pass reaches a fraction f has every lab reached within about 1.5/f minutes, with no state kept.
-        With `idle` (default: on teardown ticks) labs without work are asked since when they are idle.
+        With `idle` (default: on teardown ticks; or a predicate of the lab's name) labs without work are asked since
+        when they are idle.
         Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
         if labs:
@@ -140,7 +152,7 @@ class Controller:
         def one(lab: Lab) -> bool:
             if deadline is not None and self.clock() >= deadline:
                 return False  # not started: the next pass or tick takes it
-            return self._reconcile_safely(lab, tick, mid, idle)
+            return self._reconcile_safely(lab, tick, mid, idle(lab.name) if callable(idle) else idle)
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:
             results = list(pool.map(one, labs))
