@@ -224,8 +224,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         ctl.reconcile_all("reconcile", "bench", workers=32)  # settle: the first ready pass records its timers
         out = {"passes": passes, "seconds": round(time.monotonic() - t0, 1)}
     else:
-        idle = mode == "measure-idle"  # the first pass of a tick, two hours after the labs got ready: every lab
-        if idle:                       # without work could be idle for its timeout, so each is asked check_idle
+        idle = mode == "measure-idle"  # two hours after the labs got ready every lab without work could be idle
+        if idle:                       # for its timeout: each is asked check_idle (a teardown-idle tick's pass)
             ctl.clock = lambda: time.time() + 7200
         c0 = time.monotonic()  # a cold pass first (lazy imports of the kubernetes models, new connections)
         ctl.reconcile_all("reconcile", "warm", workers=workers, idle=idle)
@@ -309,7 +309,8 @@ def main() -> int:
                 res, calls = run("measure", n, w)
                 rows.append((n, w, res, calls))
                 print(f"  n={n} workers={w}: {json.dumps(res)} calls={json.dumps(calls)}", flush=True)
-        # the first pass of each minute's tick also asks idle labs since when they are idle (one more proxy call)
+        # a pass asking every lab since when it is idle (one more proxy call each): what a teardown-idle tick does,
+        # and the most a reconcile tick adds over its passes (each lab asked once per tick, spread by its name)
         n = int(a.sizes.split(",")[-1])
         first, first_calls = run("measure-idle", n, 64)
         # one slow lab (its dashboard 2 s per answer) must not hold the others back
@@ -338,7 +339,7 @@ def main() -> int:
     for w, r in big:
         print(f"500 labs, workers={w}: wall {r['wall']:.2f} s = {r['wall'] / 5:.2f}× the 5 s goal; "
               f"peak RSS {r['rss_mb']:.0f} MB = {r['rss_mb'] / 200:.2f}× the 200 MB goal")
-    print(f"first pass of a tick (check_idle asked of every lab without work), {n} labs, workers=64: wall "
+    print(f"a pass asking every lab check_idle (teardown-idle; a reconcile tick spreads these), {n} labs, workers=64: wall "
           f"{first['wall']:.2f} s = {first['wall'] / 5:.2f}× the 5 s goal, peak RSS {first['rss_mb']:.0f} MB, "
           f"kube {first_calls['kube']} (proxy {first_calls['proxy']}), failed {first['failed']}")
     print(f"one slow lab (2 s per dashboard call, {n} labs, workers=64): wall {slow['wall']:.2f} s, "
