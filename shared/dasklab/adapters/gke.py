@@ -39,7 +39,8 @@ from google.cloud import container_v1 as gke
 
 from dasklab.core import logs
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
+    TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, TEARING_DOWN, JupyterActivity, Lab
 from dasklab.core.policy import Infra
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
@@ -443,7 +444,7 @@ class GkeBackend:
         kube = self._kube(place)
         token = kube.read_secret(place.namespace, TOKEN_SECRET, TOKEN_KEY)
         if token is None:
-            raise TransientError(f"lab {lab.name}: no Secret {TOKEN_SECRET} yet")
+            raise JupyterUnreachable(f"lab {lab.name}: no Secret {TOKEN_SECRET}")
         return JupyterApi(kube.proxy(place.namespace, f"{place.fullname}-jupyter", "80"), token).fetch_activity()
 
     def _worker_pool(self, cluster: gke.Cluster):
