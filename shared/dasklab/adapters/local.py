@@ -305,11 +305,11 @@ class LocalBackend:
         return info
 
     def pids(self, lab: Lab) -> list[int]:
-        """The scheduler's and workers' process ids (for checks that nothing is left behind)."""
+        """The workers', Jupyter's and (last) the scheduler's process ids (for checks that nothing is left behind)."""
         local = self._local(lab)
         sched = [local["scheduler"]["pid"]] if local["scheduler"] else []
         jupyter = [local["jupyter"]["pid"]] if local.get("jupyter") else []
-        return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + sched + jupyter
+        return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + jupyter + sched
 
     def stop_all(self) -> int:
         """Delete every local lab, processes and records (when the local controller shuts down)."""
