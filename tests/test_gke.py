@@ -124,6 +124,7 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
     ready = [e for e in ctl.events.published if e["event"] == "lab-ready"]
     assert len(ready) == 1 + crashing * (len(ready) - 1)  # a crash may repeat an event, never lose it
     assert "port-forward" in ready[0]["connection"]["dashboard"]
+    assert ready[0]["connection"]["dask_version"] == CONFIG.dask_version == "2026.3.0"
     assert lab_of(ctl).version.startswith("k8s:")  # the record moved into the lab's namespace
 
     # the release: one Helm Job (a duplicate is the same Job), values enforced, no public Service

@@ -1,6 +1,7 @@
 """Local backend adapter: a lab is a real Dask scheduler and worker processes on 127.0.0.1, its record a file."""
 
 import fcntl
+import importlib.metadata
 import json
 import os
 import shutil
@@ -17,6 +18,11 @@ from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
+
+
+def installed_dask_version() -> str:
+    """The distributed version a local lab runs: the one installed here (local labs run no image)."""
+    return importlib.metadata.version("distributed")
 
 
 def _node_of(worker_name: str) -> str:
@@ -232,7 +238,7 @@ class LocalBackend:
 
     def connection_info(self, lab: Lab) -> dict:
         sched = self._local(lab)["scheduler"] or {}
-        return {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
+        return {"dask_version": installed_dask_version(), "scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
                 "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
                 "how": "from Python on this machine: distributed.Client('<scheduler>')"}
 
