@@ -1,6 +1,12 @@
 """Test helpers that ask a real Dask scheduler what happened: tasks computed more than once, processes left."""
 
+import fcntl
+import os
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import cloudpickle
 import psutil
@@ -24,6 +30,35 @@ def recomputed(client) -> int:
     counts, overflowed = client.run_on_scheduler(_memory_transitions)
     assert not overflowed, "the scheduler's transition log overflowed: set LOG_LENGTH_ENV on it"
     return sum(n - 1 for n in counts.values())
+
+
+def cache_root() -> Path:
+    """Where test environments are kept between runs: $DASKLAB_TEST_CACHE, else $XDG_CACHE_HOME/dasklab."""
+    if os.environ.get("DASKLAB_TEST_CACHE"):
+        return Path(os.environ["DASKLAB_TEST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dasklab"
+
+
+def dask_env(version: str) -> tuple[Path, float]:
+    """A venv with distributed==`version` from the package index, created once and reused (its bin directory,
+    and the seconds it took to create now: 0 when reused). A half-made one (no marker) is made again."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    venv, marker = root / f"dask-{version}", root / f"dask-{version}" / ".complete"
+    with open(root / f".dask-{version}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once make it once
+        if marker.exists():
+            return venv / "bin", 0.0
+        started = time.monotonic()
+        shutil.rmtree(venv, ignore_errors=True)
+        for argv in ([sys.executable, "-m", "venv", str(venv)],
+                     [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"distributed=={version}",
+                      f"dask=={version}"]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        marker.write_text(version)
+        return venv / "bin", time.monotonic() - started
 
 
 def process_tree(pids) -> list[psutil.Process]:
