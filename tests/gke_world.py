@@ -45,7 +45,7 @@ CHART_DEFAULTS = {
                                                          "pullPolicy": "IfNotPresent"},
                 "serviceType": "ClusterIP", "servicePort": 80,
                 "password": "sha1:aae8550c0a44:9507d45e087d5ee481a5ce9f4f16f37a0867318c", "env": None,
-                "extraConfig": "", "resources": {}, "nodeSelector": {}, "serviceAccountName": "dask-jupyter",
+                "extraConfig": "# Extra Jupyter config goes here\n# E.g\n# c.NotebookApp.port = 8888", "resources": {}, "nodeSelector": {}, "serviceAccountName": "dask-jupyter",
                 "ingress": {"enabled": False}},
 }
 
