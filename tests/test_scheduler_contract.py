@@ -56,6 +56,15 @@ class ContractLab:
         self.address, self.url = f"tcp://{LOCALHOST}:{port}", f"http://{LOCALHOST}:{dash}"
         self.pids = [spawn([*scheduler, "--host", LOCALHOST, "--port", str(port), "--dashboard-address",
                             f"{LOCALHOST}:{dash}"], env=self.env, log_path=tmp / "scheduler.log")]
+        self.client = None
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        label, tmp = self.label, self.tmp
         self.transport = Recording(self.url, timeout=30)
         self.dashboard = Dashboard(self.transport)
         wait_until(self._healthy, 60, what=f"{label} scheduler")
@@ -64,7 +73,7 @@ class ContractLab:
             self.workers[name] = spawn([*self.worker_cmd, self.address, "--name", name, "--nthreads", "1",
                                         "--memory-limit", "1G", "--host", LOCALHOST, "--no-dashboard"],
                                        env=self.env, log_path=tmp / f"{name}.log")
-        self.pids += self.workers.values()
+            self.pids.append(self.workers[name])
         wait_until(lambda: len(self.dashboard.fetch_workers()) == 3, 90, what=f"{label} workers")
         self.client = subprocess.Popen([self.python, str(Path(__file__).parent / "contract_load.py"), self.address],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
@@ -85,12 +94,13 @@ class ContractLab:
         return json.loads(line)
 
     def close(self) -> list:
-        tree = process_tree(self.pids + [self.client.pid])
-        self.client.stdin.close()
-        try:
-            self.client.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            stop_pid_group(self.client.pid)
+        tree = process_tree(self.pids + ([self.client.pid] if self.client else []))
+        if self.client:
+            self.client.stdin.close()
+            try:
+                self.client.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop_pid_group(self.client.pid)
         for pid in self.pids:
             stop_pid_group(pid)
         return tree
