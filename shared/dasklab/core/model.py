@@ -61,6 +61,7 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
+    notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
     @property
     def workers_per_node(self) -> int:
@@ -111,7 +112,8 @@ class Lab:
 
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
-        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
+        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())),
+                    notes=tuple(data["spec"].get("notes", ())))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
