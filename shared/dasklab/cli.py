@@ -97,7 +97,7 @@ def fetch_status(cfg) -> list[dict]:
             "processing": load.processing if load else None, "queued": load.queued if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
             "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "reason": lab.state.reason})
+            "reason": lab.state.reason, "notes": list(lab.spec.notes)})
     return rows
 
 
@@ -144,6 +144,9 @@ def cmd_status(a, cfg) -> int:
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
                       r["dashboard"] or "-")
     Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    for r in rows:  # what the controller replaced in each lab's request
+        for note in r["notes"]:
+            print(f"{r['lab']}: note: {note}")
     return 0
 
 
@@ -265,11 +268,13 @@ def cmd_connect(a, cfg) -> int:
         raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
     if a.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps({**info, "notes": list(lab.spec.notes)}, indent=1))
         return 0
     print(f"lab {lab.name} ({lab.state.phase}, owner {lab.spec.owner}, {cfg.backend} backend)")
     for key, value in info.items():
         print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+    for note in lab.spec.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -106,7 +106,8 @@ def _placement_and_env_notes(values: dict) -> list[str]:
         block = _block(values, key)
         if block.get("nodeSelector"):
             pool = "the system pool" if key in POOL_KEYS else "the worker pool"
-            notes.append(f"values.{key}.nodeSelector: replaced by {pool}; choose machine_type instead")
+            notes.append(f"values.{key}.nodeSelector: pinned to {pool} as well (the controller places every "
+                         "component); your labels still apply and must match that pool's nodes")
         env = block.get("env") if isinstance(block.get("env"), list) else []
         if any(isinstance(e, dict) and e.get("name") == ENFORCED_ENV[key] for e in env):
             notes.append(f"values.{key}.env: {ENFORCED_ENV[key]} is set by the controller; yours is replaced")

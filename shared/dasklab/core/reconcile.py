@@ -11,6 +11,7 @@ from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     build_spec, check_caps
+from dasklab.core.overrides import note_field
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
 from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
     plan_teardown
@@ -52,6 +53,9 @@ class Controller:
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
                               workers=[spec.min_workers, spec.initial_workers, spec.max_workers])
+                for note in spec.notes:  # each override of the request, said once, at create
+                    logs.emit("WARNING", lab=spec.name, action="override", field=note_field(note), reason=note,
+                              message_id=mid)
                 return
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
 
@@ -189,7 +193,7 @@ class Controller:
             changes["ready_at"] = now
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                                 "connection": self.backend.connection_info(lab)})
+                                 "connection": self.backend.connection_info(lab), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
