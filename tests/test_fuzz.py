@@ -67,7 +67,7 @@ class Recorder:
     def __init__(self):
         self.handled = []
 
-    def handle(self, cmd, mid):
+    def handle(self, cmd, mid, published=None):
         if isinstance(cmd, StartLab):
             build_spec(cmd, Config())
         elif isinstance(cmd, Scale):

@@ -50,6 +50,7 @@ class Config:
     chart_repo: str = "https://helm.dask.org"
     chart_version: str = "2024.1.1"  # the official dask/dask chart, pinned
     helm_image: str = "alpine/helm:3.16.3"
+    firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
 
 
 def _convert(name: str, raw: str, kind: type):

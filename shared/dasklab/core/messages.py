@@ -390,6 +390,25 @@ def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:
     return payload, attributes, str(message.get("messageId") or message.get("message_id") or "")
 
 
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+
+
+def decode_publish_time(event_data: dict) -> float | None:
+    """The Pub/Sub message's publishTime (RFC 3339, up to nanoseconds) as epoch seconds; None when absent."""
+    message = event_data.get("message") if isinstance(event_data, dict) else None
+    raw = message.get("publishTime") or message.get("publish_time") if isinstance(message, dict) else None
+    if raw is None:
+        return None
+    m = _RFC3339.match(raw) if isinstance(raw, str) else None
+    try:
+        when = datetime.fromisoformat(m[1] + m[3].replace("Z", "+00:00")) if m else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise ValidationError("message.publishTime", "must be an RFC 3339 time like 2026-11-27T02:00:00.123Z")
+    return when.timestamp() + (int(m[2].ljust(9, "0")) / 1e9 if m[2] else 0.0)
+
+
 def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = None) -> None:
     """Refuse requests above the controller's caps (never truncate them)."""
     max_workers = cmd.workers.max if isinstance(cmd, StartLab) else cmd.max

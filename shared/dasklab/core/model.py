@@ -93,6 +93,7 @@ class LabState:
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
     last_accounted: float = 0.0
+    start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
 @dataclass(frozen=True)
