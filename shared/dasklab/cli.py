@@ -215,6 +215,7 @@ def deploy_steps(a, cfg) -> list:
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
+        steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
     if a.cloud_build:
         return steps + [deploy.cloud_build_step(values)]
     return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
