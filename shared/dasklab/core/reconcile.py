@@ -50,7 +50,7 @@ class Controller:
     def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> None:
         spec = build_spec(cmd, self.config)
         now = self.clock()
-        published = now if published is None else published
+        timed, published = published is not None, now if published is None else published
         stopped = self._stopped(spec.name, now)
         existing = self.backend.fetch_lab(spec.name)
         late, why = plan_superseded(published, stopped)
@@ -63,9 +63,12 @@ class Controller:
         verdict, reason = plan_start(existing and existing.spec, spec)
         if verdict == "conflict":
             raise PermanentError(reason)
-        if verdict == "duplicate" and existing.state.phase == TEARING_DOWN and \
-                published > existing.state.start_published:  # a newer start-lab: once the old lab is gone
-            raise TransientError(f"lab {spec.name} is being torn down: this start-lab is retried until it is gone")
+        if verdict == "duplicate" and timed and published > existing.state.start_published:  # a newer start-lab
+            if existing.state.phase == TEARING_DOWN:  # once the old lab is gone
+                raise TransientError(f"lab {spec.name} is being torn down: this start-lab is retried until it is "
+                                     "gone")
+            # the lab stands for this start-lab now: a stop-lab published before it leaves the lab alone
+            self.backend.apply_record(existing.with_state(start_published=published))
         if verdict == "create":
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
