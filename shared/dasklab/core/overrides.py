@@ -41,11 +41,11 @@ def _service_notes(values: dict, spec: LabSpec, backend: str) -> list[str]:
                            f"networks to allow, or {CONNECT}")
             done = "replaced by ClusterIP" if backend != "local" else "not used (the local lab listens on 127.0.0.1)"
             notes.append(f"values.{key}.serviceType: {kind} {done}; {instead}")
-    if _block(values, "scheduler").get("loadBalancerIP"):
+    if _block(values, "scheduler").get("loadBalancerIP") is not None:
         notes.append("values.scheduler.loadBalancerIP: removed; the scheduler is never public")
     for key in ("webUI", "jupyter"):
         ingress = _block(values, key).get("ingress")
-        if isinstance(ingress, dict) and ingress.get("enabled"):
+        if isinstance(ingress, dict) and ingress.get("enabled") not in (None, False):
             notes.append(f"values.{key}.ingress.enabled: turned off (no Ingress is made); {CONNECT}"
                          + (", or send expose.source_ranges for a public Jupyter" if key == "jupyter" else ""))
     return notes
@@ -58,7 +58,7 @@ def _jupyter_notes(values: dict) -> list[str]:
     if jupyter.get("rbac"):
         notes.append("values.jupyter.rbac: turned off; Jupyter gets no Kubernetes rights (the controller scales "
                      "the workers: use `dasklab scale`)")
-    if jupyter.get("serviceAccountName"):
+    if jupyter.get("serviceAccountName") is not None:
         notes.append("values.jupyter.serviceAccountName: removed; Jupyter runs without Kubernetes rights")
     given = "your password" if jupyter.get("password") else "the chart's default password"
     notes.append(f"values.jupyter.password: {given} is removed; Jupyter logs in with the lab's random token "
