@@ -3,7 +3,6 @@ its emulator, started and stopped here), the rule in the controller, and the pub
 
 import json
 import threading
-import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -27,24 +26,9 @@ DAY = TOMBSTONE_TTL_S
 T0 = 1_800_000_000.0
 
 
-@pytest.fixture(scope="module")
-def firestore_emulator(tmp_path_factory):
-    if procs.find_firestore_emulator() is None:
-        pytest.fail("the Firestore emulator (Google Cloud CLI component cloud-firestore-emulator, Java 17) is needed")
-    with procs.start_firestore_emulator(tmp_path_factory.mktemp("firestore")) as emulator:
-        yield emulator
-    assert not procs.pid_alive(emulator.proc.pid)
-
-
-@pytest.fixture
-def firestore_store(firestore_emulator, monkeypatch):
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
-    return FirestoreTombstones(f"test-{uuid.uuid4().hex[:12]}")  # a project of its own: nothing shared
-
-
 @pytest.fixture(params=["files", "firestore"])
 def store(request, tmp_path):
-    return FileTombstones(tmp_path) if request.param == "files" else request.getfixturevalue("firestore_store")
+    return FileTombstones(tmp_path) if request.param == "files" else request.getfixturevalue("firestore_tombstones")
 
 
 def test_a_tombstone_keeps_the_latest_stop_lab_for_24_hours(store):
@@ -75,9 +59,9 @@ def test_expired_tombstones_are_pruned_from_disk(tmp_path):
     assert sorted(p.stem for p in (tmp_path / "tombstones").glob("*.json")) == ["new"]
 
 
-def test_firestore_keeps_an_expiry_for_its_ttl_policy(firestore_store):
-    firestore_store.apply_stopped("a", T0, T0 + 60)
-    doc = firestore_store._db().document(f"{COLLECTION}/a").get().to_dict()
+def test_firestore_keeps_an_expiry_for_its_ttl_policy(firestore_tombstones):
+    firestore_tombstones.apply_stopped("a", T0, T0 + 60)
+    doc = firestore_tombstones._db().document(f"{COLLECTION}/a").get().to_dict()
     assert doc["lab"] == "a" and doc["stopped_at"] == T0
     assert doc["expire_at"] == datetime.fromtimestamp(T0 + 60 + DAY, timezone.utc)
 
