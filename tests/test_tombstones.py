@@ -210,3 +210,29 @@ def test_each_backend_keeps_its_tombstones_in_its_store(tmp_path):
     local = runtime.build_tombstones(Config(home=str(tmp_path)))
     assert isinstance(local, FileTombstones) and local.root == tmp_path / "tombstones"
     assert runtime.build_controller(Config(home=str(tmp_path))).tombstones.root == local.root
+
+
+def test_store_errors_are_classified_and_a_refusing_store_does_not_block_a_stop(tmp_path, caplog):
+    from google.api_core import exceptions as gexc
+    from dasklab.adapters.firestore import _translate
+    from dasklab.core.errors import PermanentError
+    for error, kind in [(gexc.PermissionDenied("no"), PermanentError), (gexc.NotFound("no database"), PermanentError),
+                        (gexc.ServiceUnavailable("later"), TransientError), (gexc.Aborted("contention"), TransientError),
+                        (gexc.DeadlineExceeded("slow"), TransientError), (gexc.TooManyRequests("rate"), TransientError)]:
+        assert type(_translate(error, "write")) is kind
+
+    class Refusing:
+        def fetch_stopped(self, lab, now):
+            return None
+
+        def apply_stopped(self, lab, published, now):
+            raise PermanentError("403 Missing or insufficient permissions")
+
+    ctl, clock = controller(Refusing())
+    ctl.handle(cmd(**START), "m1", published=T0 + 1)
+    settle(ctl, clock)
+    ctl.handle(cmd(**STOP), "m2", published=T0 + 2)
+    settle(ctl, clock)
+    assert ctl.backend.labs == {}  # stopped all the same, and said
+    assert any('"action": "tombstone"' in r.message and "insufficient permissions" in r.message
+               for r in caplog.records)

@@ -92,7 +92,10 @@ class Controller:
     def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> None:
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
             now = self.clock()
-            self.tombstones.apply_stopped(cmd.lab, now if published is None else published, now)
+            try:
+                self.tombstones.apply_stopped(cmd.lab, now if published is None else published, now)
+            except PermanentError as e:  # a store refusing for good (no database, no permission): still stop
+                logs.emit("ERROR", lab=cmd.lab, action="tombstone", reason=f"not kept: {e}", message_id=mid)
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
         if lab is not None:
             outdated, why = plan_stop_outdated(self.clock() if published is None else published,
