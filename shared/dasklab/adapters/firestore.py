@@ -31,8 +31,12 @@ class FirestoreTombstones:
 
     def _db(self):
         if self._client is None:
+            from google.auth.exceptions import DefaultCredentialsError
             from google.cloud import firestore
-            self._client = firestore.Client(project=self.project, database=self.database)
+            try:
+                self._client = firestore.Client(project=self.project, database=self.database)
+            except DefaultCredentialsError as e:  # no identity to reach Firestore with: not fixed by a retry
+                raise PermanentError(f"Firestore client for project {self.project}: {e}") from e
         return self._client
 
     def fetch_stopped(self, lab: str, now: float) -> float | None:
