@@ -196,3 +196,12 @@ def test_status_and_connect_show_the_notes(home):
     for note in spec.notes:
         assert f"intro: note: {note}" in table and f"note: {note}" in connect
     assert json.loads(run("connect", "intro", "--json"))["notes"] == list(spec.notes)
+
+
+def test_the_cli_says_the_notes_before_it_sends(home):
+    env = {**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_BACKEND": "local"}
+    env.pop("PUBSUB_EMULATOR_HOST", None)
+    out = subprocess.run([sys.executable, "-m", "dasklab.cli", "start-lab", "--lab", "intro", "--values",
+                          str(EXAMPLES / "seed-1.yaml")], env=env, capture_output=True, text=True, timeout=60)
+    assert "note: values.jupyter.serviceType: LoadBalancer not used" in out.stderr
+    assert out.returncode == 2 and "dasklab local serve" in out.stderr  # no controller runs here

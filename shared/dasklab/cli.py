@@ -52,7 +52,8 @@ def validate(payload: dict, cfg) -> None:
     from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
-        build_spec(cmd, cfg)
+        for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+            print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
 
