@@ -1,6 +1,7 @@
 """The core on the local backend with real Dask processes: provision, autoscale, graceful scale-down, teardown."""
 
 import json
+import re
 import time
 
 import pytest
@@ -151,3 +152,22 @@ def test_load_counts_the_tasks_queued_on_the_scheduler(controller):
         assert 20 <= load.queued <= 30 - load.processing and load.busy
         assert sum(client.gather(futures)) == sum(range(1, 31))
         assert backend.dashboard(lab).fetch_load().queued == 0
+
+
+def test_the_dashboard_page_of_a_local_lab_renders(controller):
+    """The URL `dasklab status` and `connect` print is the scheduler's bokeh dashboard, not distributed's
+    "Dask needs bokeh" placeholder page."""
+    import urllib.request
+
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(), "m1")
+    url = backend.connection_info(ready(ctl))["dashboard"]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+    with urllib.request.urlopen(url, timeout=20) as resp:
+        page = resp.read().decode()
+    assert "needs bokeh" not in page
+    assert "<title>Dask Diagnostic UI</title>" in page and "Bokeh.embed" in page, page[:500]
+    script = re.search(r'src="(static/js/bokeh\.min\.js[^"]*)"', page)
+    assert script, page[:800]
+    with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + script[1], timeout=20) as resp:
+        assert resp.status == 200 and len(resp.read()) > 100_000  # bokeh's JavaScript, served by the scheduler

@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 chars
 LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")  # no unit: seconds ("60" from a command line)
 _UNSAFE_PIP = re.compile(r"[;&|`$<>\\\n\r]")
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
@@ -41,14 +41,14 @@ _PATTERN_WORDS = {
 
 
 def _seconds(value) -> int:
-    """A duration as seconds: an integer, or '90s', '30m', '8h', '1d'."""
+    """A duration as seconds: an integer, plain seconds as text ('60'), or '90s', '30m', '8h', '1d'."""
     if isinstance(value, int):
         seconds = value
     else:
         m = _DURATION.match(value.strip())
         if not m:
             raise ValueError(f"{value!r} is not a duration like 90s, 30m, 8h, 1d or a number of seconds")
-        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        seconds = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     if seconds <= 0:
         raise ValueError("must be positive")
     return seconds
