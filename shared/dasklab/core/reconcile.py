@@ -178,8 +178,8 @@ class Controller:
             self._publish_deleted(lab, now)  # events are at least once: published before the act they report
             self.backend.apply_delete(lab)
         elif step.action == "forget":
-            self.backend.apply_forget(lab)
-            logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
+            if self.backend.apply_forget(lab):  # False: another invocation forgot it (and said so) first
+                logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
             return
         if step.phase == lab.state.phase:
             return
