@@ -16,6 +16,9 @@ from dasklab.core import config as config_mod
 from dasklab.core.errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
 
+DEFAULT_WAIT_S = 10.0  # how long a command waits for its outcome by default (a cold function can take seconds)
+
+
 def _owner() -> str:
     return re.sub(r"[^a-z0-9_-]", "-", getpass.getuser().lower())[:63] or "nobody"
 
@@ -57,19 +60,61 @@ def validate(payload: dict, cfg) -> None:
         check_caps(cmd, cfg)
 
 
+def _replies(cfg, request_id: str, wait: float):
+    """Where this command's outcome will appear: the status topic (Google Cloud or the emulator) or the local
+    status file; listening starts before the command is published, so nothing is missed."""
+    from dasklab import replies
+    if wait <= 0:
+        return replies.NoReplies()
+    if cfg.backend == "gke":
+        return replies.PubSubReplies(cfg.project, cfg.status_topic, request_id)
+    from dasklab.local.serve import serve_info
+    info = serve_info(cfg.home)
+    if info["emulator_host"]:
+        os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
+        return replies.PubSubReplies(info["project"], info.get("status_topic", cfg.status_topic), request_id)
+    return replies.FileReplies(Path(cfg.home) / "status.jsonl", request_id)
+
+
+def print_outcome(outcome: dict | None, mid: str, wait: float) -> int:
+    """The controller's answer, as the command's exit code: 2 if it refused the command."""
+    if outcome is None:
+        print(f"dasklab: no outcome from the controller within {wait:g}s (message {mid}); it may still come: see "
+              f"`dasklab status`, or wait longer with --wait SECONDS", file=sys.stderr)
+        return 0
+    if outcome["outcome"] == "refused":
+        print(f"dasklab: refused by the controller (message {mid}): {outcome['reason']}", file=sys.stderr)
+        return 2
+    print(f"{outcome['outcome'].replace('-', ' ')}: {outcome['reason']}")
+    return 0
+
+
 def cmd_publish(a, cfg) -> int:
+    from dasklab.core.messages import REQUEST_ID
+    from dasklab.replies import new_request_id
     payload = _messages(a)
     validate(payload, cfg)
-    if cfg.backend == "gke":
-        from dasklab.adapters import pubsub
-        mid = pubsub.publish(cfg.project, cfg.control_topic, payload)
-        where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
-    else:
-        from dasklab.local.serve import publish_local, serve_info
-        mid = publish_local(cfg.home, payload)
-        where = f"the local controller ({serve_info(cfg.home)['bus']})"
-    print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})")
-    return 0
+    wait = 0.0 if a.no_wait else a.wait
+    request_id = new_request_id()
+    with _replies(cfg, request_id, wait) as replies:
+        if cfg.backend == "gke":
+            from dasklab.adapters import pubsub
+            mid = pubsub.publish(cfg.project, cfg.control_topic, payload, **{REQUEST_ID: request_id})
+            where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
+        else:
+            from dasklab.local.serve import publish_local, serve_info
+            mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id})
+            where = f"the local controller ({serve_info(cfg.home)['bus']})"
+        print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})",
+              flush=True)
+        if wait <= 0:
+            return 0
+        try:
+            outcome = replies.wait(mid, wait)
+        except KeyboardInterrupt:
+            print("dasklab: stopped waiting for the outcome", file=sys.stderr)
+            return 130
+    return print_outcome(outcome, mid, wait)
 
 
 def _ago(now: float, then: float | None) -> str:
@@ -280,33 +325,37 @@ def parser() -> argparse.ArgumentParser:
     gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
     gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
                                       "else $DASKLAB_LOCATION, else us-central1)")
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                      help=f"wait this long for the controller's outcome (default {DEFAULT_WAIT_S:g})")
+    wait.add_argument("--no-wait", action="store_true", help="publish and return at once")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start-lab", parents=[gcp], help="provision a lab")
+    s = sub.add_parser("start-lab", parents=[gcp, wait], help="provision a lab")
     s.add_argument("--lab", required=True)
     s.add_argument("--owner")
     s.add_argument("--workers", type=int, help="initial workers")
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--machine-type")
-    s.add_argument("--idle-timeout", help="e.g. 30m")
-    s.add_argument("--max-lifetime", help="e.g. 8h")
+    s.add_argument("--idle-timeout", help="seconds, or e.g. 30m")
+    s.add_argument("--max-lifetime", help="seconds, or e.g. 8h")
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
-    s = sub.add_parser("stop-lab", parents=[gcp], help="tear a lab down")
+    s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("keep-alive", parents=[gcp], help="keep a lab from idle and nightly teardown")
+    s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab from idle and nightly teardown")
     s.add_argument("--lab", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--until", help="an ISO time with zone, e.g. 2026-11-27T02:00:00Z")
-    g.add_argument("--for", dest="for_", help="a duration, e.g. 4h")
-    s = sub.add_parser("scale", parents=[gcp], help="change a lab's min/max or pin its worker count")
+    g.add_argument("--for", dest="for_", help="seconds, or a duration like 4h")
+    s = sub.add_parser("scale", parents=[gcp, wait], help="change a lab's min/max or pin its worker count")
     s.add_argument("--lab", required=True)
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--pin", type=int)
     s.add_argument("--unpin", action="store_true")
-    s = sub.add_parser("publish", parents=[gcp], help="publish a raw JSON message (validated first)")
+    s = sub.add_parser("publish", parents=[gcp, wait], help="publish a raw JSON message (validated first)")
     s.add_argument("file", help="a JSON file, or - for stdin")
     s = sub.add_parser("status", parents=[gcp], help="show every lab")
     s.add_argument("--json", action="store_true")

@@ -337,6 +337,18 @@ def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:
     return payload, attributes, str(message.get("messageId") or message.get("message_id") or "")
 
 
+REQUEST_ID = "request_id"  # the message attribute a sender sets to find its command's outcome on the status topic
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_request_id(attributes: dict) -> str:
+    """The sender's request id from the message attributes ('' when none), echoed on the command's outcome."""
+    value = attributes.get(REQUEST_ID, "")
+    if value and not (isinstance(value, str) and _REQUEST_ID.fullmatch(value)):
+        raise ValidationError(f"message.attributes.{REQUEST_ID}", "must be 1-64 letters, digits, '-' or '_'")
+    return value
+
+
 def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = None) -> None:
     """Refuse requests above the controller's caps (never truncate them)."""
     max_workers = cmd.workers.max if isinstance(cmd, StartLab) else cmd.max

@@ -3,6 +3,7 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Callable
 
 from dasklab.core import logs
@@ -16,6 +17,8 @@ from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_ret
     plan_teardown
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
+# What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
+ACCEPTED, DONE, REFUSED, NOTHING_TO_DO = "accepted", "done", "refused", "nothing-to-do"
 
 
 @dataclass
@@ -32,12 +35,23 @@ class Controller:
 
     # --- commands ---
 
-    def handle(self, cmd: Command, message_id: str = "") -> None:
+    def handle(self, cmd: Command, message_id: str = "", request_id: str = "") -> None:
+        """Run one command or tick. A command's handler returns its outcome (accepted, done or nothing to do, and
+        why), published for its sender; a refusal is raised (PermanentError) and published by the entry point."""
         handler = {StartLab: self.start_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
                    Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
-        handler(cmd, message_id)
+        outcome = handler(cmd, message_id)
+        if outcome is not None:  # ticks have no sender waiting
+            self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome)
 
-    def start_lab(self, cmd: StartLab, mid: str) -> None:
+    def publish_outcome(self, command: str | None, lab: str | None, message_id: str, request_id: str, outcome: str,
+                        reason: str, **extra) -> None:
+        """The `command-outcome` status event: what became of the command with this message id, and why."""
+        event = {"event": "command-outcome", "command": command, "lab": lab, "outcome": outcome, "reason": reason,
+                 "message_id": message_id, "request_id": request_id or None, "time": self.clock(), **extra}
+        self.events.publish({k: v for k, v in event.items() if v is not None})
+
+    def start_lab(self, cmd: StartLab, mid: str) -> tuple[str, str]:
         spec = build_spec(cmd, self.config)
         existing = self.backend.fetch_lab(spec.name)
         verdict, reason = plan_start(existing and existing.spec, spec)
@@ -52,34 +66,44 @@ class Controller:
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
                               workers=[spec.min_workers, spec.initial_workers, spec.max_workers])
-                return
+                return ACCEPTED, f"{reason}: provisioning {spec.initial_workers} worker(s), min {spec.min_workers}, " \
+                                 f"max {spec.max_workers}; lab-ready follows"
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
+        return NOTHING_TO_DO, reason
 
-    def stop_lab(self, cmd: StopLab, mid: str) -> None:
+    def stop_lab(self, cmd: StopLab, mid: str) -> tuple[str, str]:
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
-        if lab is not None:
-            self._begin_teardown(lab, "stop-lab requested", mid)
+        if lab is None:
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
+        already = lab.state.phase == TEARING_DOWN
+        self._begin_teardown(lab, "stop-lab requested", mid)  # already tearing down: the next step, as a tick would
+        if already:
+            return NOTHING_TO_DO, "already being torn down"
+        return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
 
-    def keep_alive(self, cmd: KeepAlive, mid: str) -> None:
+    def keep_alive(self, cmd: KeepAlive, mid: str) -> tuple[str, str]:
         now = self.clock()
         until = cmd.deadline(now)
         if until <= now:
             raise ValidationError("until", "must be in the future")
         lab = self._lab_or_none(cmd.lab, "keep-alive", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         if lab.spec.keep_alive_until is not None and lab.spec.keep_alive_until >= until:
             logs.emit("INFO", lab=lab.name, action="keep-alive", reason="already kept alive that long",
                       message_id=mid)
-            return
+            return NOTHING_TO_DO, f"already kept alive until {_iso(lab.spec.keep_alive_until)}"
         self.backend.apply_record(lab.with_spec(keep_alive_until=until))
         logs.decision(lab.name, "keep-alive", lab.spec.keep_alive_until, until, "keep-alive requested", mid)
+        cap = lab.state.created_at + lab.spec.max_lifetime_s
+        capped = f"; its maximum lifetime still ends it at {_iso(cap)}" if cap < until else ""
+        return DONE, f"kept alive until {_iso(until)}{capped}"
 
-    def scale(self, cmd: Scale, mid: str) -> None:
+    def scale(self, cmd: Scale, mid: str) -> tuple[str, str]:
         check_caps(cmd, self.config)
         lab = self._lab_or_none(cmd.lab, "scale", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         spec = lab.spec
         new = replace(spec, min_workers=spec.min_workers if cmd.min is None else cmd.min,
                       max_workers=spec.max_workers if cmd.max is None else cmd.max,
@@ -94,12 +118,14 @@ class Controller:
                                          f"above the controller cap max_nodes={self.config.max_nodes}")
         if new == spec:
             logs.emit("INFO", lab=lab.name, action="scale", reason="limits unchanged", message_id=mid)
-            return
+            return NOTHING_TO_DO, "limits unchanged"
         lab = self.backend.apply_record(replace(lab, spec=new))
         logs.decision(lab.name, "limits", [spec.min_workers, spec.max_workers, spec.pinned_workers],
                       [new.min_workers, new.max_workers, new.pinned_workers], "scale requested", mid)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
+        pin = "" if new.pinned_workers is None else f", pinned at {new.pinned_workers}"
+        return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow"
 
     # --- ticks ---
 
@@ -263,3 +289,6 @@ class Controller:
             "node_hours": round(lab.state.node_seconds / 3600, 4),
             "estimated_cost_usd": estimate_cost(lab.spec, lifetime, lab.state.node_seconds)})
 
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

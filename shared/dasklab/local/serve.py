@@ -83,7 +83,8 @@ class LocalController:
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
             "emulator_host": self.emulator.host if self.emulator else None, "project": LOCAL_PROJECT,
-            "control_topic": self.infra["topics"]["control"]}))
+            "control_topic": self.infra["topics"]["control"], "status_topic": self.infra["topics"]["status"],
+            "functions_log": str(self.functions_log)}))
         if self.fire_timers:
             self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",)).start()
 
@@ -129,11 +130,11 @@ def serve_info(home: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def publish_local(home: str | Path, payload: dict, tick: str | None = None) -> str:
+def publish_local(home: str | Path, payload: dict, tick: str | None = None, attributes: dict | None = None) -> str:
     """Validate a command, then send it to the running local controller over its bus; returns the message id."""
     parse_command(payload)  # refuse locally with the same error the function would log
     info = serve_info(home)
-    attributes = {"dasklab-tick": tick} if tick else {}
+    attributes = {**(attributes or {}), **({"dasklab-tick": tick} if tick else {})}
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
         from dasklab.adapters import pubsub
