@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 import pytest
 
@@ -29,12 +30,13 @@ def status(home) -> list[dict]:
 
 
 @pytest.fixture
-def serve(home, tmp_path):
+def serve(home, tmp_path, request):
+    """`dasklab local serve` (with the options of an indirect parameter, if any); its output in serve.log."""
     env = {**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_POLL_S": "0.5", "DASKLAB_CONFIRM_S": "2"}
     env.pop("PUBSUB_EMULATOR_HOST", None)
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*DASKLAB, "local", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([*DASKLAB, "local", "serve", *getattr(request, "param", ())], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     procs.wait_until(lambda: (home / "serve.json").exists() or proc.poll() is not None, 60, what="local serve")
     assert proc.poll() is None, (tmp_path / "serve.log").read_text()
     info = json.loads((home / "serve.json").read_text())
@@ -73,6 +75,87 @@ def test_commands_through_the_local_controller(serve, home):
     wait_for(lambda: status(home) == [])
     pids = [serve["pid"]]
     assert all(not procs.pid_alive(p) for p in pids if p != serve["pid"])
+
+
+WAIT = ("--wait", "60")  # generous: the machine running the tests may be loaded
+
+
+def test_the_controllers_outcome_reaches_whoever_sent_the_command(serve, home, tmp_path):
+    """Refusals made by the controller (not the CLI) exit 2 with the field and rule; the rest say what happened;
+    `local serve` shows each decision as it happens."""
+    out = run(home, "start-lab", "--lab", "syoh-a", "--owner", "root", "--max", "4", "--idle-timeout", "60", *WAIT)
+    assert "published start-lab for syoh-a" in out.stdout
+    assert "accepted: new lab requested: provisioning 0 worker(s), min 0, max 4; lab-ready follows" in out.stdout
+
+    def refused(*args):
+        out = run(home, *args, *WAIT, check=False)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert "published" in out.stdout and "dasklab: refused by the controller (message " in out.stderr
+        return out.stderr
+
+    assert "lab syoh-a exists and belongs to root" in refused("start-lab", "--lab", "syoh-a", "--owner", "alice")
+    assert "min: min (5) must be ≤ max (4)" in refused("scale", "--lab", "syoh-a", "--min", "5")
+    assert "until: must be in the future" in refused("keep-alive", "--lab", "syoh-a", "--until",
+                                                     "2020-01-01T00:00:00Z")
+    out = run(home, "stop-lab", "--lab", "ghost", *WAIT)
+    assert out.stdout.splitlines()[-1] == "nothing to do: no lab named ghost"
+    out = run(home, "keep-alive", "--lab", "syoh-a", "--for", "90", *WAIT)  # plain seconds
+    assert "done: kept alive until 20" in out.stdout
+    out = run(home, "scale", "--lab", "syoh-a", "--min", "9", "--no-wait")  # published, not waited for
+    assert out.stdout.startswith("published scale") and len(out.stdout.splitlines()) == 1 and not out.stderr
+    lab = wait_for(lambda: next((r for r in status(home) if r["phase"] == "ready"), None))
+    assert lab["idle_timeout_s"] == 60
+    assert "done: limits now min 0, max 4, pinned at 2" in run(home, "scale", "--lab", "syoh-a", "--pin", "2",
+                                                               *WAIT).stdout
+    wait_for(lambda: status(home)[0]["workers"]["current"] == 2)
+    # status shows what the controller decides from, and the next teardown the policy plans
+    [row] = status(home)
+    assert row["pinned"] == 2 and row["idle_timeout_s"] == 60 and row["keep_alive_until"].startswith("20")
+    assert 0 < row["lifetime_left_s"] <= 8 * 3600 and row["estimated_cost_usd"] >= 0 and row["notes"] == []
+    assert row["dask_version"].startswith(version("distributed"))
+    teardown = row["next_teardown"]
+    assert teardown["tick"] in ("teardown-idle", "nightly-teardown") and teardown["in_s"] > 0
+    assert teardown["at"].endswith("Z") and teardown["reason"]
+    table = run(home, "status").stdout
+    [cells] = table_rows(table)
+    header = next(line for line in table.splitlines() if "lab" in line and "owner" in line)
+    columns = [c.strip() for c in header.strip("┃").split("┃")]
+    shown = dict(zip(columns, cells))
+    assert shown["pin"] == "2" and shown["kept alive"].endswith("more") and shown["next teardown"].startswith("in ")
+    assert "syoh-a: idle timeout 1m00s · kept alive until " in table and "lifetime left " in table
+    assert f"syoh-a: next teardown at {teardown['at']} (the {teardown['tick']} tick), if nothing changes: " in table
+    run(home, "scale", "--lab", "syoh-a", "--pin", "1", *WAIT)
+    wait_for(lambda: status(home)[0]["workers"]["current"] == 1)
+    assert "accepted: teardown started (ready → tearing-down)" in run(home, "stop-lab", "--lab", "syoh-a",
+                                                                      *WAIT).stdout
+    wait_for(lambda: status(home) == [])
+
+    def shown(action):  # the decision lines `local serve` printed for this action
+        return [line for line in (tmp_path / "serve.log").read_text().splitlines() if f" {action} " in line
+                or line.endswith(f" {action}")]
+
+    text = (tmp_path / "serve.log").read_text()
+    assert f"the controller's full JSON log: {home / 'logs' / 'functions.log'}" in text
+    wait_for(lambda: shown("forget"))
+    assert len(shown("create")) == 1 and "gone → provisioning" in shown("create")[0]
+    assert "installing → ready" in shown("mark-ready")[0]
+    assert [line for line in shown("refused") if "belongs to root" in line]
+    assert [line for line in shown("refused") if "min: min (9) must be ≤ max (4)" in line]  # the --no-wait one
+    assert shown("scale-up") and shown("scale-down") and shown("retire")
+    assert len(shown("teardown")) == 1 and "ready → tearing-down" in shown("teardown")[0]
+    assert len(shown("forget")) == 1 and "tearing-down → gone" in shown("forget")[0]
+
+
+@pytest.mark.parametrize("serve", [("--no-emulator", "--quiet")], indirect=True)
+def test_outcomes_over_direct_push_and_a_quiet_serve(serve, home, tmp_path):
+    assert serve["bus"] == "direct push (no emulator)"
+    out = run(home, "keep-alive", "--lab", "nolab", "--until", "2020-01-01T00:00:00Z", *WAIT, check=False)
+    assert out.returncode == 2 and "until: must be in the future" in out.stderr, (out.stdout, out.stderr)
+    out = run(home, "start-lab", "--lab", "quiet1", *WAIT)
+    assert "accepted: new lab requested" in out.stdout
+    text = (tmp_path / "serve.log").read_text()
+    assert "the controller's full JSON log:" in text
+    assert " create " not in text and " refused " not in text and "as they happen" not in text
 
 
 @pytest.mark.parametrize("args, message", [

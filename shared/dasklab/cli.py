@@ -124,25 +124,84 @@ def _ago(now: float, then: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _span(seconds: float | None) -> str:
+    """A duration for people: 45s, 12m05s, 3h07m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def timer_jobs(cfg) -> list:
+    """The timers that tick the labs: infra/dasklab.yaml's jobs, the nightly one at its configured time on GKE
+    (`infra apply` sets it; the local timer fires the file's schedule as it is)."""
+    from dasklab.local.timers import load_infra
+    jobs = load_infra()["jobs"]
+    if cfg.backend != "gke":
+        return jobs
+    from dasklab.cloud.infra import NIGHTLY_TYPE, nightly_schedule
+    return [replace(j, schedule=nightly_schedule(cfg.nightly_at), time_zone=cfg.nightly_time_zone)
+            if j.message["type"] == NIGHTLY_TYPE else j for j in jobs]
+
+
+def _dask_version(cfg, lab) -> str:
+    if lab.spec.dask_version:
+        return lab.spec.dask_version
+    if cfg.backend == "local":
+        from importlib.metadata import version
+        return f"{version('distributed')} (this machine's)"
+    return "the chart's default image"
+
+
 def fetch_status(cfg) -> list[dict]:
-    """One row per lab: what `dasklab status` shows."""
+    """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
+    keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
+    from dasklab.core.model import TEARING_DOWN, estimate_cost, node_seconds_at
+    from dasklab.core.policy import plan_next_teardown
+    from dasklab.local.timers import upcoming_ticks
     from dasklab.runtime import build_backend
     backend, now, rows = build_backend(cfg), time.time(), []
-    for lab in backend.fetch_labs():
+    labs = backend.fetch_labs()
+    horizon = max((lab.state.created_at + lab.spec.max_lifetime_s for lab in labs), default=now)
+    ticks = upcoming_ticks(timer_jobs(cfg), now, horizon + 60) if labs else []  # the lifetime cap's tick included
+    for lab in labs:
+        spec, state = lab.spec, lab.state
         load = None
-        if lab.state.phase == "ready":
+        if state.phase == "ready":
             try:
                 load = backend.dashboard(lab).fetch_load()
             except (SchedulerUnreachable, TransientError):
                 pass
+        if state.phase == TEARING_DOWN:
+            teardown = {"at": _iso(now), "in_s": 0, "tick": None, "reason": f"being torn down: {state.reason}"}
+        else:
+            found = plan_next_teardown(spec, state, load, ticks)
+            teardown = found and {"at": _iso(found[0]), "in_s": round(found[0] - now), "tick": found[1],
+                                  "reason": found[2]}
+        lifetime = now - state.created_at
         rows.append({
-            "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase,
-            "workers": {"current": load.workers if load else None, "target": lab.state.target_workers,
-                        "min": lab.spec.min_workers, "max": lab.spec.max_workers},
+            "lab": lab.name, "owner": spec.owner, "phase": state.phase,
+            "workers": {"current": load.workers if load else None, "target": state.target_workers,
+                        "min": spec.min_workers, "max": spec.max_workers},
+            "pinned": spec.pinned_workers,
             "processing": load.processing if load else None, "queued": load.queued if load else None,
+            "clients": load.clients if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
-            "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "reason": lab.state.reason})
+            "idle_timeout_s": spec.idle_timeout_s, "keep_alive_until": _iso(spec.keep_alive_until),
+            "keep_alive_s": round(spec.keep_alive_until - now) if (spec.keep_alive_until or 0) > now else None,
+            "next_teardown": teardown,
+            "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
+            "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
+            "dask_version": _dask_version(cfg, lab), "notes": list(spec.notes),
+            "dashboard": backend.connection_info(lab).get("dashboard"), "reason": state.reason})
     return rows
 
 
@@ -178,30 +237,51 @@ def cmd_status(a, cfg) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
-    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "processing", "queued", "idle for", "age",
-                "dashboard"):
+    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
+                "kept alive", "next teardown", "age", "dashboard"):
         table.add_column(col)
+    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     for r in rows:
-        w = r["workers"]
-        table.add_row(r["lab"], r["owner"], r["phase"],
-                      f"{'-' if w['current'] is None else w['current']}/{w['target']}/{w['min']}/{w['max']}",
-                      str(r["processing"] if r["processing"] is not None else "-"),
-                      str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
+        w, t, kept = r["workers"], r["next_teardown"], r["keep_alive_s"]
+        table.add_row(r["lab"], r["owner"], r["phase"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
+                      dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
+                      f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
                       r["dashboard"] or "-")
-    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    console.print(table if rows else "no labs")
+    for r in rows:  # the rest of what the controller decides from, and why the next teardown comes
+        t, cost = r["next_teardown"], r["estimated_cost_usd"]
+        kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
+        console.print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
+                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated) · Dask {r['dask_version']}")
+        if t:
+            by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
+            console.print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
+        for note in r["notes"]:
+            console.print(f"{r['lab']}: note: {note}")
     return 0
 
 
 def cmd_serve(a, cfg) -> int:
-    from dasklab.local.serve import LocalController
+    import threading
+
+    from dasklab.local.serve import LocalController, describe, follow_log
+    stop = threading.Event()
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
+        print(f"the controller's full JSON log: {ctl.functions_log}")
+        if not a.quiet:
+            print("its decisions, as they happen (--quiet hides them):", flush=True)
+            show = lambda entry: (line := describe(entry)) and print(line, flush=True)  # noqa: E731
+            threading.Thread(target=follow_log, args=(ctl.functions_log, stop, show), daemon=True).start()
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("stopping")
+        finally:
+            stop.set()
     return 0
 
 
@@ -362,6 +442,7 @@ def parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="the local controller").add_subparsers(dest="local_cmd", required=True)
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
+    s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
     s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
     s.add_argument("lab")
     s.add_argument("--json", action="store_true")

@@ -61,6 +61,8 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
+    dask_version: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def workers_per_node(self) -> int:
@@ -112,6 +114,7 @@ class Lab:
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
         spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
+        spec["notes"] = tuple(spec.get("notes", ()))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
@@ -155,6 +158,12 @@ class DaskLoad:
 CLUSTER_FEE_PER_HOUR = 0.10
 E2_PER_VCPU_HOUR = 0.0335  # e2-standard-4 ≈ $0.134/h
 SPOT_DISCOUNT = 0.7
+
+
+def node_seconds_at(lab: Lab, now: float) -> float:
+    """Node-time used up to `now`: what is recorded, plus the recorded target's nodes since the last decision."""
+    nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
+    return lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted)
 
 
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:

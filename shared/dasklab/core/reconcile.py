@@ -12,7 +12,8 @@ from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     build_spec, check_caps
-from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
+from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
+    node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
     plan_teardown
 
@@ -276,9 +277,7 @@ class Controller:
 
     def _accounted(self, lab: Lab, now: float) -> Lab:
         """Add the node time since the last recorded decision (nodes follow the recorded target)."""
-        nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
-        return lab.with_state(node_seconds=lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted),
-                              last_accounted=now)
+        return lab.with_state(node_seconds=node_seconds_at(lab, now), last_accounted=now)
 
     def _publish_deleted(self, lab: Lab, now: float) -> None:
         lab = self._accounted(lab, now)

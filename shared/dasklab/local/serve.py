@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
@@ -158,3 +159,51 @@ def _push(url: str, envelope: dict, attempts: int = 5) -> None:
             time.sleep(2**attempt)
         except OSError:
             return  # the server is gone (the local controller stopped): nothing left to deliver to
+
+
+# The controller's decisions `dasklab local serve` shows as they happen (its JSON log has every line).
+DECISIONS = ("create", "provision", "install", "mark-ready", "mark-failed", "limits", "keep-alive", "scale-up",
+             "scale-down", "retire", "teardown", "forget", "refused")
+
+
+def follow_log(path: Path, stop: threading.Event, show: Callable[[dict], None], interval: float = 0.2) -> None:
+    """Tail the functions server's log until `stop` is set, calling `show` with each JSON line as it appears."""
+    offset = 0
+    while not stop.is_set():
+        if path.exists():
+            with open(path) as f:
+                f.seek(offset)
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # written in part: read it whole next time
+                    offset += len(line.encode())
+                    if line.startswith("{"):
+                        try:
+                            show(json.loads(line))
+                        except ValueError:
+                            pass  # a line that only looks like JSON (a library's output)
+        stop.wait(interval)
+
+
+def describe(entry: dict) -> str | None:
+    """One readable line for a decision of the controller's log (None for what is not a decision shown)."""
+    action = entry.get("action")
+    if action not in DECISIONS:
+        return None
+    change = f" {_short(entry.get('from', '-'))} → {_short(entry['to'])}" if "to" in entry else ""
+    if action == "limits":
+        change = " min/max/pin" + change
+    reason = entry.get("reason", "")
+    if action == "retire":
+        reason += f" (retired {', '.join(entry.get('workers', []))})" if entry.get("workers") else ""
+    message = f"  (message {entry['message_id']})" if entry.get("message_id") else ""
+    return f"{time.strftime('%H:%M:%S')}  {entry.get('lab') or '-':<12} {action}{change}  {reason}{message}"
+
+
+def _short(value) -> str:
+    """A decision's from/to for people: epoch seconds as a time, lists as a/b/c."""
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if isinstance(value, list):
+        return "/".join("-" if v is None else str(v) for v in value)
+    return str(value)
