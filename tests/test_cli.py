@@ -379,3 +379,41 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
         in out.out
     assert "jupyter_token: kubectl -n dasklab-intro get secret dasklab-jupyter-token" in out.out
     assert "no lab named 'nosuch' on the gke backend" in out.err
+
+
+def test_the_reply_subscription_is_filtered_on_the_request_and_deleted_afterwards(emulator_host, monkeypatch):
+    """On the emulator: events carry the attributes a Google Cloud filter reads; the subscription asks for the
+    filter (which the emulator ignores, so the CLI filters too) and is gone once the wait ends."""
+    from google.api_core.exceptions import NotFound
+
+    from dasklab.adapters import pubsub
+    from dasklab.replies import PubSubReplies
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+    project, topic = f"cli-p{next(_projects)}", "dasklab-status"
+    try:
+        pubsub.ensure_topic(project, topic)
+        pubsub.ensure_subscription(project, topic, "watch")
+        events = pubsub.PubSubEvents(project, topic)
+        with PubSubReplies(project, topic, "req1") as replies:
+            sub = pubsub.subscriber().get_subscription(subscription=pubsub.subscriber().subscription_path(
+                project, replies.name))
+            assert sub.filter == 'attributes.request_id = "req1"'
+            assert sub.expiration_policy.ttl.total_seconds() == 86400  # left behind, it goes by itself
+            events.publish({"event": "command-outcome", "lab": "x", "message_id": "m0", "request_id": "other",
+                            "outcome": "done", "reason": "someone else's"})
+            events.publish({"event": "command-outcome", "lab": "x", "message_id": "m1", "request_id": "req1",
+                            "outcome": "refused", "reason": "min: min (5) must be ≤ max (4)"})
+            got = replies.wait("m1", timeout=30)
+        assert got["reason"] == "min: min (5) must be ≤ max (4)"
+        with pytest.raises(NotFound):
+            pubsub.subscriber().get_subscription(subscription=pubsub.subscriber().subscription_path(
+                project, replies.name))
+        path = pubsub.subscriber().subscription_path(project, "watch")
+        received = pubsub.subscriber().pull(subscription=path, max_messages=10, timeout=10).received_messages
+        assert sorted((dict(m.message.attributes) for m in received), key=str) == sorted([
+            {"event": "command-outcome", "lab": "x", "message_id": m, "request_id": r}
+            for m, r in (("m0", "other"), ("m1", "req1"))], key=str)
+    finally:
+        pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
