@@ -253,7 +253,8 @@ def cmd_status(a, cfg) -> int:
         t, cost = r["next_teardown"], r["estimated_cost_usd"]
         kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
         console.print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
-                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated) · Dask {r['dask_version']}")
+                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated) · "
+                      f"Dask {r['dask_version']}")
         if t:
             by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
             console.print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
