@@ -417,3 +417,59 @@ def test_the_reply_subscription_is_filtered_on_the_request_and_deleted_afterward
             for m, r in (("m0", "other"), ("m1", "req1"))], key=str)
     finally:
         pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+
+
+def test_the_cli_waits_for_the_outcome_on_google_cloud(emulator_host, monkeypatch, capsys, home):
+    """The GKE-backend path of the CLI on the emulator: a "function" thread runs each control message through
+    the real entry point, whose controller publishes on the status topic; the CLI's reply subscriptions go."""
+    import base64
+    import threading
+
+    from dasklab import entry
+    from dasklab.adapters import pubsub
+    from dasklab.core.reconcile import Controller
+    from tests.fakes import FakeBackend
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DASKLAB_HOME", str(home))
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+    project = f"cli-p{next(_projects)}"
+    for topic in ("dasklab-control", "dasklab-status"):
+        pubsub.ensure_topic(project, topic)
+    pubsub.ensure_subscription(project, "dasklab-control", "trigger")
+    ctl = Controller(FakeBackend(), pubsub.PubSubEvents(project, "dasklab-status"),
+                     config.Config(backend="gke", project=project))
+    monkeypatch.setattr(entry, "controller", lambda: ctl)
+    stop = threading.Event()
+
+    def function():  # what the deployed function does with each control message
+        subscriber, path = pubsub.subscriber(), pubsub.subscriber().subscription_path(project, "trigger")
+        while not stop.is_set():
+            for m in subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages:
+                entry.handle_event({"message": {"data": base64.b64encode(m.message.data).decode(),
+                                                "attributes": dict(m.message.attributes),
+                                                "messageId": m.message.message_id}})
+                subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id])
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=function, daemon=True)
+    thread.start()
+    try:
+        assert main("keep-alive", "--project", project, "--lab", "x", "--until", "2020-01-01T00:00:00Z",
+                    "--wait", "60") == 2
+        out = capsys.readouterr()
+        assert f"to projects/{project}/topics/dasklab-control (message " in out.out
+        assert "dasklab: refused by the controller (message " in out.err and "until: must be in the future" in out.err
+        assert main("stop-lab", "--project", project, "--lab", "ghost", "--wait", "60") == 0
+        assert "nothing to do: no lab named ghost" in capsys.readouterr().out
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert main("stop-lab", "--project", project, "--lab", "ghost", "--wait", "1") == 0  # nobody answers
+    assert "no outcome from the controller within 1s" in capsys.readouterr().err
+    listed = pubsub.subscriber().list_subscriptions(project=f"projects/{project}")
+    assert [s.name.rsplit("/", 1)[1] for s in listed] == ["trigger"]  # every reply subscription deleted
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
