@@ -153,6 +153,8 @@ def test_outcomes_over_direct_push_and_a_quiet_serve(serve, home, tmp_path):
     assert out.returncode == 2 and "until: must be in the future" in out.stderr, (out.stdout, out.stderr)
     out = run(home, "start-lab", "--lab", "quiet1", *WAIT)
     assert "accepted: new lab requested" in out.stdout
+    run(home, "start-lab", "--lab", "quiet2", "--no-wait")  # delivered before the command returns
+    assert "quiet2" in [r["lab"] for r in status(home)]
     text = (tmp_path / "serve.log").read_text()
     assert "the controller's full JSON log:" in text
     assert " create " not in text and " refused " not in text and "as they happen" not in text

@@ -103,7 +103,7 @@ def cmd_publish(a, cfg) -> int:
             where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
         else:
             from dasklab.local.serve import publish_local, serve_info
-            mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id})
+            mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id}, background=False)
             where = f"the local controller ({serve_info(cfg.home)['bus']})"
         print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})",
               flush=True)

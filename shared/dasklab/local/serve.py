@@ -131,8 +131,11 @@ def serve_info(home: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def publish_local(home: str | Path, payload: dict, tick: str | None = None, attributes: dict | None = None) -> str:
-    """Validate a command, then send it to the running local controller over its bus; returns the message id."""
+def publish_local(home: str | Path, payload: dict, tick: str | None = None, attributes: dict | None = None,
+                  background: bool = True) -> str:
+    """Validate a command, then send it to the running local controller over its bus; returns the message id.
+    By direct push the delivery runs in a thread, or, with `background=False`, before returning (a process about
+    to exit, like the CLI, would otherwise drop it)."""
     parse_command(payload)  # refuse locally with the same error the function would log
     info = serve_info(home)
     attributes = {**(attributes or {}), **({"dasklab-tick": tick} if tick else {})}
@@ -141,6 +144,9 @@ def publish_local(home: str | Path, payload: dict, tick: str | None = None, attr
         from dasklab.adapters import pubsub
         return pubsub.publish(info["project"], info["control_topic"], payload, **attributes)
     envelope = push_envelope(payload, attributes=attributes)
+    if not background:
+        _push(info["functions_url"], envelope)
+        return envelope["message"]["messageId"]
     threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()
     return envelope["message"]["messageId"]
 
