@@ -152,15 +152,6 @@ def timer_jobs(cfg) -> list:
             if j.message["type"] == NIGHTLY_TYPE else j for j in jobs]
 
 
-def _dask_version(cfg, lab) -> str:
-    if lab.spec.dask_version:
-        return lab.spec.dask_version
-    if cfg.backend == "local":
-        from importlib.metadata import version
-        return f"{version('distributed')} (this machine's)"
-    return "the chart's default image"
-
-
 def fetch_status(cfg) -> list[dict]:
     """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
     keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
@@ -186,7 +177,7 @@ def fetch_status(cfg) -> list[dict]:
             found = plan_next_teardown(spec, state, load, ticks)
             teardown = found and {"at": _iso(found[0]), "in_s": round(found[0] - now), "tick": found[1],
                                   "reason": found[2]}
-        lifetime = now - state.created_at
+        lifetime, info = now - state.created_at, backend.connection_info(lab)
         rows.append({
             "lab": lab.name, "owner": spec.owner, "phase": state.phase,
             "workers": {"current": load.workers if load else None, "target": state.target_workers,
@@ -200,8 +191,8 @@ def fetch_status(cfg) -> list[dict]:
             "next_teardown": teardown,
             "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
             "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
-            "dask_version": _dask_version(cfg, lab), "notes": list(spec.notes),
-            "dashboard": backend.connection_info(lab).get("dashboard"), "reason": state.reason})
+            "dask": info.get("dask_version"), "notes": list(spec.notes),
+            "dashboard": info.get("dashboard"), "reason": state.reason})
     return rows
 
 
@@ -238,7 +229,7 @@ def cmd_status(a, cfg) -> int:
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
     for col in ("lab", "owner", "phase", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
-                "kept alive", "next teardown", "age", "dashboard"):
+                "kept alive", "next teardown", "age", "dashboard", "dask"):
         table.add_column(col)
     dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     for r in rows:
@@ -246,15 +237,14 @@ def cmd_status(a, cfg) -> int:
         table.add_row(r["lab"], r["owner"], r["phase"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
                       dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
                       f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
-                      r["dashboard"] or "-")
+                      r["dashboard"] or "-", r["dask"] or "-")
     console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
     console.print(table if rows else "no labs")
     for r in rows:  # the rest of what the controller decides from, and why the next teardown comes
         t, cost = r["next_teardown"], r["estimated_cost_usd"]
         kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
         console.print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
-                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated) · "
-                      f"Dask {r['dask_version']}")
+                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated)")
         if t:
             by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
             console.print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
