@@ -4,7 +4,7 @@ from functools import lru_cache
 
 from dasklab.core import logs
 from dasklab.core.errors import PermanentError
-from dasklab.core.messages import decode_pubsub, parse_command, parse_request_id
+from dasklab.core.messages import decode_publish_time, decode_pubsub, parse_command, parse_request_id
 
 
 @lru_cache(maxsize=1)
@@ -23,8 +23,9 @@ def handle_event(data, event_id: str = "") -> None:
         payload, attributes, mid = decode_pubsub(data)
         mid = mid or event_id
         request = parse_request_id(attributes)
+        published = decode_publish_time(data)  # a stop-lab wins over a start-lab published before it
         cmd = parse_command(payload)
-        controller().handle(cmd, mid, request)
+        controller().handle(cmd, mid, published=published, request_id=request)
     except PermanentError as e:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,
                   lab=_lab_of(cmd))

@@ -62,7 +62,7 @@ class LabSpec:
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
     @property
     def workers_per_node(self) -> int:
@@ -94,6 +94,7 @@ class LabState:
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
     last_accounted: float = 0.0
+    start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class Lab:
 
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
-        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
-        spec["notes"] = tuple(spec.get("notes", ()))
+        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())),
+                    notes=tuple(data["spec"].get("notes", ())))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
