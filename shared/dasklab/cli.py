@@ -239,18 +239,17 @@ def cmd_status(a, cfg) -> int:
                       dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
                       f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
                       r["dashboard"] or "-", r["dask"] or "-")
-    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
-    console.print(table if rows else "no labs")
-    for r in rows:  # the rest of what the controller decides from, and why the next teardown comes
+    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    for r in rows:  # the rest of what the controller decides from, and why the next teardown comes (unwrapped)
         t, cost = r["next_teardown"], r["estimated_cost_usd"]
         kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
-        console.print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
-                      f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated)")
+        print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
+              f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated)")
         if t:
             by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
-            console.print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
+            print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
         for note in r["notes"]:
-            console.print(f"{r['lab']}: note: {note}")
+            print(f"{r['lab']}: note: {note}")
     return 0
 
 
