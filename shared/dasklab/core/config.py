@@ -60,7 +60,7 @@ class Config:
     confirm_s: float = 20.0
     cooldown_s: float = 15.0
     down_fraction: float = 0.5
-    # a new lab keeps its initial workers until first used (a client or a task), at most this long (≤ its idle timeout)
+    # a new lab keeps its initial workers until first used (a client or a task), at most this long (≤ idle timeout)
     warmup_s: float = 900.0
     # a reconcile tick polls for this long (Cloud Scheduler fires at most once a minute)
     tick_budget_s: float = 50.0
