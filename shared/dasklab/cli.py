@@ -30,12 +30,27 @@ def build_start_lab(a) -> dict:
         msg["values"] = sys.stdin.read() if a.values == "-" else Path(a.values).read_text()
     if a.expose:
         msg["expose"] = {"source_ranges": a.expose}
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
     return {k: v for k, v in msg.items() if v is not None}
+
+
+def build_update_lab(a) -> dict:
+    """The update-lab message: the lab's new chart values (config.yaml), and what the sender accepts."""
+    msg = {"v": 1, "type": "update-lab", "lab": a.lab,
+           "values": sys.stdin.read() if a.values == "-" else Path(a.values).read_text()}
+    if a.restart:
+        msg["restart"] = True
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
+    return msg
 
 
 def _messages(a) -> dict:
     if a.cmd == "start-lab":
         return build_start_lab(a)
+    if a.cmd == "update-lab":
+        return build_update_lab(a)
     if a.cmd == "stop-lab":
         return {"v": 1, "type": "stop-lab", "lab": a.lab}
     if a.cmd == "keep-alive":
@@ -49,10 +64,13 @@ def _messages(a) -> dict:
 
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
-    from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
+    from dasklab.core.environment import check_environment
+    from dasklab.core.messages import Scale, StartLab, UpdateLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
         build_spec(cmd, cfg)
+    elif isinstance(cmd, UpdateLab):
+        check_environment(cmd.values, cmd.mixed_environment)  # the rest needs the lab: the controller checks it
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
 
@@ -79,6 +97,12 @@ def _ago(now: float, then: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _revision(lab) -> str:
+    """The revision the lab runs, and the one it is moving to while an update converges."""
+    running, asked = lab.state.revision, lab.spec.revision
+    return str(running) if running == asked else f"{running} → {asked}"
+
+
 def fetch_status(cfg) -> list[dict]:
     """One row per lab: what `dasklab status` shows."""
     from dasklab.runtime import build_backend
@@ -97,7 +121,7 @@ def fetch_status(cfg) -> list[dict]:
             "processing": load.processing if load else None, "queued": load.queued if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
             "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "reason": lab.state.reason})
+            "reason": lab.state.reason, "revision": _revision(lab), "notes": list(lab.spec.notes)})
     return rows
 
 
@@ -133,12 +157,12 @@ def cmd_status(a, cfg) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
-    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "processing", "queued", "idle for", "age",
-                "dashboard"):
+    for col in ("lab", "owner", "phase", "revision", "workers cur/target/min/max", "processing", "queued", "idle for",
+                "age", "dashboard"):
         table.add_column(col)
     for r in rows:
         w = r["workers"]
-        table.add_row(r["lab"], r["owner"], r["phase"],
+        table.add_row(r["lab"], r["owner"], r["phase"], r["revision"],
                       f"{'-' if w['current'] is None else w['current']}/{w['target']}/{w['min']}/{w['max']}",
                       str(r["processing"] if r["processing"] is not None else "-"),
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
@@ -293,6 +317,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+    s = sub.add_parser("update-lab", parents=[gcp], help="give a running lab new chart values (a new revision)")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--values", required=True, help="Dask Helm chart values file (config.yaml), or - for stdin")
+    s.add_argument("--restart", action="store_true",
+                   help="accept a change that restarts the scheduler (results held in memory are lost)")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp], help="tear a lab down")
     s.add_argument("--lab", required=True)
     s = sub.add_parser("keep-alive", parents=[gcp], help="keep a lab from idle and nightly teardown")
@@ -356,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[variable] = getattr(a, option)
     try:
         cfg = config_mod.from_env()
-        handler = {"start-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
+        handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
                    "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status, "demo": cmd_demo,
                    "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
                    "destroy": cmd_destroy}[a.cmd]

@@ -1,6 +1,7 @@
 """Local backend adapter: a lab is a real Dask scheduler and worker processes on 127.0.0.1, its record a file."""
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -10,10 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
-from dasklab.core.model import MANAGED_BY, Lab
-from dasklab.core.policy import Infra
+from dasklab.core.environment import lab_packages
+from dasklab.core.model import MANAGED_BY, Lab, LabSpec
+from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
-from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
+from dasklab.adapters.envs import ensure_env
+from dasklab.adapters.procs import free_port, pid_alive, spawn, spawn_worker, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
@@ -21,6 +24,16 @@ RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its re
 
 def _node_of(worker_name: str) -> str:
     return worker_name.split("-", 1)[0]  # workers are named n<node>-w<index>
+
+
+def _plain_env(values: dict, component: str) -> dict[str, str]:
+    """A component's `env` entries with a literal value (valueFrom needs Kubernetes), as process variables."""
+    block = (values or {}).get(component) or {}
+    return {e["name"]: str(e.get("value", "")) for e in block.get("env") or () if "valueFrom" not in e}
+
+
+def _signature(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _reap(retiring: dict) -> None:
@@ -133,6 +146,27 @@ class LocalBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    # --- environments ---
+
+    def apply_environment(self, spec: LabSpec) -> None:
+        """Install the spec's EXTRA_PIP_PACKAGES into the venv of that set (cached; refused with pip's tail)."""
+        ensure_env(self.root.parent, lab_packages(spec.values))
+
+    def python(self, spec: LabSpec) -> str:
+        """The interpreter of the lab's environment (made if missing: a cached venv is found at once). #13b's
+        Jupyter kernel runs from it too."""
+        return ensure_env(self.root.parent, lab_packages(spec.values))
+
+    def _worker_signature(self, spec: LabSpec) -> str:
+        """What a worker of this spec runs: interpreter (packages), size and the worker's env variables."""
+        return _signature(lab_packages(spec.values), spec.worker_cpu, spec.worker_memory,
+                          _plain_env(spec.values, "worker"))
+
+    @staticmethod
+    def _scheduler_signature(spec: LabSpec) -> str:
+        return _signature(_plain_env(spec.values, "scheduler"), ((spec.values or {}).get("scheduler") or {}).get(
+            "resources"))
+
     def fetch_infra(self, lab: Lab) -> Infra:
         local = self._local(lab)
         sched = local["scheduler"]
@@ -151,11 +185,15 @@ class LocalBackend:
         with self._update(lab.name) as local:
             if local["scheduler"] and pid_alive(local["scheduler"]["pid"]):
                 return
-            port, dash = free_port(), free_port()
-            pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                         "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
-                        env=self._env(lab), log_path=self._log(lab, "scheduler"))
-            local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
+            self._start_scheduler(lab, local, free_port(), free_port())
+
+    def _start_scheduler(self, lab: Lab, local: dict, port: int, dash: int) -> None:
+        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                     "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
+                    env={**_plain_env(lab.spec.values, "scheduler"), **self._env(lab)},
+                    log_path=self._log(lab, "scheduler"))
+        local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash,
+                              "signature": self._scheduler_signature(lab.spec)}
 
     def apply_install(self, lab: Lab) -> None:
         self.apply_workers(lab, lab.state.target_workers)
@@ -168,26 +206,63 @@ class LocalBackend:
 
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Start workers until `target` are alive, filling partly used nodes before opening new ones."""
-        per_node = lab.spec.workers_per_node
+        python = self.python(lab.spec)
         with self._update(lab.name) as local:
             local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
             _reap(local.setdefault("retiring", {}))
-            sched = local["scheduler"]
-            for _ in range(target - len(local["workers"])):
-                used: dict[str, int] = {}
-                for w in local["workers"].values():
-                    used[w["node"]] = used.get(w["node"], 0) + 1
-                node = next((n for n in sorted(used) if used[n] < per_node), None)
-                if node is None:
-                    node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
-                name = f"{node}-w{local['next_worker']}"
-                local["next_worker"] += 1
-                threads = max(1, int(lab.spec.worker_cpu))
-                pid = spawn([sys.executable, "-m", "distributed.cli.dask_worker",
-                             f"tcp://127.0.0.1:{sched['port']}", "--name", name, "--nthreads", str(threads),
-                             "--memory-limit", str(lab.spec.worker_memory), "--no-nanny", "--no-dashboard",
-                             "--host", "127.0.0.1"], env=self._env(lab), log_path=self._log(lab, name))
-                local["workers"][name] = {"pid": pid, "node": node}
+            self._start_workers(lab, local, target - len(local["workers"]), python)
+
+    def _start_workers(self, lab: Lab, local: dict, count: int, python: str) -> None:
+        per_node, sched = lab.spec.workers_per_node, local["scheduler"]
+        env = {**_plain_env(lab.spec.values, "worker"), **self._env(lab)}
+        for _ in range(count):
+            used: dict[str, int] = {}
+            for w in local["workers"].values():
+                used[w["node"]] = used.get(w["node"], 0) + 1
+            node = next((n for n in sorted(used) if used[n] < per_node), None)
+            if node is None:
+                node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
+            name = f"{node}-w{local['next_worker']}"
+            local["next_worker"] += 1
+            pid = spawn_worker(python, f"tcp://127.0.0.1:{sched['port']}", name=name,
+                               nthreads=max(1, int(lab.spec.worker_cpu)), memory_limit=lab.spec.worker_memory,
+                               env=env, log_path=self._log(lab, name))
+            local["workers"][name] = {"pid": pid, "node": node, "signature": self._worker_signature(lab.spec)}
+
+    def apply_update(self, lab: Lab) -> bool:
+        """One step of running the recorded values: a scheduler whose env or resources changed is restarted on
+        its ports (the controller refused that unless restart: true), its workers with it; workers of another
+        environment or size are replaced: replacements start, join, then the old ones retire through the
+        scheduler so their results move first. Each step is re-derived from the processes and the scheduler."""
+        python = self.python(lab.spec)
+        local = self._local(lab)
+        sched = local["scheduler"]
+        if sched and sched.get("signature") != self._scheduler_signature(lab.spec):
+            with self._update(lab.name) as local:
+                for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
+                    stop_pid_group(w["pid"])
+                stop_pid_group(local["scheduler"]["pid"])
+                local.update(workers={}, retiring={})
+                self._start_scheduler(lab, local, sched["port"], sched["dashboard_port"])
+            return False
+        signature = self._worker_signature(lab.spec)
+        alive = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
+        stale = {n for n, w in alive.items() if w.get("signature") != signature}
+        fresh = set(alive) - stale
+        workers = self.dashboard(lab).fetch_workers() if alive else ()
+        joined = {w.name for w in workers} & fresh
+        step = plan_rollout(len(stale), len(fresh), len(joined), lab.state.target_workers)
+        if step.action == "start":
+            with self._update(lab.name) as local:
+                self._start_workers(lab, local, step.count, python)
+        elif step.action == "retire":
+            self.apply_scale_down(lab, [w.address for w in workers if w.name in stale], len(fresh))
+            unjoined = stale - {w.name for w in workers}  # not connected: they hold no result
+            if unjoined:
+                with self._update(lab.name) as local:
+                    for name in unjoined:
+                        stop_pid_group(local["workers"].pop(name)["pid"])
+        return step.action == "done"
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
         """Retire through the scheduler (data moves to survivors; it removes them before answering), then

@@ -9,11 +9,12 @@ from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
-    build_spec, check_caps
+    UpdateLab, build_spec, build_update, check_caps
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
 from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
-    plan_teardown
+    plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 
@@ -33,7 +34,7 @@ class Controller:
     # --- commands ---
 
     def handle(self, cmd: Command, message_id: str = "") -> None:
-        handler = {StartLab: self.start_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
+        handler = {StartLab: self.start_lab, UpdateLab: self.update_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
                    Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
         handler(cmd, message_id)
 
@@ -44,6 +45,7 @@ class Controller:
         if verdict == "conflict":
             raise PermanentError(reason)
         if verdict == "create":
+            self.backend.apply_environment(spec)  # e.g. a pip install that fails: refused before anything exists
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
                                      target_workers=spec.initial_workers))
@@ -51,9 +53,37 @@ class Controller:
                 verdict, reason = "duplicate", "created concurrently by another invocation"
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
-                              workers=[spec.min_workers, spec.initial_workers, spec.max_workers])
+                              workers=[spec.min_workers, spec.initial_workers, spec.max_workers],
+                              notes=list(spec.notes) or None)
                 return
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
+
+    def update_lab(self, cmd: UpdateLab, mid: str) -> None:
+        """Record the new values as the next revision (after their environment is ready), then converge: the
+        backend replaces what they change, step by step, on this and the following reconcile passes."""
+        lab = self.backend.fetch_lab(cmd.lab)
+        if lab is None:
+            raise PermanentError(f"no lab named {cmd.lab}: start it with start-lab")
+        if mid and mid in lab.state.update_ids:
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason="message already applied: a redelivery",
+                      message_id=mid)
+            return
+        if lab.state.phase in (TEARING_DOWN, FAILED):
+            raise PermanentError(f"lab {lab.name} is {lab.state.phase}: nothing to update")
+        new = build_update(cmd, lab.spec)
+        verdict, reason = plan_update(lab.spec, new, cmd.restart)
+        if verdict == "refuse":
+            raise ValidationError("restart", reason)
+        if verdict == "duplicate":
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason=reason, message_id=mid)
+            return
+        self.backend.apply_environment(new)
+        before = lab.spec.revision
+        lab = self.backend.apply_record(replace(lab, spec=replace(new, revision=before + 1)).with_state(
+            revision_workers=lab.state.target_workers, update_ids=(lab.state.update_ids + ((mid,) if mid else ()))[-20:]))
+        logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
+        if lab.state.phase == READY:
+            self.reconcile_lab(lab, "reconcile", mid)
 
     def stop_lab(self, cmd: StopLab, mid: str) -> None:
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
@@ -160,6 +190,9 @@ class Controller:
             if tick != "reconcile":
                 logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
+            if load is not None and lab.spec.revision != lab.state.revision:
+                self._roll_out(lab, mid)  # no autoscaling while workers are being replaced
+                return
             if load is not None:
                 self._autoscale(lab, load, mid)
                 return
@@ -189,12 +222,24 @@ class Controller:
             changes["ready_at"] = now
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                                 "connection": self.backend.connection_info(lab)})
+                                 "connection": self.backend.connection_info(lab), "revision": lab.spec.revision,
+                                 "environment": environment_record(lab.spec.values), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
         lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
+
+    def _roll_out(self, lab: Lab, mid: str) -> None:
+        """One step of an update; once the backend runs the new revision everywhere, say so and record it."""
+        if not self.backend.apply_update(lab):
+            return
+        spec, before = lab.spec, lab.state.revision
+        self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
+                             "revision": spec.revision, "from_revision": before,
+                             "environment": environment_record(spec.values), "notes": list(spec.notes)})
+        lab = self.backend.apply_record(lab.with_state(revision=spec.revision))
+        logs.decision(lab.name, "updated", before, spec.revision, f"revision {spec.revision} runs everywhere", mid)
 
     def _autoscale(self, lab: Lab, load, mid: str) -> None:
         now = self.clock()
