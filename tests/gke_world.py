@@ -164,6 +164,10 @@ class World:
             self.kube.complete_job(ns, name, succeeded=False, log="Error: INSTALLATION FAILED: chart not found\n")
             return
         full = chart_fullname(release)
+        if ns in self.schedulers:  # helm upgrade of an installed release: a new revision of its objects
+            self._upgrade(ns, release, full, values)
+            self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
+            return
         self._render(ns, release, full, values)
         port, dash = free_port(), free_port()
         env = {e["name"]: e["value"] for e in values["scheduler"]["env"]}
@@ -174,8 +178,36 @@ class World:
         self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
-    def _render(self, ns: str, release: str, full: str, values: dict) -> None:
-        """What the chart's templates make of the values (the parts the controller relies on)."""
+    def _upgrade(self, ns: str, release: str, full: str, values: dict) -> None:
+        """`helm upgrade`: each Deployment replaced by the one the new values render (a changed pod template
+        gives the Deployment a new ReplicaSet, its pods replacing the old); the scheduler's process restarts when
+        its Deployment's template changed. Services and the rest are left as they are."""
+        apps = k8s.AppsV1Api(self.kube.api_client())
+        rendered: list[dict] = []
+        self._render(ns, release, full, values, out=rendered)
+        for obj in rendered:
+            if obj["kind"] != "Deployment":
+                continue
+            name = obj["metadata"]["name"]
+            old = self.kube.get("deployments", ns, name)
+            if old["spec"]["template"] == obj["spec"]["template"] and old["spec"]["replicas"] == obj["spec"]["replicas"]:
+                continue
+            apps.replace_namespaced_deployment(name, ns, {**obj, "metadata": {
+                **obj["metadata"], "resourceVersion": old["metadata"]["resourceVersion"]}})
+            if name.endswith("-scheduler"):
+                pid, port = self.schedulers[ns]
+                stop_pid_group(pid)
+                env = {e["name"]: e["value"] for e in values["scheduler"]["env"]}
+                dash = free_port()
+                self.schedulers[ns] = (spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                                              "127.0.0.1", "--port", str(port), "--dashboard-address",
+                                              f"127.0.0.1:{dash}"], env=self._env(env),
+                                             log_path=self.tmp / "logs" / f"scheduler-{ns}.log"), port)
+                self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
+
+    def _render(self, ns: str, release: str, full: str, values: dict, out: list | None = None) -> None:
+        """What the chart's templates make of the values (the parts the controller relies on); created, or
+        appended to `out`."""
         def deployment(component: str, replicas: int, args: list, env: list, node_selector: dict) -> dict:
             labels = {"app": "dask", "release": release, "component": component}
             return {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -191,22 +223,23 @@ class World:
                     "spec": {"type": kind, "ports": ports,
                              "selector": {"app": "dask", "release": release, "component": component}}}
 
+        def make(obj: dict) -> None:
+            self.kube.create(obj) if out is None else out.append(obj)
+
         s, w, j = values["scheduler"], values["worker"], values["jupyter"]
         limits = w["resources"]["limits"]
-        self.kube.create(deployment("scheduler", 1, ["dask-scheduler", "--port=8786", "--dashboard-address=:8787"],
-                                    s["env"], s["nodeSelector"]))
-        self.kube.create(service("scheduler", s["serviceType"], [
+        make(deployment("scheduler", 1, ["dask-scheduler", "--port=8786", "--dashboard-address=:8787"],
+                        s["env"], s["nodeSelector"]))
+        make(service("scheduler", s["serviceType"], [
             {"name": f"{full}-scheduler", "port": 8786, "targetPort": 8786},
             {"name": f"{full}-webui", "port": 80, "targetPort": 8787}]))
-        self.kube.create(deployment("worker", w["replicas"], [
+        make(deployment("worker", w["replicas"], [
             "dask-worker", f"{full}-scheduler:8786", "--nthreads", str(w["threads_per_worker"]), "--memory-limit",
             str(limits["memory"]), "--no-dashboard", "--dashboard-address", "8790", *w["extraArgs"]],
             w["env"], w["nodeSelector"]))
-        self.kube.create(deployment("jupyter", 1, [], [{"name": "DASK_SCHEDULER_ADDRESS",
-                                                         "value": f"{full}-scheduler:8786"}, *j["env"]],
-                                    j["nodeSelector"]))
-        self.kube.create(service("jupyter", j["serviceType"], [{"name": f"{full}-jupyter", "port": 80,
-                                                                 "targetPort": 8888}]))
+        make(deployment("jupyter", 1, [], [{"name": "DASK_SCHEDULER_ADDRESS", "value": f"{full}-scheduler:8786"},
+                                           *j["env"]], j["nodeSelector"]))
+        make(service("jupyter", j["serviceType"], [{"name": f"{full}-jupyter", "port": 80, "targetPort": 8888}]))
 
     # --- reading the world ---
 

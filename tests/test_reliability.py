@@ -150,6 +150,9 @@ def story(backend) -> list[dict]:
     invoke(lambda: ctl.handle(msg(type="start-lab", lab="s", owner="o", workers={"initial": 1, "max": 5},
                                   idle_timeout=60), "m1"))
     passes_until(lambda: "s" in fake.labs and fake.labs["s"].record["state"]["phase"] == READY)
+    invoke(lambda: ctl.handle(msg(type="update-lab", lab="s", values={"worker": {"env": [{"name": "X", "value": "2"}]}}),
+                              "mu"))
+    passes_until(lambda: fake.labs["s"].record["state"]["revision"] == 2)
     fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 5, 40
     fake.labs["s"].load.idle_since = None
     passes_until(lambda: len(fake.labs["s"].workers) == 5)
@@ -167,7 +170,7 @@ def story(backend) -> list[dict]:
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
-    assert expected == [5, 0, False, ["lab-deleted", "lab-ready"]]
+    assert expected == [5, 0, False, ["lab-deleted", "lab-ready", "lab-updated"]]
     points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
                                                for k, n in enumerate(clean.calls)]})
     # every port method the core can call is exercised by the story (a new external call must be covered)

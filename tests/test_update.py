@@ -1,6 +1,8 @@
 """update-lab on the local backend with real Dask: workers replaced in a new environment, results kept."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,6 +86,8 @@ def test_update_adds_a_package_replaces_the_workers_and_keeps_the_results(contro
     # the venv is the lab's own, under $DASKLAB_HOME, and sees the base packages
     python = backend.python(backend.fetch_lab("up1").spec)
     assert python.startswith(str(home / "envs"))
+    assert subprocess.run([python, "-c", f"import dasklab, distributed, {EXTRA}"]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", f"import {EXTRA}"], capture_output=True).returncode != 0
     # a redelivery (same message id) and the same values again (another id) change nothing
     ctl.handle(cmd(type="update-lab", lab="up1", values=values), "u1")
     ctl.handle(cmd(type="update-lab", lab="up1", values=values), "u2")

@@ -34,8 +34,8 @@ def python_for(home: str | Path, packages: tuple[str, ...]) -> str:
 
 def ensure_env(home: str | Path, packages: tuple[str, ...]) -> str:
     """Make (once) the venv of `packages` and return its python. The venv sees the base interpreter's packages
-    (`--system-site-packages`, plus a .pth naming this interpreter's site-packages, which a venv made from a venv
-    would not see), so only what is missing is installed. PermanentError naming the packages with pip's tail
+    (`--system-site-packages`, plus a .pth adding this interpreter's site-packages with their own .pth files, which
+    a venv made from a venv would not see), so only what is missing is installed. PermanentError naming the packages with pip's tail
     when pip refuses them; TransientError when it times out."""
     if not packages:
         return sys.executable
@@ -49,7 +49,9 @@ def ensure_env(home: str | Path, packages: tuple[str, ...]) -> str:
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
                        check=True, capture_output=True, timeout=60)
         base = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
-        _site_packages(venv).joinpath("dasklab-base.pth").write_text("\n".join(base) + "\n")
+        # addsitedir also reads the .pth files there (editable installs, such as dasklab's own in development)
+        _site_packages(venv).joinpath("dasklab-base.pth").write_text(
+            "".join(f"import site; site.addsitedir({p!r})\n" for p in base))
         argv = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
                 "--disable-pip-version-check", "--no-input", *packages]
         try:
