@@ -9,6 +9,7 @@ import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
+from dasklab.cli import build_update_lab, fetch_status, main, parser
 from dasklab.adapters.local import FileEvents, LocalBackend
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, ValidationError
@@ -93,6 +94,21 @@ def test_update_adds_a_package_replaces_the_workers_and_keeps_the_results(contro
     ctl.handle(cmd(type="update-lab", lab="up1", values=values), "u2")
     lab = backend.fetch_lab("up1")
     assert (lab.spec.revision, lab.state.revision) == (2, 2) and worker_names(ctl) == after
+    (row,) = fetch_status(Config(home=str(home)))  # what `dasklab status` shows
+    assert row["revision"] == "2" and row["notes"] == list(lab.spec.notes)
+
+
+def test_the_cli_sends_update_lab_and_refuses_two_environments_itself(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DASKLAB_HOME", str(tmp_path / "h"))
+    config = tmp_path / "config.yaml"
+    config.write_text("jupyter:\n  env:\n    - {name: EXTRA_PIP_PACKAGES, value: pyarrow gcsfs matplotlib}\n"
+                      "worker:\n  env:\n    - {name: EXTRA_PIP_PACKAGES, value: pyarrow gcsfs}\n")
+    a = parser().parse_args(["update-lab", "--lab", "x", "--values", str(config), "--restart"])
+    assert build_update_lab(a) == {"v": 1, "type": "update-lab", "lab": "x", "values": config.read_text(),
+                                   "restart": True}
+    assert main(["update-lab", "--lab", "x", "--values", str(config)]) == 2
+    assert ("values.jupyter.env.EXTRA_PIP_PACKAGES: matplotlib is in jupyter but not in scheduler or worker"
+            in capsys.readouterr().err)
 
 
 def test_a_scheduler_change_is_refused_unless_restart_is_said(controller):

@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dasklab.core import logs
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.environment import lab_packages
 from dasklab.core.model import MANAGED_BY, Lab, LabSpec
@@ -252,6 +253,9 @@ class LocalBackend:
         workers = self.dashboard(lab).fetch_workers() if alive else ()
         joined = {w.name for w in workers} & fresh
         step = plan_rollout(len(stale), len(fresh), len(joined), lab.state.target_workers)
+        if step.action in ("start", "retire"):
+            logs.emit("INFO", lab=lab.name, action=f"rollout-{step.action}", revision=lab.spec.revision,
+                      reason=step.reason, workers=sorted(stale) if step.action == "retire" else None)
         if step.action == "start":
             with self._update(lab.name) as local:
                 self._start_workers(lab, local, step.count, python)

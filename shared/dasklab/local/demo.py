@@ -21,7 +21,7 @@ SETTINGS = {"DASKLAB_POLL_S": 1, "DASKLAB_CONFIRM_S": 4, "DASKLAB_COOLDOWN_S": 2
 START = {"v": 1, "type": "start-lab", "lab": LAB, "owner": "demo", "workers": {"initial": 1, "min": 1, "max": 6},
          "machine_type": "e2-standard-4", "idle_timeout": "10s", "max_lifetime": "1h"}
 SHOWN = {"create", "provision", "install", "mark-ready", "scale-up", "scale-down", "retire", "teardown", "delete",
-         "forget", "mark-failed", "refused", "update", "updated"}
+         "forget", "mark-failed", "refused", "update", "rollout-start", "rollout-retire", "updated"}
 EXTRA = "inflection"  # a small pure-Python package the base environment lacks: the update adds it
 UPDATE = {"v": 1, "type": "update-lab", "lab": LAB,
           "values": {c: {"env": [{"name": "EXTRA_PIP_PACKAGES", "value": EXTRA}]} for c in ("jupyter", "worker")}}
