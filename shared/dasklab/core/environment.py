@@ -1,13 +1,10 @@
 """One environment per lab (pure, called while validating start-lab and update-lab): the image tag and the
 EXTRA_PIP_PACKAGES Jupyter, the scheduler and the workers run, the rule that they agree, and the record of it."""
 
-import re
-
 from dasklab.core.errors import ValidationError
 
 COMPONENTS = ("jupyter", "scheduler", "worker")
 PIP_VARIABLE = "EXTRA_PIP_PACKAGES"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*")  # a requirement's project name (PEP 508), before [extras] or a version
 
 
 def _block(values: dict, component: str) -> dict:
@@ -32,11 +29,6 @@ def component_tag(values: dict, component: str) -> str | None:
 
 def jupyter_enabled(values: dict) -> bool:
     return _block(values, "jupyter").get("enabled", True) is not False
-
-
-def package_names(specs) -> set[str]:
-    """Project names of requirement specs ('pyarrow>=15' → 'pyarrow'), normalised as pip compares them."""
-    return {re.sub(r"[-_.]+", "-", m.group(0)).lower() for s in specs if (m := _NAME.match(s))}
 
 
 def lab_packages(values: dict) -> tuple[str, ...]:
