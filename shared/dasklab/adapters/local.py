@@ -240,6 +240,9 @@ class LocalBackend:
         sched = local["scheduler"]
         if sched and sched.get("signature") != self._scheduler_signature(lab.spec):
             with self._update(lab.name) as local:
+                sched = local["scheduler"]
+                if sched.get("signature") == self._scheduler_signature(lab.spec):
+                    return False  # another pass restarted it meanwhile
                 for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
                     stop_pid_group(w["pid"])
                 stop_pid_group(local["scheduler"]["pid"])
@@ -247,24 +250,24 @@ class LocalBackend:
                 self._start_scheduler(lab, local, sched["port"], sched["dashboard_port"])
             return False
         signature = self._worker_signature(lab.spec)
-        alive = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
-        stale = {n for n, w in alive.items() if w.get("signature") != signature}
-        fresh = set(alive) - stale
-        workers = self.dashboard(lab).fetch_workers() if alive else ()
-        joined = {w.name for w in workers} & fresh
-        step = plan_rollout(len(stale), len(fresh), len(joined), lab.state.target_workers)
-        if step.action in ("start", "retire"):
-            logs.emit("INFO", lab=lab.name, action=f"rollout-{step.action}", revision=lab.spec.revision,
-                      reason=step.reason, workers=sorted(stale) if step.action == "retire" else None)
-        if step.action == "start":
-            with self._update(lab.name) as local:
+        workers = self.dashboard(lab).fetch_workers() if local["workers"] else ()
+        with self._update(lab.name) as local:  # decided and started under the record's lock: two passes at once
+            alive = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}  # start one set, not two
+            stale = {n for n, w in alive.items() if w.get("signature") != signature}
+            fresh = set(alive) - stale
+            joined = {w.name for w in workers} & fresh
+            step = plan_rollout(len(stale), len(fresh), len(joined), lab.state.target_workers)
+            if step.action in ("start", "retire"):
+                logs.emit("INFO", lab=lab.name, action=f"rollout-{step.action}", revision=lab.spec.revision,
+                          reason=step.reason, workers=sorted(stale) if step.action == "retire" else None)
+            if step.action == "start":
                 self._start_workers(lab, local, step.count, python)
-        elif step.action == "retire":
+        if step.action == "retire":
             self.apply_scale_down(lab, [w.address for w in workers if w.name in stale], len(fresh))
             unjoined = stale - {w.name for w in workers}  # not connected: they hold no result
             if unjoined:
                 with self._update(lab.name) as local:
-                    for name in unjoined:
+                    for name in unjoined & set(local["workers"]):
                         stop_pid_group(local["workers"].pop(name)["pid"])
         return step.action == "done"
 

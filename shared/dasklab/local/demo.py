@@ -28,8 +28,8 @@ UPDATE = {"v": 1, "type": "update-lab", "lab": LAB,
 
 
 def _uses_the_package(word: str) -> str:
-    import inflection  # only in the lab's environment after the update
-    return inflection.camelize(word)
+    import importlib
+    return importlib.import_module(EXTRA).camelize(word)  # only in the lab's environment after the update
 
 
 def _slow_square(x: int) -> int:
