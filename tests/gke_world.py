@@ -190,7 +190,7 @@ class World:
                 continue
             name = obj["metadata"]["name"]
             old = self.kube.get("deployments", ns, name)
-            if old["spec"]["template"] == obj["spec"]["template"] and old["spec"]["replicas"] == obj["spec"]["replicas"]:
+            if (old["spec"]["template"], old["spec"]["replicas"]) == (obj["spec"]["template"], obj["spec"]["replicas"]):
                 continue
             apps.replace_namespaced_deployment(name, ns, {**obj, "metadata": {
                 **obj["metadata"], "resourceVersion": old["metadata"]["resourceVersion"]}})

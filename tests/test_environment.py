@@ -96,7 +96,8 @@ def test_start_lab_keeps_the_warning_and_lab_ready_records_the_environment():
     assert spec.mixed_environment and spec.notes[0].startswith("mixed environment")
     record = environment_record(values, "2024.1.1")
     assert record == {"chart_version": "2024.1.1",
-                      "jupyter": {"image_tag": "chart default", "extra_pip_packages": ["gcsfs", "matplotlib", "pyarrow"]},
+                      "jupyter": {"image_tag": "chart default",
+                                  "extra_pip_packages": ["gcsfs", "matplotlib", "pyarrow"]},
                       "scheduler": {"image_tag": "chart default", "extra_pip_packages": []},
                       "worker": {"image_tag": "chart default", "extra_pip_packages": ["gcsfs", "pyarrow"]}}
 

@@ -389,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[variable] = getattr(a, option)
     try:
         cfg = config_mod.from_env()
-        handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
-                   "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status, "demo": cmd_demo,
-                   "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
+        handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
+                   "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
+                   "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
                    "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)
     except (DasklabError, OSError, ValueError, *_cloud_errors()) as e:

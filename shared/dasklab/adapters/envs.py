@@ -35,8 +35,8 @@ def python_for(home: str | Path, packages: tuple[str, ...]) -> str:
 def ensure_env(home: str | Path, packages: tuple[str, ...]) -> str:
     """Make (once) the venv of `packages` and return its python. The venv sees the base interpreter's packages
     (`--system-site-packages`, plus a .pth adding this interpreter's site-packages with their own .pth files, which
-    a venv made from a venv would not see), so only what is missing is installed. PermanentError naming the packages with pip's tail
-    when pip refuses them; TransientError when it times out."""
+    a venv made from a venv would not see), so only what is missing is installed. PermanentError naming the
+    packages with pip's tail when pip refuses them; TransientError when it times out."""
     if not packages:
         return sys.executable
     venv = env_dir(home, packages)

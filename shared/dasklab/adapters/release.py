@@ -78,7 +78,8 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
-        "worker": {"replicas": spec.initial_workers if replicas is None else replicas, "resources": {"limits": dict(quantity), "requests": quantity},
+        "worker": {"replicas": spec.initial_workers if replicas is None else replicas,
+                   "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {
                        "fieldRef": {"fieldPath": "metadata.name"}}}]),

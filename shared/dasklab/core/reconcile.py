@@ -34,7 +34,8 @@ class Controller:
     # --- commands ---
 
     def handle(self, cmd: Command, message_id: str = "") -> None:
-        handler = {StartLab: self.start_lab, UpdateLab: self.update_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
+        handler = {StartLab: self.start_lab, UpdateLab: self.update_lab, StopLab: self.stop_lab,
+                   KeepAlive: self.keep_alive, Scale: self.scale,
                    Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
         handler(cmd, message_id)
 
@@ -79,8 +80,9 @@ class Controller:
             return
         self.backend.apply_environment(new)
         before = lab.spec.revision
+        ids = (lab.state.update_ids + ((mid,) if mid else ()))[-20:]
         lab = self.backend.apply_record(replace(lab, spec=replace(new, revision=before + 1)).with_state(
-            revision_workers=lab.state.target_workers, update_ids=(lab.state.update_ids + ((mid,) if mid else ()))[-20:]))
+            revision_workers=lab.state.target_workers, update_ids=ids))
         logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
@@ -223,7 +225,7 @@ class Controller:
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "connection": self.backend.connection_info(lab), "revision": lab.spec.revision,
-                                 "environment": environment_record(lab.spec.values), "notes": list(lab.spec.notes)})
+                                 "environment": self._environment(lab), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
@@ -237,7 +239,7 @@ class Controller:
         spec, before = lab.spec, lab.state.revision
         self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
                              "revision": spec.revision, "from_revision": before,
-                             "environment": environment_record(spec.values), "notes": list(spec.notes)})
+                             "environment": self._environment(lab), "notes": list(spec.notes)})
         lab = self.backend.apply_record(lab.with_state(revision=spec.revision))
         logs.decision(lab.name, "updated", before, spec.revision, f"revision {spec.revision} runs everywhere", mid)
 
@@ -270,6 +272,10 @@ class Controller:
             self.backend.apply_settle(lab)
 
     # --- helpers ---
+
+    def _environment(self, lab: Lab) -> dict:
+        """The lab's environment for its events; on GKE with the chart version that names the default images."""
+        return environment_record(lab.spec.values, self.config.chart_version if self.config.backend == "gke" else "")
 
     def _lab_or_none(self, name: str, action: str, mid: str) -> Lab | None:
         lab = self.backend.fetch_lab(name)
