@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.from_env()
         handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
                    "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
-                   "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
-                   "destroy": cmd_destroy}[a.cmd]
+                   "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra,
+                   "deploy": cmd_deploy, "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)
     except (DasklabError, OSError, ValueError, *_cloud_errors()) as e:
         print(f"dasklab: error: {e}", file=sys.stderr)
