@@ -136,3 +136,18 @@ def test_a_package_pip_cannot_install_is_refused_with_pips_tail(controller):
     assert f"{EXTRA}==0.0.0.999 could not be installed" in str(refused.value)
     assert "No matching distribution" in str(refused.value)  # pip's own words
     assert controller.backend.fetch_lab("up1") is None  # nothing created
+
+
+def test_update_with_new_worker_resources_replaces_them_at_the_new_size(controller):
+    """The seed's step 6 (bigger workers), with results held across it."""
+    ctl, backend = controller, controller.backend
+    lab = start(ctl)
+    with Client(backend.connection_info(lab)["scheduler"], timeout=20) as client:
+        held = client.map(lambda x: x + 0.5, range(50), pure=False)
+        client.gather(held)
+        values = {"worker": {"resources": {"limits": {"cpu": 2, "memory": "2G"}}}}
+        ctl.handle(cmd(type="update-lab", lab="up1", values=values), "u1")
+        drive(ctl, lambda: backend.fetch_lab("up1").state.revision == 2)
+        infos = client.scheduler_info()["workers"].values()
+        assert sorted((w["nthreads"], w["memory_limit"]) for w in infos) == [(2, 2 * 10**9)] * 2
+        assert sum(client.gather(held)) == sum(range(50)) + 25
