@@ -67,10 +67,9 @@ def test_seed_step6_is_refused_naming_the_package_unless_mixed():
     ({"worker": pip("s3fs")}, "values.worker.env.EXTRA_PIP_PACKAGES", "s3fs is in worker but not in jupyter"),
     ({"jupyter": pip("a b"), "worker": pip("a b"), "scheduler": pip("a")}, "values.jupyter.env.EXTRA_PIP_PACKAGES",
      "b is in jupyter but not in scheduler"),
-    ({"worker": {"image": {"tag": "2024.1.0"}}}, "values.worker.image.tag",
-     "2024.1.0 in worker but jupyter the chart default, scheduler the chart default"),
-    ({c: {"image": {"tag": t}} for c, t in (("jupyter", "2024.1.0"), ("scheduler", "2024.1.0"), ("worker", "2025.1"))},
-     "values.jupyter.image.tag", "but worker 2025.1"),
+    ({c: {"image": {"tag": t}} for c, t in (("jupyter", "2026.3.0"), ("scheduler", "2026.3.0"),
+                                            ("worker", "2026.3.0-py3.12"))},
+     "values.jupyter.image.tag", "2026.3.0 in jupyter but worker 2026.3.0-py3.12"),
 ])
 def test_differences_are_refused_with_the_field(values, field, words):
     with pytest.raises(ValidationError) as e:
@@ -81,7 +80,8 @@ def test_differences_are_refused_with_the_field(values, field, words):
 @pytest.mark.parametrize("values", [
     {}, {"jupyter": pip("a b"), "worker": pip("b  a --upgrade"), "scheduler": pip("a b")},
     {"jupyter": {"enabled": False}, "worker": pip("x")},
-    {c: {"image": {"tag": "2024.1.0"}} for c in ("jupyter", "scheduler", "worker")},
+    {c: {"image": {"tag": "2026.3.0"}} for c in ("jupyter", "scheduler", "worker")},
+    {"worker": {"image": {"tag": "2026.3.0"}}},  # one tag: every component runs it
 ])
 def test_one_environment_passes(values):
     assert all(not n.startswith("mixed") for n in check_environment(values))

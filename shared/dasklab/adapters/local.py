@@ -2,6 +2,7 @@
 
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -17,10 +18,24 @@ from dasklab.core.model import MANAGED_BY, Lab, LabSpec
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
 from dasklab.adapters.envs import ensure_env
-from dasklab.adapters.procs import free_port, pid_alive, spawn, spawn_worker, stop_pid_group
+from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
+
+
+def installed_dask_version() -> str:
+    """The distributed version a local lab runs: the one installed here (local labs run no image)."""
+    return importlib.metadata.version("distributed")
+
+
+def build_worker_argv(python: str, scheduler: str, name: str, nthreads: int, memory_limit: int) -> list[str]:
+    """A local worker as the chart runs one (`dask-worker`, under a nanny), with `python`'s distributed.
+
+    The nanny is its parent in the same process group: stopping the group stops both, and a worker retired by
+    the scheduler closes its nanny too (distributed ≥ 2024.2.1), so it never comes back."""
+    return [python, "-m", "distributed.cli.dask_worker", scheduler, "--name", name, "--nthreads", str(nthreads),
+            "--memory-limit", str(memory_limit), "--nanny", "--no-dashboard", "--host", "127.0.0.1"]
 
 
 def _node_of(worker_name: str) -> str:
@@ -225,9 +240,9 @@ class LocalBackend:
                 node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
             name = f"{node}-w{local['next_worker']}"
             local["next_worker"] += 1
-            pid = spawn_worker(python, f"tcp://127.0.0.1:{sched['port']}", name=name,
-                               nthreads=max(1, int(lab.spec.worker_cpu)), memory_limit=lab.spec.worker_memory,
-                               env=env, log_path=self._log(lab, name))
+            pid = spawn(build_worker_argv(python, f"tcp://127.0.0.1:{sched['port']}", name,
+                                          max(1, int(lab.spec.worker_cpu)), lab.spec.worker_memory),
+                        env=env, log_path=self._log(lab, name))
             local["workers"][name] = {"pid": pid, "node": node, "signature": self._worker_signature(lab.spec)}
 
     def apply_update(self, lab: Lab) -> bool:
@@ -314,7 +329,7 @@ class LocalBackend:
 
     def connection_info(self, lab: Lab) -> dict:
         sched = self._local(lab)["scheduler"] or {}
-        return {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
+        return {"dask_version": installed_dask_version(), "scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
                 "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
                 "how": "from Python on this machine: distributed.Client('<scheduler>')"}
 

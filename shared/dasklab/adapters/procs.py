@@ -376,15 +376,6 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Pa
     return Proc.spawn(argv, log_path=log_path, env=env).pid
 
 
-def spawn_worker(python: str, scheduler: str, *, name: str, nthreads: int, memory_limit: int,
-                 env: Mapping[str, str], log_path: Path) -> int:
-    """Start one local Dask worker of a lab with `python` (the lab's environment) and return its pid: the one
-    place local workers are launched."""
-    return spawn([python, "-m", "distributed.cli.dask_worker", scheduler, "--name", name, "--nthreads", str(nthreads),
-                  "--memory-limit", str(memory_limit), "--no-nanny", "--no-dashboard", "--host", LOCALHOST],
-                 env=env, log_path=log_path)
-
-
 def pid_alive(pid: int) -> bool:
     """True if `pid` runs (a zombie counts as gone, and is reaped if it is our child)."""
     _reap(pid)

@@ -43,7 +43,8 @@ def check_environment(values: dict, mixed: bool = False) -> tuple[str, ...]:
     Jupyter and the workers run the user's code (the notebook builds graphs, the workers run the tasks): their
     EXTRA_PIP_PACKAGES must be the same set. The scheduler either lists the same set or none at all (the seed's
     config.yaml gives it none): it then runs the image's packages, and a note says so, because it deserializes
-    every task graph. Image tags set on any component must agree. `mixed` (mixed_environment: true) turns each
+    every task graph. Image tags set on components must be the same tag (one set on some only is the lab's: every
+    component runs it). `mixed` (mixed_environment: true) turns each
     refusal into a note."""
     sets = {c: component_packages(values, c) for c in COMPONENTS}
     if not jupyter_enabled(values):
@@ -57,10 +58,10 @@ def check_environment(values: dict, mixed: bool = False) -> tuple[str, ...]:
                 without = " or ".join(o for o in sets if o != c and pkg not in (sets[o] or ()))
                 refusals.append((f"values.{c}.env.{PIP_VARIABLE}", f"{pkg} is in {c} but not in {without}"))
     tags = {c: component_tag(values, c) for c in COMPONENTS}
-    given = {c: t for c, t in tags.items() if t is not None}
-    if given and (len(set(given.values())) > 1 or len(given) < len(COMPONENTS)):
+    given = {c: t for c, t in tags.items() if t is not None}  # a tag on one component is the lab's (build_images)
+    if len(set(given.values())) > 1:
         c, tag = next(iter(given.items()))
-        others = ", ".join(f"{o} {tags[o] or 'the chart default'}" for o in COMPONENTS if tags[o] != tag)
+        others = ", ".join(f"{o} {t}" for o, t in given.items() if t != tag)
         refusals.append((f"values.{c}.image.tag", f"{tag} in {c} but {others}: give every component the same tag"))
     if refusals and not mixed:
         field, rule = refusals[0]
@@ -76,10 +77,12 @@ def check_environment(values: dict, mixed: bool = False) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def environment_record(values: dict, chart_version: str = "") -> dict:
-    """The lab's environment as events report it: image tag and packages of each component (the record from
-    which the lab can be reproduced, with the chart version that names the default images)."""
-    record = {c: {"image_tag": component_tag(values, c) or "chart default",
+def environment_record(values: dict, chart_version: str = "", tag: str = "") -> dict:
+    """The lab's environment as events report it: image tag (the values', else `tag`, the lab's Dask version)
+    and packages of each component: the record from which the lab can be reproduced, with the chart version."""
+    given = [t for c in COMPONENTS if (t := component_tag(values, c)) is not None]
+    tag = given[0] if given else tag  # one tag given is every component's
+    record = {c: {"image_tag": component_tag(values, c) or tag or "chart default",
                   "extra_pip_packages": list(component_packages(values, c) or ())} for c in COMPONENTS}
     if not jupyter_enabled(values):
         record.pop("jupyter")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
-from dasklab.core.config import Config
+from dasklab.core.config import Config, check_dask_version
 from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
@@ -131,8 +131,21 @@ class _EnvVar(_Open):
             raise ValueError("EXTRA_PIP_PACKAGES may hold package specs only, no shell characters ; & | ` $ < > \\")
 
 
+class _Image(_Open):
+    repository: str | None = None  # any repository, as long as the tag states the Dask version
+    tag: str | int | float | None = None
+
+    def __post_init__(self):
+        if self.tag is not None:
+            try:
+                check_dask_version("", str(self.tag))
+            except ValidationError as e:
+                raise _Refusal("tag", e.rule) from None
+
+
 class _Component(_Open):
     serviceType: str | None = None
+    image: _Image | None = None
     replicas: _Count | None = None
     resources: _ResourceBlock | None = None
     env: list[_EnvVar] | None = None
@@ -389,14 +402,30 @@ def _check_fits(spec: LabSpec, field: str = "worker_resources") -> None:
 def build_update(cmd: UpdateLab, spec: LabSpec) -> LabSpec:
     """The spec an update-lab asks for: the new values in place of the old (as `helm upgrade -f` does), the
     worker size from their `worker.resources.limits` (else the lab's), the same environment rule as start-lab.
-    The revision is not counted here: the controller does, when the values differ."""
+    The Dask version is the one the new tags state, else the lab's. The revision is not counted here: the
+    controller does, when the values differ."""
     limits = _worker_limits(cmd.chart)
+    version = _dask_version(cmd, replace(Config(), dask_version=spec.dask_version))
     notes = check_environment(cmd.values, cmd.mixed_environment)
     new = replace(spec, values=cmd.values, mixed_environment=cmd.mixed_environment, notes=notes,
                   worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
-                  worker_memory=(limits and limits.memory) or spec.worker_memory)
+                  worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
     _check_fits(new, "values.worker.resources.limits")
     return new
+
+
+def _dask_version(cmd: StartLab | UpdateLab, config: Config) -> str:
+    """The Dask version the lab runs: the one its values' image tags state (all alike), else the config's."""
+    stated = {}
+    for name in ("scheduler", "worker", "jupyter"):
+        component = getattr(cmd.chart, name)
+        if component and component.image and component.image.tag is not None:
+            stated[f"values.{name}.image.tag"] = check_dask_version("", str(component.image.tag))
+    if len(set(stated.values())) > 1:
+        field = sorted(stated)[-1]
+        raise ValidationError(field, "every component must run the same Dask version; the tags state "
+                                     + ", ".join(f"{f}={v}" for f, v in sorted(stated.items())))
+    return next(iter(stated.values()), config.dask_version)
 
 
 def build_spec(cmd: StartLab, config: Config) -> LabSpec:
@@ -420,6 +449,7 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
         max_lifetime_s=cmd.max_lifetime or min(config.default_lifetime_s, config.max_lifetime_s),
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
+        dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
         mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
     )
     _check_fits(spec)

@@ -64,6 +64,7 @@ class LabSpec:
     notes: tuple[str, ...] = ()  # what the controller said about the request (overrides, warnings), kept with it
     mixed_environment: bool = False  # the owner accepted different packages or image tags per component
     revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
+    dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
 
     @property
     def workers_per_node(self) -> int:

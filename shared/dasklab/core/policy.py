@@ -213,11 +213,14 @@ def _changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[st
 def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str]:
     """What an update-lab does: duplicate (same values: nothing to do), refuse (it would restart the scheduler and
     the message does not say restart: true), or update, with what changes."""
-    if (new.values, new.worker_cpu, new.worker_memory, new.mixed_environment) == (
-            current.values, current.worker_cpu, current.worker_memory, current.mixed_environment):
+    if (new.values, new.worker_cpu, new.worker_memory, new.mixed_environment, new.dask_version) == (
+            current.values, current.worker_cpu, current.worker_memory, current.mixed_environment,
+            current.dask_version):
         return "duplicate", f"values unchanged: revision {current.revision} already has them"
     values_old, values_new = current.values or {}, new.values or {}
     scheduler = _changed_keys(values_old.get("scheduler"), values_new.get("scheduler"), _SCHEDULER_KEPT)
+    if new.dask_version != current.dask_version and "image" not in scheduler:
+        scheduler.append("image")  # every component runs the lab's Dask version: a new one is a new scheduler image
     if scheduler and not restart:
         fields = ", ".join(f"values.scheduler.{k}" for k in scheduler)
         return "refuse", (f"{fields} change(s) the scheduler: it restarts, and every result held in memory is lost "

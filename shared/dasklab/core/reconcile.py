@@ -275,7 +275,9 @@ class Controller:
 
     def _environment(self, lab: Lab) -> dict:
         """The lab's environment for its events; on GKE with the chart version that names the default images."""
-        return environment_record(lab.spec.values, self.config.chart_version if self.config.backend == "gke" else "")
+        gke = self.config.backend == "gke"
+        return environment_record(lab.spec.values, self.config.chart_version if gke else "",
+                                  (lab.spec.dask_version or self.config.dask_version) if gke else "")
 
     def _lab_or_none(self, name: str, action: str, mid: str) -> Lab | None:
         lab = self.backend.fetch_lab(name)
