@@ -68,9 +68,11 @@ def validate(payload: dict, cfg) -> None:
     from dasklab.core.messages import Scale, StartLab, UpdateLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
-        build_spec(cmd, cfg)
+        for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+            print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, UpdateLab):
-        check_environment(cmd.values, cmd.mixed_environment)  # the rest needs the lab: the controller checks it
+        for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
+            print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
 
@@ -169,6 +171,9 @@ def cmd_status(a, cfg) -> int:
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
                       r["dashboard"] or "-", r["dask"] or "-")
     Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    for r in rows:  # what the controller replaced in each lab's request
+        for note in r["notes"]:
+            print(f"{r['lab']}: note: {note}")
     return 0
 
 
@@ -237,6 +242,7 @@ def deploy_steps(a, cfg) -> list:
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
+        steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
     if a.cloud_build:
         return steps + [deploy.cloud_build_step(values)]
     return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
@@ -290,11 +296,13 @@ def cmd_connect(a, cfg) -> int:
         raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
     if a.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps({**info, "notes": list(lab.spec.notes)}, indent=1))
         return 0
     print(f"lab {lab.name} ({lab.state.phase}, owner {lab.spec.owner}, {cfg.backend} backend)")
     for key, value in info.items():
         print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+    for note in lab.spec.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -68,10 +68,10 @@ def check_environment(values: dict, mixed: bool = False) -> tuple[str, ...]:
         more = f" (and {len(refusals) - 1} more difference(s))" if len(refusals) > 1 else ""
         raise ValidationError(field, f"{rule}{more}: one environment per lab — give jupyter, scheduler and worker "
                                      f"the same EXTRA_PIP_PACKAGES and image tag, or set mixed_environment: true")
-    notes += [f"mixed environment (mixed_environment: true): {field}: {rule}" for field, rule in refusals]
+    notes += [f"{field}: {rule} (mixed_environment: true: a mixed environment, as asked)" for field, rule in refusals]
     lab = sets.get("worker") or ()
     if sets.get("scheduler") is None and lab:
-        notes.append(f"the scheduler runs without {' '.join(lab)} (values.scheduler.env sets no {PIP_VARIABLE}): "
+        notes.append(f"values.scheduler.env: sets no {PIP_VARIABLE}, so the scheduler runs without {' '.join(lab)}: "
                      f"a task graph holding their objects cannot be deserialized there; adding them to the "
                      f"scheduler later restarts it")
     return tuple(notes)

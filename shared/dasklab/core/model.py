@@ -61,10 +61,10 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
-    notes: tuple[str, ...] = ()  # what the controller said about the request (overrides, warnings), kept with it
     mixed_environment: bool = False  # the owner accepted different packages or image tags per component
     revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
+    notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
     @property
     def workers_per_node(self) -> int:
@@ -99,6 +99,7 @@ class LabState:
     revision: int = 1  # the revision the backend runs everywhere (spec.revision once an update has converged)
     revision_workers: int = 0  # the worker count when spec.revision was recorded (what its Helm revision sets)
     update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
+    start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
 @dataclass(frozen=True)
