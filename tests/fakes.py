@@ -30,6 +30,7 @@ class FakeLab:
     workers: list = field(default_factory=list)
     next_worker: int = 0
     load: FakeLoad = field(default_factory=FakeLoad)
+    problems: list = field(default_factory=list)  # WorkerProblems fetch_worker_health reports
 
 
 class FakeTransport:
@@ -94,6 +95,9 @@ class FakeBackend:
 
     def fetch_requested(self, lab):
         return len(self._get(lab).workers)
+
+    def fetch_worker_health(self, lab):
+        return tuple(self._get(lab).problems)
 
     def dashboard(self, lab):
         return Dashboard(FakeTransport(self._get(lab)), node_of=lambda name: name.split("-")[0])
