@@ -72,3 +72,132 @@ def test_scale_reason_names_memory_when_it_counts():
     assert why == "adaptive_target=2 (processing=0, queued=0, memory 410 MB = 82% of 1 × 500 MB)"
     _, why = desired_workers(spec, make_load(workers=1, adaptive_target=1, memory_bytes=100 * 10**6))
     assert why == "adaptive_target=1 (processing=0, queued=0)"
+
+
+# --- the local backend, real Dask: memory pressure, a killed worker, the nanny's memory restarts ---
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from distributed import Client, wait  # noqa: E402
+
+from dasklab.adapters import procs  # noqa: E402
+from dasklab.adapters.local import worker_problems  # noqa: E402
+from tests.test_local_lab import controller, drive, ready, start_msg  # noqa: E402,F401
+
+MB = 10**6
+
+
+def block(i, mb=40):
+    """A result of `mb` MB that stays in worker memory (the seed's taxi CSVs, made small)."""
+    import numpy as np
+    time.sleep(0.2)
+    return np.full(mb * MB // 8, float(i))
+
+
+def lab(ctl, name="lab1"):
+    return ctl.backend.fetch_lab(name)
+
+
+def load(ctl, name="lab1"):
+    return ctl.backend.dashboard(lab(ctl, name)).fetch_load()
+
+
+def decisions(caplog, action):
+    import json
+    return [e for e in (json.loads(r.getMessage()) for r in caplog.records if r.name == "dasklab")
+            if e.get("action") == action]
+
+
+def test_memory_pressure_scales_the_lab_up(controller, caplog):
+    """Data beyond 60 % of one worker's 400 MB limit: the scheduler's adaptive target counts memory, the lab scales
+    out with memory named in the reason, and nothing is reported degraded (it could scale)."""
+    caplog.set_level(logging.INFO, logger="dasklab")
+    ctl = controller
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 3}, worker_resources={"cpu": 1, "memory": "400M"}),
+               "m1")
+    address = ctl.backend.connection_info(ready(ctl))["scheduler"]
+    with Client(address, timeout=20) as client:
+        futures = client.map(block, range(8), pure=False)  # 320 MB, made one block at a time
+        drive(ctl, lambda: lab(ctl).state.target_workers >= 2, timeout=60)
+        wait(futures, timeout=60)
+        assert sum(f.result()[0] for f in futures) == sum(range(8))  # nothing lost
+    ups = decisions(caplog, "scale-up")
+    assert ups and "of 1 × 400 MB" in ups[0]["reason"] and "processing=" in ups[0]["reason"], ups
+    assert not [e for e in ctl.events.read() if e["event"] == "lab-degraded"]
+
+
+def test_memory_at_max_is_reported_before_the_workers_die(controller):
+    """max = 1 and data beyond 60 % of the worker's limit: lab-degraded says memory, and what to raise, while the
+    worker is still alive; a redelivered tick does not repeat it."""
+    ctl = controller
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, worker_resources={"cpu": 1, "memory": "400M"}),
+               "m1")
+    address = ctl.backend.connection_info(ready(ctl))["scheduler"]
+    with Client(address, timeout=20) as client:
+        futures = client.map(block, range(7), pure=False)  # 280 MB = 70 % of 400 MB
+        wait(futures, timeout=60)
+        degraded = drive(ctl, lambda: [e for e in ctl.events.read() if e["event"] == "lab-degraded"], timeout=30)
+        pids = ctl.backend.pids(lab(ctl))
+        assert load(ctl).workers == 1 and all(procs.pid_alive(p) for p in pids)  # nobody died
+        (event,) = degraded
+        assert event["causes"] == ["memory"], event
+        assert "at its maximum of 1 worker(s)" in event["reason"] and "--max N" in event["reason"]
+        assert "worker_resources.memory" in event["reason"]
+        assert lab(ctl).state.degraded == "memory" and lab(ctl).state.degraded_reason == event["reason"]
+        for _ in range(3):
+            ctl.reconcile_all("reconcile")
+        assert [e["event"] for e in ctl.events.read()].count("lab-degraded") == 1
+        del futures
+        drive(ctl, lambda: lab(ctl).state.degraded == "", timeout=30)  # the data released: recovered
+    assert [e["event"] for e in ctl.events.read()][-1] == "lab-recovered"
+
+
+def _worker_child(sh_pid: int) -> int:
+    """The Dask worker under the recorded shell (spawn(note_exit=True))."""
+    children = Path(f"/proc/{sh_pid}/task/{sh_pid}/children").read_text().split()
+    return int(children[0])
+
+
+def test_a_killed_worker_is_explained_with_its_exit_code_and_replaced(controller):
+    ctl = controller
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 2}), "m1")
+    ready(ctl)
+    drive(ctl, lambda: load(ctl).workers == 1)
+    (name, entry), = ctl.backend._local(lab(ctl))["workers"].items()
+    os.kill(_worker_child(entry["pid"]), signal.SIGKILL)  # as the kernel's OOM killer does
+    (event,) = drive(ctl, lambda: [e for e in ctl.events.read() if e["event"] == "lab-degraded"])
+    assert event["causes"] == ["restarting"], event
+    assert f"{name} (process exited with code 137 (SIGKILL: the kernel's OOM killer, or kill -9))" in event["reason"]
+    drive(ctl, lambda: load(ctl).workers == 1 and name not in ctl.backend._local(lab(ctl))["workers"])  # replaced
+    assert lab(ctl).state.degraded == "restarting"  # still said: the death is recent
+
+
+def test_nanny_memory_restarts_are_read_from_a_real_nanny_log(tmp_path):
+    """distributed's nanny restarting a worker above 95 % of its limit, as it logs it, is an OOM kill."""
+    port = procs.free_port()
+    env = {**os.environ, "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "scratch")}
+    log = tmp_path / "n0-w0.log"
+    scheduler = procs.spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                             str(port), "--dashboard-address", f"127.0.0.1:{procs.free_port()}"], env=env,
+                            log_path=tmp_path / "scheduler.log")
+    worker = procs.spawn([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--name",
+                          "n0-w0", "--nthreads", "1", "--memory-limit", "300MB", "--nanny", "--no-dashboard",
+                          "--host", "127.0.0.1"], env=env, log_path=log, note_exit=True)
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=20) as client:
+            client.wait_for_workers(1, timeout=30)
+            client.submit(block, 0, 400, pure=False)  # 400 MB in a 300 MB worker
+            procs.wait_until(lambda: worker_problems("n0-w0", log, 300 * MB, dead=False), 60, what="a nanny restart")
+    finally:
+        procs.stop_pid_group(worker)
+        procs.stop_pid_group(scheduler)
+    (problem, *_) = worker_problems("n0-w0", log, 300 * MB, dead=False)
+    assert problem.kind == "oom-killed" and problem.restarts >= 1 and problem.memory_limit == 300 * MB
+    assert problem.detail == "restarted by its nanny above 95% of its memory limit"
+    assert abs(problem.at - time.time()) < 120 and "exceeded 95% memory budget" in problem.log_tail
+    assert not [p for p in worker_problems("n0-w0", log, 300 * MB, dead=False) if p.kind != "oom-killed"]

@@ -239,7 +239,10 @@ def _names(problems: list[WorkerProblem]) -> str:
 
 def _tail(problems: list[WorkerProblem]) -> str:
     tail = next((p.log_tail for p in sorted(problems, key=lambda p: -p.at) if p.log_tail.strip()), "")
-    return f"; log tail: {tail.strip()[-400:]}" if tail.strip() else ""
+    lines = tail.strip().splitlines()
+    while len(lines) > 1 and len("\n".join(lines)) > 400:  # whole lines, the last ones
+        lines.pop(0)
+    return f"; log tail: {chr(10).join(lines)[-400:]}" if lines else ""
 
 
 def _explain(kind: str, problems: list[WorkerProblem], spec: LabSpec) -> str:
