@@ -87,6 +87,7 @@ from distributed import Client, wait  # noqa: E402
 
 from dasklab.adapters import procs  # noqa: E402
 from dasklab.adapters.local import worker_problems  # noqa: E402
+from tests.test_cli import run  # noqa: E402
 from tests.test_local_lab import controller, drive, ready, start_msg  # noqa: E402,F401
 
 MB = 10**6
@@ -131,7 +132,7 @@ def test_memory_pressure_scales_the_lab_up(controller, caplog):
     assert not [e for e in ctl.events.read() if e["event"] == "lab-degraded"]
 
 
-def test_memory_at_max_is_reported_before_the_workers_die(controller):
+def test_memory_at_max_is_reported_before_the_workers_die(controller, home):
     """max = 1 and data beyond 60 % of the worker's limit: lab-degraded says memory, and what to raise, while the
     worker is still alive; a redelivered tick does not repeat it."""
     ctl = controller
@@ -149,6 +150,8 @@ def test_memory_at_max_is_reported_before_the_workers_die(controller):
         assert "at its maximum of 1 worker(s)" in event["reason"] and "--max N" in event["reason"]
         assert "worker_resources.memory" in event["reason"]
         assert lab(ctl).state.degraded == "memory" and lab(ctl).state.degraded_reason == event["reason"]
+        shown = run(home, "status").stdout  # what the user types, instead of kubectl describe
+        assert "lab1 degraded: memory: the workers hold" in shown and "--max N" in shown, shown
         for _ in range(3):
             ctl.reconcile_all("reconcile")
         assert [e["event"] for e in ctl.events.read()].count("lab-degraded") == 1

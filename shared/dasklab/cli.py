@@ -97,7 +97,7 @@ def fetch_status(cfg) -> list[dict]:
             "processing": load.processing if load else None, "queued": load.queued if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
             "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "reason": lab.state.reason})
+            "reason": lab.state.reason, "degraded": lab.state.degraded_reason or None})
     return rows
 
 
@@ -143,7 +143,11 @@ def cmd_status(a, cfg) -> int:
                       str(r["processing"] if r["processing"] is not None else "-"),
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
                       r["dashboard"] or "-")
-    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table if rows else "no labs")
+    for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
+        if r["degraded"]:
+            console.print(f"{r['lab']} degraded: {r['degraded']}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
