@@ -56,24 +56,29 @@ def worker_problems(name: str, log: Path, memory_limit: int, dead: bool) -> list
         mtime = log.stat().st_mtime
     except OSError:
         return []
-    tail, found = "\n".join([line for line in lines if not line.startswith(EXIT_NOTE)][-8:]), []
+    found: list[WorkerProblem] = []
+
+    def upto(line: str) -> str:  # the log up to an event: what the worker was doing then
+        at = len(lines) - lines[::-1].index(line)
+        return "\n".join(lines[max(0, at - 8):at])
+
     kills = [(line, m) for line in lines if (m := _MEMORY_KILL.search(line))]
     if kills:
         line, m = kills[-1]
         found.append(WorkerProblem("oom-killed", name, f"restarted by its nanny above {m.group(2)}% of its memory "
                                    "limit", at=_logged_at(line, mtime), restarts=len(kills), memory_limit=memory_limit,
-                                   log_tail=tail))
+                                   log_tail=upto(line)))
     killed = {m.group(1) for _, m in kills}
     deaths = [(line, m) for line in lines if (m := _DEATH.search(line)) and m.group(1) not in killed]
     if deaths:
         line, m = deaths[-1]
         found.append(WorkerProblem("restarting", name, f"worker process {m.group(2)}", at=_logged_at(line, mtime),
-                                   restarts=len(deaths), log_tail=tail))
-    code = next((line.removeprefix(EXIT_NOTE) for line in reversed(lines) if line.startswith(EXIT_NOTE)), None)
+                                   restarts=len(deaths), log_tail=upto(line)))
+    code = lines[-1].removeprefix(EXIT_NOTE) if lines and lines[-1].startswith(EXIT_NOTE) else None
     if dead and code != "0":
         why = " (SIGKILL: the kernel's OOM killer, or kill -9)" if code == "137" else ""
         found.append(WorkerProblem("restarting", name, f"process exited with code {code or 'unknown'}{why}",
-                                   at=mtime, log_tail=tail))
+                                   at=mtime, log_tail="\n".join(lines[-9:-1] if code else lines[-8:])))
     return found
 
 
