@@ -115,18 +115,19 @@ def decisions(caplog, action):
 
 
 def test_memory_pressure_scales_the_lab_up(controller, caplog):
-    """Data beyond 60 % of one worker's 400 MB limit: the scheduler's adaptive target counts memory, the lab scales
-    out with memory named in the reason, and nothing is reported degraded (it could scale)."""
+    """Persisting more than the minimum of one 400 MB worker holds: past 60 % of its limit the scheduler's adaptive
+    target counts memory, the lab scales out with memory named in the reason, every result is kept, and nothing is
+    reported degraded (the lab could scale)."""
     caplog.set_level(logging.INFO, logger="dasklab")
     ctl = controller
     ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 3}, worker_resources={"cpu": 1, "memory": "400M"}),
                "m1")
     address = ctl.backend.connection_info(ready(ctl))["scheduler"]
     with Client(address, timeout=20) as client:
-        futures = client.map(block, range(8), pure=False)  # 320 MB, made one block at a time
+        futures = client.map(block, range(10), pure=False)  # 400 MB: more than the one worker holds
         drive(ctl, lambda: lab(ctl).state.target_workers >= 2, timeout=60)
         wait(futures, timeout=60)
-        assert sum(f.result()[0] for f in futures) == sum(range(8))  # nothing lost
+        assert sum(f.result()[0] for f in futures) == sum(range(10))  # nothing lost
     ups = decisions(caplog, "scale-up")
     assert ups and "of 1 × 400 MB" in ups[0]["reason"] and "processing=" in ups[0]["reason"], ups
     assert not [e for e in ctl.events.read() if e["event"] == "lab-degraded"]
