@@ -124,9 +124,12 @@ def test_memory_pressure_scales_the_lab_up(controller, caplog):
                "m1")
     address = ctl.backend.connection_info(ready(ctl))["scheduler"]
     with Client(address, timeout=20) as client:
-        futures = client.map(block, range(10), pure=False)  # 400 MB: more than the one worker holds
+        futures = []
+        for i in range(10):  # 400 MB, more than the one worker holds, one block at a time: no CPU load to scale on
+            futures.append(client.submit(block, i, pure=False))
+            wait(futures[-1], timeout=60)
+            ctl.reconcile_all("reconcile")
         drive(ctl, lambda: lab(ctl).state.target_workers >= 2, timeout=60)
-        wait(futures, timeout=60)
         assert sum(f.result()[0] for f in futures) == sum(range(10))  # nothing lost
     ups = decisions(caplog, "scale-up")
     assert ups and "of 1 × 400 MB" in ups[0]["reason"] and "processing=" in ups[0]["reason"], ups
