@@ -35,7 +35,7 @@ PULL = WorkerProblem("image-pull", "w-5", 'ImagePullBackOff: Back-off pulling im
      "nodes or quota"),
     # a kill long ago no longer counts: recovered
     ({}, {"degraded": "oom-killed"}, {}, [WorkerProblem("oom-killed", "w-1", "OOMKilled", at=100.0 - 601)],
-     RECOVERED, "", "workers healthy again (2 joined; was oom-killed)"),
+     RECOVERED, "", "no cause left (was oom-killed): 2 worker(s) joined"),
     # crash loops carry the log tail; a pip failure says which setting to fix
     ({}, {}, {}, [CRASH], DEGRADED, "crash-looping", "No module named 'pyarrow'"),
     ({}, {}, {}, [PIP], DEGRADED, "install-failed", "fix the package list in values.worker.env; log tail: ERROR: No "

@@ -292,4 +292,4 @@ def plan_health(spec: LabSpec, state: LabState, load: DaskLoad, problems: tuple[
         return HealthDecision(HOLD, causes, reason or "workers healthy")
     if causes:
         return HealthDecision(DEGRADED, causes, reason)
-    return HealthDecision(RECOVERED, "", f"workers healthy again ({load.workers} joined; was {state.degraded})")
+    return HealthDecision(RECOVERED, "", f"no cause left (was {state.degraded}): {load.workers} worker(s) joined")
