@@ -197,8 +197,9 @@ def test_nanny_memory_restarts_are_read_from_a_real_nanny_log(tmp_path):
     try:
         with Client(f"tcp://127.0.0.1:{port}", timeout=20) as client:
             client.wait_for_workers(1, timeout=30)
-            client.submit(block, 0, 400, pure=False)  # 400 MB in a 300 MB worker
+            held = client.submit(block, 0, 400, pure=False)  # 400 MB in a 300 MB worker (kept, so it runs)
             procs.wait_until(lambda: worker_problems("n0-w0", log, 300 * MB, dead=False), 60, what="a nanny restart")
+            del held
     finally:
         procs.stop_pid_group(worker)
         procs.stop_pid_group(scheduler)
@@ -207,3 +208,27 @@ def test_nanny_memory_restarts_are_read_from_a_real_nanny_log(tmp_path):
     assert problem.detail == "restarted by its nanny above 95% of its memory limit"
     assert abs(problem.at - time.time()) < 120 and "exceeded 95% memory budget" in problem.log_tail
     assert not [p for p in worker_problems("n0-w0", log, 300 * MB, dead=False) if p.kind != "oom-killed"]
+
+
+def hog(mb):
+    """Holds `mb` MB while it runs: more than the worker may have."""
+    held = b"x" * (mb * MB)
+    time.sleep(30)
+    return len(held)
+
+
+def test_a_worker_over_its_memory_limit_is_restarted_by_its_nanny_and_explained(controller):
+    """The local lab's nanny restarts a worker past 95 % of its limit (as the kubelet OOM-kills a pod): the lab
+    says so, with the limit and what to raise."""
+    ctl = controller
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, worker_resources={"cpu": 1, "memory": "300M"}),
+               "m1")
+    address = ctl.backend.connection_info(ready(ctl))["scheduler"]
+    with Client(address, timeout=20) as client:
+        held = client.submit(hog, 400, pure=False)  # kept: a released future's task is cancelled
+        drive(ctl, lambda: [e for e in ctl.events.read() if e["event"] == "lab-degraded"], timeout=60)
+        del held
+    (event,) = [e for e in ctl.events.read() if e["event"] == "lab-degraded"]
+    assert event["causes"] == ["oom-killed"], event
+    assert ("OOM-killed: n0-w0 exceeded the worker memory limit of 300 MB (restarted by its nanny above 95% of its "
+            "memory limit") in event["reason"] and "raise worker_resources.memory" in event["reason"]

@@ -89,11 +89,11 @@ def worker_problems(name: str, log: Path, memory_limit: int, dead: bool) -> list
         line, m = deaths[-1]
         found.append(WorkerProblem("restarting", name, f"worker process {m.group(2)}", at=_logged_at(line, mtime),
                                    restarts=len(deaths), log_tail=upto(line)))
-    code = lines[-1].removeprefix(EXIT_NOTE) if lines and lines[-1].startswith(EXIT_NOTE) else None
+    code = next((line.removeprefix(EXIT_NOTE) for line in reversed(lines) if line.startswith(EXIT_NOTE)), None)
     if dead and code != "0":
         why = " (SIGKILL: the kernel's OOM killer, or kill -9)" if code == "137" else ""
         found.append(WorkerProblem("restarting", name, f"process exited with code {code or 'unknown'}{why}",
-                                   at=mtime, log_tail="\n".join(lines[-9:-1] if code else lines[-8:])))
+                                   at=mtime, log_tail="\n".join([x for x in lines if not x.startswith(EXIT_NOTE)][-8:])))
     return found
 
 
