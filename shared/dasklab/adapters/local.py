@@ -92,8 +92,9 @@ def worker_problems(name: str, log: Path, memory_limit: int, dead: bool) -> list
     code = next((line.removeprefix(EXIT_NOTE) for line in reversed(lines) if line.startswith(EXIT_NOTE)), None)
     if dead and code != "0":
         why = " (SIGKILL: the kernel's OOM killer, or kill -9)" if code == "137" else ""
+        tail = "\n".join([line for line in lines if not line.startswith(EXIT_NOTE)][-8:])
         found.append(WorkerProblem("restarting", name, f"process exited with code {code or 'unknown'}{why}",
-                                   at=mtime, log_tail="\n".join([x for x in lines if not x.startswith(EXIT_NOTE)][-8:])))
+                                   at=mtime, log_tail=tail))
     return found
 
 
