@@ -75,7 +75,7 @@ def test_malformed_envelope_is_acknowledged(local_env, caplog):
 def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
     from functions import main
 
-    def busy(cmd, mid):
+    def busy(cmd, mid, published=None):
         raise ConflictError("someone else changed the lab")
 
     monkeypatch.setattr(entry.controller(), "handle", busy)

@@ -223,6 +223,27 @@ def test_gke_refusals_are_retried_not_failures(world, controller):
     assert [e["event"] for e in ctl.events.published] == ["lab-ready", "lab-deleted"]
 
 
+def test_a_start_lab_redelivered_after_its_stop_lab_creates_no_cluster(world, firestore_tombstones):
+    """The deployed function's tombstones (Firestore, here its emulator) outlive the lab's cluster."""
+    ctl = Controller(world.backend(), Events(), CONFIG, tombstones=firestore_tombstones)
+    t0 = time.time()
+    ctl.handle(start_msg(), "m1", published=t0)
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    for _ in range(20):  # the stop-lab, redelivered while GKE refuses the delete
+        try:
+            ctl.handle(cmd(type="stop-lab", lab="lab1"), "m2", published=t0 + 1)
+            break
+        except TransientError:
+            world.gke.advance_all()
+    drive(ctl, world, lambda: lab_of(ctl) is None)
+    assert world.gke.clusters == {}
+    ctl.handle(start_msg(), "m1", published=t0)  # Pub/Sub redelivers the start-lab
+    ctl.reconcile_all("reconcile")
+    assert world.gke.clusters == {} and lab_of(ctl) is None
+    ctl.handle(start_msg(), "m3", published=t0 + 2)  # a new start-lab creates it again
+    assert phase(ctl) == "provisioning"
+
+
 def test_failed_cluster_creation_and_failed_release(world, controller):
     ctl = controller
     ctl.handle(start_msg(lab="broken"), "m1")

@@ -100,6 +100,51 @@ def test_duplicates_and_interleaved_ticks_reach_the_same_end_state(seed):
     assert {e["event"] for e in events} == {"lab-ready", "lab-deleted"}
 
 
+# --- out-of-order delivery: the message published last decides (a stop-lab wins over an older start-lab) ---
+
+T0 = 1_800_000_000.0
+PUBLISHED = [  # (publish offset s, body): the order the sender published them
+    (1, {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 1, "max": 3}}),
+    (2, {"type": "start-lab", "lab": "b", "owner": "bob"}),
+    (3, {"type": "stop-lab", "lab": "a"}),
+    (4, {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 1, "max": 3}}),
+    (5, {"type": "stop-lab", "lab": "b"}),
+    (6, {"type": "start-lab", "lab": "c", "owner": "carol"}),
+    (7, {"type": "stop-lab", "lab": "c"}),
+    (8, {"type": "stop-lab", "lab": "d"}),  # a lab that never existed
+    (9, {"type": "start-lab", "lab": "e", "owner": "eve"}),
+]
+
+
+def deliver_out_of_order(seed, tombstones):
+    """Each message 1-3 times, in a random order, with reconcile passes in between; a delivery that fails
+    transiently is redelivered later (as Pub/Sub does), a permanent failure is acknowledged."""
+    rng = random.Random(seed)
+    clock = Clock(T0 + 100)
+    ctl = Controller(FakeBackend(), ListEvents(), CONFIG, clock=clock, sleep=lambda s: None, tombstones=tombstones)
+    queue = [(offset, body) for offset, body in PUBLISHED for _ in range(rng.randint(1, 3))]
+    rng.shuffle(queue)
+    while queue:
+        offset, body = queue.pop(0)
+        try:
+            ctl.handle(msg(**body), f"m{offset}", published=T0 + offset)
+        except TransientError:
+            queue.insert(rng.randint(0, len(queue)), (offset, body))
+        except PermanentError:
+            pass
+        for _ in range(rng.randint(0, 3)):
+            clock.t += 1
+            ctl.reconcile_all("reconcile")
+    settle(ctl, clock)
+    return {name: r.record["state"]["phase"] for name, r in ctl.backend.labs.items()}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_out_of_order_delivery_ends_as_the_last_published_message_says(seed, tmp_path):
+    from dasklab.adapters.local import FileTombstones
+    assert deliver_out_of_order(seed, FileTombstones(tmp_path)) == {"a": READY, "e": READY}
+
+
 class Faulty:
     """Wraps a backend; raises at one chosen call (before or after the call takes effect) and records calls."""
 

@@ -52,7 +52,8 @@ def validate(payload: dict, cfg) -> None:
     from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
-        build_spec(cmd, cfg)
+        for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+            print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
 
@@ -98,7 +99,7 @@ def fetch_status(cfg) -> list[dict]:
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
             "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
             "dask": backend.connection_info(lab).get("dask_version"),
-            "reason": lab.state.reason, "degraded": lab.state.degraded_reason or None})
+            "reason": lab.state.reason, "notes": list(lab.spec.notes), "degraded": lab.state.degraded_reason or None})
     return rows
 
 
@@ -146,6 +147,9 @@ def cmd_status(a, cfg) -> int:
                       r["dashboard"] or "-", r["dask"] or "-")
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table if rows else "no labs")
+    for r in rows:  # what the controller replaced in each lab's request
+        for note in r["notes"]:
+            print(f"{r['lab']}: note: {note}")
     for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
         if r["degraded"]:
             console.print(f"{r['lab']} degraded: {r['degraded']}", markup=False, highlight=False, soft_wrap=True)
@@ -217,6 +221,7 @@ def deploy_steps(a, cfg) -> list:
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
+        steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
     if a.cloud_build:
         return steps + [deploy.cloud_build_step(values)]
     return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
@@ -270,11 +275,13 @@ def cmd_connect(a, cfg) -> int:
         raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
     if a.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps({**info, "notes": list(lab.spec.notes)}, indent=1))
         return 0
     print(f"lab {lab.name} ({lab.state.phase}, owner {lab.spec.owner}, {cfg.backend} backend)")
     for key, value in info.items():
         print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+    for note in lab.spec.notes:
+        print(f"note: {note}")
     return 0
 
 

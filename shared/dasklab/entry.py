@@ -4,7 +4,7 @@ from functools import lru_cache
 
 from dasklab.core import logs
 from dasklab.core.errors import PermanentError
-from dasklab.core.messages import decode_pubsub, parse_command
+from dasklab.core.messages import decode_publish_time, decode_pubsub, parse_command
 
 
 @lru_cache(maxsize=1)
@@ -22,8 +22,9 @@ def handle_event(data, event_id: str = "") -> None:
     try:
         payload, _attributes, mid = decode_pubsub(data)
         mid = mid or event_id
+        published = decode_publish_time(data)  # a stop-lab wins over a start-lab published before it
         cmd = parse_command(payload)
-        controller().handle(cmd, mid)
+        controller().handle(cmd, mid, published=published)
     except PermanentError as e:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,
                   lab=_lab_of(locals().get("cmd")))

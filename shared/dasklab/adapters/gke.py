@@ -101,6 +101,7 @@ def encode_labels(lab: Lab) -> dict[str, str]:
     """Resource labels carrying the record without the chart values (those are in the description)."""
     record = lab.to_dict()
     record["spec"].pop("values")
+    record["spec"].pop("notes", None)  # with the values, in the description
     data = _pack(record)
     labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase}
     labels.update({f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))})
@@ -110,7 +111,8 @@ def encode_labels(lab: Lab) -> dict[str, str]:
 
 
 def encode_description(lab: Lab) -> str:
-    text = json.dumps({"values": lab.spec.values}, separators=(",", ":"), sort_keys=True)
+    text = json.dumps({"values": lab.spec.values, "notes": list(lab.spec.notes)}, separators=(",", ":"),
+                      sort_keys=True)
     description = DESCRIPTION_PREFIX + text
     if len(description) > DESCRIPTION_MAX:
         description = DESCRIPTION_PREFIX + "z:" + base64.b64encode(zlib.compress(text.encode(), 9)).decode()
@@ -130,7 +132,8 @@ def decode_cluster_record(labels: dict[str, str], description: str) -> dict:
         text = description.removeprefix(DESCRIPTION_PREFIX)
         if text.startswith("z:"):
             text = zlib.decompress(base64.b64decode(text[2:])).decode()
-        record["spec"]["values"] = json.loads(text)["values"]
+        held = json.loads(text)
+        record["spec"]["values"], record["spec"]["notes"] = held["values"], held.get("notes", [])
     except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as e:
         raise PermanentError(f"cluster labels or description hold no readable lab record: {e}") from e
     return record

@@ -16,6 +16,7 @@ from pathlib import Path
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.model import MANAGED_BY, Lab, WorkerProblem
 from dasklab.core.policy import Infra
+from dasklab.core.tombstones import TOMBSTONE_TTL_S
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
 from dasklab.adapters.procs import EXIT_NOTE, free_port, pid_alive, spawn, stop_pid_group
 
@@ -343,3 +344,36 @@ class FileEvents:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+class FileTombstones:
+    """The local lab's tombstones (core.tombstones.Tombstones): `<home>/tombstones/<lab>.json`, apart from the lab
+    records so they outlive them; written under a lock, keeping the latest stop-lab; expired ones are pruned."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "tombstones"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _read(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def fetch_stopped(self, lab: str, now: float) -> float | None:
+        record = self._read(self.root / f"{lab}.json")
+        return record["stopped_at"] if record and record["stopped_at"] + TOMBSTONE_TTL_S > now else None
+
+    def apply_stopped(self, lab: str, published: float, now: float) -> None:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for path in self.root.glob("*.json"):  # tombstones past the retry horizon
+                record = self._read(path)
+                if record and record["stopped_at"] + TOMBSTONE_TTL_S <= now:
+                    path.unlink(missing_ok=True)
+            path = self.root / f"{lab}.json"
+            record = self._read(path)
+            if record is None or record["stopped_at"] < published:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"lab": lab, "stopped_at": published}))
+                os.replace(tmp, path)

@@ -62,6 +62,7 @@ class LabSpec:
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
+    notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
     @property
     def workers_per_node(self) -> int:
@@ -95,6 +96,7 @@ class LabState:
     last_accounted: float = 0.0
     degraded: str = ""  # the causes last reported in a lab-degraded event ("" = healthy), e.g. "memory+pending"
     degraded_reason: str = ""  # that event's reason, for `dasklab status`
+    start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ class Lab:
 
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
-        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
+        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())),
+                    notes=tuple(data["spec"].get("notes", ())))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))

@@ -11,6 +11,8 @@ from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     build_spec, check_caps
+from dasklab.core.overrides import note_field
+from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_provision_step, plan_retirement, plan_scale, \
     plan_start, plan_teardown
@@ -26,38 +28,81 @@ class Controller:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     params: ScaleParams = field(init=False)
+    tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
 
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction)
 
     # --- commands ---
 
-    def handle(self, cmd: Command, message_id: str = "") -> None:
-        handler = {StartLab: self.start_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
+    def handle(self, cmd: Command, message_id: str = "", published: float | None = None) -> None:
+        """Handle one command; `published` is its Pub/Sub publishTime (epoch seconds; None: now)."""
+        if isinstance(cmd, (StartLab, StopLab)):
+            handler = self.start_lab if isinstance(cmd, StartLab) else self.stop_lab
+            return handler(cmd, message_id, published)
+        handler = {KeepAlive: self.keep_alive, Scale: self.scale,
                    Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
         handler(cmd, message_id)
 
-    def start_lab(self, cmd: StartLab, mid: str) -> None:
+    def _stopped(self, name: str, now: float) -> float | None:
+        return self.tombstones.fetch_stopped(name, now) if self.tombstones is not None else None
+
+    def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> None:
         spec = build_spec(cmd, self.config)
+        now = self.clock()
+        timed, published = published is not None, now if published is None else published
+        stopped = self._stopped(spec.name, now)
         existing = self.backend.fetch_lab(spec.name)
+        late, why = plan_superseded(published, stopped)
+        if late:  # a redelivered (or overtaken) start-lab: the lab's later stop-lab wins
+            logs.emit("INFO", lab=spec.name, action="start-lab", reason=why, message_id=mid)
+            if existing is not None and existing.state.phase != TEARING_DOWN and \
+                    existing.state.start_published < stopped:  # created by a start-lab that raced the stop-lab
+                self._begin_teardown(existing, why, mid)
+            return
         verdict, reason = plan_start(existing and existing.spec, spec)
         if verdict == "conflict":
             raise PermanentError(reason)
+        if verdict == "duplicate" and timed and published > existing.state.start_published:  # a newer start-lab
+            if existing.state.phase == TEARING_DOWN:  # once the old lab is gone
+                raise TransientError(f"lab {spec.name} is being torn down: this start-lab is retried until it is "
+                                     "gone")
+            # the lab stands for this start-lab now: a stop-lab published before it leaves the lab alone
+            self.backend.apply_record(existing.with_state(start_published=published))
         if verdict == "create":
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
-                                     target_workers=spec.initial_workers))
+                                     target_workers=spec.initial_workers, start_published=published))
             if not self.backend.apply_create(lab):
                 verdict, reason = "duplicate", "created concurrently by another invocation"
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
                               workers=[spec.min_workers, spec.initial_workers, spec.max_workers])
+                for note in spec.notes:  # each override of the request, said once, at create
+                    logs.emit("WARNING", lab=spec.name, action="override", field=note_field(note), reason=note,
+                              message_id=mid)
+                # a stop-lab that ran meanwhile wrote its tombstone before looking for the lab: it saw this lab
+                # or this read sees its tombstone
+                late, why = plan_superseded(published, self._stopped(spec.name, now))
+                if late and (created := self.backend.fetch_lab(spec.name)) is not None:
+                    self._begin_teardown(created, why, mid)
                 return
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
 
-    def stop_lab(self, cmd: StopLab, mid: str) -> None:
+    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> None:
+        if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
+            now = self.clock()
+            try:
+                self.tombstones.apply_stopped(cmd.lab, now if published is None else published, now)
+            except PermanentError as e:  # a store refusing for good (no database, no permission): still stop
+                logs.emit("ERROR", lab=cmd.lab, action="tombstone", reason=f"not kept: {e}", message_id=mid)
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
         if lab is not None:
+            outdated, why = plan_stop_outdated(self.clock() if published is None else published,
+                                               lab.state.start_published)
+            if outdated:
+                logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
+                return
             self._begin_teardown(lab, "stop-lab requested", mid)
 
     def keep_alive(self, cmd: KeepAlive, mid: str) -> None:
@@ -189,7 +234,7 @@ class Controller:
             changes["ready_at"] = now
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                                 "connection": self.backend.connection_info(lab)})
+                                 "connection": self.backend.connection_info(lab), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dasklab.adapters import procs
@@ -26,9 +27,9 @@ STATUS_PULL_SUBSCRIPTION = "dasklab-status-local"
 def push_envelope(payload: dict | bytes, message_id: str | None = None, attributes: dict | None = None) -> dict:
     """The body a Pub/Sub push subscription sends: what the functions-framework server accepts."""
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    published = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return {"message": {"data": base64.b64encode(data).decode(), "attributes": attributes or {},
-                        "messageId": message_id or uuid.uuid4().hex, "publishTime": time.strftime(
-                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                        "messageId": message_id or uuid.uuid4().hex, "publishTime": published},
             "subscription": f"projects/{LOCAL_PROJECT}/subscriptions/direct"}
 
 
