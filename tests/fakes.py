@@ -149,7 +149,10 @@ class FakeBackend:
             rec.cluster = "deleting"
 
     def apply_forget(self, lab):
-        self.labs.pop(lab.name, None)
+        rec = self.labs.get(lab.name)
+        if rec is not None and str(rec.version) != lab.version:
+            raise ConflictError(f"{lab.name}: stale version {lab.version}")
+        return self.labs.pop(lab.name, None) is not None
 
     def connection_info(self, lab):
         return {"dashboard": f"fake://{lab.name}"}

@@ -65,14 +65,17 @@ class Recorder:
     controller's own checks (defaults, caps) and records what passes."""
 
     def __init__(self):
-        self.handled = []
+        self.handled, self.refusals = [], []
 
-    def handle(self, cmd, mid, published=None):
+    def handle(self, cmd, mid, published=None, request_id=""):
         if isinstance(cmd, StartLab):
             build_spec(cmd, Config())
         elif isinstance(cmd, Scale):
             check_caps(cmd, Config())
         self.handled.append(cmd)
+
+    def publish_outcome(self, command, lab, mid, request_id, outcome, reason, **extra):
+        self.refusals.append({"outcome": outcome, "message_id": mid, "reason": reason, **extra})
 
 
 class Errors(logging.Handler):
@@ -98,6 +101,9 @@ def check_entry(body: bytes, attrs: dict) -> None:
     assert len(errors.lines) + len(recorder.handled) == 1  # exactly one outcome
     for err in errors.lines:
         assert err["field"] and err["reason"].startswith(err["field"]) and err["message_id"] == "f-1"
+    # a refusal also reaches the sender, once, with the field and the rule
+    assert [(r["outcome"], r["field"], r["reason"]) for r in recorder.refusals] == [
+        ("refused", err["field"], err["reason"]) for err in errors.lines]
 
 
 @SMALL

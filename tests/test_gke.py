@@ -220,7 +220,10 @@ def test_gke_refusals_are_retried_not_failures(world, controller):
     ctl.handle(cmd(type="stop-lab", lab="lab1"), "m3")
     other.reconcile_all("reconcile")
     drive(ctl, world, lambda: lab_of(ctl) is None)
-    assert [e["event"] for e in ctl.events.published] == ["lab-ready", "lab-deleted"]
+    lifecycle = [e["event"] for e in ctl.events.published if e["event"] != "command-outcome"]
+    assert lifecycle == ["lab-ready", "lab-deleted"]
+    assert [(e["message_id"], e["outcome"]) for e in ctl.events.published if e["event"] == "command-outcome"] == [
+        ("m1", "accepted"), ("m3", "accepted")]  # m2 raised (transient): redelivered, it answers then
 
 
 def test_a_start_lab_redelivered_after_its_stop_lab_creates_no_cluster(world, firestore_tombstones):

@@ -128,6 +128,19 @@ def test_decode_pubsub():
         assert e.value.field == field
 
 
+@pytest.mark.parametrize("text, seconds", [("60", 60), (" 90 ", 90), ("90s", 90), ("30m", 1800), (60, 60)])
+def test_durations_accept_plain_seconds_as_text(text, seconds):
+    """What a command line sends: `--idle-timeout 60`, `keep-alive --for 90` arrive as text."""
+    assert parse_command(json.dumps(start(idle_timeout=text))).idle_timeout == seconds
+    assert parse_command(json.dumps({"type": "keep-alive", "lab": "a", "for": text})).deadline(0) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "60 s", "5w"])
+def test_durations_still_refuse_what_is_not_seconds(text):
+    e = refused(start(idle_timeout=text))
+    assert e.field == "idle_timeout", e
+
+
 def test_a_few_hundred_bytes_of_aliases_never_become_a_huge_lab():
     """The issue's case: each level repeats the one before nine times (9**8 leaves once expanded)."""
     lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]

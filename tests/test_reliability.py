@@ -97,7 +97,11 @@ def test_duplicates_and_interleaved_ticks_reach_the_same_end_state(seed):
     state, events = run(lambda rng, i: rng.randint(1, 5), seed)
     assert state == reference
     assert reference["a"][0] == READY and reference["a"][4] == 3 and "b" not in reference and "c" not in reference
-    assert {e["event"] for e in events} == {"lab-ready", "lab-deleted"}
+    assert {e["event"] for e in events} == {"lab-ready", "lab-deleted", "command-outcome"}
+    # every delivery of a command told its sender something (ticks do not); a duplicate is "nothing to do"
+    outcomes = [e for e in events if e["event"] == "command-outcome"]
+    assert {e["outcome"] for e in outcomes} <= {"accepted", "done", "nothing-to-do"}
+    assert len([e for e in outcomes if e["command"] == "start-lab" and e["outcome"] == "accepted"]) == 3
 
 
 # --- out-of-order delivery: the message published last decides (a stop-lab wins over an older start-lab) ---
@@ -219,7 +223,7 @@ def story(backend) -> list[dict]:
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
-    assert expected == [5, 0, False, ["lab-degraded", "lab-deleted", "lab-ready", "lab-recovered"]]
+    assert expected == [5, 0, False, ["command-outcome", "lab-degraded", "lab-deleted", "lab-ready", "lab-recovered"]]
     points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
                                                for k, n in enumerate(clean.calls)]})
     # every port method the core can call is exercised by the story (a new external call must be covered)

@@ -16,6 +16,9 @@ from dasklab.core import config as config_mod
 from dasklab.core.errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
 
+DEFAULT_WAIT_S = 10.0  # how long a command waits for its outcome by default (a cold function can take seconds)
+
+
 def _owner() -> str:
     return re.sub(r"[^a-z0-9_-]", "-", getpass.getuser().lower())[:63] or "nobody"
 
@@ -58,19 +61,61 @@ def validate(payload: dict, cfg) -> None:
         check_caps(cmd, cfg)
 
 
+def _replies(cfg, request_id: str, wait: float):
+    """Where this command's outcome will appear: the status topic (Google Cloud or the emulator) or the local
+    status file; listening starts before the command is published, so nothing is missed."""
+    from dasklab import replies
+    if wait <= 0:
+        return replies.NoReplies()
+    if cfg.backend == "gke":
+        return replies.PubSubReplies(cfg.project, cfg.status_topic, request_id)
+    from dasklab.local.serve import serve_info
+    info = serve_info(cfg.home)
+    if info["emulator_host"]:
+        os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
+        return replies.PubSubReplies(info["project"], info.get("status_topic", cfg.status_topic), request_id)
+    return replies.FileReplies(Path(cfg.home) / "status.jsonl", request_id)
+
+
+def print_outcome(outcome: dict | None, mid: str, wait: float) -> int:
+    """The controller's answer, as the command's exit code: 2 if it refused the command."""
+    if outcome is None:
+        print(f"dasklab: no outcome from the controller within {wait:g}s (message {mid}); it may still come: see "
+              f"`dasklab status`, or wait longer with --wait SECONDS", file=sys.stderr)
+        return 0
+    if outcome["outcome"] == "refused":
+        print(f"dasklab: refused by the controller (message {mid}): {outcome['reason']}", file=sys.stderr)
+        return 2
+    print(f"{outcome['outcome'].replace('-', ' ')}: {outcome['reason']}")
+    return 0
+
+
 def cmd_publish(a, cfg) -> int:
+    from dasklab.core.messages import REQUEST_ID
+    from dasklab.replies import new_request_id
     payload = _messages(a)
     validate(payload, cfg)
-    if cfg.backend == "gke":
-        from dasklab.adapters import pubsub
-        mid = pubsub.publish(cfg.project, cfg.control_topic, payload)
-        where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
-    else:
-        from dasklab.local.serve import publish_local, serve_info
-        mid = publish_local(cfg.home, payload)
-        where = f"the local controller ({serve_info(cfg.home)['bus']})"
-    print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})")
-    return 0
+    wait = 0.0 if a.no_wait else a.wait
+    request_id = new_request_id()
+    with _replies(cfg, request_id, wait) as replies:
+        if cfg.backend == "gke":
+            from dasklab.adapters import pubsub
+            mid = pubsub.publish(cfg.project, cfg.control_topic, payload, **{REQUEST_ID: request_id})
+            where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
+        else:
+            from dasklab.local.serve import publish_local, serve_info
+            mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id}, background=False)
+            where = f"the local controller ({serve_info(cfg.home)['bus']})"
+        print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})",
+              flush=True)
+        if wait <= 0:
+            return 0
+        try:
+            outcome = replies.wait(mid, wait)
+        except KeyboardInterrupt:
+            print("dasklab: stopped waiting for the outcome", file=sys.stderr)
+            return 130
+    return print_outcome(outcome, mid, wait)
 
 
 def _ago(now: float, then: float | None) -> str:
@@ -80,26 +125,76 @@ def _ago(now: float, then: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _span(seconds: float | None) -> str:
+    """A duration for people: 45s, 12m05s, 3h07m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def timer_jobs(cfg) -> list:
+    """The timers that tick the labs: infra/dasklab.yaml's jobs, the nightly one at its configured time on GKE
+    (`infra apply` sets it; the local timer fires the file's schedule as it is)."""
+    from dasklab.local.timers import load_infra
+    jobs = load_infra()["jobs"]
+    if cfg.backend != "gke":
+        return jobs
+    from dasklab.cloud.infra import NIGHTLY_TYPE, nightly_schedule
+    return [replace(j, schedule=nightly_schedule(cfg.nightly_at), time_zone=cfg.nightly_time_zone)
+            if j.message["type"] == NIGHTLY_TYPE else j for j in jobs]
+
+
 def fetch_status(cfg) -> list[dict]:
-    """One row per lab: what `dasklab status` shows."""
+    """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
+    keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
+    from dasklab.core.model import TEARING_DOWN, estimate_cost, node_seconds_at
+    from dasklab.core.policy import plan_next_teardown
+    from dasklab.local.timers import upcoming_ticks
     from dasklab.runtime import build_backend
     backend, now, rows = build_backend(cfg), time.time(), []
-    for lab in backend.fetch_labs():
+    labs = backend.fetch_labs()
+    horizon = max((lab.state.created_at + lab.spec.max_lifetime_s for lab in labs), default=now)
+    ticks = upcoming_ticks(timer_jobs(cfg), now, horizon + 60) if labs else []  # the lifetime cap's tick included
+    for lab in labs:
+        spec, state = lab.spec, lab.state
         load = None
-        if lab.state.phase == "ready":
+        if state.phase == "ready":
             try:
                 load = backend.dashboard(lab).fetch_load()
             except (SchedulerUnreachable, TransientError):
                 pass
+        if state.phase == TEARING_DOWN:
+            teardown = {"at": _iso(now), "in_s": 0, "tick": None, "reason": f"being torn down: {state.reason}"}
+        else:
+            found = plan_next_teardown(spec, state, load, ticks)
+            teardown = found and {"at": _iso(found[0]), "in_s": round(found[0] - now), "tick": found[1],
+                                  "reason": found[2]}
+        lifetime, info = now - state.created_at, backend.connection_info(lab)
         rows.append({
-            "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase,
-            "workers": {"current": load.workers if load else None, "target": lab.state.target_workers,
-                        "min": lab.spec.min_workers, "max": lab.spec.max_workers},
+            "lab": lab.name, "owner": spec.owner, "phase": state.phase,
+            "workers": {"current": load.workers if load else None, "target": state.target_workers,
+                        "min": spec.min_workers, "max": spec.max_workers},
+            "pinned": spec.pinned_workers,
             "processing": load.processing if load else None, "queued": load.queued if load else None,
+            "clients": load.clients if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
-            "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "dask": backend.connection_info(lab).get("dask_version"),
-            "reason": lab.state.reason, "notes": list(lab.spec.notes), "degraded": lab.state.degraded_reason or None})
+            "idle_timeout_s": spec.idle_timeout_s, "keep_alive_until": _iso(spec.keep_alive_until),
+            "keep_alive_s": round(spec.keep_alive_until - now) if (spec.keep_alive_until or 0) > now else None,
+            "next_teardown": teardown,
+            "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
+            "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
+            "dask": info.get("dask_version"), "notes": list(spec.notes),
+            "dashboard": info.get("dashboard"), "reason": state.reason,
+            "degraded": state.degraded_reason or None})
     return rows
 
 
@@ -135,37 +230,53 @@ def cmd_status(a, cfg) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
-    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "processing", "queued", "idle for", "age",
-                "dashboard", "dask"):
+    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
+                "kept alive", "next teardown", "age", "dashboard", "dask"):
         table.add_column(col)
+    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     for r in rows:
-        w = r["workers"]
-        table.add_row(r["lab"], r["owner"], r["phase"],
-                      f"{'-' if w['current'] is None else w['current']}/{w['target']}/{w['min']}/{w['max']}",
-                      str(r["processing"] if r["processing"] is not None else "-"),
-                      str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
+        w, t, kept = r["workers"], r["next_teardown"], r["keep_alive_s"]
+        table.add_row(r["lab"], r["owner"], r["phase"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
+                      dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
+                      f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
                       r["dashboard"] or "-", r["dask"] or "-")
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table if rows else "no labs")
-    for r in rows:  # what the controller replaced in each lab's request
+    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    for r in rows:  # the rest of what the controller decides from, and why the next teardown comes (unwrapped)
+        t, cost = r["next_teardown"], r["estimated_cost_usd"]
+        kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
+        print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
+              f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated)")
+        if t:
+            by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
+            print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
         for note in r["notes"]:
             print(f"{r['lab']}: note: {note}")
     for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
         if r["degraded"]:
-            console.print(f"{r['lab']} degraded: {r['degraded']}", markup=False, highlight=False, soft_wrap=True)
+            print(f"{r['lab']} degraded: {r['degraded']}")
     return 0
 
 
 def cmd_serve(a, cfg) -> int:
-    from dasklab.local.serve import LocalController
+    import threading
+
+    from dasklab.local.serve import LocalController, describe, follow_log
+    stop = threading.Event()
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
+        print(f"the controller's full JSON log: {ctl.functions_log}")
+        if not a.quiet:
+            print("its decisions, as they happen (--quiet hides them):", flush=True)
+            show = lambda entry: (line := describe(entry)) and print(line, flush=True)  # noqa: E731
+            threading.Thread(target=follow_log, args=(ctl.functions_log, stop, show), daemon=True).start()
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("stopping")
+        finally:
+            stop.set()
     return 0
 
 
@@ -292,39 +403,44 @@ def parser() -> argparse.ArgumentParser:
     gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
     gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
                                       "else $DASKLAB_LOCATION, else us-central1)")
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                      help=f"wait this long for the controller's outcome (default {DEFAULT_WAIT_S:g})")
+    wait.add_argument("--no-wait", action="store_true", help="publish and return at once")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start-lab", parents=[gcp], help="provision a lab")
+    s = sub.add_parser("start-lab", parents=[gcp, wait], help="provision a lab")
     s.add_argument("--lab", required=True)
     s.add_argument("--owner")
     s.add_argument("--workers", type=int, help="initial workers")
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--machine-type")
-    s.add_argument("--idle-timeout", help="e.g. 30m")
-    s.add_argument("--max-lifetime", help="e.g. 8h")
+    s.add_argument("--idle-timeout", help="seconds, or e.g. 30m")
+    s.add_argument("--max-lifetime", help="seconds, or e.g. 8h")
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
-    s = sub.add_parser("stop-lab", parents=[gcp], help="tear a lab down")
+    s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("keep-alive", parents=[gcp], help="keep a lab from idle and nightly teardown")
+    s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab from idle and nightly teardown")
     s.add_argument("--lab", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--until", help="an ISO time with zone, e.g. 2026-11-27T02:00:00Z")
-    g.add_argument("--for", dest="for_", help="a duration, e.g. 4h")
-    s = sub.add_parser("scale", parents=[gcp], help="change a lab's min/max or pin its worker count")
+    g.add_argument("--for", dest="for_", help="seconds, or a duration like 4h")
+    s = sub.add_parser("scale", parents=[gcp, wait], help="change a lab's min/max or pin its worker count")
     s.add_argument("--lab", required=True)
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--pin", type=int)
     s.add_argument("--unpin", action="store_true")
-    s = sub.add_parser("publish", parents=[gcp], help="publish a raw JSON message (validated first)")
+    s = sub.add_parser("publish", parents=[gcp, wait], help="publish a raw JSON message (validated first)")
     s.add_argument("file", help="a JSON file, or - for stdin")
     s = sub.add_parser("status", parents=[gcp], help="show every lab")
     s.add_argument("--json", action="store_true")
     local = sub.add_parser("local", help="the local controller").add_subparsers(dest="local_cmd", required=True)
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
+    s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
     s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
     s.add_argument("lab")
     s.add_argument("--json", action="store_true")

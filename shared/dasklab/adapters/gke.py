@@ -359,8 +359,10 @@ class GkeBackend:
         cluster = self._get(place)
         return replace(lab, version=f"gke:{cluster.label_fingerprint if cluster else ''}")
 
-    def apply_forget(self, lab: Lab) -> None:
-        """Nothing: the record went with the cluster."""
+    def apply_forget(self, lab: Lab) -> bool:
+        """Nothing to drop: the record went with the cluster (so this cannot tell whether another invocation
+        saw it go first)."""
+        return True
 
     # --- provisioning ---
 

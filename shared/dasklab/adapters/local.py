@@ -177,11 +177,16 @@ class LocalBackend:
             self._write(record)
         return self._lab(record)
 
-    def apply_forget(self, lab: Lab) -> None:
+    def apply_forget(self, lab: Lab) -> bool:
         with self._locked(lab.name):
-            self._path(lab.name).unlink(missing_ok=True)
+            record = self._read(lab.name)
+            if record is not None and str(record["version"]) != lab.version:
+                raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+            if record is not None:
+                self._path(lab.name).unlink()
             shutil.rmtree(self.root / lab.name, ignore_errors=True)
         (self.root / f".{lab.name}.lock").unlink(missing_ok=True)
+        return record is not None
 
     # --- processes ---
 
@@ -326,7 +331,9 @@ class LocalBackend:
         labs = self.fetch_labs()
         for lab in labs:
             self.apply_delete(lab)
-            self.apply_forget(lab)
+            current = self.fetch_lab(lab.name)  # read again: the record may have moved on meanwhile
+            if current is not None:
+                self.apply_forget(current)
         return len(labs)
 
 

@@ -52,8 +52,9 @@ class Backend(Protocol):
     def apply_delete(self, lab: Lab) -> None:
         """Delete the lab's infrastructure (idempotent; TransientError while that cannot happen yet)."""
 
-    def apply_forget(self, lab: Lab) -> None:
-        """Drop what is left of the lab's record once its infrastructure is gone."""
+    def apply_forget(self, lab: Lab) -> bool:
+        """Drop what is left of the lab's record once its infrastructure is gone; False if another invocation
+        already did (so the decision is logged once), ConflictError if the record changed since it was read."""
 
     def connection_info(self, lab: Lab) -> dict:
         """How a person reaches the lab's Jupyter and dashboard (never a secret)."""

@@ -22,7 +22,7 @@ MAX_VALUES_DEPTH = 16
 DEFAULT_MAX_WORKERS = 4  # workers.max when neither it nor values.worker.replicas is given
 LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 chars
 LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")  # no unit: seconds ("60" from a command line)
 _UNSAFE_PIP = re.compile(r"[;&|`$<>\\\n\r]")
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
@@ -47,14 +47,14 @@ _PATTERN_WORDS = {
 
 
 def _seconds(value) -> int:
-    """A duration as seconds: an integer, or '90s', '30m', '8h', '1d'."""
+    """A duration as seconds: an integer, plain seconds as text ('60'), or '90s', '30m', '8h', '1d'."""
     if isinstance(value, int):
         seconds = value
     else:
         m = _DURATION.match(value.strip())
         if not m:
             raise ValueError(f"{value!r} is not a duration like 90s, 30m, 8h, 1d or a number of seconds")
-        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        seconds = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     if seconds <= 0:
         raise ValueError("must be positive")
     return seconds
@@ -401,6 +401,18 @@ def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:
     if not isinstance(attributes, dict):
         raise ValidationError("message.attributes", "must be a mapping")
     return payload, attributes, str(message.get("messageId") or message.get("message_id") or "")
+
+
+REQUEST_ID = "request_id"  # the message attribute a sender sets to find its command's outcome on the status topic
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_request_id(attributes: dict) -> str:
+    """The sender's request id from the message attributes ('' when none), echoed on the command's outcome."""
+    value = attributes.get(REQUEST_ID, "")
+    if value and not (isinstance(value, str) and _REQUEST_ID.fullmatch(value)):
+        raise ValidationError(f"message.attributes.{REQUEST_ID}", "must be 1-64 letters, digits, '-' or '_'")
+    return value
 
 
 _RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")

@@ -177,6 +177,12 @@ E2_PER_VCPU_HOUR = 0.0335  # e2-standard-4 ≈ $0.134/h
 SPOT_DISCOUNT = 0.7
 
 
+def node_seconds_at(lab: Lab, now: float) -> float:
+    """Node-time used up to `now`: what is recorded, plus the recorded target's nodes since the last decision."""
+    nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
+    return lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted)
+
+
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:
     """Estimated USD for a lab: the cluster fee for its lifetime plus its worker nodes."""
     cpu, _ = MACHINE_TYPES[spec.machine_type]

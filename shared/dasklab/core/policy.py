@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from dasklab.core.model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
                     WorkerInfo, WorkerProblem)
@@ -198,6 +199,17 @@ def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | No
     if idle < spec.idle_timeout_s:
         return TeardownDecision(False, f"idle for {idle:.0f}s < idle timeout {spec.idle_timeout_s}s")
     return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s, no client")
+
+
+def plan_next_teardown(spec: LabSpec, state: LabState, load: DaskLoad | None,
+                       ticks: Iterable[tuple[float, str]]) -> tuple[float, str, str] | None:
+    """The first of the coming timer ticks ((time, tick), in time order) whose plan_teardown deletes the lab if it
+    stays as observed now, load included: (time, tick, reason); None if none of them does."""
+    for at, tick in ticks:
+        verdict = plan_teardown(tick, spec, state, load, at)
+        if verdict.delete:
+            return at, tick, verdict.reason
+    return None
 
 
 def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Callable
 
 from dasklab.core import logs
@@ -13,11 +14,14 @@ from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile
     build_spec, check_caps
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
-from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
+from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
+    node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_provision_step, plan_retirement, plan_scale, \
     plan_start, plan_teardown
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
+# What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
+ACCEPTED, DONE, REFUSED, NOTHING_TO_DO = "accepted", "done", "refused", "nothing-to-do"
 
 
 @dataclass
@@ -35,19 +39,32 @@ class Controller:
 
     # --- commands ---
 
-    def handle(self, cmd: Command, message_id: str = "", published: float | None = None) -> None:
-        """Handle one command; `published` is its Pub/Sub publishTime (epoch seconds; None: now)."""
+    def handle(self, cmd: Command, message_id: str = "", published: float | None = None,
+               request_id: str = "") -> None:
+        """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
+        handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
+        refusal is raised (PermanentError) and published by the entry point."""
         if isinstance(cmd, (StartLab, StopLab)):
             handler = self.start_lab if isinstance(cmd, StartLab) else self.stop_lab
-            return handler(cmd, message_id, published)
-        handler = {KeepAlive: self.keep_alive, Scale: self.scale,
-                   Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
-        handler(cmd, message_id)
+            outcome = handler(cmd, message_id, published)
+        else:
+            handler = {KeepAlive: self.keep_alive, Scale: self.scale,
+                       Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
+            outcome = handler(cmd, message_id)
+        if outcome is not None:  # ticks have no sender waiting
+            self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome)
+
+    def publish_outcome(self, command: str | None, lab: str | None, message_id: str, request_id: str, outcome: str,
+                        reason: str, **extra) -> None:
+        """The `command-outcome` status event: what became of the command with this message id, and why."""
+        event = {"event": "command-outcome", "command": command, "lab": lab, "outcome": outcome, "reason": reason,
+                 "message_id": message_id, "request_id": request_id or None, "time": self.clock(), **extra}
+        self.events.publish({k: v for k, v in event.items() if v is not None})
 
     def _stopped(self, name: str, now: float) -> float | None:
         return self.tombstones.fetch_stopped(name, now) if self.tombstones is not None else None
 
-    def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> None:
+    def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> tuple[str, str]:
         spec = build_spec(cmd, self.config)
         now = self.clock()
         timed, published = published is not None, now if published is None else published
@@ -59,7 +76,7 @@ class Controller:
             if existing is not None and existing.state.phase != TEARING_DOWN and \
                     existing.state.start_published < stopped:  # created by a start-lab that raced the stop-lab
                 self._begin_teardown(existing, why, mid)
-            return
+            return NOTHING_TO_DO, why
         verdict, reason = plan_start(existing and existing.spec, spec)
         if verdict == "conflict":
             raise PermanentError(reason)
@@ -86,10 +103,14 @@ class Controller:
                 late, why = plan_superseded(published, self._stopped(spec.name, now))
                 if late and (created := self.backend.fetch_lab(spec.name)) is not None:
                     self._begin_teardown(created, why, mid)
-                return
+                    return NOTHING_TO_DO, why
+                notes = "".join(f"; note: {note}" for note in spec.notes)
+                return ACCEPTED, f"{reason}: provisioning {spec.initial_workers} worker(s), min {spec.min_workers}, " \
+                                 f"max {spec.max_workers}; lab-ready follows{notes}"
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
+        return NOTHING_TO_DO, reason
 
-    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> None:
+    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> tuple[str, str]:
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
             now = self.clock()
             try:
@@ -97,34 +118,42 @@ class Controller:
             except PermanentError as e:  # a store refusing for good (no database, no permission): still stop
                 logs.emit("ERROR", lab=cmd.lab, action="tombstone", reason=f"not kept: {e}", message_id=mid)
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
-        if lab is not None:
-            outdated, why = plan_stop_outdated(self.clock() if published is None else published,
-                                               lab.state.start_published)
-            if outdated:
-                logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
-                return
-            self._begin_teardown(lab, "stop-lab requested", mid)
+        if lab is None:
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
+        outdated, why = plan_stop_outdated(self.clock() if published is None else published,
+                                           lab.state.start_published)
+        if outdated:
+            logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
+            return NOTHING_TO_DO, why
+        already = lab.state.phase == TEARING_DOWN
+        self._begin_teardown(lab, "stop-lab requested", mid)  # already tearing down: the next step, as a tick would
+        if already:
+            return NOTHING_TO_DO, "already being torn down"
+        return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
 
-    def keep_alive(self, cmd: KeepAlive, mid: str) -> None:
+    def keep_alive(self, cmd: KeepAlive, mid: str) -> tuple[str, str]:
         now = self.clock()
         until = cmd.deadline(now)
         if until <= now:
             raise ValidationError("until", "must be in the future")
         lab = self._lab_or_none(cmd.lab, "keep-alive", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         if lab.spec.keep_alive_until is not None and lab.spec.keep_alive_until >= until:
             logs.emit("INFO", lab=lab.name, action="keep-alive", reason="already kept alive that long",
                       message_id=mid)
-            return
+            return NOTHING_TO_DO, f"already kept alive until {_iso(lab.spec.keep_alive_until)}"
         self.backend.apply_record(lab.with_spec(keep_alive_until=until))
         logs.decision(lab.name, "keep-alive", lab.spec.keep_alive_until, until, "keep-alive requested", mid)
+        cap = lab.state.created_at + lab.spec.max_lifetime_s
+        capped = f"; its maximum lifetime still ends it at {_iso(cap)}" if cap < until else ""
+        return DONE, f"kept alive until {_iso(until)}{capped}"
 
-    def scale(self, cmd: Scale, mid: str) -> None:
+    def scale(self, cmd: Scale, mid: str) -> tuple[str, str]:
         check_caps(cmd, self.config)
         lab = self._lab_or_none(cmd.lab, "scale", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         spec = lab.spec
         new = replace(spec, min_workers=spec.min_workers if cmd.min is None else cmd.min,
                       max_workers=spec.max_workers if cmd.max is None else cmd.max,
@@ -139,12 +168,14 @@ class Controller:
                                          f"above the controller cap max_nodes={self.config.max_nodes}")
         if new == spec:
             logs.emit("INFO", lab=lab.name, action="scale", reason="limits unchanged", message_id=mid)
-            return
+            return NOTHING_TO_DO, "limits unchanged"
         lab = self.backend.apply_record(replace(lab, spec=new))
         logs.decision(lab.name, "limits", [spec.min_workers, spec.max_workers, spec.pinned_workers],
                       [new.min_workers, new.max_workers, new.pinned_workers], "scale requested", mid)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
+        pin = "" if new.pinned_workers is None else f", pinned at {new.pinned_workers}"
+        return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow"
 
     # --- ticks ---
 
@@ -223,8 +254,8 @@ class Controller:
             self._publish_deleted(lab, now)  # events are at least once: published before the act they report
             self.backend.apply_delete(lab)
         elif step.action == "forget":
-            self.backend.apply_forget(lab)
-            logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
+            if self.backend.apply_forget(lab):  # False: another invocation forgot it (and said so) first
+                logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
             return
         if step.phase == lab.state.phase:
             return
@@ -316,9 +347,7 @@ class Controller:
 
     def _accounted(self, lab: Lab, now: float) -> Lab:
         """Add the node time since the last recorded decision (nodes follow the recorded target)."""
-        nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
-        return lab.with_state(node_seconds=lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted),
-                              last_accounted=now)
+        return lab.with_state(node_seconds=node_seconds_at(lab, now), last_accounted=now)
 
     def _publish_deleted(self, lab: Lab, now: float) -> None:
         lab = self._accounted(lab, now)
@@ -329,3 +358,6 @@ class Controller:
             "node_hours": round(lab.state.node_seconds / 3600, 4),
             "estimated_cost_usd": estimate_cost(lab.spec, lifetime, lab.state.node_seconds)})
 
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -13,7 +13,7 @@ from rich.console import Console
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
 from dasklab.core.model import READY
-from dasklab.local.serve import LocalController
+from dasklab.local.serve import LocalController, follow_log
 
 LAB = "demo"
 TASKS, TASK_SECONDS = 120, 0.5
@@ -48,22 +48,9 @@ class Timeline:
 
     def follow(self, log: Path, stop: threading.Event) -> None:
         """Tail the controller's log and show its decisions."""
-        offset = 0
-        while not stop.is_set():
-            if log.exists():
-                with open(log) as f:
-                    f.seek(offset)
-                    for line in f:
-                        if line.startswith("{"):
-                            self._decision(line)
-                    offset = f.tell()
-            stop.wait(0.2)
+        follow_log(log, stop, self._decision)
 
-    def _decision(self, line: str) -> None:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            return
+    def _decision(self, entry: dict) -> None:
         if entry.get("action") in SHOWN:
             change = f" {entry['from']} → {entry['to']}" if "from" in entry and "to" in entry else ""
             self.say("controller", f"{entry['action']}{change}", reason=entry.get("reason"))
