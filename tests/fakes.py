@@ -29,6 +29,7 @@ class FakeLab:
     polls: int = 0
     workers: list = field(default_factory=list)
     next_worker: int = 0
+    revision: int = 1  # the revision its (fake) release runs
     load: FakeLoad = field(default_factory=FakeLoad)
     problems: list = field(default_factory=list)  # WorkerProblems fetch_worker_health reports
 
@@ -140,6 +141,14 @@ class FakeBackend:
 
     def apply_settle(self, lab):
         pass
+
+    def apply_environment(self, spec):
+        pass
+
+    def apply_update(self, lab):
+        rec = self._get(lab)  # replaced at once: the in-memory lab has no environment to change
+        done, rec.revision = rec.revision == lab.spec.revision, lab.spec.revision
+        return done
 
     def apply_delete(self, lab):
         rec = self._get(lab)

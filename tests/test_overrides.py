@@ -36,7 +36,10 @@ def spec_of(config=GKE, **kw):
 
 @pytest.mark.parametrize("i, workers, nodes", [(1, 4, 2), (2, 4, 2), (3, 15, 5)])
 def test_each_seed_config_yaml_sent_verbatim_gives_the_lab_it_describes(i, workers, nodes):
-    spec = spec_of(values=seed(i))  # the file's text is the only content besides the lab's name and owner
+    if i == 3:  # jupyter has matplotlib, the workers not: one environment per lab (#13), unless said
+        with pytest.raises(ValidationError, match="matplotlib is in jupyter but not in scheduler or worker"):
+            spec_of(values=seed(i))
+    spec = spec_of(values=seed(i), **({"mixed_environment": True} if i == 3 else {}))
     assert (spec.initial_workers, spec.max_workers) == (workers, workers)
     assert spec.values == yaml.safe_load(seed(i))
     # seed 3: 15 workers of 1 CPU / 3 GB (its limits) on e2-standard-4: 3 a node → 5 nodes, under max_nodes=8
@@ -54,16 +57,18 @@ def test_each_seed_config_yaml_sent_verbatim_gives_the_lab_it_describes(i, worke
 def test_more_workers_than_the_caps_allow_are_refused_and_the_user_lowers_them():
     big = seed(3).replace("replicas: 15", "replicas: 17")
     with pytest.raises(ValidationError) as e:
-        spec_of(values=big)
+        spec_of(values=big, mixed_environment=True)
     assert (e.value.field, e.value.rule) == ("values.worker.replicas",
                                              "17 is above the controller cap max_workers=16")
     # on smaller machines the node cap refuses first: e2-standard-2 holds one such worker a node
     with pytest.raises(ValidationError) as e:
-        spec_of(values=seed(3), machine_type="e2-standard-2")
+        spec_of(values=seed(3), machine_type="e2-standard-2", mixed_environment=True)
     assert e.value.field == "values.worker.replicas" and "above the controller cap max_nodes=8" in e.value.rule
     # what the user does instead: fewer workers, or the bigger machine type
-    assert spec_of(values=seed(3).replace("replicas: 15", "replicas: 8"), machine_type="e2-standard-2").max_workers == 8
-    assert spec_of(values=seed(3), machine_type="e2-standard-8").nodes_for(15) == 3
+    mixed = {"mixed_environment": True}  # seed 3's jupyter has matplotlib, its workers not
+    assert spec_of(values=seed(3).replace("replicas: 15", "replicas: 8"), machine_type="e2-standard-2",
+                   **mixed).max_workers == 8
+    assert spec_of(values=seed(3), machine_type="e2-standard-8", **mixed).nodes_for(15) == 3
 
 
 @pytest.mark.parametrize("workers, replicas, expected", [
@@ -123,7 +128,7 @@ def changed(user, final, path="values"):
 @pytest.mark.parametrize("values", [HOSTILE, *(yaml.safe_load(seed(i)) for i in (1, 2, 3))],
                          ids=["hostile", "seed-1", "seed-2", "seed-3"])
 def test_every_value_the_release_builder_changes_is_named_by_a_note(values):
-    spec = spec_of(values=values, worker_resources={"cpu": 1, "memory": "3G"})
+    spec = spec_of(values=values, worker_resources={"cpu": 1, "memory": "3G"}, mixed_environment=True)
     final = build_helm_values(spec, system_pool="system", worker_pool="workers")
     fields = [note_field(n) for n in spec.notes]
     missing = [p for p in changed(values, final) if not any(p == f or p.startswith(f + ".") for f in fields)]
@@ -134,7 +139,7 @@ def test_every_value_the_release_builder_changes_is_named_by_a_note(values):
 def test_the_local_backend_says_what_it_does_not_run():
     spec = spec_of(LOCAL, values=seed(2))
     fields = [note_field(n) for n in spec.notes]
-    assert "values.jupyter" in fields and "values.worker.env" in fields
+    assert "values.jupyter" in fields and "values.worker.env" not in fields  # its packages go into the lab's venv
     assert any("not used (the local lab listens on 127.0.0.1)" in n for n in spec.notes)
 
 

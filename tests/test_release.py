@@ -157,7 +157,8 @@ def test_cluster_record_round_trips_through_labels_and_description():
 def test_cluster_record_keeps_the_override_notes():
     seed = (Path(__file__).resolve().parents[1] / "examples" / "seed-3.yaml").read_text()
     spec = build_spec(parse_command(json.dumps({"type": "start-lab", "lab": "intro", "owner": "alice",
-                                                "values": seed})), Config(backend="gke", project="p"))
+                                                "values": seed, "mixed_environment": True})),
+                      Config(backend="gke", project="p"))  # its jupyter has matplotlib, its workers not
     lab = Lab(spec, LabState(phase="provisioning", created_at=1.5, target_workers=15))
     labels, description = encode_labels(lab), encode_description(lab)
     assert len(spec.notes) >= 4 and len(labels) <= 64 and len(description) <= 2048

@@ -199,6 +199,9 @@ def story(backend) -> list[dict]:
     invoke(lambda: ctl.handle(msg(type="start-lab", lab="s", owner="o", workers={"initial": 1, "max": 5},
                                   idle_timeout=60), "m1"))
     passes_until(lambda: "s" in fake.labs and fake.labs["s"].record["state"]["phase"] == READY)
+    invoke(lambda: ctl.handle(msg(type="update-lab", lab="s", values={"worker": {"env": [{"name": "X", "value": "2"}]}}),
+                              "mu"))
+    passes_until(lambda: fake.labs["s"].record["state"]["revision"] == 2)
     fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 5, 40
     fake.labs["s"].load.idle_since = None
     passes_until(lambda: len(fake.labs["s"].workers) == 5)
@@ -223,7 +226,8 @@ def story(backend) -> list[dict]:
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
-    assert expected == [5, 0, False, ["command-outcome", "lab-degraded", "lab-deleted", "lab-ready", "lab-recovered"]]
+    assert expected == [5, 0, False, ["command-outcome", "lab-degraded", "lab-deleted", "lab-ready", "lab-recovered",
+                                      "lab-updated"]]
     points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
                                                for k, n in enumerate(clean.calls)]})
     # every port method the core can call is exercised by the story (a new external call must be covered)
@@ -335,7 +339,8 @@ PORT = sorted(m for m in dir(Backend) if m.startswith(("fetch_", "apply_")) or m
 
 
 def local_story(backend, clock_ctl):
-    """start-lab → ready → 2 workers → 0 → stop-lab → gone on real processes, retrying failed invocations."""
+    """start-lab → ready → 2 workers → update-lab (both replaced) → 0 → stop-lab → gone on real processes,
+    retrying failed invocations."""
     import time as _time
     ctl = Controller(backend, ListEvents(), Config(poll_s=0.2, confirm_s=0.5, cooldown_s=0.2, tick_budget_s=0))
     inner = backend.inner
@@ -362,12 +367,17 @@ def local_story(backend, clock_ctl):
     ready = until(lambda: lab() is not None and lab().state.phase == READY)
     invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=2), "m2"))
     up = until(lambda: inner.dashboard(lab()).fetch_load().workers == 2)
+    old = {w.name for w in inner.dashboard(lab()).fetch_workers()}
+    values = {"worker": {"env": [{"name": "LAB_REVISION", "value": "2"}]}}  # a new worker environment
+    invoke(lambda: ctl.handle(msg(type="update-lab", lab="loc", values=values), "m2u"))
+    updated = until(lambda: lab().state.revision == 2 and inner.dashboard(lab()).fetch_load().workers == 2
+                    and not old & {w.name for w in inner.dashboard(lab()).fetch_workers()})
     invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=0), "m3"))
     down = until(lambda: inner.fetch_requested(lab()) == 0 and inner.dashboard(lab()).fetch_load().workers == 0)
     pids = {p for lab_ in inner.fetch_labs() for p in inner.pids(lab_)}
     invoke(lambda: ctl.handle(msg(type="stop-lab", lab="loc"), "m4"))
     gone = until(lambda: lab() is None)
-    return [ready, up, down, gone], pids
+    return [ready, up, updated, down, gone], pids
 
 
 @pytest.mark.parametrize("method", PORT)
@@ -380,7 +390,7 @@ def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
     finally:
         leftover = [p for lab in LocalBackend(home).fetch_labs() for p in LocalBackend(home).pids(lab)]
         LocalBackend(home).stop_all()
-    assert result == [True, True, True, True]
+    assert result == [True, True, True, True, True]
     assert not leftover and not [p for p in pids if procs.pid_alive(p)]
     if method not in ("apply_forget", "connection_info"):
         assert faulty.fired or method in ("apply_settle",), f"{method} was never called by the story"

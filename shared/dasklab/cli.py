@@ -33,12 +33,27 @@ def build_start_lab(a) -> dict:
         msg["values"] = sys.stdin.read() if a.values == "-" else Path(a.values).read_text()
     if a.expose:
         msg["expose"] = {"source_ranges": a.expose}
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
     return {k: v for k, v in msg.items() if v is not None}
+
+
+def build_update_lab(a) -> dict:
+    """The update-lab message: the lab's new chart values (config.yaml), and what the sender accepts."""
+    msg = {"v": 1, "type": "update-lab", "lab": a.lab,
+           "values": sys.stdin.read() if a.values == "-" else Path(a.values).read_text()}
+    if a.restart:
+        msg["restart"] = True
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
+    return msg
 
 
 def _messages(a) -> dict:
     if a.cmd == "start-lab":
         return build_start_lab(a)
+    if a.cmd == "update-lab":
+        return build_update_lab(a)
     if a.cmd == "stop-lab":
         return {"v": 1, "type": "stop-lab", "lab": a.lab}
     if a.cmd == "keep-alive":
@@ -52,10 +67,14 @@ def _messages(a) -> dict:
 
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
-    from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
+    from dasklab.core.environment import check_environment
+    from dasklab.core.messages import Scale, StartLab, UpdateLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
         for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+            print(f"note: {note}", file=sys.stderr)
+    elif isinstance(cmd, UpdateLab):
+        for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
@@ -153,6 +172,12 @@ def timer_jobs(cfg) -> list:
             if j.message["type"] == NIGHTLY_TYPE else j for j in jobs]
 
 
+def _revision(lab) -> str:
+    """The revision the lab runs, and the one it is moving to while an update converges."""
+    running, asked = lab.state.revision, lab.spec.revision
+    return str(running) if running == asked else f"{running} → {asked}"
+
+
 def fetch_status(cfg) -> list[dict]:
     """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
     keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
@@ -193,7 +218,7 @@ def fetch_status(cfg) -> list[dict]:
             "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
             "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
             "dask": info.get("dask_version"), "notes": list(spec.notes),
-            "dashboard": info.get("dashboard"), "reason": state.reason,
+            "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab),
             "degraded": state.degraded_reason or None})
     return rows
 
@@ -230,13 +255,13 @@ def cmd_status(a, cfg) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
-    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
+    for col in ("lab", "owner", "phase", "revision", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
                 "kept alive", "next teardown", "age", "dashboard", "dask"):
         table.add_column(col)
     dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     for r in rows:
         w, t, kept = r["workers"], r["next_teardown"], r["keep_alive_s"]
-        table.add_row(r["lab"], r["owner"], r["phase"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
+        table.add_row(r["lab"], r["owner"], r["phase"], r["revision"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
                       dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
                       f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
                       r["dashboard"] or "-", r["dask"] or "-")
@@ -420,6 +445,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+    s = sub.add_parser("update-lab", parents=[gcp, wait], help="give a running lab new chart values (a new revision)")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--values", required=True, help="Dask Helm chart values file (config.yaml), or - for stdin")
+    s.add_argument("--restart", action="store_true",
+                   help="accept a change that restarts the scheduler (results held in memory are lost)")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
     s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab from idle and nightly teardown")
@@ -484,10 +518,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[variable] = getattr(a, option)
     try:
         cfg = config_mod.from_env()
-        handler = {"start-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
-                   "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status, "demo": cmd_demo,
-                   "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
-                   "destroy": cmd_destroy}[a.cmd]
+        handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
+                   "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
+                   "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra,
+                   "deploy": cmd_deploy, "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)
     except (DasklabError, OSError, ValueError, *_cloud_errors()) as e:
         print(f"dasklab: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 from typing import Protocol
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.core.model import Lab, WorkerProblem
+from dasklab.core.model import Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra
 
 
@@ -48,6 +48,15 @@ class Backend(Protocol):
 
     def apply_settle(self, lab: Lab) -> None:
         """Workers are where the target wants them: finish what a scaling step left (e.g. after a crash)."""
+
+    def apply_environment(self, spec: LabSpec) -> None:
+        """Make the software environment the spec's values ask for available before they are recorded (the local
+        lab installs EXTRA_PIP_PACKAGES into its own venv; PermanentError with pip's tail if that fails). On GKE
+        the images install them at container start: nothing to do."""
+
+    def apply_update(self, lab: Lab) -> bool:
+        """One step toward running the recorded revision (`lab.spec.revision`) everywhere: a new Helm revision on
+        GKE; replacement workers, then retiring the old ones, locally. True once it runs everywhere."""
 
     def apply_delete(self, lab: Lab) -> None:
         """Delete the lab's infrastructure (idempotent; TransientError while that cannot happen yet)."""

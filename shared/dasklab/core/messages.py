@@ -10,6 +10,7 @@ from typing import Annotated, Any, Union
 import msgspec
 
 from dasklab.core.config import Config, check_dask_version
+from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
 
@@ -291,6 +292,7 @@ class StartLab(_Command, tag="start-lab", kw_only=True):
     spot: bool = False
     expose: Expose | None = None
     values: dict | str = msgspec.field(default_factory=dict)  # Dask Helm chart values, kept as the user wrote them
+    mixed_environment: bool = False  # accept different EXTRA_PIP_PACKAGES / image tags per component (a warning)
 
     def __post_init__(self):
         super().__post_init__()
@@ -299,6 +301,23 @@ class StartLab(_Command, tag="start-lab", kw_only=True):
         if self.machine_type is not None and self.machine_type not in MACHINE_TYPES:
             raise _Refusal("machine_type", f"unknown machine type {self.machine_type!r}; "
                                            f"known: {', '.join(sorted(MACHINE_TYPES))}")
+        _set(self, "values", _chart_values)
+
+    @property
+    def chart(self) -> ChartValues:
+        return msgspec.convert(self.values, ChartValues, strict=False)
+
+
+class UpdateLab(_Command, tag="update-lab", kw_only=True):
+    """New chart values for a running lab (a new Helm revision; replacement workers locally)."""
+
+    lab: _Lab
+    values: dict | str  # validated like start-lab's
+    restart: bool = False  # accept a change that restarts the scheduler (its in-memory results are lost)
+    mixed_environment: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
         _set(self, "values", _chart_values)
 
     @property
@@ -354,8 +373,8 @@ class NightlyTeardown(_Command, tag="nightly-teardown"):
     pass
 
 
-Command = Union[StartLab, StopLab, KeepAlive, Scale, Reconcile, TeardownIdle, NightlyTeardown]
-COMMAND_TYPES = ("start-lab", "stop-lab", "keep-alive", "scale")
+Command = Union[StartLab, UpdateLab, StopLab, KeepAlive, Scale, Reconcile, TeardownIdle, NightlyTeardown]
+COMMAND_TYPES = ("start-lab", "update-lab", "stop-lab", "keep-alive", "scale")
 TICK_TYPES = ("reconcile", "teardown-idle", "nightly-teardown")
 _DECODER = msgspec.json.Decoder(Command, strict=False)  # lax like JSON senders expect: "8" → 8, 1 → true
 
@@ -454,6 +473,33 @@ def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = Non
                               f"nodes, above the controller cap max_nodes={config.max_nodes}")
 
 
+def _worker_limits(chart: ChartValues):
+    worker = chart.worker
+    return worker.resources.limits if worker and worker.resources and worker.resources.limits else None
+
+
+def _check_fits(spec: LabSpec, field: str = "worker_resources") -> None:
+    cpu_node, mem_node = MACHINE_TYPES[spec.machine_type]
+    if spec.worker_cpu > cpu_node or spec.worker_memory > mem_node * 2**30:
+        raise ValidationError(field, f"a worker of {spec.worker_cpu} CPU / {spec.worker_memory / 1e9:.1f} GB does "
+                                     f"not fit on one {spec.machine_type} ({cpu_node} CPU / {mem_node} GiB)")
+
+
+def build_update(cmd: UpdateLab, spec: LabSpec) -> LabSpec:
+    """The spec an update-lab asks for: the new values in place of the old (as `helm upgrade -f` does), the
+    worker size from their `worker.resources.limits` (else the lab's), the same environment rule as start-lab.
+    The Dask version is the one the new tags state, else the lab's. The revision is not counted here: the
+    controller does, when the values differ."""
+    limits = _worker_limits(cmd.chart)
+    version = _dask_version(cmd, replace(Config(), dask_version=spec.dask_version))
+    notes = check_environment(cmd.values, cmd.mixed_environment)
+    new = replace(spec, values=cmd.values, mixed_environment=cmd.mixed_environment, notes=notes,
+                  worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
+                  worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
+    _check_fits(new, "values.worker.resources.limits")
+    return new
+
+
 def _replicas(cmd: StartLab) -> int | None:
     worker = cmd.chart.worker
     return worker.replicas if worker else None
@@ -481,7 +527,7 @@ def build_worker_counts(workers: WorkerCounts, replicas: int | None) -> tuple[in
     return lo, initial, hi
 
 
-def _dask_version(cmd: StartLab, config: Config) -> str:
+def _dask_version(cmd: StartLab | UpdateLab, config: Config) -> str:
     """The Dask version the lab runs: the one its values' image tags state (all alike), else the config's."""
     stated = {}
     for name in ("scheduler", "worker", "jupyter"):
@@ -501,7 +547,7 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
     from dasklab.core.overrides import build_overrides
 
     worker = cmd.chart.worker
-    limits = worker.resources.limits if worker and worker.resources and worker.resources.limits else None
+    limits = _worker_limits(cmd.chart)
     if cmd.worker_resources:
         cpu, memory = cmd.worker_resources.cpu, cmd.worker_resources.memory
     else:
@@ -516,11 +562,9 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
         max_lifetime_s=cmd.max_lifetime or min(config.default_lifetime_s, config.max_lifetime_s),
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
-        dask_version=_dask_version(cmd, config),
+        dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
+        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
     )
-    cpu_node, mem_node = MACHINE_TYPES[spec.machine_type]
-    if cpu > cpu_node or memory > mem_node * 2**30:
-        raise ValidationError("worker_resources", f"a worker of {cpu} CPU / {memory / 1e9:.1f} GB does not fit "
-                                                  f"on one {spec.machine_type} ({cpu_node} CPU / {mem_node} GiB)")
+    _check_fits(spec)
     check_caps(cmd, config, spec)
-    return replace(spec, notes=build_overrides(cmd, spec, config.backend))
+    return replace(spec, notes=build_overrides(cmd, spec, config.backend) + spec.notes)  # overrides, environment

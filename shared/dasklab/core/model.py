@@ -61,6 +61,8 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
+    mixed_environment: bool = False  # the owner accepted different packages or image tags per component
+    revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
     notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
@@ -96,6 +98,9 @@ class LabState:
     last_accounted: float = 0.0
     degraded: str = ""  # the causes last reported in a lab-degraded event ("" = healthy), e.g. "memory+pending"
     degraded_reason: str = ""  # that event's reason, for `dasklab status`
+    revision: int = 1  # the revision the backend runs everywhere (spec.revision once an update has converged)
+    revision_workers: int = 0  # the worker count when spec.revision was recorded (what its Helm revision sets)
+    update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
     start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
@@ -120,6 +125,7 @@ class Lab:
                     notes=tuple(data["spec"].get("notes", ())))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
+        state["update_ids"] = tuple(state.get("update_ids", ()))
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
         return cls(LabSpec(**spec), LabState(**state), version)
 

@@ -132,7 +132,7 @@ def _local_notes(values: dict) -> list[str]:
     if "jupyter" in values:
         notes.append("values.jupyter: not run by the local lab (it has a scheduler and workers only); connect from "
                      "Python on this machine (`dasklab connect`)")
-    for key in ("scheduler", "worker"):
+    for key in ("scheduler",):  # the workers' are installed into the lab's own venv (adapters/envs.py)
         env = _block(values, key).get("env") if isinstance(_block(values, key).get("env"), list) else []
         if any(isinstance(e, dict) and e.get("name") == "EXTRA_PIP_PACKAGES" for e in env):
             notes.append(f"values.{key}.env: EXTRA_PIP_PACKAGES is not installed by the local lab (it runs this "

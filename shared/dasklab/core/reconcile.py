@@ -10,14 +10,15 @@ from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
-    build_spec, check_caps
+    UpdateLab, build_spec, build_update, check_caps
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_provision_step, plan_retirement, plan_scale, \
-    plan_start, plan_teardown
+    plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
@@ -48,7 +49,7 @@ class Controller:
             handler = self.start_lab if isinstance(cmd, StartLab) else self.stop_lab
             outcome = handler(cmd, message_id, published)
         else:
-            handler = {KeepAlive: self.keep_alive, Scale: self.scale,
+            handler = {UpdateLab: self.update_lab, KeepAlive: self.keep_alive, Scale: self.scale,
                        Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
             outcome = handler(cmd, message_id)
         if outcome is not None:  # ticks have no sender waiting
@@ -87,6 +88,7 @@ class Controller:
             # the lab stands for this start-lab now: a stop-lab published before it leaves the lab alone
             self.backend.apply_record(existing.with_state(start_published=published))
         if verdict == "create":
+            self.backend.apply_environment(spec)  # e.g. a pip install that fails: refused before anything exists
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
                                      target_workers=spec.initial_workers, start_published=published))
@@ -109,6 +111,35 @@ class Controller:
                                  f"max {spec.max_workers}; lab-ready follows{notes}"
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
         return NOTHING_TO_DO, reason
+
+    def update_lab(self, cmd: UpdateLab, mid: str) -> tuple[str, str]:
+        """Record the new values as the next revision (after their environment is ready), then converge: the
+        backend replaces what they change, step by step, on this and the following reconcile passes."""
+        lab = self.backend.fetch_lab(cmd.lab)
+        if lab is None:
+            raise PermanentError(f"no lab named {cmd.lab}: start it with start-lab")
+        if mid and mid in lab.state.update_ids:
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason="message already applied: a redelivery",
+                      message_id=mid)
+            return NOTHING_TO_DO, "message already applied: a redelivery"
+        if lab.state.phase in (TEARING_DOWN, FAILED):
+            raise PermanentError(f"lab {lab.name} is {lab.state.phase}: nothing to update")
+        new = build_update(cmd, lab.spec)
+        verdict, reason = plan_update(lab.spec, new, cmd.restart)
+        if verdict == "refuse":
+            raise ValidationError("restart", reason)
+        if verdict == "duplicate":
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason=reason, message_id=mid)
+            return NOTHING_TO_DO, reason
+        self.backend.apply_environment(new)
+        before = lab.spec.revision
+        ids = (lab.state.update_ids + ((mid,) if mid else ()))[-20:]
+        lab = self.backend.apply_record(replace(lab, spec=replace(new, revision=before + 1)).with_state(
+            revision_workers=lab.state.target_workers, update_ids=ids))
+        logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
+        if lab.state.phase == READY:
+            self.reconcile_lab(lab, "reconcile", mid)
+        return ACCEPTED, f"revision {lab.spec.revision} recorded ({reason}); lab-updated follows"
 
     def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> tuple[str, str]:
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
@@ -236,6 +267,9 @@ class Controller:
             if tick != "reconcile":
                 logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
+            if load is not None and lab.spec.revision != lab.state.revision:
+                self._roll_out(lab, mid)  # no autoscaling while workers are being replaced
+                return
             if load is not None:
                 self._autoscale(lab, load, mid)
                 return
@@ -265,12 +299,24 @@ class Controller:
             changes["ready_at"] = now
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                                 "connection": self.backend.connection_info(lab), "notes": list(lab.spec.notes)})
+                                 "connection": self.backend.connection_info(lab), "revision": lab.spec.revision,
+                                 "environment": self._environment(lab), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
         lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
+
+    def _roll_out(self, lab: Lab, mid: str) -> None:
+        """One step of an update; once the backend runs the new revision everywhere, say so and record it."""
+        if not self.backend.apply_update(lab):
+            return
+        spec, before = lab.spec, lab.state.revision
+        self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
+                             "revision": spec.revision, "from_revision": before,
+                             "environment": self._environment(lab), "notes": list(spec.notes)})
+        lab = self.backend.apply_record(lab.with_state(revision=spec.revision))
+        logs.decision(lab.name, "updated", before, spec.revision, f"revision {spec.revision} runs everywhere", mid)
 
     def _autoscale(self, lab: Lab, load, mid: str) -> None:
         now = self.clock()
@@ -322,6 +368,12 @@ class Controller:
             self.backend.apply_settle(lab)
 
     # --- helpers ---
+
+    def _environment(self, lab: Lab) -> dict:
+        """The lab's environment for its events; on GKE with the chart version that names the default images."""
+        gke = self.config.backend == "gke"
+        return environment_record(lab.spec.values, self.config.chart_version if gke else "",
+                                  (lab.spec.dask_version or self.config.dask_version) if gke else "")
 
     def _lab_or_none(self, name: str, action: str, mid: str) -> Lab | None:
         lab = self.backend.fetch_lab(name)
