@@ -32,6 +32,7 @@ class FakeLab:
     revision: int = 1  # the revision its (fake) release runs
     load: FakeLoad = field(default_factory=FakeLoad)
     jupyter: JupyterActivity = NO_JUPYTER
+    problems: list = field(default_factory=list)  # WorkerProblems fetch_worker_health reports
 
 
 class FakeTransport:
@@ -96,6 +97,9 @@ class FakeBackend:
 
     def fetch_requested(self, lab):
         return len(self._get(lab).workers)
+
+    def fetch_worker_health(self, lab):
+        return tuple(self._get(lab).problems)
 
     def dashboard(self, lab):
         return Dashboard(FakeTransport(self._get(lab)), node_of=lambda name: name.split("-")[0])

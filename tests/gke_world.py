@@ -78,6 +78,7 @@ class World:
         self.schedulers: dict[str, tuple[int, int]] = {}  # namespace → (scheduler pid, port)
         self.workers: dict[tuple[str, str], int] = {}  # (namespace, pod) → worker pid
         self.helm_fails = False
+        self.worker_node_quota: int | None = None  # instances past it are never created (the project's CPU quota)
         self.helm_runs: list[dict] = []
         self.stage = ""  # crash injection keys include it, so each stage crashes at each call site once
         self.crashing = False
@@ -129,6 +130,9 @@ class World:
         """Instances of running clusters become Nodes; Dask processes follow the pods; gone clusters are cleaned."""
         running = {name for name, c in self.gke.clusters.items() if c.status.name == "RUNNING"}
         nodes = {n: g for n, g in self.migs.nodes().items() if g.cluster in running}
+        if self.worker_node_quota is not None:
+            pool = sorted(n for n, g in nodes.items() if g.pool == CONFIG.worker_pool)
+            nodes = {n: g for n, g in nodes.items() if n not in pool[self.worker_node_quota:]}
         capacity = {n: (self.worker_capacity if g.pool == CONFIG.worker_pool else 20) for n, g in nodes.items()}
         self.kube.set_nodes(capacity,
                             node_labels={n: {POOL_LABEL: g.pool, "topology.kubernetes.io/zone": g.zone}
@@ -151,9 +155,10 @@ class World:
 
     def _sync_workers(self, ns: str) -> None:
         pods = {p["metadata"]["name"]: p for p in self.kube.list("pods", ns, "component=worker")
-                if p["status"].get("phase") == "Running"}
+                if p["status"].get("phase") == "Running"
+                and all("running" in c["state"] for c in p["status"].get("containerStatuses") or ())}
         for key in [k for k in self.workers if k[0] == ns and k[1] not in pods]:
-            stop_pid_group(self.workers.pop(key))  # its pod went: the container is killed
+            stop_pid_group(self.workers.pop(key))  # its pod went, or its container ended: the process is killed
         for name, pod in pods.items():
             if (ns, name) not in self.workers or not pid_alive(self.workers[(ns, name)]):  # restartPolicy Always
                 self.workers[(ns, name)] = self._start_worker(ns, name, pod)

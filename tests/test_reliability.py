@@ -13,7 +13,7 @@ from dasklab.core.backend import Backend
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, TransientError
 from dasklab.core.messages import parse_command
-from dasklab.core.model import FAILED, READY, TEARING_DOWN
+from dasklab.core.model import FAILED, READY, TEARING_DOWN, WorkerProblem
 from dasklab.core.model import NO_JUPYTER, JupyterActivity
 from dasklab.core.policy import DOWN, ScaleParams, plan_scale, plan_teardown
 from dasklab.core.reconcile import Controller
@@ -207,6 +207,13 @@ def story(backend) -> list[dict]:
     fake.labs["s"].load.idle_since = None
     passes_until(lambda: len(fake.labs["s"].workers) == 5)
     peak = len(fake.labs["s"].workers)
+    # a worker is OOM-killed: degraded once, replaced, then recovered once the kill is no longer recent
+    lost = fake.labs["s"].workers.pop()
+    fake.labs["s"].problems = [WorkerProblem("oom-killed", lost.name, "OOMKilled, exit code 137", at=clock.t)]
+    passes_until(lambda: fake.labs["s"].record["state"]["degraded"] == "oom-killed"
+                 and len(fake.labs["s"].workers) == 5)
+    fake.labs["s"].problems = []
+    passes_until(lambda: fake.labs["s"].record["state"]["degraded"] == "")
     fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 0, 0
     passes_until(lambda: not fake.labs["s"].workers)
     low = len(fake.labs["s"].workers)
@@ -220,7 +227,8 @@ def story(backend) -> list[dict]:
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
-    assert expected == [5, 0, False, ["command-outcome", "lab-deleted", "lab-ready", "lab-updated"]]
+    assert expected == [5, 0, False, ["command-outcome", "lab-degraded", "lab-deleted", "lab-ready", "lab-recovered",
+                                      "lab-updated"]]
     points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
                                                for k, n in enumerate(clean.calls)]})
     # every port method the core can call is exercised by the story (a new external call must be covered)

@@ -218,7 +218,8 @@ def fetch_status(cfg) -> list[dict]:
             "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
             "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
             "dask": info.get("dask_version"), "notes": list(spec.notes),
-            "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab)})
+            "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab),
+            "degraded": state.degraded_reason or None})
     return rows
 
 
@@ -275,6 +276,9 @@ def cmd_status(a, cfg) -> int:
             print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
         for note in r["notes"]:
             print(f"{r['lab']}: note: {note}")
+    for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
+        if r["degraded"]:
+            print(f"{r['lab']} degraded: {r['degraded']}")
     return 0
 
 

@@ -680,6 +680,8 @@ class _KubeApi(kmock.KubernetesScaffold):
     job_callbacks: list[Callable[[Obj], Any]] = attrs.field(factory=list)
     backends: dict[tuple[str, str, str], str] = attrs.field(factory=dict)
     logs: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    previous_logs: dict[tuple[str, str], str] = attrs.field(factory=dict)  # (ns, pod) → the last terminated run's
+    unpullable: dict[str, str] = attrs.field(factory=dict)  # image → the registry's refusal (pulls fail)
     _rv: int = 0
     _rng: random.Random = attrs.field(init=False)
     _seq: Iterable[int] = attrs.field(factory=itertools.count)
@@ -1084,6 +1086,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         self.objects[key].delete()
         self._rv += 1
         self.logs.pop((meta.get("namespace"), meta["name"]), None)
+        self.previous_logs.pop((meta.get("namespace"), meta["name"]), None)
         if kind is NAMESPACES:
             for dependent_kind in KINDS.values():
                 for dependent in self.stored(dependent_kind, meta["name"]) if dependent_kind.namespaced else ():
@@ -1115,10 +1118,20 @@ class _KubeApi(kmock.KubernetesScaffold):
                             f"[{' '.join(containers)}]")
         if container is not None and container not in containers:
             raise fail(400, f"container {container} is not valid for pod {name}")
-        if pod.get("status", {}).get("phase") == "Pending":
+        if params.get("previous") in ("true", "True", "1"):
+            # previous=true: "Return previous terminated container logs" (PodLogOptions); none → 400 (kubelet's
+            # "previous terminated container … not found")
+            if (ns, name) not in self.previous_logs:
+                raise fail(400, f'previous terminated container "{container or containers[0]}" in pod "{name}" '
+                                f"not found")
+            text = self.previous_logs[(ns, name)]
+        elif pod.get("status", {}).get("phase") == "Pending":
+            waiting = next((c["state"]["waiting"].get("reason") for c in pod["status"].get("containerStatuses") or ()
+                            if "waiting" in c.get("state", {})), "ContainerCreating")
             raise fail(400, f'container "{container or containers[0]}" in pod "{name}" is waiting to start: '
-                            f"ContainerCreating")
-        text = self.logs.get((ns, name), "")
+                            f"{waiting}")
+        else:
+            text = self.logs.get((ns, name), "")
         if params.get("tailLines"):
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(params["tailLines"]):]) if int(params["tailLines"]) else ""
@@ -1252,22 +1265,41 @@ class _KubeApi(kmock.KubernetesScaffold):
                              < int(n["status"].get("allocatable", {}).get("pods", 110))
                              and wanted <= (n["metadata"].get("labels") or {}).items()), None)
                 if node is None:
-                    self._unschedulable(pod, len(nodes))
+                    self._unschedulable(pod, len(nodes), Counter(self._misfit(n, wanted, load) for n in nodes.values()))
                     continue
                 pod["spec"]["nodeName"] = node["metadata"]["name"]
                 load[node["metadata"]["name"]] += 1
             if pod["status"].get("phase") == "Pending" and pod["spec"]["nodeName"] in nodes:
                 self._start_pod(pod, nodes[pod["spec"]["nodeName"]])
 
-    def _unschedulable(self, pod: Obj, node_count: int) -> None:
-        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                     "message": f"0/{node_count} nodes are available: no node with room for the pod."}
+    @staticmethod
+    def _misfit(node: Obj, wanted, load: Counter) -> str:
+        """Why one node does not fit a pod, worded as the scheduler's plugins word it (NodeUnschedulable,
+        TaintToleration for the not-ready taint, NodeAffinity, NodeResourcesFit's "Too many pods")."""
+        if node["spec"].get("unschedulable"):
+            return "node(s) were unschedulable"
+        if not any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", ())):
+            return "node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
+        if not wanted <= (node["metadata"].get("labels") or {}).items():
+            return "node(s) didn't match Pod's node affinity/selector"
+        return "Too many pods"
+
+    def _unschedulable(self, pod: Obj, node_count: int, reasons: Counter | None = None) -> None:
+        # the scheduler's FitError: "0/N nodes are available: " + sorted "<count> <reason>" joined by ", " + "."
+        # (kubernetes pkg/scheduler/framework/types.go, FitError.Error; reasons as its plugins word them)
+        # with no node at all: ErrNoNodesAvailable (pkg/scheduler/schedule_one.go)
+        listed = ", ".join(sorted(f"{n} {why}" for why, n in (reasons or Counter()).items()))
+        message = f"0/{node_count} nodes are available: {listed}." if node_count else \
+            "no nodes available to schedule pods"
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
         if pod["status"].get("conditions") != [condition]:
             pod["status"]["conditions"] = [condition]
             self._put(PODS, pod)
 
     def _start_pod(self, pod: Obj, node: Obj) -> None:
-        """What the kubelet reports: Running and Ready at once."""
+        """What the kubelet reports: Running and Ready at once, unless an image cannot be pulled."""
+        if self._pull_fails(pod):
+            return
         at, n = now(), next(self._ips)
         host_ip = next((a["address"] for a in node["status"].get("addresses", ()) if a["type"] == "InternalIP"), "")
         pod["status"] = {
@@ -1279,6 +1311,82 @@ class _KubeApi(kmock.KubernetesScaffold):
                                   for c in pod["spec"].get("containers") or ()]}
         self._ready_at[pod["metadata"]["uid"]] = next(self._seq)
         self._put(PODS, pod)  # binding is not a spec update: the generation stays
+
+    def _pull_fails(self, pod: Obj) -> bool:
+        """A container whose image the registry refuses: the pod stays Pending, scheduled, its container waiting
+        with ErrImagePull, then ImagePullBackOff on the next try (ContainerStateWaiting.reason, as kubectl shows)."""
+        refused = [c for c in pod["spec"].get("containers") or () if c.get("image", "") in self.unpullable]
+        if not refused:
+            return False
+        before = {c["name"]: c for c in pod["status"].get("containerStatuses") or ()}
+        statuses = []
+        for c in pod["spec"].get("containers") or ():
+            image = c.get("image", "")
+            if image not in self.unpullable:
+                statuses.append({"name": c["name"], "image": image, "imageID": "", "ready": False, "started": False,
+                                 "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}})
+                continue
+            tried = "waiting" in before.get(c["name"], {}).get("state", {})
+            reason = "ImagePullBackOff" if tried else "ErrImagePull"
+            message = (f'Back-off pulling image "{image}"' if tried else
+                       f'failed to pull and unpack image "{image}": {self.unpullable[image]}')
+            statuses.append({"name": c["name"], "image": image, "imageID": "", "ready": False, "started": False,
+                             "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}})
+        if pod["status"].get("containerStatuses") != statuses:
+            at = now()
+            pod["status"] = {"phase": "Pending", "hostIP": "", "startTime": pod["status"].get("startTime") or at,
+                             "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": at},
+                                            *self._unready(pod, at)],
+                             "containerStatuses": statuses}
+            self._put(PODS, pod)
+        return True
+
+    @staticmethod
+    def _unready(pod: Obj, at: str) -> list[Obj]:
+        names = " ".join(c["name"] for c in pod["spec"].get("containers") or ())
+        return [{"type": t, "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": at,
+                 "message": f"containers with unready status: [{names}]"} for t in ("Ready", "ContainersReady")]
+
+    def crash_container(self, ns: str, name: str, reason: str, exit_code: int, log: str, back_off: bool) -> None:
+        """The pod's containers end (OOMKilled 137, Error 1, …): each status gets lastState.terminated and a higher
+        restartCount; with `back_off` the kubelet waits (state.waiting CrashLoopBackOff, not ready), else it has
+        restarted them (running). Fields as ContainerStatus documents them (core/v1 API reference)."""
+        pod = self.read(PODS, ns, name)
+        if pod["status"].get("phase") != "Running":
+            raise fail(409, f"pod {name} is not running")
+        at, uid = now(), pod["metadata"]["uid"]
+        statuses = []
+        for c in pod["status"]["containerStatuses"]:
+            started = (c["state"].get("running") or {}).get("startedAt", at)
+            state = ({"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off 10s restarting failed "
+                                  f"container={c['name']} pod={name}_{ns}({uid})"}} if back_off
+                     else {"running": {"startedAt": at}})
+            statuses.append({**c, "ready": not back_off, "started": not back_off,
+                             "restartCount": c.get("restartCount", 0) + 1, "state": state,
+                             "lastState": {"terminated": {"exitCode": exit_code, "reason": reason,
+                                                          "startedAt": started, "finishedAt": at}}})
+        pod["status"]["containerStatuses"] = statuses
+        others = [c for c in pod["status"]["conditions"] if c["type"] not in ("Ready", "ContainersReady")]
+        ready = [{"type": t, "status": "True", "lastTransitionTime": at} for t in ("Ready", "ContainersReady")]
+        pod["status"]["conditions"] = others + (self._unready(pod, at) if back_off else ready)
+        if back_off:
+            self._ready_at.pop(uid, None)
+        self.previous_logs[(ns, name)] = log
+        self._put(PODS, pod)
+        self.reconcile()
+
+    def restart_container(self, ns: str, name: str) -> None:
+        """The back-off is over: the kubelet starts the containers again (running, ready; lastState kept)."""
+        pod = self.read(PODS, ns, name)
+        at = now()
+        pod["status"]["containerStatuses"] = [{**c, "ready": True, "started": True, "state": {"running": {
+            "startedAt": at}}} for c in pod["status"]["containerStatuses"]]
+        pod["status"]["conditions"] = [c for c in pod["status"]["conditions"]
+                                       if c["type"] not in ("Ready", "ContainersReady")] + [
+            {"type": t, "status": "True", "lastTransitionTime": at} for t in ("Ready", "ContainersReady")]
+        self._ready_at[pod["metadata"]["uid"]] = next(self._seq)
+        self._put(PODS, pod)
+        self.reconcile()
 
     def _replicaset_status(self, replicaset: Obj) -> None:
         pods = self._owned(PODS, replicaset)
@@ -1538,6 +1646,23 @@ class KubeStandin:
     def complete_job(self, namespace: str, name: str, *, succeeded: bool = True, log: str = "") -> None:
         """Finish the Job: its pod Succeeded/Failed with ``log``; status.succeeded=1 or failed=1 with a condition."""
         self._run(self._api.complete_job, namespace, name, succeeded, log)
+
+    def crash_container(self, namespace: str, pod: str, *, reason: str = "OOMKilled", exit_code: int = 137,
+                        log: str = "", back_off: bool = True) -> None:
+        """End the pod's containers as the kubelet reports it: ``OOMKilled``/137 for a memory-limit kill, ``Error``/1
+        for a crash; ``log`` is what ``previous=true`` then returns; ``back_off`` leaves them in CrashLoopBackOff
+        until ``restart_container``."""
+        self._run(self._api.crash_container, namespace, pod, reason, exit_code, log, back_off)
+
+    def restart_container(self, namespace: str, pod: str) -> None:
+        self._run(self._api.restart_container, namespace, pod)
+
+    def refuse_image(self, image: str, why: str = "not found") -> None:
+        """Pulls of ``image`` fail from now on: pods using it stay Pending with ErrImagePull / ImagePullBackOff."""
+        def set_() -> None:
+            self._api.unpullable[image] = why
+            self._api.reconcile()
+        self._run(set_)
 
     def on_job_created(self, callback: Callable[[Obj], Any]) -> None:
         """Call ``callback(job)`` after each Job is created, before the 201 is sent, in a worker thread."""

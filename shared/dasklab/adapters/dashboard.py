@@ -105,7 +105,7 @@ class Dashboard:
             target = _json(self.transport.get("/api/v1/adaptive_target"), "adaptive_target")["workers"]
         load = DaskLoad(workers=counts["workers"], processing=counts["processing"], queued=_pending(counts),
                         clients=max(0, counts["clients"] - FIRE_AND_FORGET_CLIENTS), adaptive_target=int(target),
-                        idle_since=None)
+                        idle_since=None, memory_bytes=int(counts.get("bytes", 0)))
         if idle:
             load = replace(load, idle_since=self.fetch_idle_since())
         return load

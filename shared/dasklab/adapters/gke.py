@@ -41,7 +41,7 @@ from dasklab.core import logs
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
     TransientError, ValidationError
-from dasklab.core.model import MANAGED_BY, NO_JUPYTER, TEARING_DOWN, JupyterActivity, Lab
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, TEARING_DOWN, JupyterActivity, Lab, WorkerProblem, parse_memory
 from dasklab.core.policy import Infra
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
     build_token_secret, chart_fullname
@@ -160,6 +160,44 @@ def _translate(e: Exception, what: str) -> Exception:
                       gexc.AlreadyExists, gexc.MethodNotImplemented)):
         return PermanentError(message)
     return TransientError(message)
+
+
+PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+PIP_FAILURE = ("EXTRA_PIP_PACKAGES", "pip install", "No matching distribution", "Could not find a version")
+
+
+def _epoch(when) -> float:
+    return when.timestamp() if hasattr(when, "timestamp") else 0.0
+
+
+def pod_problems(pod, memory_limit: int) -> list[WorkerProblem]:
+    """What a worker pod's status says (core/v1 PodStatus): the PodScheduled condition False/Unschedulable with
+    the scheduler's message; per container, state.waiting (CrashLoopBackOff, ErrImagePull, ImagePullBackOff) and
+    lastState.terminated (reason OOMKilled, exit code 137) with restartCount. The crash log is added by the caller."""
+    name, status, found = pod.metadata.name, pod.status, []
+    for cond in status.conditions or ():
+        if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
+            found.append(WorkerProblem("pending", name, cond.message or "Unschedulable"))
+    limits = {c.name: ((c.resources and c.resources.limits) or {}).get("memory") for c in pod.spec.containers or ()}
+    for c in status.container_statuses or ():
+        waiting = c.state and c.state.waiting
+        last = c.last_state and c.last_state.terminated
+        limit = parse_memory(limits[c.name]) if limits.get(c.name) else memory_limit
+        if waiting and waiting.reason in PULL_FAILURES:
+            found.append(WorkerProblem("image-pull", name, f"{waiting.reason}: {waiting.message or ''}".strip(": ")))
+            continue
+        if not last:
+            continue
+        ended = f"{last.reason or 'terminated'}, exit code {last.exit_code}"
+        if waiting and waiting.reason:
+            ended = f"{waiting.reason}; last run {ended}"
+        if last.reason == "OOMKilled":
+            kind = "oom-killed"
+        else:
+            kind = "crash-looping" if waiting and waiting.reason == "CrashLoopBackOff" else "restarting"
+        found.append(WorkerProblem(kind, name, ended, at=_epoch(last.finished_at), restarts=c.restart_count or 0,
+                                   memory_limit=limit if kind == "oom-killed" else 0))
+    return found
 
 
 class GkeBackend:
@@ -450,6 +488,20 @@ class GkeBackend:
     def fetch_requested(self, lab: Lab) -> int:
         place = place_of(lab.name)
         return self._kube(place).replicas(place.namespace, place.workers) or 0
+
+    def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
+        """From the worker pods' status, with the previous container's log tail for a crash (a failed
+        EXTRA_PIP_PACKAGES install at container start shows there)."""
+        place = place_of(lab.name)
+        kube, found = self._kube(place), []
+        for pod in kube.pods_of(place.namespace, place.workers):
+            for problem in pod_problems(pod, lab.spec.worker_memory):
+                if problem.kind in ("crash-looping", "restarting"):
+                    tail = kube.pod_log_tail(place.namespace, pod.metadata.name, previous=True)
+                    kind = "install-failed" if any(word in tail for word in PIP_FAILURE) else problem.kind
+                    problem = replace(problem, kind=kind, log_tail=tail)
+                found.append(problem)
+        return tuple(found)
 
     def dashboard(self, lab: Lab) -> Dashboard:
         place = place_of(lab.name)

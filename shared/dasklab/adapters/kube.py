@@ -109,6 +109,16 @@ class Kube:
         except ApiException as e:  # a pod that never started has no log: say why instead
             return f"(no log: {e.reason})"
 
+    def pod_log_tail(self, ns: str, pod: str, previous: bool, lines: int = 20) -> str:
+        """The last lines of a pod's log; `previous`: of its last terminated container (why it crashed)."""
+        try:
+            return self.core.read_namespaced_pod_log(pod, ns, previous=previous, tail_lines=lines,
+                                                     _request_timeout=TIMEOUT) or ""
+        except ApiException as e:  # no such run (never started, not restarted): say why instead
+            return f"(no log: {e.status} {e.reason})"
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise TransientError(f"log of {ns}/{pod}: {e}") from e
+
     # --- workers ---
 
     def replicas(self, ns: str, deployment: str) -> int | None:

@@ -5,26 +5,35 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from dasklab.core import logs
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.environment import lab_packages
-from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
 from dasklab.adapters.envs import ensure_env
 from dasklab.adapters.jupyter import JupyterApi, jupyter_available, start_jupyter, stop_jupyter, write_token
-from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
+from dasklab.adapters.procs import EXIT_NOTE, free_port, pid_alive, spawn, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
+EXITED_KEPT = 20  # workers that died, remembered (name, when) so their logs still say why after they are replaced
+# what distributed 2026.8 logs (its default format "%(asctime)s - %(name)s - %(levelname)s - %(message)s"): the
+# nanny's memory monitor (worker_memory.NannyMemoryManager) and its note of a worker process's death (Nanny)
+_MEMORY_KILL = re.compile(r"\(pid=(\d+)\) exceeded (\d+)% memory budget")
+_DEATH = re.compile(r"Worker process (\d+) (exited with status \d+|was killed by (?:unknown )?signal ?\d*)")
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 
 def installed_dask_version() -> str:
@@ -62,6 +71,48 @@ def _reap(retiring: dict) -> None:
             continue
         stop_pid_group(w["pid"])  # nothing to do if it is gone, with whatever it started
         del retiring[name]
+
+
+def _logged_at(line: str, default: float) -> float:
+    m = _LOG_TIME.match(line)
+    if not m:
+        return default
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+
+
+def worker_problems(name: str, log: Path, memory_limit: int, dead: bool) -> list[WorkerProblem]:
+    """What a local worker's log says went wrong: its nanny restarting it above its memory budget or after its
+    process died, and (`dead`) the worker's own end with the exit code `spawn(note_exit=True)` appended."""
+    try:
+        lines = log.read_bytes()[-65536:].decode(errors="replace").splitlines()
+        mtime = log.stat().st_mtime
+    except OSError:
+        return []
+    found: list[WorkerProblem] = []
+
+    def upto(line: str) -> str:  # the log up to an event: what the worker was doing then
+        at = len(lines) - lines[::-1].index(line)
+        return "\n".join(lines[max(0, at - 8):at])
+
+    kills = [(line, m) for line in lines if (m := _MEMORY_KILL.search(line))]
+    if kills:
+        line, m = kills[-1]
+        found.append(WorkerProblem("oom-killed", name, f"restarted by its nanny above {m.group(2)}% of its memory "
+                                   "limit", at=_logged_at(line, mtime), restarts=len(kills), memory_limit=memory_limit,
+                                   log_tail=upto(line)))
+    killed = {m.group(1) for _, m in kills}
+    deaths = [(line, m) for line in lines if (m := _DEATH.search(line)) and m.group(1) not in killed]
+    if deaths:
+        line, m = deaths[-1]
+        found.append(WorkerProblem("restarting", name, f"worker process {m.group(2)}", at=_logged_at(line, mtime),
+                                   restarts=len(deaths), log_tail=upto(line)))
+    code = next((line.removeprefix(EXIT_NOTE) for line in reversed(lines) if line.startswith(EXIT_NOTE)), None)
+    if dead and code != "0":
+        why = " (SIGKILL: the kernel's OOM killer, or kill -9)" if code == "137" else ""
+        tail = "\n".join([line for line in lines if not line.startswith(EXIT_NOTE)][-8:])
+        found.append(WorkerProblem("restarting", name, f"process exited with code {code or 'unknown'}{why}",
+                                   at=mtime, log_tail=tail))
+    return found
 
 
 class LocalBackend:
@@ -288,7 +339,9 @@ class LocalBackend:
         """Start workers until `target` are alive, filling partly used nodes before opening new ones."""
         python = self.python(lab.spec)
         with self._update(lab.name) as local:
-            local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
+            dead = [n for n, w in local["workers"].items() if not pid_alive(w["pid"])]
+            local["exited"] = (local.get("exited", []) + [{"name": n, "at": time.time()} for n in dead])[-EXITED_KEPT:]
+            local["workers"] = {n: w for n, w in local["workers"].items() if n not in dead}
             _reap(local.setdefault("retiring", {}))
             self._start_workers(lab, local, target - len(local["workers"]), python)
 
@@ -306,7 +359,7 @@ class LocalBackend:
             local["next_worker"] += 1
             pid = spawn(build_worker_argv(python, f"tcp://127.0.0.1:{sched['port']}", name,
                                           max(1, int(lab.spec.worker_cpu)), lab.spec.worker_memory),
-                        env=env, log_path=self._log(lab, name))
+                        env=env, log_path=self._log(lab, name), note_exit=True)
             local["workers"][name] = {"pid": pid, "node": node, "signature": self._worker_signature(lab.spec)}
 
     def apply_update(self, lab: Lab) -> bool:
@@ -349,6 +402,17 @@ class LocalBackend:
                     for name in unjoined & set(local["workers"]):
                         stop_pid_group(local["workers"].pop(name)["pid"])
         return step.action == "done"
+
+    def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
+        """From the workers' logs: nanny restarts (for memory or after a death), and the exit code of each worker
+        that died, whether still in the record or already replaced (the last EXITED_KEPT)."""
+        local, limit = self._local(lab), lab.spec.worker_memory
+        found = [p for name, w in local["workers"].items()
+                 for p in worker_problems(name, self._log(lab, name), limit, dead=not pid_alive(w["pid"]))]
+        for gone in local.get("exited", []):
+            found += [replace(p, at=min(p.at, gone["at"]) or gone["at"])
+                      for p in worker_problems(gone["name"], self._log(lab, gone["name"]), limit, dead=True)]
+        return tuple(found)
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
         """Retire through the scheduler (data moves to survivors; it removes them before answering), then

@@ -416,9 +416,18 @@ def start_functions_server(target: str, source: Path, *, env: Mapping[str, str] 
 
 # --- processes recorded on disk (the local lab's scheduler and workers) --------------------------------
 
-def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Path) -> int:
+EXIT_NOTE = "[dasklab] process exited with code "
+
+
+def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Path, note_exit: bool = False) -> int:
     """Start a long-lived process in its own group and return its pid, to be recorded and stopped later
-    (possibly by another process) with `stop_pid_group`."""
+    (possibly by another process) with `stop_pid_group`.
+
+    With `note_exit`, the pid is a shell's that runs `argv` and, when it ends on its own, appends EXIT_NOTE and its
+    exit code to the log (128 + N when killed by signal N, as container runtimes report it): the code outlives the
+    process that started it, which a pid read from a record cannot wait for."""
+    if note_exit:
+        argv = ["/bin/sh", "-c", f'"$@"; echo "{EXIT_NOTE}$?"', "sh", *argv]
     return Proc.spawn(argv, log_path=log_path, env=env).pid
 
 

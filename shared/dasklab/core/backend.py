@@ -3,7 +3,7 @@
 from typing import Protocol
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.core.model import JupyterActivity, Lab, LabSpec
+from dasklab.core.model import JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra
 
 
@@ -21,6 +21,9 @@ class Backend(Protocol):
 
     def fetch_requested(self, lab: Lab) -> int:
         """How many workers the backend is running or starting (joined or not)."""
+
+    def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
+        """What is wrong with the lab's workers (killed, crashing, pending, restarting), with log tails; () if nothing."""
 
     def dashboard(self, lab: Lab) -> Dashboard:
         """The lab's scheduler HTTP API, reached the backend's secure way."""

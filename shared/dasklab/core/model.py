@@ -96,6 +96,8 @@ class LabState:
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
     last_accounted: float = 0.0
+    degraded: str = ""  # the causes last reported in a lab-degraded event ("" = healthy), e.g. "memory+pending"
+    degraded_reason: str = ""  # that event's reason, for `dasklab status`
     revision: int = 1  # the revision the backend runs everywhere (spec.revision once an update has converged)
     revision_workers: int = 0  # the worker count when spec.revision was recorded (what its Helm revision sets)
     update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
@@ -156,6 +158,7 @@ class DaskLoad:
     adaptive_target: int
     idle_since: float | None
     worker_infos: tuple[WorkerInfo, ...] = ()
+    memory_bytes: int = 0  # what the workers hold (counts.json `bytes`), spilled or not
 
     @property
     def busy(self) -> bool:
@@ -173,6 +176,19 @@ class JupyterActivity:
 
 
 NO_JUPYTER = JupyterActivity(last_activity=None, running=False)
+
+
+@dataclass(frozen=True)
+class WorkerProblem:
+    """Something wrong with one worker as its backend reports it (pod status, process exit, nanny log)."""
+
+    kind: str  # oom-killed, crash-looping, install-failed, image-pull, pending, restarting
+    worker: str  # pod or process name
+    detail: str  # what the backend says: the scheduler's message, the exit code, the waiting reason
+    at: float = 0.0  # when it happened (or was first seen); 0 = ongoing
+    restarts: int = 0
+    memory_limit: int = 0  # bytes, for a worker killed for memory
+    log_tail: str = ""
 
 
 # Cost figures for reports (us-central1 on-demand list prices; confirm against Google's price page).

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
-                                JupyterActivity, LabSpec, LabState, WorkerInfo)
+                                JupyterActivity, LabSpec, LabState, WorkerInfo, WorkerProblem)
 
 HOLD, UP, DOWN = "hold", "up", "down"
 
@@ -32,7 +32,7 @@ def desired_workers(spec: LabSpec, load: DaskLoad) -> tuple[int, str]:
         want, why = spec.pinned_workers, f"pinned at {spec.pinned_workers}"
     else:
         want, why = load.adaptive_target, (f"adaptive_target={load.adaptive_target} "
-                                           f"(processing={load.processing}, queued={load.queued})")
+                                           f"(processing={load.processing}, queued={load.queued}{_memory(spec, load)})")
     clamped = min(max(want, spec.min_workers), spec.max_workers)
     if clamped != want:
         why += f", clamped to [{spec.min_workers}, {spec.max_workers}]"
@@ -46,6 +46,15 @@ def warmup_left(spec: LabSpec, state: LabState, now: float, params: ScaleParams)
         return 0.0
     start = state.ready_at if state.ready_at is not None else state.created_at
     return max(0.0, start + min(params.warmup_s, spec.idle_timeout_s) - now)
+
+
+def _memory(spec: LabSpec, load: DaskLoad) -> str:
+    """The memory part of the adaptive target's reason, when it counts (above 60 % of the workers' limits)."""
+    limit = load.workers * spec.worker_memory
+    if not limit or load.memory_bytes <= MEMORY_HIGH * limit:
+        return ""
+    return (f", memory {size(load.memory_bytes)} = {load.memory_bytes / limit:.0%} of {load.workers} × "
+            f"{size(spec.worker_memory)}")
 
 
 def _window(steps: tuple, want: int, now: float) -> tuple[tuple[int, float], ...]:
@@ -323,3 +332,86 @@ def plan_rollout(stale: int, fresh: int, joined: int, want: int) -> RolloutStep:
 
 
 REQUESTED_PHASES = (REQUESTED, PROVISIONING, INSTALLING)
+
+DEGRADED, RECOVERED = "degraded", "recovered"
+HEALTH_RECENT_S = 600.0  # a worker killed or restarted this recently still degrades the lab
+# distributed's Scheduler.adaptive_target asks for twice the workers once they hold more than 60 % of their memory
+# limits; a worker pauses at 80 % and its nanny (or the kubelet) kills it at 95 % (distributed.worker.memory.*).
+MEMORY_HIGH, MEMORY_LOW = 0.6, 0.5  # degraded above HIGH at the lab's cap; recovered below LOW
+_KINDS = ("oom-killed", "install-failed", "image-pull", "crash-looping", "pending", "restarting", "memory")
+_RAISE_MEMORY = "raise worker_resources.memory (values.worker.resources.limits.memory)"
+
+
+@dataclass(frozen=True)
+class HealthDecision:
+    action: str  # degraded, recovered or hold
+    causes: str  # the kinds of problem, "+"-joined in _KINDS order; "" when healthy
+    reason: str
+
+
+def size(n: float) -> str:
+    """Bytes as people read a memory limit: 500 MB, 3 GB."""
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+
+
+def _names(problems: list[WorkerProblem]) -> str:
+    names = sorted({p.worker for p in problems})
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _tail(problems: list[WorkerProblem]) -> str:
+    tail = next((p.log_tail for p in sorted(problems, key=lambda p: -p.at) if p.log_tail.strip()), "")
+    lines = tail.strip().splitlines()
+    while len(lines) > 1 and len("\n".join(lines)) > 400:  # whole lines, the last ones
+        lines.pop(0)
+    return f"; log tail: {chr(10).join(lines)[-400:]}" if lines else ""
+
+
+def _explain(kind: str, problems: list[WorkerProblem], spec: LabSpec) -> str:
+    names, first, restarts = _names(problems), problems[0], max(p.restarts for p in problems)
+    again = f", restarted {restarts} time(s)" if restarts else ""
+    if kind == "oom-killed":
+        limit = max(p.memory_limit for p in problems) or spec.worker_memory
+        return (f"OOM-killed: {names} exceeded the worker memory limit of {size(limit)} ({first.detail}{again}): "
+                f"{_RAISE_MEMORY}, or spread the data over more workers (workers.max)")
+    if kind == "install-failed":
+        return (f"EXTRA_PIP_PACKAGES install failed on {names} ({first.detail}{again}): fix the package list in "
+                f"values.worker.env{_tail(problems)}")
+    if kind == "image-pull":
+        return f"image pull failed for {names} ({first.detail}): check values.worker.image (repository and tag)"
+    if kind == "crash-looping":
+        return f"crash-looping: {names} ({first.detail}{again}){_tail(problems)}"
+    if kind == "pending":
+        return (f"pending: {len({p.worker for p in problems})} worker(s) cannot be scheduled ({first.detail}): "
+                f"the pool lacks nodes or quota")
+    return f"restarting: {names} ({first.detail}{again}){_tail(problems)}"
+
+
+def plan_health(spec: LabSpec, state: LabState, load: DaskLoad, problems: tuple[WorkerProblem, ...] | list,
+                now: float, recent_s: float = HEALTH_RECENT_S) -> HealthDecision:
+    """Whether the lab's workers are degraded, and why: the backend's worker problems (those ongoing or within
+    `recent_s`) plus memory pressure the lab cannot scale out of. A cause already reported (`state.degraded`) is
+    not reported again; once none is left, the lab has recovered."""
+    current = [p for p in problems if not p.at or now - p.at < recent_s]
+    found: dict[str, list[WorkerProblem]] = {}
+    for p in current:
+        found.setdefault(p.kind if p.kind in _KINDS else "restarting", []).append(p)
+    reasons = {kind: _explain(kind, ps, spec) for kind, ps in found.items()}
+    cap = spec.pinned_workers if spec.pinned_workers is not None else spec.max_workers
+    limit = load.workers * spec.worker_memory
+    held = load.memory_bytes / limit if limit else 0.0
+    pressed = "memory" in state.degraded.split("+")
+    if load.workers and load.workers >= cap and held > (MEMORY_LOW if pressed else MEMORY_HIGH):
+        how = "the pinned count" if spec.pinned_workers is not None else "its maximum"
+        reasons["memory"] = (
+            f"memory: the workers hold {size(load.memory_bytes)}, {held:.0%} of their {load.workers} × "
+            f"{size(spec.worker_memory)} limit, and the lab is at {how} of {cap} worker(s) (adaptive_target="
+            f"{load.adaptive_target}): a worker pauses at 80% of its limit and is killed at 95%. Raise workers.max "
+            f"(dasklab scale --lab {spec.name} --max N) or {_RAISE_MEMORY.removeprefix('raise ')}")
+    causes = "+".join(k for k in _KINDS if k in reasons)
+    reason = "; ".join(reasons[k] for k in _KINDS if k in reasons)
+    if causes == state.degraded:
+        return HealthDecision(HOLD, causes, reason or "workers healthy")
+    if causes:
+        return HealthDecision(DEGRADED, causes, reason)
+    return HealthDecision(RECOVERED, "", f"no cause left (was {state.degraded}): {load.workers} worker(s) joined")

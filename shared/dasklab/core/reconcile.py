@@ -19,8 +19,8 @@ from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
-from dasklab.core.policy import HOLD, ScaleParams, plan_idle_check, plan_provision_step, plan_retirement, plan_scale, \
-    plan_start, plan_teardown, plan_update
+from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
+    plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
@@ -345,6 +345,7 @@ class Controller:
     def _autoscale(self, lab: Lab, load, mid: str) -> None:
         now = self.clock()
         requested = self.backend.fetch_requested(lab)
+        lab = self._check_health(lab, load, requested, now, mid)
         decision = plan_scale(lab.spec, lab.state, load, requested, now, self.params)
         if decision.target != lab.state.target_workers or decision.remember:
             before = lab.state.target_workers
@@ -354,6 +355,26 @@ class Controller:
                 logs.decision(lab.name, f"scale-{decision.action}", before, decision.target, decision.reason, mid,
                               nodes=[lab.spec.nodes_for(before), lab.spec.nodes_for(decision.target)])
         self._converge(lab, load, requested, mid)
+
+    def _check_health(self, lab: Lab, load, requested: int, now: float, mid: str) -> Lab:
+        """Say why workers are missing: a lab-degraded event once per new set of causes, lab-recovered once none is
+        left, both recorded on the lab. The backend is asked only while workers are missing or the lab is degraded
+        (nothing extra at rest); memory pressure comes from the load itself."""
+        state = lab.state
+        missing = min(load.workers, requested) < state.target_workers
+        problems = self.backend.fetch_worker_health(lab) if missing or state.degraded else ()
+        verdict = plan_health(lab.spec, state, load, problems, now)
+        if verdict.action == HOLD:
+            return lab
+        self.events.publish({"event": f"lab-{verdict.action}", "lab": lab.name, "owner": lab.spec.owner, "time": now,
+                             "reason": verdict.reason, "causes": [c for c in verdict.causes.split("+") if c],
+                             "workers": {"joined": load.workers, "requested": requested,
+                                         "target": state.target_workers}})  # at least once: before the record
+        lab = self.backend.apply_record(self._accounted(lab, now).with_state(
+            degraded=verdict.causes, degraded_reason=verdict.reason if verdict.causes else ""))
+        logs.decision(lab.name, verdict.action, state.degraded or "healthy", verdict.causes or "healthy",
+                      verdict.reason, mid)
+        return lab
 
     def _converge(self, lab: Lab, load, requested: int, mid: str) -> None:
         """Move the backend toward the recorded target: start missing workers, retire extra ones, else settle."""
