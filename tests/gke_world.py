@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -45,9 +46,9 @@ def _call_site(method: str, url: str) -> str:
 
 
 class World:
-    def __init__(self, tmp: Path, *, worker_capacity: int = 3):
-        self.tmp, self.worker_capacity = tmp, worker_capacity
-        self.gke = GkeStandin(polls_per_operation=2).start()
+    def __init__(self, tmp: Path, *, worker_capacity: int = 3, config: Config = CONFIG, **gke_options):
+        self.tmp, self.worker_capacity, self.config = tmp, worker_capacity, config
+        self.gke = GkeStandin(**{"operation_s": 0.3, **gke_options}).start()
         self.kube = KubeStandin(TOKEN, nodes=())
         self.migs = MigStandin(self.gke).start()
         self.admin = k8s.CoreV1Api(self.kube.api_client())
@@ -78,7 +79,7 @@ class World:
         for name in ("create_cluster", "set_labels", "set_node_pool_size", "delete_cluster"):
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
-        return GkeBackend(CONFIG, clusters, lambda cluster: api, migs, sleep=lambda s: None)
+        return GkeBackend(self.config, clusters, lambda cluster: api, migs, sleep=lambda s: time.sleep(0.02))
 
     def _crash_after(self, obj, name: str):
         raw = getattr(obj, name)

@@ -279,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     gcp = argparse.ArgumentParser(add_help=False)
     gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
     gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
-                                      "else $DASKLAB_LOCATION, else us-central1)")
+                                      "else the region of $DASKLAB_LOCATION, else us-central1)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start-lab", parents=[gcp], help="provision a lab")
     s.add_argument("--lab", required=True)

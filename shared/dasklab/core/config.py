@@ -1,6 +1,7 @@
 """Controller configuration: caps, defaults and scaling parameters, read once from the environment."""
 
 import os
+import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -13,8 +14,8 @@ class Config:
     # where labs run: "local" (real processes on this machine) or "gke"
     backend: str = "local"
     project: str = ""
-    location: str = "us-central1"  # where lab clusters run
-    region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the same as `location`
+    location: str = "us-central1-a"  # where lab clusters run: a zone (one system node); a region triples the nodes
+    region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the region of `location`
     control_topic: str = "dasklab-control"
     status_topic: str = "dasklab-status"
     home: str = str(Path.home() / ".dasklab")
@@ -52,6 +53,11 @@ class Config:
     helm_image: str = "alpine/helm:3.16.3"
 
 
+def region_of(location: str) -> str:
+    """us-central1-a → us-central1; a region is its own."""
+    return re.sub(r"^([a-z]+-[a-z]+[0-9]+)-[a-z]$", r"\1", location)
+
+
 def _convert(name: str, raw: str, kind: type):
     try:
         return kind(raw)
@@ -69,7 +75,7 @@ def from_env(env: dict | None = None) -> Config:
             values[f.name] = _convert(f.name, raw, type(Config.__dataclass_fields__[f.name].default))
     values.setdefault("project", env.get("GOOGLE_CLOUD_PROJECT", ""))
     values.setdefault("backend", "gke" if values["project"] else "local")
-    values["region"] = values.get("region") or values.get("location") or Config.location
+    values["region"] = values.get("region") or region_of(values.get("location") or Config.location)
     if values["backend"] not in ("local", "gke"):
         raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
     return Config(**values)

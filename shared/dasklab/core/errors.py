@@ -27,3 +27,11 @@ class ConflictError(TransientError):
 
 class SchedulerUnreachable(TransientError):
     """The Dask scheduler's dashboard HTTP API did not answer."""
+
+
+class RateLimited(TransientError):
+    """The service refused for a rate limit (HTTP 429, a per-minute quota): retried, after `retry_after_s` at least."""
+
+    def __init__(self, message: str, retry_after_s: float = 10.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
