@@ -36,6 +36,21 @@ ERRORS = {
 }
 
 
+class _Token:
+    """Credentials with a bearer token that refreshes (google-auth retries a 401 after a refresh)."""
+
+    def __new__(cls):
+        from google.auth.credentials import Credentials
+
+        class Token(Credentials):
+            def refresh(self, request):
+                self.token = "standin-token"
+
+        creds = Token()
+        creds.token = "standin-token"
+        return creds
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str, reason: str = "invalid"):
         super().__init__(message)
@@ -64,12 +79,13 @@ class MigStandin:
     def deleted(self) -> list[str]:
         return self.gke.deleted
 
-    def fail_next(self, verb: str, kind: str) -> None:
-        """Answer the next `verb` call ("get" or "deleteInstances") with the refusal `kind` (a key of ERRORS)."""
+    def fail_next(self, verb: str, kind: str, times: int = 1) -> None:
+        """Answer the next `times` `verb` calls ("get" or "deleteInstances") with the refusal `kind` (a key of
+        ERRORS). google-auth refreshes the token and retries twice on a 401, so a 401 that stays takes times=3."""
         if kind not in ERRORS or verb not in ("get", "deleteInstances"):
             raise ValueError(f"unknown fault {verb} {kind}")
         with self._lock:
-            self._faults.append((verb, kind))
+            self._faults += [(verb, kind)] * times
     # --- lifecycle ---
 
     def start(self) -> MigStandin:
@@ -114,13 +130,12 @@ class MigStandin:
 
     def client(self):
         """The real InstanceGroupManagersClient, over REST to this stand-in."""
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud import compute_v1
         from google.cloud.compute_v1.services.instance_group_managers.transports import (
             InstanceGroupManagersRestTransport,
         )
         transport = InstanceGroupManagersRestTransport(host=self.address, url_scheme="http",
-                                                       credentials=AnonymousCredentials())
+                                                       credentials=_Token())
         return compute_v1.InstanceGroupManagersClient(transport=transport)
 
     # --- the groups, GKE's ---

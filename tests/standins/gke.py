@@ -215,6 +215,7 @@ class _Op:
     apply: Callable[[], None]
     error: status_pb2.Status | None = None
     steps: list[tuple[datetime, Callable[[], None]]] = field(default_factory=list)  # done on the way, in time order
+    started: datetime | None = None
 
 
 @dataclass
@@ -444,13 +445,13 @@ class GkeStandin(GrpcStandin):
                     op.steps.pop(0)[1]()
                 if now >= op.due:
                     self._finish(op)
-                elif op.proto.status == gke.Operation.Status.PENDING:
+                elif op.proto.status == gke.Operation.Status.PENDING and now > op.started:
                     op.proto.status = gke.Operation.Status.RUNNING
             for name, c in list(self._clusters.items()):
                 if name in self._busy:
                     continue
                 if c.status == gke.Cluster.Status.ERROR and self.error_cluster_ttl_s is not None:
-                    since = self._error_since.setdefault(name, now)
+                    since = self._error_since.setdefault(name, now)  # (a clone's error: from now)
                     if now - since >= timedelta(seconds=self.error_cluster_ttl_s):
                         self._gke_deletes(name)
                 elif (c.status == gke.Cluster.Status.RUNNING and self.auto_upgrade_after_s is not None
@@ -640,7 +641,7 @@ class GkeStandin(GrpcStandin):
             start_time=_rfc3339(now),
         )
         duration = self.operation_s if duration_s is None else duration_s
-        op = _Op(proto, cluster_name, now + timedelta(seconds=duration), apply, steps=list(steps))
+        op = _Op(proto, cluster_name, now + timedelta(seconds=duration), apply, steps=list(steps), started=now)
         self._ops[op_id] = op
         self._busy[cluster_name] = op_id
         if duration <= 0:
@@ -659,6 +660,7 @@ class GkeStandin(GrpcStandin):
         c = self._clusters.get(op.cluster)
         if c is not None:
             c.status, c.status_message = gke.Cluster.Status.ERROR, op.error.message
+            self._error_since[op.cluster] = self._now()
 
     def _get_operation(self, req: gke.GetOperationRequest) -> gke.Operation:
         name = self._name(req, "operation_id")
