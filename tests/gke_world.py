@@ -59,6 +59,7 @@ class World:
         self.stage = ""  # crash injection keys include it, so each stage crashes at each call site once
         self.crashing = False
         self.crashed: list[str] = []
+        self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
 
@@ -71,6 +72,8 @@ class World:
         def call_api(method, url, *args, **kwargs):
             response = raw(method, url, *args, **kwargs)
             if method in MUTATING:
+                if self.on_write:
+                    self.on_write(_call_site(method, url))
                 self._maybe_crash(_call_site(method, url))
             return response
 

@@ -39,6 +39,7 @@ import attrs
 import jsonpatch
 import kmock
 import kubernetes.client
+import kubernetes_validate
 import yarl
 
 Obj = dict[str, Any]
@@ -140,6 +141,22 @@ class Causes(list):
             text = msgs[0] if len(msgs) == 1 else "[" + ", ".join(msgs) + "]"
             raise fail(422, f'{kind_name} "{name}" is invalid: {text}', name=name, kind=kind_name,
                        group=kind.group if isinstance(kind, Kind) else group, causes=list(self))
+
+
+# --- the official OpenAPI schema ------------------------------------------------------------------------------------
+
+# The Kubernetes version of the labs' clusters: GKE's REGULAR channel runs 1.35 (cloud.google.com/kubernetes-engine/
+# docs/release-notes-regular), whose official schemas the kubernetes-validate package carries (strict: no unknown field)
+SCHEMA_VERSION = "1.35.0"
+
+
+def schema_problems(obj: Obj) -> list[tuple[str, str]]:
+    """(field path, message) for each way `obj` breaks the official OpenAPI schema of its kind and apiVersion."""
+    try:
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [(".".join(str(p) for p in e.absolute_path) or "<root>", e.message)]
+    return []
 
 
 # --- names, labels, selectors ---------------------------------------------------------------------------------------
@@ -970,6 +987,8 @@ class _KubeApi(kmock.KubernetesScaffold):
             causes.add("metadata.annotations", "FieldValueTooLong", "Too long: must have at most 262144 bytes")
         if kind.plural in VALIDATORS:
             VALIDATORS[kind.plural](obj, old, causes)
+        for path, message in schema_problems(obj):  # every object written, against the official schema too
+            causes.add(path, "FieldValueInvalid", f"does not match the OpenAPI schema: {message}")
         causes.raise_for(kind, name)
 
     def _update(self, kind: Kind, old: Obj, new: Any, status_only: bool = False) -> Obj:
