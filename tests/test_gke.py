@@ -367,7 +367,7 @@ def test_an_upgrade_in_the_middle_of_a_scale_down_converges_through_renamed_node
         pin(ctl, 1)
         assert upgrades, "the scale-down cordoned no node"
         with pytest.raises(TransientError, match="is currently upgrading cluster lab1|runs on cluster lab1"):
-            backend.apply_workers(lab_of(ctl), 6)  # the controller's own pool changes wait for GKE's
+            backend.apply_workers(lab_of(ctl), 15)  # 5 nodes: a resize, which waits for GKE's own operation
         drive(ctl, world, lambda: world.gke.operations[upgrades[0]].status == gke.Operation.Status.DONE
               and workers(ctl) == 1 and backend.fetch_requested(lab_of(ctl)) == 1
               and sum(world.gke.zone_counts(cluster, "workers").values()) == 1
@@ -389,15 +389,15 @@ def test_compute_rate_limits_are_retried_with_backoff(world, controller, kind, c
     drive(ctl, world, lambda: phase(ctl) == "ready")
     pin(ctl, 6)
     drive(ctl, world, lambda: workers(ctl) == 6 and world.gke.node_count(cluster, "workers") == 2)
-    world.migs.fail_next("deleteInstances", kind)
-    ctl.config = replace(ctl.config)  # (same controller: its backoff is per invocation)
-    try:
-        pin(ctl, 3)
-    except TransientError:
-        pass
+    world.migs.fail_next("deleteInstances", kind, times=2)
+    from dasklab.core.errors import RateLimited
+    with pytest.raises(RateLimited, match="rate limited"):  # the message is redelivered
+        ctl.handle(cmd(type="scale", lab="lab1", pin=3), "pin")
+    started = time.monotonic()
     drive(ctl, world, lambda: world.gke.node_count(cluster, "workers") == 1 and workers(ctl) == 3, timeout=60)
-    assert world.migs.refused == [kind] and phase(ctl) == "ready"
-    assert "rate limited" in caplog.text
+    assert world.migs.refused == [kind, kind] and phase(ctl) == "ready"
+    assert "rate limited, next try in 10s" in caplog.text  # a pass met it again: that lab waits, the pass goes on
+    assert time.monotonic() - started >= 9  # not hammered at every poll
 
 
 def test_a_compute_permission_refusal_fails_the_lab_naming_it_and_it_is_torn_down(world, controller):

@@ -51,12 +51,13 @@ class Migs:
         return self._client
 
     def target_sizes(self, urls: list[str]) -> dict[str, int]:
-        """zone → target size of each group (what GKE reports as the pool's node count in that zone)."""
+        """zone → target size of the zone's groups (what GKE reports as the pool's node count in that zone)."""
         sizes = {}
         for url in urls:
             project, zone, name = parse_mig(url)
             try:
-                sizes[zone] = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
+                size = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
+                sizes[zone] = sizes.get(zone, 0) + size  # two groups in a zone during a blue-green upgrade
             except (gexc.GoogleAPICallError, gexc.RetryError) as e:
                 raise _translate(e, f"read instance group {name}") from e
         return sizes

@@ -177,13 +177,18 @@ class Controller:
     def _fail(self, lab: Lab, reason: str, mid: str) -> None:
         """A lab the cloud refuses to manage goes to failed with the refusal as its reason (published first); the
         teardown-idle tick then deletes it. A lab already failed or tearing down only gets an ERROR line."""
-        if lab.state.phase in (FAILED, TEARING_DOWN):
-            logs.emit("ERROR", lab=lab.name, action="refused", reason=reason, message_id=mid)
+        try:
+            lab = self.backend.fetch_lab(lab.name) or lab  # the step may have recorded a decision before the refusal
+            if lab.state.phase in (FAILED, TEARING_DOWN):
+                logs.emit("ERROR", lab=lab.name, action="refused", reason=reason, message_id=mid)
+                return
+            now = self.clock()
+            self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
+                                 "reason": reason})
+            self.backend.apply_record(self._accounted(lab, now).with_state(phase=FAILED, reason=reason))
+        except TransientError as e:  # the next pass meets the refusal again and records it then
+            logs.emit("WARNING", lab=lab.name, action="mark-failed", reason=f"retry later: {e}", message_id=mid)
             return
-        now = self.clock()
-        self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                             "reason": reason})
-        self.backend.apply_record(self._accounted(lab, now).with_state(phase=FAILED, reason=reason))
         logs.emit("ERROR", lab=lab.name, action="mark-failed", **{"from": lab.state.phase, "to": FAILED},
                   reason=reason, message_id=mid)
 
