@@ -370,7 +370,8 @@ class GkeStandin(GrpcStandin):
             elif strategy == "blue-green":
                 green = []
                 for g in blue:
-                    url = g.url.replace("-grp", f"-{next(self._seq):x}-grp")
+                    prefix, _, _ = g.url.rsplit("-", 2)  # …/gke-<cluster>-<pool>-<hash>-grp: a new hash
+                    url = f"{prefix}-{hashlib.sha256(f'{g.url}/{next(self._seq)}'.encode()).hexdigest()[:8]}-grp"
                     green.append(Group(g.cluster, g.pool, g.zone, url))
                     self._groups[url] = green[-1]
                     self._resize(green[-1], len(g.instances))
@@ -713,11 +714,13 @@ class GkeStandin(GrpcStandin):
         pool_zones = self._zones(region, pool.locations or zones)
         self._check_node_config(pool.name, pool.config, pool_zones[0])
         project, cluster = CLUSTER_RE.fullmatch(cluster_name).group("project", "cluster")
-        tag = hashlib.sha256(f"{cluster_name}/{pool.name}".encode()).hexdigest()[:8]
         pool.locations = pool_zones
         pool.self_link = f"{API}/{cluster_name}/nodePools/{pool.name}"
-        pool.instance_group_urls = [  # one managed instance group per zone (NodePool.instance_group_urls docstring)
-            f"{COMPUTE}/projects/{project}/zones/{z}/instanceGroupManagers/gke-{cluster}-{pool.name}-{tag}-grp"
+        # one managed instance group per zone (NodePool.instance_group_urls docstring), each with its own hash:
+        # gke-<cluster>-<pool>-<8 hex>-grp, instances gke-<cluster>-<pool>-<8 hex>-<4 chars>
+        pool.instance_group_urls = [
+            f"{COMPUTE}/projects/{project}/zones/{z}/instanceGroupManagers/gke-{cluster}-{pool.name}-"
+            f"{hashlib.sha256(f'{cluster_name}/{pool.name}/{z}'.encode()).hexdigest()[:8]}-grp"
             for z in pool_zones
         ]
         pool.status = gke.NodePool.Status.PROVISIONING

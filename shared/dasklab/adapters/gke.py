@@ -596,10 +596,12 @@ class GkeBackend:
         return any(ref.kind == "DaemonSet" for ref in pod.metadata.owner_references or ())
 
     @staticmethod
-    def _group_of(node: str, urls: list[str]) -> str | None:
-        """The instance group a node belongs to: GKE names a pool's instances <group name without -grp>-<suffix>
-        (two groups per zone during a blue-green upgrade)."""
-        return next((u for u in urls if node.startswith(parse_mig(u)[2].removesuffix("-grp") + "-")), None)
+    def _group_of(node: str, zone: str, urls: list[str]) -> str | None:
+        """The instance group a node belongs to: one of its zone's (two per zone during a blue-green upgrade), whose
+        name without -grp begins the node's name (GKE names instances <group base>-<suffix>)."""
+        mine = [u for u in urls if parse_mig(u)[1] == zone]
+        return next((u for u in mine if node.startswith(parse_mig(u)[2].removesuffix("-grp") + "-")),
+                    mine[0] if len(mine) == 1 else None)
 
     def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube, nodes: list | None = None) -> None:
         """Delete the instances of the nodes this lab marked, once no worker of it runs there. A marked node no
@@ -625,7 +627,7 @@ class GkeBackend:
             for pod in kube.pods_on(name):  # DaemonSet pods go with the node; anything else moves first
                 if not self._daemon(pod):
                     kube.evict(pod.metadata.namespace, pod.metadata.name)
-            url = self._group_of(name, urls)
+            url = self._group_of(name, node.metadata.labels.get(ZONE_LABEL, ""), urls)
             if url is None:
                 raise PermanentError(f"node {name} is in no instance group of pool {self.config.worker_pool} "
                                      f"(zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
