@@ -155,10 +155,11 @@ class MigStandin:
             try:
                 m = PATH.fullmatch(path)
                 if m is None or (method == "POST") != bool(m["verb"]) or method not in ("GET", "POST"):
+                    # only instanceGroupManagers.get (GET) and .deleteInstances (POST) exist here (compute v1 reference)
                     raise _Refused(404, f"The requested URL {path} was not found.")
                 verb = "deleteInstances" if m["verb"] else "get"
                 fault = next((f for f in self._faults if f[0] == verb), None)
-                if fault:
+                if fault:  # an injected refusal, as ERRORS cites
                     self._faults.remove(fault)
                     self.refused.append(fault[1])
                     status, text, reason = ERRORS[fault[1]]
@@ -167,6 +168,7 @@ class MigStandin:
                 group = next((g for g in self.groups() if g.url.endswith(
                     f"/projects/{m['project']}/zones/{m['zone']}/instanceGroupManagers/{m['name']}")), None)
                 if group is None:
+                    # a group unknown in that project and zone: 404 notFound (cloud.google.com/compute/docs/api/errors)
                     raise _Refused(404, f"The resource 'projects/{m['project']}/zones/{m['zone']}/"
                                         f"instanceGroupManagers/{m['name']}' was not found")
                 if method == "GET":

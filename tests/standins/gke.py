@@ -202,7 +202,7 @@ def _rfc3339(t: datetime) -> str:
 
 def _match(regex: re.Pattern, value: str, what: str) -> re.Match:
     m = regex.fullmatch(value or "")
-    if not m:
+    if not m:  # resource names projects/P/locations/L/… (container v1 REST reference: the `name` path parameters)
         raise StandinAbort(Code.INVALID_ARGUMENT, f"Invalid {what}: {value!r}.")
     return m
 
@@ -487,7 +487,7 @@ class GkeStandin(GrpcStandin):
 
     def _cluster(self, name: str) -> gke.Cluster:
         _match(CLUSTER_RE, name, "cluster name")
-        if name not in self._clusters:
+        if name not in self._clusters:  # NOT_FOUND for an unknown cluster (projects.locations.clusters.get)
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
         return self._clusters[name]
 
@@ -501,7 +501,7 @@ class GkeStandin(GrpcStandin):
         m = _match(NODE_POOL_RE, name, "node pool name")
         c = self._standard_cluster(name.rsplit("/nodePools/", 1)[0])
         pool = next((p for p in c.node_pools if p.name == m["pool"]), None)
-        if pool is None:
+        if pool is None:  # NOT_FOUND for an unknown pool (projects.locations.clusters.nodePools.get)
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
         return c, pool
 
@@ -667,6 +667,7 @@ class GkeStandin(GrpcStandin):
         name = self._name(req, "operation_id")
         m = _match(OPERATION_RE, name, "operation name")
         op = self._ops.get(m["op"])
+        # an operation is found only under its own project and location (projects.locations.operations.get)
         if op is None or op.proto.location != m["location"] or f"/projects/{m['project']}/" not in op.proto.self_link:
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
         return op.proto
@@ -758,7 +759,7 @@ class GkeStandin(GrpcStandin):
                     Code.INVALID_ARGUMENT,
                     "Cluster.initial_node_count and Cluster.node_config cannot be set together with node_pools.",
                 )
-            if len({p.name for p in c.node_pools}) != len(c.node_pools):
+            if len({p.name for p in c.node_pools}) != len(c.node_pools):  # NodePool.name: unique in the cluster
                 raise StandinAbort(Code.INVALID_ARGUMENT, "Node pool names must be unique within a cluster.")
             if not any(p.initial_node_count for p in c.node_pools):
                 # a Standard cluster needs a node for its system pods (cloud.google.com/kubernetes-engine/docs/
