@@ -1,6 +1,7 @@
 """Test world for the GKE backend: the GKE, Kubernetes and instance-group stand-ins glued as the cloud glues them
-(pool sizes → instances → Nodes), a fake `helm` that renders what the dask/dask chart renders, and real Dask
-processes for the scheduler and for every Running worker pod (stopped when its pod goes, restarted if it exits)."""
+(pool sizes → instances → Nodes), a fake `helm` that renders what the dask/dask chart 2024.1.1 renders, and real Dask
+processes for the scheduler and for every Running worker pod, run from the rendered containers' args (workers under
+their nannies; stopped when the pod goes, restarted if they exit, as restartPolicy Always does)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 from dasklab.core.config import Config
-from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, chart_fullname
+from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge, chart_fullname
 from kubernetes import client as k8s
 
+from tests.dask_checks import LOG_LENGTH_ENV
 from tests.standins.compute import MigStandin
 from tests.standins.gke import GkeStandin
 from tests.standins.kube import KubeStandin
@@ -28,6 +30,25 @@ PROJECT, LOCATION, TOKEN = "dasklab-test", "us-central1-a", "kube-test-token"
 CONFIG = Config(backend="gke", project=PROJECT, location=LOCATION, poll_s=0.2, confirm_s=1.0, cooldown_s=0.5,
                 down_fraction=0.5, tick_budget_s=0)
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+# The defaults of the chart dask/dask 2024.1.1 (dask/values.yaml at that tag) for what its templates read below.
+CHART_DEFAULTS = {
+    "scheduler": {"image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0", "pullPolicy": "IfNotPresent"},
+                  "replicas": 1, "serviceType": "ClusterIP", "loadBalancerIP": None, "servicePort": 8786,
+                  "extraArgs": [], "resources": {}, "nodeSelector": {}, "env": None},
+    "webUI": {"servicePort": 80, "ingress": {"enabled": False}},
+    "worker": {"image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0", "pullPolicy": "IfNotPresent",
+                         "dask_worker": "dask-worker"},
+               "replicas": 3, "strategy": {"type": "RollingUpdate"}, "custom_scheduler_url": None,
+               "default_resources": {"cpu": 1, "memory": "4GiB"}, "env": None, "extraArgs": [], "resources": {},
+               "nodeSelector": {}, "portDashboard": 8790},
+    "additional_worker_groups": [],
+    "jupyter": {"enabled": True, "rbac": True, "image": {"repository": "ghcr.io/dask/dask-notebook", "tag": "2024.1.0",
+                                                         "pullPolicy": "IfNotPresent"},
+                "serviceType": "ClusterIP", "servicePort": 80,
+                "password": "sha1:aae8550c0a44:9507d45e087d5ee481a5ce9f4f16f37a0867318c", "env": None,
+                "extraConfig": "# Extra Jupyter config goes here\n# E.g\n# c.NotebookApp.port = 8888", "resources": {}, "nodeSelector": {}, "serviceAccountName": "dask-jupyter",
+                "ingress": {"enabled": False}},
+}
 
 
 class Crash(Exception):
@@ -137,15 +158,18 @@ class World:
                 self.workers[(ns, name)] = self._start_worker(ns, name, pod)
 
     def _start_worker(self, ns: str, name: str, pod: dict) -> int:
+        """The pod's container as a process: its rendered args with `dask-worker` run by this python (under a nanny,
+        as the chart's worker runs), the scheduler Service's name resolved, $(POD_NAME) expanded as the kubelet does."""
         (container,) = pod["spec"]["containers"]
-        args, env = container["args"], {e["name"]: e for e in container.get("env") or []}
-        # the pod runs `dask-worker <fullname>-scheduler:8786 … --name $(POD_NAME)`; POD_NAME is the pod's name
-        assert args[0] == "dask-worker" and args[args.index("--name") + 1] == "$(POD_NAME)", args
+        args, env = list(container["args"]), {e["name"]: e for e in container.get("env") or []}
+        assert args[0] == "dask-worker" and "--no-nanny" not in args, args
         assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-        port = self.schedulers[ns][1]
-        return spawn([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--name", name,
-                      "--nthreads", args[args.index("--nthreads") + 1], "--no-nanny", "--no-dashboard",
-                      "--host", "127.0.0.1"], env=self._env(), log_path=self.tmp / "logs" / f"{name}.log")
+        full = chart_fullname(pod["metadata"]["labels"]["release"])
+        assert args[1] == f"{full}-scheduler:8786", args
+        args[1] = f"tcp://127.0.0.1:{self.schedulers[ns][1]}"
+        args = [name if a == "$(POD_NAME)" else a for a in args[1:]]
+        return spawn([sys.executable, "-m", "distributed.cli.dask_worker", *args, "--host", "127.0.0.1"],
+                     env=self._env(), log_path=self.tmp / "logs" / f"{name}.log")
 
     def _env(self, extra: dict | None = None) -> dict:
         scratch = self.tmp / "scratch"
@@ -169,48 +193,93 @@ class World:
             return
         full = chart_fullname(release)
         self._render(ns, release, full, values)
+        # the scheduler pod's container as a process: its rendered args and env, on ports free here
+        (container,) = self.kube.get("deployments", ns, f"{full}-scheduler")["spec"]["template"]["spec"]["containers"]
         port, dash = free_port(), free_port()
-        env = {e["name"]: e["value"] for e in values["scheduler"]["env"]}
-        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                     str(port), "--dashboard-address", f"127.0.0.1:{dash}"], env=self._env(env),
-                    log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
+        args = container["args"]
+        assert args[:3] == ["dask-scheduler", "--port=8786", "--dashboard-address=:8787"], args
+        env = {e["name"]: e["value"] for e in container["env"]}
+        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
+                     f"--dashboard-address=127.0.0.1:{dash}", *args[3:], "--host", "127.0.0.1"],
+                    env=self._env({**env, **LOG_LENGTH_ENV}), log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
         self.schedulers[ns] = (pid, port)
         self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
     def _render(self, ns: str, release: str, full: str, values: dict) -> None:
-        """What the chart's templates make of the values (the parts the controller relies on)."""
-        def deployment(component: str, replicas: int, args: list, env: list, node_selector: dict) -> dict:
-            labels = {"app": "dask", "release": release, "component": component}
-            return {"apiVersion": "apps/v1", "kind": "Deployment",
-                    "metadata": {"name": f"{full}-{component}", "namespace": ns, "labels": labels},
-                    "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {"nodeSelector": node_selector, "containers": [{
-                            "name": f"{full}-{component}", "image": "ghcr.io/dask/dask", "args": args,
-                            "env": env}]}}}}
+        """What the chart dask/dask 2024.1.1 renders from the values, for every part the controller relies on: each
+        object below mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates)."""
+        v = _merge(CHART_DEFAULTS, values)
+        s, w, j, ui = v["scheduler"], v["worker"], v["jupyter"], v["webUI"]
+        # _helpers.tpl: dask.name is the chart's name (no nameOverride); dask.chart is "<name>-<version>"
+        chart = f"dask-{CONFIG.chart_version}"
 
-        def service(component: str, kind: str, ports: list) -> dict:
-            return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{full}-{component}", "namespace": ns},
-                    "spec": {"type": kind, "ports": ports,
-                             "selector": {"app": "dask", "release": release, "component": component}}}
+        def meta(name: str, component: str) -> dict:  # every template's metadata.labels
+            return {"name": name, "namespace": ns, "labels": {"app": "dask", "heritage": "Helm", "release": release,
+                                                             "chart": chart, "component": component}}
 
-        s, w, j = values["scheduler"], values["worker"], values["jupyter"]
-        limits = w["resources"]["limits"]
-        self.kube.create(deployment("scheduler", 1, ["dask-scheduler", "--port=8786", "--dashboard-address=:8787"],
-                                    s["env"], s["nodeSelector"]))
-        self.kube.create(service("scheduler", s["serviceType"], [
-            {"name": f"{full}-scheduler", "port": 8786, "targetPort": 8786},
-            {"name": f"{full}-webui", "port": 80, "targetPort": 8787}]))
-        self.kube.create(deployment("worker", w["replicas"], [
-            "dask-worker", f"{full}-scheduler:8786", "--nthreads", str(w["threads_per_worker"]), "--memory-limit",
-            str(limits["memory"]), "--no-dashboard", "--dashboard-address", "8790", *w["extraArgs"]],
-            w["env"], w["nodeSelector"]))
-        self.kube.create(deployment("jupyter", 1, [], [{"name": "DASK_SCHEDULER_ADDRESS",
-                                                         "value": f"{full}-scheduler:8786"}, *j["env"]],
-                                    j["nodeSelector"]))
-        self.kube.create(service("jupyter", j["serviceType"], [{"name": f"{full}-jupyter", "port": 80,
-                                                                 "targetPort": 8888}]))
+        def selector(component: str) -> dict:  # every template's selector and pod template labels
+            return {"app": "dask", "release": release, "component": component}
+
+        def image(component: dict) -> str:
+            return f"{component['image']['repository']}:{component['image']['tag']}"
+
+        def deployment(component: str, replicas: int, strategy: dict, container: dict, pod: dict) -> dict:
+            return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"{full}-{component}", component),
+                    "spec": {"replicas": replicas, "selector": {"matchLabels": selector(component)},
+                             "strategy": strategy, "template": {"metadata": {"labels": selector(component)},
+                                                                "spec": {"containers": [container], **pod}}}}
+
+        def quantities(resources: dict) -> dict:  # the API server answers quantities as strings ("1", not 1)
+            return {k: {q: str(n) for q, n in (block or {}).items()} for k, block in (resources or {}).items()}
+
+        def optional(**fields) -> dict:  # the templates' `{{- with … }}`: left out when empty
+            return {k: val for k, val in fields.items() if val}
+
+        # dask-scheduler-deployment.yaml
+        self.kube.create(deployment("scheduler", s["replicas"], {"type": "RollingUpdate"}, {
+            "name": f"{full}-scheduler", "image": image(s), **optional(imagePullPolicy=s["image"]["pullPolicy"]),
+            "args": ["dask-scheduler", f"--port={s['servicePort']}", "--dashboard-address=:8787", *s["extraArgs"]],
+            "ports": [{"containerPort": 8786}, {"containerPort": 8787}],
+            **optional(resources=quantities(s["resources"]), env=s["env"])}, optional(nodeSelector=s["nodeSelector"])))
+        # dask-scheduler-service.yaml
+        self.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-scheduler", "scheduler"),
+                          "spec": {"ports": [{"name": f"{full}-scheduler", "port": s["servicePort"], "targetPort": 8786},
+                                             {"name": f"{full}-webui", "port": ui["servicePort"], "targetPort": 8787}],
+                                   "selector": selector("scheduler"), "type": s["serviceType"],
+                                   **optional(loadBalancerIP=s["loadBalancerIP"])}})
+        # dask-worker-deployment.yaml: --nthreads/--memory-limit only when resources.limits is set, values quoted
+        limits = (w["resources"] or {}).get("limits")
+        sizing = ["--nthreads", str(w.get("threads_per_worker") or limits.get("cpu") or w["default_resources"]["cpu"]),
+                  "--memory-limit", str(limits.get("memory") or w["default_resources"]["memory"])] if limits else []
+        self.kube.create(deployment("worker", w["replicas"], w["strategy"], {
+            "name": f"{full}-worker", "image": image(w), "imagePullPolicy": w["image"]["pullPolicy"],
+            "args": [w["image"]["dask_worker"], w.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
+                     *sizing, "--no-dashboard", "--dashboard-address", str(w["portDashboard"]), *w["extraArgs"]],
+            "ports": [{"containerPort": w["portDashboard"], "name": "dashboard"}],
+            **optional(resources=quantities(w["resources"]), env=w["env"])}, optional(nodeSelector=w["nodeSelector"])))
+        # dask-jupyter-config.yaml: the password line (the controller sets an empty one; the token logs in)
+        config = f"c = get_config()\nc.NotebookApp.password = '{j['password']}'\n"
+        if j.get("extraConfig"):
+            config += f"\n# jupyter.extraConfig follows below\n{j['extraConfig']}\n"
+        self.kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{full}-jupyter-config", "jupyter"),
+                          "data": {"jupyter_notebook_config.py": config}})
+        # dask-jupyter-deployment.yaml
+        self.kube.create(deployment("jupyter", 1, {"type": "RollingUpdate"}, {
+            "name": f"{full}-jupyter", "image": image(j), **optional(imagePullPolicy=j["image"]["pullPolicy"]),
+            "ports": [{"containerPort": 8888}], "resources": quantities(j["resources"]),
+            "volumeMounts": [{"name": "config-volume", "mountPath": "/usr/local/etc/jupyter"}],
+            "env": [{"name": "DASK_SCHEDULER_ADDRESS", "value": f"{full}-scheduler:{s['servicePort']}"}, *(j["env"] or [])]},
+            {"volumes": [{"name": "config-volume", "configMap": {"name": f"{full}-jupyter-config"}}],
+             **optional(nodeSelector=j["nodeSelector"], serviceAccountName=j["serviceAccountName"])}))
+        # dask-jupyter-service.yaml
+        self.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-jupyter", "jupyter"),
+                          "spec": {"ports": [{"name": f"{full}-jupyter", "port": j["servicePort"], "targetPort": 8888}],
+                                   "selector": selector("jupyter"), "type": j["serviceType"]}})
+        # dask-jupyter-serviceaccount.yaml renders only with jupyter.rbac (the controller turns it off); the
+        # ingresses only when enabled (off); additional-worker-deployment.yaml for each additional group (none)
+        assert not j["rbac"] and not ui["ingress"]["enabled"] and not j["ingress"]["enabled"]
+        assert not v["additional_worker_groups"]
 
     # --- reading the world ---
 

@@ -69,6 +69,9 @@ def test_commands_through_the_local_controller(serve, home):
     connect = run(home, "connect", "cli1").stdout
     assert "local backend" in connect and "scheduler: tcp://127.0.0.1:" in connect
     assert f"dashboard: {row['dashboard']}" in connect
+    import importlib.metadata
+    installed = importlib.metadata.version("distributed")  # a local lab runs the Dask installed here
+    assert row["dask"] == installed and f"dask_version: {installed}" in connect
     run(home, "stop-lab", "--lab", "cli1")
     wait_for(lambda: status(home) == [])
     pids = [serve["pid"]]
@@ -286,7 +289,8 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
     cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a")
     with GkeStandin() as gke:
         backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None))
-        assert backend.apply_create(Lab(make_spec(name="intro"), make_state(phase="provisioning")))
+        assert backend.apply_create(Lab(make_spec(name="intro", dask_version="2025.12.0"),
+                                        make_state(phase="provisioning")))
         monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)
         assert main("connect", "intro", "--project", "demo-p") == 0
         assert main("connect", "nosuch", "--project", "demo-p") == 2
@@ -295,4 +299,5 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
     assert "credentials: gcloud container clusters get-credentials intro --location us-central1-a --project demo-p" \
         in out.out
     assert "jupyter_token: kubectl -n dasklab-intro get secret dasklab-jupyter-token" in out.out
+    assert "dask_version: 2025.12.0" in out.out  # the lab's images, recorded on its cluster
     assert "no lab named 'nosuch' on the gke backend" in out.err

@@ -20,6 +20,7 @@ from dasklab.core.reconcile import Controller
 from distributed import Client
 from google.cloud import container_v1 as gke
 
+from tests.dask_checks import alive, process_tree, recomputed
 from tests.gke_world import CONFIG, LOCATION, PROJECT, Crash, World
 
 SEED_VALUES = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
@@ -49,8 +50,10 @@ def start_msg(lab="lab1", **kw):
 def world(tmp_path, request):
     w = World(tmp_path, **getattr(request, "param", {}))
     yield w
+    tree = process_tree(w.pids())  # nannies and the workers they started
     pids = w.close()
     assert not [p for p in pids if pid_alive(p)], "a Dask process survived"
+    assert not alive(tree), "a nanny or worker process survived"
 
 
 @pytest.fixture
@@ -136,6 +139,7 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
     ready = [e for e in ctl.events.published if e["event"] == "lab-ready"]
     assert len(ready) == 1 + crashing * (len(ready) - 1)  # a crash may repeat an event, never lose it
     assert "port-forward" in ready[0]["connection"]["dashboard"]
+    assert ready[0]["connection"]["dask_version"] == CONFIG.dask_version == "2026.3.0"
     assert lab_of(ctl).version.startswith("k8s:")  # the record moved into the lab's namespace
 
     # the release: one Helm Job (a duplicate is the same Job), values enforced, no public Service
@@ -147,6 +151,13 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
     assert services and {s["spec"]["type"] for s in services} == {"ClusterIP"}  # the seed asked for LoadBalancers
     token = world.token(ns)
     assert len(token) >= 43 and token not in json.dumps(world.helm_runs)
+    # what the chart rendered: every image at the labs' Dask version, Jupyter's password line empty
+    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"]
+              for d in world.kube.list("deployments", ns) if d["metadata"]["labels"].get("chart")}
+    assert images == {"lab1-dask-scheduler": "ghcr.io/dask/dask:2026.3.0", "lab1-dask-worker": "ghcr.io/dask/dask:2026.3.0",
+                      "lab1-dask-jupyter": "ghcr.io/dask/dask-notebook:2026.3.0"}
+    config = world.kube.get("configmaps", ns, "lab1-dask-jupyter-config")["data"]["jupyter_notebook_config.py"]
+    assert "c.NotebookApp.password = ''\n" in config
 
     world.stage = "scale-up"
     with Client(world.scheduler_address(ns), timeout=20) as client:
@@ -179,6 +190,7 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
         drive(ctl, world, lambda: workers(ctl) == 1 and backend.fetch_requested(lab_of(ctl)) == 1
               and sum(world.gke.zone_counts(cluster_name, "workers").values()) == 1)
         assert sum(client.gather(futures)) == sum(range(1, 91))  # 0 lost results
+        assert recomputed(client) == 0  # on nanny workers, as the chart runs them
         survivors = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
         assert set(before) - survivors == set(retired) and len(survivors) == 1
         assert world.migs.removed_at_random == []  # GKE never chose a node

@@ -13,6 +13,8 @@ from dasklab.core.errors import ConflictError, PermanentError
 from dasklab.core.messages import parse_command
 from dasklab.core.reconcile import Controller
 
+from tests.dask_checks import LOG_LENGTH_ENV, alive, process_tree, recomputed
+
 FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
 
 
@@ -32,8 +34,10 @@ def controller(home):
     ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
     yield ctl
     pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
+    tree = process_tree(pids)  # nannies and the workers they started
     backend.stop_all()
     assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
+    assert not alive(tree), "a nanny or worker process survived the teardown"
 
 
 def drive(ctl, until, timeout=30.0, tick="reconcile"):
@@ -82,20 +86,33 @@ def test_lab_story_scales_up_and_down_without_losing_results(controller):
     assert deleted["event"] == "lab-deleted" and deleted["node_hours"] > 0 and deleted["estimated_cost_usd"] > 0
 
 
-def test_scale_down_during_running_computation_loses_nothing(controller):
+def test_scale_down_during_running_computation_loses_nothing(controller, monkeypatch):
+    """On nanny workers, as the chart runs them: 0 lost, 0 recomputed, and no retired worker comes back."""
+    for name, value in LOG_LENGTH_ENV.items():
+        monkeypatch.setenv(name, value)
     ctl, backend = controller, controller.backend
     ctl.handle(start_msg(workers={"initial": 4, "min": 1, "max": 4}), "m1")
     ready(ctl)
     drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 4)
-    address = backend.connection_info(backend.fetch_lab("lab1"))["scheduler"]
+    lab = backend.fetch_lab("lab1")
+    nannies = backend.pids(lab)[:-1]
+    address = backend.connection_info(lab)["scheduler"]
     with Client(address, timeout=20) as client:
+        assert all(w["nanny"] for w in client.scheduler_info()["workers"].values()), "each worker has its nanny"
         held = client.map(lambda x: x * 3, range(200), pure=False)  # results spread over the 4 workers
         client.gather(held)
         running = client.map(slow_inc, range(16), pure=False)  # still computing while we pin down to 1
         ctl.handle(cmd(type="scale", lab="lab1", pin=1), "m2")
         drive(ctl, lambda: backend.dashboard(backend.fetch_lab("lab1")).fetch_load().workers == 1)
-        assert sum(client.gather(held)) == 3 * sum(range(200))
+        assert sum(client.gather(held)) == 3 * sum(range(200))  # 0 lost
         assert sum(client.gather(running)) == sum(range(1, 17))
+        assert recomputed(client) == 0
+        survivor = set(backend.pids(backend.fetch_lab("lab1"))[:-1])
+        retired = process_tree(set(nannies) - survivor)
+        procs.wait_until(lambda: not alive(retired), 20, what="retired nannies and workers exiting")
+        for _ in range(10):  # their nannies closed with them: none restarts and rejoins
+            assert len(client.scheduler_info()["workers"]) == 1
+            time.sleep(0.2)
 
 
 def test_duplicate_commands_leave_the_same_state(controller):

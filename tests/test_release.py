@@ -173,3 +173,47 @@ def test_large_values_fit_compressed_too_large_are_refused_and_old_records_still
     assert decode_cluster_record(old, description)["spec"]["values"] == values
     with pytest.raises(PermanentError, match="no readable lab record"):
         decode_cluster_record({"managed-by": "dasklab", "rec0": "zzzz"}, description)
+
+
+def test_every_image_runs_the_pinned_dask_version():
+    spec = seed_spec()
+    assert spec.dask_version == Config().dask_version == "2026.3.0"
+    values = build_helm_values(spec, **POOLS)
+    assert {c: values[c]["image"] for c in ("scheduler", "worker", "jupyter")} == {
+        "scheduler": {"repository": "ghcr.io/dask/dask", "tag": "2026.3.0"},
+        "worker": {"repository": "ghcr.io/dask/dask", "tag": "2026.3.0"},
+        "jupyter": {"repository": "ghcr.io/dask/dask-notebook", "tag": "2026.3.0"}}
+    other = build_spec(parse_command(json.dumps({"v": 1, "type": "start-lab", "lab": "a", "owner": "b"})),
+                       Config(dask_version="2025.12.0"))
+    assert build_helm_values(other, **POOLS)["worker"]["image"]["tag"] == "2025.12.0"
+
+
+def test_a_custom_repository_is_allowed_when_its_tag_states_the_dask_version():
+    spec = seed_spec(values={"worker": {"image": {"repository": "example.org/lab/dask", "tag": "2025.12.0-py3.12"}}})
+    assert spec.dask_version == "2025.12.0"
+    values = build_helm_values(spec, **POOLS)
+    assert values["worker"]["image"] == {"repository": "example.org/lab/dask", "tag": "2025.12.0-py3.12"}
+    assert values["scheduler"]["image"] == {"repository": "ghcr.io/dask/dask", "tag": "2025.12.0"}
+
+
+@pytest.mark.parametrize("component, tag, rule", [
+    ("worker", "2024.1.0", "Dask 2024.1.0 is outside 2025.9.0 ≤ Dask ≤ 2026.3.x"),
+    ("scheduler", "2026.6.0", "Dask 2026.6.0 is outside 2025.9.0 ≤ Dask ≤ 2026.3.x"),
+    ("jupyter", "latest", "'latest' states no Dask version; labs run 2025.9.0 ≤ Dask ≤ 2026.3.x"),
+])
+def test_an_image_tag_outside_the_window_is_refused_naming_the_field(component, tag, rule):
+    with pytest.raises(ValidationError) as err:
+        seed_spec(values={component: {"image": {"repository": "example.org/dask", "tag": tag}}})
+    assert err.value.field == f"values.{component}.image.tag" and err.value.rule.startswith(rule)
+
+
+def test_components_stating_different_dask_versions_are_refused():
+    with pytest.raises(ValidationError, match="values.worker.image.tag: every component must run the same Dask"):
+        seed_spec(values={"scheduler": {"image": {"tag": "2026.3.0"}}, "worker": {"image": {"tag": "2025.12.0"}}})
+
+
+def test_the_configured_dask_version_is_checked_when_the_config_is_read():
+    from dasklab.core.config import from_env
+    assert from_env({"DASKLAB_DASK_VERSION": "2025.9.1"}).dask_version == "2025.9.1"
+    with pytest.raises(ValidationError, match="DASKLAB_DASK_VERSION: Dask 2026.8.0 is outside"):
+        from_env({"DASKLAB_DASK_VERSION": "2026.8.0"})

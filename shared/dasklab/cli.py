@@ -97,6 +97,7 @@ def fetch_status(cfg) -> list[dict]:
             "processing": load.processing if load else None, "queued": load.queued if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
             "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
+            "dask": backend.connection_info(lab).get("dask_version"),
             "reason": lab.state.reason})
     return rows
 
@@ -134,7 +135,7 @@ def cmd_status(a, cfg) -> int:
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
     for col in ("lab", "owner", "phase", "workers cur/target/min/max", "processing", "queued", "idle for", "age",
-                "dashboard"):
+                "dashboard", "dask"):
         table.add_column(col)
     for r in rows:
         w = r["workers"]
@@ -142,7 +143,7 @@ def cmd_status(a, cfg) -> int:
                       f"{'-' if w['current'] is None else w['current']}/{w['target']}/{w['min']}/{w['max']}",
                       str(r["processing"] if r["processing"] is not None else "-"),
                       str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
-                      r["dashboard"] or "-")
+                      r["dashboard"] or "-", r["dask"] or "-")
     Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
     return 0
 

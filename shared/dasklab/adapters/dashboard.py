@@ -6,6 +6,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Callable, Protocol
 
+from dasklab.core import logs
 from dasklab.core.errors import SchedulerUnreachable
 from dasklab.core.model import DaskLoad, WorkerInfo
 
@@ -18,6 +19,20 @@ SCHEDULER_HTTP_ROUTES = [
     "distributed.http.proxy",
     "distributed.http.statics",
 ]
+# Every call the controller makes to the scheduler's HTTP API and every field it reads from the answer (a request's
+# body fields for a POST). tests/test_scheduler_contract.py proves each one on the labs' pinned Dask and on the
+# installed one, and fails when the code here uses a path or a field this does not list.
+SCHEDULER_API: dict[str, tuple[str, ...]] = {
+    "GET /health": (),
+    "GET /json/counts.json": ("workers", "processing", "clients", "desired_workers", "tasks", "released", "erred",
+                              "memory", "waiting", "unrunnable"),
+    "GET /api/v1/adaptive_target": ("workers",),
+    "GET /api/v1/check_idle": ("idle_since",),
+    "GET /api/v1/get_workers": ("workers", "address", "name"),
+    "GET /json/identity.json": ("workers", "metrics", "task_counts", "executing", "ready", "memory", "waiting",
+                                "managed_bytes"),
+    "POST /api/v1/retire_workers": ("workers",),  # answered with a mapping keyed by the retired addresses
+}
 FIRE_AND_FORGET_CLIENTS = 1  # the scheduler always counts its own "fire-and-forget" client
 
 
@@ -102,7 +117,7 @@ class Dashboard:
         /json/identity.json answers 500 while tasks run (distributed 2026.8 cannot encode its tuple-keyed
         task counts), so membership comes from /api/v1/get_workers and load is best effort.
         """
-        listed = _json(self.transport.get("/api/v1/get_workers"), "get_workers")["workers"]
+        listed = self._listed()
         try:
             identity = _json(self.transport.get("/json/identity.json"), "identity.json").get("workers", {})
         except SchedulerUnreachable:
@@ -111,9 +126,24 @@ class Dashboard:
                                         load=_worker_load(identity.get(w["address"], {}))) for w in listed),
                             key=lambda w: w.name))
 
+    def _listed(self) -> list[dict]:
+        return _json(self.transport.get("/api/v1/get_workers"), "get_workers")["workers"]
+
     def apply_retire(self, addresses: list[str]) -> list[str]:
-        """Retire workers gracefully: the scheduler moves their data to the others, then closes them."""
+        """Retire workers gracefully: the scheduler moves their data to the others, then removes them. Returns
+        the addresses retired.
+
+        A failed call is not the end of it: distributed < 2025.9.0 answers 500 although it retired them, and a
+        timeout may come after the retirement was done. The workers are read again: those that left the
+        scheduler are retired; those still there are not (the caller keeps them, a later pass tries again).
+        """
         if not addresses:
             return []
-        raw = self.transport.post("/api/v1/retire_workers", json.dumps({"workers": addresses}).encode())
-        return sorted(_json(raw, "retire_workers"))
+        try:
+            raw = self.transport.post("/api/v1/retire_workers", json.dumps({"workers": addresses}).encode())
+            return sorted(_json(raw, "retire_workers"))
+        except SchedulerUnreachable as e:
+            left = sorted(set(addresses) - {w["address"] for w in self._listed()})
+            logs.emit("WARNING", action="retire-reread", reason=f"retire_workers failed ({e}); {len(left)} of "
+                      f"{len(addresses)} left the scheduler: those are retired", workers=left)
+            return left

@@ -535,7 +535,11 @@ class GkeBackend:
             want = str(LOW_COST) if pod.metadata.name in retiring else None
             if (pod.metadata.annotations or {}).get(DELETION_COST) != want:
                 kube.set_deletion_cost(place.namespace, pod.metadata.name, want and LOW_COST)
-        dashboard.apply_retire(addresses)  # the scheduler moves their results to the survivors first
+        # the scheduler moves their results to the survivors first; a worker it did not retire keeps its pod
+        retired = {names[a] for a in dashboard.apply_retire(addresses) if a in names}
+        for name in sorted(retiring - retired):
+            kube.set_deletion_cost(place.namespace, name, None)
+        target, retiring = target + len(retiring - retired), retired
         on_node: dict[str, set[str]] = {}
         for pod in pods:
             on_node.setdefault(pod.spec.node_name or "", set()).add(pod.metadata.name)
@@ -662,7 +666,7 @@ class GkeBackend:
         place, cfg = place_of(lab.name), self.config
         ns, full = place.namespace, place.fullname
         info = {
-            "cluster": place.cluster, "namespace": ns,
+            "cluster": place.cluster, "namespace": ns, "dask_version": lab.spec.dask_version or cfg.dask_version,
             "credentials": f"gcloud container clusters get-credentials {place.cluster} --location {cfg.location} "
                            f"--project {cfg.project}",
             "dashboard": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8787:80  # then http://localhost:8787",

@@ -1,6 +1,7 @@
 """Local backend adapter: a lab is a real Dask scheduler and worker processes on 127.0.0.1, its record a file."""
 
 import fcntl
+import importlib.metadata
 import json
 import os
 import shutil
@@ -17,6 +18,20 @@ from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
+
+
+def installed_dask_version() -> str:
+    """The distributed version a local lab runs: the one installed here (local labs run no image)."""
+    return importlib.metadata.version("distributed")
+
+
+def build_worker_argv(python: str, scheduler: str, name: str, nthreads: int, memory_limit: int) -> list[str]:
+    """A local worker as the chart runs one (`dask-worker`, under a nanny), with `python`'s distributed.
+
+    The nanny is its parent in the same process group: stopping the group stops both, and a worker retired by
+    the scheduler closes its nanny too (distributed ≥ 2024.2.1), so it never comes back."""
+    return [python, "-m", "distributed.cli.dask_worker", scheduler, "--name", name, "--nthreads", str(nthreads),
+            "--memory-limit", str(memory_limit), "--nanny", "--no-dashboard", "--host", "127.0.0.1"]
 
 
 def _node_of(worker_name: str) -> str:
@@ -183,10 +198,9 @@ class LocalBackend:
                 name = f"{node}-w{local['next_worker']}"
                 local["next_worker"] += 1
                 threads = max(1, int(lab.spec.worker_cpu))
-                pid = spawn([sys.executable, "-m", "distributed.cli.dask_worker",
-                             f"tcp://127.0.0.1:{sched['port']}", "--name", name, "--nthreads", str(threads),
-                             "--memory-limit", str(lab.spec.worker_memory), "--no-nanny", "--no-dashboard",
-                             "--host", "127.0.0.1"], env=self._env(lab), log_path=self._log(lab, name))
+                pid = spawn(build_worker_argv(sys.executable, f"tcp://127.0.0.1:{sched['port']}", name, threads,
+                                              lab.spec.worker_memory),
+                            env=self._env(lab), log_path=self._log(lab, name))
                 local["workers"][name] = {"pid": pid, "node": node}
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
@@ -232,7 +246,7 @@ class LocalBackend:
 
     def connection_info(self, lab: Lab) -> dict:
         sched = self._local(lab)["scheduler"] or {}
-        return {"scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
+        return {"dask_version": installed_dask_version(), "scheduler": f"tcp://127.0.0.1:{sched.get('port')}",
                 "dashboard": f"{self._dashboard_url(sched)}/status" if sched else None,
                 "how": "from Python on this machine: distributed.Client('<scheduler>')"}
 

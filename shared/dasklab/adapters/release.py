@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES
+from dasklab.core.config import Config
 from dasklab.core.model import MANAGED_BY, LabSpec
 
 CHART = "dask"  # the official chart dask/dask
@@ -16,6 +17,9 @@ TOKEN_KEY = "token"
 INSTALLER = "dasklab-helm"  # ServiceAccount, Role and RoleBinding of the install Job, limited to the namespace
 JUPYTER_PORT = 8888
 WEBUI_PORT = 80  # the chart's webUI.servicePort: the scheduler Service's dashboard port
+# The images of the chart 2024.1.1 (values.yaml: scheduler/worker.image.repository, jupyter.image.repository);
+# the controller sets their tag to the lab's Dask version.
+IMAGES = {"scheduler": "ghcr.io/dask/dask", "worker": "ghcr.io/dask/dask", "jupyter": "ghcr.io/dask/dask-notebook"}
 
 # What every lab gets unless its values say otherwise (the scheduler and Jupyter share the system pool).
 CONTROLLER_DEFAULTS = {
@@ -51,6 +55,18 @@ def _cpu(cores: float):
     return int(cores) if float(cores).is_integer() else f"{round(cores * 1000)}m"
 
 
+def build_images(spec: LabSpec, values: dict) -> dict:
+    """Each component's `image`: the chart's repository (or the request's) at the lab's Dask version (or the
+    request's tag, which states that version: build_spec checked it)."""
+    version = spec.dask_version or Config.dask_version
+    images = {}
+    for component, repository in IMAGES.items():
+        image = (values.get(component) or {}).get("image") or {}
+        images[component] = {"repository": image.get("repository") or repository,
+                             "tag": str(image["tag"]) if image.get("tag") is not None else version}
+    return images
+
+
 def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> dict:
     """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
 
@@ -59,9 +75,11 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> d
     alone on the worker pool and are named after their pods (so a Dask worker maps to its pod and node);
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
-    Secret, has no RBAC to scale workers, and the chart's known default password is removed.
+    Secret, has no RBAC to scale workers, and the chart's known default password is removed. Every image runs the
+    lab's Dask version (`build_images`).
     """
     values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
+    images = build_images(spec, values)
 
     def on(pool: str) -> dict:
         return {POOL_LABEL: pool}
@@ -74,16 +92,17 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> d
         del user_args[i:i + 2]
     enforced = {
         "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
+                      "image": images["scheduler"],
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
-        "worker": {"replicas": spec.initial_workers, "resources": {"limits": dict(quantity), "requests": quantity},
+        "worker": {"replicas": spec.initial_workers, "image": images["worker"], "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {
                        "fieldRef": {"fieldPath": "metadata.name"}}}]),
                    "extraArgs": user_args + ["--name", "$(POD_NAME)"]},
         "additional_worker_groups": [],
-        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "serviceAccountName": None, "password": "",
+        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"], "serviceAccountName": None, "password": "",
                     "ingress": {"enabled": False}, "nodeSelector": on(system_pool),
                     "env": _with_env(jupyter.get("env"), [{"name": "JUPYTER_TOKEN", "valueFrom": {
                         "secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}])},

@@ -8,6 +8,32 @@ from pathlib import Path
 
 from dasklab.core.errors import ValidationError
 
+# The Dask versions a lab may run under the chart: distributed 2025.9.0 fixed the 500 from retire_workers and
+# 2024.2.1 the nanny reviving a retired worker; 2026.6.0 removed the `dask-scheduler`/`dask-worker` commands the
+# chart 2024.1.1 runs. The default, 2026.3.0, is the newest release inside (README "The labs' Dask version").
+DASK_WINDOW = ((2025, 9, 0), (2026, 3))  # from 2025.9.0 up to any 2026.3.x
+DASK_WINDOW_TEXT = "2025.9.0 ≤ Dask ≤ 2026.3.x"
+_VERSION = re.compile(r"^v?(\d{4})\.(\d{1,2})\.(\d{1,3})(?![\d.])")
+
+
+def dask_version_of(tag: str) -> str | None:
+    """The Dask version an image tag states ('2026.3.0', '2026.3.0-py3.12' → '2026.3.0'), None if none."""
+    m = _VERSION.match(str(tag))
+    return ".".join(str(int(g)) for g in m.groups()) if m else None
+
+
+def check_dask_version(field: str, tag: str) -> str:
+    """The version `tag` states, if inside the window; ValidationError(field, …) otherwise."""
+    version = dask_version_of(tag)
+    if version is None:
+        raise ValidationError(field, f"{tag!r} states no Dask version; labs run {DASK_WINDOW_TEXT} "
+                                     "(a tag like 2026.3.0 or 2026.3.0-py3.12)")
+    parts = tuple(int(p) for p in version.split("."))
+    if not DASK_WINDOW[0] <= parts or parts[:2] > DASK_WINDOW[1]:
+        raise ValidationError(field, f"Dask {version} is outside {DASK_WINDOW_TEXT}: the chart runs dask-scheduler/"
+                                     "dask-worker (removed in 2026.6.0), and retiring workers needs 2025.9.0")
+    return version
+
 
 @dataclass(frozen=True)
 class Config:
@@ -51,6 +77,8 @@ class Config:
     chart_repo: str = "https://helm.dask.org"
     chart_version: str = "2024.1.1"  # the official dask/dask chart, pinned
     helm_image: str = "alpine/helm:3.16.3"
+    # the Dask version of every lab's images (scheduler, workers, Jupyter): inside DASK_WINDOW
+    dask_version: str = "2026.3.0"
 
 
 def region_of(location: str) -> str:
@@ -78,6 +106,8 @@ def from_env(env: dict | None = None) -> Config:
     values["region"] = values.get("region") or region_of(values.get("location") or Config.location)
     if values["backend"] not in ("local", "gke"):
         raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
+    if "dask_version" in values:
+        values["dask_version"] = check_dask_version("DASKLAB_DASK_VERSION", values["dask_version"])
     return Config(**values)
 
 

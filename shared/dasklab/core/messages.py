@@ -8,7 +8,7 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
-from dasklab.core.config import Config
+from dasklab.core.config import Config, check_dask_version
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
 
@@ -129,8 +129,21 @@ class _EnvVar(_Open):
             raise ValueError("EXTRA_PIP_PACKAGES may hold package specs only, no shell characters ; & | ` $ < > \\")
 
 
+class _Image(_Open):
+    repository: str | None = None  # any repository, as long as the tag states the Dask version
+    tag: str | int | float | None = None
+
+    def __post_init__(self):
+        if self.tag is not None:
+            try:
+                check_dask_version("", str(self.tag))
+            except ValidationError as e:
+                raise _Refusal("tag", e.rule) from None
+
+
 class _Component(_Open):
     serviceType: str | None = None
+    image: _Image | None = None
     replicas: _Count | None = None
     resources: _ResourceBlock | None = None
     env: list[_EnvVar] | None = None
@@ -354,6 +367,20 @@ def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = Non
                               f"nodes, above the controller cap max_nodes={config.max_nodes}")
 
 
+def _dask_version(cmd: StartLab, config: Config) -> str:
+    """The Dask version the lab runs: the one its values' image tags state (all alike), else the config's."""
+    stated = {}
+    for name in ("scheduler", "worker", "jupyter"):
+        component = getattr(cmd.chart, name)
+        if component and component.image and component.image.tag is not None:
+            stated[f"values.{name}.image.tag"] = check_dask_version("", str(component.image.tag))
+    if len(set(stated.values())) > 1:
+        field = sorted(stated)[-1]
+        raise ValidationError(field, "every component must run the same Dask version; the tags state "
+                                     + ", ".join(f"{f}={v}" for f, v in sorted(stated.items())))
+    return next(iter(stated.values()), config.dask_version)
+
+
 def build_spec(cmd: StartLab, config: Config) -> LabSpec:
     """The lab's desired spec from a start-lab: fill defaults from the config and the chart values."""
     worker = cmd.chart.worker
@@ -375,6 +402,7 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
         max_lifetime_s=cmd.max_lifetime or min(config.default_lifetime_s, config.max_lifetime_s),
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
+        dask_version=_dask_version(cmd, config),
     )
     cpu_node, mem_node = MACHINE_TYPES[spec.machine_type]
     if cpu > cpu_node or memory > mem_node * 2**30:

@@ -61,6 +61,7 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
+    dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
 
     @property
     def workers_per_node(self) -> int:

