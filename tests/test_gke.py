@@ -380,10 +380,16 @@ def test_an_upgrade_in_the_middle_of_a_scale_down_converges_through_renamed_node
         assert upgrades, "the scale-down cordoned no node"
         with pytest.raises(TransientError, match="is currently upgrading cluster lab1|runs on cluster lab1"):
             backend.apply_workers(lab_of(ctl), 15)  # 5 nodes: a resize, which waits for GKE's own operation
-        drive(ctl, world, lambda: world.gke.operations[upgrades[0]].status == gke.Operation.Status.DONE
-              and workers(ctl) == 1 and backend.fetch_requested(lab_of(ctl)) == 1
-              and sum(world.gke.zone_counts(cluster, "workers").values()) == 1
-              and not world.kube.list("nodes", None, "dasklab/removing"), timeout=90)
+        def state():
+            return (world.gke.operations[upgrades[0]].status == gke.Operation.Status.DONE, workers(ctl),
+                    backend.fetch_requested(lab_of(ctl)), world.gke.zone_counts(cluster, "workers"),
+                    [n["metadata"]["name"] for n in world.kube.list("nodes", None, "dasklab/removing")])
+
+        try:
+            drive(ctl, world, lambda: (s := state())[0] and s[1:3] == (1, 1) and sum(s[3].values()) == 1
+                  and not s[4], timeout=90)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: (upgrade done, workers, requested, nodes per zone, marked) = {state()}")
         assert sum(client.gather(futures)) == sum(range(1, 13))  # 0 lost (recomputed if a node went)
     after = set(world.migs.nodes())
     assert not (after & before) - {n for n in before if n.startswith(("gke-lab1-system",))} or strategy == "surge"

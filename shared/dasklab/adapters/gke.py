@@ -569,13 +569,14 @@ class GkeBackend:
             cluster = self._get(place) or cluster
         kube = self._kube(place, cluster)
         nodes = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool}")  # one call at rest
-        if self._mark_excess_nodes(lab, kube, nodes):
+        if self._mark_excess_nodes(lab, cluster, kube, nodes):
             nodes = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool}")
         self._remove_marked_nodes(lab, cluster, kube, nodes)
 
-    def _mark_excess_nodes(self, lab: Lab, kube: Kube, nodes: list) -> bool:
+    def _mark_excess_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube, nodes: list) -> bool:
         """Cordon and mark the empty worker nodes beyond `nodes_for(target)`, once every worker of the target runs.
-        True if it marked any."""
+        The pool's instance groups say how many nodes there are (Node objects lag behind an upgrade's changes), and
+        only nodes of its current groups are candidates. True if it marked any."""
         place = place_of(lab.name)
         target = lab.state.target_workers
         unmarked = [n for n in nodes if REMOVING_LABEL not in (n.metadata.labels or {})]
@@ -586,8 +587,13 @@ class GkeBackend:
         if kube.replicas(place.namespace, place.workers) != target or len(pods) != target \
                 or any(not p.spec.node_name for p in pods):
             return False  # workers still come or go: a node that looks empty may be about to get one
+        urls = list(self._worker_pool(cluster).instance_group_urls)
+        excess = min(excess, sum(self.migs.target_sizes(urls).values()) - lab.spec.nodes_for(target))
+        if excess <= 0:
+            return False
         busy = {p.spec.node_name for p in pods}
         empty = sorted(n.metadata.name for n in unmarked if n.metadata.name not in busy
+                       and any(n.metadata.name.startswith(parse_mig(u)[2].removesuffix("-grp") + "-") for u in urls)
                        and not any(not self._daemon(p) for p in kube.pods_on(n.metadata.name)))[:excess]
         for name in empty:
             kube.cordon(name, {REMOVING_LABEL: place.namespace})
