@@ -7,5 +7,5 @@ from dasklab.entry import handle_event
 
 @functions_framework.cloud_event
 def control(cloud_event):
-    """Commands (start-lab, stop-lab, keep-alive, scale) and timer ticks, all from the control topic."""
+    """Commands (start-lab, update-lab, stop-lab, keep-alive, scale) and timer ticks, all from the control topic."""
     handle_event(cloud_event.data, cloud_event["id"])

@@ -22,6 +22,26 @@ def make_state(**kw) -> LabState:
     return LabState(**{**base, **kw})
 
 
+@pytest.fixture(scope="session")
+def firestore_emulator(tmp_path_factory):
+    """The Google Cloud CLI's Firestore emulator on 127.0.0.1, started once for the session and stopped after."""
+    from dasklab.adapters import procs
+    if procs.find_firestore_emulator() is None:
+        pytest.fail("the Firestore emulator (Google Cloud CLI component cloud-firestore-emulator, Java 17) is needed")
+    with procs.start_firestore_emulator(tmp_path_factory.mktemp("firestore")) as emulator:
+        yield emulator
+    assert not procs.pid_alive(emulator.proc.pid)
+
+
+@pytest.fixture
+def firestore_tombstones(firestore_emulator, monkeypatch):
+    """Tombstones in the emulator, in a project of their own (nothing shared between tests)."""
+    import uuid
+    from dasklab.adapters.firestore import FirestoreTombstones
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+    return FirestoreTombstones(f"test-{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture
 def home(tmp_path):
     return tmp_path / "home"

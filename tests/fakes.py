@@ -29,6 +29,7 @@ class FakeLab:
     polls: int = 0
     workers: list = field(default_factory=list)
     next_worker: int = 0
+    revision: int = 1  # the revision its (fake) release runs
     load: FakeLoad = field(default_factory=FakeLoad)
 
 
@@ -137,6 +138,14 @@ class FakeBackend:
     def apply_settle(self, lab):
         pass
 
+    def apply_environment(self, spec):
+        pass
+
+    def apply_update(self, lab):
+        rec = self._get(lab)  # replaced at once: the in-memory lab has no environment to change
+        done, rec.revision = rec.revision == lab.spec.revision, lab.spec.revision
+        return done
+
     def apply_delete(self, lab):
         rec = self._get(lab)
         if rec.cluster == "creating":
@@ -145,7 +154,10 @@ class FakeBackend:
             rec.cluster = "deleting"
 
     def apply_forget(self, lab):
-        self.labs.pop(lab.name, None)
+        rec = self.labs.get(lab.name)
+        if rec is not None and str(rec.version) != lab.version:
+            raise ConflictError(f"{lab.name}: stale version {lab.version}")
+        return self.labs.pop(lab.name, None) is not None
 
     def connection_info(self, lab):
         return {"dashboard": f"fake://{lab.name}"}

@@ -192,6 +192,10 @@ class World:
             self.kube.complete_job(ns, name, succeeded=False, log="Error: INSTALLATION FAILED: chart not found\n")
             return
         full = chart_fullname(release)
+        if ns in self.schedulers:  # helm upgrade of an installed release: a new revision of its objects
+            self._upgrade(ns, release, full, values)
+            self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
+            return
         self._render(ns, release, full, values)
         # the scheduler pod's container as a process: its rendered args and env, on ports free here
         (container,) = self.kube.get("deployments", ns, f"{full}-scheduler")["spec"]["template"]["spec"]["containers"]
@@ -206,9 +210,41 @@ class World:
         self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
-    def _render(self, ns: str, release: str, full: str, values: dict) -> None:
+    def _upgrade(self, ns: str, release: str, full: str, values: dict) -> None:
+        """`helm upgrade`: each Deployment replaced by the one the new values render (a changed pod template gives
+        the Deployment a new ReplicaSet, its pods replacing the old); the scheduler's process restarts when its
+        Deployment's template changed. The other objects are left as they are."""
+        apps = k8s.AppsV1Api(self.kube.api_client())
+        rendered: list[dict] = []
+        self._render(ns, release, full, values, out=rendered)
+        for obj in rendered:
+            if obj["kind"] != "Deployment":
+                continue
+            name = obj["metadata"]["name"]
+            old = self.kube.get("deployments", ns, name)
+            if (old["spec"]["template"], old["spec"]["replicas"]) == (obj["spec"]["template"], obj["spec"]["replicas"]):
+                continue
+            apps.replace_namespaced_deployment(name, ns, {**obj, "metadata": {
+                **obj["metadata"], "resourceVersion": old["metadata"]["resourceVersion"]}})
+            if name.endswith("-scheduler"):  # its pod replaced: the process restarts on the same port
+                pid, port = self.schedulers[ns]
+                stop_pid_group(pid)
+                (container,) = obj["spec"]["template"]["spec"]["containers"]
+                env, dash = {e["name"]: e["value"] for e in container["env"]}, free_port()
+                pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
+                             f"--dashboard-address=127.0.0.1:{dash}", *container["args"][3:], "--host", "127.0.0.1"],
+                            env=self._env({**env, **LOG_LENGTH_ENV}),
+                            log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
+                self.schedulers[ns] = (pid, port)
+                self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
+
+    def _render(self, ns: str, release: str, full: str, values: dict, out: list | None = None) -> None:
         """What the chart dask/dask 2024.1.1 renders from the values, for every part the controller relies on: each
-        object below mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates)."""
+        object below mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates).
+        Created, or appended to `out` (an upgrade compares them with what runs)."""
+        def make(obj: dict) -> None:
+            self.kube.create(obj) if out is None else out.append(obj)
+
         v = _merge(CHART_DEFAULTS, values)
         s, w, j, ui = v["scheduler"], v["worker"], v["jupyter"], v["webUI"]
         # _helpers.tpl: dask.name is the chart's name (no nameOverride); dask.chart is "<name>-<version>"
@@ -237,13 +273,13 @@ class World:
             return {k: val for k, val in fields.items() if val}
 
         # dask-scheduler-deployment.yaml
-        self.kube.create(deployment("scheduler", s["replicas"], {"type": "RollingUpdate"}, {
+        make(deployment("scheduler", s["replicas"], {"type": "RollingUpdate"}, {
             "name": f"{full}-scheduler", "image": image(s), **optional(imagePullPolicy=s["image"]["pullPolicy"]),
             "args": ["dask-scheduler", f"--port={s['servicePort']}", "--dashboard-address=:8787", *s["extraArgs"]],
             "ports": [{"containerPort": 8786}, {"containerPort": 8787}],
             **optional(resources=quantities(s["resources"]), env=s["env"])}, optional(nodeSelector=s["nodeSelector"])))
         # dask-scheduler-service.yaml
-        self.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-scheduler", "scheduler"),
+        make({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-scheduler", "scheduler"),
                           "spec": {"ports": [{"name": f"{full}-scheduler", "port": s["servicePort"], "targetPort": 8786},
                                              {"name": f"{full}-webui", "port": ui["servicePort"], "targetPort": 8787}],
                                    "selector": selector("scheduler"), "type": s["serviceType"],
@@ -252,7 +288,7 @@ class World:
         limits = (w["resources"] or {}).get("limits")
         sizing = ["--nthreads", str(w.get("threads_per_worker") or limits.get("cpu") or w["default_resources"]["cpu"]),
                   "--memory-limit", str(limits.get("memory") or w["default_resources"]["memory"])] if limits else []
-        self.kube.create(deployment("worker", w["replicas"], w["strategy"], {
+        make(deployment("worker", w["replicas"], w["strategy"], {
             "name": f"{full}-worker", "image": image(w), "imagePullPolicy": w["image"]["pullPolicy"],
             "args": [w["image"]["dask_worker"], w.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
                      *sizing, "--no-dashboard", "--dashboard-address", str(w["portDashboard"]), *w["extraArgs"]],
@@ -262,10 +298,10 @@ class World:
         config = f"c = get_config()\nc.NotebookApp.password = '{j['password']}'\n"
         if j.get("extraConfig"):
             config += f"\n# jupyter.extraConfig follows below\n{j['extraConfig']}\n"
-        self.kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{full}-jupyter-config", "jupyter"),
+        make({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{full}-jupyter-config", "jupyter"),
                           "data": {"jupyter_notebook_config.py": config}})
         # dask-jupyter-deployment.yaml
-        self.kube.create(deployment("jupyter", 1, {"type": "RollingUpdate"}, {
+        make(deployment("jupyter", 1, {"type": "RollingUpdate"}, {
             "name": f"{full}-jupyter", "image": image(j), **optional(imagePullPolicy=j["image"]["pullPolicy"]),
             "ports": [{"containerPort": 8888}], "resources": quantities(j["resources"]),
             "volumeMounts": [{"name": "config-volume", "mountPath": "/usr/local/etc/jupyter"}],
@@ -273,7 +309,7 @@ class World:
             {"volumes": [{"name": "config-volume", "configMap": {"name": f"{full}-jupyter-config"}}],
              **optional(nodeSelector=j["nodeSelector"], serviceAccountName=j["serviceAccountName"])}))
         # dask-jupyter-service.yaml
-        self.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-jupyter", "jupyter"),
+        make({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-jupyter", "jupyter"),
                           "spec": {"ports": [{"name": f"{full}-jupyter", "port": j["servicePort"], "targetPort": 8888}],
                                    "selector": selector("jupyter"), "type": j["serviceType"]}})
         # dask-jupyter-serviceaccount.yaml renders only with jupyter.rbac (the controller turns it off); the

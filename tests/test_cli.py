@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 import pytest
 
@@ -29,12 +30,13 @@ def status(home) -> list[dict]:
 
 
 @pytest.fixture
-def serve(home, tmp_path):
+def serve(home, tmp_path, request):
+    """`dasklab local serve` (with the options of an indirect parameter, if any); its output in serve.log."""
     env = {**os.environ, "DASKLAB_HOME": str(home), "DASKLAB_POLL_S": "0.5", "DASKLAB_CONFIRM_S": "2"}
     env.pop("PUBSUB_EMULATOR_HOST", None)
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*DASKLAB, "local", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([*DASKLAB, "local", "serve", *getattr(request, "param", ())], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     procs.wait_until(lambda: (home / "serve.json").exists() or proc.poll() is not None, 60, what="local serve")
     assert proc.poll() is None, (tmp_path / "serve.log").read_text()
     info = json.loads((home / "serve.json").read_text())
@@ -76,6 +78,89 @@ def test_commands_through_the_local_controller(serve, home):
     wait_for(lambda: status(home) == [])
     pids = [serve["pid"]]
     assert all(not procs.pid_alive(p) for p in pids if p != serve["pid"])
+
+
+WAIT = ("--wait", "60")  # generous: the machine running the tests may be loaded
+
+
+def test_the_controllers_outcome_reaches_whoever_sent_the_command(serve, home, tmp_path):
+    """Refusals made by the controller (not the CLI) exit 2 with the field and rule; the rest say what happened;
+    `local serve` shows each decision as it happens."""
+    out = run(home, "start-lab", "--lab", "syoh-a", "--owner", "root", "--max", "4", "--idle-timeout", "60", *WAIT)
+    assert "published start-lab for syoh-a" in out.stdout
+    assert "accepted: new lab requested: provisioning 0 worker(s), min 0, max 4; lab-ready follows" in out.stdout
+
+    def refused(*args):
+        out = run(home, *args, *WAIT, check=False)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert "published" in out.stdout and "dasklab: refused by the controller (message " in out.stderr
+        return out.stderr
+
+    assert "lab syoh-a exists and belongs to root" in refused("start-lab", "--lab", "syoh-a", "--owner", "alice")
+    assert "min: min (5) must be ≤ max (4)" in refused("scale", "--lab", "syoh-a", "--min", "5")
+    assert "until: must be in the future" in refused("keep-alive", "--lab", "syoh-a", "--until",
+                                                     "2020-01-01T00:00:00Z")
+    out = run(home, "stop-lab", "--lab", "ghost", *WAIT)
+    assert out.stdout.splitlines()[-1] == "nothing to do: no lab named ghost"
+    out = run(home, "keep-alive", "--lab", "syoh-a", "--for", "90", *WAIT)  # plain seconds
+    assert "done: kept alive until 20" in out.stdout
+    out = run(home, "scale", "--lab", "syoh-a", "--min", "9", "--no-wait")  # published, not waited for
+    assert out.stdout.startswith("published scale") and len(out.stdout.splitlines()) == 1 and not out.stderr
+    lab = wait_for(lambda: next((r for r in status(home) if r["phase"] == "ready"), None))
+    assert lab["idle_timeout_s"] == 60
+    assert "done: limits now min 0, max 4, pinned at 2" in run(home, "scale", "--lab", "syoh-a", "--pin", "2",
+                                                               *WAIT).stdout
+    wait_for(lambda: status(home)[0]["workers"]["current"] == 2)
+    # status shows what the controller decides from, and the next teardown the policy plans
+    [row] = status(home)
+    assert row["pinned"] == 2 and row["idle_timeout_s"] == 60 and row["keep_alive_until"].startswith("20")
+    assert 0 < row["lifetime_left_s"] <= 8 * 3600 and row["estimated_cost_usd"] >= 0 and row["notes"] == []
+    assert row["dask"] == version("distributed")
+    teardown = row["next_teardown"]
+    assert teardown["tick"] in ("teardown-idle", "nightly-teardown") and teardown["in_s"] > 0
+    assert teardown["at"].endswith("Z") and teardown["reason"]
+    table = run(home, "status").stdout
+    [cells] = table_rows(table)
+    header = next(line for line in table.splitlines() if "lab" in line and "owner" in line)
+    columns = [c.strip() for c in header.strip("┃").split("┃")]
+    shown = dict(zip(columns, cells))
+    assert shown["pin"] == "2" and shown["kept alive"].endswith("more") and shown["next teardown"].startswith("in ")
+    assert "syoh-a: idle timeout 1m00s · kept alive until " in table and "lifetime left " in table
+    assert f"syoh-a: next teardown at {teardown['at']} (the {teardown['tick']} tick), if nothing changes: " in table
+    run(home, "scale", "--lab", "syoh-a", "--pin", "1", *WAIT)
+    wait_for(lambda: status(home)[0]["workers"]["current"] == 1)
+    assert "accepted: teardown started (ready → tearing-down)" in run(home, "stop-lab", "--lab", "syoh-a",
+                                                                      *WAIT).stdout
+    wait_for(lambda: status(home) == [])
+
+    def shown(action):  # the decision lines `local serve` printed for this action
+        return [line for line in (tmp_path / "serve.log").read_text().splitlines() if f" {action} " in line
+                or line.endswith(f" {action}")]
+
+    text = (tmp_path / "serve.log").read_text()
+    assert f"the controller's full JSON log: {home / 'logs' / 'functions.log'}" in text
+    wait_for(lambda: shown("forget"))
+    assert len(shown("create")) == 1 and "gone → provisioning" in shown("create")[0]
+    assert "installing → ready" in shown("mark-ready")[0]
+    assert [line for line in shown("refused") if "belongs to root" in line]
+    assert [line for line in shown("refused") if "min: min (9) must be ≤ max (4)" in line]  # the --no-wait one
+    assert shown("scale-up") and shown("scale-down") and shown("retire")
+    assert len(shown("teardown")) == 1 and "ready → tearing-down" in shown("teardown")[0]
+    assert len(shown("forget")) == 1 and "tearing-down → gone" in shown("forget")[0]
+
+
+@pytest.mark.parametrize("serve", [("--no-emulator", "--quiet")], indirect=True)
+def test_outcomes_over_direct_push_and_a_quiet_serve(serve, home, tmp_path):
+    assert serve["bus"] == "direct push (no emulator)"
+    out = run(home, "keep-alive", "--lab", "nolab", "--until", "2020-01-01T00:00:00Z", *WAIT, check=False)
+    assert out.returncode == 2 and "until: must be in the future" in out.stderr, (out.stdout, out.stderr)
+    out = run(home, "start-lab", "--lab", "quiet1", *WAIT)
+    assert "accepted: new lab requested" in out.stdout
+    run(home, "start-lab", "--lab", "quiet2", "--no-wait")  # delivered before the command returns
+    assert "quiet2" in [r["lab"] for r in status(home)]
+    text = (tmp_path / "serve.log").read_text()
+    assert "the controller's full JSON log:" in text
+    assert " create " not in text and " refused " not in text and "as they happen" not in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -301,3 +386,97 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
     assert "jupyter_token: kubectl -n dasklab-intro get secret dasklab-jupyter-token" in out.out
     assert "dask_version: 2025.12.0" in out.out  # the lab's images, recorded on its cluster
     assert "no lab named 'nosuch' on the gke backend" in out.err
+
+
+def test_the_reply_subscription_is_filtered_on_the_request_and_deleted_afterwards(emulator_host, monkeypatch):
+    """On the emulator: events carry the attributes a Google Cloud filter reads; the subscription asks for the
+    filter (which the emulator ignores, so the CLI filters too) and is gone once the wait ends."""
+    from google.api_core.exceptions import NotFound
+
+    from dasklab.adapters import pubsub
+    from dasklab.replies import PubSubReplies
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+    project, topic = f"cli-p{next(_projects)}", "dasklab-status"
+    try:
+        pubsub.ensure_topic(project, topic)
+        pubsub.ensure_subscription(project, topic, "watch")
+        events = pubsub.PubSubEvents(project, topic)
+        with PubSubReplies(project, topic, "req1") as replies:
+            sub = pubsub.subscriber().get_subscription(subscription=pubsub.subscriber().subscription_path(
+                project, replies.name))
+            assert sub.filter == 'attributes.request_id = "req1"'
+            assert sub.expiration_policy.ttl.total_seconds() == 86400  # left behind, it goes by itself
+            events.publish({"event": "command-outcome", "lab": "x", "message_id": "m0", "request_id": "other",
+                            "outcome": "done", "reason": "someone else's"})
+            events.publish({"event": "command-outcome", "lab": "x", "message_id": "m1", "request_id": "req1",
+                            "outcome": "refused", "reason": "min: min (5) must be ≤ max (4)"})
+            got = replies.wait("m1", timeout=30)
+        assert got["reason"] == "min: min (5) must be ≤ max (4)"
+        with pytest.raises(NotFound):
+            pubsub.subscriber().get_subscription(subscription=pubsub.subscriber().subscription_path(
+                project, replies.name))
+        path = pubsub.subscriber().subscription_path(project, "watch")
+        received = pubsub.subscriber().pull(subscription=path, max_messages=10, timeout=10).received_messages
+        assert sorted((dict(m.message.attributes) for m in received), key=str) == sorted([
+            {"event": "command-outcome", "lab": "x", "message_id": m, "request_id": r}
+            for m, r in (("m0", "other"), ("m1", "req1"))], key=str)
+    finally:
+        pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+
+
+def test_the_cli_waits_for_the_outcome_on_google_cloud(emulator_host, monkeypatch, capsys, home):
+    """The GKE-backend path of the CLI on the emulator: a "function" thread runs each control message through
+    the real entry point, whose controller publishes on the status topic; the CLI's reply subscriptions go."""
+    import base64
+    import threading
+
+    from dasklab import entry
+    from dasklab.adapters import pubsub
+    from dasklab.core.reconcile import Controller
+    from tests.fakes import FakeBackend
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator_host)
+    for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DASKLAB_HOME", str(home))
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+    project = f"cli-p{next(_projects)}"
+    for topic in ("dasklab-control", "dasklab-status"):
+        pubsub.ensure_topic(project, topic)
+    pubsub.ensure_subscription(project, "dasklab-control", "trigger")
+    ctl = Controller(FakeBackend(), pubsub.PubSubEvents(project, "dasklab-status"),
+                     config.Config(backend="gke", project=project))
+    monkeypatch.setattr(entry, "controller", lambda: ctl)
+    stop = threading.Event()
+
+    def function():  # what the deployed function does with each control message
+        subscriber, path = pubsub.subscriber(), pubsub.subscriber().subscription_path(project, "trigger")
+        while not stop.is_set():
+            for m in subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages:
+                entry.handle_event({"message": {"data": base64.b64encode(m.message.data).decode(),
+                                                "attributes": dict(m.message.attributes),
+                                                "messageId": m.message.message_id}})
+                subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id])
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=function, daemon=True)
+    thread.start()
+    try:
+        assert main("keep-alive", "--project", project, "--lab", "x", "--until", "2020-01-01T00:00:00Z",
+                    "--wait", "60") == 2
+        out = capsys.readouterr()
+        assert f"to projects/{project}/topics/dasklab-control (message " in out.out
+        assert "dasklab: refused by the controller (message " in out.err and "until: must be in the future" in out.err
+        assert main("stop-lab", "--project", project, "--lab", "ghost", "--wait", "60") == 0
+        assert "nothing to do: no lab named ghost" in capsys.readouterr().out
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert main("stop-lab", "--project", project, "--lab", "ghost", "--wait", "1") == 0  # nobody answers
+    assert "no outcome from the controller within 1s" in capsys.readouterr().err
+    listed = pubsub.subscriber().list_subscriptions(project=f"projects/{project}")
+    assert [s.name.rsplit("/", 1)[1] for s in listed] == ["trigger"]  # every reply subscription deleted
+    pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()

@@ -21,7 +21,8 @@ def test_demo_tells_the_whole_story():
     # the demo's own events, and the controller's decisions that are seconds apart from them (the controller's
     # lines are tailed from its log, so near-simultaneous ones may print a fraction of a second late)
     order = ["start-lab published", "lab ready", "workload started", "scale-up 1 → ", "workload done", "scale-down",
-             "results gathered", "teardown-idle job fired", "lab deleted", "controller stopped"]
+             "results gathered after scale-down", "update-lab published", "update 1 → 2", "lab at revision 2",
+             "results gathered after the update", "teardown-idle job fired", "lab deleted", "controller stopped"]
     times = [at(p) for p in order]
     assert times == sorted(times), list(zip(order, times))
     for decision in ("create gone → provisioning", "install provisioning → installing", "mark-ready installing → ready",
@@ -29,5 +30,11 @@ def test_demo_tells_the_whole_story():
                      "forget tearing-down → gone"):
         assert at(decision) >= at("start-lab published")
     assert any(e.endswith("; 0 lost") for e in events)
+    # the update: a package added, the workers replaced, the results kept, the package used on a worker
+    after = next(e for e in events if e.startswith("results gathered after the update"))
+    assert "0 lost; inflection on a worker: camelize('dask_lab') = DaskLab" in after
+    replaced = next(e for e in events if e.startswith("lab at revision 2"))
+    old, new = replaced.removeprefix("lab at revision 2: workers ").split(" replaced by ")
+    assert not set(old.split(", ")) & set(new.split(", "))
     assert events[-1] == "controller stopped; processes left: 0"
     assert timeline[-1]["t"] < 120  # the whole story in under two minutes

@@ -14,7 +14,7 @@ from cloudevents.http import CloudEvent
 from dasklab.core import config
 from dasklab import entry
 from dasklab.adapters import procs
-from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.local import FileEvents, LocalBackend
 from dasklab.core.errors import ConflictError
 from dasklab.local.serve import push_envelope
 
@@ -75,7 +75,7 @@ def test_malformed_envelope_is_acknowledged(local_env, caplog):
 def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
     from functions import main
 
-    def busy(cmd, mid):
+    def busy(cmd, mid, published=None, request_id=""):
         raise ConflictError("someone else changed the lab")
 
     monkeypatch.setattr(entry.controller(), "handle", busy)
@@ -235,3 +235,38 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
         backend.stop_all()
         emu.stop()
     assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid)
+
+
+def outcomes(home) -> list[dict]:
+    return [e for e in FileEvents(home / "status.jsonl").read() if e["event"] == "command-outcome"]
+
+
+def test_every_command_gets_one_outcome_for_its_sender(local_env):
+    """accepted / done / nothing to do from the core, refused (field and rule) from the entry point; ticks none."""
+    from functions import main
+
+    def send(payload, mid, request_id="r-1"):
+        main.control(CloudEvent(ATTRS, push_envelope(payload, mid, {"request_id": request_id} if request_id else {})))
+
+    send({"type": "start-lab", "lab": "o1", "owner": "alice", "workers": {"max": 4}}, "m-1")
+    send({"type": "start-lab", "lab": "o1", "owner": "bob"}, "m-2")
+    send({"type": "start-lab", "lab": "o1", "owner": "alice"}, "m-3", request_id="")
+    send({"type": "scale", "lab": "o1", "min": 5}, "m-4")
+    send({"type": "scale", "lab": "o1", "pin": 2}, "m-5")
+    send({"type": "keep-alive", "lab": "o1", "for": 60}, "m-6")
+    send({"type": "stop-lab", "lab": "ghost"}, "m-7")
+    send({"type": "stop-lab", "lab": "o1"}, "m-8", request_id="has space")
+    send({"type": "reconcile", "budget_seconds": 0}, "m-9")
+    got = {e["message_id"]: e for e in outcomes(local_env)}
+    assert len(outcomes(local_env)) == len(got) == 8  # one each; none for the tick
+    assert (got["m-1"]["outcome"], got["m-1"]["command"], got["m-1"]["lab"], got["m-1"]["request_id"]) == (
+        "accepted", "start-lab", "o1", "r-1")
+    assert (got["m-2"]["outcome"], got["m-2"]["reason"]) == ("refused", "lab o1 exists and belongs to alice")
+    assert got["m-3"]["outcome"] == "nothing-to-do" and "request_id" not in got["m-3"]
+    assert (got["m-4"]["outcome"], got["m-4"]["field"], got["m-4"]["rule"]) == ("refused", "min",
+                                                                                 "min (5) must be ≤ max (4)")
+    assert got["m-5"]["outcome"] == "done" and "pinned at 2" in got["m-5"]["reason"]
+    assert got["m-6"]["outcome"] == "done" and got["m-6"]["reason"].startswith("kept alive until ")
+    assert (got["m-7"]["outcome"], got["m-7"]["reason"]) == ("nothing-to-do", "no lab named ghost")
+    assert (got["m-8"]["outcome"], got["m-8"]["field"]) == ("refused", "message.attributes.request_id")
+    assert LocalBackend(local_env).fetch_lab("o1").state.phase == "provisioning"  # the bad stop-lab did nothing

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from dasklab.adapters.gke import place_of
 from dasklab.adapters.procs import pid_alive
-from dasklab.core.errors import PermanentError, TransientError
+from dasklab.core.errors import PermanentError, TransientError, ValidationError
 from dasklab.core.messages import parse_command
 from dasklab.core.reconcile import Controller
 from distributed import Client
@@ -238,7 +239,31 @@ def test_gke_refusals_are_retried_not_failures(world, controller):
     ctl.handle(cmd(type="stop-lab", lab="lab1"), "m3")
     other.reconcile_all("reconcile")
     drive(ctl, world, lambda: lab_of(ctl) is None)
-    assert [e["event"] for e in ctl.events.published] == ["lab-ready", "lab-deleted"]
+    lifecycle = [e["event"] for e in ctl.events.published if e["event"] != "command-outcome"]
+    assert lifecycle == ["lab-ready", "lab-deleted"]
+    assert [(e["message_id"], e["outcome"]) for e in ctl.events.published if e["event"] == "command-outcome"] == [
+        ("m1", "accepted"), ("m3", "accepted")]  # m2 raised (transient): redelivered, it answers then
+
+
+def test_a_start_lab_redelivered_after_its_stop_lab_creates_no_cluster(world, firestore_tombstones):
+    """The deployed function's tombstones (Firestore, here its emulator) outlive the lab's cluster."""
+    ctl = Controller(world.backend(), Events(), CONFIG, tombstones=firestore_tombstones)
+    t0 = time.time()
+    ctl.handle(start_msg(), "m1", published=t0)
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    for _ in range(20):  # the stop-lab, redelivered while GKE refuses the delete
+        try:
+            ctl.handle(cmd(type="stop-lab", lab="lab1"), "m2", published=t0 + 1)
+            break
+        except TransientError:
+            world.gke.advance_all()
+    drive(ctl, world, lambda: lab_of(ctl) is None)
+    assert world.gke.clusters == {}
+    ctl.handle(start_msg(), "m1", published=t0)  # Pub/Sub redelivers the start-lab
+    ctl.reconcile_all("reconcile")
+    assert world.gke.clusters == {} and lab_of(ctl) is None
+    ctl.handle(start_msg(), "m3", published=t0 + 2)  # a new start-lab creates it again
+    assert phase(ctl) == "provisioning"
 
 
 def test_failed_cluster_creation_and_failed_release(world, controller):
@@ -487,3 +512,36 @@ def test_missing_zones_make_a_pass_incomplete(world, controller):
     ctl.handle(cmd(type="nightly-teardown"), "m3")
     assert phase(ctl) == "tearing-down"
     drive(ctl, world, lambda: lab_of(ctl) is None)
+
+
+def test_update_lab_is_a_new_helm_revision_by_its_own_job(world, controller):
+    ctl = controller
+    ctl.handle(start_msg(), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    ctl.handle(cmd(type="scale", lab="lab1", pin=2), "m2")
+    drive(ctl, world, lambda: workers(ctl) == 2)
+    ns = place_of("lab1").namespace
+    pods_before = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+    values = yaml.safe_load(SEED_VALUES)
+    for component in ("jupyter", "worker"):
+        values[component]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "s3fs gcsfs dask-ml pyarrow --upgrade"}]
+    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")
+    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")  # a redelivery: the same revision
+    drive(ctl, world, lambda: lab_of(ctl).state.revision == 2)
+    install, upgrade = world.helm_runs
+    assert install["job"] != upgrade["job"] and upgrade["args"][:3] == ["upgrade", "--install", "lab1"]
+    assert upgrade["values"]["worker"]["replicas"] == 2  # the workers running then, not the initial count
+    env = {e["name"]: e.get("value") for e in upgrade["values"]["worker"]["env"]}
+    assert env["EXTRA_PIP_PACKAGES"] == "s3fs gcsfs dask-ml pyarrow --upgrade"
+    drive(ctl, world, lambda: workers(ctl) == 2)
+    pods_after = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+    assert len(pods_after) == 2 and not pods_before & pods_after  # a new ReplicaSet: every worker pod replaced
+    updated = [e for e in ctl.events.published if e["event"] == "lab-updated"]
+    assert [(e["from_revision"], e["revision"]) for e in updated] == [(1, 2)]
+    assert "pyarrow" in updated[0]["environment"]["worker"]["extra_pip_packages"]
+    ready = next(e for e in ctl.events.published if e["event"] == "lab-ready")
+    assert ready["environment"]["worker"]["extra_pip_packages"] == ["dask-ml", "gcsfs", "s3fs"]
+    values["scheduler"]["resources"]["limits"]["memory"] = "4G"
+    with pytest.raises(ValidationError, match="held in memory is lost"):
+        ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u2")
+    assert len(world.helm_runs) == 2 and lab_of(ctl).spec.revision == 2

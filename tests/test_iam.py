@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes.client as k8s
 import pytest
 import yaml
-from google.cloud import compute_v1, container_v1, scheduler_v1
+from google.cloud import compute_v1, container_v1, firestore, scheduler_v1
 from google.pubsub_v1.services.publisher import PublisherClient
 from google.pubsub_v1.services.subscriber import SubscriberClient
 
@@ -28,7 +28,12 @@ FAMILIES = {
     "compute": ("compute_v1", [(compute_v1.InstanceGroupManagersClient, None)]),
     "kubernetes": ("kubernetes", [(k8s.CoreV1Api, None), (k8s.AppsV1Api, None), (k8s.BatchV1Api, None),
                                   (k8s.RbacAuthorizationV1Api, None), (k8s.ApiClient, {"call_api"})]),
+    # the document API: each call on a DocumentReference is one RPC (get → BatchGetDocuments, set → Commit)
+    "firestore": ("google.cloud.firestore", [(firestore.Client, {"document"}),
+                                             (firestore.DocumentReference, {"get", "set"})]),
 }
+# families whose API is one-word methods on short-lived references: every such name counts in their modules
+ONE_WORD = {"firestore"}
 KNOWN_CLIENTS = {cls.__name__ for _, classes in FAMILIES.values() for cls, _ in classes} | {"PublisherClient"}
 _VARIANTS = ("_with_http_info", "_without_preload_content", "_unary")
 
@@ -73,7 +78,7 @@ def scan(path: Path) -> list[tuple[str, str]]:
                         if "_" in node.attr:
                             receivers.add(ast.unparse(node.value))
     return sorted({(f"{family}.{name}", scope) for family, name, receiver, scope in found
-                   if "_" in name or receiver in receivers})
+                   if "_" in name or receiver in receivers or family in ONE_WORD})
 
 
 def code_calls() -> list[tuple[str, str]]:
@@ -85,6 +90,7 @@ def gcloud_commands() -> set[str]:
     build = deploy.load_build()
     values = deploy.substitutions(build, PROJECT)
     steps = (deploy.build_iam_steps(IAM, PROJECT) + deploy.build_service_agent_steps(IAM, PROJECT, "123")
+             + deploy.build_store_steps(PROJECT, "us-central1")
              + deploy.build_steps(build, values) + deploy.delete_function_steps(build, PROJECT, "us-central1")
              + [deploy.cloud_build_step(values)])
     argvs = [argv for s in steps for argv in (s.argv, s.unless, s.only_if) if argv]
@@ -111,7 +117,8 @@ def in_scope(scope: str, scopes: list[str]) -> bool:
 
 def identities() -> dict[str, dict]:
     return {**{f"account {k}": v for k, v in IAM["accounts"].items()},
-            **{f"service agent {k}": v for k, v in IAM["service_agents"].items()}, "deployer": IAM["deployer"]}
+            **{f"service agent {k}": v for k, v in IAM["service_agents"].items()}, "deployer": IAM["deployer"],
+            "operator": IAM["operator"]}
 
 
 def needed(ident: dict) -> set[str]:
@@ -132,6 +139,8 @@ def test_the_scan_sees_the_calls_we_know_of():
     assert ("compute.get", "shared/dasklab/adapters/compute.py::Migs") in calls  # a one-word name on a client
     assert ("kubernetes.patch_namespaced_deployment_scale", "shared/dasklab/adapters/kube.py::Kube") in calls
     assert ("pubsub.publish", "shared/dasklab/adapters/pubsub.py::publish") in calls
+    assert ("firestore.set", "shared/dasklab/adapters/firestore.py::FirestoreTombstones") in calls  # tombstones
+    assert "gcloud firestore databases create" in gcloud_commands()
     assert ("scheduler.delete_job", "shared/dasklab/cloud/infra.py::destroy") in calls  # passed on, not called there
     assert not any(key.endswith(".get") and "gke.py" in scope for key, scope in calls)  # dict.get is not an API
     assert "gcloud functions deploy dasklab-control" in gcloud_commands()

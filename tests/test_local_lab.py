@@ -1,6 +1,7 @@
 """The core on the local backend with real Dask processes: provision, autoscale, graceful scale-down, teardown."""
 
 import json
+import re
 import time
 
 import pytest
@@ -168,3 +169,51 @@ def test_load_counts_the_tasks_queued_on_the_scheduler(controller):
         assert 20 <= load.queued <= 30 - load.processing and load.busy
         assert sum(client.gather(futures)) == sum(range(1, 31))
         assert backend.dashboard(lab).fetch_load().queued == 0
+
+
+def test_the_dashboard_page_of_a_local_lab_renders(controller):
+    """The URL `dasklab status` and `connect` print is the scheduler's bokeh dashboard, not distributed's
+    "Dask needs bokeh" placeholder page."""
+    import urllib.request
+
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(), "m1")
+    url = backend.connection_info(ready(ctl))["dashboard"]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+    with urllib.request.urlopen(url, timeout=20) as resp:
+        page = resp.read().decode()
+    assert "needs bokeh" not in page
+    assert "<title>Dask Diagnostic UI</title>" in page and "Bokeh.embed" in page, page[:500]
+    script = re.search(r'src="(static/js/bokeh\.min\.js[^"]*)"', page)
+    assert script, page[:800]
+    with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + script[1], timeout=20) as resp:
+        assert resp.status == 200 and len(resp.read()) > 100_000  # bokeh's JavaScript, served by the scheduler
+
+
+def test_a_lab_forgotten_by_two_invocations_is_logged_once(controller, caplog):
+    """A stop-lab and a tick (two message ids) that both read the lab while its deletion finished: one line."""
+    from dasklab.core.model import Lab
+    from tests.conftest import make_spec, make_state
+
+    caplog.set_level("INFO", logger="dasklab")
+    backend = controller.backend
+    backend.apply_create(Lab(make_spec(name="twice"), make_state(phase="tearing-down")))  # no process left: absent
+    first, second = backend.fetch_lab("twice"), backend.fetch_lab("twice")
+    controller.reconcile_lab(first, "reconcile", "m-stop")
+    controller.reconcile_lab(second, "teardown-idle", "m-tick")
+    forgets = [json.loads(r.message) for r in caplog.records if r.name == "dasklab" and '"forget"' in r.message]
+    assert [(f["from"], f["to"], f["message_id"]) for f in forgets] == [("tearing-down", "gone", "m-stop")]
+    assert backend.fetch_lab("twice") is None
+
+
+def test_forgetting_a_record_changed_since_it_was_read_is_a_conflict(controller):
+    from dasklab.core.model import Lab
+    from tests.conftest import make_spec, make_state
+
+    backend = controller.backend
+    backend.apply_create(Lab(make_spec(name="moved"), make_state(phase="tearing-down")))
+    stale = backend.fetch_lab("moved")
+    backend.apply_record(stale.with_state(reason="changed meanwhile"))
+    with pytest.raises(ConflictError):
+        backend.apply_forget(stale)
+    assert backend.fetch_lab("moved").state.reason == "changed meanwhile"

@@ -12,6 +12,9 @@ from dasklab.core.errors import ValidationError
 from dasklab.core.messages import MAX_MESSAGE_BYTES, StartLab, build_spec, check_caps, decode_pubsub, parse_command
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NESTED_20: dict = {}
+for _ in range(19):
+    NESTED_20 = {"k": NESTED_20}
 SEED = (EXAMPLES / "config.yaml").read_text()
 CFG = Config()
 
@@ -64,6 +67,13 @@ def test_example_start_lab_and_defaults():
     (start(worker_resources={"cpu": 8, "memory": "3G"}), "worker_resources", "does not fit"),
     (start(values="worker: [unclosed"), "values", "not valid YAML"),
     (start(values="- a list"), "values", "must be a mapping"),
+    (start(values="base: &a\n  replicas: 2\nworker:\n  <<: *a\n"), "values", "uses the YAML alias *a (line 4)"),
+    (start(values={"worker": {"env": [{"name": "A", "value": "x" * 40000}]}}), "values",
+     "once parsed (as JSON); at most 32768 bytes allowed"),
+    (start(values={"x": NESTED_20}), "values", "nested deeper than 16 levels"),
+    (start(values="a: " + "[" * 5000 + "]" * 5000), "values", "nested too deeply"),
+    ('{"type": "start-lab", "lab": "a", "owner": "b", "values": {"x": ' + "[" * 5000 + "]" * 5000 + "}}", "data",
+     "nested too deeply"),
     (start(values={"worker": {"resources": {"limits": {"memory": "lots"}}}}), "values.worker.resources.limits.memory",
      "memory quantity"),
     (start(values={"jupyter": {"serviceType": "Public"}}), "values.jupyter.serviceType", "ClusterIP"),
@@ -116,3 +126,26 @@ def test_decode_pubsub():
         with pytest.raises(ValidationError) as e:
             decode_pubsub(bad)
         assert e.value.field == field
+
+
+@pytest.mark.parametrize("text, seconds", [("60", 60), (" 90 ", 90), ("90s", 90), ("30m", 1800), (60, 60)])
+def test_durations_accept_plain_seconds_as_text(text, seconds):
+    """What a command line sends: `--idle-timeout 60`, `keep-alive --for 90` arrive as text."""
+    assert parse_command(json.dumps(start(idle_timeout=text))).idle_timeout == seconds
+    assert parse_command(json.dumps({"type": "keep-alive", "lab": "a", "for": text})).deadline(0) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "60 s", "5w"])
+def test_durations_still_refuse_what_is_not_seconds(text):
+    e = refused(start(idle_timeout=text))
+    assert e.field == "idle_timeout", e
+
+
+def test_a_few_hundred_bytes_of_aliases_never_become_a_huge_lab():
+    """The issue's case: each level repeats the one before nine times (9**8 leaves once expanded)."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = "\n".join(lines) + "\nworker:\n  replicas: 1\n"
+    assert len(bomb) < 600
+    e = refused(start(values=bomb))
+    assert e.field == "values" and "anchors and aliases are not accepted" in e.rule

@@ -6,7 +6,7 @@ import pytest
 
 from dasklab.core.model import WorkerInfo
 from dasklab.core.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_provision_step, plan_retirement, plan_scale,
-                            plan_start, plan_teardown)
+                            plan_next_teardown, plan_start, plan_teardown)
 from tests.conftest import make_load, make_spec, make_state
 
 P = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5)
@@ -193,3 +193,32 @@ def test_a_stale_floor_never_scales_down_upwards():
     d = plan_scale(make_spec(min_workers=0, max_workers=1), make_state(target_workers=1, down_window=((2, 0.0),)),
                    make_load(adaptive_target=0, workers=1), 1, 20, P)
     assert d.action == HOLD and d.target == 1 and d.remember == {"down_window": ((0, 20),)}
+
+
+def ticks(start: float, nightly_at: float = 86400 + 7200) -> list[tuple[float, str]]:
+    """A day of the timers after `start`: reconcile each minute, teardown-idle each 15 minutes, one nightly."""
+    every = [(t, "reconcile") for t in range(60, 2 * 86400, 60)] + [(t, "teardown-idle") for t in
+                                                                     range(900, 2 * 86400, 900)]
+    return sorted(tick for tick in every + [(nightly_at, "nightly-teardown")] if tick[0] > start)
+
+
+@pytest.mark.parametrize("spec, load, now, nightly_at, expected", [
+    # idle since 100 with a 600 s timeout: the first teardown-idle tick after 700
+    ({}, {"idle_since": 100.0}, 200, 86400, (900, "teardown-idle", "idle for 800s ≥ idle timeout 600s")),
+    # kept alive until 5000: the first teardown-idle tick after that
+    ({"keep_alive_until": 5000.0}, {"idle_since": 100.0}, 200, 86400, (5400, "teardown-idle", "idle for 5300s")),
+    # busy: no idle teardown; the nightly one comes first
+    ({}, {"processing": 3}, 200, 7200, (7200, "nightly-teardown", "nightly teardown (not kept alive)")),
+    # busy and kept alive past the night: the lifetime cap (8 h), at the first tick that sees it
+    ({"keep_alive_until": 90000.0}, {"processing": 3}, 200, 7200, (28800, "reconcile", "maximum lifetime 28800s")),
+    # the scheduler does not answer (no load): idleness unknown, the nightly teardown still comes
+    ({}, None, 200, 7200, (7200, "nightly-teardown", "nightly teardown")),
+])
+def test_next_teardown_is_the_first_tick_the_policy_deletes_at(spec, load, now, nightly_at, expected):
+    found = plan_next_teardown(make_spec(**spec), make_state(), None if load is None else make_load(**load),
+                               ticks(now, nightly_at))
+    assert found is not None and found[:2] == expected[:2] and expected[2] in found[2], found
+
+
+def test_no_tick_no_teardown():
+    assert plan_next_teardown(make_spec(), make_state(), make_load(idle_since=0.0), []) is None

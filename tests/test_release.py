@@ -154,6 +154,17 @@ def test_cluster_record_round_trips_through_labels_alone():
     assert Lab.from_dict(decode_cluster_record(labels, "anything")) == lab
 
 
+def test_cluster_record_keeps_the_override_notes():
+    seed = (Path(__file__).resolve().parents[1] / "examples" / "seed-3.yaml").read_text()
+    spec = build_spec(parse_command(json.dumps({"type": "start-lab", "lab": "intro", "owner": "alice",
+                                                "values": seed, "mixed_environment": True})),
+                      Config(backend="gke", project="p"))  # its jupyter has matplotlib, its workers not
+    lab = Lab(spec, LabState(phase="provisioning", created_at=1.5, target_workers=15))
+    labels, description = encode_labels(lab), encode_description(lab)
+    assert len(spec.notes) >= 4 and len(labels) <= 64
+    assert Lab.from_dict(decode_cluster_record(labels, description)) == lab
+
+
 def test_large_values_fit_compressed_too_large_are_refused_and_old_records_still_read():
     values = {"worker": {"env": [{"name": f"V{i}", "value": "same text " * 5} for i in range(60)]}}
     lab = Lab(make_spec(values=values), LabState())

@@ -97,7 +97,56 @@ def test_duplicates_and_interleaved_ticks_reach_the_same_end_state(seed):
     state, events = run(lambda rng, i: rng.randint(1, 5), seed)
     assert state == reference
     assert reference["a"][0] == READY and reference["a"][4] == 3 and "b" not in reference and "c" not in reference
-    assert {e["event"] for e in events} == {"lab-ready", "lab-deleted"}
+    assert {e["event"] for e in events} == {"lab-ready", "lab-deleted", "command-outcome"}
+    # every delivery of a command told its sender something (ticks do not); a duplicate is "nothing to do"
+    outcomes = [e for e in events if e["event"] == "command-outcome"]
+    assert {e["outcome"] for e in outcomes} <= {"accepted", "done", "nothing-to-do"}
+    assert len([e for e in outcomes if e["command"] == "start-lab" and e["outcome"] == "accepted"]) == 3
+
+
+# --- out-of-order delivery: the message published last decides (a stop-lab wins over an older start-lab) ---
+
+T0 = 1_800_000_000.0
+PUBLISHED = [  # (publish offset s, body): the order the sender published them
+    (1, {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 1, "max": 3}}),
+    (2, {"type": "start-lab", "lab": "b", "owner": "bob"}),
+    (3, {"type": "stop-lab", "lab": "a"}),
+    (4, {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 1, "max": 3}}),
+    (5, {"type": "stop-lab", "lab": "b"}),
+    (6, {"type": "start-lab", "lab": "c", "owner": "carol"}),
+    (7, {"type": "stop-lab", "lab": "c"}),
+    (8, {"type": "stop-lab", "lab": "d"}),  # a lab that never existed
+    (9, {"type": "start-lab", "lab": "e", "owner": "eve"}),
+]
+
+
+def deliver_out_of_order(seed, tombstones):
+    """Each message 1-3 times, in a random order, with reconcile passes in between; a delivery that fails
+    transiently is redelivered later (as Pub/Sub does), a permanent failure is acknowledged."""
+    rng = random.Random(seed)
+    clock = Clock(T0 + 100)
+    ctl = Controller(FakeBackend(), ListEvents(), CONFIG, clock=clock, sleep=lambda s: None, tombstones=tombstones)
+    queue = [(offset, body) for offset, body in PUBLISHED for _ in range(rng.randint(1, 3))]
+    rng.shuffle(queue)
+    while queue:
+        offset, body = queue.pop(0)
+        try:
+            ctl.handle(msg(**body), f"m{offset}", published=T0 + offset)
+        except TransientError:
+            queue.insert(rng.randint(0, len(queue)), (offset, body))
+        except PermanentError:
+            pass
+        for _ in range(rng.randint(0, 3)):
+            clock.t += 1
+            ctl.reconcile_all("reconcile")
+    settle(ctl, clock)
+    return {name: r.record["state"]["phase"] for name, r in ctl.backend.labs.items()}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_out_of_order_delivery_ends_as_the_last_published_message_says(seed, tmp_path):
+    from dasklab.adapters.local import FileTombstones
+    assert deliver_out_of_order(seed, FileTombstones(tmp_path)) == {"a": READY, "e": READY}
 
 
 class Faulty:
@@ -150,6 +199,9 @@ def story(backend) -> list[dict]:
     invoke(lambda: ctl.handle(msg(type="start-lab", lab="s", owner="o", workers={"initial": 1, "max": 5},
                                   idle_timeout=60), "m1"))
     passes_until(lambda: "s" in fake.labs and fake.labs["s"].record["state"]["phase"] == READY)
+    invoke(lambda: ctl.handle(msg(type="update-lab", lab="s", values={"worker": {"env": [{"name": "X", "value": "2"}]}}),
+                              "mu"))
+    passes_until(lambda: fake.labs["s"].record["state"]["revision"] == 2)
     fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 5, 40
     fake.labs["s"].load.idle_since = None
     passes_until(lambda: len(fake.labs["s"].workers) == 5)
@@ -167,7 +219,7 @@ def story(backend) -> list[dict]:
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
-    assert expected == [5, 0, False, ["lab-deleted", "lab-ready"]]
+    assert expected == [5, 0, False, ["command-outcome", "lab-deleted", "lab-ready", "lab-updated"]]
     points = sorted({(name, i) for i, name in [(clean.calls[:k + 1].count(n), n)
                                                for k, n in enumerate(clean.calls)]})
     # every port method the core can call is exercised by the story (a new external call must be covered)
@@ -279,7 +331,8 @@ PORT = sorted(m for m in dir(Backend) if m.startswith(("fetch_", "apply_")) or m
 
 
 def local_story(backend, clock_ctl):
-    """start-lab → ready → 2 workers → 0 → stop-lab → gone on real processes, retrying failed invocations."""
+    """start-lab → ready → 2 workers → update-lab (both replaced) → 0 → stop-lab → gone on real processes,
+    retrying failed invocations."""
     import time as _time
     ctl = Controller(backend, ListEvents(), Config(poll_s=0.2, confirm_s=0.5, cooldown_s=0.2, tick_budget_s=0))
     inner = backend.inner
@@ -306,12 +359,17 @@ def local_story(backend, clock_ctl):
     ready = until(lambda: lab() is not None and lab().state.phase == READY)
     invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=2), "m2"))
     up = until(lambda: inner.dashboard(lab()).fetch_load().workers == 2)
+    old = {w.name for w in inner.dashboard(lab()).fetch_workers()}
+    values = {"worker": {"env": [{"name": "LAB_REVISION", "value": "2"}]}}  # a new worker environment
+    invoke(lambda: ctl.handle(msg(type="update-lab", lab="loc", values=values), "m2u"))
+    updated = until(lambda: lab().state.revision == 2 and inner.dashboard(lab()).fetch_load().workers == 2
+                    and not old & {w.name for w in inner.dashboard(lab()).fetch_workers()})
     invoke(lambda: ctl.handle(msg(type="scale", lab="loc", pin=0), "m3"))
     down = until(lambda: inner.fetch_requested(lab()) == 0 and inner.dashboard(lab()).fetch_load().workers == 0)
     pids = {p for lab_ in inner.fetch_labs() for p in inner.pids(lab_)}
     invoke(lambda: ctl.handle(msg(type="stop-lab", lab="loc"), "m4"))
     gone = until(lambda: lab() is None)
-    return [ready, up, down, gone], pids
+    return [ready, up, updated, down, gone], pids
 
 
 @pytest.mark.parametrize("method", PORT)
@@ -324,7 +382,7 @@ def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
     finally:
         leftover = [p for lab in LocalBackend(home).fetch_labs() for p in LocalBackend(home).pids(lab)]
         LocalBackend(home).stop_all()
-    assert result == [True, True, True, True]
+    assert result == [True, True, True, True, True]
     assert not leftover and not [p for p in pids if procs.pid_alive(p)]
     if method not in ("apply_forget", "connection_info"):
         assert faulty.fired or method in ("apply_settle",), f"{method} was never called by the story"

@@ -16,6 +16,9 @@ from dasklab.core import config as config_mod
 from dasklab.core.errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
 
+DEFAULT_WAIT_S = 10.0  # how long a command waits for its outcome by default (a cold function can take seconds)
+
+
 def _owner() -> str:
     return re.sub(r"[^a-z0-9_-]", "-", getpass.getuser().lower())[:63] or "nobody"
 
@@ -30,12 +33,27 @@ def build_start_lab(a) -> dict:
         msg["values"] = sys.stdin.read() if a.values == "-" else Path(a.values).read_text()
     if a.expose:
         msg["expose"] = {"source_ranges": a.expose}
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
     return {k: v for k, v in msg.items() if v is not None}
+
+
+def build_update_lab(a) -> dict:
+    """The update-lab message: the lab's new chart values (config.yaml), and what the sender accepts."""
+    msg = {"v": 1, "type": "update-lab", "lab": a.lab,
+           "values": sys.stdin.read() if a.values == "-" else Path(a.values).read_text()}
+    if a.restart:
+        msg["restart"] = True
+    if a.mixed_environment:
+        msg["mixed_environment"] = True
+    return msg
 
 
 def _messages(a) -> dict:
     if a.cmd == "start-lab":
         return build_start_lab(a)
+    if a.cmd == "update-lab":
+        return build_update_lab(a)
     if a.cmd == "stop-lab":
         return {"v": 1, "type": "stop-lab", "lab": a.lab}
     if a.cmd == "keep-alive":
@@ -49,27 +67,74 @@ def _messages(a) -> dict:
 
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
-    from dasklab.core.messages import Scale, StartLab, build_spec, check_caps, parse_command
+    from dasklab.core.environment import check_environment
+    from dasklab.core.messages import Scale, StartLab, UpdateLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
     if isinstance(cmd, StartLab):
-        build_spec(cmd, cfg)
+        for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+            print(f"note: {note}", file=sys.stderr)
+    elif isinstance(cmd, UpdateLab):
+        for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
+            print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
 
 
+def _replies(cfg, request_id: str, wait: float):
+    """Where this command's outcome will appear: the status topic (Google Cloud or the emulator) or the local
+    status file; listening starts before the command is published, so nothing is missed."""
+    from dasklab import replies
+    if wait <= 0:
+        return replies.NoReplies()
+    if cfg.backend == "gke":
+        return replies.PubSubReplies(cfg.project, cfg.status_topic, request_id)
+    from dasklab.local.serve import serve_info
+    info = serve_info(cfg.home)
+    if info["emulator_host"]:
+        os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
+        return replies.PubSubReplies(info["project"], info.get("status_topic", cfg.status_topic), request_id)
+    return replies.FileReplies(Path(cfg.home) / "status.jsonl", request_id)
+
+
+def print_outcome(outcome: dict | None, mid: str, wait: float) -> int:
+    """The controller's answer, as the command's exit code: 2 if it refused the command."""
+    if outcome is None:
+        print(f"dasklab: no outcome from the controller within {wait:g}s (message {mid}); it may still come: see "
+              f"`dasklab status`, or wait longer with --wait SECONDS", file=sys.stderr)
+        return 0
+    if outcome["outcome"] == "refused":
+        print(f"dasklab: refused by the controller (message {mid}): {outcome['reason']}", file=sys.stderr)
+        return 2
+    print(f"{outcome['outcome'].replace('-', ' ')}: {outcome['reason']}")
+    return 0
+
+
 def cmd_publish(a, cfg) -> int:
+    from dasklab.core.messages import REQUEST_ID
+    from dasklab.replies import new_request_id
     payload = _messages(a)
     validate(payload, cfg)
-    if cfg.backend == "gke":
-        from dasklab.adapters import pubsub
-        mid = pubsub.publish(cfg.project, cfg.control_topic, payload)
-        where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
-    else:
-        from dasklab.local.serve import publish_local, serve_info
-        mid = publish_local(cfg.home, payload)
-        where = f"the local controller ({serve_info(cfg.home)['bus']})"
-    print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})")
-    return 0
+    wait = 0.0 if a.no_wait else a.wait
+    request_id = new_request_id()
+    with _replies(cfg, request_id, wait) as replies:
+        if cfg.backend == "gke":
+            from dasklab.adapters import pubsub
+            mid = pubsub.publish(cfg.project, cfg.control_topic, payload, **{REQUEST_ID: request_id})
+            where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
+        else:
+            from dasklab.local.serve import publish_local, serve_info
+            mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id}, background=False)
+            where = f"the local controller ({serve_info(cfg.home)['bus']})"
+        print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})",
+              flush=True)
+        if wait <= 0:
+            return 0
+        try:
+            outcome = replies.wait(mid, wait)
+        except KeyboardInterrupt:
+            print("dasklab: stopped waiting for the outcome", file=sys.stderr)
+            return 130
+    return print_outcome(outcome, mid, wait)
 
 
 def _ago(now: float, then: float | None) -> str:
@@ -79,26 +144,81 @@ def _ago(now: float, then: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _span(seconds: float | None) -> str:
+    """A duration for people: 45s, 12m05s, 3h07m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def timer_jobs(cfg) -> list:
+    """The timers that tick the labs: infra/dasklab.yaml's jobs, the nightly one at its configured time on GKE
+    (`infra apply` sets it; the local timer fires the file's schedule as it is)."""
+    from dasklab.local.timers import load_infra
+    jobs = load_infra()["jobs"]
+    if cfg.backend != "gke":
+        return jobs
+    from dasklab.cloud.infra import NIGHTLY_TYPE, nightly_schedule
+    return [replace(j, schedule=nightly_schedule(cfg.nightly_at), time_zone=cfg.nightly_time_zone)
+            if j.message["type"] == NIGHTLY_TYPE else j for j in jobs]
+
+
+def _revision(lab) -> str:
+    """The revision the lab runs, and the one it is moving to while an update converges."""
+    running, asked = lab.state.revision, lab.spec.revision
+    return str(running) if running == asked else f"{running} → {asked}"
+
+
 def fetch_status(cfg) -> list[dict]:
-    """One row per lab: what `dasklab status` shows."""
+    """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
+    keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
+    from dasklab.core.model import TEARING_DOWN, estimate_cost, node_seconds_at
+    from dasklab.core.policy import plan_next_teardown
+    from dasklab.local.timers import upcoming_ticks
     from dasklab.runtime import build_backend
     backend, now, rows = build_backend(cfg), time.time(), []
-    for lab in backend.fetch_labs():
+    labs = backend.fetch_labs()
+    horizon = max((lab.state.created_at + lab.spec.max_lifetime_s for lab in labs), default=now)
+    ticks = upcoming_ticks(timer_jobs(cfg), now, horizon + 60) if labs else []  # the lifetime cap's tick included
+    for lab in labs:
+        spec, state = lab.spec, lab.state
         load = None
-        if lab.state.phase == "ready":
+        if state.phase == "ready":
             try:
                 load = backend.dashboard(lab).fetch_load()
             except (SchedulerUnreachable, TransientError):
                 pass
+        if state.phase == TEARING_DOWN:
+            teardown = {"at": _iso(now), "in_s": 0, "tick": None, "reason": f"being torn down: {state.reason}"}
+        else:
+            found = plan_next_teardown(spec, state, load, ticks)
+            teardown = found and {"at": _iso(found[0]), "in_s": round(found[0] - now), "tick": found[1],
+                                  "reason": found[2]}
+        lifetime, info = now - state.created_at, backend.connection_info(lab)
         rows.append({
-            "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase,
-            "workers": {"current": load.workers if load else None, "target": lab.state.target_workers,
-                        "min": lab.spec.min_workers, "max": lab.spec.max_workers},
+            "lab": lab.name, "owner": spec.owner, "phase": state.phase,
+            "workers": {"current": load.workers if load else None, "target": state.target_workers,
+                        "min": spec.min_workers, "max": spec.max_workers},
+            "pinned": spec.pinned_workers,
             "processing": load.processing if load else None, "queued": load.queued if load else None,
+            "clients": load.clients if load else None,
             "idle_for": _ago(now, load.idle_since) if load and load.idle_since else "-",
-            "age": _ago(now, lab.state.created_at), "dashboard": backend.connection_info(lab).get("dashboard"),
-            "dask": backend.connection_info(lab).get("dask_version"),
-            "reason": lab.state.reason})
+            "idle_timeout_s": spec.idle_timeout_s, "keep_alive_until": _iso(spec.keep_alive_until),
+            "keep_alive_s": round(spec.keep_alive_until - now) if (spec.keep_alive_until or 0) > now else None,
+            "next_teardown": teardown,
+            "age": _ago(now, state.created_at), "lifetime_left_s": round(spec.max_lifetime_s - lifetime),
+            "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
+            "dask": info.get("dask_version"), "notes": list(spec.notes),
+            "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab)})
     return rows
 
 
@@ -134,30 +254,50 @@ def cmd_status(a, cfg) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"dasklab labs ({cfg.backend})")
-    for col in ("lab", "owner", "phase", "workers cur/target/min/max", "processing", "queued", "idle for", "age",
-                "dashboard", "dask"):
+    for col in ("lab", "owner", "phase", "revision", "workers cur/target/min/max", "pin", "processing", "queued", "idle for",
+                "kept alive", "next teardown", "age", "dashboard", "dask"):
         table.add_column(col)
+    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     for r in rows:
-        w = r["workers"]
-        table.add_row(r["lab"], r["owner"], r["phase"],
-                      f"{'-' if w['current'] is None else w['current']}/{w['target']}/{w['min']}/{w['max']}",
-                      str(r["processing"] if r["processing"] is not None else "-"),
-                      str(r["queued"] if r["queued"] is not None else "-"), r["idle_for"], r["age"],
+        w, t, kept = r["workers"], r["next_teardown"], r["keep_alive_s"]
+        table.add_row(r["lab"], r["owner"], r["phase"], r["revision"], f"{dash(w['current'])}/{w['target']}/{w['min']}/{w['max']}",
+                      dash(r["pinned"]), dash(r["processing"]), dash(r["queued"]), r["idle_for"],
+                      f"{_span(kept)} more" if kept else "-", f"in {_span(t['in_s'])}" if t else "-", r["age"],
                       r["dashboard"] or "-", r["dask"] or "-")
     Console(width=None if sys.stdout.isatty() else 200).print(table if rows else "no labs")
+    for r in rows:  # the rest of what the controller decides from, and why the next teardown comes (unwrapped)
+        t, cost = r["next_teardown"], r["estimated_cost_usd"]
+        kept = f"kept alive until {r['keep_alive_until']} · " if r["keep_alive_until"] else ""
+        print(f"{r['lab']}: idle timeout {_span(r['idle_timeout_s'])} · {kept}lifetime left "
+              f"{_span(r['lifetime_left_s'])} · cost so far ${cost:.{2 if cost >= 1 else 4}f} (estimated)")
+        if t:
+            by = f" (the {t['tick']} tick), if nothing changes" if t["tick"] else ""
+            print(f"{r['lab']}: next teardown at {t['at']}{by}: {t['reason']}")
+        for note in r["notes"]:
+            print(f"{r['lab']}: note: {note}")
     return 0
 
 
 def cmd_serve(a, cfg) -> int:
-    from dasklab.local.serve import LocalController
+    import threading
+
+    from dasklab.local.serve import LocalController, describe, follow_log
+    stop = threading.Event()
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
+        print(f"the controller's full JSON log: {ctl.functions_log}")
+        if not a.quiet:
+            print("its decisions, as they happen (--quiet hides them):", flush=True)
+            show = lambda entry: (line := describe(entry)) and print(line, flush=True)  # noqa: E731
+            threading.Thread(target=follow_log, args=(ctl.functions_log, stop, show), daemon=True).start()
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("stopping")
+        finally:
+            stop.set()
     return 0
 
 
@@ -213,6 +353,7 @@ def deploy_steps(a, cfg) -> list:
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
+        steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
     if a.cloud_build:
         return steps + [deploy.cloud_build_step(values)]
     return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
@@ -266,11 +407,13 @@ def cmd_connect(a, cfg) -> int:
         raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
     if a.json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps({**info, "notes": list(lab.spec.notes)}, indent=1))
         return 0
     print(f"lab {lab.name} ({lab.state.phase}, owner {lab.spec.owner}, {cfg.backend} backend)")
     for key, value in info.items():
         print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+    for note in lab.spec.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -281,39 +424,53 @@ def parser() -> argparse.ArgumentParser:
     gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
     gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
                                       "else the region of $DASKLAB_LOCATION, else us-central1)")
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                      help=f"wait this long for the controller's outcome (default {DEFAULT_WAIT_S:g})")
+    wait.add_argument("--no-wait", action="store_true", help="publish and return at once")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start-lab", parents=[gcp], help="provision a lab")
+    s = sub.add_parser("start-lab", parents=[gcp, wait], help="provision a lab")
     s.add_argument("--lab", required=True)
     s.add_argument("--owner")
     s.add_argument("--workers", type=int, help="initial workers")
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--machine-type")
-    s.add_argument("--idle-timeout", help="e.g. 30m")
-    s.add_argument("--max-lifetime", help="e.g. 8h")
+    s.add_argument("--idle-timeout", help="seconds, or e.g. 30m")
+    s.add_argument("--max-lifetime", help="seconds, or e.g. 8h")
     s.add_argument("--spot", action="store_true")
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
-    s = sub.add_parser("stop-lab", parents=[gcp], help="tear a lab down")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+    s = sub.add_parser("update-lab", parents=[gcp, wait], help="give a running lab new chart values (a new revision)")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("keep-alive", parents=[gcp], help="keep a lab from idle and nightly teardown")
+    s.add_argument("--values", required=True, help="Dask Helm chart values file (config.yaml), or - for stdin")
+    s.add_argument("--restart", action="store_true",
+                   help="accept a change that restarts the scheduler (results held in memory are lost)")
+    s.add_argument("--mixed-environment", action="store_true",
+                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+    s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
+    s.add_argument("--lab", required=True)
+    s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab from idle and nightly teardown")
     s.add_argument("--lab", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--until", help="an ISO time with zone, e.g. 2026-11-27T02:00:00Z")
-    g.add_argument("--for", dest="for_", help="a duration, e.g. 4h")
-    s = sub.add_parser("scale", parents=[gcp], help="change a lab's min/max or pin its worker count")
+    g.add_argument("--for", dest="for_", help="seconds, or a duration like 4h")
+    s = sub.add_parser("scale", parents=[gcp, wait], help="change a lab's min/max or pin its worker count")
     s.add_argument("--lab", required=True)
     s.add_argument("--min", type=int)
     s.add_argument("--max", type=int)
     s.add_argument("--pin", type=int)
     s.add_argument("--unpin", action="store_true")
-    s = sub.add_parser("publish", parents=[gcp], help="publish a raw JSON message (validated first)")
+    s = sub.add_parser("publish", parents=[gcp, wait], help="publish a raw JSON message (validated first)")
     s.add_argument("file", help="a JSON file, or - for stdin")
     s = sub.add_parser("status", parents=[gcp], help="show every lab")
     s.add_argument("--json", action="store_true")
     local = sub.add_parser("local", help="the local controller").add_subparsers(dest="local_cmd", required=True)
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
+    s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
     s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
     s.add_argument("lab")
     s.add_argument("--json", action="store_true")
@@ -357,10 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[variable] = getattr(a, option)
     try:
         cfg = config_mod.from_env()
-        handler = {"start-lab": cmd_publish, "stop-lab": cmd_publish, "keep-alive": cmd_publish,
-                   "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status, "demo": cmd_demo,
-                   "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra, "deploy": cmd_deploy,
-                   "destroy": cmd_destroy}[a.cmd]
+        handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
+                   "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
+                   "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra,
+                   "deploy": cmd_deploy, "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)
     except (DasklabError, OSError, ValueError, *_cloud_errors()) as e:
         print(f"dasklab: error: {e}", file=sys.stderr)

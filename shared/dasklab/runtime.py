@@ -24,6 +24,15 @@ def build_backend(config: Config):
     return GkeBackend.from_config(config)
 
 
+def build_tombstones(config: Config):
+    """Where stop-labs outlive their labs: files under DASKLAB_HOME locally, Firestore on Google Cloud."""
+    if config.backend == "local":
+        from dasklab.adapters.local import FileTombstones
+        return FileTombstones(config.home)
+    from dasklab.adapters.firestore import FirestoreTombstones
+    return FirestoreTombstones(config.project, config.firestore_database)
+
+
 def build_controller(config: Config | None = None) -> Controller:
     config = config or current()
-    return Controller(build_backend(config), build_events(config), config)
+    return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config))

@@ -125,11 +125,12 @@ def decode_cluster_record(labels: dict[str, str], description: str) -> dict:
         while f"rec{len(chunks)}" in labels:
             chunks.append(labels[f"rec{len(chunks)}"])
         record = _unpack("".join(chunks))
-        if "values" not in record["spec"]:
+        if "values" not in record["spec"]:  # a cluster created before the values moved into the labels
             text = description.removeprefix(DESCRIPTION_PREFIX)
             if text.startswith("z:"):
                 text = zlib.decompress(base64.b64decode(text[2:])).decode()
-            record["spec"]["values"] = json.loads(text)["values"]
+            held = json.loads(text)
+            record["spec"]["values"], record["spec"]["notes"] = held["values"], held.get("notes", [])
     except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as e:
         raise PermanentError(f"cluster labels or description hold no readable lab record: {e}") from e
     return record
@@ -377,8 +378,10 @@ class GkeBackend:
         cluster = self._get(place)
         return replace(lab, version=f"gke:{cluster.label_fingerprint if cluster else ''}")
 
-    def apply_forget(self, lab: Lab) -> None:
-        """Nothing: the record went with the cluster."""
+    def apply_forget(self, lab: Lab) -> bool:
+        """Nothing to drop: the record went with the cluster (so this cannot tell whether another invocation
+        saw it go first)."""
+        return True
 
     # --- provisioning ---
 
@@ -420,7 +423,12 @@ class GkeBackend:
         cfg, place = self.config, place_of(lab.name)
         return build_release(lab.spec, release=place.release, namespace=place.namespace, chart_repo=cfg.chart_repo,
                              chart_version=cfg.chart_version, helm_image=cfg.helm_image,
-                             system_pool=cfg.system_pool, worker_pool=cfg.worker_pool)
+                             system_pool=cfg.system_pool, worker_pool=cfg.worker_pool,
+                             replicas=lab.state.revision_workers if lab.spec.revision > 1 else None)
+
+    def release_job(self, lab: Lab) -> str:
+        """The name of the Helm Job of the lab's recorded revision (a hash of what it installs)."""
+        return self._release(lab).job_name
 
     def fetch_infra(self, lab: Lab) -> Infra:
         place = place_of(lab.name)
@@ -474,6 +482,26 @@ class GkeBackend:
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
         for manifest in rest:
             kube.create(manifest)
+
+    def apply_environment(self, spec) -> None:
+        """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
+
+    def apply_update(self, lab: Lab) -> bool:
+        """The recorded revision as a new Helm revision: its values ConfigMap and hash-named Job running
+        `helm upgrade` (created if absent, so a repeat is the same Job); True once that Job has completed.
+        A failed Job is reported by fetch_infra (the lab fails with the Job's log tail)."""
+        place = place_of(lab.name)
+        kube = self._kube(place, self._running(place))
+        release = self._release(lab)
+        job = kube.read_job(place.namespace, release.job_name)
+        if job is None:
+            for manifest in release.manifests[1:]:  # the namespace exists; RBAC is created if absent
+                kube.create(manifest)
+            logs.emit("INFO", lab=lab.name, action="helm-upgrade", job=release.job_name,
+                      reason=f"revision {lab.spec.revision}: helm upgrade by Job {release.job_name}")
+            return False
+        conditions = {c.type: c.status for c in (job.status.conditions or [])}
+        return conditions.get("Complete") == "True"
 
     # --- workers and nodes ---
 

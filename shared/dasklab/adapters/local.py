@@ -1,6 +1,7 @@
 """Local backend adapter: a lab is a real Dask scheduler and worker processes on 127.0.0.1, its record a file."""
 
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -10,10 +11,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dasklab.core import logs
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
-from dasklab.core.model import MANAGED_BY, Lab
-from dasklab.core.policy import Infra
+from dasklab.core.environment import lab_packages
+from dasklab.core.model import MANAGED_BY, Lab, LabSpec
+from dasklab.core.policy import Infra, plan_rollout
+from dasklab.core.tombstones import TOMBSTONE_TTL_S
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
+from dasklab.adapters.envs import ensure_env
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 
 
@@ -36,6 +41,16 @@ def build_worker_argv(python: str, scheduler: str, name: str, nthreads: int, mem
 
 def _node_of(worker_name: str) -> str:
     return worker_name.split("-", 1)[0]  # workers are named n<node>-w<index>
+
+
+def _plain_env(values: dict, component: str) -> dict[str, str]:
+    """A component's `env` entries with a literal value (valueFrom needs Kubernetes), as process variables."""
+    block = (values or {}).get(component) or {}
+    return {e["name"]: str(e.get("value", "")) for e in block.get("env") or () if "valueFrom" not in e}
+
+
+def _signature(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _reap(retiring: dict) -> None:
@@ -125,11 +140,16 @@ class LocalBackend:
             self._write(record)
         return self._lab(record)
 
-    def apply_forget(self, lab: Lab) -> None:
+    def apply_forget(self, lab: Lab) -> bool:
         with self._locked(lab.name):
-            self._path(lab.name).unlink(missing_ok=True)
+            record = self._read(lab.name)
+            if record is not None and str(record["version"]) != lab.version:
+                raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+            if record is not None:
+                self._path(lab.name).unlink()
             shutil.rmtree(self.root / lab.name, ignore_errors=True)
         (self.root / f".{lab.name}.lock").unlink(missing_ok=True)
+        return record is not None
 
     # --- processes ---
 
@@ -147,6 +167,27 @@ class LocalBackend:
         path = self.root / lab.name / "logs" / f"{what}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    # --- environments ---
+
+    def apply_environment(self, spec: LabSpec) -> None:
+        """Install the spec's EXTRA_PIP_PACKAGES into the venv of that set (cached; refused with pip's tail)."""
+        ensure_env(self.root.parent, lab_packages(spec.values))
+
+    def python(self, spec: LabSpec) -> str:
+        """The interpreter of the lab's environment (made if missing: a cached venv is found at once). #13b's
+        Jupyter kernel runs from it too."""
+        return ensure_env(self.root.parent, lab_packages(spec.values))
+
+    def _worker_signature(self, spec: LabSpec) -> str:
+        """What a worker of this spec runs: interpreter (packages), size and the worker's env variables."""
+        return _signature(lab_packages(spec.values), spec.worker_cpu, spec.worker_memory,
+                          _plain_env(spec.values, "worker"))
+
+    @staticmethod
+    def _scheduler_signature(spec: LabSpec) -> str:
+        return _signature(_plain_env(spec.values, "scheduler"), ((spec.values or {}).get("scheduler") or {}).get(
+            "resources"))
 
     def fetch_infra(self, lab: Lab) -> Infra:
         local = self._local(lab)
@@ -166,11 +207,15 @@ class LocalBackend:
         with self._update(lab.name) as local:
             if local["scheduler"] and pid_alive(local["scheduler"]["pid"]):
                 return
-            port, dash = free_port(), free_port()
-            pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                         "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
-                        env=self._env(lab), log_path=self._log(lab, "scheduler"))
-            local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash}
+            self._start_scheduler(lab, local, free_port(), free_port())
+
+    def _start_scheduler(self, lab: Lab, local: dict, port: int, dash: int) -> None:
+        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                     "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
+                    env={**_plain_env(lab.spec.values, "scheduler"), **self._env(lab)},
+                    log_path=self._log(lab, "scheduler"))
+        local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash,
+                              "signature": self._scheduler_signature(lab.spec)}
 
     def apply_install(self, lab: Lab) -> None:
         self.apply_workers(lab, lab.state.target_workers)
@@ -183,25 +228,69 @@ class LocalBackend:
 
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Start workers until `target` are alive, filling partly used nodes before opening new ones."""
-        per_node = lab.spec.workers_per_node
+        python = self.python(lab.spec)
         with self._update(lab.name) as local:
             local["workers"] = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}
             _reap(local.setdefault("retiring", {}))
-            sched = local["scheduler"]
-            for _ in range(target - len(local["workers"])):
-                used: dict[str, int] = {}
-                for w in local["workers"].values():
-                    used[w["node"]] = used.get(w["node"], 0) + 1
-                node = next((n for n in sorted(used) if used[n] < per_node), None)
-                if node is None:
-                    node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
-                name = f"{node}-w{local['next_worker']}"
-                local["next_worker"] += 1
-                threads = max(1, int(lab.spec.worker_cpu))
-                pid = spawn(build_worker_argv(sys.executable, f"tcp://127.0.0.1:{sched['port']}", name, threads,
-                                              lab.spec.worker_memory),
-                            env=self._env(lab), log_path=self._log(lab, name))
-                local["workers"][name] = {"pid": pid, "node": node}
+            self._start_workers(lab, local, target - len(local["workers"]), python)
+
+    def _start_workers(self, lab: Lab, local: dict, count: int, python: str) -> None:
+        per_node, sched = lab.spec.workers_per_node, local["scheduler"]
+        env = {**_plain_env(lab.spec.values, "worker"), **self._env(lab)}
+        for _ in range(count):
+            used: dict[str, int] = {}
+            for w in local["workers"].values():
+                used[w["node"]] = used.get(w["node"], 0) + 1
+            node = next((n for n in sorted(used) if used[n] < per_node), None)
+            if node is None:
+                node = next(f"n{i}" for i in range(len(used) + 1) if f"n{i}" not in used)
+            name = f"{node}-w{local['next_worker']}"
+            local["next_worker"] += 1
+            pid = spawn(build_worker_argv(python, f"tcp://127.0.0.1:{sched['port']}", name,
+                                          max(1, int(lab.spec.worker_cpu)), lab.spec.worker_memory),
+                        env=env, log_path=self._log(lab, name))
+            local["workers"][name] = {"pid": pid, "node": node, "signature": self._worker_signature(lab.spec)}
+
+    def apply_update(self, lab: Lab) -> bool:
+        """One step of running the recorded values: a scheduler whose env or resources changed is restarted on
+        its ports (the controller refused that unless restart: true), its workers with it; workers of another
+        environment or size are replaced: replacements start, join, then the old ones retire through the
+        scheduler so their results move first. Each step is re-derived from the processes and the scheduler."""
+        python = self.python(lab.spec)
+        local = self._local(lab)
+        sched = local["scheduler"]
+        if sched and sched.get("signature") != self._scheduler_signature(lab.spec):
+            with self._update(lab.name) as local:
+                sched = local["scheduler"]
+                if sched.get("signature") == self._scheduler_signature(lab.spec):
+                    return False  # another pass restarted it meanwhile
+                for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
+                    stop_pid_group(w["pid"])
+                stop_pid_group(local["scheduler"]["pid"])
+                local.update(workers={}, retiring={})
+                self._start_scheduler(lab, local, sched["port"], sched["dashboard_port"])
+            return False
+        signature = self._worker_signature(lab.spec)
+        workers = self.dashboard(lab).fetch_workers() if local["workers"] else ()
+        with self._update(lab.name) as local:  # decided and started under the record's lock: two passes at once
+            alive = {n: w for n, w in local["workers"].items() if pid_alive(w["pid"])}  # start one set, not two
+            stale = {n for n, w in alive.items() if w.get("signature") != signature}
+            fresh = set(alive) - stale
+            joined = {w.name for w in workers} & fresh
+            step = plan_rollout(len(stale), len(fresh), len(joined), lab.state.target_workers)
+            if step.action in ("start", "retire"):
+                logs.emit("INFO", lab=lab.name, action=f"rollout-{step.action}", revision=lab.spec.revision,
+                          reason=step.reason, workers=sorted(stale) if step.action == "retire" else None)
+            if step.action == "start":
+                self._start_workers(lab, local, step.count, python)
+        if step.action == "retire":
+            self.apply_scale_down(lab, [w.address for w in workers if w.name in stale], len(fresh))
+            unjoined = stale - {w.name for w in workers}  # not connected: they hold no result
+            if unjoined:
+                with self._update(lab.name) as local:
+                    for name in unjoined & set(local["workers"]):
+                        stop_pid_group(local["workers"].pop(name)["pid"])
+        return step.action == "done"
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
         """Retire through the scheduler (data moves to survivors; it removes them before answering), then
@@ -261,7 +350,9 @@ class LocalBackend:
         labs = self.fetch_labs()
         for lab in labs:
             self.apply_delete(lab)
-            self.apply_forget(lab)
+            current = self.fetch_lab(lab.name)  # read again: the record may have moved on meanwhile
+            if current is not None:
+                self.apply_forget(current)
         return len(labs)
 
 
@@ -279,3 +370,36 @@ class FileEvents:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+class FileTombstones:
+    """The local lab's tombstones (core.tombstones.Tombstones): `<home>/tombstones/<lab>.json`, apart from the lab
+    records so they outlive them; written under a lock, keeping the latest stop-lab; expired ones are pruned."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "tombstones"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _read(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def fetch_stopped(self, lab: str, now: float) -> float | None:
+        record = self._read(self.root / f"{lab}.json")
+        return record["stopped_at"] if record and record["stopped_at"] + TOMBSTONE_TTL_S > now else None
+
+    def apply_stopped(self, lab: str, published: float, now: float) -> None:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for path in self.root.glob("*.json"):  # tombstones past the retry horizon
+                record = self._read(path)
+                if record and record["stopped_at"] + TOMBSTONE_TTL_S <= now:
+                    path.unlink(missing_ok=True)
+            path = self.root / f"{lab}.json"
+            record = self._read(path)
+            if record is None or record["stopped_at"] < published:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"lab": lab, "stopped_at": published}))
+                os.replace(tmp, path)

@@ -334,6 +334,52 @@ def start_pubsub_emulator(data_dir: Path, project: str = "dasklab-local", *, tim
     return Emulator(host=f"{LOCALHOST}:{port}", project=project, proc=proc, log_path=log_path)
 
 
+# --- Firestore emulator (the GKE backend's tombstone store, run for real in tests) ----------------------
+
+_FIRESTORE_LAUNCHER = Path("platform/cloud-firestore-emulator/cloud_firestore_emulator")
+
+
+def find_firestore_emulator() -> list[str] | None:
+    """The command that launches the Google Cloud CLI's Firestore emulator (Java 17), or None."""
+    if shutil.which("java") is None:
+        return None
+    for root in _sdk_roots():
+        launcher = root / _FIRESTORE_LAUNCHER
+        if launcher.is_file() and os.access(launcher, os.X_OK):
+            return [str(launcher), "start"]
+    return None
+
+
+@dataclass
+class FirestoreEmulator(_Served):
+    """A running Firestore emulator; clients reach it with FIRESTORE_EMULATOR_HOST=`host`."""
+
+    host: str
+    proc: Proc
+    log_path: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"FIRESTORE_EMULATOR_HOST": self.host}
+
+
+def start_firestore_emulator(data_dir: Path, *, timeout: float = 60.0) -> FirestoreEmulator:
+    """Start the Firestore emulator on 127.0.0.1 on a free port (in memory; its log in `data_dir`)."""
+    cmd = find_firestore_emulator()
+    if cmd is None:
+        raise RuntimeError("Firestore emulator unavailable: install Java and the Google Cloud CLI component "
+                           "'cloud-firestore-emulator'")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "firestore-emulator.log"
+    proc, port = _spawn_on_free_port(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
+                                     log_path=log_path, env=None, name="Firestore emulator",
+                                     listening=f"API endpoint: http://{LOCALHOST}:{{port}}",
+                                     ready=lambda port: _http_get(port) == (200, b"Ok"),
+                                     port_taken="java.net.BindException", timeout=timeout)
+    return FirestoreEmulator(host=f"{LOCALHOST}:{port}", proc=proc, log_path=log_path)
+
+
 # --- functions-framework server ---------------------------------------------------------------------
 
 @dataclass

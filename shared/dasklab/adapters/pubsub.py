@@ -6,7 +6,7 @@ from functools import lru_cache
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from dasklab.core.errors import TransientError
+from dasklab.core.errors import PermanentError, TransientError
 
 ACK_DEADLINE_S = 600  # the longest Pub/Sub allows: a reconcile tick polls for about a minute
 
@@ -34,14 +34,17 @@ def publish(project: str, topic: str, payload: dict, timeout: float = 30.0, **at
         raise TransientError(f"publish to {topic} failed: {e}") from e
 
 
+EVENT_ATTRIBUTES = ("event", "lab", "message_id", "request_id")  # copied to attributes: subscription filters read them
+
+
 class PubSubEvents:
-    """Status events published as JSON on the status topic."""
+    """Status events published as JSON on the status topic, with their kind, lab and command ids as attributes."""
 
     def __init__(self, project: str, topic: str):
         self.project, self.topic = project, topic
 
     def publish(self, event: dict) -> None:
-        publish(self.project, self.topic, event, event=str(event.get("event", "")), lab=str(event.get("lab", "")))
+        publish(self.project, self.topic, event, **{k: str(event[k]) for k in EVENT_ATTRIBUTES if event.get(k)})
 
 
 def ensure_topic(project: str, topic: str) -> bool:
@@ -75,6 +78,38 @@ def ensure_subscription(project: str, topic: str, name: str, push_endpoint: str 
         return False
 
 
+REPLY_TTL_S = 24 * 3600  # the shortest expiration Pub/Sub allows: a reply subscription left behind goes by itself
+REPLY_RETENTION_S = 600  # the shortest message retention Pub/Sub allows
+
+
+def open_reply_subscription(project: str, topic: str, name: str, request_id: str) -> None:
+    """A short-lived pull subscription on the status topic for the events of one request: the filter keeps only
+    those with attribute request_id (Google Cloud applies it; the emulator ignores filters, so callers filter too)."""
+    request = {"name": subscriber().subscription_path(project, name), "topic": topic_path(project, topic),
+               "filter": f'attributes.request_id = "{request_id}"', "ack_deadline_seconds": 10,
+               "expiration_policy": {"ttl": {"seconds": REPLY_TTL_S}},
+               "message_retention_duration": {"seconds": REPLY_RETENTION_S}}
+    try:
+        subscriber().create_subscription(request=request)
+    except gexc.PermissionDenied as e:
+        raise PermanentError(f"cannot subscribe to {topic} for the command's outcome ({e.message}): you need "
+                             f"the role dasklabOperator (README, \"Starting a lab\"), or pass --no-wait") from e
+    except gexc.NotFound as e:
+        raise PermanentError(f"topic {topic} not found in {project}: run `dasklab infra apply` first") from e
+    except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+        raise TransientError(f"subscribe to {topic}: {e}") from e
+
+
+def close_reply_subscription(project: str, name: str) -> None:
+    """Delete a reply subscription (gone already: nothing to do)."""
+    try:
+        subscriber().delete_subscription(subscription=subscriber().subscription_path(project, name))
+    except gexc.NotFound:
+        pass
+    except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+        raise TransientError(f"delete subscription {name} (it expires by itself within a day): {e}") from e
+
+
 def pull(project: str, subscription: str, max_messages: int = 100, timeout: float = 5.0) -> list[dict]:
     """Pull and acknowledge what is waiting on a subscription; returns the decoded JSON bodies."""
     path = subscriber().subscription_path(project, subscription)
@@ -83,6 +118,8 @@ def pull(project: str, subscription: str, max_messages: int = 100, timeout: floa
                                      timeout=timeout)
     except gexc.DeadlineExceeded:
         return []
+    except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+        raise TransientError(f"pull from {subscription}: {e}") from e
     if response.received_messages:
         subscriber().acknowledge(request={"subscription": path,
                                           "ack_ids": [m.ack_id for m in response.received_messages]})

@@ -67,7 +67,7 @@ def build_images(spec: LabSpec, values: dict) -> dict:
     return images
 
 
-def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> dict:
+def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, replicas: int | None = None) -> dict:
     """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
 
     Enforced: the scheduler serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
@@ -76,7 +76,8 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> d
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
     Secret, has no RBAC to scale workers, and the chart's known default password is removed. Every image runs the
-    lab's Dask version (`build_images`).
+    lab's Dask version (`build_images`). `replicas`: the worker count a later revision (helm upgrade) keeps,
+    instead of the initial one.
     """
     values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
     images = build_images(spec, values)
@@ -96,7 +97,8 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str) -> d
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
-        "worker": {"replicas": spec.initial_workers, "image": images["worker"], "resources": {"limits": dict(quantity), "requests": quantity},
+        "worker": {"replicas": spec.initial_workers if replicas is None else replicas, "image": images["worker"],
+                   "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {
                        "fieldRef": {"fieldPath": "metadata.name"}}}]),
@@ -149,12 +151,14 @@ class Release:
 
 
 def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: str, chart_version: str,
-                  helm_image: str, system_pool: str, worker_pool: str) -> Release:
+                  helm_image: str, system_pool: str, worker_pool: str, replicas: int | None = None) -> Release:
     """The release's values and the manifests that install it: namespace, installer RBAC, values ConfigMap,
-    the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked."""
+    the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked.
+    A later revision (update-lab: other values, `replicas` the workers running then) gets a Job of another name,
+    so each revision is its own `helm upgrade`."""
     import yaml  # PyYAML: only the install path pays for it
 
-    values = build_helm_values(spec, system_pool=system_pool, worker_pool=worker_pool)
+    values = build_helm_values(spec, system_pool=system_pool, worker_pool=worker_pool, replicas=replicas)
     job = [helm_image, chart_repo, CHART, chart_version, release, namespace, values]
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:10]
     job_name, values_cm, lab = f"{INSTALLER}-{digest}", f"dasklab-values-{digest}", spec.name

@@ -168,6 +168,17 @@ def build_service_agent_steps(iam: dict, project: str, project_number: str) -> l
     return steps
 
 
+def build_store_steps(project: str, region: str, database: str = "(default)") -> list[Step]:
+    """The Firestore (Native mode) database that keeps the tombstones of stopped labs, created when `describe`
+    finds none, and the TTL policy on `expire_at` that deletes tombstones past Pub/Sub's 24 h retry horizon."""
+    where = (f"--database={database}", f"--project={project}")
+    return [Step("firestore-database", ("gcloud", "firestore", "databases", "create", *where, f"--location={region}",
+                                        "--type=firestore-native"),
+                 unless=("gcloud", "firestore", "databases", "describe", *where, "--format=none")),
+            Step("firestore-ttl", ("gcloud", "firestore", "fields", "ttls", "update", "expire_at",
+                                   "--collection-group=dasklab-tombstones", "--enable-ttl", "--async", *where))]
+
+
 def fetch_project_number(project: str) -> str:
     out = subprocess.run(["gcloud", "projects", "describe", project, "--format=value(projectNumber)"],
                          capture_output=True, text=True, check=False)

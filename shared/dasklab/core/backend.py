@@ -3,7 +3,7 @@
 from typing import Protocol
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.core.model import Lab
+from dasklab.core.model import Lab, LabSpec
 from dasklab.core.policy import Infra
 
 
@@ -46,11 +46,21 @@ class Backend(Protocol):
     def apply_settle(self, lab: Lab) -> None:
         """Workers are where the target wants them: finish what a scaling step left (e.g. after a crash)."""
 
+    def apply_environment(self, spec: LabSpec) -> None:
+        """Make the software environment the spec's values ask for available before they are recorded (the local
+        lab installs EXTRA_PIP_PACKAGES into its own venv; PermanentError with pip's tail if that fails). On GKE
+        the images install them at container start: nothing to do."""
+
+    def apply_update(self, lab: Lab) -> bool:
+        """One step toward running the recorded revision (`lab.spec.revision`) everywhere: a new Helm revision on
+        GKE; replacement workers, then retiring the old ones, locally. True once it runs everywhere."""
+
     def apply_delete(self, lab: Lab) -> None:
         """Delete the lab's infrastructure (idempotent; TransientError while that cannot happen yet)."""
 
-    def apply_forget(self, lab: Lab) -> None:
-        """Drop what is left of the lab's record once its infrastructure is gone."""
+    def apply_forget(self, lab: Lab) -> bool:
+        """Drop what is left of the lab's record once its infrastructure is gone; False if another invocation
+        already did (so the decision is logged once), ConflictError if the record changed since it was read."""
 
     def connection_info(self, lab: Lab) -> dict:
         """How a person reaches the lab's Jupyter and dashboard (never a secret)."""

@@ -79,6 +79,7 @@ class Config:
     helm_image: str = "alpine/helm:3.16.3"
     # the Dask version of every lab's images (scheduler, workers, Jupyter): inside DASK_WINDOW
     dask_version: str = "2026.3.0"
+    firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
 
 
 def region_of(location: str) -> str:

@@ -3,20 +3,27 @@
 import base64
 import binascii
 import re
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Union
 
 import msgspec
 
 from dasklab.core.config import Config, check_dask_version
+from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+# chart values once parsed: as compact JSON at most this many bytes, nested at most this deep (YAML anchors and
+# aliases are refused, so a message's values cannot expand past its own size; this bounds what is stored)
+MAX_VALUES_BYTES = 32 * 1024
+MAX_VALUES_DEPTH = 16
+DEFAULT_MAX_WORKERS = 4  # workers.max when neither it nor values.worker.replicas is given
 LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 chars
 LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")  # no unit: seconds ("60" from a command line)
 _UNSAFE_PIP = re.compile(r"[;&|`$<>\\\n\r]")
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
@@ -41,14 +48,14 @@ _PATTERN_WORDS = {
 
 
 def _seconds(value) -> int:
-    """A duration as seconds: an integer, or '90s', '30m', '8h', '1d'."""
+    """A duration as seconds: an integer, plain seconds as text ('60'), or '90s', '30m', '8h', '1d'."""
     if isinstance(value, int):
         seconds = value
     else:
         m = _DURATION.match(value.strip())
         if not m:
             raise ValueError(f"{value!r} is not a duration like 90s, 30m, 8h, 1d or a number of seconds")
-        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        seconds = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     if seconds <= 0:
         raise ValueError("must be positive")
     return seconds
@@ -161,17 +168,60 @@ class ChartValues(_Open):
     worker: _Component | None = None
 
 
+def _yaml_without_aliases(text: str):
+    """YAML text → data, refusing aliases (`*name`, hence `<<: *name` merges): an alias repeats a whole subtree,
+    so a few hundred bytes of nested aliases expand to gigabytes."""
+    import yaml  # only messages that carry YAML pay for it
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ValueError(f"uses the YAML alias *{event.anchor} (line {event.start_mark.line + 1}): anchors "
+                                 "and aliases are not accepted, as they can expand a small message into a huge "
+                                 "one; write the values out")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ValueError(f"is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ValueError(f"is nested too deeply: at most {MAX_VALUES_DEPTH} levels") from None
+
+
+def _depth(v) -> int:
+    """How deeply mappings and lists nest (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            if level <= MAX_VALUES_DEPTH:
+                todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def check_values_bound(v: dict) -> None:
+    """Refuse chart values nested deeper than MAX_VALUES_DEPTH or larger than MAX_VALUES_BYTES as JSON."""
+    import json
+    if _depth(v) > MAX_VALUES_DEPTH:
+        raise ValueError(f"is nested deeper than {MAX_VALUES_DEPTH} levels")
+    size = len(json.dumps(v, separators=(",", ":"), default=str))
+    if size > MAX_VALUES_BYTES:
+        raise ValueError(f"is {size} bytes once parsed (as JSON); at most {MAX_VALUES_BYTES} bytes allowed")
+
+
 def _chart_values(v) -> dict:
-    """Chart values as YAML text or a mapping → the mapping as written, once it validates as ChartValues."""
+    """Chart values as YAML text or a mapping → the mapping as written, once it is bounded and validates as
+    ChartValues."""
     if isinstance(v, str):  # config.yaml as text
-        import yaml  # only messages that carry YAML pay for it
-        try:
-            v = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ValueError(f"is not valid YAML: {e}") from None
+        v = _yaml_without_aliases(v)
         v = {} if v is None else v
     if not isinstance(v, dict):
         raise ValueError("must be a mapping of Dask Helm chart values (YAML text or a JSON object)")
+    check_values_bound(v)
     msgspec.convert(v, ChartValues, strict=False)
     return v
 
@@ -181,9 +231,11 @@ def _chart_values(v) -> dict:
 class WorkerCounts(_Strict):
     initial: _Count | None = None
     min: _Count = 0
-    max: _AtLeastOne = 4
+    max: _AtLeastOne | None = None  # None: values.worker.replicas, else DEFAULT_MAX_WORKERS (see build_worker_counts)
 
     def __post_init__(self):
+        if self.max is None:
+            return  # checked by build_worker_counts once the maximum is known
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) must be ≤ max ({self.max})")
         if self.initial is not None and not self.min <= self.initial <= self.max:
@@ -240,6 +292,7 @@ class StartLab(_Command, tag="start-lab", kw_only=True):
     spot: bool = False
     expose: Expose | None = None
     values: dict | str = msgspec.field(default_factory=dict)  # Dask Helm chart values, kept as the user wrote them
+    mixed_environment: bool = False  # accept different EXTRA_PIP_PACKAGES / image tags per component (a warning)
 
     def __post_init__(self):
         super().__post_init__()
@@ -248,6 +301,23 @@ class StartLab(_Command, tag="start-lab", kw_only=True):
         if self.machine_type is not None and self.machine_type not in MACHINE_TYPES:
             raise _Refusal("machine_type", f"unknown machine type {self.machine_type!r}; "
                                            f"known: {', '.join(sorted(MACHINE_TYPES))}")
+        _set(self, "values", _chart_values)
+
+    @property
+    def chart(self) -> ChartValues:
+        return msgspec.convert(self.values, ChartValues, strict=False)
+
+
+class UpdateLab(_Command, tag="update-lab", kw_only=True):
+    """New chart values for a running lab (a new Helm revision; replacement workers locally)."""
+
+    lab: _Lab
+    values: dict | str  # validated like start-lab's
+    restart: bool = False  # accept a change that restarts the scheduler (its in-memory results are lost)
+    mixed_environment: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
         _set(self, "values", _chart_values)
 
     @property
@@ -303,8 +373,8 @@ class NightlyTeardown(_Command, tag="nightly-teardown"):
     pass
 
 
-Command = Union[StartLab, StopLab, KeepAlive, Scale, Reconcile, TeardownIdle, NightlyTeardown]
-COMMAND_TYPES = ("start-lab", "stop-lab", "keep-alive", "scale")
+Command = Union[StartLab, UpdateLab, StopLab, KeepAlive, Scale, Reconcile, TeardownIdle, NightlyTeardown]
+COMMAND_TYPES = ("start-lab", "update-lab", "stop-lab", "keep-alive", "scale")
 TICK_TYPES = ("reconcile", "teardown-idle", "nightly-teardown")
 _DECODER = msgspec.json.Decoder(Command, strict=False)  # lax like JSON senders expect: "8" → 8, 1 → true
 
@@ -333,6 +403,8 @@ def parse_command(data: bytes | str | dict) -> Command:
         raise _refused(e) from None
     except msgspec.DecodeError as e:
         raise ValidationError("data", f"must be a JSON object ({e})") from None
+    except RecursionError:
+        raise ValidationError("data", "is nested too deeply to decode") from None
 
 
 def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:
@@ -350,24 +422,112 @@ def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:
     return payload, attributes, str(message.get("messageId") or message.get("message_id") or "")
 
 
+REQUEST_ID = "request_id"  # the message attribute a sender sets to find its command's outcome on the status topic
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_request_id(attributes: dict) -> str:
+    """The sender's request id from the message attributes ('' when none), echoed on the command's outcome."""
+    value = attributes.get(REQUEST_ID, "")
+    if value and not (isinstance(value, str) and _REQUEST_ID.fullmatch(value)):
+        raise ValidationError(f"message.attributes.{REQUEST_ID}", "must be 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+
+
+def decode_publish_time(event_data: dict) -> float | None:
+    """The Pub/Sub message's publishTime (RFC 3339, up to nanoseconds) as epoch seconds; None when absent."""
+    message = event_data.get("message") if isinstance(event_data, dict) else None
+    raw = message.get("publishTime") or message.get("publish_time") if isinstance(message, dict) else None
+    if raw is None:
+        return None
+    m = _RFC3339.match(raw) if isinstance(raw, str) else None
+    try:
+        when = datetime.fromisoformat(m[1] + m[3].replace("Z", "+00:00")) if m else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise ValidationError("message.publishTime", "must be an RFC 3339 time like 2026-11-27T02:00:00.123Z")
+    return when.timestamp() + (int(m[2].ljust(9, "0")) / 1e9 if m[2] else 0.0)
+
+
 def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = None) -> None:
     """Refuse requests above the controller's caps (never truncate them)."""
     max_workers = cmd.workers.max if isinstance(cmd, StartLab) else cmd.max
+    field = "workers.max" if isinstance(cmd, StartLab) else "max"
+    if isinstance(cmd, StartLab) and spec is not None:
+        max_workers = spec.max_workers
+        if cmd.workers.max is None and _replicas(cmd) is not None:
+            field = "values.worker.replicas"  # it set the maximum
     if max_workers is not None and max_workers > config.max_workers:
-        raise ValidationError("workers.max" if isinstance(cmd, StartLab) else "max",
-                              f"{max_workers} is above the controller cap max_workers={config.max_workers}")
+        raise ValidationError(field, f"{max_workers} is above the controller cap max_workers={config.max_workers}")
     if isinstance(cmd, StartLab) and (cmd.max_lifetime or 0) > config.max_lifetime_s:
         raise ValidationError("max_lifetime", f"{cmd.max_lifetime}s is above the controller cap "
                                               f"max_lifetime={config.max_lifetime_s}s")
     if isinstance(cmd, Scale) and cmd.pin is not None and cmd.pin > config.max_workers:
         raise ValidationError("pin", f"{cmd.pin} is above the controller cap max_workers={config.max_workers}")
     if spec is not None and max_workers is not None and spec.nodes_for(max_workers) > config.max_nodes:
-        raise ValidationError("workers.max" if isinstance(cmd, StartLab) else "max",
-                              f"{max_workers} workers need {spec.nodes_for(max_workers)} {spec.machine_type} "
+        raise ValidationError(field, f"{max_workers} workers need {spec.nodes_for(max_workers)} {spec.machine_type} "
                               f"nodes, above the controller cap max_nodes={config.max_nodes}")
 
 
-def _dask_version(cmd: StartLab, config: Config) -> str:
+def _worker_limits(chart: ChartValues):
+    worker = chart.worker
+    return worker.resources.limits if worker and worker.resources and worker.resources.limits else None
+
+
+def _check_fits(spec: LabSpec, field: str = "worker_resources") -> None:
+    cpu_node, mem_node = MACHINE_TYPES[spec.machine_type]
+    if spec.worker_cpu > cpu_node or spec.worker_memory > mem_node * 2**30:
+        raise ValidationError(field, f"a worker of {spec.worker_cpu} CPU / {spec.worker_memory / 1e9:.1f} GB does "
+                                     f"not fit on one {spec.machine_type} ({cpu_node} CPU / {mem_node} GiB)")
+
+
+def build_update(cmd: UpdateLab, spec: LabSpec) -> LabSpec:
+    """The spec an update-lab asks for: the new values in place of the old (as `helm upgrade -f` does), the
+    worker size from their `worker.resources.limits` (else the lab's), the same environment rule as start-lab.
+    The Dask version is the one the new tags state, else the lab's. The revision is not counted here: the
+    controller does, when the values differ."""
+    limits = _worker_limits(cmd.chart)
+    version = _dask_version(cmd, replace(Config(), dask_version=spec.dask_version))
+    notes = check_environment(cmd.values, cmd.mixed_environment)
+    new = replace(spec, values=cmd.values, mixed_environment=cmd.mixed_environment, notes=notes,
+                  worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
+                  worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
+    _check_fits(new, "values.worker.resources.limits")
+    return new
+
+
+def _replicas(cmd: StartLab) -> int | None:
+    worker = cmd.chart.worker
+    return worker.replicas if worker else None
+
+
+def build_worker_counts(workers: WorkerCounts, replicas: int | None) -> tuple[int, int, int]:
+    """(min, initial, max) from `workers` and the chart's `values.worker.replicas`, the user's intent: it gives
+    the initial workers unless workers.initial does, and the maximum unless workers.max does; a workers.max
+    below it is refused with both fields named (never truncated)."""
+    lo, given_max = workers.min, workers.max
+    if replicas is not None and given_max is not None and replicas > given_max:
+        raise ValidationError("values.worker.replicas", f"{replicas} is above workers.max ({given_max}): raise "
+                                                        f"workers.max to at least {replicas} or lower "
+                                                        "values.worker.replicas")
+    hi = given_max if given_max is not None else max(replicas, lo, 1) if replicas is not None \
+        else max(DEFAULT_MAX_WORKERS, lo)
+    if replicas is not None and workers.initial is None and replicas < lo:
+        raise ValidationError("values.worker.replicas", f"{replicas} is below workers.min ({lo}): lower "
+                                                        f"workers.min or raise values.worker.replicas")
+    initial = workers.initial if workers.initial is not None else replicas if replicas is not None else lo
+    if lo > hi:
+        raise ValidationError("workers", f"min ({lo}) must be ≤ max ({hi})")
+    if not lo <= initial <= hi:
+        raise ValidationError("workers", f"initial ({initial}) must be between min ({lo}) and max ({hi})")
+    return lo, initial, hi
+
+
+def _dask_version(cmd: StartLab | UpdateLab, config: Config) -> str:
     """The Dask version the lab runs: the one its values' image tags state (all alike), else the config's."""
     stated = {}
     for name in ("scheduler", "worker", "jupyter"):
@@ -382,32 +542,29 @@ def _dask_version(cmd: StartLab, config: Config) -> str:
 
 
 def build_spec(cmd: StartLab, config: Config) -> LabSpec:
-    """The lab's desired spec from a start-lab: fill defaults from the config and the chart values."""
+    """The lab's desired spec from a start-lab: fill defaults from the config and the chart values; the notes
+    say every part of the request the controller replaces."""
+    from dasklab.core.overrides import build_overrides
+
     worker = cmd.chart.worker
-    limits = worker.resources.limits if worker and worker.resources and worker.resources.limits else None
+    limits = _worker_limits(cmd.chart)
     if cmd.worker_resources:
         cpu, memory = cmd.worker_resources.cpu, cmd.worker_resources.memory
     else:
         cpu = (limits and limits.cpu) or config.default_worker_cpu
         memory = (limits and limits.memory) or parse_memory(config.default_worker_memory)
-    initial = cmd.workers.initial
-    if initial is None:
-        initial = min(max(worker.replicas if worker and worker.replicas is not None else cmd.workers.min,
-                          cmd.workers.min), cmd.workers.max)
+    lo, initial, hi = build_worker_counts(cmd.workers, _replicas(cmd))
     spec = LabSpec(
-        name=cmd.lab, owner=cmd.owner, min_workers=cmd.workers.min, max_workers=cmd.workers.max,
+        name=cmd.lab, owner=cmd.owner, min_workers=lo, max_workers=hi,
         initial_workers=initial, machine_type=cmd.machine_type or config.default_machine_type,
         worker_cpu=cpu, worker_memory=memory,
         idle_timeout_s=cmd.idle_timeout or config.default_idle_timeout_s,
         max_lifetime_s=cmd.max_lifetime or min(config.default_lifetime_s, config.max_lifetime_s),
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
-        dask_version=_dask_version(cmd, config),
+        dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
+        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
     )
-    cpu_node, mem_node = MACHINE_TYPES[spec.machine_type]
-    if cpu > cpu_node or memory > mem_node * 2**30:
-        raise ValidationError("worker_resources", f"a worker of {cpu} CPU / {memory / 1e9:.1f} GB does not fit "
-                                                  f"on one {spec.machine_type} ({cpu_node} CPU / {mem_node} GiB)")
+    _check_fits(spec)
     check_caps(cmd, config, spec)
-    return spec
-
+    return replace(spec, notes=build_overrides(cmd, spec, config.backend) + spec.notes)  # overrides, environment

@@ -61,7 +61,10 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
+    mixed_environment: bool = False  # the owner accepted different packages or image tags per component
+    revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
+    notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
 
     @property
     def workers_per_node(self) -> int:
@@ -93,6 +96,10 @@ class LabState:
     reason: str = ""  # why the lab is in its phase (failure, teardown cause)
     node_seconds: float = 0.0  # node-time used so far, for the cost report
     last_accounted: float = 0.0
+    revision: int = 1  # the revision the backend runs everywhere (spec.revision once an update has converged)
+    revision_workers: int = 0  # the worker count when spec.revision was recorded (what its Helm revision sets)
+    update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
+    start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
 
 
 @dataclass(frozen=True)
@@ -112,9 +119,11 @@ class Lab:
 
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
-        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())))
+        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())),
+                    notes=tuple(data["spec"].get("notes", ())))
         # fields a record of an older version holds and this one no longer has are dropped
         state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
+        state["update_ids"] = tuple(state.get("update_ids", ()))
         state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
         return cls(LabSpec(**spec), LabState(**state), version)
 
@@ -156,6 +165,12 @@ class DaskLoad:
 CLUSTER_FEE_PER_HOUR = 0.10
 E2_PER_VCPU_HOUR = 0.0335  # e2-standard-4 ≈ $0.134/h
 SPOT_DISCOUNT = 0.7
+
+
+def node_seconds_at(lab: Lab, now: float) -> float:
+    """Node-time used up to `now`: what is recorded, plus the recorded target's nodes since the last decision."""
+    nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
+    return lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted)
 
 
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:

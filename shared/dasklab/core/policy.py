@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from dasklab.core.model import (FAILED, INSTALLING, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad, LabSpec, LabState,
                     WorkerInfo)
@@ -191,13 +192,84 @@ def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | No
     return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s, no client")
 
 
+def plan_next_teardown(spec: LabSpec, state: LabState, load: DaskLoad | None,
+                       ticks: Iterable[tuple[float, str]]) -> tuple[float, str, str] | None:
+    """The first of the coming timer ticks ((time, tick), in time order) whose plan_teardown deletes the lab if it
+    stays as observed now, load included: (time, tick, reason); None if none of them does."""
+    for at, tick in ticks:
+        verdict = plan_teardown(tick, spec, state, load, at)
+        if verdict.delete:
+            return at, tick, verdict.reason
+    return None
+
+
 def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, str]:
     """What a start-lab does given what exists: create, duplicate (nothing to do) or conflict (refuse)."""
     if existing_spec is None:
         return "create", "new lab requested"
     if existing_spec.owner != new_spec.owner:
         return "conflict", f"lab {new_spec.name} exists and belongs to {existing_spec.owner}"
-    return "duplicate", "lab exists already: start-lab is idempotent (use scale to change its limits)"
+    return "duplicate", "lab exists already: start-lab is idempotent (use scale to change its limits, update-lab " \
+                        "its values)"
+
+
+# Keys of values.scheduler the controller enforces or that leave the scheduler's pod alone.
+_SCHEDULER_KEPT = ("serviceType", "loadBalancerIP", "servicePort", "serviceAnnotations")
+
+
+def _changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str]:
+    """What an update-lab does: duplicate (same values: nothing to do), refuse (it would restart the scheduler and
+    the message does not say restart: true), or update, with what changes."""
+    if (new.values, new.worker_cpu, new.worker_memory, new.mixed_environment, new.dask_version) == (
+            current.values, current.worker_cpu, current.worker_memory, current.mixed_environment,
+            current.dask_version):
+        return "duplicate", f"values unchanged: revision {current.revision} already has them"
+    values_old, values_new = current.values or {}, new.values or {}
+    scheduler = _changed_keys(values_old.get("scheduler"), values_new.get("scheduler"), _SCHEDULER_KEPT)
+    if new.dask_version != current.dask_version and "image" not in scheduler:
+        scheduler.append("image")  # every component runs the lab's Dask version: a new one is a new scheduler image
+    if scheduler and not restart:
+        fields = ", ".join(f"values.scheduler.{k}" for k in scheduler)
+        return "refuse", (f"{fields} change(s) the scheduler: it restarts, and every result held in memory is lost "
+                          f"(futures, persisted collections); send restart: true to accept that")
+    parts = []
+    worker = _changed_keys(values_old.get("worker"), values_new.get("worker"), ("replicas",))
+    if worker or (new.worker_cpu, new.worker_memory) != (current.worker_cpu, current.worker_memory):
+        parts.append("workers replaced gracefully (new ones join before the old retire)")
+    if scheduler:
+        parts.append(f"scheduler restarted ({', '.join(scheduler)}; restart: true)")
+    if _changed_keys(values_old.get("jupyter"), values_new.get("jupyter")):
+        parts.append("Jupyter restarted with them (a new pod on GKE)")
+    return "update", f"revision {current.revision + 1}: " + ("; ".join(parts) or "chart values changed")
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    action: str  # done, start, wait, retire
+    count: int
+    reason: str
+
+
+def plan_rollout(stale: int, fresh: int, joined: int, want: int) -> RolloutStep:
+    """One step of replacing workers of an old revision (`stale`) by workers of the new one: start `want`
+    replacements, wait until they have joined the scheduler, then retire the old (their results move to the
+    new ones first). `fresh` replacements run, `joined` of them are connected."""
+    if stale == 0:
+        return RolloutStep("done", 0, "every worker runs the new revision")
+    want = max(want, 1)  # somewhere for the old workers' results to go
+    if fresh < want:
+        return RolloutStep("start", want - fresh, f"{stale} worker(s) of the old revision: starting "
+                                                  f"{want - fresh} replacement(s)")
+    if joined < fresh:
+        return RolloutStep("wait", 0, f"{fresh - joined} of {fresh} replacement(s) not joined yet: retire nothing "
+                                      f"before they arrive")
+    return RolloutStep("retire", stale, f"{joined} replacement(s) joined: retiring the {stale} old worker(s), "
+                                        f"their results moving first")
 
 
 REQUESTED_PHASES = (REQUESTED, PROVISIONING, INSTALLING)

@@ -3,19 +3,26 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Callable
 
 from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, RateLimited, SchedulerUnreachable, TransientError, ValidationError
+from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
-    build_spec, check_caps
-from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost
+    UpdateLab, build_spec, build_update, check_caps
+from dasklab.core.overrides import note_field
+from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
+from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
+    node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_provision_step, plan_retirement, plan_scale, plan_start, \
-    plan_teardown
+    plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
+# What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
+ACCEPTED, DONE, REFUSED, NOTHING_TO_DO = "accepted", "done", "refused", "nothing-to-do"
 
 
 @dataclass
@@ -28,27 +35,65 @@ class Controller:
     params: ScaleParams = field(init=False)
     # lab → (not before, rate limits in a row): this invocation's pacing after a rate limit, nothing more
     _backoff: dict = field(init=False, default_factory=dict)
+    tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
 
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction)
 
     # --- commands ---
 
-    def handle(self, cmd: Command, message_id: str = "") -> None:
-        handler = {StartLab: self.start_lab, StopLab: self.stop_lab, KeepAlive: self.keep_alive, Scale: self.scale,
-                   Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
-        handler(cmd, message_id)
+    def handle(self, cmd: Command, message_id: str = "", published: float | None = None,
+               request_id: str = "") -> None:
+        """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
+        handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
+        refusal is raised (PermanentError) and published by the entry point."""
+        if isinstance(cmd, (StartLab, StopLab)):
+            handler = self.start_lab if isinstance(cmd, StartLab) else self.stop_lab
+            outcome = handler(cmd, message_id, published)
+        else:
+            handler = {UpdateLab: self.update_lab, KeepAlive: self.keep_alive, Scale: self.scale,
+                       Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
+            outcome = handler(cmd, message_id)
+        if outcome is not None:  # ticks have no sender waiting
+            self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome)
 
-    def start_lab(self, cmd: StartLab, mid: str) -> None:
+    def publish_outcome(self, command: str | None, lab: str | None, message_id: str, request_id: str, outcome: str,
+                        reason: str, **extra) -> None:
+        """The `command-outcome` status event: what became of the command with this message id, and why."""
+        event = {"event": "command-outcome", "command": command, "lab": lab, "outcome": outcome, "reason": reason,
+                 "message_id": message_id, "request_id": request_id or None, "time": self.clock(), **extra}
+        self.events.publish({k: v for k, v in event.items() if v is not None})
+
+    def _stopped(self, name: str, now: float) -> float | None:
+        return self.tombstones.fetch_stopped(name, now) if self.tombstones is not None else None
+
+    def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> tuple[str, str]:
         spec = build_spec(cmd, self.config)
+        now = self.clock()
+        timed, published = published is not None, now if published is None else published
+        stopped = self._stopped(spec.name, now)
         existing = self.backend.fetch_lab(spec.name)
+        late, why = plan_superseded(published, stopped)
+        if late:  # a redelivered (or overtaken) start-lab: the lab's later stop-lab wins
+            logs.emit("INFO", lab=spec.name, action="start-lab", reason=why, message_id=mid)
+            if existing is not None and existing.state.phase != TEARING_DOWN and \
+                    existing.state.start_published < stopped:  # created by a start-lab that raced the stop-lab
+                self._begin_teardown(existing, why, mid)
+            return NOTHING_TO_DO, why
         verdict, reason = plan_start(existing and existing.spec, spec)
         if verdict == "conflict":
             raise PermanentError(reason)
+        if verdict == "duplicate" and timed and published > existing.state.start_published:  # a newer start-lab
+            if existing.state.phase == TEARING_DOWN:  # once the old lab is gone
+                raise TransientError(f"lab {spec.name} is being torn down: this start-lab is retried until it is "
+                                     "gone")
+            # the lab stands for this start-lab now: a stop-lab published before it leaves the lab alone
+            self.backend.apply_record(existing.with_state(start_published=published))
         if verdict == "create":
+            self.backend.apply_environment(spec)  # e.g. a pip install that fails: refused before anything exists
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
-                                     target_workers=spec.initial_workers))
+                                     target_workers=spec.initial_workers, start_published=published))
             try:
                 created = self.backend.apply_create(lab)
             except PermanentError as e:  # refused (a quota, a permission): the owner hears it, then the sender
@@ -62,34 +107,94 @@ class Controller:
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
                               workers=[spec.min_workers, spec.initial_workers, spec.max_workers])
-                return
+                for note in spec.notes:  # each override of the request, said once, at create
+                    logs.emit("WARNING", lab=spec.name, action="override", field=note_field(note), reason=note,
+                              message_id=mid)
+                # a stop-lab that ran meanwhile wrote its tombstone before looking for the lab: it saw this lab
+                # or this read sees its tombstone
+                late, why = plan_superseded(published, self._stopped(spec.name, now))
+                if late and (created := self.backend.fetch_lab(spec.name)) is not None:
+                    self._begin_teardown(created, why, mid)
+                    return NOTHING_TO_DO, why
+                notes = "".join(f"; note: {note}" for note in spec.notes)
+                return ACCEPTED, f"{reason}: provisioning {spec.initial_workers} worker(s), min {spec.min_workers}, " \
+                                 f"max {spec.max_workers}; lab-ready follows{notes}"
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
+        return NOTHING_TO_DO, reason
 
-    def stop_lab(self, cmd: StopLab, mid: str) -> None:
+    def update_lab(self, cmd: UpdateLab, mid: str) -> tuple[str, str]:
+        """Record the new values as the next revision (after their environment is ready), then converge: the
+        backend replaces what they change, step by step, on this and the following reconcile passes."""
+        lab = self.backend.fetch_lab(cmd.lab)
+        if lab is None:
+            raise PermanentError(f"no lab named {cmd.lab}: start it with start-lab")
+        if mid and mid in lab.state.update_ids:
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason="message already applied: a redelivery",
+                      message_id=mid)
+            return NOTHING_TO_DO, "message already applied: a redelivery"
+        if lab.state.phase in (TEARING_DOWN, FAILED):
+            raise PermanentError(f"lab {lab.name} is {lab.state.phase}: nothing to update")
+        new = build_update(cmd, lab.spec)
+        verdict, reason = plan_update(lab.spec, new, cmd.restart)
+        if verdict == "refuse":
+            raise ValidationError("restart", reason)
+        if verdict == "duplicate":
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason=reason, message_id=mid)
+            return NOTHING_TO_DO, reason
+        self.backend.apply_environment(new)
+        before = lab.spec.revision
+        ids = (lab.state.update_ids + ((mid,) if mid else ()))[-20:]
+        lab = self.backend.apply_record(replace(lab, spec=replace(new, revision=before + 1)).with_state(
+            revision_workers=lab.state.target_workers, update_ids=ids))
+        logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
+        if lab.state.phase == READY:
+            self.reconcile_lab(lab, "reconcile", mid)
+        return ACCEPTED, f"revision {lab.spec.revision} recorded ({reason}); lab-updated follows"
+
+    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> tuple[str, str]:
+        if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
+            now = self.clock()
+            try:
+                self.tombstones.apply_stopped(cmd.lab, now if published is None else published, now)
+            except PermanentError as e:  # a store refusing for good (no database, no permission): still stop
+                logs.emit("ERROR", lab=cmd.lab, action="tombstone", reason=f"not kept: {e}", message_id=mid)
         lab = self._lab_or_none(cmd.lab, "stop-lab", mid)
-        if lab is not None:
-            self._begin_teardown(lab, "stop-lab requested", mid)
+        if lab is None:
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
+        outdated, why = plan_stop_outdated(self.clock() if published is None else published,
+                                           lab.state.start_published)
+        if outdated:
+            logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
+            return NOTHING_TO_DO, why
+        already = lab.state.phase == TEARING_DOWN
+        self._begin_teardown(lab, "stop-lab requested", mid)  # already tearing down: the next step, as a tick would
+        if already:
+            return NOTHING_TO_DO, "already being torn down"
+        return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
 
-    def keep_alive(self, cmd: KeepAlive, mid: str) -> None:
+    def keep_alive(self, cmd: KeepAlive, mid: str) -> tuple[str, str]:
         now = self.clock()
         until = cmd.deadline(now)
         if until <= now:
             raise ValidationError("until", "must be in the future")
         lab = self._lab_or_none(cmd.lab, "keep-alive", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         if lab.spec.keep_alive_until is not None and lab.spec.keep_alive_until >= until:
             logs.emit("INFO", lab=lab.name, action="keep-alive", reason="already kept alive that long",
                       message_id=mid)
-            return
+            return NOTHING_TO_DO, f"already kept alive until {_iso(lab.spec.keep_alive_until)}"
         self.backend.apply_record(lab.with_spec(keep_alive_until=until))
         logs.decision(lab.name, "keep-alive", lab.spec.keep_alive_until, until, "keep-alive requested", mid)
+        cap = lab.state.created_at + lab.spec.max_lifetime_s
+        capped = f"; its maximum lifetime still ends it at {_iso(cap)}" if cap < until else ""
+        return DONE, f"kept alive until {_iso(until)}{capped}"
 
-    def scale(self, cmd: Scale, mid: str) -> None:
+    def scale(self, cmd: Scale, mid: str) -> tuple[str, str]:
         check_caps(cmd, self.config)
         lab = self._lab_or_none(cmd.lab, "scale", mid)
         if lab is None:
-            return
+            return NOTHING_TO_DO, f"no lab named {cmd.lab}"
         spec = lab.spec
         new = replace(spec, min_workers=spec.min_workers if cmd.min is None else cmd.min,
                       max_workers=spec.max_workers if cmd.max is None else cmd.max,
@@ -104,12 +209,14 @@ class Controller:
                                          f"above the controller cap max_nodes={self.config.max_nodes}")
         if new == spec:
             logs.emit("INFO", lab=lab.name, action="scale", reason="limits unchanged", message_id=mid)
-            return
+            return NOTHING_TO_DO, "limits unchanged"
         lab = self.backend.apply_record(replace(lab, spec=new))
         logs.decision(lab.name, "limits", [spec.min_workers, spec.max_workers, spec.pinned_workers],
                       [new.min_workers, new.max_workers, new.pinned_workers], "scale requested", mid)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
+        pin = "" if new.pinned_workers is None else f", pinned at {new.pinned_workers}"
+        return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow"
 
     # --- ticks ---
 
@@ -205,6 +312,9 @@ class Controller:
             if tick != "reconcile":
                 logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
+            if load is not None and lab.spec.revision != lab.state.revision:
+                self._roll_out(lab, mid)  # no autoscaling while workers are being replaced
+                return
             if load is not None:
                 self._autoscale(lab, load, mid)
                 return
@@ -223,8 +333,8 @@ class Controller:
             self._publish_deleted(lab, now)  # events are at least once: published before the act they report
             self.backend.apply_delete(lab)
         elif step.action == "forget":
-            self.backend.apply_forget(lab)
-            logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
+            if self.backend.apply_forget(lab):  # False: another invocation forgot it (and said so) first
+                logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
             return
         if step.phase == lab.state.phase:
             return
@@ -234,12 +344,24 @@ class Controller:
             changes["ready_at"] = now
         if step.phase == READY:  # published before the phase is recorded: a crash between repeats it, never loses it
             self.events.publish({"event": "lab-ready", "lab": lab.name, "owner": lab.spec.owner, "time": now,
-                                 "connection": self.backend.connection_info(lab)})
+                                 "connection": self.backend.connection_info(lab), "revision": lab.spec.revision,
+                                 "environment": self._environment(lab), "notes": list(lab.spec.notes)})
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
         lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
+
+    def _roll_out(self, lab: Lab, mid: str) -> None:
+        """One step of an update; once the backend runs the new revision everywhere, say so and record it."""
+        if not self.backend.apply_update(lab):
+            return
+        spec, before = lab.spec, lab.state.revision
+        self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
+                             "revision": spec.revision, "from_revision": before,
+                             "environment": self._environment(lab), "notes": list(spec.notes)})
+        lab = self.backend.apply_record(lab.with_state(revision=spec.revision))
+        logs.decision(lab.name, "updated", before, spec.revision, f"revision {spec.revision} runs everywhere", mid)
 
     def _autoscale(self, lab: Lab, load, mid: str) -> None:
         now = self.clock()
@@ -271,6 +393,12 @@ class Controller:
 
     # --- helpers ---
 
+    def _environment(self, lab: Lab) -> dict:
+        """The lab's environment for its events; on GKE with the chart version that names the default images."""
+        gke = self.config.backend == "gke"
+        return environment_record(lab.spec.values, self.config.chart_version if gke else "",
+                                  (lab.spec.dask_version or self.config.dask_version) if gke else "")
+
     def _lab_or_none(self, name: str, action: str, mid: str) -> Lab | None:
         lab = self.backend.fetch_lab(name)
         if lab is None:
@@ -295,9 +423,7 @@ class Controller:
 
     def _accounted(self, lab: Lab, now: float) -> Lab:
         """Add the node time since the last recorded decision (nodes follow the recorded target)."""
-        nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
-        return lab.with_state(node_seconds=lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted),
-                              last_accounted=now)
+        return lab.with_state(node_seconds=node_seconds_at(lab, now), last_accounted=now)
 
     def _publish_deleted(self, lab: Lab, now: float) -> None:
         lab = self._accounted(lab, now)
@@ -308,3 +434,6 @@ class Controller:
             "node_hours": round(lab.state.node_seconds / 3600, 4),
             "estimated_cost_usd": estimate_cost(lab.spec, lifetime, lab.state.node_seconds)})
 
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

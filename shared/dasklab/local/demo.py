@@ -13,7 +13,7 @@ from rich.console import Console
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
 from dasklab.core.model import READY
-from dasklab.local.serve import LocalController
+from dasklab.local.serve import LocalController, follow_log
 
 LAB = "demo"
 TASKS, TASK_SECONDS = 120, 0.5
@@ -21,7 +21,15 @@ SETTINGS = {"DASKLAB_POLL_S": 1, "DASKLAB_CONFIRM_S": 4, "DASKLAB_COOLDOWN_S": 2
 START = {"v": 1, "type": "start-lab", "lab": LAB, "owner": "demo", "workers": {"initial": 1, "min": 1, "max": 6},
          "machine_type": "e2-standard-4", "idle_timeout": "10s", "max_lifetime": "1h"}
 SHOWN = {"create", "provision", "install", "mark-ready", "scale-up", "scale-down", "retire", "teardown", "delete",
-         "forget", "mark-failed", "refused"}
+         "forget", "mark-failed", "refused", "update", "rollout-start", "rollout-retire", "updated"}
+EXTRA = "inflection"  # a small pure-Python package the base environment lacks: the update adds it
+UPDATE = {"v": 1, "type": "update-lab", "lab": LAB,
+          "values": {c: {"env": [{"name": "EXTRA_PIP_PACKAGES", "value": EXTRA}]} for c in ("jupyter", "worker")}}
+
+
+def _uses_the_package(word: str) -> str:
+    import importlib
+    return importlib.import_module(EXTRA).camelize(word)  # only in the lab's environment after the update
 
 
 def _slow_square(x: int) -> int:
@@ -48,22 +56,9 @@ class Timeline:
 
     def follow(self, log: Path, stop: threading.Event) -> None:
         """Tail the controller's log and show its decisions."""
-        offset = 0
-        while not stop.is_set():
-            if log.exists():
-                with open(log) as f:
-                    f.seek(offset)
-                    for line in f:
-                        if line.startswith("{"):
-                            self._decision(line)
-                    offset = f.tell()
-            stop.wait(0.2)
+        follow_log(log, stop, self._decision)
 
-    def _decision(self, line: str) -> None:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            return
+    def _decision(self, entry: dict) -> None:
         if entry.get("action") in SHOWN:
             change = f" {entry['from']} → {entry['to']}" if "from" in entry and "to" in entry else ""
             self.say("controller", f"{entry['action']}{change}", reason=entry.get("reason"))
@@ -146,6 +141,22 @@ def run_demo(json_lines: bool = False) -> int:
             lost = total != expected
             timeline.say("demo", f"results gathered after scale-down: sum {total} (expected {expected}); "
                                  f"{TASKS if lost else 0} lost")
+            before = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
+            mid = ctl.publish(UPDATE)
+            timeline.say("demo", f"update-lab published (message {mid}): EXTRA_PIP_PACKAGES={EXTRA} for jupyter and "
+                                 f"worker; the results stay in worker memory")
+            _wait("waiting for the workers to be replaced", lambda: watch.lab().state.revision == 2, timeline, 90,
+                  watch.workers)
+            pids += backend.pids(watch.lab())
+            after = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
+            timeline.say("demo", f"lab at revision 2: workers {', '.join(sorted(before))} replaced by "
+                                 f"{', '.join(sorted(after))}")
+            total = sum(client.gather(futures))
+            lost = lost or total != expected or bool(before & after)
+            camel = client.submit(_uses_the_package, "dask_lab", pure=False).result()
+            timeline.say("demo", f"results gathered after the update: sum {total} (expected {expected}); "
+                                 f"{TASKS if total != expected else 0} lost; {EXTRA} on a worker: "
+                                 f"camelize('dask_lab') = {camel}")
             client.cancel(futures)
         timeline.say("demo", "client disconnected; the lab is now idle")
         _wait("waiting for the idle timeout (10s)", lambda: watch.idle_for() >= 10, timeline, 60,

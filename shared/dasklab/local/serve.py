@@ -9,7 +9,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
@@ -26,9 +28,9 @@ STATUS_PULL_SUBSCRIPTION = "dasklab-status-local"
 def push_envelope(payload: dict | bytes, message_id: str | None = None, attributes: dict | None = None) -> dict:
     """The body a Pub/Sub push subscription sends: what the functions-framework server accepts."""
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    published = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return {"message": {"data": base64.b64encode(data).decode(), "attributes": attributes or {},
-                        "messageId": message_id or uuid.uuid4().hex, "publishTime": time.strftime(
-                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                        "messageId": message_id or uuid.uuid4().hex, "publishTime": published},
             "subscription": f"projects/{LOCAL_PROJECT}/subscriptions/direct"}
 
 
@@ -83,7 +85,8 @@ class LocalController:
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
             "emulator_host": self.emulator.host if self.emulator else None, "project": LOCAL_PROJECT,
-            "control_topic": self.infra["topics"]["control"]}))
+            "control_topic": self.infra["topics"]["control"], "status_topic": self.infra["topics"]["status"],
+            "functions_log": str(self.functions_log)}))
         if self.fire_timers:
             self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",)).start()
 
@@ -129,16 +132,22 @@ def serve_info(home: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def publish_local(home: str | Path, payload: dict, tick: str | None = None) -> str:
-    """Validate a command, then send it to the running local controller over its bus; returns the message id."""
+def publish_local(home: str | Path, payload: dict, tick: str | None = None, attributes: dict | None = None,
+                  background: bool = True) -> str:
+    """Validate a command, then send it to the running local controller over its bus; returns the message id.
+    By direct push the delivery runs in a thread, or, with `background=False`, before returning (a process about
+    to exit, like the CLI, would otherwise drop it)."""
     parse_command(payload)  # refuse locally with the same error the function would log
     info = serve_info(home)
-    attributes = {"dasklab-tick": tick} if tick else {}
+    attributes = {**(attributes or {}), **({"dasklab-tick": tick} if tick else {})}
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
         from dasklab.adapters import pubsub
         return pubsub.publish(info["project"], info["control_topic"], payload, **attributes)
     envelope = push_envelope(payload, attributes=attributes)
+    if not background:
+        _push(info["functions_url"], envelope)
+        return envelope["message"]["messageId"]
     threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()
     return envelope["message"]["messageId"]
 
@@ -157,3 +166,51 @@ def _push(url: str, envelope: dict, attempts: int = 5) -> None:
             time.sleep(2**attempt)
         except OSError:
             return  # the server is gone (the local controller stopped): nothing left to deliver to
+
+
+# The controller's decisions `dasklab local serve` shows as they happen (its JSON log has every line).
+DECISIONS = ("create", "provision", "install", "mark-ready", "mark-failed", "limits", "keep-alive", "scale-up",
+             "scale-down", "retire", "teardown", "forget", "refused")
+
+
+def follow_log(path: Path, stop: threading.Event, show: Callable[[dict], None], interval: float = 0.2) -> None:
+    """Tail the functions server's log until `stop` is set, calling `show` with each JSON line as it appears."""
+    offset = 0
+    while not stop.is_set():
+        if path.exists():
+            with open(path) as f:
+                f.seek(offset)
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # written in part: read it whole next time
+                    offset += len(line.encode())
+                    if line.startswith("{"):
+                        try:
+                            show(json.loads(line))
+                        except ValueError:
+                            pass  # a line that only looks like JSON (a library's output)
+        stop.wait(interval)
+
+
+def describe(entry: dict) -> str | None:
+    """One readable line for a decision of the controller's log (None for what is not a decision shown)."""
+    action = entry.get("action")
+    if action not in DECISIONS:
+        return None
+    change = f" {_short(entry.get('from', '-'))} → {_short(entry['to'])}" if "to" in entry else ""
+    if action == "limits":
+        change = " min/max/pin" + change
+    reason = entry.get("reason", "")
+    if action == "retire":
+        reason += f" (retired {', '.join(entry.get('workers', []))})" if entry.get("workers") else ""
+    message = f"  (message {entry['message_id']})" if entry.get("message_id") else ""
+    return f"{time.strftime('%H:%M:%S')}  {entry.get('lab') or '-':<12} {action}{change}  {reason}{message}"
+
+
+def _short(value) -> str:
+    """A decision's from/to for people: epoch seconds as a time, lists as a/b/c."""
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if isinstance(value, list):
+        return "/".join("-" if v is None else str(v) for v in value)
+    return str(value)

@@ -30,6 +30,16 @@ class Job:
         return croniter(self.schedule, local).get_next(datetime).astimezone(timezone.utc)
 
 
+def upcoming_ticks(jobs: list[Job], start: float, until: float) -> list[tuple[float, str]]:
+    """Every firing of the jobs after `start` up to `until` (epoch seconds), in time order: (time, tick type)."""
+    ticks = []
+    for job in jobs:
+        firings = croniter(job.schedule, datetime.fromtimestamp(start, ZoneInfo(job.time_zone)))
+        while (at := firings.get_next(float)) <= until:
+            ticks.append((at, job.message["type"]))
+    return sorted(ticks)
+
+
 def infra_path() -> Path:
     return Path(os.environ.get("DASKLAB_INFRA", INFRA_FILE))
 
