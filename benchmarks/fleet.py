@@ -88,7 +88,7 @@ def cloud() -> None:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     dash_url = f"http://127.0.0.1:{server.server_address[1]}"
-    gke = WideGke(polls_per_operation=1).start()
+    gke = WideGke(operation_s=0.05).start()
     kube = KubeStandin(TOKEN, nodes=())
     migs = MigStandin(gke).start()
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -67,11 +68,12 @@ def _call_site(method: str, url: str) -> str:
 
 
 class World:
-    def __init__(self, tmp: Path, *, worker_capacity: int = 3, jupyter: bool = False):
-        self.tmp, self.worker_capacity = tmp, worker_capacity
+    def __init__(self, tmp: Path, *, worker_capacity: int = 3, jupyter: bool = False, config: Config = CONFIG,
+                 **gke_options):
+        self.tmp, self.worker_capacity, self.config = tmp, worker_capacity, config
         self.jupyter = jupyter  # a real Jupyter Server per lab behind the service proxy (else it has no endpoints)
         self.jupyters: dict[str, tuple[int, int]] = {}  # namespace → (Jupyter pid, port)
-        self.gke = GkeStandin(polls_per_operation=2).start()
+        self.gke = GkeStandin(**{"operation_s": 0.3, **gke_options}).start()
         self.kube = KubeStandin(TOKEN, nodes=())
         self.migs = MigStandin(self.gke).start()
         self.admin = k8s.CoreV1Api(self.kube.api_client())
@@ -83,6 +85,7 @@ class World:
         self.stage = ""  # crash injection keys include it, so each stage crashes at each call site once
         self.crashing = False
         self.crashed: list[str] = []
+        self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
 
@@ -95,6 +98,8 @@ class World:
         def call_api(method, url, *args, **kwargs):
             response = raw(method, url, *args, **kwargs)
             if method in MUTATING:
+                if self.on_write:
+                    self.on_write(_call_site(method, url))
                 self._maybe_crash(_call_site(method, url))
             return response
 
@@ -103,7 +108,7 @@ class World:
         for name in ("create_cluster", "set_labels", "set_node_pool_size", "delete_cluster"):
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
-        return GkeBackend(CONFIG, clusters, lambda cluster: api, migs, sleep=lambda s: None)
+        return GkeBackend(self.config, clusters, lambda cluster: api, migs, sleep=lambda s: time.sleep(0.02))
 
     def _crash_after(self, obj, name: str):
         raw = getattr(obj, name)

@@ -221,7 +221,7 @@ def test_deploy_dry_run_options(home):
     assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
     build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
     assert build.splitlines() == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
-                                  "--substitutions=_REGION=us-central1,_LOCATION=us-central1,"
+                                  "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
                                   "_CONTROL_TOPIC=dasklab-control,_SERVICE_ACCOUNT=dasklab-controller,"
                                   "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
                                   "_TIME_ZONE=Etc/UTC ."]

@@ -6,6 +6,8 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -46,8 +48,8 @@ def start_msg(lab="lab1", **kw):
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
+def world(tmp_path, request):
+    w = World(tmp_path, **getattr(request, "param", {}))
     yield w
     tree = process_tree(w.pids())  # nannies and the workers they started
     pids = w.close()
@@ -106,21 +108,31 @@ def slow_inc(x):
     return x + 1
 
 
-@pytest.mark.parametrize("crashing", [False, True], ids=["clean", "crash-after-every-kind-of-write"])
+REGIONAL = {"config": replace(CONFIG, location="us-central1")}
+
+
+@pytest.mark.parametrize("world, crashing", [({}, False), ({}, True), (REGIONAL, False)], indirect=["world"],
+                         ids=["zonal-clean", "zonal-crash-after-every-kind-of-write", "regional-clean"])
 def test_lab_story_on_gke(world, controller, caplog, crashing):
     caplog.set_level(logging.INFO, logger="dasklab")
     ctl, backend, ns = controller, controller.backend, place_of("lab1").namespace
+    parent = f"projects/{PROJECT}/locations/{world.config.location}"
+    cluster_name = f"{parent}/clusters/lab1"
+    regional = world.config.location == "us-central1"
     world.crashing = crashing
     world.stage = "start"
     for _ in range(3):  # duplicates: one cluster
         handle(ctl, start_msg())
     assert [c.rsplit("/", 1)[1] for c in world.gke.clusters] == ["lab1"]
-    created = world.gke.clusters[f"{PARENT}/clusters/lab1"]
+    created = world.gke.clusters[cluster_name]
+    assert len(created.locations) == (3 if regional else 1)
+    exclusion = created.maintenance_policy.window.maintenance_exclusions["dasklab-lab-lifetime"]
+    assert exclusion.end_time - exclusion.start_time == timedelta(hours=2)  # max_lifetime 1h + 1h for the teardown
     assert dict(created.resource_labels)["managed-by"] == "dasklab" and created.resource_labels["owner"] == "alice"
     assert not created.autopilot.enabled
     pools = {p.name: p for p in created.node_pools}
     assert set(pools) == {"system", "workers"} and not pools["workers"].autoscaling.enabled
-    assert pools["workers"].config.machine_type == "e2-standard-4"
+    assert pools["workers"].config.machine_type == "e2-standard-4" and pools["workers"].config.disk_type == "pd-balanced"
 
     world.stage = "provision"
     passes = drive(ctl, world, lambda: phase(ctl) == "ready")
@@ -153,12 +165,16 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
         futures = client.map(slow_inc, range(90), pure=False)
         drive(ctl, world, lambda: workers(ctl) == 6)
         assert backend.fetch_requested(lab_of(ctl)) == 6
-        assert world.gke.node_count(f"{PARENT}/clusters/lab1", "workers") == 2  # 3 workers per e2-standard-4
+        if regional:  # one node per zone, then the empty third one is trimmed: 3 workers per e2-standard-4
+            drive(ctl, world, lambda: sum(world.gke.zone_counts(cluster_name, "workers").values()) == 2)
+        else:
+            assert world.gke.node_count(cluster_name, "workers") == 2
         client.gather(futures)
 
         world.stage = "scale-down"
         retired, before = [], {p["metadata"]["name"]: p["spec"]["nodeName"]
                                for p in world.kube.list("pods", ns, "component=worker")}
+        deleted_before, zones = len(world.migs.deleted), {n: g.zone for n, g in world.migs.nodes().items()}
         scale_down = backend.apply_scale_down
 
         def spy(lab, addresses, target):
@@ -173,14 +189,16 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
 
         backend.apply_scale_down = spy
         drive(ctl, world, lambda: workers(ctl) == 1 and backend.fetch_requested(lab_of(ctl)) == 1
-              and world.gke.node_count(f"{PARENT}/clusters/lab1", "workers") == 1)
+              and sum(world.gke.zone_counts(cluster_name, "workers").values()) == 1)
         assert sum(client.gather(futures)) == sum(range(1, 91))  # 0 lost results
         assert recomputed(client) == 0  # on nanny workers, as the chart runs them
         survivors = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
         assert set(before) - survivors == set(retired) and len(survivors) == 1
         assert world.migs.removed_at_random == []  # GKE never chose a node
         emptied = {before[p] for p in retired} - {before[p] for p in survivors}
-        assert set(world.migs.deleted) == emptied and len(emptied) == 1
+        deleted = world.migs.deleted[deleted_before:]
+        assert sorted(deleted) == sorted(emptied) and len(emptied) == 1  # exactly the emptied node, in its zone
+        assert {zones[n] for n in deleted} <= {g.zone for g in world.migs.groups() if g.pool == "workers"}
 
     world.stage = "teardown"
     time.sleep(1.2)
@@ -355,6 +373,145 @@ def test_from_config_reaches_kubernetes_without_gcloud(monkeypatch, tmp_path):
     assert Creds.refreshes == 2 and conf.api_key == {"authorization": "Bearer token-2"}
     api.close()
     Path(conf.ssl_ca_cert).unlink()
+
+
+def pin(ctl, n, mid="pin"):
+    handle(ctl, cmd(type="scale", lab="lab1", pin=n), mid)
+
+
+@pytest.mark.parametrize("strategy", ["surge", "blue-green"])
+def test_an_upgrade_in_the_middle_of_a_scale_down_converges_through_renamed_nodes(world, controller, strategy):
+    """GKE upgrades the worker pool (a repair or an upgrade the exclusion does not hold off) right after the
+    controller cordoned the emptied node: the upgrade replaces nodes under new names (surge) or moves them to new
+    instance groups (blue-green). The lab ends with its workers, no result lost, and no empty node left."""
+    ctl, backend, ns = controller, controller.backend, place_of("lab1").namespace
+    cluster = f"{PARENT}/clusters/lab1"
+    handle(ctl, start_msg())
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    pin(ctl, 6)
+    drive(ctl, world, lambda: workers(ctl) == 6 and world.gke.node_count(cluster, "workers") == 2)
+    before = set(world.migs.nodes())
+    upgrades = []
+
+    def upgrade_after_cordon(site):
+        if site == "PATCH nodes" and not upgrades:
+            upgrades.append(world.gke.start_upgrade(cluster, "workers", strategy=strategy, duration_s=4))
+
+    world.on_write = upgrade_after_cordon
+    with Client(world.scheduler_address(ns), timeout=20) as client:
+        futures = client.map(slow_inc, range(12), pure=False)
+        assert sum(client.gather(futures)) == sum(range(1, 13))
+        pin(ctl, 1)
+        assert upgrades, "the scale-down cordoned no node"
+        with pytest.raises(TransientError, match="is currently upgrading cluster lab1|runs on cluster lab1"):
+            backend.apply_workers(lab_of(ctl), 15)  # 5 nodes: a resize, which waits for GKE's own operation
+        def state():
+            return (world.gke.operations[upgrades[0]].status == gke.Operation.Status.DONE, workers(ctl),
+                    backend.fetch_requested(lab_of(ctl)), world.gke.zone_counts(cluster, "workers"),
+                    [n["metadata"]["name"] for n in world.kube.list("nodes", None, "dasklab/removing")])
+
+        try:
+            drive(ctl, world, lambda: (s := state())[0] and s[1:3] == (1, 1) and sum(s[3].values()) == 1
+                  and not s[4], timeout=90)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: (upgrade done, workers, requested, nodes per zone, marked) = {state()}")
+        assert sum(client.gather(futures)) == sum(range(1, 13))  # 0 lost (recomputed if a node went)
+    after = set(world.migs.nodes())
+    assert not (after & before) - {n for n in before if n.startswith(("gke-lab1-system",))} or strategy == "surge"
+    workers_left = [n for n, g in world.migs.nodes().items() if g.pool == "workers"]
+    assert len(workers_left) == 1 and workers_left[0] not in before  # a renamed node
+    assert world.migs.removed_at_random == []  # GKE never chose a node to drop for a resize
+    assert len(world.gke.clusters[cluster].node_pools[1].instance_group_urls) == 1
+
+
+@pytest.mark.parametrize("kind", ["rate-limit", "too-many-requests"])
+def test_compute_rate_limits_are_retried_with_backoff(world, controller, kind, caplog):
+    caplog.set_level(logging.INFO, logger="dasklab")
+    ctl, cluster = controller, f"{PARENT}/clusters/lab1"
+    handle(ctl, start_msg())
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    pin(ctl, 6)
+    drive(ctl, world, lambda: workers(ctl) == 6 and world.gke.node_count(cluster, "workers") == 2)
+    world.migs.fail_next("deleteInstances", kind, times=2)
+    from dasklab.core.errors import RateLimited
+    with pytest.raises(RateLimited, match="rate limited"):  # the message is redelivered
+        ctl.handle(cmd(type="scale", lab="lab1", pin=3), "pin")
+    started = time.monotonic()
+    drive(ctl, world, lambda: world.gke.node_count(cluster, "workers") == 1 and workers(ctl) == 3, timeout=60)
+    assert world.migs.refused == [kind, kind] and phase(ctl) == "ready"
+    assert "rate limited, next try in 10s" in caplog.text  # a pass met it again: that lab waits, the pass goes on
+    assert time.monotonic() - started >= 9  # not hammered at every poll
+
+
+def test_a_compute_permission_refusal_fails_the_lab_naming_it_and_it_is_torn_down(world, controller):
+    ctl, cluster = controller, f"{PARENT}/clusters/lab1"
+    handle(ctl, start_msg())
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    pin(ctl, 6)
+    drive(ctl, world, lambda: workers(ctl) == 6 and world.gke.node_count(cluster, "workers") == 2)
+    world.migs.fail_next("deleteInstances", "permission", times=5)
+    try:
+        pin(ctl, 3)
+    except PermanentError:
+        pass
+    drive(ctl, world, lambda: phase(ctl) == "failed")
+    failed = [e for e in ctl.events.published if e["event"] == "lab-failed"]
+    assert len(failed) == 1 and "compute.instanceGroupManagers.update" in failed[0]["reason"]
+    assert "compute.instanceGroupManagers.update" in lab_of(ctl).state.reason
+    drive(ctl, world, lambda: not world.gke.clusters, tick="teardown-idle")  # failed labs are deleted
+
+
+def test_a_create_refused_for_quota_publishes_lab_failed_naming_the_quota(world, controller):
+    ctl = controller
+    quota = ("Insufficient regional quota to satisfy request: resource \"CPUS\": request requires '12.0' and is "
+             "short '4.0'. project has a quota of '8.0' with '8.0' available.")
+    world.gke.fail_next("CreateCluster", grpc.StatusCode.PERMISSION_DENIED, quota)
+    with pytest.raises(PermanentError, match='resource "CPUS"'):
+        ctl.handle(start_msg(), "m1")
+    (failed,) = ctl.events.published
+    assert failed["event"] == "lab-failed" and 'resource "CPUS"' in failed["reason"] and failed["owner"] == "alice"
+    world.gke.fail_next("SetNodePoolSize", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "Quota exceeded for quota metric 'Mutate requests' and limit 'Mutate requests per minute'")
+    ctl.handle(start_msg(), "m2")
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    from dasklab.core.errors import RateLimited
+    with pytest.raises(RateLimited):
+        ctl.backend.apply_workers(lab_of(ctl), 6)
+    ctl.backend.apply_workers(lab_of(ctl), 6)  # the next try goes through
+
+
+@pytest.mark.parametrize("world", [{"error_cluster_ttl_s": 0.5}], indirect=True)
+def test_a_failed_create_publishes_lab_failed_once_even_when_gke_removed_the_cluster_first(world, controller):
+    ctl = controller
+    ctl.handle(start_msg(lab="broken"), "m1")
+    (op,) = world.gke.operations
+    world.gke.fail_operation(op, "Insufficient regional quota to satisfy request: resource \"CPUS\"",
+                             grpc.StatusCode.PERMISSION_DENIED)
+    deadline = time.monotonic() + 20
+    while world.gke.clusters and time.monotonic() < deadline:  # the controller is away; GKE removes the cluster
+        time.sleep(0.1)
+    assert not world.gke.clusters, "GKE kept the ERROR cluster"
+    creates = world.gke.calls.count("CreateCluster")
+    for _ in range(5):
+        ctl.reconcile_all("reconcile")
+    failed = [e for e in ctl.events.published if e["event"] == "lab-failed"]
+    assert len(failed) == 1 and failed[0]["lab"] == "broken" and 'resource "CPUS"' in failed[0]["reason"]
+    assert world.gke.calls.count("CreateCluster") == creates and not world.gke.clusters  # never re-created
+
+
+def test_missing_zones_make_a_pass_incomplete(world, controller):
+    ctl = controller
+    ctl.handle(start_msg(), "m1")
+    world.gke.advance_all()
+    world.gke.missing_zones = {LOCATION}
+    assert ctl.reconcile_all("reconcile") == [f"zone {LOCATION}"]  # not reported done
+    with pytest.raises(TransientError, match=f"retry for zone {LOCATION}"):
+        ctl.handle(cmd(type="nightly-teardown"), "m2")  # redelivered, not acknowledged
+    world.gke.missing_zones = set()
+    assert phase(ctl) == "provisioning"  # the lab was neither dropped nor torn down
+    ctl.handle(cmd(type="nightly-teardown"), "m3")
+    assert phase(ctl) == "tearing-down"
+    drive(ctl, world, lambda: lab_of(ctl) is None)
 
 
 def test_update_lab_is_a_new_helm_revision_by_its_own_job(world, controller):

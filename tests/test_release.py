@@ -142,7 +142,7 @@ def test_token_secret_and_names():
     assert (nodes_per_zone(5, 1), nodes_per_zone(5, 3), nodes_per_zone(0, 3)) == (5, 2, 0)
 
 
-def test_cluster_record_round_trips_through_labels_and_description():
+def test_cluster_record_round_trips_through_labels_alone():
     lab = Lab(make_spec(name="intro-dask", values=yaml.safe_load(SEED), public_source_ranges=("10.0.0.0/8",),
                         keep_alive_until=4070908800.0),
               LabState(phase="provisioning", created_at=1.5, target_workers=2, reason="new lab requested"))
@@ -150,8 +150,8 @@ def test_cluster_record_round_trips_through_labels_and_description():
     assert len(labels) <= 64 and labels["managed-by"] == "dasklab" and labels["phase"] == "provisioning"
     for key, value in labels.items():  # GKE's label rules
         assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) and re.fullmatch(r"[a-z0-9_-]{0,63}", value), (key, value)
-    assert len(description) <= 2048
-    assert Lab.from_dict(decode_cluster_record(labels, description)) == lab
+    assert description == "dasklab lab intro-dask of alice"  # GKE documents no limit: no record in it
+    assert Lab.from_dict(decode_cluster_record(labels, "anything")) == lab
 
 
 def test_cluster_record_keeps_the_override_notes():
@@ -161,19 +161,27 @@ def test_cluster_record_keeps_the_override_notes():
                       Config(backend="gke", project="p"))  # its jupyter has matplotlib, its workers not
     lab = Lab(spec, LabState(phase="provisioning", created_at=1.5, target_workers=15))
     labels, description = encode_labels(lab), encode_description(lab)
-    assert len(spec.notes) >= 4 and len(labels) <= 64 and len(description) <= 2048
+    assert len(spec.notes) >= 4 and len(labels) <= 64
     assert Lab.from_dict(decode_cluster_record(labels, description)) == lab
 
 
-def test_large_values_are_compressed_and_too_large_refused():
+def test_large_values_fit_compressed_too_large_are_refused_and_old_records_still_read():
     values = {"worker": {"env": [{"name": f"V{i}", "value": "same text " * 5} for i in range(60)]}}
     lab = Lab(make_spec(values=values), LabState())
-    description = encode_description(lab)
-    assert "z:" in description and len(description) <= 2048
-    assert decode_cluster_record(encode_labels(lab), description)["spec"]["values"] == values
+    assert decode_cluster_record(encode_labels(lab), "")["spec"]["values"] == values
     noise = {"x": [f"{i * 7919 % 10007:05d}{i}" for i in range(2000)]}
-    with pytest.raises(ValidationError, match="values"):
-        encode_description(Lab(make_spec(values=noise), LabState()))
+    with pytest.raises(ValidationError, match="values.*above GKE's 64"):
+        encode_labels(Lab(make_spec(values=noise), LabState()))
+    # a cluster created before the values moved into the labels: they are in its description
+    import base64 as b64, json as js, zlib
+    from dasklab.adapters.gke import _pack
+    record = lab.to_dict()
+    record["spec"].pop("values")
+    data = _pack(record)
+    old = {f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))}
+    text = js.dumps({"values": values}, separators=(",", ":"), sort_keys=True)
+    description = "dasklab lab values: z:" + b64.b64encode(zlib.compress(text.encode(), 9)).decode()
+    assert decode_cluster_record(old, description)["spec"]["values"] == values
     with pytest.raises(PermanentError, match="no readable lab record"):
         decode_cluster_record({"managed-by": "dasklab", "rec0": "zzzz"}, description)
 

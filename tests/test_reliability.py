@@ -445,3 +445,78 @@ def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_
             reached[name].append(minute)
     gaps = [b - a for ticks in reached.values() for a, b in zip(ticks, ticks[1:] + [40])]
     assert max(gaps) <= 5  # ≈ 1.5 / (3/10); a rotation by one lab a minute would leave gaps of 8
+
+
+# --- the cloud's refusals, as the SDKs raise them ---
+
+def _cloud_errors():
+    from google.api_core import exceptions as g
+    from dasklab.core.errors import ConflictError, RateLimited
+    upgrading = "Operation operation-1-2 is currently upgrading cluster lab1. Please wait and try again once it is done."
+    return [  # (service, what the SDK raises, how it is classified)
+        ("compute", g.Unauthorized("Request had invalid authentication credentials."), PermanentError),
+        ("compute", g.Forbidden("Required 'compute.instanceGroupManagers.update' permission for 'projects/p/zones/"
+                                "z/instanceGroupManagers/g'", errors=[{"reason": "forbidden"}]), PermanentError),
+        ("compute", g.Forbidden("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.",
+                                errors=[{"reason": "quotaExceeded"}]), PermanentError),
+        ("compute", g.Forbidden("Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'",
+                                errors=[{"reason": "rateLimitExceeded"}]), RateLimited),
+        ("compute", g.TooManyRequests("Too Many Requests"), RateLimited),
+        ("compute", g.ServiceUnavailable("backend unavailable"), TransientError),
+        ("gke", g.PermissionDenied("Required \"container.clusters.update\" permission(s)"), PermanentError),
+        ("gke", g.Unauthenticated("Request had invalid authentication credentials."), PermanentError),
+        ("gke", g.PermissionDenied('Insufficient regional quota to satisfy request: resource "CPUS": request '
+                                   "requires '12.0' and is short '4.0'."), PermanentError),
+        ("gke", g.ResourceExhausted("Quota exceeded for quota metric 'Mutate requests' and limit 'Mutate requests "
+                                    "per minute'"), RateLimited),
+        ("gke", g.FailedPrecondition(upgrading), TransientError),
+        ("gke", g.FailedPrecondition("Labels could not be set due to fingerprint mismatch"), ConflictError),
+    ]
+
+
+CLOUD_ERRORS = _cloud_errors()
+
+
+@pytest.mark.parametrize("service, error, kind", CLOUD_ERRORS,
+                         ids=[f"{s}-{type(e).__name__}-{i}" for i, (s, e, _) in enumerate(CLOUD_ERRORS)])
+def test_cloud_errors_are_classified_as_the_sdks_raise_them(service, error, kind):
+    from dasklab.adapters import compute, gke
+    from dasklab.core.errors import RateLimited
+    translated = (compute._translate if service == "compute" else gke._translate)(error, "call")
+    assert type(translated) is kind, (error, translated)
+    assert isinstance(translated, RateLimited) == (kind is RateLimited)
+    assert str(error.message) in str(translated)  # the permission or quota is named
+
+
+APPLY_POINTS = ["apply_install", "apply_workers", "apply_scale_down", "apply_settle", "apply_record",
+                "apply_provision"]
+
+
+@pytest.mark.parametrize("method", APPLY_POINTS)
+def test_a_permanent_refusal_at_any_action_fails_the_lab_once_and_it_is_torn_down(method):
+    """A permission or quota refused for good: lab-failed naming it, exactly once, then the teardown-idle tick
+    deletes the lab; nothing is retried forever."""
+    faulty = Faulty(FakeBackend(), (method, 1), "before", lambda m: PermanentError(f"quota 'CPUS' exceeded: {m}"))
+    ctl, clock = controller(faulty)
+    deliver(ctl, msg(type="start-lab", lab="s", owner="o", workers={"initial": 1, "max": 5}, idle_timeout=60))
+    fake = faulty.inner
+    for _ in range(12):
+        clock.t += 1
+        ctl.reconcile_all("reconcile")
+        if "s" in fake.labs and fake.labs["s"].record["state"]["phase"] == READY:
+            fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 5, 40
+    if not faulty.fired:  # the story did not reach it yet: a scale-down does
+        fake.labs["s"].load.adaptive_target, fake.labs["s"].load.processing = 0, 0
+        for _ in range(12):
+            clock.t += 1
+            ctl.reconcile_all("reconcile")
+    assert faulty.fired, method
+    failed = [e for e in ctl.events.events if e["event"] == "lab-failed"]
+    assert len(failed) == 1 and "quota 'CPUS' exceeded" in failed[0]["reason"]
+    assert fake.labs["s"].record["state"]["phase"] == FAILED
+    clock.t += 1
+    deliver(ctl, msg(type="teardown-idle"))
+    for _ in range(5):
+        clock.t += 1
+        ctl.reconcile_all("reconcile")
+    assert "s" not in fake.labs and [e["event"] for e in ctl.events.events].count("lab-failed") == 1

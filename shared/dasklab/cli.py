@@ -431,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
     gcp = argparse.ArgumentParser(add_help=False)
     gcp.add_argument("--project", help="Google Cloud project (default $DASKLAB_PROJECT or $GOOGLE_CLOUD_PROJECT)")
     gcp.add_argument("--region", help="region of the functions and timers (default $DASKLAB_REGION, "
-                                      "else $DASKLAB_LOCATION, else us-central1)")
+                                      "else the region of $DASKLAB_LOCATION, else us-central1)")
     wait = argparse.ArgumentParser(add_help=False)
     wait.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
                       help=f"wait this long for the controller's outcome (default {DEFAULT_WAIT_S:g})")

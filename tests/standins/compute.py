@@ -1,10 +1,10 @@
 """Test stand-in for Compute Engine managed instance groups (compute v1 REST) behind GKE node pools, for the real
 InstanceGroupManagersClient: get (targetSize) and deleteInstances, strict about membership and names.
 
-Each group belongs to a node pool of a GkeStandin cluster (its `instance_group_urls`). The group's instances follow
-the pool's size as GKE sets it (a resize adds instances, or removes instances AT RANDOM, as GKE does); deleting
-chosen instances shrinks the group and the pool's size (`GkeStandin.set_node_count`). Instances are the cluster's
-nodes: `nodes()` lists them for a Kubernetes stand-in.
+The groups and their instances are the GkeStandin's (one group per zone of each pool, two during a blue-green
+upgrade; a resize adds instances or removes them AT RANDOM, as GKE does); deleting chosen instances shrinks the group,
+and so the pool in that zone. Refusals are injectable as Compute sends them over REST: 401, 403 (a missing permission,
+a quota), 429 (rate limits).
 """
 
 from __future__ import annotations
@@ -12,53 +12,80 @@ from __future__ import annotations
 import http.server
 import itertools
 import json
-import random
 import re
 import threading
-from dataclasses import dataclass
 
-from tests.standins.gke import GkeStandin
+from tests.standins.gke import GkeStandin, Group
 
 PATH = re.compile(r"/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/"
                   r"(?P<name>[^/]+)(?P<verb>/deleteInstances)?")
+# Instance names: RFC 1035 labels of at most 63 characters (compute instances.insert reference, "name")
 INSTANCE = re.compile(r"(?:.*/)?zones/(?P<zone>[^/]+)/instances/(?P<name>[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)")
-SAFE = "bcdfghjklmnpqrstvwxz"
+# The error bodies Compute sends (cloud.google.com/compute/docs/api/errors; API keys and quotas:
+# cloud.google.com/compute/api-quota "rateLimitExceeded" with 403 for per-minute API quotas, 429 for others)
+ERRORS = {
+    "unauthenticated": (401, "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
+                             "cookie or other valid authentication credential.", "authError"),
+    "permission": (403, "Required 'compute.instanceGroupManagers.update' permission for "
+                        "'projects/{project}/zones/{zone}/instanceGroupManagers/{name}'", "forbidden"),
+    "quota": (403, "Quota 'CPUS' exceeded. Limit: 8.0 in region {region}.", "quotaExceeded"),
+    "rate-limit": (403, "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service "
+                        "'compute.googleapis.com' for consumer 'project_number:1'.", "rateLimitExceeded"),
+    "too-many-requests": (429, "Quota exceeded for quota metric 'Heavy-weight read requests' and limit 'Heavy-weight "
+                               "read requests per minute' of service 'compute.googleapis.com'.", "rateLimitExceeded"),
+}
 
 
-@dataclass(frozen=True)
-class Group:
-    cluster: str  # GKE cluster resource name
-    pool: str
-    zone: str
-    url: str
+class _Token:
+    """Credentials with a bearer token that refreshes (google-auth retries a 401 after a refresh)."""
 
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[1]
+    def __new__(cls):
+        from google.auth.credentials import Credentials
+
+        class Token(Credentials):
+            def refresh(self, request):
+                self.token = "standin-token"
+
+        creds = Token()
+        creds.token = "standin-token"
+        return creds
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str = "invalid"):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.reason = status, message, reason
 
 
 class MigStandin:
     """Serves compute v1 instanceGroupManagers get/deleteInstances on 127.0.0.1 for a GkeStandin's node pools."""
 
-    def __init__(self, gke: GkeStandin, *, seed: int = 0):
+    def __init__(self, gke: GkeStandin):
         self.gke = gke
         self.calls: list[tuple[str, str]] = []
-        self.removed_at_random: list[str] = []  # instances a resize removed (GKE's choice, not ours)
-        self.deleted: list[str] = []  # instances deleted by deleteInstances (the caller's choice)
-        self._rng = random.Random(seed)
-        self._instances: dict[str, list[str]] = {}  # group url → instance names
+        self.refused: list[str] = []  # the injected refusals answered, by kind
+        self._faults: list[tuple[str, str]] = []  # (verb "get"|"deleteInstances", kind of ERRORS)
         self._ops = itertools.count(1)
         self._lock = threading.RLock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
 
+    @property
+    def removed_at_random(self) -> list[str]:
+        return self.gke.removed_at_random
+
+    @property
+    def deleted(self) -> list[str]:
+        return self.gke.deleted
+
+    def fail_next(self, verb: str, kind: str, times: int = 1) -> None:
+        """Answer the next `times` `verb` calls ("get" or "deleteInstances") with the refusal `kind` (a key of
+        ERRORS). google-auth refreshes the token and retries twice on a 401, so a 401 that stays takes times=3."""
+        if kind not in ERRORS or verb not in ("get", "deleteInstances"):
+            raise ValueError(f"unknown fault {verb} {kind}")
+        with self._lock:
+            self._faults += [(verb, kind)] * times
     # --- lifecycle ---
 
     def start(self) -> MigStandin:
@@ -103,47 +130,22 @@ class MigStandin:
 
     def client(self):
         """The real InstanceGroupManagersClient, over REST to this stand-in."""
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud import compute_v1
         from google.cloud.compute_v1.services.instance_group_managers.transports import (
             InstanceGroupManagersRestTransport,
         )
         transport = InstanceGroupManagersRestTransport(host=self.address, url_scheme="http",
-                                                       credentials=AnonymousCredentials())
+                                                       credentials=_Token())
         return compute_v1.InstanceGroupManagersClient(transport=transport)
 
-    # --- the groups, following GKE ---
+    # --- the groups, GKE's ---
 
     def groups(self) -> list[Group]:
-        found = []
-        for name, cluster in self.gke.clusters.items():
-            for pool in cluster.node_pools:
-                for url in pool.instance_group_urls:
-                    found.append(Group(name, pool.name, url.split("/zones/")[1].split("/")[0], url))
-        return found
-
-    def _sync(self, group: Group) -> list[str]:
-        """The group's instances after GKE's latest resize of its pool (GKE removes at random)."""
-        have = self._instances.setdefault(group.url, [])
-        want = self.gke.node_count(group.cluster, group.pool)
-        base = group.name.removesuffix("-grp")
-        while len(have) < want:
-            candidate = f"{base}-{''.join(self._rng.choice(SAFE) for _ in range(4))}"
-            if candidate not in have:
-                have.append(candidate)
-        while len(have) > want:
-            victim = self._rng.choice(have)
-            have.remove(victim)
-            self.removed_at_random.append(victim)
-        return have
+        return self.gke.groups()
 
     def nodes(self) -> dict[str, Group]:
         """Every instance of every group: node name → its group (pool and zone)."""
-        with self._lock:
-            live = self.groups()
-            for url in set(self._instances) - {g.url for g in live}:
-                del self._instances[url]  # the cluster went, and its groups
-            return {name: g for g in live for name in self._sync(g)}
+        return self.gke.instances()
 
     # --- the API ---
 
@@ -153,42 +155,48 @@ class MigStandin:
             try:
                 m = PATH.fullmatch(path)
                 if m is None or (method == "POST") != bool(m["verb"]) or method not in ("GET", "POST"):
+                    # only instanceGroupManagers.get (GET) and .deleteInstances (POST) exist here (compute v1 reference)
                     raise _Refused(404, f"The requested URL {path} was not found.")
+                verb = "deleteInstances" if m["verb"] else "get"
+                fault = next((f for f in self._faults if f[0] == verb), None)
+                if fault:  # an injected refusal, as ERRORS cites
+                    self._faults.remove(fault)
+                    self.refused.append(fault[1])
+                    status, text, reason = ERRORS[fault[1]]
+                    raise _Refused(status, text.format(project=m["project"], zone=m["zone"], name=m["name"],
+                                                       region=m["zone"].rsplit("-", 1)[0]), reason)
                 group = next((g for g in self.groups() if g.url.endswith(
                     f"/projects/{m['project']}/zones/{m['zone']}/instanceGroupManagers/{m['name']}")), None)
                 if group is None:
+                    # a group unknown in that project and zone: 404 notFound (cloud.google.com/compute/docs/api/errors)
                     raise _Refused(404, f"The resource 'projects/{m['project']}/zones/{m['zone']}/"
                                         f"instanceGroupManagers/{m['name']}' was not found")
                 if method == "GET":
                     return 200, {"kind": "compute#instanceGroupManager", "name": group.name, "zone": group.zone,
-                                 "selfLink": group.url, "targetSize": len(self._sync(group)),
+                                 "selfLink": group.url, "targetSize": len(group.instances),
                                  "baseInstanceName": group.name.removesuffix("-grp")}
                 return 200, self._delete(group, json.loads(body or b"{}"))
             except _Refused as e:
                 return e.status, {"error": {"code": e.status, "message": e.message,
-                                            "errors": [{"message": e.message, "reason": "invalid"}]}}
+                                            "errors": [{"message": e.message, "reason": e.reason}]}}
 
     def _delete(self, group: Group, request: dict) -> dict:
-        have = self._sync(group)
+        have = group.instances
         names, skip = [], bool(request.get("skipInstancesOnValidationError"))
         for ref in request.get("instances") or []:
             m = INSTANCE.fullmatch(ref)
-            if m is None or m["zone"] != group.zone:
+            if m is None or m["zone"] != group.zone:  # instances are zonal URLs of the group's zone
                 raise _Refused(400, f"Invalid value for field 'instances': '{ref}'.")
             if m["name"] not in have:
+                # InstanceGroupManagersDeleteInstancesRequest.skip_instances_on_validation_error docstring: with it,
+                # instances that are not members are skipped; without it the request fails
                 if skip:
                     continue
                 raise _Refused(400, f"The instance '{m['name']}' is not a member of the instance group "
                                     f"'{group.name}'.")
             names.append(m["name"])
         if names:
-            zones = {g.zone for g in self.groups() if (g.cluster, g.pool) == (group.cluster, group.pool)}
-            if len(zones) > 1:
-                raise _Refused(501, "stand-in: deleting instances of a multi-zone pool is not modelled")
-            for name in names:
-                have.remove(name)
-                self.deleted.append(name)
-            self.gke.set_node_count(group.cluster, group.pool, len(have))
+            self.gke.delete_instances(group.url, names)
         op = f"operation-{next(self._ops)}"
         project = group.url.split("/projects/")[1].split("/")[0]
         return {"kind": "compute#operation", "name": op, "operationType": "deleteInstances", "status": "DONE",

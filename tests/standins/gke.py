@@ -1,16 +1,22 @@
-"""Test stand-in for GKE (google.container.v1.ClusterManager): a strict in-process gRPC server for the real client."""
+"""Test stand-in for GKE (google.container.v1.ClusterManager): a strict in-process gRPC server for the real client.
+
+Operations progress with an injectable clock, not with polls: each finishes `operation_s` after it started, and GKE's
+own operations (upgrades, repairs, the removal of clusters left in ERROR) start and run on the same clock. The node
+pools' managed instance groups (one per zone, two per zone during a blue-green upgrade) and their instances live
+here too; tests.standins.compute serves them over the Compute REST API."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import itertools
+import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import grpc
@@ -36,14 +42,45 @@ NODE_POOL_RE = re.compile(CLUSTER_RE.pattern + r"/nodePools/(?P<pool>[^/]+)")
 OPERATION_RE = re.compile(PARENT_RE.pattern + r"/operations/(?P<op>[^/]+)")
 
 OpType = gke.Operation.Type
-# "Operation operation-… is currently <doing> cluster <c>. Please wait and try again once it is done."
+# One mutating operation per cluster: "Operation operation-… is currently <doing> cluster <c>. Please wait and try
+# again once it is done." (FAILED_PRECONDITION; the text as GKE users report it, e.g. hashicorp/terraform-provider-google
+# issues on "is currently upgrading cluster", quoted in dasklab issue 10). GKE's own operations block the same way.
 BUSY_VERB = {
     OpType.CREATE_CLUSTER: "creating cluster {c}",
     OpType.DELETE_CLUSTER: "deleting cluster {c}",
     OpType.SET_LABELS: "setting labels on cluster {c}",
     OpType.SET_NODE_POOL_SIZE: "resizing a node pool for cluster {c}",
     OpType.UPDATE_CLUSTER: "updating cluster {c}",
+    OpType.UPGRADE_MASTER: "upgrading cluster {c}",
+    OpType.UPGRADE_NODES: "upgrading cluster {c}",
+    OpType.AUTO_UPGRADE_NODES: "upgrading cluster {c}",
+    OpType.AUTO_REPAIR_NODES: "repairing cluster {c}",
 }
+GKE_OWN = (OpType.UPGRADE_MASTER, OpType.UPGRADE_NODES, OpType.AUTO_UPGRADE_NODES, OpType.AUTO_REPAIR_NODES)
+# Versions: the REGULAR channel's default (cloud.google.com/kubernetes-engine/docs/release-notes-regular); a cluster
+# created without release_channel is enrolled in REGULAR (cloud.google.com/kubernetes-engine/docs/concepts/release-channels)
+VERSIONS = ("1.35.1-gke.1000", "1.35.2-gke.1200")
+# Machine types GKE knows, by family and CPU count (cloud.google.com/compute/docs/general-purpose-machines)
+MACHINE_RE = re.compile(r"(?P<family>e2|n2|n2d|c3|n4|c4)-(?P<shape>standard|highmem|highcpu)-(?P<cpus>[0-9]+)"
+                        r"|e2-(?:micro|small|medium)")
+MACHINE_CPUS = {"e2": {2, 4, 8, 16, 32}, "n2": {2, 4, 8, 16, 32, 48, 64, 80, 96, 128},
+                "n2d": {2, 4, 8, 16, 32, 48, 64, 80, 96, 128, 224}, "c3": {4, 8, 22, 44, 88, 176},
+                "n4": {2, 4, 8, 16, 32, 48, 64, 80}, "c4": {2, 4, 8, 16, 32, 48, 96, 192}}
+# Boot disk types each family supports (cloud.google.com/compute/docs/general-purpose-machines, "Supported disk types"
+# of each series: C3 has no pd-standard; N4 and C4 take Hyperdisk only)
+FAMILY_DISKS = {"e2": {"pd-standard", "pd-balanced", "pd-ssd"},
+                "n2": {"pd-standard", "pd-balanced", "pd-ssd", "hyperdisk-balanced"},
+                "n2d": {"pd-standard", "pd-balanced", "pd-ssd", "hyperdisk-balanced"},
+                "c3": {"pd-balanced", "pd-ssd", "hyperdisk-balanced"},
+                "n4": {"hyperdisk-balanced"}, "c4": {"hyperdisk-balanced"}}
+# NodeConfig.service_account: "The Google Cloud Platform Service Account to be used by the node VMs" - an e-mail, or
+# "default" (NodeConfig field docstring; a non-e-mail is refused as invalid)
+SERVICE_ACCOUNT_RE = re.compile(r"default|[a-z][-a-z0-9]{4,28}[a-z0-9]@[-a-z0-9.]+\.iam\.gserviceaccount\.com"
+                                r"|[0-9]+-compute@developer\.gserviceaccount\.com")
+# Maintenance exclusions of scope no-upgrades last at most 30 days, at most 3 of them per cluster
+# (cloud.google.com/kubernetes-engine/docs/concepts/maintenance-windows-and-exclusions, "Types of exclusions")
+NO_UPGRADES_MAX, NO_UPGRADES_COUNT = timedelta(days=30), 3
+Scope = gke.MaintenanceExclusionOptions.Scope
 
 
 class StandinAbort(Exception):
@@ -122,6 +159,7 @@ class GrpcStandin:
                 self.calls.append(name)
                 injected = self._injected.get(name)
                 fault = injected.pop(0) if injected else None
+                self._before_call()
             if self.latency_s:
                 time.sleep(self.latency_s)
             try:
@@ -134,8 +172,24 @@ class GrpcStandin:
 
         return handler
 
+    def _before_call(self) -> None:
+        """Under the lock, before each call is served (GKE: operations that are due finish)."""
+
     def _now(self) -> datetime:
         return self._clock()
+
+
+class ManualClock:
+    """A clock the test moves by hand (`advance`): the stand-ins' operations progress with it."""
+
+    def __init__(self, start: datetime | None = None):
+        self.t = start or datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
 
 
 def copy_message(msg):
@@ -148,7 +202,7 @@ def _rfc3339(t: datetime) -> str:
 
 def _match(regex: re.Pattern, value: str, what: str) -> re.Match:
     m = regex.fullmatch(value or "")
-    if not m:
+    if not m:  # resource names projects/P/locations/L/… (container v1 REST reference: the `name` path parameters)
         raise StandinAbort(Code.INVALID_ARGUMENT, f"Invalid {what}: {value!r}.")
     return m
 
@@ -157,31 +211,63 @@ def _match(regex: re.Pattern, value: str, what: str) -> re.Match:
 class _Op:
     proto: gke.Operation
     cluster: str  # cluster resource name
-    polls_left: int
+    due: datetime  # when it is DONE
     apply: Callable[[], None]
     error: status_pb2.Status | None = None
+    steps: list[tuple[datetime, Callable[[], None]]] = field(default_factory=list)  # done on the way, in time order
+    started: datetime | None = None
+
+
+@dataclass
+class Group:
+    """A managed instance group of a node pool in one zone; its instances are the pool's nodes there."""
+
+    cluster: str  # GKE cluster resource name
+    pool: str
+    zone: str
+    url: str
+    instances: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+    @property
+    def base(self) -> str:  # baseInstanceName: instances are named <base>-<4 letters> (instanceGroupManagers reference)
+        return self.name.removesuffix("-grp")
 
 
 class GkeStandin(GrpcStandin):
-    """Strict GKE stand-in. Operations advance one step per GetOperation poll (or via advance_all())."""
+    """Strict GKE stand-in. Operations finish `operation_s` after they start, on `clock` (or via advance_all())."""
 
     service = "google.container.v1.ClusterManager"
 
     def __init__(
         self,
         *,
-        polls_per_operation: int = 3,
+        operation_s: float = 0.3,
         endpoint: str = "192.0.2.10",
         latency_s: float = 0.0,
         clock: Callable[[], datetime] | None = None,
+        error_cluster_ttl_s: float | None = None,
+        auto_upgrade_after_s: float | None = None,
+        seed: int = 0,
     ):
         super().__init__(latency_s=latency_s, clock=clock)
-        self.polls_per_operation = polls_per_operation
+        self.operation_s = operation_s
         self.endpoint = endpoint
+        self.error_cluster_ttl_s = error_cluster_ttl_s  # GKE removes a cluster whose creation failed, later
+        self.auto_upgrade_after_s = auto_upgrade_after_s  # GKE auto-upgrades a REGULAR cluster this long after creation
+        self.removed_at_random: list[str] = []  # instances a resize removed (GKE's choice, not the caller's)
+        self.deleted: list[str] = []  # instances deleted by instanceGroupManagers.deleteInstances (the caller's)
+        self.missing_zones: set[str] = set()  # zones ListClusters cannot reach (injected)
         self._clusters: dict[str, gke.Cluster] = {}
         self._ops: dict[str, _Op] = {}
         self._busy: dict[str, str] = {}  # cluster name → id of its operation not yet DONE
-        self._sizes: dict[tuple[str, str], int] = {}  # (cluster name, pool) → nodes per zone
+        self._groups: dict[str, Group] = {}  # instance group URL → group
+        self._error_since: dict[str, datetime] = {}
+        self._upgraded: set[str] = set()
+        self._rng = random.Random(seed)
         self._seq = itertools.count(1)
 
     def client(self) -> gke.ClusterManagerClient:
@@ -191,27 +277,51 @@ class GkeStandin(GrpcStandin):
     @property
     def clusters(self) -> dict[str, gke.Cluster]:
         with self._lock:
+            self.tick()
             return {name: copy_message(c) for name, c in self._clusters.items()}
 
     @property
     def operations(self) -> dict[str, gke.Operation]:
         with self._lock:
+            self.tick()
             return {op_id: copy_message(op.proto) for op_id, op in self._ops.items()}
 
-    def node_count(self, cluster: str, pool: str) -> int:
-        """Current nodes PER ZONE of a pool (GKE keeps initial_node_count unchanged on resize)."""
+    def groups(self) -> list[Group]:
+        """Every instance group of every pool (a copy), as GKE created them."""
         with self._lock:
-            return self._sizes[(cluster, pool)]
+            self.tick()
+            return [Group(g.cluster, g.pool, g.zone, g.url, list(g.instances)) for g in self._groups.values()]
 
-    def set_node_count(self, cluster: str, pool: str, per_zone: int) -> None:
-        """The pool's size changed outside the GKE API: its managed instance groups deleted chosen instances
-        (compute instanceGroupManagers.deleteInstances) and GKE reports the groups' size."""
+    def instances(self) -> dict[str, Group]:
+        """Every instance (node) → its group."""
+        return {name: g for g in self.groups() for name in g.instances}
+
+    def zone_counts(self, cluster: str, pool: str) -> dict[str, int]:
+        """Nodes of a pool in each zone (every group of the zone)."""
+        counts: dict[str, int] = {}
+        for g in self.groups():
+            if (g.cluster, g.pool) == (cluster, pool):
+                counts[g.zone] = counts.get(g.zone, 0) + len(g.instances)
+        if not counts and (cluster not in self._clusters
+                           or not any(p.name == pool for p in self._clusters[cluster].node_pools)):
+            raise KeyError(f"no node pool {pool} in {cluster}")
+        return counts
+
+    def node_count(self, cluster: str, pool: str) -> int:
+        """Nodes PER ZONE of a pool (GKE keeps initial_node_count unchanged on resize); ValueError if zones differ."""
+        counts = set(self.zone_counts(cluster, pool).values())
+        if len(counts) > 1:
+            raise ValueError(f"zones of {pool} differ: {self.zone_counts(cluster, pool)}")
+        return counts.pop() if counts else 0
+
+    def delete_instances(self, url: str, names: list[str]) -> None:
+        """instanceGroupManagers.deleteInstances took these instances out of the group: the pool shrinks there."""
         with self._lock:
-            if (cluster, pool) not in self._sizes:
-                raise KeyError(f"no node pool {pool} in {cluster}")
-            self._sizes[(cluster, pool)] = per_zone
-            c = self._clusters[cluster]
-            c.current_node_count = self._node_total(cluster, c)
+            group = self._groups[url]
+            for name in names:
+                group.instances.remove(name)
+                self.deleted.append(name)
+            self._recount(group.cluster)
 
     def fail_operation(
         self, operation: str, message: str = "Operation failed (stand-in)", code: grpc.StatusCode | int = 13
@@ -223,6 +333,76 @@ class GkeStandin(GrpcStandin):
                 raise ValueError(f"operation {op.proto.name} is already DONE")
             code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
             op.error = status_pb2.Status(code=code, message=message)
+
+    def start_upgrade(self, cluster: str, pool: str | None = None, *, strategy: str = "surge",
+                      duration_s: float = 60.0, by_gke: bool = True) -> str:
+        """Start an upgrade: of the control plane (UPGRADE_MASTER) when `pool` is None, else of a pool's nodes.
+        A surge upgrade replaces the pool's nodes one at a time under new names (max surge 1: the new instance
+        comes first); a blue-green upgrade adds a second (green) instance group in every zone, then drains and
+        removes the blue ones (cloud.google.com/kubernetes-engine/docs/concepts/node-pool-upgrade-strategies).
+        Returns the operation's id. It blocks the cluster's other operations until it is done."""
+        with self._lock:
+            self.tick()
+            return self._upgrade(cluster, pool, strategy, duration_s, by_gke)
+
+    def _upgrade(self, cluster: str, pool: str | None, strategy: str, duration_s: float, by_gke: bool) -> str:
+        with self._lock:
+            self._check_idle(cluster)
+            c = self._clusters[cluster]
+            target = c.current_master_version
+            new = next((v for v in VERSIONS if v > target), VERSIONS[-1])
+            if pool is None:
+                c.status = gke.Cluster.Status.RECONCILING
+
+                def done():
+                    c.status, c.current_master_version = gke.Cluster.Status.RUNNING, new
+
+                return self._start_op(cluster, OpType.UPGRADE_MASTER, c.self_link, done, duration_s).name
+            np = next(p for p in c.node_pools if p.name == pool)
+            np.status = gke.NodePool.Status.RECONCILING
+            start, steps = self._now(), []
+            blue = [g for g in self._groups.values() if (g.cluster, g.pool) == (cluster, pool)]
+            if strategy == "surge":
+                old = [(g, name) for g in blue for name in g.instances]
+                for i, (g, name) in enumerate(old):
+                    at = start + timedelta(seconds=duration_s * (i + 1) / (len(old) + 1))
+                    steps.append((at, lambda g=g, name=name: self._surge(g, name)))
+            elif strategy == "blue-green":
+                green = []
+                for g in blue:
+                    prefix, _, _ = g.url.rsplit("-", 2)  # …/gke-<cluster>-<pool>-<hash>-grp: a new hash
+                    url = f"{prefix}-{hashlib.sha256(f'{g.url}/{next(self._seq)}'.encode()).hexdigest()[:8]}-grp"
+                    green.append(Group(g.cluster, g.pool, g.zone, url))
+                    self._groups[url] = green[-1]
+                    self._resize(green[-1], len(g.instances))
+                np.instance_group_urls = [*np.instance_group_urls, *(g.url for g in green)]
+                self._recount(cluster)
+
+                def swap():  # the blue pool is drained (soak over) and its groups deleted
+                    for g in blue:
+                        self._groups.pop(g.url, None)
+                    np.instance_group_urls = [g.url for g in green]
+                    self._recount(cluster)
+
+                steps.append((start + timedelta(seconds=duration_s * 0.9), swap))
+            else:
+                raise ValueError(f"unknown upgrade strategy {strategy!r}")
+
+            def finished():
+                np.status, np.version = gke.NodePool.Status.RUNNING, new
+
+            kind = OpType.UPGRADE_NODES if not by_gke else OpType.AUTO_UPGRADE_NODES
+            return self._start_op(cluster, kind, np.self_link, finished, duration_s, steps).name
+
+    def start_repair(self, cluster: str, pool: str, *, duration_s: float = 300.0) -> str:
+        """GKE's node auto-repair: an AUTO_REPAIR_NODES operation that blocks the cluster (a repair can take over 5
+        minutes; maintenance exclusions do not hold it off: cloud.google.com/kubernetes-engine/docs/how-to/node-auto-repair)."""
+        with self._lock:
+            self.tick()
+            self._check_idle(cluster)
+            c = self._clusters[cluster]
+            np = next(p for p in c.node_pools if p.name == pool)
+            return self._start_op(cluster, OpType.AUTO_REPAIR_NODES, np.self_link, lambda: None, duration_s).name
 
     def clone_cluster(self, source: str, name: str, resource_labels: dict[str, str]) -> None:
         """Seed a copy of the idle cluster `source` (full name) as `name` (short), with its own labels: for
@@ -240,16 +420,52 @@ class GkeStandin(GrpcStandin):
             c.label_fingerprint = self._fingerprint(target)
             c.id = hashlib.sha256(target.encode()).hexdigest()[:32]
             self._clusters[target] = c
-            self._sizes.update({(target, p.name): self._sizes[(source, p.name)] for p in c.node_pools})
+            for g in [g for g in self._groups.values() if g.cluster == source]:
+                url = g.url.replace(old, name)
+                self._groups[url] = Group(target, g.pool, g.zone, url, [i.replace(old, name) for i in g.instances])
 
     def advance_all(self) -> None:
-        """Finish every operation that is not DONE."""
+        """Finish every operation that is not DONE (its steps first)."""
         with self._lock:
             for op in list(self._ops.values()):
                 if op.proto.status != gke.Operation.Status.DONE:
+                    for _, step in op.steps:
+                        step()
+                    op.steps.clear()
                     self._finish(op)
 
+    def tick(self) -> None:
+        """GKE's side, at the clock's time: steps and ends of operations that are due, ERROR clusters removed after
+        `error_cluster_ttl_s`, auto-upgrades of clusters no maintenance exclusion holds off."""
+        with self._lock:
+            now = self._now()
+            for op in list(self._ops.values()):
+                if op.proto.status == gke.Operation.Status.DONE:
+                    continue
+                while op.steps and op.steps[0][0] <= now:
+                    op.steps.pop(0)[1]()
+                if now >= op.due:
+                    self._finish(op)
+                elif op.proto.status == gke.Operation.Status.PENDING and now > op.started:
+                    op.proto.status = gke.Operation.Status.RUNNING
+            for name, c in list(self._clusters.items()):
+                if name in self._busy:
+                    continue
+                if c.status == gke.Cluster.Status.ERROR and self.error_cluster_ttl_s is not None:
+                    since = self._error_since.setdefault(name, now)  # (a clone's error: from now)
+                    if now - since >= timedelta(seconds=self.error_cluster_ttl_s):
+                        self._gke_deletes(name)
+                elif (c.status == gke.Cluster.Status.RUNNING and self.auto_upgrade_after_s is not None
+                      and name not in self._upgraded and not self._excluded(c, now)
+                      and now - datetime.fromisoformat(c.create_time.replace("Z", "+00:00"))
+                      >= timedelta(seconds=self.auto_upgrade_after_s)):
+                    self._upgraded.add(name)
+                    self._upgrade(name, None, "surge", max(self.operation_s, 1.0), True)
+
     # ---- request helpers -----------------------------------------------------------------------
+    def _before_call(self) -> None:
+        self.tick()
+
     @staticmethod
     def _name(req, *ids: str) -> str:
         """req.name, or the v1 name built from the deprecated project_id/zone/<ids> fields."""
@@ -271,13 +487,13 @@ class GkeStandin(GrpcStandin):
 
     def _cluster(self, name: str) -> gke.Cluster:
         _match(CLUSTER_RE, name, "cluster name")
-        if name not in self._clusters:
+        if name not in self._clusters:  # NOT_FOUND for an unknown cluster (projects.locations.clusters.get)
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
         return self._clusters[name]
 
     def _standard_cluster(self, name: str) -> gke.Cluster:
         c = self._cluster(name)
-        if c.autopilot.enabled:
+        if c.autopilot.enabled:  # node pools are Standard-only (cloud.google.com/kubernetes-engine/docs/concepts/autopilot-overview)
             raise StandinAbort(Code.INVALID_ARGUMENT, "Autopilot node pools cannot be accessed or modified.")
         return c
 
@@ -285,7 +501,7 @@ class GkeStandin(GrpcStandin):
         m = _match(NODE_POOL_RE, name, "node pool name")
         c = self._standard_cluster(name.rsplit("/nodePools/", 1)[0])
         pool = next((p for p in c.node_pools if p.name == m["pool"]), None)
-        if pool is None:
+        if pool is None:  # NOT_FOUND for an unknown pool (projects.locations.clusters.nodePools.get)
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
         return c, pool
 
@@ -301,6 +517,8 @@ class GkeStandin(GrpcStandin):
 
     @staticmethod
     def _check_labels(labels) -> None:
+        # Labels: at most 64; keys [a-z][a-z0-9_-]{0,62}, values [a-z0-9_-]{0,63}
+        # (cloud.google.com/kubernetes-engine/docs/how-to/creating-managing-labels, "Requirements for labels")
         if len(labels) > 64:
             raise StandinAbort(Code.INVALID_ARGUMENT, f"Too many labels ({len(labels)}); at most 64 are allowed.")
         for key, value in labels.items():
@@ -311,6 +529,8 @@ class GkeStandin(GrpcStandin):
 
     @staticmethod
     def _check_autoscaling(a: gke.NodePoolAutoscaling) -> None:
+        # NodePoolAutoscaling field docstrings: per-zone (min/max_node_count) and total_* limits are exclusive;
+        # "min_node_count ... >= 0 and <= max_node_count", "max_node_count ... >= 1"
         if not a.enabled:
             return
         per_zone = a.min_node_count or a.max_node_count
@@ -323,14 +543,91 @@ class GkeStandin(GrpcStandin):
                 Code.INVALID_ARGUMENT, f"Invalid autoscaling limits: min {lo} must be in [0, max] and max {hi} >= 1."
             )
 
+    @staticmethod
+    def _check_node_config(pool: str, config: gke.NodeConfig, zone: str) -> None:
+        m = MACHINE_RE.fullmatch(config.machine_type)
+        if m is None or (m["family"] and int(m["cpus"]) not in MACHINE_CPUS[m["family"]]):
+            raise StandinAbort(  # machine types per family: cloud.google.com/compute/docs/general-purpose-machines
+                Code.INVALID_ARGUMENT, f"Invalid value for field 'resource.machineType': "
+                f"'zones/{zone}/machineTypes/{config.machine_type}'. Machine type with name "
+                f"'{config.machine_type}' does not exist in zone '{zone}'.")
+        family = m["family"] or "e2"
+        disk = config.disk_type or "pd-standard"  # NodeConfig.disk_type docstring: "If unspecified, ... 'pd-standard'"
+        if disk not in FAMILY_DISKS[family]:
+            raise StandinAbort(  # supported disk types per series: cloud.google.com/compute/docs/general-purpose-machines
+                Code.INVALID_ARGUMENT, f"Node pool {pool!r}: disk type {disk!r} is not supported by machine type "
+                f"{config.machine_type!r} (supported: {', '.join(sorted(FAMILY_DISKS[family]))}).")
+        if config.service_account and not SERVICE_ACCOUNT_RE.fullmatch(config.service_account):
+            raise StandinAbort(  # NodeConfig.service_account docstring: a service account's e-mail, or "default"
+                Code.INVALID_ARGUMENT, f'Invalid value for field "node_pool.config.service_account": '
+                f'"{config.service_account}". Must be a valid service account email address.')
+
+    def _check_maintenance(self, policy: gke.MaintenancePolicy) -> None:
+        exclusions = policy.window.maintenance_exclusions
+        no_upgrades = 0
+        for name, w in exclusions.items():
+            if not w.end_time or not w.start_time or w.end_time <= w.start_time:
+                raise StandinAbort(  # TimeWindow.end_time docstring: "should take place after the start time"
+                    Code.INVALID_ARGUMENT, f"Maintenance exclusion {name!r}: the end time must be after the start time.")
+            scope = w.maintenance_exclusion_options.scope  # NO_UPGRADES is "the default exclusion behavior"
+            if scope == Scope.NO_UPGRADES:
+                no_upgrades += 1
+                if w.end_time - w.start_time > NO_UPGRADES_MAX:
+                    raise StandinAbort(Code.INVALID_ARGUMENT, f"Maintenance exclusion {name!r}: a no_upgrades "
+                                       f"exclusion can last at most 30 days.")
+        if no_upgrades > NO_UPGRADES_COUNT:
+            raise StandinAbort(Code.INVALID_ARGUMENT, "At most 3 no_upgrades maintenance exclusions are allowed.")
+
+    @staticmethod
+    def _excluded(c: gke.Cluster, now: datetime) -> bool:
+        """A maintenance exclusion holds GKE's auto-upgrades off (maintenance-windows-and-exclusions)."""
+        return any(w.start_time <= now < w.end_time for w in c.maintenance_policy.window.maintenance_exclusions.values())
+
     def _fingerprint(self, name: str) -> str:
         return hashlib.sha256(f"{name}:{next(self._seq)}".encode()).hexdigest()[:8]
 
-    def _node_total(self, name: str, c: gke.Cluster) -> int:
-        return sum(self._sizes[(name, p.name)] * len(p.locations) for p in c.node_pools)
+    def _recount(self, name: str) -> None:
+        c = self._clusters.get(name)
+        if c is not None:
+            c.current_node_count = sum(len(g.instances) for g in self._groups.values() if g.cluster == name)
+
+    def _resize(self, group: Group, want: int) -> None:
+        """GKE sizes the group: new instances get random names; a lower size removes instances AT RANDOM
+        (SetNodePoolSize reference: nodes are removed without regard to what runs on them)."""
+        have = group.instances
+        while len(have) < want:
+            candidate = f"{group.base}-{''.join(self._rng.choice('bcdfghjklmnpqrstvwxz') for _ in range(4))}"
+            if candidate not in have:
+                have.append(candidate)
+        while len(have) > want:
+            victim = self._rng.choice(have)
+            have.remove(victim)
+            self.removed_at_random.append(victim)
+
+    def _surge(self, group: Group, old: str) -> None:
+        """One node of a surge upgrade: a new instance under a new name, then the old one goes."""
+        if group.url not in self._groups or old not in group.instances:
+            return
+        self._resize(group, len(group.instances) + 1)
+        group.instances.remove(old)
+        self._recount(group.cluster)
+
+    def _gke_deletes(self, name: str) -> None:
+        """GKE removes a cluster whose creation failed (its resource labels go with it); a DELETE_CLUSTER operation
+        of its own, listed like any other (dasklab issue 10: "GKE moves it to ERROR and later deletes it")."""
+        c = self._clusters[name]
+        c.status = gke.Cluster.Status.STOPPING
+        self._start_op(name, OpType.DELETE_CLUSTER, c.self_link, lambda: self._drop(name), self.operation_s)
+
+    def _drop(self, name: str) -> None:
+        self._clusters.pop(name, None)
+        self._error_since.pop(name, None)
+        for url in [u for u, g in self._groups.items() if g.cluster == name]:
+            del self._groups[url]
 
     # ---- operations ----------------------------------------------------------------------------
-    def _start_op(self, cluster_name: str, op_type, target: str, apply: Callable[[], None]) -> gke.Operation:
+    def _start_op(self, cluster_name: str, op_type, target: str, apply: Callable[[], None],
+                  duration_s: float | None = None, steps=()) -> gke.Operation:
         project, location = PARENT_RE.match(cluster_name).group("project", "location")
         now = self._now()
         op_id = f"operation-{int(now.timestamp() * 1000)}-{next(self._seq):08x}"
@@ -344,10 +641,11 @@ class GkeStandin(GrpcStandin):
             target_link=target,
             start_time=_rfc3339(now),
         )
-        op = _Op(proto, cluster_name, self.polls_per_operation, apply)
+        duration = self.operation_s if duration_s is None else duration_s
+        op = _Op(proto, cluster_name, now + timedelta(seconds=duration), apply, steps=list(steps), started=now)
         self._ops[op_id] = op
         self._busy[cluster_name] = op_id
-        if op.polls_left <= 0:
+        if duration <= 0:
             self._finish(op)
         return proto
 
@@ -363,19 +661,15 @@ class GkeStandin(GrpcStandin):
         c = self._clusters.get(op.cluster)
         if c is not None:
             c.status, c.status_message = gke.Cluster.Status.ERROR, op.error.message
+            self._error_since[op.cluster] = self._now()
 
     def _get_operation(self, req: gke.GetOperationRequest) -> gke.Operation:
         name = self._name(req, "operation_id")
         m = _match(OPERATION_RE, name, "operation name")
         op = self._ops.get(m["op"])
+        # an operation is found only under its own project and location (projects.locations.operations.get)
         if op is None or op.proto.location != m["location"] or f"/projects/{m['project']}/" not in op.proto.self_link:
             raise StandinAbort(Code.NOT_FOUND, f"Not found: {name}.")
-        if op.proto.status != gke.Operation.Status.DONE:
-            op.polls_left -= 1
-            if op.polls_left <= 0:
-                self._finish(op)
-            else:
-                op.proto.status = gke.Operation.Status.RUNNING
         return op.proto
 
     def _list_operations(self, req: gke.ListOperationsRequest) -> gke.ListOperationsResponse:
@@ -390,6 +684,8 @@ class GkeStandin(GrpcStandin):
 
     # ---- clusters ------------------------------------------------------------------------------
     def _zones(self, location: str, requested) -> list[str]:
+        # A zonal cluster's location is a zone, a regional one's a region with three zones by default; node
+        # locations must lie in the cluster's region and include a zonal cluster's zone (Cluster.locations docstring)
         zone = ZONE_RE.fullmatch(location)
         region = zone.group(1) if zone else location
         if not zone and not REGION_RE.fullmatch(location):
@@ -404,25 +700,28 @@ class GkeStandin(GrpcStandin):
         return sorted(set(zones))
 
     def _build_pool(self, cluster_name: str, pool: gke.NodePool, region: str, zones: list[str]) -> gke.NodePool:
-        if not NAME_RE.fullmatch(pool.name):
+        if not NAME_RE.fullmatch(pool.name):  # the message GKE answers for a bad node pool name (its regex)
             raise StandinAbort(
                 Code.INVALID_ARGUMENT,
                 f'Invalid value for field "node_pool.name": "{pool.name}". Must be a match of regex '
                 f"'{NAME_RE.pattern}'.",
             )
-        if "config" not in pool:
+        if "config" not in pool:  # NodePool.config docstring: "The node configuration of the pool."
             raise StandinAbort(Code.INVALID_ARGUMENT, f"Node pool {pool.name!r}: config must be set.")
-        if pool.initial_node_count < 0:
+        if pool.initial_node_count < 0:  # NodePool.initial_node_count docstring: "must be ... >= 0"
             raise StandinAbort(Code.INVALID_ARGUMENT, f"Node pool {pool.name!r}: initial_node_count must be >= 0.")
         self._check_autoscaling(pool.autoscaling)
-        pool.config.machine_type = pool.config.machine_type or "e2-medium"
+        pool.config.machine_type = pool.config.machine_type or "e2-medium"  # NodeConfig.machine_type: default e2-medium
         pool_zones = self._zones(region, pool.locations or zones)
+        self._check_node_config(pool.name, pool.config, pool_zones[0])
         project, cluster = CLUSTER_RE.fullmatch(cluster_name).group("project", "cluster")
-        tag = hashlib.sha256(f"{cluster_name}/{pool.name}".encode()).hexdigest()[:8]
         pool.locations = pool_zones
         pool.self_link = f"{API}/{cluster_name}/nodePools/{pool.name}"
+        # one managed instance group per zone (NodePool.instance_group_urls docstring), each with its own hash:
+        # gke-<cluster>-<pool>-<8 hex>-grp, instances gke-<cluster>-<pool>-<8 hex>-<4 chars>
         pool.instance_group_urls = [
-            f"{COMPUTE}/projects/{project}/zones/{z}/instanceGroupManagers/gke-{cluster}-{pool.name}-{tag}-grp"
+            f"{COMPUTE}/projects/{project}/zones/{z}/instanceGroupManagers/gke-{cluster}-{pool.name}-"
+            f"{hashlib.sha256(f'{cluster_name}/{pool.name}/{z}'.encode()).hexdigest()[:8]}-grp"
             for z in pool_zones
         ]
         pool.status = gke.NodePool.Status.PROVISIONING
@@ -433,7 +732,7 @@ class GkeStandin(GrpcStandin):
         m = _match(PARENT_RE, parent, "parent")
         location = m["location"]
         c = copy_message(req.cluster)
-        if not NAME_RE.fullmatch(c.name):
+        if not NAME_RE.fullmatch(c.name):  # the message GKE answers for a bad cluster name
             raise StandinAbort(
                 Code.INVALID_ARGUMENT,
                 f'Invalid value for field "cluster.name": "{c.name}". Must be a match of regex '
@@ -441,11 +740,12 @@ class GkeStandin(GrpcStandin):
                 "and end with an alphanumeric, and must be no longer than 40 characters).",
             )
         name = f"{parent}/clusters/{c.name}"
-        if name in self._clusters:
+        if name in self._clusters:  # ALREADY_EXISTS for a second cluster of that name (projects.locations.clusters.create)
             raise StandinAbort(Code.ALREADY_EXISTS, f"Already exists: {name}.")
         self._check_labels(c.resource_labels)
+        self._check_maintenance(c.maintenance_policy)
         zones = self._zones(location, c.locations)
-        if c.autopilot.enabled:
+        if c.autopilot.enabled:  # Autopilot is regional only and manages its nodes (autopilot-overview)
             if ZONE_RE.fullmatch(location):
                 raise StandinAbort(Code.INVALID_ARGUMENT, "Autopilot clusters must be regional clusters.")
             if c.node_pools or c.initial_node_count:
@@ -453,14 +753,20 @@ class GkeStandin(GrpcStandin):
                     Code.INVALID_ARGUMENT, "Autopilot clusters cannot set node_pools or initial_node_count."
                 )
         elif c.node_pools:
+            # Cluster.initial_node_count / node_config docstrings: "must not be set" with node_pools
             if c.initial_node_count or "node_config" in c:
                 raise StandinAbort(
                     Code.INVALID_ARGUMENT,
                     "Cluster.initial_node_count and Cluster.node_config cannot be set together with node_pools.",
                 )
-            if len({p.name for p in c.node_pools}) != len(c.node_pools):
+            if len({p.name for p in c.node_pools}) != len(c.node_pools):  # NodePool.name: unique in the cluster
                 raise StandinAbort(Code.INVALID_ARGUMENT, "Node pool names must be unique within a cluster.")
-        elif c.initial_node_count <= 0:
+            if not any(p.initial_node_count for p in c.node_pools):
+                # a Standard cluster needs a node for its system pods (cloud.google.com/kubernetes-engine/docs/
+                # how-to/node-pools: "a cluster must have at least one node pool ... with at least one node")
+                raise StandinAbort(Code.INVALID_ARGUMENT, "Cluster must have at least one node: every node pool has "
+                                                          "initial_node_count 0.")
+        elif c.initial_node_count <= 0:  # Cluster.initial_node_count docstring: "must be ... >= 1"
             raise StandinAbort(Code.INVALID_ARGUMENT, "Cluster.initial_node_count must be greater than zero.")
         else:
             config = c.node_config if "node_config" in c else gke.NodeConfig(machine_type="e2-medium")
@@ -475,8 +781,10 @@ class GkeStandin(GrpcStandin):
         c.status = gke.Cluster.Status.PROVISIONING
         c.label_fingerprint = self._fingerprint(name)
         c.endpoint = ""
+        if "release_channel" not in c or not c.release_channel.channel:  # enrolled in REGULAR (release-channels)
+            c.release_channel = gke.ReleaseChannel(channel=gke.ReleaseChannel.Channel.REGULAR)
+        c.current_master_version = c.initial_cluster_version or VERSIONS[0]
         self._clusters[name] = c
-        self._sizes.update({(name, p.name): p.initial_node_count for p in c.node_pools})
 
         def done():
             c.status = gke.Cluster.Status.RUNNING
@@ -484,7 +792,12 @@ class GkeStandin(GrpcStandin):
             c.master_auth.cluster_ca_certificate = CA_CERT
             for p in c.node_pools:
                 p.status = gke.NodePool.Status.RUNNING
-            c.current_node_count = self._node_total(name, c)
+                p.version = c.current_master_version
+                for url in p.instance_group_urls:
+                    zone = url.split("/zones/")[1].split("/")[0]
+                    self._groups[url] = Group(name, p.name, zone, url)
+                    self._resize(self._groups[url], p.initial_node_count)
+            self._recount(name)
 
         return self._start_op(name, OpType.CREATE_CLUSTER, c.self_link, done)
 
@@ -498,20 +811,19 @@ class GkeStandin(GrpcStandin):
             for name, c in self._clusters.items()
             if CLUSTER_RE.fullmatch(name)["project"] == m["project"] and m["location"] in ("-", c.location)
         ]
-        return gke.ListClustersResponse(clusters=clusters)
+        # ListClustersResponse.missing_zones: "If any zones are listed here, the list of clusters returned may be
+        # missing those zones." A cluster with a zone out of reach is left out.
+        missing = sorted(z for z in self.missing_zones if any(z in c.locations for c in clusters)
+                         or m["location"] in ("-", z, z.rsplit("-", 1)[0]))
+        clusters = [c for c in clusters if not set(c.locations) & self.missing_zones]
+        return gke.ListClustersResponse(clusters=clusters, missing_zones=missing)
 
     def _delete_cluster(self, req: gke.DeleteClusterRequest) -> gke.Operation:
         name = self._name(req, "cluster_id")
         c = self._cluster(name)
-        self._check_idle(name)
+        self._check_idle(name)  # deleting a cluster still being created is refused like any other overlap
         c.status = gke.Cluster.Status.STOPPING
-
-        def done():
-            del self._clusters[name]
-            for key in [k for k in self._sizes if k[0] == name]:
-                del self._sizes[key]
-
-        return self._start_op(name, OpType.DELETE_CLUSTER, c.self_link, done)
+        return self._start_op(name, OpType.DELETE_CLUSTER, c.self_link, lambda: self._drop(name))
 
     def _set_labels(self, req: gke.SetLabelsRequest) -> gke.Operation:
         name = self._name(req, "cluster_id")
@@ -520,6 +832,8 @@ class GkeStandin(GrpcStandin):
         self._check_labels(labels)
         self._check_idle(name)
         if req.label_fingerprint != c.label_fingerprint:
+            # SetLabelsRequest.label_fingerprint docstring: "the fingerprint of the previous set of labels ... Make a
+            # get() request to the resource to get the latest fingerprint"; the text is GKE's
             raise StandinAbort(
                 Code.FAILED_PRECONDITION,
                 "Labels could not be set due to fingerprint mismatch; try again with the proper fingerprint: "
@@ -528,7 +842,7 @@ class GkeStandin(GrpcStandin):
             )
 
         def done():
-            c.resource_labels = labels
+            c.resource_labels = labels  # replaced, not merged (SetLabelsRequest.resource_labels docstring)
             c.label_fingerprint = self._fingerprint(name)
 
         return self._start_op(name, OpType.SET_LABELS, c.self_link, done)
@@ -550,17 +864,22 @@ class GkeStandin(GrpcStandin):
         def done():
             mutate(pool)
             pool.status = gke.NodePool.Status.RUNNING
-            c.current_node_count = self._node_total(cluster_name, c)
+            self._recount(cluster_name)
 
         return self._start_op(cluster_name, op_type, pool.self_link, done)
 
     def _set_node_pool_size(self, req: gke.SetNodePoolSizeRequest) -> gke.Operation:
         name = self._name(req, "cluster_id", "node_pool_id")
         self._pool(name)  # NOT_FOUND / Autopilot come before argument errors
-        if req.node_count < 0:
+        if req.node_count < 0:  # SetNodePoolSizeRequest.node_count docstring: "The desired node count for the pool"
             raise StandinAbort(Code.INVALID_ARGUMENT, f"node_count must be >= 0, got {req.node_count}.")
-        key = (name.rsplit("/nodePools/", 1)[0], name.rsplit("/", 1)[-1])
-        return self._pool_op(name, OpType.SET_NODE_POOL_SIZE, lambda _: self._sizes.__setitem__(key, req.node_count))
+        cluster_name, pool_name = name.rsplit("/nodePools/", 1)
+
+        def resize(_):  # the count is per zone: every group of the pool is set to it (GKE picks whom to remove)
+            for g in [g for g in self._groups.values() if (g.cluster, g.pool) == (cluster_name, pool_name)]:
+                self._resize(g, req.node_count)
+
+        return self._pool_op(name, OpType.SET_NODE_POOL_SIZE, resize)
 
     def _set_node_pool_autoscaling(self, req: gke.SetNodePoolAutoscalingRequest) -> gke.Operation:
         name = self._name(req, "cluster_id", "node_pool_id")

@@ -39,10 +39,12 @@ import attrs
 import jsonpatch
 import kmock
 import kubernetes.client
+import kubernetes_validate
 import yarl
 
 Obj = dict[str, Any]
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+# the API server refuses to delete these (k8s.io/kubernetes plugin/pkg/admission/namespace/lifecycle)
 PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
 
 
@@ -142,6 +144,22 @@ class Causes(list):
                        group=kind.group if isinstance(kind, Kind) else group, causes=list(self))
 
 
+# --- the official OpenAPI schema ------------------------------------------------------------------------------------
+
+# The Kubernetes version of the labs' clusters: GKE's REGULAR channel runs 1.35 (cloud.google.com/kubernetes-engine/
+# docs/release-notes-regular), whose official schemas the kubernetes-validate package carries (strict: no unknown field)
+SCHEMA_VERSION = "1.35.0"
+
+
+def schema_problems(obj: Obj) -> list[tuple[str, str]]:
+    """(field path, message) for each way `obj` breaks the official OpenAPI schema of its kind and apiVersion."""
+    try:
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [(".".join(str(p) for p in e.absolute_path) or "<root>", e.message)]
+    return []
+
+
 # --- names, labels, selectors ---------------------------------------------------------------------------------------
 
 NAME_RULES = {  # rule → (regex, max length, message) as in k8s.io/apimachinery/pkg/util/validation
@@ -171,6 +189,7 @@ def name_problems(rule: str, name: str) -> list[str]:
     return problems
 
 
+# label/annotation keys: [prefix/]name, name ≤ 63, prefix a DNS subdomain (apimachinery validation.IsQualifiedName)
 def key_problems(key: str) -> list[str]:
     """Label/annotation keys: an optional DNS-subdomain prefix and '/', then a name of ≤ 63 characters."""
     prefix, slash, name = key.rpartition("/")
@@ -186,6 +205,7 @@ def key_problems(key: str) -> list[str]:
     return problems
 
 
+# label values ≤ 63, alphanumeric at both ends (apimachinery validation.IsValidLabelValue)
 def value_problems(value: str) -> list[str]:
     problems = ["must be no more than 63 characters"] if len(value) > 63 else []
     if value and not QUALIFIED.fullmatch(value):
@@ -214,6 +234,7 @@ REQUIREMENT = re.compile(r"""\s*(?:
 )\s*(?:,|$)""", re.X)
 
 
+# label selector syntax (k8s.io/apimachinery/pkg/labels/selector.go Parse)
 def parse_selector(text: str) -> list[Requirement]:
     """Parse a label selector string (``a=b,c!=d,e,!f,g in (x,y),h notin (z)``); ValueError if malformed."""
     reqs: list[Requirement] = []
@@ -309,6 +330,7 @@ MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "vo
               "imagePullSecrets": "name", "volumeMounts": "mountPath"}
 
 
+# JSON merge patch (RFC 7386); strategic merge by list merge keys (apimachinery/pkg/util/strategicpatch)
 def merge_patch(target: Any, patch: Any, strategic: bool = False) -> Any:
     """RFC 7386 JSON merge patch; with ``strategic``, common lists merge by their key (containers by name…)."""
     if not isinstance(patch, dict):
@@ -424,6 +446,7 @@ def int_or_percent(value: Any, total: int) -> int:
 # --- validation (422) and defaulting --------------------------------------------------------------------------------
 
 def check_body(obj: Any, kind_name: str, api_version: str) -> Obj:
+    # decoding: a body of the wrong kind/apiVersion or shape is 400 BadRequest (k8s.io/apimachinery runtime serializer)
     if not isinstance(obj, dict):
         raise fail(400, "the body of the request could not be decoded as a JSON object")
     if obj.get("kind") not in (None, "", kind_name) or obj.get("apiVersion") not in (None, "", api_version):
@@ -441,6 +464,7 @@ def check_body(obj: Any, kind_name: str, api_version: str) -> Obj:
 
 def check_item_names(items: list[Obj], path: str, causes: Causes, required: bool) -> None:
     """The `name` of each item of a list (containers, ports): present if required, unique, a DNS label."""
+    # container and port names: required, unique, DNS-1123 labels (k8s.io/kubernetes/pkg/apis/core/validation/validation.go validateContainers, validateServicePort)
     seen: set[str] = set()
     for i, item in enumerate(items):
         field, name = f"{path}[{i}].name", item.get("name") or ""
@@ -454,6 +478,7 @@ def check_item_names(items: list[Obj], path: str, causes: Causes, required: bool
 
 
 def check_pod_spec(spec: Obj, path: str, causes: Causes, policies: tuple[str, ...]) -> None:
+    # containers required with an image; restartPolicy one of the allowed (k8s.io/kubernetes/pkg/apis/core/validation/validation.go ValidatePodSpec)
     containers = spec.get("containers") or []
     if not containers:
         causes.required(f"{path}.containers")
@@ -466,6 +491,7 @@ def check_pod_spec(spec: Obj, path: str, causes: Causes, policies: tuple[str, ..
 
 
 def check_pod(obj: Obj, old: Obj | None, causes: Causes) -> None:
+    # pod-deletion-cost is an int32 (k8s.io/kubernetes/pkg/apis/core/validation ValidatePodDeletionCostAnnotation); pod updates change only images, deadline, tolerations (ValidatePodUpdate)
     check_pod_spec(obj["spec"], "spec", causes, ("Always", "OnFailure", "Never"))
     cost = (obj["metadata"].get("annotations") or {}).get(DELETION_COST)
     if cost is not None and not (cost.lstrip("-").isdigit() and -2**31 <= int(cost) < 2**31):
@@ -482,6 +508,7 @@ def check_pod(obj: Obj, old: Obj | None, causes: Causes) -> None:
 
 
 def check_workload(obj: Obj, old: Obj | None, causes: Causes) -> None:  # Deployment, ReplicaSet
+    # replicas ≥ 0, a non-empty selector matching the template's labels, immutable selector (k8s.io/kubernetes/pkg/apis/apps/validation/validation.go ValidateDeploymentSpec)
     spec = obj["spec"]
     replicas = spec.get("replicas")
     if not isinstance(replicas, int) or replicas < 0:
@@ -507,6 +534,7 @@ def check_workload(obj: Obj, old: Obj | None, causes: Causes) -> None:  # Deploy
 
 
 def check_job(obj: Obj, old: Obj | None, causes: Causes) -> None:
+    # generated selector, restartPolicy OnFailure/Never, counts ≥ 0, immutable template (k8s.io/kubernetes/pkg/apis/batch/validation/validation.go ValidateJobSpec)
     spec = obj["spec"]
     if old is None and spec.get("selector") and not spec.get("manualSelector"):
         causes.invalid("spec.selector", spec["selector"], "`selector` will be auto-generated")
@@ -521,6 +549,7 @@ def check_job(obj: Obj, old: Obj | None, causes: Causes) -> None:
 
 
 def check_service(obj: Obj, old: Obj | None, causes: Causes) -> None:
+    # type, ports 1-65535, protocol, immutable clusterIP (k8s.io/kubernetes/pkg/apis/core/validation/validation.go ValidateService)
     spec = obj["spec"]
     types = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
     if spec.get("type") not in types:
@@ -542,6 +571,7 @@ def check_service(obj: Obj, old: Obj | None, causes: Causes) -> None:
 
 
 def check_data(obj: Obj, old: Obj | None, causes: Causes) -> None:  # ConfigMap, Secret
+    # config keys [-._a-zA-Z0-9]+ of at most 253, unique across data/binaryData; immutable when `immutable` (k8s.io/kubernetes/pkg/apis/core/validation ValidateConfigMap)
     seen: set[str] = set()
     for field in ("data", "binaryData"):
         for key in obj.get(field) or {}:
@@ -557,6 +587,7 @@ def check_data(obj: Obj, old: Obj | None, causes: Causes) -> None:  # ConfigMap,
 
 
 def check_role(obj: Obj, old: Obj | None, causes: Causes) -> None:
+    # rules need verbs, apiGroups and resources; no nonResourceURLs in a Role (k8s.io/kubernetes/pkg/apis/rbac/validation/validation.go ValidatePolicyRule)
     for i, rule in enumerate(obj.get("rules") or ()):
         field = f"rules[{i}]"
         if not rule.get("verbs"):
@@ -571,6 +602,7 @@ def check_role(obj: Obj, old: Obj | None, causes: Causes) -> None:
 
 
 def check_rolebinding(obj: Obj, old: Obj | None, causes: Causes) -> None:
+    # roleRef Role/ClusterRole in rbac.authorization.k8s.io, immutable; subjects' kinds (k8s.io/kubernetes/pkg/apis/rbac/validation ValidateRoleBinding)
     ref = obj.get("roleRef") or {}
     if ref.get("apiGroup") != "rbac.authorization.k8s.io":
         causes.unsupported("roleRef.apiGroup", ref.get("apiGroup"), ("rbac.authorization.k8s.io",))
@@ -594,6 +626,7 @@ VALIDATORS = {"pods": check_pod, "deployments": check_workload, "replicasets": c
 
 def apply_defaults(kind: Kind, obj: Obj) -> None:
     """Defaulting, as the API server does on every write (only the fields our semantics read)."""
+    # the defaults of each kind (k8s.io/kubernetes/pkg/apis/core/v1/defaults.go, k8s.io/kubernetes/pkg/apis/apps/v1/defaults.go, k8s.io/kubernetes/pkg/apis/batch/v1/defaults.go)
     meta = obj["metadata"]
     spec = obj.setdefault("spec", {}) if kind in (PODS, DEPLOYMENTS, REPLICASETS, JOBS, SERVICES, NODES,
                                                    NAMESPACES) else {}
@@ -709,6 +742,7 @@ class _KubeApi(kmock.KubernetesScaffold):
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
             if raw.headers.get("Authorization") != f"Bearer {self.token}":
+# no or a wrong bearer token: 401 (kubernetes.io/docs/reference/access-authn-authz/authentication)
                 raise fail(401, "Unauthorized")
             for failure in self.failures:
                 if failure[0] == raw.method.upper() and failure[1] in path:
@@ -972,6 +1006,8 @@ class _KubeApi(kmock.KubernetesScaffold):
             causes.add("metadata.annotations", "FieldValueTooLong", "Too long: must have at most 262144 bytes")
         if kind.plural in VALIDATORS:
             VALIDATORS[kind.plural](obj, old, causes)
+        for path, message in schema_problems(obj):  # every object written, against the official schema too
+            causes.add(path, "FieldValueInvalid", f"does not match the OpenAPI schema: {message}")
         causes.raise_for(kind, name)
 
     def _update(self, kind: Kind, old: Obj, new: Any, status_only: bool = False) -> Obj:
@@ -1227,6 +1263,7 @@ class _KubeApi(kmock.KubernetesScaffold):
                     if owners & {r.get("uid") for r in rs["metadata"].get("ownerReferences") or ()}] or [replicaset]
         return [pod for rs in siblings for pod in self._owned(PODS, rs)]
 
+# the ReplicaSet's ranking of pods to delete: unscheduled, pending, not ready, lower pod-deletion-cost, more pods on the node, newer (pkg/controller/controller_utils.go ActivePodsWithRanks)
     def _deletion_order(self, pod: Obj, on_node: Counter) -> tuple:
         """Sort key, first deleted first: controller.ActivePodsWithRanks.Less of kubernetes/pkg/controller.
 
@@ -1251,6 +1288,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         apply_defaults(PODS, pod)
         return self._insert(PODS, pod)
 
+# first fit over schedulable Nodes honouring cordon, nodeSelector and pod capacity; Pending when none fits (kube-scheduler NodeUnschedulable, NodeAffinity, NodeResourcesFit plugins)
     def _schedule(self) -> None:
         """First-fit in node-name order onto Ready, schedulable nodes with room (status.allocatable.pods)."""
         nodes = {n["metadata"]["name"]: n for n in self.stored(NODES)}

@@ -11,7 +11,7 @@ import pytest
 from google.api_core import exceptions
 from google.cloud import container_v1 as gke
 
-from tests.standins.gke import GkeStandin
+from tests.standins.gke import GkeStandin, ManualClock
 
 PROJECT = "lab-proj"
 REGION = f"projects/{PROJECT}/locations/us-central1"
@@ -21,9 +21,14 @@ POOL = f"{CLUSTER}/nodePools/workers"
 Status, OpStatus, OpType = gke.Cluster.Status, gke.Operation.Status, gke.Operation.Type
 
 
+CLOCK = ManualClock()
+
+
 @pytest.fixture
 def standin():
-    s = GkeStandin(polls_per_operation=3, endpoint="127.0.0.1:6443")
+    global CLOCK
+    CLOCK = ManualClock()
+    s = GkeStandin(operation_s=3, endpoint="127.0.0.1:6443", clock=CLOCK)
     s.start()
     try:
         yield s
@@ -63,9 +68,13 @@ def op_name(op: gke.Operation) -> str:
 
 
 def wait(client, op: gke.Operation) -> gke.Operation:
-    while op.status != OpStatus.DONE:
+    """Time passes until the operation is done (polls do not move it)."""
+    for _ in range(3600):
+        if op.status == OpStatus.DONE:
+            return op
+        CLOCK.advance(1)
         op = client.get_operation(name=op_name(op))
-    return op
+    raise AssertionError(f"operation {op.name} never finished")
 
 
 def running(client, **kw) -> gke.Cluster:
@@ -76,7 +85,7 @@ def running(client, **kw) -> gke.Cluster:
 # ---- happy paths -----------------------------------------------------------------------------
 
 
-def test_create_cluster_progresses_pending_running_done_over_polls(client):
+def test_create_cluster_progresses_pending_running_done_with_time_not_polls(client):
     op = create(client, resource_labels={"owner": "ada"}, description="a lab", node_pools=[pool(count=2)])
     assert (op.status, op.operation_type) == (OpStatus.PENDING, OpType.CREATE_CLUSTER)
     assert op.target_link == f"https://container.googleapis.com/v1/{CLUSTER}"
@@ -85,8 +94,14 @@ def test_create_cluster_progresses_pending_running_done_over_polls(client):
     c = client.get_cluster(name=CLUSTER)
     assert (c.status, c.endpoint, c.master_auth.cluster_ca_certificate) == (Status.PROVISIONING, "", "")
 
-    statuses = [client.get_operation(name=op_name(op)).status for _ in range(3)]
+    polls = [client.get_operation(name=op_name(op)).status for _ in range(5)]
+    assert polls == [OpStatus.PENDING] * 5  # polling alone moves nothing
+    statuses = []
+    for _ in range(3):
+        CLOCK.advance(1)
+        statuses.append(client.get_operation(name=op_name(op)).status)
     assert statuses == [OpStatus.RUNNING, OpStatus.RUNNING, OpStatus.DONE]
+    CLOCK.advance(1)
     assert client.get_operation(name=op_name(op)).status == OpStatus.DONE  # stays DONE
 
     c = client.get_cluster(name=CLUSTER)
@@ -348,8 +363,8 @@ def test_failed_operation_is_done_with_error_and_cluster_in_error(client, standi
     assert CLUSTER not in standin.clusters
 
 
-def test_polls_per_operation_zero_finishes_at_once():
-    with GkeStandin(polls_per_operation=0) as s:
+def test_operation_s_zero_finishes_at_once():
+    with GkeStandin(operation_s=0) as s:
         op = create(s.client())
         assert op.status == OpStatus.DONE and s.clusters[CLUSTER].status == Status.RUNNING
 
@@ -428,3 +443,153 @@ def test_clone_cluster_seeds_a_running_copy_under_a_new_name(standin, client):
     assert standin.node_count(CLUSTER, "workers") != 3
     with pytest.raises(ValueError, match="exists"):
         standin.clone_cluster(CLUSTER, "lab-2", {})
+
+
+# ---- GKE's own operations, on the clock ------------------------------------------------------------
+
+
+def test_an_upgrade_blocks_other_calls_with_gkes_text_and_surge_replaces_nodes_under_new_names(client, standin):
+    running(client, parent=ZONE, node_pools=[pool(count=2)])
+    cluster = f"{ZONE}/clusters/lab-1"
+    before = set(standin.instances())
+    op_id = standin.start_upgrade(cluster, "workers", strategy="surge", duration_s=30)
+    busy = re.escape(f"Operation {op_id} is currently upgrading cluster lab-1. Please wait and try again once it is "
+                     "done.")
+    with pytest.raises(exceptions.FailedPrecondition, match=busy):
+        resize(client, 3, f"{cluster}/nodePools/workers")
+    assert client.get_node_pool(name=f"{cluster}/nodePools/workers").status == gke.NodePool.Status.RECONCILING
+    CLOCK.advance(11)  # one node of two replaced (a step every 10 s): the new one first, then the old one goes
+    middle = set(standin.instances())
+    assert len(middle) == 2 and len(middle - before) == 1
+    CLOCK.advance(20)
+    after = set(standin.instances())
+    assert len(after) == 2 and not after & before and standin.removed_at_random == []
+    done = client.get_operation(name=f"{ZONE}/operations/{op_id}")
+    assert (done.status, done.operation_type) == (OpStatus.DONE, OpType.AUTO_UPGRADE_NODES)
+    wait(client, resize(client, 3, f"{cluster}/nodePools/workers"))  # free again
+
+
+def test_a_blue_green_upgrade_has_two_groups_per_zone_then_the_green_ones(client, standin):
+    running(client, node_pools=[pool(count=1)])
+    blue = list(client.get_node_pool(name=POOL).instance_group_urls)
+    standin.start_upgrade(CLUSTER, "workers", strategy="blue-green", duration_s=100)
+    CLOCK.advance(1)
+    during = list(client.get_node_pool(name=POOL).instance_group_urls)
+    assert len(during) == 6 and set(blue) < set(during)
+    zones = [u.split("/zones/")[1].split("/")[0] for u in during]
+    assert all(zones.count(z) == 2 for z in zones)
+    assert sum(standin.zone_counts(CLUSTER, "workers").values()) == 6  # blue and green nodes
+    CLOCK.advance(100)
+    after = list(client.get_node_pool(name=POOL).instance_group_urls)
+    assert len(after) == 3 and not set(after) & set(blue)
+    assert standin.zone_counts(CLUSTER, "workers") == {f"us-central1-{z}": 1 for z in "abc"}
+
+
+def test_a_repair_blocks_for_minutes_and_master_upgrade_reconciles(client, standin):
+    running(client)
+    op_id = standin.start_repair(CLUSTER, "workers", duration_s=330)
+    CLOCK.advance(300)
+    with pytest.raises(exceptions.FailedPrecondition, match=f"Operation {op_id} is currently repairing cluster lab-1"):
+        resize(client, 2)
+    CLOCK.advance(31)
+    upgrade = standin.start_upgrade(CLUSTER, duration_s=10)
+    assert client.get_cluster(name=CLUSTER).status == Status.RECONCILING
+    CLOCK.advance(10)
+    c = client.get_cluster(name=CLUSTER)
+    assert c.status == Status.RUNNING and c.current_master_version > "1.35.1"
+    assert client.get_operation(name=f"{REGION}/operations/{upgrade}").operation_type == OpType.UPGRADE_MASTER
+
+
+def test_auto_upgrade_starts_by_itself_unless_a_no_upgrades_exclusion_covers_now():
+    clock = ManualClock()
+    with GkeStandin(operation_s=2, clock=clock, auto_upgrade_after_s=60) as s:
+        c = s.client()
+        start = clock()
+        held = gke.MaintenancePolicy(window=gke.MaintenanceWindow(maintenance_exclusions={"lab": gke.TimeWindow(
+            start_time=start, end_time=start + __import__("datetime").timedelta(hours=9),
+            maintenance_exclusion_options=gke.MaintenanceExclusionOptions(scope=0))}))
+        create(c, name="held", maintenance_policy=held)
+        create(c, name="free")
+        clock.advance(61)
+        types = {o.target_link.rsplit("/", 1)[1]: o.operation_type for o in c.list_operations(parent=REGION).operations
+                 if o.operation_type == OpType.UPGRADE_MASTER}
+        assert types == {"free": OpType.UPGRADE_MASTER}
+        assert c.get_cluster(name=f"{REGION}/clusters/free").release_channel.channel == gke.ReleaseChannel.Channel.REGULAR
+
+
+def test_maintenance_exclusions_follow_the_documented_limits(client):
+    from datetime import timedelta
+    start = CLOCK()
+
+    def policy(**windows):
+        return gke.MaintenancePolicy(window=gke.MaintenanceWindow(maintenance_exclusions={
+            k: gke.TimeWindow(start_time=start, end_time=start + v,
+                              maintenance_exclusion_options=gke.MaintenanceExclusionOptions(scope=0))
+            for k, v in windows.items()}))
+
+    with pytest.raises(exceptions.InvalidArgument, match="at most 30 days"):
+        create(client, maintenance_policy=policy(long=timedelta(days=31)))
+    with pytest.raises(exceptions.InvalidArgument, match="end time must be after"):
+        create(client, maintenance_policy=policy(empty=timedelta(0)))
+    with pytest.raises(exceptions.InvalidArgument, match="At most 3"):
+        create(client, maintenance_policy=policy(**{f"e{i}": timedelta(hours=1) for i in range(4)}))
+    create(client, maintenance_policy=policy(lab=timedelta(hours=13)))
+
+
+def test_a_cluster_left_in_error_is_removed_by_gke_and_its_failed_creation_stays_listed():
+    clock = ManualClock()
+    with GkeStandin(operation_s=2, clock=clock, error_cluster_ttl_s=120) as s:
+        c = s.client()
+        op = create(c, resource_labels={"lab": "x"})
+        s.fail_operation(op.name, 'Insufficient regional quota to satisfy request: resource "CPUS"', 7)
+        clock.advance(3)
+        assert c.get_cluster(name=CLUSTER).status == Status.ERROR
+        clock.advance(100)
+        assert c.get_cluster(name=CLUSTER).status == Status.ERROR  # for a while
+        clock.advance(25)
+        assert c.get_cluster(name=CLUSTER).status == Status.STOPPING
+        clock.advance(3)
+        with pytest.raises(exceptions.NotFound):
+            c.get_cluster(name=CLUSTER)
+        ops = {o.operation_type: o for o in c.list_operations(parent=REGION).operations}
+        assert 'resource "CPUS"' in ops[OpType.CREATE_CLUSTER].error.message
+        assert ops[OpType.DELETE_CLUSTER].status == OpStatus.DONE  # GKE's own deletion
+
+
+# ---- what GKE refuses --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, match", [
+    (gke.NodeConfig(machine_type="e2-standard-5"), "Machine type with name 'e2-standard-5' does not exist"),
+    (gke.NodeConfig(machine_type="x1-mega-4"), "does not exist in zone"),
+    (gke.NodeConfig(machine_type="c3-standard-4"), "disk type 'pd-standard' is not supported"),
+    (gke.NodeConfig(machine_type="n4-standard-4", disk_type="pd-balanced"), "not supported"),
+    (gke.NodeConfig(machine_type="e2-standard-4", service_account="dasklab-nodes"), "valid service account email"),
+])
+def test_node_configs_gke_refuses(client, config, match):
+    with pytest.raises(exceptions.InvalidArgument, match=match):
+        create(client, node_pools=[gke.NodePool(name="workers", initial_node_count=1, config=config)])
+
+
+def test_node_configs_gke_accepts(client):
+    ok = [gke.NodeConfig(machine_type="c3-standard-4", disk_type="pd-balanced",
+                         service_account="dasklab-nodes@lab-proj.iam.gserviceaccount.com"),
+          gke.NodeConfig(machine_type="e2-standard-4"), gke.NodeConfig(machine_type="e2-medium")]
+    for i, config in enumerate(ok):
+        create(client, name=f"ok-{i}", node_pools=[gke.NodePool(name="p", initial_node_count=1, config=config)])
+
+
+def test_a_cluster_with_no_node_at_all_is_refused(client):
+    with pytest.raises(exceptions.InvalidArgument, match="at least one node"):
+        create(client, node_pools=[pool("system", count=0), pool("workers", count=0)])
+    create(client, node_pools=[pool("system", count=1), pool("workers", count=0)])
+
+
+def test_missing_zones_leave_their_clusters_out_and_are_said(client, standin):
+    running(client, parent=ZONE, name="in-a")
+    running(client, parent=f"projects/{PROJECT}/locations/us-central1-b", name="in-b")
+    standin.missing_zones = {"us-central1-a"}
+    listing = client.list_clusters(parent=f"projects/{PROJECT}/locations/-")
+    assert [c.name for c in listing.clusters] == ["in-b"] and list(listing.missing_zones) == ["us-central1-a"]
+    listing = client.list_clusters(parent=ZONE)
+    assert listing.clusters == [] and list(listing.missing_zones) == ["us-central1-a"]

@@ -228,6 +228,41 @@ def test_invalid_objects_are_refused_with_422(core, apps, batch):
     assert (status, err["reason"]) == (400, "BadRequest")
 
 
+def raw(kube, method: str, path: str, body: dict, content_type: str = "application/json") -> tuple[int, dict]:
+    """A write as any client could send it (the typed client refuses unknown fields before sending)."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(kube.url + path, data=json.dumps(body).encode(), method=method, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_every_write_is_checked_against_the_official_openapi_schema(kube, apps):
+    """Beyond the semantic checks: fields the schema of the clusters' Kubernetes version does not know, or of the
+    wrong type, are refused on create and patch (kubernetes-validate, strict)."""
+    cms, deps = f"/api/v1/namespaces/{NS}/configmaps", f"/apis/apps/v1/namespaces/{NS}/deployments"
+    cases = [
+        (cms, {"metadata": {"name": "cm"}, "dta": {"a": "1"}}, "<root>"),
+        (cms, {"metadata": {"name": "cm"}, "data": {"a": 1}}, "data.a"),
+        (f"/api/v1/namespaces/{NS}/services", {"metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80,
+                                               "protocl": "TCP"}]}}, "spec.ports.0"),
+        (deps, {**deployment("typo"), "spec": {**deployment("typo")["spec"], "replica": 2}}, "spec"),
+    ]
+    for path, body, field in cases:
+        status, err = raw(kube, "POST", path, body)
+        assert (status, err["reason"]) == (422, "Invalid"), body
+        causes = {c["field"]: c["message"] for c in err["details"]["causes"]}
+        assert "OpenAPI schema" in causes.get(field, ""), causes
+    apps.create_namespaced_deployment(NS, deployment("web"))
+    status, err = raw(kube, "PATCH", f"{deps}/web", {"spec": {"paused": "yes"}}, "application/merge-patch+json")
+    assert status == 422 and "OpenAPI schema" in err["message"]
+    assert raw(kube, "POST", cms, {"metadata": {"name": "fine"}, "data": {"a": "1"}})[0] == 201
+
+
 # --- selectors -----------------------------------------------------------------------------------------------------
 
 def test_label_and_field_selectors(core):

@@ -6,7 +6,7 @@ from typing import Callable
 
 from google.api_core import exceptions as gexc
 
-from dasklab.core.errors import PermanentError, TransientError
+from dasklab.core.errors import PermanentError, RateLimited, TransientError
 
 _MIG_URL = re.compile(r"projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)$")
 
@@ -19,8 +19,21 @@ def parse_mig(url: str) -> tuple[str, str, str]:
     return m["project"], m["zone"], m["name"]
 
 
+_RATE = re.compile(r"rateLimitExceeded|userRateLimitExceeded|per minute|per second|per 100 seconds", re.IGNORECASE)
+
+
+def rate_limited(e: Exception) -> bool:
+    """A 429, or a 403 for a per-minute API quota (Compute's "rateLimitExceeded"): wait and retry."""
+    reasons = " ".join(str(err.get("reason", "")) for err in getattr(e, "errors", None) or () if isinstance(err, dict))
+    return isinstance(e, gexc.TooManyRequests) or bool(_RATE.search(f"{e} {reasons}"))
+
+
 def _translate(e: Exception, what: str) -> Exception:
-    if isinstance(e, (gexc.InvalidArgument, gexc.PermissionDenied, gexc.Unauthenticated, gexc.BadRequest)):
+    """Compute over REST raises Forbidden (403) and Unauthorized (401), not PermissionDenied/Unauthenticated: a
+    missing permission or an exhausted quota is permanent; a rate limit (429, or 403 rateLimitExceeded) transient."""
+    if rate_limited(e):
+        return RateLimited(f"{what}: rate limited, retrying later: {e}")
+    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized)):
         return PermanentError(f"{what}: {e}")
     return TransientError(f"{what}: {e}")
 
@@ -38,12 +51,13 @@ class Migs:
         return self._client
 
     def target_sizes(self, urls: list[str]) -> dict[str, int]:
-        """zone → target size of each group (what GKE reports as the pool's node count in that zone)."""
+        """zone → target size of the zone's groups (what GKE reports as the pool's node count in that zone)."""
         sizes = {}
         for url in urls:
             project, zone, name = parse_mig(url)
             try:
-                sizes[zone] = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
+                size = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
+                sizes[zone] = sizes.get(zone, 0) + size  # two groups in a zone during a blue-green upgrade
             except (gexc.GoogleAPICallError, gexc.RetryError) as e:
                 raise _translate(e, f"read instance group {name}") from e
         return sizes

@@ -4,9 +4,9 @@ pool's instance groups (adapters.compute) and the official Dask Helm release ins
 Where a lab's record lives (state is on the resources; `Lab.version` names the store and its CAS token):
 
 - While the cluster is not running (being created, in error, being deleted) the record is on the cluster:
-  the chart `values` (the only large, immutable part) as JSON in its `description` (zlib+base64 past 2,048
-  chars), and the rest of spec and state as zlib-compressed base32 text cut into `rec0…recN` resource labels,
-  next to the readable `managed-by`, `lab`, `owner` and `phase` labels. Writes are SetLabels with the
+  spec and state (the chart values included) as zlib-compressed base32 text cut into `rec0…recN` resource labels,
+  next to the readable `managed-by`, `lab`, `owner` and `phase` labels. GKE documents no limit for a cluster's
+  `description`, so it carries only a readable line (clusters of older versions kept the values there: still read). Writes are SetLabels with the
   `label_fingerprint` read (version ``gke:<fingerprint>``); GKE refuses them while another operation runs.
 - Once the cluster runs, the authoritative record (spec + state) is the ConfigMap `dasklab-lab` in the lab's
   namespace, replaced with the resourceVersion read (version ``k8s:<resourceVersion>``; 409 → ConflictError).
@@ -32,6 +32,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from google.api_core import exceptions as gexc
@@ -39,13 +40,14 @@ from google.cloud import container_v1 as gke
 
 from dasklab.core import logs
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
+from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
     TransientError, ValidationError
-from dasklab.core.model import MANAGED_BY, NO_JUPYTER, TEARING_DOWN, JupyterActivity, Lab, WorkerProblem, parse_memory
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, TEARING_DOWN, JupyterActivity, Lab, LabSpec, \
+    LabState, WorkerProblem, parse_memory
 from dasklab.core.policy import Infra
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
     build_token_secret, chart_fullname
-from dasklab.adapters.compute import Migs, parse_mig
+from dasklab.adapters.compute import Migs, parse_mig, rate_limited
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import DELETION_COST, Kube
@@ -54,7 +56,9 @@ CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 REMOVING_LABEL = "dasklab/removing"  # on a cordoned worker node: value = the namespace of the lab emptying it
 RECORD, RECORD_KEY = "dasklab-lab", "record"
-DESCRIPTION_PREFIX, DESCRIPTION_MAX = "dasklab lab values: ", 2048
+DESCRIPTION_PREFIX = "dasklab lab values: "  # the description of clusters created before the values moved to labels
+DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
+EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 Status = gke.Cluster.Status
@@ -101,45 +105,49 @@ def _unpack(text: str):
 
 
 def encode_labels(lab: Lab) -> dict[str, str]:
-    """Resource labels carrying the record without the chart values (those are in the description)."""
-    record = lab.to_dict()
-    record["spec"].pop("values")
-    record["spec"].pop("notes", None)  # with the values, in the description
-    data = _pack(record)
+    """Resource labels carrying the whole record (at most 64 labels of 63 characters: about 2.3 KB compressed)."""
+    data = _pack(lab.to_dict())
     labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase}
     labels.update({f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))})
     if len(labels) > 64:
-        raise ValidationError("lab", f"record needs {len(labels)} cluster labels, above GKE's 64")
+        raise ValidationError("values", f"the lab's record with its chart values needs {len(labels)} cluster "
+                                        f"labels once compressed, above GKE's 64: send smaller values")
     return labels
 
 
 def encode_description(lab: Lab) -> str:
-    text = json.dumps({"values": lab.spec.values, "notes": list(lab.spec.notes)}, separators=(",", ":"),
-                      sort_keys=True)
-    description = DESCRIPTION_PREFIX + text
-    if len(description) > DESCRIPTION_MAX:
-        description = DESCRIPTION_PREFIX + "z:" + base64.b64encode(zlib.compress(text.encode(), 9)).decode()
-    if len(description) > DESCRIPTION_MAX:
-        raise ValidationError("values", f"{len(description)} chars once compressed: above the "
-                                        f"{DESCRIPTION_MAX} a cluster description keeps")
-    return description
+    """A readable line: the record is in the labels (GKE documents no length for a description)."""
+    return f"dasklab lab {lab.name} of {lab.spec.owner}"
 
 
 def decode_cluster_record(labels: dict[str, str], description: str) -> dict:
-    """The record from a cluster's labels and description; PermanentError if they do not hold one."""
+    """The record from a cluster's labels (and, for clusters created before the values moved into the labels, its
+    description); PermanentError if they do not hold one."""
     try:
         chunks = []
         while f"rec{len(chunks)}" in labels:
             chunks.append(labels[f"rec{len(chunks)}"])
         record = _unpack("".join(chunks))
-        text = description.removeprefix(DESCRIPTION_PREFIX)
-        if text.startswith("z:"):
-            text = zlib.decompress(base64.b64decode(text[2:])).decode()
-        held = json.loads(text)
-        record["spec"]["values"], record["spec"]["notes"] = held["values"], held.get("notes", [])
+        if "values" not in record["spec"]:  # a cluster created before the values moved into the labels
+            text = description.removeprefix(DESCRIPTION_PREFIX)
+            if text.startswith("z:"):
+                text = zlib.decompress(base64.b64decode(text[2:])).decode()
+            held = json.loads(text)
+            record["spec"]["values"], record["spec"]["notes"] = held["values"], held.get("notes", [])
     except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as e:
         raise PermanentError(f"cluster labels or description hold no readable lab record: {e}") from e
     return record
+
+
+def build_maintenance_policy(lab: Lab) -> gke.MaintenancePolicy:
+    """No GKE upgrade while the lab may live: a no-upgrades maintenance exclusion from its creation to its maximum
+    lifetime plus an hour for the teardown (GKE allows such an exclusion up to 30 days; a lab lives 12 h at most).
+    Auto-repair is not held off by exclusions: the controller still converges through GKE's own operations."""
+    start = datetime.fromtimestamp(lab.state.created_at or time.time(), timezone.utc)
+    window = gke.TimeWindow(start_time=start, end_time=start + timedelta(seconds=lab.spec.max_lifetime_s + 3600),
+                            maintenance_exclusion_options=gke.MaintenanceExclusionOptions(
+                                scope=gke.MaintenanceExclusionOptions.Scope.NO_UPGRADES))
+    return gke.MaintenancePolicy(window=gke.MaintenanceWindow(maintenance_exclusions={EXCLUSION: window}))
 
 
 def _record_manifest(lab: Lab) -> dict:
@@ -151,13 +159,17 @@ def _record_manifest(lab: Lab) -> dict:
 
 
 def _translate(e: Exception, what: str) -> Exception:
-    """GKE's refusals → ours. FAILED_PRECONDITION is "another operation runs, wait" (transient) or a stale
-    label fingerprint (conflict); bad requests and missing rights are permanent; the rest is transient."""
+    """GKE's refusals → ours. FAILED_PRECONDITION is "another operation runs, wait" (transient; GKE's own upgrades
+    and repairs too) or a stale label fingerprint (conflict); a rate limit (RESOURCE_EXHAUSTED "Quota exceeded …
+    per minute") is transient with backoff; bad requests, missing rights and a quota refusal (403 "Insufficient
+    regional quota … resource "CPUS"") are permanent; the rest is transient."""
     message = f"{what}: {getattr(e, 'message', None) or e}"
     if isinstance(e, gexc.FailedPrecondition):
         return ConflictError(message) if "fingerprint" in message.lower() else TransientError(message)
-    if isinstance(e, (gexc.InvalidArgument, gexc.PermissionDenied, gexc.Unauthenticated, gexc.NotFound,
-                      gexc.AlreadyExists, gexc.MethodNotImplemented)):
+    if rate_limited(e):
+        return RateLimited(f"{message} (rate limited, retrying later)")
+    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized, gexc.NotFound, gexc.AlreadyExists,
+                      gexc.MethodNotImplemented)):
         return PermanentError(message)
     return TransientError(message)
 
@@ -208,6 +220,10 @@ class GkeBackend:
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
         self.parent = f"projects/{config.project}/locations/{config.location}"
         self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
+        self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
+        # failed creations already reported (lab-failed published): the operation is immutable, so this instance
+        # remembers them; a new instance reports each once more (events are at least once)
+        self._reported: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
@@ -320,7 +336,16 @@ class GkeBackend:
         return lab
 
     def fetch_labs(self) -> list[Lab]:
-        listed = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent).clusters
+        """Every managed cluster's lab, and the labs whose creation failed and whose ERROR cluster GKE removed
+        (with its labels, the record) before this controller saw it: the failed CREATE_CLUSTER operation is the
+        evidence left. Zones ListClusters could not reach are kept in `missing_zones` (the pass is incomplete)."""
+        with ThreadPoolExecutor(max_workers=2) as calls:  # one listing of each, side by side
+            clusters = calls.submit(self._gcall, "list clusters", self.clusters.list_clusters, parent=self.parent)
+            operations = calls.submit(self._gcall, "list operations", self.clusters.list_operations,
+                                      parent=self.parent)
+            listing, ops = clusters.result(), operations.result().operations
+        self.missing_zones = tuple(listing.missing_zones)
+        listed = listing.clusters
         managed = [c for c in listed if c.resource_labels.get("managed-by") == MANAGED_BY]  # others: never touched
 
         def read(cluster: gke.Cluster) -> Lab | None:
@@ -332,7 +357,36 @@ class GkeBackend:
 
         with ThreadPoolExecutor(max_workers=max(1, min(64, len(managed)))) as pool:  # records read concurrently
             labs = [lab for lab in pool.map(read, managed) if lab is not None]
+        labs += self._lost_creations(ops, {c.name for c in listed})
         return sorted(labs, key=lambda lab: lab.name)
+
+    def _lost_creations(self, ops, listed: set[str]) -> list[Lab]:
+        """Labs known only by a failed CREATE_CLUSTER operation whose cluster is gone (none newer for that name)."""
+        latest: dict[str, gke.Operation] = {}
+        for op in ops:
+            name = op.target_link.rsplit("/clusters/", 1)[-1] if "/clusters/" in op.target_link else ""
+            if (op.operation_type == gke.Operation.Type.CREATE_CLUSTER and name and "/" not in name
+                    and (name not in latest or op.start_time > latest[name].start_time)):
+                latest[name] = op
+        lost = []
+        for name, op in sorted(latest.items()):
+            if op.status != gke.Operation.Status.DONE or not op.error.message:
+                continue
+            if name in listed:  # its cluster is still there (in ERROR): its record reports the failure
+                self._reported.add(op.name)
+                continue
+            if op.name in self._reported or self.missing_zones:
+                continue
+            cfg = self.config
+            created = datetime.fromisoformat(op.start_time.replace("Z", "+00:00")).timestamp() \
+                if op.start_time else time.time()
+            spec = LabSpec(name=name, owner="", min_workers=0, max_workers=0, initial_workers=0,
+                           machine_type=cfg.default_machine_type, worker_cpu=cfg.default_worker_cpu, worker_memory=0,
+                           idle_timeout_s=cfg.default_idle_timeout_s, max_lifetime_s=cfg.max_lifetime_s)
+            state = LabState(phase=PROVISIONING, created_at=created, last_accounted=created,
+                             reason=f"operation {op.name}: {op.error.message}")
+            lost.append(Lab(spec, state, f"op:{op.name}"))
+        return lost
 
     def fetch_lab(self, name: str) -> Lab | None:
         cluster = self._get(place_of(name))
@@ -341,6 +395,9 @@ class GkeBackend:
     def apply_record(self, lab: Lab) -> Lab:
         place = place_of(lab.name)
         store, _, token = lab.version.partition(":")
+        if store == "op":  # a creation GKE removed with its record: nothing left to write; reported once
+            self._reported.add(token)
+            return lab
         if store == "k8s":
             rv = self._kube(place).replace_configmap(_record_manifest(lab), token)
             return replace(lab, version=f"k8s:{rv}")
@@ -382,13 +439,15 @@ class GkeBackend:
             if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'
         cluster = gke.Cluster(
             name=place_of(lab.name).cluster, description=encode_description(lab),
-            resource_labels=encode_labels(lab), locations=zones,
+            resource_labels=encode_labels(lab), locations=zones, maintenance_policy=build_maintenance_policy(lab),
             node_pools=[
                 gke.NodePool(name=cfg.system_pool, initial_node_count=cfg.system_nodes, autoscaling=off,
-                             config=gke.NodeConfig(machine_type=cfg.system_machine_type, **account)),
+                             config=gke.NodeConfig(machine_type=cfg.system_machine_type, disk_type=DISK_TYPE,
+                                                   **account)),
                 gke.NodePool(name=cfg.worker_pool, autoscaling=off,
                              initial_node_count=nodes_per_zone(spec.nodes_for(lab.state.target_workers), zone_count),
-                             config=gke.NodeConfig(machine_type=spec.machine_type, spot=spec.spot, **account)),
+                             config=gke.NodeConfig(machine_type=spec.machine_type, spot=spec.spot, disk_type=DISK_TYPE,
+                                                   **account)),
             ])
         try:
             self.clusters.create_cluster(parent=self.parent, cluster=cluster)
@@ -414,6 +473,8 @@ class GkeBackend:
 
     def fetch_infra(self, lab: Lab) -> Infra:
         place = place_of(lab.name)
+        if lab.version.startswith("op:"):  # its cluster failed and GKE removed it: never re-created from here
+            return Infra("error", detail=f"{lab.state.reason} (GKE removed the cluster)")
         cluster = self._get(place)
         if cluster is None:
             return Infra("absent")
@@ -542,7 +603,7 @@ class GkeBackend:
         pool = self._worker_pool(cluster)
         sizes = self.migs.target_sizes(list(pool.instance_group_urls))
         need = nodes_per_zone(lab.spec.nodes_for(target), len(sizes))
-        if sizes and min(sizes.values()) < need:
+        if sizes and sum(sizes.values()) < lab.spec.nodes_for(target):  # zones may differ after chosen removals
             pending, _ = self._operations(cluster)
             if pending:
                 raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
@@ -588,39 +649,97 @@ class GkeBackend:
         self._remove_marked_nodes(lab, cluster, kube)
 
     def apply_settle(self, lab: Lab) -> None:
-        """Between scaling decisions: follow a pool operation in flight and finish an interrupted node removal.
-        The cluster as listed in this pass will do (no GKE call at rest: one list per pass for the fleet)."""
+        """Between scaling decisions: follow a pool operation in flight, finish an interrupted node removal, and
+        remove worker nodes left empty beyond what the target needs (an upgrade replaced a node marked for removal
+        under a new name, or a regional pool has a node in every zone). Nothing is removed while an operation GKE
+        or we started changes the pool. The cluster as listed in this pass will do (no GKE call at rest)."""
         place = place_of(lab.name)
         cluster = self._seen.get(place.cluster) or self._get(place)
         if cluster is None or cluster.status not in UP:
             return
-        if any(pool.status != gke.NodePool.Status.RUNNING for pool in cluster.node_pools):
-            self._operations(cluster)
-        self._remove_marked_nodes(lab, cluster, self._kube(place, cluster))
+        if cluster.status != Status.RUNNING or any(pool.status != gke.NodePool.Status.RUNNING
+                                                   for pool in cluster.node_pools):
+            if self._operations(cluster)[0]:
+                return  # GKE replaces or resizes nodes now: their names are not settled yet
+            cluster = self._get(place) or cluster
+        kube = self._kube(place, cluster)
+        nodes = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool}")  # one call at rest
+        if self._mark_excess_nodes(lab, cluster, kube, nodes):
+            nodes = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool}")
+        self._remove_marked_nodes(lab, cluster, kube, nodes)
 
-    def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube) -> None:
-        """Delete the instances of the nodes this lab marked, once no worker of it runs there."""
+    def _mark_excess_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube, nodes: list) -> bool:
+        """Cordon and mark the empty worker nodes beyond `nodes_for(target)`, once every worker of the target runs.
+        The pool's instance groups say how many nodes there are (Node objects lag behind an upgrade's changes), and
+        only nodes of its current groups are candidates. True if it marked any."""
         place = place_of(lab.name)
-        marked = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool},{REMOVING_LABEL}={place.namespace}")
+        target = lab.state.target_workers
+        unmarked = [n for n in nodes if REMOVING_LABEL not in (n.metadata.labels or {})]
+        excess = len(unmarked) - lab.spec.nodes_for(target)
+        if excess <= 0:
+            return False
+        pods = kube.pods_of(place.namespace, place.workers)
+        if kube.replicas(place.namespace, place.workers) != target or len(pods) != target \
+                or any(not p.spec.node_name for p in pods):
+            return False  # workers still come or go: a node that looks empty may be about to get one
+        urls = list(self._worker_pool(cluster).instance_group_urls)
+        excess = min(excess, sum(self.migs.target_sizes(urls).values()) - lab.spec.nodes_for(target))
+        if excess <= 0:
+            return False
+        busy = {p.spec.node_name for p in pods}
+        empty = sorted(n.metadata.name for n in unmarked if n.metadata.name not in busy
+                       and any(n.metadata.name.startswith(parse_mig(u)[2].removesuffix("-grp") + "-") for u in urls)
+                       and not any(not self._daemon(p) for p in kube.pods_on(n.metadata.name)))[:excess]
+        for name in empty:
+            kube.cordon(name, {REMOVING_LABEL: place.namespace})
+            logs.emit("INFO", lab=lab.name, action="mark-node", node=name,
+                      reason=f"empty, and {len(unmarked)} worker nodes are more than {target} workers need")
+        return bool(empty)
+
+    @staticmethod
+    def _daemon(pod) -> bool:
+        return any(ref.kind == "DaemonSet" for ref in pod.metadata.owner_references or ())
+
+    @staticmethod
+    def _group_of(node: str, zone: str, urls: list[str]) -> str | None:
+        """The instance group a node belongs to: one of its zone's (two per zone during a blue-green upgrade), whose
+        name without -grp begins the node's name (GKE names instances <group base>-<suffix>)."""
+        mine = [u for u in urls if parse_mig(u)[1] == zone]
+        return next((u for u in mine if node.startswith(parse_mig(u)[2].removesuffix("-grp") + "-")),
+                    mine[0] if len(mine) == 1 else None)
+
+    def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube, nodes: list | None = None) -> None:
+        """Delete the instances of the nodes this lab marked, once no worker of it runs there. A marked node no
+        group holds any more (an upgrade replaced it) is forgotten: the settle pass trims its replacement."""
+        place = place_of(lab.name)
+        if nodes is None:
+            marked = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool},{REMOVING_LABEL}={place.namespace}")
+        else:
+            marked = [n for n in nodes if (n.metadata.labels or {}).get(REMOVING_LABEL) == place.namespace]
         if not marked:
             return
+        pool = self._worker_pool(cluster)
+        if pool.status != gke.NodePool.Status.RUNNING:
+            return  # an operation changes the pool's groups: after it
         busy = {p.spec.node_name for p in kube.pods_of(place.namespace, place.workers)}
-        groups = {parse_mig(url)[1]: url for url in self._worker_pool(cluster).instance_group_urls}
-        by_zone: dict[str, list[str]] = {}
+        urls = list(pool.instance_group_urls)
+        by_group: dict[str, list[str]] = {}
         for node in marked:
             name = node.metadata.name
             if name in busy:  # a scale-down was interrupted and its workers came back: keep the node
                 kube.cordon(name, {REMOVING_LABEL: None}, unschedulable=False)
                 continue
             for pod in kube.pods_on(name):  # DaemonSet pods go with the node; anything else moves first
-                if not any(ref.kind == "DaemonSet" for ref in pod.metadata.owner_references or ()):
+                if not self._daemon(pod):
                     kube.evict(pod.metadata.namespace, pod.metadata.name)
-            by_zone.setdefault(node.metadata.labels.get(ZONE_LABEL, ""), []).append(name)
-        for zone, names in sorted(by_zone.items()):
-            if zone not in groups:
-                raise PermanentError(f"no instance group of pool {self.config.worker_pool} in zone {zone!r}")
-            self.migs.delete_instances(groups[zone], names)
-            logs.emit("INFO", lab=lab.name, action="remove-nodes", nodes=names, zone=zone,
+            url = self._group_of(name, node.metadata.labels.get(ZONE_LABEL, ""), urls)
+            if url is None:
+                raise PermanentError(f"node {name} is in no instance group of pool {self.config.worker_pool} "
+                                     f"(zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
+            by_group.setdefault(url, []).append(name)
+        for url, names in sorted(by_group.items()):
+            self.migs.delete_instances(url, names)
+            logs.emit("INFO", lab=lab.name, action="remove-nodes", nodes=names, zone=parse_mig(url)[1],
                       reason="emptied by retirement: their instances deleted from the node pool's group")
 
     # --- teardown and access ---

@@ -40,8 +40,8 @@ class Config:
     # where labs run: "local" (real processes on this machine) or "gke"
     backend: str = "local"
     project: str = ""
-    location: str = "us-central1"  # where lab clusters run
-    region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the same as `location`
+    location: str = "us-central1-a"  # where lab clusters run: a zone (one system node); a region triples the nodes
+    region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the region of `location`
     control_topic: str = "dasklab-control"
     status_topic: str = "dasklab-status"
     home: str = str(Path.home() / ".dasklab")
@@ -84,6 +84,11 @@ class Config:
     firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
 
 
+def region_of(location: str) -> str:
+    """us-central1-a → us-central1; a region is its own."""
+    return re.sub(r"^([a-z]+-[a-z]+[0-9]+)-[a-z]$", r"\1", location)
+
+
 def _convert(name: str, raw: str, kind: type):
     try:
         return kind(raw)
@@ -101,7 +106,7 @@ def from_env(env: dict | None = None) -> Config:
             values[f.name] = _convert(f.name, raw, type(Config.__dataclass_fields__[f.name].default))
     values.setdefault("project", env.get("GOOGLE_CLOUD_PROJECT", ""))
     values.setdefault("backend", "gke" if values["project"] else "local")
-    values["region"] = values.get("region") or values.get("location") or Config.location
+    values["region"] = values.get("region") or region_of(values.get("location") or Config.location)
     if values["backend"] not in ("local", "gke"):
         raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
     if "dask_version" in values:

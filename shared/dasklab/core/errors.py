@@ -35,3 +35,11 @@ class JupyterUnreachable(TransientError):
 
 class NoEndpoints(SchedulerUnreachable):
     """The API server's service proxy found no ready pod behind the Service: nothing runs there to answer."""
+
+
+class RateLimited(TransientError):
+    """The service refused for a rate limit (HTTP 429, a per-minute quota): retried, after `retry_after_s` at least."""
+
+    def __init__(self, message: str, retry_after_s: float = 10.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

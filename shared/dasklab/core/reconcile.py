@@ -10,8 +10,8 @@ from typing import Callable
 from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
-from dasklab.core.errors import JupyterUnreachable, PermanentError, SchedulerUnreachable, TransientError, \
-    ValidationError
+from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
+    TransientError, ValidationError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
     UpdateLab, build_spec, build_update, check_caps
@@ -35,6 +35,8 @@ class Controller:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     params: ScaleParams = field(init=False)
+    # lab → (not before, rate limits in a row): this invocation's pacing after a rate limit, nothing more
+    _backoff: dict = field(init=False, default_factory=dict)
     tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
 
     def __post_init__(self):
@@ -95,7 +97,15 @@ class Controller:
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
                                      target_workers=spec.initial_workers, start_published=published))
-            if not self.backend.apply_create(lab):
+            try:
+                created = self.backend.apply_create(lab)
+            except PermanentError as e:  # refused (a quota, a permission): the owner hears it, then the sender
+                self.events.publish({"event": "lab-failed", "lab": spec.name, "owner": spec.owner, "time": now,
+                                     "reason": str(e)})
+                logs.emit("ERROR", lab=spec.name, action="create", **{"from": "gone", "to": FAILED}, reason=str(e),
+                          message_id=mid)
+                raise
+            if not created:
                 verdict, reason = "duplicate", "created concurrently by another invocation"
             else:
                 logs.decision(spec.name, "create", "gone", PROVISIONING, reason, mid, owner=spec.owner,
@@ -252,6 +262,10 @@ class Controller:
         when they are idle.
         Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
+        missing = [f"zone {z}" for z in getattr(self.backend, "missing_zones", ())]
+        if missing:  # the listing left labs out: they are neither dropped nor reported done
+            logs.emit("WARNING", action=tick, reason=f"pass incomplete: {', '.join(missing)} did not answer",
+                      message_id=mid)
         if labs:
             turn = int((self.clock() // 60 * GOLDEN) % 1 * len(labs))
             labs = labs[turn:] + labs[:turn]
@@ -259,19 +273,50 @@ class Controller:
         def one(lab: Lab) -> bool:
             if deadline is not None and self.clock() >= deadline:
                 return False  # not started: the next pass or tick takes it
+            if self.clock() < self._backoff.get(lab.name, (0.0, 0))[0]:
+                return False  # rate limited a moment ago: this pass leaves it alone
             return self._reconcile_safely(lab, tick, mid, idle(lab.name) if callable(idle) else idle)
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:
             results = list(pool.map(one, labs))
-        return [lab.name for lab, ok in zip(labs, results) if not ok]
+        return [lab.name for lab, ok in zip(labs, results) if not ok] + missing
 
     def _reconcile_safely(self, lab: Lab, tick: str, mid: str, idle: bool | None = None) -> bool:
         try:
             self.reconcile_lab(lab, tick, mid, idle)
+            self._backoff.pop(lab.name, None)
             return True
+        except RateLimited as e:  # backoff: 1, 2, 4 … times the service's hint, at most 5 minutes
+            count = self._backoff.get(lab.name, (0.0, 0))[1]
+            wait = min(300.0, e.retry_after_s * 2 ** count)
+            self._backoff[lab.name] = (self.clock() + wait, count + 1)
+            logs.emit("WARNING", lab=lab.name, action=tick, reason=f"rate limited, next try in {wait:g}s: {e}",
+                      message_id=mid)
+            return False
         except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
             return False
+        except PermanentError as e:  # refused for good (a permission, a quota): the lab fails, teardown follows
+            self._fail(lab, str(e), mid)
+            return True
+
+    def _fail(self, lab: Lab, reason: str, mid: str) -> None:
+        """A lab the cloud refuses to manage goes to failed with the refusal as its reason (published first); the
+        teardown-idle tick then deletes it. A lab already failed or tearing down only gets an ERROR line."""
+        try:
+            lab = self.backend.fetch_lab(lab.name) or lab  # the step may have recorded a decision before the refusal
+            if lab.state.phase in (FAILED, TEARING_DOWN):
+                logs.emit("ERROR", lab=lab.name, action="refused", reason=reason, message_id=mid)
+                return
+            now = self.clock()
+            self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
+                                 "reason": reason})
+            self.backend.apply_record(self._accounted(lab, now).with_state(phase=FAILED, reason=reason))
+        except TransientError as e:  # the next pass meets the refusal again and records it then
+            logs.emit("WARNING", lab=lab.name, action="mark-failed", reason=f"retry later: {e}", message_id=mid)
+            return
+        logs.emit("ERROR", lab=lab.name, action="mark-failed", **{"from": lab.state.phase, "to": FAILED},
+                  reason=reason, message_id=mid)
 
     def reconcile_lab(self, lab: Lab, tick: str, mid: str = "", idle: bool | None = None) -> None:
         """Move one lab one step: teardown if a tick says so, else autoscale a ready lab or advance its phase.
