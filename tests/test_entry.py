@@ -139,7 +139,7 @@ def test_server_modes_and_malformed_bodies(server, local_env):
 
 # --- the whole path: timer job → Pub/Sub emulator → push subscription → functions server → core → local lab ---
 
-needs_emulator = pytest.mark.skipif(procs.find_pubsub_emulator() is None, reason="Pub/Sub emulator unavailable")
+needs_emulator = pytest.mark.emulator  # runs, and fails, without the emulator: .ci/run installs it
 E2E_PROJECT, LOCATION = "dasklab-e2e", "us-central1"
 
 

@@ -17,7 +17,6 @@ from tests.notebook import DASK_ARRAY_CELL, DASK_ARRAY_SUM, Notebook
 from tests.test_cli import run
 from tests.test_local_lab import FAST, cmd, drive, start_msg
 
-pytest.importorskip("jupyterlab", reason="the dasklab[jupyter] extra (installed by .ci/run with .[test])")
 
 
 @pytest.fixture
