@@ -303,7 +303,8 @@ def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str
     if scheduler:
         parts.append(f"scheduler restarted ({', '.join(scheduler)}; restart: true)")
     if _changed_keys(values_old.get("jupyter"), values_new.get("jupyter")):
-        parts.append("Jupyter restarted with them (a new pod on GKE)")
+        parts.append("Jupyter: a new pod on GKE; the local lab's running Jupyter keeps its environment until the lab "
+                     "is started again")
     return "update", f"revision {current.revision + 1}: " + ("; ".join(parts) or "chart values changed")
 
 
