@@ -550,7 +550,7 @@ def test_update_lab_is_a_new_helm_revision_by_its_own_job(world, controller):
 def test_jupyter_behind_the_service_proxy_holds_an_idle_lab_while_a_kernel_is_busy(tmp_path, caplog):
     """The chart's Jupyter as a real Jupyter Server behind the stand-in's service proxy (its token from the Secret):
     a kernel running a long cell keeps a lab whose scheduler is idle; once the cell is done the lab goes."""
-        from tests.notebook import Notebook
+    from tests.notebook import Notebook
 
     world = World(tmp_path, jupyter=True)
     try:
