@@ -167,7 +167,9 @@ def test_counts_json_under_load_gives_the_fields_and_a_desired_worker_count(lab)
     assert all(isinstance(counts[f], int) for f in fields), {f: counts.get(f) for f in fields}
     assert counts["workers"] == 3 and counts["processing"] >= 3 and counts["clients"] >= 2  # ours + fire-and-forget
     assert counts["memory"] >= 30 and counts["tasks"] >= 90
+    assert counts["bytes"] > 0  # what the held results take: the memory-pressure reasons read it
     load = lab.dashboard.fetch_load(idle=True)
+    assert load.memory_bytes > 0
     assert load.busy and load.queued > 0 and load.adaptive_target > 3 and load.clients >= 1
     assert load.idle_since is None  # busy: not idle
     assert json.loads(lab.transport.get("/api/v1/adaptive_target"))["workers"] >= 1

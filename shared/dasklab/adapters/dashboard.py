@@ -25,7 +25,7 @@ SCHEDULER_HTTP_ROUTES = [
 SCHEDULER_API: dict[str, tuple[str, ...]] = {
     "GET /health": (),
     "GET /json/counts.json": ("workers", "processing", "clients", "desired_workers", "tasks", "released", "erred",
-                              "memory", "waiting", "unrunnable"),
+                              "memory", "waiting", "unrunnable", "bytes"),
     "GET /api/v1/adaptive_target": ("workers",),
     "GET /api/v1/check_idle": ("idle_since",),
     "GET /api/v1/get_workers": ("workers", "address", "name"),
