@@ -167,17 +167,7 @@ def test_a_stop_lab_racing_the_create_still_wins(tmp_path):
 
 # --- through the entry point: the Pub/Sub publishTime -------------------------------------------------
 
-@pytest.fixture
-def local_env(home, monkeypatch):
-    monkeypatch.setenv("DASKLAB_HOME", str(home))
-    monkeypatch.setenv("DASKLAB_BACKEND", "local")
-    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
-    config.current.cache_clear()
-    entry.controller.cache_clear()
-    yield home
-    LocalBackend(home).stop_all()
-    config.current.cache_clear()
-    entry.controller.cache_clear()
+from tests.test_entry import local_env  # noqa: E402,F401  (the entry point on a local home)
 
 
 def event(payload, message_id, published: str) -> CloudEvent:
