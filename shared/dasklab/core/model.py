@@ -65,6 +65,9 @@ class LabSpec:
     revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
     notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
+    class_name: str = ""  # the class this lab is a student's lab of ("" = a lab of its own)
+    student: str = ""  # the student (a roster name) whose lab it is, within class_name
+    placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
 
     @property
     def workers_per_node(self) -> int:
