@@ -3,7 +3,7 @@ its emulator, started and stopped here), the rule in the controller, and the pub
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from cloudevents.http import CloudEvent
@@ -177,16 +177,21 @@ def event(payload, message_id, published: str) -> CloudEvent:
                        "source": "//pubsub.googleapis.com/projects/p/topics/dasklab-control"}, envelope)
 
 
+def _stamp(base: datetime, micro: int = 0, sec: int = 0) -> str:
+    return (base + timedelta(seconds=sec, microseconds=micro)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def test_the_entry_point_passes_the_publish_time(local_env, caplog):
     from functions import main
-    main.control(event({"type": "stop-lab", "lab": "late"}, "m2", "2026-12-01T10:00:00.000002Z"))
+    base = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=1)  # tombstones expire: recent times
+    main.control(event({"type": "stop-lab", "lab": "late"}, "m2", _stamp(base, micro=2)))
     main.control(event({"type": "start-lab", "lab": "late", "owner": "alice"}, "m1",
-                       "2026-12-01T10:00:00.000001Z"))  # a microsecond before the stop-lab
+                       _stamp(base, micro=1)))  # a microsecond before the stop-lab
     assert LocalBackend(local_env).fetch_lab("late") is None
     line = next(json.loads(r.message) for r in caplog.records if '"action": "start-lab"' in r.message)
     assert line["message_id"] == "m1" and "before the lab's stop-lab" in line["reason"]
     assert (local_env / "tombstones" / "late.json").exists()
-    main.control(event({"type": "start-lab", "lab": "late", "owner": "alice"}, "m3", "2026-12-01T10:00:01Z"))
+    main.control(event({"type": "start-lab", "lab": "late", "owner": "alice"}, "m3", _stamp(base, sec=1)))
     assert LocalBackend(local_env).fetch_lab("late").state.phase == "provisioning"
     main.control(event({"type": "start-lab", "lab": "bad", "owner": "alice"}, "m4", "yesterday"))
     error = next(json.loads(r.message) for r in caplog.records if '"severity": "ERROR"' in r.message)
