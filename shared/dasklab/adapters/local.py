@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dasklab.core import logs
-from dasklab.core.errors import ConflictError, PermanentError, TransientError
+from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, TransientError
 from dasklab.core.environment import lab_packages
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra, plan_rollout
@@ -300,17 +300,20 @@ class LocalBackend:
                 local["jupyter"] = self._start_jupyter(lab, local["scheduler"])
             local["installed"] = True
 
-    def _start_jupyter(self, lab: Lab, sched: dict) -> dict | None:
+    def _start_jupyter(self, lab: Lab, sched: dict, port: int | None = None) -> dict | None:
+        """Start the lab's Jupyter with the lab's python: with a new token on a free port, or (a restart) on `port`
+        with the token it had, so the URL `dasklab connect` printed stays valid."""
         python = self._python(lab)
         if not self._jupyter_wanted(lab) or not jupyter_available(python):
             return None
         here = self.root / lab.name / "jupyter"
-        write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
-        port = free_port()
+        if port is None:
+            write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
+            port = free_port()
         pid = start_jupyter(python, port=port, token_file=here / "token", root_dir=self.root / lab.name / "notebooks",
                             runtime_dir=here / "runtime", scheduler_address=f"tcp://127.0.0.1:{sched['port']}",
                             env=self._env(lab), log_path=self._log(lab, "jupyter"))
-        return {"pid": pid, "port": port}
+        return {"pid": pid, "port": port, "python": python}
 
     def _jupyter_api(self, lab: Lab, jupyter: dict) -> JupyterApi:
         token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
@@ -366,7 +369,8 @@ class LocalBackend:
         """One step of running the recorded values: a scheduler whose env or resources changed is restarted on
         its ports (the controller refused that unless restart: true), its workers with it; workers of another
         environment or size are replaced: replacements start, join, then the old ones retire through the
-        scheduler so their results move first. Each step is re-derived from the processes and the scheduler."""
+        scheduler so their results move first; meanwhile a Jupyter of another environment is restarted into the
+        new one. Each step is re-derived from the processes and the scheduler; True once every part runs it."""
         python = self.python(lab.spec)
         local = self._local(lab)
         sched = local["scheduler"]
@@ -381,6 +385,37 @@ class LocalBackend:
                 local.update(workers={}, retiring={})
                 self._start_scheduler(lab, local, sched["port"], sched["dashboard_port"])
             return False
+        jupyter = self._roll_jupyter(lab, python)
+        return self._roll_workers(lab, python) and jupyter
+
+    def _roll_jupyter(self, lab: Lab, python: str) -> bool:
+        """One step of running Jupyter in the lab's environment (`python`): a Jupyter of another one, or one that
+        exited (a crash between stopping and starting it), is started again on its port with its token; its kernels
+        are lost (the update's notes say so). True once it runs `python` and answers, or when the lab has none."""
+        jupyter = self._local(lab).get("jupyter")
+        if jupyter is None:
+            return True
+        if jupyter.get("python") == python and pid_alive(jupyter["pid"]):
+            try:
+                self._jupyter_api(lab, jupyter).fetch_activity()
+            except JupyterUnreachable:
+                return False  # starting
+            return True
+        with self._update(lab.name) as local:
+            jupyter = local["jupyter"]
+            if jupyter is None or (jupyter.get("python") == python and pid_alive(jupyter["pid"])):
+                return False  # another pass restarted it meanwhile
+            stop_jupyter(jupyter["pid"])  # its kernels with it
+            local["jupyter"] = self._start_jupyter(lab, local["scheduler"], port=jupyter["port"])
+        logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision,
+                  reason=f"Jupyter restarted into the lab's environment ({python}) on port {jupyter['port']}, same "
+                         f"token: kernel state is lost; results on the workers are kept")
+        return False
+
+    def _roll_workers(self, lab: Lab, python: str) -> bool:
+        """One step of replacing the workers of another environment or size (see apply_update); True once none is
+        left."""
+        local = self._local(lab)
         signature = self._worker_signature(lab.spec)
         workers = self.dashboard(lab).fetch_workers() if local["workers"] else ()
         with self._update(lab.name) as local:  # decided and started under the record's lock: two passes at once

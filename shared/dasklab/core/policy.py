@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from dasklab.core.environment import jupyter_enabled, lab_packages
 from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
                                 JupyterActivity, LabSpec, LabState, WorkerInfo, WorkerProblem)
 
@@ -302,10 +303,30 @@ def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str
         parts.append("workers replaced gracefully (new ones join before the old retire)")
     if scheduler:
         parts.append(f"scheduler restarted ({', '.join(scheduler)}; restart: true)")
-    if _changed_keys(values_old.get("jupyter"), values_new.get("jupyter")):
-        parts.append("Jupyter: a new pod on GKE; the local lab's running Jupyter keeps its environment until the lab "
-                     "is started again")
+    jupyter = plan_jupyter_restart(current, new)
+    if jupyter:
+        parts.append(jupyter)
     return "update", f"revision {current.revision + 1}: " + ("; ".join(parts) or "chart values changed")
+
+
+JUPYTER_RESTARTS = "Jupyter restarts: kernel state is lost; results on the workers are kept"
+
+
+def plan_jupyter_restart(current: LabSpec, new: LabSpec) -> str:
+    """Whether an update restarts the lab's Jupyter, and what that costs ("" = it keeps running, kernels and all).
+    On GKE any change to `values.jupyter` is a new pod; a local lab's Jupyter runs the lab's environment (the
+    workers' packages, its venv) and restarts into a new one. With one environment per lab both change together."""
+    if not jupyter_enabled(new.values):
+        return ""
+    pod = bool(_changed_keys((current.values or {}).get("jupyter"), (new.values or {}).get("jupyter")))
+    venv = lab_packages(current.values) != lab_packages(new.values)
+    if pod and venv:
+        return JUPYTER_RESTARTS
+    if pod:
+        return f"{JUPYTER_RESTARTS} (on GKE: a new pod; a local lab's Jupyter, whose environment is unchanged, runs on)"
+    if venv:
+        return f"{JUPYTER_RESTARTS} (on a local lab, into the workers' new environment; GKE's Jupyter pod is unchanged)"
+    return ""
 
 
 @dataclass(frozen=True)
