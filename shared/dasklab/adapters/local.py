@@ -407,9 +407,9 @@ class LocalBackend:
                 return False  # another pass restarted it meanwhile
             stop_jupyter(jupyter["pid"])  # its kernels with it
             local["jupyter"] = self._start_jupyter(lab, local["scheduler"], port=jupyter["port"])
-        logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision,
-                  reason=f"Jupyter restarted into the lab's environment ({python}) on port {jupyter['port']}, same "
-                         f"token: kernel state is lost; results on the workers are kept")
+        logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision, python=python,
+                  reason=f"into the lab's new environment, on its port {jupyter['port']} with its token: kernel state "
+                         f"is lost; results on the workers are kept")
         return False
 
     def _roll_workers(self, lab: Lab, python: str) -> bool:
