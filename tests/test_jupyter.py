@@ -165,10 +165,10 @@ def test_an_update_that_keeps_the_environment_keeps_the_kernels(controller):
     jupyter = backend._local(lab)["jupyter"]
     nb = Notebook(*login(backend, lab))
     nb.open()
-    nb.run("answer = 41")
+    kernel_pid = int(nb.run("answer = 41; import os; print(os.getpid())"))
     before = {w.name for w in backend.dashboard(lab).fetch_workers()}
-    ctl.handle(cmd(type="update-lab", lab="lab1", values={"worker": {"resources": {"limits": {"memory": "1G"}}}}),
-               "u1")
+    values = {"worker": {"resources": {"limits": {"memory": "1G"}}}}
+    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")
     outcome = ctl.events.read()[-1]
     assert outcome["outcome"] == "accepted" and "workers replaced gracefully" in outcome["reason"]
     assert "Jupyter" not in outcome["reason"], outcome
@@ -179,3 +179,9 @@ def test_an_update_that_keeps_the_environment_keeps_the_kernels(controller):
     nb.close()
     (updated,) = [e for e in ctl.events.read() if e["event"] == "lab-updated"]
     assert not any("Jupyter" in n for n in updated["notes"]), updated["notes"]
+    # values that disable Jupyter stop it, kernels and all, and say so
+    ctl.handle(cmd(type="update-lab", lab="lab1", values={**values, "jupyter": {"enabled": False}}), "u2")
+    assert "Jupyter stops (values.jupyter.enabled: false): kernel state is lost" in ctl.events.read()[-1]["reason"]
+    drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 3, timeout=60)
+    assert backend._local(lab)["jupyter"] is None and backend.connection_info(lab).get("jupyter") is None
+    assert not procs.pid_alive(jupyter["pid"]) and not procs.pid_alive(kernel_pid)

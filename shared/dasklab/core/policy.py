@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
-from dasklab.core.environment import jupyter_enabled, lab_packages
+from dasklab.core.environment import jupyter_enabled, jupyter_packages
 from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
                                 JupyterActivity, LabSpec, LabState, WorkerInfo, WorkerProblem)
 
@@ -313,20 +313,18 @@ JUPYTER_RESTARTS = "Jupyter restarts: kernel state is lost; results on the worke
 
 
 def plan_jupyter_restart(current: LabSpec, new: LabSpec) -> str:
-    """Whether an update restarts the lab's Jupyter, and what that costs ("" = it keeps running, kernels and all).
-    On GKE any change to `values.jupyter` is a new pod; a local lab's Jupyter runs the lab's environment (the
-    workers' packages, its venv) and restarts into a new one. With one environment per lab both change together."""
+    """What an update does to the lab's Jupyter, said when it costs the kernels' state ("" = they are kept). On GKE
+    any change to `values.jupyter` is a new pod; a local lab's Jupyter restarts when its EXTRA_PIP_PACKAGES (its
+    venv) change, and stops when the values disable it."""
+    if not jupyter_enabled(current.values):
+        return ""  # none ran: nothing is lost (one starts if the values enable it)
     if not jupyter_enabled(new.values):
+        return "Jupyter stops (values.jupyter.enabled: false): kernel state is lost; results on the workers are kept"
+    if not _changed_keys((current.values or {}).get("jupyter"), (new.values or {}).get("jupyter")):
         return ""
-    pod = bool(_changed_keys((current.values or {}).get("jupyter"), (new.values or {}).get("jupyter")))
-    venv = lab_packages(current.values) != lab_packages(new.values)
-    if pod and venv:
+    if jupyter_packages(current.values) != jupyter_packages(new.values):
         return JUPYTER_RESTARTS
-    if pod:
-        return f"{JUPYTER_RESTARTS} (on GKE: a new pod; a local lab's Jupyter, whose environment is unchanged, runs on)"
-    if venv:
-        return f"{JUPYTER_RESTARTS} (on a local lab, into the workers' new environment; GKE's Jupyter pod is unchanged)"
-    return ""
+    return f"{JUPYTER_RESTARTS} (on GKE: a new pod; a local lab's Jupyter runs on, its packages unchanged)"
 
 
 @dataclass(frozen=True)
