@@ -1,8 +1,20 @@
-"""Shared fixtures: specs, loads and a clean local home; every test leaves no process behind."""
+"""Shared fixtures: specs, loads, a clean local home and a local controller; every test leaves no process behind."""
+
+import json
+import time
 
 import pytest
 
+from dasklab.adapters import procs
+from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.core.config import Config
+from dasklab.core.messages import parse_command
 from dasklab.core.model import DaskLoad, LabSpec, LabState
+from dasklab.core.reconcile import Controller
+from tests.dask_checks import alive, process_tree
+
+# the local lab's controller at test speed: polls every 0.2 s, confirms a scale-down over 1 s
+FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
 
 
 def make_spec(**kw) -> LabSpec:
@@ -45,3 +57,33 @@ def firestore_tombstones(firestore_emulator, monkeypatch):
 @pytest.fixture
 def home(tmp_path):
     return tmp_path / "home"
+
+
+def cmd(**kw):
+    return parse_command(json.dumps({"v": 1, **kw}))
+
+
+@pytest.fixture
+def controller(home):
+    """A controller of local labs (real Dask, Jupyter) in `home`; afterwards every lab process is gone, and so is
+    every process they started (a nanny's worker, Jupyter's kernels). The GKE tests override it with their world's."""
+    backend = LocalBackend(home)
+    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
+    yield ctl
+    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
+    tree = process_tree(pids)
+    backend.stop_all()
+    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
+    assert not alive(tree), "a nanny, worker or kernel process survived the teardown"
+
+
+def drive(ctl, until, timeout=60.0, tick="reconcile"):
+    """Run reconcile passes (as the tick's polling loop does) until `until()` is truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ctl.reconcile_all(tick)
+        result = until()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"not reached in {timeout}s")

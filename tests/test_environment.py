@@ -9,7 +9,7 @@ from dasklab.core.config import Config
 from dasklab.core.environment import check_environment, environment_record
 from dasklab.core.errors import ValidationError
 from dasklab.core.messages import build_spec, build_update, parse_command
-from dasklab.core.policy import plan_rollout, plan_update
+from dasklab.core.policy import JUPYTER_RESTARTS, plan_jupyter_restart, plan_rollout, plan_update
 from tests.conftest import make_spec
 
 # The seed lab's second and third config.yaml (its steps 4 and 6), without the LoadBalancers.
@@ -124,6 +124,22 @@ def test_plan_update(values, restart, verdict, words):
     spec, new = update(values)
     got, reason = plan_update(spec, new, restart)
     assert got == verdict and words in reason, reason
+
+
+@pytest.mark.parametrize("values, kw, says", [
+    (yaml.safe_load(SEED_STEP4), {}, JUPYTER_RESTARTS),  # a new environment: a new pod, a new local venv
+    ({"worker": {"replicas": 1, "resources": {"limits": {"cpu": 2, "memory": "6G"}}}}, {}, ""),  # kernels kept
+    ({"worker": {"replicas": 1}, "jupyter": {"resources": {"limits": {"memory": "3G"}}}}, {}, "on GKE: a new pod"),
+    ({"worker": {"replicas": 1, "env": [{"name": "EXTRA_PIP_PACKAGES", "value": "x"}]}},
+     {"mixed_environment": True}, ""),  # the workers' packages only: Jupyter keeps its own
+    ({"worker": {"replicas": 1}, "jupyter": {"enabled": False}}, {}, "Jupyter stops"),
+])
+def test_an_update_says_when_jupyter_restarts_and_what_that_loses(values, kw, says):
+    spec, new = update(values, **kw)
+    said = plan_jupyter_restart(spec, new)
+    assert (says in said) if says else said == "", said
+    _, reason = plan_update(spec, new, False)
+    assert (says in reason) if says else "Jupyter" not in reason, reason
 
 
 def test_update_takes_the_worker_size_from_the_new_limits_else_keeps_it():

@@ -88,7 +88,8 @@ from distributed import Client, wait  # noqa: E402
 from dasklab.adapters import procs  # noqa: E402
 from dasklab.adapters.local import worker_problems  # noqa: E402
 from tests.test_cli import run  # noqa: E402
-from tests.test_local_lab import controller, drive, ready, start_msg  # noqa: E402,F401
+from tests.conftest import drive  # noqa: E402
+from tests.test_local_lab import ready, start_msg  # noqa: E402
 
 MB = 10**6
 

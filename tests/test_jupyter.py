@@ -11,22 +11,12 @@ import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileEvents, LocalBackend
-from dasklab.core.reconcile import Controller
+from dasklab.core.policy import JUPYTER_RESTARTS
+from tests.conftest import cmd, drive
 from tests.notebook import DASK_ARRAY_CELL, DASK_ARRAY_SUM, Notebook
 from tests.test_cli import run
-from tests.test_local_lab import FAST, cmd, drive, start_msg
-
-
-
-@pytest.fixture
-def controller(home):
-    backend = LocalBackend(home)
-    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
-    yield ctl
-    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
-    backend.stop_all()
-    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
+from tests.test_local_lab import start_msg
+from tests.test_update import EXTRA, pip_env
 
 
 def ready(ctl, name="lab1"):
@@ -109,3 +99,89 @@ def test_a_busy_kernel_keeps_the_lab_and_a_notebook_left_open_does_not(controlle
     assert deleted["event"] == "lab-deleted" and "1 client(s) connected but unused" in deleted["reason"], deleted
     assert "no Jupyter kernel busy or activity" in deleted["reason"]
     assert not procs.pid_alive(kernel_pid) and not procs.pid_alive(jupyter_pid)
+
+
+def test_an_update_adding_a_package_restarts_jupyter_into_the_lab_environment(controller, home, monkeypatch):
+    """The seed's step 4 at a notebook: after `update-lab` adds a package, a new kernel imports it, and so do the
+    workers (one environment), at the URL `dasklab connect` printed before. A crash between stopping the old Jupyter
+    and starting the new one is repaired by the next pass."""
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, idle_timeout="1h", values={}), "m1")
+    lab = ready(ctl)
+    base, token = login(backend, lab)
+    old = backend._local(lab)["jupyter"]
+    nb = Notebook(base, token)
+    nb.open()
+    assert nb.run(f"import importlib.util; print(importlib.util.find_spec({EXTRA!r}))") == "None"  # not there yet
+    with Client(backend.connection_info(lab)["scheduler"], timeout=20) as client:
+        held = client.map(lambda x: x * 3, range(40), pure=False)
+        client.gather(held)
+
+        values = {c: {"env": pip_env(EXTRA)} for c in ("jupyter", "worker")}
+        monkeypatch.setattr(backend, "apply_update", lambda lab: False)  # recorded; the backend not reached yet
+        ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")
+        outcome = ctl.events.read()[-1]
+        assert outcome["outcome"] == "accepted" and JUPYTER_RESTARTS in outcome["reason"], outcome
+        monkeypatch.undo()
+
+        def crash(*args, **kw):  # the controller dies after stopping the old Jupyter, before starting the new one
+            raise RuntimeError("controller killed")
+        monkeypatch.setattr(backend, "_start_jupyter", crash)
+        with pytest.raises(RuntimeError, match="controller killed"):
+            ctl.reconcile_all("reconcile")
+        assert not procs.pid_alive(old["pid"]) and backend._local(lab)["jupyter"] == old  # stopped, not restarted
+        monkeypatch.undo()
+        drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 2, timeout=120)
+        assert sum(client.gather(held)) == 3 * sum(range(40))  # the workers' results are kept
+    lab = backend.fetch_lab("lab1")
+    new = backend._local(lab)["jupyter"]
+    assert new["pid"] != old["pid"] and new["python"] == backend.python(lab.spec) != old["python"]
+    assert login(backend, lab) == (base, token)  # the same URL and token
+    # done only once Jupyter answers in the new environment: a new kernel, at once, imports the package there
+    nb.close()
+    assert Notebook(base, token).rest("GET", "/api/kernels") == []  # the old kernel went with the old Jupyter
+    nb = Notebook(base, token)
+    nb.open()
+    kernel, worker, run = nb.run(f"""
+import {EXTRA}
+from distributed import Client
+client = Client()
+print({EXTRA}.__file__)
+print(client.submit(lambda: __import__({EXTRA!r}).__file__, pure=False).result())
+print(set(client.run(lambda: __import__({EXTRA!r}).camelize("dask_lab")).values()))
+""").splitlines()
+    assert kernel == worker and kernel.startswith(str(home / "envs")), (kernel, worker)
+    assert run == "{'DaskLab'}"
+    nb.close()
+    (updated,) = [e for e in ctl.events.read() if e["event"] == "lab-updated"]
+    assert any(JUPYTER_RESTARTS in n for n in updated["notes"]), updated["notes"]  # what the restart cost
+
+
+def test_an_update_that_keeps_the_environment_keeps_the_kernels(controller):
+    """Bigger workers (the seed's step 6) change no package: Jupyter runs on, and a kernel's variables survive."""
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, idle_timeout="1h", values={}), "m1")
+    lab = ready(ctl)
+    jupyter = backend._local(lab)["jupyter"]
+    nb = Notebook(*login(backend, lab))
+    nb.open()
+    kernel_pid = int(nb.run("answer = 41; import os; print(os.getpid())"))
+    before = {w.name for w in backend.dashboard(lab).fetch_workers()}
+    values = {"worker": {"resources": {"limits": {"memory": "1G"}}}}
+    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")
+    outcome = ctl.events.read()[-1]
+    assert outcome["outcome"] == "accepted" and "workers replaced gracefully" in outcome["reason"]
+    assert "Jupyter" not in outcome["reason"], outcome
+    drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 2, timeout=120)
+    assert not before & {w.name for w in backend.dashboard(lab).fetch_workers()}  # the workers were replaced
+    assert backend._local(lab)["jupyter"] == jupyter and procs.pid_alive(jupyter["pid"])
+    assert nb.run("print(answer + 1)") == "42"  # the same kernel, its state kept
+    nb.close()
+    (updated,) = [e for e in ctl.events.read() if e["event"] == "lab-updated"]
+    assert not any("Jupyter" in n for n in updated["notes"]), updated["notes"]
+    # values that disable Jupyter stop it, kernels and all, and say so
+    ctl.handle(cmd(type="update-lab", lab="lab1", values={**values, "jupyter": {"enabled": False}}), "u2")
+    assert "Jupyter stops (values.jupyter.enabled: false): kernel state is lost" in ctl.events.read()[-1]["reason"]
+    drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 3, timeout=60)
+    assert backend._local(lab)["jupyter"] is None and backend.connection_info(lab).get("jupyter") is None
+    assert not procs.pid_alive(jupyter["pid"]) and not procs.pid_alive(kernel_pid)

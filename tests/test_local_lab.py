@@ -8,19 +8,10 @@ import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileEvents, LocalBackend
-from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, PermanentError
-from dasklab.core.messages import parse_command
-from dasklab.core.reconcile import Controller
 
+from tests.conftest import cmd, drive
 from tests.dask_checks import LOG_LENGTH_ENV, alive, process_tree, recomputed
-
-FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
-
-
-def cmd(**kw):
-    return parse_command(json.dumps({"v": 1, **kw}))
 
 
 def start_msg(lab="lab1", **kw):
@@ -28,30 +19,6 @@ def start_msg(lab="lab1", **kw):
             "idle_timeout": "1s", "max_lifetime": "1h",
             "values": {"jupyter": {"enabled": False}}}  # these are autoscaling stories; Jupyter: test_jupyter.py
     return cmd(**{**base, **kw})
-
-
-@pytest.fixture
-def controller(home):
-    backend = LocalBackend(home)
-    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
-    yield ctl
-    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
-    tree = process_tree(pids)  # nannies and the workers they started
-    backend.stop_all()
-    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
-    assert not alive(tree), "a nanny or worker process survived the teardown"
-
-
-def drive(ctl, until, timeout=30.0, tick="reconcile"):
-    """Run reconcile passes (as the tick's polling loop does) until `until()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ctl.reconcile_all(tick)
-        result = until()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"not reached in {timeout}s")
 
 
 def ready(ctl, name="lab1"):

@@ -1,53 +1,23 @@
 """update-lab on the local backend with real Dask: workers replaced in a new environment, results kept."""
 
-import json
 import subprocess
 import sys
-import time
 
 import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
 from dasklab.cli import build_update_lab, fetch_status, main, parser
-from dasklab.adapters.local import FileEvents, LocalBackend
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, ValidationError
-from dasklab.core.messages import parse_command
-from dasklab.core.reconcile import Controller
+from tests.conftest import cmd, drive
 
-FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
 # A small pure-Python package that is not in the base environment (checked below), installed from the registry.
 EXTRA = "inflection"
 
 
-def cmd(**kw):
-    return parse_command(json.dumps({"v": 1, **kw}))
-
-
 def pip_env(packages: str) -> list[dict]:
     return [{"name": "EXTRA_PIP_PACKAGES", "value": packages}]
-
-
-@pytest.fixture
-def controller(home):
-    backend = LocalBackend(home)
-    ctl = Controller(backend, FileEvents(home / "status.jsonl"), FAST)
-    yield ctl
-    pids = [p for lab in backend.fetch_labs() for p in backend.pids(lab)]
-    backend.stop_all()
-    assert not [p for p in pids if procs.pid_alive(p)], "a lab process survived"
-
-
-def drive(ctl, until, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ctl.reconcile_all("reconcile")
-        result = until()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"not reached in {timeout}s")
 
 
 def start(ctl, **kw):

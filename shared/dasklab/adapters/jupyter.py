@@ -63,12 +63,13 @@ def _children(pid: int) -> list[int]:
 
 
 def stop_jupyter(pid: int) -> None:
-    """Stop the Jupyter Server and its kernels: SIGTERM lets it shut them down; any kernel still alive after the
-    server is gone is stopped too (a kernel runs in its own session, outside the server's process group)."""
+    """Stop the Jupyter Server `pid` (read from a record: nothing is signalled unless it still runs JupyterLab) and
+    its kernels: SIGTERM lets it shut them down; any kernel still alive after the server is gone is stopped too (a
+    kernel runs in its own session, outside the server's process group)."""
     kernels = _children(pid)
-    stop_pid_group(pid, timeout=STOP_TIMEOUT_S)
-    for kernel in kernels:
-        stop_pid_group(kernel, expect="kernel")
+    if stop_pid_group(pid, timeout=STOP_TIMEOUT_S, expect="jupyterlab"):
+        for kernel in kernels:
+            stop_pid_group(kernel, expect="kernel")
 
 
 def _epoch(stamp: str | None) -> float | None:

@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from dasklab.core import logs
-from dasklab.core.errors import ConflictError, PermanentError, TransientError
-from dasklab.core.environment import lab_packages
+from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, TransientError
+from dasklab.core.environment import jupyter_enabled, jupyter_packages, lab_packages
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
@@ -228,13 +228,20 @@ class LocalBackend:
     # --- environments ---
 
     def apply_environment(self, spec: LabSpec) -> None:
-        """Install the spec's EXTRA_PIP_PACKAGES into the venv of that set (cached; refused with pip's tail)."""
-        ensure_env(self.root.parent, lab_packages(spec.values))
+        """Install the EXTRA_PIP_PACKAGES of the spec's workers and Jupyter into the venv of each set (one set with
+        one environment per lab; cached; refused with pip's tail)."""
+        self.python(spec)
+        if jupyter_enabled(spec.values):
+            self.jupyter_python(spec)
 
     def python(self, spec: LabSpec) -> str:
-        """The interpreter of the lab's environment (made if missing: a cached venv is found at once). #13b's
-        Jupyter kernel runs from it too."""
+        """The interpreter of the lab's workers (made if missing: a cached venv is found at once)."""
         return ensure_env(self.root.parent, lab_packages(spec.values))
+
+    def jupyter_python(self, spec: LabSpec) -> str:
+        """The interpreter of the lab's Jupyter and its kernels: the venv of its own packages, as the chart's Jupyter
+        image installs them (the workers' venv, with one environment per lab)."""
+        return ensure_env(self.root.parent, jupyter_packages(spec.values))
 
     def _worker_signature(self, spec: LabSpec) -> str:
         """What a worker of this spec runs: interpreter (packages), size and the worker's env variables."""
@@ -282,15 +289,6 @@ class LocalBackend:
         local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash,
                               "signature": self._scheduler_signature(lab.spec)}
 
-    def _python(self, lab: Lab) -> str:
-        """The python Jupyter (and its kernels) run: the lab's environment, as its workers (one environment per lab)."""
-        return self.python(lab.spec)
-
-    def _jupyter_wanted(self, lab: Lab) -> bool:
-        """Jupyter runs unless the chart values say `jupyter.enabled: false`, if the python has JupyterLab."""
-        return (lab.spec.values.get("jupyter") or {}).get("enabled", True) is not False \
-            if isinstance(lab.spec.values, dict) else True
-
     def apply_install(self, lab: Lab) -> None:
         """Workers at the initial count, then Jupyter (once: a recorded one still running is kept)."""
         self.apply_workers(lab, lab.state.target_workers)
@@ -300,17 +298,20 @@ class LocalBackend:
                 local["jupyter"] = self._start_jupyter(lab, local["scheduler"])
             local["installed"] = True
 
-    def _start_jupyter(self, lab: Lab, sched: dict) -> dict | None:
-        python = self._python(lab)
-        if not self._jupyter_wanted(lab) or not jupyter_available(python):
-            return None
+    def _start_jupyter(self, lab: Lab, sched: dict, port: int | None = None) -> dict | None:
+        """Start the lab's Jupyter with the lab's python: with a new token on a free port, or (a restart) on `port`
+        with the token it had, so the URL `dasklab connect` printed stays valid."""
+        python = self.jupyter_python(lab.spec)
+        if not jupyter_enabled(lab.spec.values) or not jupyter_available(python):
+            return None  # the values disable it, or JupyterLab is not installed (connection_info says so)
         here = self.root / lab.name / "jupyter"
-        write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
-        port = free_port()
+        if port is None:
+            write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
+            port = free_port()
         pid = start_jupyter(python, port=port, token_file=here / "token", root_dir=self.root / lab.name / "notebooks",
                             runtime_dir=here / "runtime", scheduler_address=f"tcp://127.0.0.1:{sched['port']}",
                             env=self._env(lab), log_path=self._log(lab, "jupyter"))
-        return {"pid": pid, "port": port}
+        return {"pid": pid, "port": port, "python": python}
 
     def _jupyter_api(self, lab: Lab, jupyter: dict) -> JupyterApi:
         token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
@@ -366,7 +367,8 @@ class LocalBackend:
         """One step of running the recorded values: a scheduler whose env or resources changed is restarted on
         its ports (the controller refused that unless restart: true), its workers with it; workers of another
         environment or size are replaced: replacements start, join, then the old ones retire through the
-        scheduler so their results move first. Each step is re-derived from the processes and the scheduler."""
+        scheduler so their results move first; meanwhile a Jupyter of another environment is restarted into the
+        new one. Each step is re-derived from the processes and the scheduler; True once every part runs it."""
         python = self.python(lab.spec)
         local = self._local(lab)
         sched = local["scheduler"]
@@ -381,6 +383,41 @@ class LocalBackend:
                 local.update(workers={}, retiring={})
                 self._start_scheduler(lab, local, sched["port"], sched["dashboard_port"])
             return False
+        jupyter = self._roll_jupyter(lab)
+        return self._roll_workers(lab, python) and jupyter
+
+    def _roll_jupyter(self, lab: Lab) -> bool:
+        """One step of running the lab's Jupyter as its values say: in its environment, or none when they disable it
+        (or JupyterLab is not installed). A Jupyter of another environment, or one that exited (a crash between
+        stopping and starting it), is started again on its port with its token; its kernels are lost, as the
+        update's notes say. True once it runs as asked and answers."""
+        jupyter, wanted = self._local(lab).get("jupyter"), jupyter_enabled(lab.spec.values)
+        python = self.jupyter_python(lab.spec) if wanted else None
+        if jupyter and jupyter.get("python") == python and pid_alive(jupyter["pid"]):
+            try:
+                self._jupyter_api(lab, jupyter).fetch_activity()
+            except JupyterUnreachable:
+                return False  # starting
+            return True
+        if jupyter is None and not (wanted and jupyter_available(python)):
+            return True
+        with self._update(lab.name) as local:
+            if local.get("jupyter") != jupyter:
+                return False  # another pass moved it meanwhile
+            if jupyter:
+                stop_jupyter(jupyter["pid"])  # its kernels with it
+            local["jupyter"] = self._start_jupyter(lab, local["scheduler"], port=jupyter and jupyter["port"]) \
+                if wanted else None
+        why = ("stopped: the values disable it" if not wanted else "started: the values enable it" if not jupyter
+               else f"restarted into the lab's environment, on its port {jupyter['port']} with its token")
+        logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision, python=python,
+                  reason=why + ("; kernel state is lost, results on the workers are kept" if jupyter else ""))
+        return False
+
+    def _roll_workers(self, lab: Lab, python: str) -> bool:
+        """One step of replacing the workers of another environment or size (see apply_update); True once none is
+        left."""
+        local = self._local(lab)
         signature = self._worker_signature(lab.spec)
         workers = self.dashboard(lab).fetch_workers() if local["workers"] else ()
         with self._update(lab.name) as local:  # decided and started under the record's lock: two passes at once
@@ -466,7 +503,7 @@ class LocalBackend:
         if jupyter:
             info["jupyter"] = f"http://127.0.0.1:{jupyter['port']}/lab"
             info["jupyter_token"] = f"dasklab connect {lab.name}  # prints the URL with its token"
-        elif self._jupyter_wanted(lab):
+        elif jupyter_enabled(lab.spec.values):
             info["jupyter"] = None
             info["jupyter_note"] = "no Jupyter: install it with pip install 'dasklab[jupyter]'"
         return info

@@ -32,8 +32,14 @@ def jupyter_enabled(values: dict) -> bool:
 
 
 def lab_packages(values: dict) -> tuple[str, ...]:
-    """What the lab's workers (and its kernel) run with: the workers' EXTRA_PIP_PACKAGES."""
+    """What the lab's workers run with: the workers' EXTRA_PIP_PACKAGES."""
     return component_packages(values, "worker") or ()
+
+
+def jupyter_packages(values: dict) -> tuple[str, ...]:
+    """What the lab's Jupyter (and its kernels) run with: its own EXTRA_PIP_PACKAGES, as the chart's Jupyter image
+    installs them; with one environment per lab, the workers' set."""
+    return component_packages(values, "jupyter") or ()
 
 
 def check_environment(values: dict, mixed: bool = False) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from dasklab.core.environment import jupyter_enabled, jupyter_packages
 from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
                                 JupyterActivity, LabSpec, LabState, WorkerInfo, WorkerProblem)
 
@@ -302,10 +303,28 @@ def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str
         parts.append("workers replaced gracefully (new ones join before the old retire)")
     if scheduler:
         parts.append(f"scheduler restarted ({', '.join(scheduler)}; restart: true)")
-    if _changed_keys(values_old.get("jupyter"), values_new.get("jupyter")):
-        parts.append("Jupyter: a new pod on GKE; the local lab's running Jupyter keeps its environment until the lab "
-                     "is started again")
+    jupyter = plan_jupyter_restart(current, new)
+    if jupyter:
+        parts.append(jupyter)
     return "update", f"revision {current.revision + 1}: " + ("; ".join(parts) or "chart values changed")
+
+
+JUPYTER_RESTARTS = "Jupyter restarts: kernel state is lost; results on the workers are kept"
+
+
+def plan_jupyter_restart(current: LabSpec, new: LabSpec) -> str:
+    """What an update does to the lab's Jupyter, said when it costs the kernels' state ("" = they are kept). On GKE
+    any change to `values.jupyter` is a new pod; a local lab's Jupyter restarts when its EXTRA_PIP_PACKAGES (its
+    venv) change, and stops when the values disable it."""
+    if not jupyter_enabled(current.values):
+        return ""  # none ran: nothing is lost (one starts if the values enable it)
+    if not jupyter_enabled(new.values):
+        return "Jupyter stops (values.jupyter.enabled: false): kernel state is lost; results on the workers are kept"
+    if not _changed_keys((current.values or {}).get("jupyter"), (new.values or {}).get("jupyter")):
+        return ""
+    if jupyter_packages(current.values) != jupyter_packages(new.values):
+        return JUPYTER_RESTARTS
+    return f"{JUPYTER_RESTARTS} (on GKE: a new pod; a local lab's Jupyter runs on, its packages unchanged)"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superse
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
-    plan_scale, plan_start, plan_teardown, plan_update
+    plan_jupyter_restart, plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
@@ -144,6 +144,9 @@ class Controller:
         if verdict == "duplicate":
             logs.emit("INFO", lab=lab.name, action="update-lab", reason=reason, message_id=mid)
             return NOTHING_TO_DO, reason
+        jupyter = plan_jupyter_restart(lab.spec, new)  # said again in lab-updated: the kernels' state goes
+        if jupyter:
+            new = replace(new, notes=new.notes + (f"revision {lab.spec.revision + 1}: {jupyter}",))
         self.backend.apply_environment(new)
         before = lab.spec.revision
         ids = (lab.state.update_ids + ((mid,) if mid else ()))[-20:]

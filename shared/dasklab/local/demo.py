@@ -21,7 +21,7 @@ SETTINGS = {"DASKLAB_POLL_S": 1, "DASKLAB_CONFIRM_S": 4, "DASKLAB_COOLDOWN_S": 2
 START = {"v": 1, "type": "start-lab", "lab": LAB, "owner": "demo", "workers": {"initial": 1, "min": 1, "max": 6},
          "machine_type": "e2-standard-4", "idle_timeout": "10s", "max_lifetime": "1h"}
 SHOWN = {"create", "provision", "install", "mark-ready", "scale-up", "scale-down", "retire", "teardown", "delete",
-         "forget", "mark-failed", "refused", "update", "rollout-start", "rollout-retire", "updated"}
+         "forget", "mark-failed", "refused", "update", "rollout-start", "rollout-retire", "jupyter-restart", "updated"}
 EXTRA = "inflection"  # a small pure-Python package the base environment lacks: the update adds it
 UPDATE = {"v": 1, "type": "update-lab", "lab": LAB,
           "values": {c: {"env": [{"name": "EXTRA_PIP_PACKAGES", "value": EXTRA}]} for c in ("jupyter", "worker")}}
@@ -150,8 +150,11 @@ def run_demo(json_lines: bool = False) -> int:
                   watch.workers)
             pids += backend.pids(watch.lab())
             after = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
+            jupyter = backend.connection_info(watch.lab()).get("jupyter")
             timeline.say("demo", f"lab at revision 2: workers {', '.join(sorted(before))} replaced by "
-                                 f"{', '.join(sorted(after))}")
+                                 f"{', '.join(sorted(after))}" + (
+                                     f"; Jupyter still at {jupyter}"
+                                     if jupyter and jupyter == info.get("jupyter") else ""))
             total = sum(client.gather(futures))
             lost = lost or total != expected or bool(before & after)
             camel = client.submit(_uses_the_package, "dask_lab", pure=False).result()
