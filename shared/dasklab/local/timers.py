@@ -109,7 +109,7 @@ class LocalTimer:
             for name, when in due.items():
                 if when <= now:
                     due[name] = self._fire(self.jobs[name])
-            wait = min((w - now).total_seconds() for w in due.values())
+            wait = min(((w - now).total_seconds() for w in due.values()), default=3600.0)
             if self.wakeups is not None:
                 self._wake(now.timestamp())
                 wait = min(wait, 1.0)  # wake-ups are files the controller writes: looked at every second
