@@ -412,3 +412,32 @@ def test_a_class_on_the_local_backend(tmp_path):
     finally:
         backend.stop_all()
     assert not any(procs.pid_alive(p) for p in pids)
+
+
+# --- the CLI reads the class from the backend and the store ---------------------------------------
+
+def test_cli_status_report_and_connect_for_a_class(tmp_path, monkeypatch, capsys):
+    from dasklab import cli
+    monkeypatch.setenv("DASKLAB_HOME", str(tmp_path))
+    monkeypatch.delenv("DASKLAB_PROJECT", raising=False)
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    roster = tmp_path / "students.txt"
+    roster.write_text("# intro, fall\nann\n\nben  # late\n")
+    assert cli.read_roster(str(roster)) == ["ann", "ben"]
+    ctl = Controller(LocalBackend(tmp_path), ListEvents(), Config(home=str(tmp_path)), classes=FileClasses(tmp_path))
+    end = datetime.fromtimestamp(time.time() + 1800, timezone.utc)
+    ctl.handle(msg(**{"type": "start-class", "class": "intro", "owner": "prof", "roster": ["ann", "ben"],
+                      "at": datetime.now(timezone.utc).isoformat(), "duration": "30m", "budget": {"class": 9}}), "m1")
+    assert cli.main(["status", "--class", "intro", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [r["student"] for r in status["labs"]] == ["ann", "ben"]
+    assert status["labs"][0]["next_teardown"]["reason"].startswith("class intro ends")
+    assert abs(datetime.fromisoformat(status["labs"][0]["next_teardown"]["at"]).timestamp() - end.timestamp()) < 5
+    [summary] = status["classes"]
+    assert summary["budget_usd"] == 9 and summary["students"] == 2 and summary["estimated_cost_usd"] >= 0
+    assert cli.main(["class-report", "--class", "intro", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["student"] for r in report["students"]] == ["ann", "ben"] and "peak_workers" in report["students"][0]
+    assert cli.main(["connect", "--class", "intro", "--json"]) == 0
+    assert [r["lab"] for r in json.loads(capsys.readouterr().out)] == ["intro-ann", "intro-ben"]
+    assert cli.main(["class-report", "--class", "nope"]) == 2
