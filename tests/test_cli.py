@@ -234,7 +234,7 @@ def test_deploy_dry_run_options(home):
     (["destroy"], 2, "project: give a Google Cloud project"),
     (["infra"], 2, "the following arguments are required: infra_cmd"),
     (["deploy", "--project"], 2, "argument --project: expected one argument"),
-    (["connect"], 2, "the following arguments are required: lab"),
+    (["connect"], 2, "lab: give a lab, or --class CLASS"),
     (["connect", "nosuch"], 2, "no lab named 'nosuch' on the local backend"),
 ])
 def test_cloud_command_errors(home, args, code, message):

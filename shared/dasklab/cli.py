@@ -49,15 +49,41 @@ def build_update_lab(a) -> dict:
     return msg
 
 
+def read_roster(path: str) -> list[str]:
+    """A roster file: one student per line (blank lines and `#` comments skipped), or - for stdin."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def build_start_class(a) -> dict:
+    """The start-class message: the roster file's students, and the per-student template from the options."""
+    msg = {"v": 1, "type": "start-class", "class": a.class_, "owner": a.owner or _owner(),
+           "roster": read_roster(a.roster),
+           "workers": {k: v for k, v in (("initial", a.workers), ("min", a.min), ("max", a.max)) if v is not None},
+           "machine_type": a.machine_type, "idle_timeout": a.idle_timeout, "max_lifetime": a.max_lifetime,
+           "spot": a.spot or None, "at": a.at, "duration": a.duration, "placement": a.placement}
+    budget = {k: v for k, v in (("student", a.budget_student), ("class", a.budget_class)) if v is not None}
+    if budget:
+        msg["budget"] = budget
+    if a.values:
+        msg["values"] = Path(a.values).read_text()
+    return {k: v for k, v in msg.items() if v is not None}
+
+
 def _messages(a) -> dict:
     if a.cmd == "start-lab":
         return build_start_lab(a)
+    if a.cmd == "start-class":
+        return build_start_class(a)
+    if a.cmd == "stop-class":
+        return {"v": 1, "type": "stop-class", "class": a.class_}
     if a.cmd == "update-lab":
         return build_update_lab(a)
     if a.cmd == "stop-lab":
         return {"v": 1, "type": "stop-lab", "lab": a.lab}
     if a.cmd == "keep-alive":
-        return {"v": 1, "type": "keep-alive", "lab": a.lab, **({"until": a.until} if a.until else {"for": a.for_})}
+        return {"v": 1, "type": "keep-alive", **({"lab": a.lab} if a.lab else {"class": a.class_}),
+                **({"until": a.until} if a.until else {"for": a.for_})}
     if a.cmd == "scale":
         msg = {"v": 1, "type": "scale", "lab": a.lab, "min": a.min, "max": a.max, "pin": a.pin,
                "unpin": a.unpin or None}
@@ -68,10 +94,11 @@ def _messages(a) -> dict:
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
     from dasklab.core.environment import check_environment
-    from dasklab.core.messages import Scale, StartLab, UpdateLab, build_spec, check_caps, parse_command
+    from dasklab.core.messages import Scale, StartClass, StartLab, UpdateLab, build_spec, check_caps, parse_command
     cmd = parse_command(payload)
-    if isinstance(cmd, StartLab):
-        for note in build_spec(cmd, cfg).notes:  # what the controller will replace, said before sending
+    if isinstance(cmd, (StartLab, StartClass)):
+        spec = build_spec(cmd.student_lab(cmd.roster[0]) if isinstance(cmd, StartClass) else cmd, cfg)
+        for note in spec.notes:  # what the controller will replace, said before sending
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, UpdateLab):
         for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
@@ -125,8 +152,8 @@ def cmd_publish(a, cfg) -> int:
             from dasklab.local.serve import publish_local, serve_info
             mid = publish_local(cfg.home, payload, attributes={REQUEST_ID: request_id}, background=False)
             where = f"the local controller ({serve_info(cfg.home)['bus']})"
-        print(f"published {payload['type']} for {payload.get('lab', 'all labs')} to {where} (message {mid})",
-              flush=True)
+        what = payload.get("lab") or (f"class {payload['class']}" if "class" in payload else "all labs")
+        print(f"published {payload['type']} for {what} to {where} (message {mid})", flush=True)
         if wait <= 0:
             return 0
         try:
@@ -185,8 +212,11 @@ def fetch_status(cfg) -> list[dict]:
     from dasklab.core.policy import plan_next_teardown
     from dasklab.local.timers import upcoming_ticks
     from dasklab.runtime import build_backend
+    from dasklab.runtime import build_classes
     backend, now, rows = build_backend(cfg), time.time(), []
     labs = backend.fetch_labs()
+    classes = {r.name: r for r in build_classes(cfg).fetch_classes()} if any(lab.spec.class_name for lab in labs) \
+        else {}
     horizon = max((lab.state.created_at + lab.spec.max_lifetime_s for lab in labs), default=now)
     ticks = upcoming_ticks(timer_jobs(cfg), now, horizon + 60) if labs else []  # the lifetime cap's tick included
     for lab in labs:
@@ -203,9 +233,14 @@ def fetch_status(cfg) -> list[dict]:
             found = plan_next_teardown(spec, state, load, ticks)
             teardown = found and {"at": _iso(found[0]), "in_s": round(found[0] - now), "tick": found[1],
                                   "reason": found[2]}
+            record = classes.get(spec.class_name)
+            if record is not None and record.end is not None and (not found or record.end < found[0]):
+                teardown = {"at": _iso(record.end), "in_s": round(record.end - now), "tick": None,
+                            "reason": f"class {record.name} ends (its duration, {_span(record.duration_s)})"}
         lifetime, info = now - state.created_at, backend.connection_info(lab)
         rows.append({
-            "lab": lab.name, "owner": spec.owner, "phase": state.phase,
+            "lab": lab.name, "owner": spec.owner, "phase": state.phase, "class": spec.class_name or None,
+            "student": spec.student or None, "budget_usd": spec.budget_usd,
             "workers": {"current": load.workers if load else None, "target": state.target_workers,
                         "min": spec.min_workers, "max": spec.max_workers},
             "pinned": spec.pinned_workers,
@@ -247,10 +282,37 @@ def progress(what: str):
         yield
 
 
+def fetch_class_status(cfg, rows: list[dict]) -> list[dict]:
+    """One row per class: its roster, labs by phase, live estimated cost (labs gone included) against its budget,
+    when it is ready and when it ends."""
+    from dasklab.core.classes import class_cost
+    from dasklab.runtime import build_backend, build_classes
+    backend, now, out = build_backend(cfg), time.time(), []
+    labs = backend.fetch_labs()
+    for record in build_classes(cfg).fetch_classes():
+        if not record.roster:
+            continue  # a stop-class kept for a class never started
+        mine = {lab.spec.student: lab for lab in labs if lab.spec.class_name == record.name}
+        phases = [r["phase"] for r in rows if r.get("class") == record.name]
+        out.append({"class": record.name, "owner": record.owner, "students": len(record.roster),
+                    "labs": {p: phases.count(p) for p in sorted(set(phases))},
+                    "estimated_cost_usd": class_cost(record, mine, now), "budget_usd": record.budget_class_usd,
+                    "budget_student_usd": record.budget_student_usd, "at": _iso(record.at), "ends_at": _iso(record.end),
+                    "stopped": record.stop_reason if record.is_stopped else None,
+                    "ready": set(record.roster) <= set(record.ready_roster)})
+    return out
+
+
 def cmd_status(a, cfg) -> int:
     rows = fetch_status(cfg)
+    wanted = getattr(a, "class_", None)
+    if wanted:
+        rows = [r for r in rows if r["class"] == wanted]
+    classes = [c for c in fetch_class_status(cfg, rows) if not wanted or c["class"] == wanted]
+    if wanted and not classes:
+        raise PermanentError(f"no class named {wanted!r}: see `dasklab status`")
     if a.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"labs": rows, "classes": classes} if wanted or classes else rows, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -279,6 +341,81 @@ def cmd_status(a, cfg) -> int:
     for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
         if r["degraded"]:
             print(f"{r['lab']} degraded: {r['degraded']}")
+    for c in classes:
+        budget = f" of its budget ${c['budget_usd']:.2f}" if c["budget_usd"] else ""
+        labs = ", ".join(f"{n} {p}" for p, n in c["labs"].items()) or "no lab yet"
+        when = "".join(f" · {k} {c[v]}" for k, v in (("ready at", "at"), ("ends at", "ends_at")) if c[v])
+        print(f"class {c['class']} ({c['owner']}): {c['students']} student(s), {labs} · cost so far "
+              f"${c['estimated_cost_usd']:.4f} (estimated){budget}{when}"
+              + (f" · stopped: {c['stopped']}" if c["stopped"] else ""))
+    return 0
+
+
+def _class_labs(cfg, name: str):
+    from dasklab.runtime import build_backend, build_classes
+    record = build_classes(cfg).fetch_class(name)
+    if record is None or not record.roster:
+        raise PermanentError(f"no class named {name!r} on the {cfg.backend} backend: see `dasklab status`")
+    backend = build_backend(cfg)
+    return record, backend, {lab.spec.student: lab for lab in backend.fetch_labs() if lab.spec.class_name == name}
+
+
+def cmd_connect_class(a, cfg) -> int:
+    """The instructor's table of who connects how, with each lab's login (its token: this is their own terminal)."""
+    record, backend, labs = _class_labs(cfg, a.class_)
+    login = getattr(backend, "jupyter_login_url", None)
+    table = []
+    for student in record.roster:
+        lab = labs.get(student)
+        info = backend.connection_info(lab) if lab is not None else {}
+        if lab is not None and login and (url := login(lab)):
+            info["jupyter"] = url
+            info.pop("jupyter_token", None)
+        table.append({"student": student, "lab": record.lab_name(student),
+                      "phase": lab.state.phase if lab else "gone", **info})
+    if a.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    print_table(f"class {record.name}: who connects how (tokens included: keep this to yourself)",
+                ("student", "lab", "phase", "jupyter", "scheduler", "dashboard"),
+                [(r["student"], r["lab"], r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
+                 for r in table])
+    return 0
+
+
+def fetch_class_report(cfg, name: str) -> dict:
+    """Usage per student (node-hours, cost, peak workers, time busy), live labs and labs gone alike."""
+    from dasklab.core.classes import class_usage
+    record, _, labs = _class_labs(cfg, name)
+    usage = class_usage(record, labs, time.time())
+    students = [{"student": s, **usage.get(s, {"lab": record.lab_name(s), "phase": "not started", "node_hours": 0.0,
+                                               "cost_usd": 0.0, "peak_workers": 0, "busy_s": 0.0, "lifetime_s": 0.0,
+                                               "reason": ""})}
+                for s in sorted(set(record.roster) | set(usage))]
+    return {"class": record.name, "owner": record.owner, "students": students,
+            "node_hours": round(sum(r["node_hours"] for r in students), 4),
+            "estimated_cost_usd": round(sum(r["cost_usd"] for r in students), 4),
+            "budget_usd": record.budget_class_usd, "budget_student_usd": record.budget_student_usd}
+
+
+def print_class_report(report: dict) -> None:
+    print_table(f"class {report['class']}: usage per student (estimated)",
+                ("student", "lab", "phase", "node-hours", "cost", "peak workers", "busy", "lifetime", "ended because"),
+                [(r["student"], r["lab"], r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
+                  r["peak_workers"], _span(r["busy_s"]), _span(r["lifetime_s"]),
+                  r["reason"] if r["phase"] in ("gone", "tearing-down") else "")
+                 for r in report["students"]])
+    budget = f" (budget ${report['budget_usd']:.2f})" if report["budget_usd"] else ""
+    print(f"class {report['class']}: {report['node_hours']:.4f} node-hours, ${report['estimated_cost_usd']:.4f} "
+          f"estimated{budget}")
+
+
+def cmd_class_report(a, cfg) -> int:
+    report = fetch_class_report(cfg, a.class_)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_class_report(report)
     return 0
 
 
@@ -405,6 +542,10 @@ def cmd_destroy(a, cfg) -> int:
 def cmd_connect(a, cfg) -> int:
     """What a student needs to reach a lab: from the backend's connection_info (never a secret itself)."""
     from dasklab.runtime import build_backend
+    if a.class_:
+        return cmd_connect_class(a, cfg)
+    if not a.lab:
+        raise ValidationError("lab", "give a lab, or --class CLASS for the table of a class")
     backend = build_backend(cfg)
     lab = backend.fetch_lab(a.lab)
     if lab is None:
@@ -460,8 +601,32 @@ def parser() -> argparse.ArgumentParser:
                    help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab from idle and nightly teardown")
-    s.add_argument("--lab", required=True)
+    s = sub.add_parser("start-class", parents=[gcp, wait], help="a lab per student of a roster, from one message")
+    s.add_argument("--class", dest="class_", required=True, help="the class name: labs are <class>-<student>")
+    s.add_argument("--roster", required=True, help="a file with one student per line (# comments), or - for stdin")
+    s.add_argument("--owner", help="the instructor (default: your user name)")
+    s.add_argument("--values", help="Dask Helm chart values file (config.yaml), for every student's lab")
+    s.add_argument("--at", help="when the labs must be ready: an ISO time with zone, e.g. 2026-12-07T09:00-08:00")
+    s.add_argument("--duration", help="the class's length (e.g. 3h): its labs are torn down at --at + duration")
+    s.add_argument("--workers", type=int, help="initial workers per student")
+    s.add_argument("--min", type=int)
+    s.add_argument("--max", type=int)
+    s.add_argument("--machine-type")
+    s.add_argument("--idle-timeout", help="seconds, or e.g. 30m")
+    s.add_argument("--max-lifetime", help="seconds, or e.g. 8h")
+    s.add_argument("--spot", action="store_true")
+    s.add_argument("--budget-student", type=float, metavar="USD", help="estimated cost at which a lab is stopped")
+    s.add_argument("--budget-class", type=float, metavar="USD", help="estimated cost at which the class is stopped")
+    s.add_argument("--placement", choices=("own", "shared"), help="a cluster per student, or one for the class")
+    s = sub.add_parser("stop-class", parents=[gcp, wait], help="tear down every lab of a class")
+    s.add_argument("--class", dest="class_", required=True)
+    s = sub.add_parser("class-report", parents=[gcp], help="usage per student of a class")
+    s.add_argument("--class", dest="class_", required=True)
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("keep-alive", parents=[gcp, wait], help="keep a lab (or a class) from idle and nightly teardown")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--lab")
+    who.add_argument("--class", dest="class_", help="every lab of the class, and those it starts later")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--until", help="an ISO time with zone, e.g. 2026-11-27T02:00:00Z")
     g.add_argument("--for", dest="for_", help="seconds, or a duration like 4h")
@@ -473,14 +638,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--unpin", action="store_true")
     s = sub.add_parser("publish", parents=[gcp, wait], help="publish a raw JSON message (validated first)")
     s.add_argument("file", help="a JSON file, or - for stdin")
-    s = sub.add_parser("status", parents=[gcp], help="show every lab")
+    s = sub.add_parser("status", parents=[gcp], help="show every lab (and class)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--class", dest="class_", help="only this class's labs, and its cost")
     local = sub.add_parser("local", help="the local controller").add_subparsers(dest="local_cmd", required=True)
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
     s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
     s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
-    s.add_argument("lab")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("--class", dest="class_", help="the table of a class, for its instructor (tokens included)")
     s.add_argument("--json", action="store_true")
     infra = sub.add_parser("infra", help="dasklab's topics and timers on Google Cloud").add_subparsers(
         dest="infra_cmd", required=True)
@@ -524,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.from_env()
         handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
                    "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
+                   "start-class": cmd_publish, "stop-class": cmd_publish, "class-report": cmd_class_report,
                    "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra,
                    "deploy": cmd_deploy, "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)

@@ -39,7 +39,8 @@ def _publish_refusal(e: PermanentError, cmd, mid: str, request: str) -> None:
     except PermanentError:  # the controller's own configuration is refused: the log line is all there can be
         return
     ctl.publish_outcome(getattr(cmd, "type", None), _lab_of(cmd), mid, request, "refused", str(e),
-                        field=getattr(e, "field", None), rule=getattr(e, "rule", None))
+                        field=getattr(e, "field", None), rule=getattr(e, "rule", None),
+                        **{"class": getattr(cmd, "class_", None)})
 
 
 def _lab_of(cmd) -> str | None:

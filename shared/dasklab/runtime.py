@@ -33,6 +33,25 @@ def build_tombstones(config: Config):
     return FirestoreTombstones(config.project, config.firestore_database)
 
 
+def build_classes(config: Config):
+    """Where class records live: files under DASKLAB_HOME locally, Firestore on Google Cloud."""
+    if config.backend == "local":
+        from dasklab.adapters.local import FileClasses
+        return FileClasses(config.home)
+    from dasklab.adapters.firestore import FirestoreClasses
+    return FirestoreClasses(config.project, config.firestore_database)
+
+
+def build_wakeups(config: Config):
+    """A class's one-off wake-ups: files the local timer fires; on GKE, one-off Cloud Scheduler jobs (issue 14's GKE
+    side; until then None: the every-minute reconcile tick starts and ends classes alone)."""
+    if config.backend == "local":
+        from dasklab.local.timers import FileWakeups
+        return FileWakeups(config.home)
+    return None
+
+
 def build_controller(config: Config | None = None) -> Controller:
     config = config or current()
-    return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config))
+    return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config),
+                      classes=build_classes(config), wakeups=build_wakeups(config))

@@ -1,4 +1,5 @@
-"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab.
+"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab, and its
+class records (core.classes.Classes), one document per class.
 
 Document `dasklab-tombstones/<lab>`: `stopped_at` (the latest stop-lab's publish time, epoch seconds, kept with
 Firestore's server-side `maximum` transform so concurrent or out-of-order stop-labs never lower it) and
@@ -8,10 +9,12 @@ in any case). google-cloud-firestore is imported on first use only, so the funct
 
 from datetime import datetime, timezone
 
-from dasklab.core.errors import PermanentError, TransientError
+from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 COLLECTION = "dasklab-tombstones"
+DELETE = "delete"
+CLASSES = "dasklab-classes"  # `<class>`: {"version": n, "record": ClassRecord.to_dict()}
 
 
 def _translate(e: Exception, what: str) -> Exception:
@@ -57,3 +60,78 @@ class FirestoreTombstones:
                 {"lab": lab, "stopped_at": firestore.Maximum(published), "expire_at": expire}, merge=True)
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"write the tombstone of {lab}") from e
+
+
+class FirestoreClasses(FirestoreTombstones):
+    """Class records in Firestore: each write is a transaction that checks the version it read (optimistic, like the
+    labs' records), so two invocations never overwrite each other's decisions."""
+
+    def _ref(self, name: str):
+        return self._db().document(f"{CLASSES}/{name}")
+
+    def _call(self, what: str, fn):
+        from google.api_core import exceptions as gexc
+        try:
+            return fn()
+        except ConflictError:
+            raise
+        except (gexc.Aborted, gexc.Conflict) as e:  # a concurrent transaction won: retried with a fresh read
+            raise ConflictError(f"{what}: {e}") from e
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, what) from e
+
+    def fetch_classes(self) -> list:
+        from dasklab.core.classes import ClassRecord
+        docs = self._call("list the classes", lambda: list(self._db().collection(CLASSES).stream()))
+        return [ClassRecord.from_dict(d.get("record"), str(d.get("version"))) for d in docs]
+
+    def fetch_class(self, name: str):
+        from dasklab.core.classes import ClassRecord
+        doc = self._call(f"read class {name}", lambda: self._ref(name).get())
+        return ClassRecord.from_dict(doc.get("record"), str(doc.get("version"))) if doc.exists else None
+
+    def _transact(self, name: str, what: str, change) -> int | None:
+        """Run change(current data or None) → new data (None: write nothing; DELETE) in one transaction; the new
+        version."""
+        from google.cloud import firestore
+
+        @firestore.transactional
+        def run(tx):
+            doc = self._ref(name).get(transaction=tx)
+            data = change(doc.to_dict() if doc.exists else None)
+            if data == DELETE:
+                tx.delete(self._ref(name))
+            elif data is not None:
+                tx.set(self._ref(name), data)
+                return data["version"]
+            return None
+
+        return self._call(what, lambda: run(self._db().transaction(max_attempts=1)))
+
+    def apply_class(self, record):
+        from dataclasses import replace
+
+        def change(current):
+            version = str(current["version"]) if current else ""
+            if version != record.version:
+                raise ConflictError(f"class {record.name} changed since it was read (version {record.version})")
+            return {"version": int(version or 0) + 1, "record": record.to_dict()}
+
+        return replace(record, version=str(self._transact(record.name, f"write class {record.name}", change)))
+
+    def apply_usage(self, name: str, student: str, usage: dict) -> None:
+        def change(current):
+            if current is None:
+                return None
+            current["record"].setdefault("usage", {})[student] = usage
+            return {**current, "version": current["version"] + 1}
+
+        self._transact(name, f"record {student}'s usage in class {name}", change)
+
+    def apply_forget_class(self, record) -> None:
+        def change(current):
+            if current is not None and str(current["version"]) != record.version:
+                raise ConflictError(f"class {record.name} changed since it was read (version {record.version})")
+            return DELETE if current is not None else None
+
+        self._transact(record.name, f"forget class {record.name}", change)

@@ -573,3 +573,68 @@ class FileTombstones:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"lab": lab, "stopped_at": published}))
                 os.replace(tmp, path)
+
+
+class FileClasses:
+    """The local backend's class records (core.classes.Classes): `<home>/classes/<class>.json`, written under a lock
+    with a version counter for optimistic concurrency."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "classes"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _locked(self):
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self, name: str) -> dict | None:
+        try:
+            return json.loads((self.root / f"{name}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def _write(self, name: str, data: dict) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.root / f"{name}.json")
+
+    def fetch_classes(self) -> list:
+        from dasklab.core.classes import ClassRecord
+        records = ((p.stem, self._read(p.stem)) for p in sorted(self.root.glob("*.json")))
+        return [ClassRecord.from_dict(r["record"], str(r["version"])) for _, r in records if r]
+
+    def fetch_class(self, name: str):
+        from dasklab.core.classes import ClassRecord
+        data = self._read(name)
+        return ClassRecord.from_dict(data["record"], str(data["version"])) if data else None
+
+    def apply_class(self, record):
+        with self._locked():
+            data = self._read(record.name)
+            current = str(data["version"]) if data else ""
+            if current != record.version:
+                raise ConflictError(f"class {record.name} changed since it was read (version {record.version})")
+            version = int(current or 0) + 1
+            self._write(record.name, {"version": version, "record": record.to_dict()})
+        return replace(record, version=str(version))
+
+    def apply_usage(self, name: str, student: str, usage: dict) -> None:
+        with self._locked():
+            data = self._read(name)
+            if data is None:
+                return
+            data["record"].setdefault("usage", {})[student] = usage
+            data["version"] += 1
+            self._write(name, data)
+
+    def apply_forget_class(self, record) -> None:
+        with self._locked():
+            data = self._read(record.name)
+            if data is not None and str(data["version"]) != record.version:
+                raise ConflictError(f"class {record.name} changed since it was read (version {record.version})")
+            (self.root / f"{record.name}.json").unlink(missing_ok=True)

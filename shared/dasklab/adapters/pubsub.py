@@ -34,7 +34,7 @@ def publish(project: str, topic: str, payload: dict, timeout: float = 30.0, **at
         raise TransientError(f"publish to {topic} failed: {e}") from e
 
 
-EVENT_ATTRIBUTES = ("event", "lab", "message_id", "request_id")  # copied to attributes: subscription filters read them
+EVENT_ATTRIBUTES = ("event", "lab", "class", "message_id", "request_id")  # copied to attributes: subscription filters read them
 
 
 class PubSubEvents:

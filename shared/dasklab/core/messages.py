@@ -69,7 +69,7 @@ class _Refusal(ValueError):
 
 
 def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+    return ".".join(p for p in parts if p).replace(".[", "[")
 
 
 _AT = re.compile(r" - at `(key` in `)?\$([^`]*)`$")  # msgspec's "<rule> - at `$.worker.env[0]`"
@@ -330,12 +330,15 @@ class StopLab(_Command, tag="stop-lab", kw_only=True):
 
 
 class KeepAlive(_Command, tag="keep-alive", kw_only=True):
-    lab: _Lab
+    lab: _Lab | None = None
+    class_: _Lab | None = msgspec.field(default=None, name="class")  # every lab of the class
     until: datetime | None = None
     for_: int | str | None = msgspec.field(default=None, name="for")  # seconds once parsed
 
     def __post_init__(self):
         super().__post_init__()
+        if (self.lab is None) == (self.class_ is None):
+            raise ValueError("give exactly one of 'lab' or 'class'")
         _set(self, "for_", _seconds, field="for")
         if self.until is not None and self.until.tzinfo is None:
             raise _Refusal("until", "must carry a time zone, e.g. 2026-11-27T02:00:00Z")
@@ -361,6 +364,90 @@ class Scale(_Command, tag="scale", kw_only=True):
             raise ValueError("give pin or unpin, not both")
 
 
+def _at(value: str) -> datetime:
+    """An ISO 8601 time with its zone ('2026-12-07T09:00-08:00', seconds optional)."""
+    try:
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("must be an ISO time with zone, e.g. 2026-12-07T09:00-08:00") from None
+    if value.tzinfo is None:
+        raise ValueError("must carry a time zone, e.g. 2026-12-07T09:00-08:00")
+    return value
+
+
+def _roster(names: list[str], class_name: str) -> list[str]:
+    """Each student's lab is `<class>-<student>`: the name must be a lab name and a label value; no repeats."""
+    seen: set[str] = set()
+    for i, student in enumerate(names):
+        if not re.fullmatch(LABEL_VALUE, student) or not re.fullmatch(LAB_NAME, f"{class_name}-{student}"):
+            raise _Refusal(f"[{i}]", f"{student!r}: the lab {class_name}-{student} must be ≤ 40 chars of "
+                                           "lowercase letters, digits and hyphens ending with a letter or digit (GKE "
+                                           "cluster name rules), so a student name is lowercase letters, digits and "
+                                           f"hyphens, at most {39 - len(class_name)} chars for class {class_name}")
+        if student in seen:
+            raise _Refusal(f"[{i}]", f"{student!r} is listed twice")
+        seen.add(student)
+    return names
+
+
+_USD = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Budget(_Strict):
+    """USD, estimated as `dasklab status` does: per student lab and for the whole class."""
+
+    student: _USD | None = None
+    class_: _USD | None = msgspec.field(default=None, name="class")
+
+
+PLACEMENTS = ("own", "shared")
+
+
+class StartClass(_Command, tag="start-class", kw_only=True):
+    """A lab per student, named `<class>-<student>`, all from one template (validated as a start-lab's)."""
+
+    class_: _Lab = msgspec.field(name="class")
+    owner: _Owner
+    roster: Annotated[list[str], msgspec.Meta(min_length=1, max_length=500)]
+    workers: WorkerCounts = msgspec.field(default_factory=WorkerCounts)
+    machine_type: str | None = None
+    worker_resources: WorkerResources | None = None
+    idle_timeout: int | str | None = None
+    max_lifetime: int | str | None = None
+    spot: bool = False
+    values: dict | str = msgspec.field(default_factory=dict)
+    mixed_environment: bool = False
+    at: str | None = None  # a datetime once parsed: when the labs must be ready (provisioning starts a lead time before)
+    duration: int | str | None = None  # seconds once parsed: the labs are torn down at `at` (or now) + duration
+    budget: Budget = msgspec.field(default_factory=Budget)
+    placement: str = ""  # "" = the controller's default; "own" = a cluster per student; "shared" = one per class
+
+    def __post_init__(self):
+        super().__post_init__()
+        _set(self, "roster", lambda names: _roster(names, self.class_))
+        _set(self, "at", _at)
+        _set(self, "duration", _seconds)
+        if self.placement not in ("", *PLACEMENTS):
+            raise _Refusal("placement", f"must be one of {', '.join(PLACEMENTS)}")
+
+    def student_lab(self, student: str) -> StartLab:
+        """The start-lab of one student's lab (validated as one: its refusals name the start-lab's fields)."""
+        return StartLab(lab=f"{self.class_}-{student}", owner=self.owner, workers=self.workers,
+                        machine_type=self.machine_type, worker_resources=self.worker_resources,
+                        idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, spot=self.spot,
+                        values=self.values, mixed_environment=self.mixed_environment)
+
+
+class StopClass(_Command, tag="stop-class", kw_only=True):
+    class_: _Lab = msgspec.field(name="class")
+
+
+class ReconcileClass(_Command, tag="reconcile-class", kw_only=True):
+    """A class's wake-up (its `at` minus the lead time, its end): one reconcile pass over that class."""
+
+    class_: _Lab = msgspec.field(name="class")
+
+
 class Reconcile(_Command, tag="reconcile"):
     budget_seconds: Annotated[float, msgspec.Meta(ge=0, le=530)] | None = None
 
@@ -373,9 +460,10 @@ class NightlyTeardown(_Command, tag="nightly-teardown"):
     pass
 
 
-Command = Union[StartLab, UpdateLab, StopLab, KeepAlive, Scale, Reconcile, TeardownIdle, NightlyTeardown]
-COMMAND_TYPES = ("start-lab", "update-lab", "stop-lab", "keep-alive", "scale")
-TICK_TYPES = ("reconcile", "teardown-idle", "nightly-teardown")
+Command = Union[StartLab, UpdateLab, StopLab, KeepAlive, Scale, StartClass, StopClass, Reconcile, ReconcileClass,
+                TeardownIdle, NightlyTeardown]
+COMMAND_TYPES = ("start-lab", "update-lab", "stop-lab", "keep-alive", "scale", "start-class", "stop-class")
+TICK_TYPES = ("reconcile", "reconcile-class", "teardown-idle", "nightly-teardown")
 _DECODER = msgspec.json.Decoder(Command, strict=False)  # lax like JSON senders expect: "8" → 8, 1 → true
 
 

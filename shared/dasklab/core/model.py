@@ -68,6 +68,7 @@ class LabSpec:
     class_name: str = ""  # the class this lab is a student's lab of ("" = a lab of its own)
     student: str = ""  # the student (a roster name) whose lab it is, within class_name
     placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
+    budget_usd: float | None = None  # estimated cost at which the lab is warned (80 %), shrunk (90 %), torn down
 
     @property
     def workers_per_node(self) -> int:
@@ -106,6 +107,10 @@ class LabState:
     update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
     start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
     first_used_at: float | None = None  # when a client or a task was first seen: the warm-up ends there
+    peak_workers: int = 0  # the highest worker target so far (the class report)
+    busy_s: float = 0.0  # seconds with tasks running or queued, up to busy_since (the class report)
+    busy_since: float | None = None  # when the current busy spell began (None: not busy when last observed)
+    budget_stage: str = ""  # the budget's steps taken: "", "warned", "minimum"
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ from dasklab.core.config import Config
 from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
     TransientError, ValidationError
 from dasklab.core.environment import environment_record
-from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, Scale, StartLab, StopLab, TeardownIdle, \
-    UpdateLab, build_spec, build_update, check_caps
+from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, StartClass, \
+    StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_update, check_caps, parse_command
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
+from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
+    class_cost, class_usage, plan_budget, plan_class, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
@@ -38,6 +40,8 @@ class Controller:
     # lab → (not before, rate limits in a row): this invocation's pacing after a rate limit, nothing more
     _backoff: dict = field(init=False, default_factory=dict)
     tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
+    classes: Classes | None = None  # class records (None: start-class is refused)
+    wakeups: Wakeups | None = None  # one-off timers for a class's `at` and end (None: the reconcile ticks alone)
 
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction,
@@ -50,15 +54,18 @@ class Controller:
         """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
         handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
         refusal is raised (PermanentError) and published by the entry point."""
-        if isinstance(cmd, (StartLab, StopLab)):
-            handler = self.start_lab if isinstance(cmd, StartLab) else self.stop_lab
+        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass)):
+            handler = {StartLab: self.start_lab, StopLab: self.stop_lab, StartClass: self.start_class,
+                       StopClass: self.stop_class}[type(cmd)]
             outcome = handler(cmd, message_id, published)
         else:
             handler = {UpdateLab: self.update_lab, KeepAlive: self.keep_alive, Scale: self.scale,
-                       Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick}[type(cmd)]
+                       Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick,
+                       ReconcileClass: self.wake_class}[type(cmd)]
             outcome = handler(cmd, message_id)
         if outcome is not None:  # ticks have no sender waiting
-            self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome)
+            self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome,
+                                 **{"class": getattr(cmd, "class_", None)})
 
     def publish_outcome(self, command: str | None, lab: str | None, message_id: str, request_id: str, outcome: str,
                         reason: str, **extra) -> None:
@@ -71,7 +78,10 @@ class Controller:
         return self.tombstones.fetch_stopped(name, now) if self.tombstones is not None else None
 
     def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> tuple[str, str]:
-        spec = build_spec(cmd, self.config)
+        return self._start(build_spec(cmd, self.config), mid, published)
+
+    def _start(self, spec, mid: str, published: float | None) -> tuple[str, str]:
+        """Create the lab of this spec unless it exists or a later stop-lab says otherwise (start-lab and classes)."""
         now = self.clock()
         timed, published = published is not None, now if published is None else published
         stopped = self._stopped(spec.name, now)
@@ -96,7 +106,8 @@ class Controller:
             self.backend.apply_environment(spec)  # e.g. a pip install that fails: refused before anything exists
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,
-                                     target_workers=spec.initial_workers, start_published=published))
+                                     target_workers=spec.initial_workers, start_published=published,
+                                     peak_workers=spec.initial_workers))
             try:
                 created = self.backend.apply_create(lab)
             except PermanentError as e:  # refused (a quota, a permission): the owner hears it, then the sender
@@ -183,6 +194,8 @@ class Controller:
         until = cmd.deadline(now)
         if until <= now:
             raise ValidationError("until", "must be in the future")
+        if cmd.class_ is not None:
+            return self.keep_class_alive(cmd, until, mid)
         lab = self._lab_or_none(cmd.lab, "keep-alive", mid)
         if lab is None:
             return NOTHING_TO_DO, f"no lab named {cmd.lab}"
@@ -249,6 +262,8 @@ class Controller:
         while True:
             left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s),
                                       idle=idle if isinstance(cmd, Reconcile) else None)
+            if isinstance(cmd, Reconcile):
+                left += self.reconcile_classes(mid)
             if left and not isinstance(cmd, Reconcile):
                 raise TransientError(f"{cmd.type}: retry for {', '.join(left)}")
             if self.clock() + self.config.poll_s >= deadline:
@@ -327,6 +342,10 @@ class Controller:
         Jupyter is read once the scheduler alone would let the lab go."""
         now = self.clock()
         phase = lab.state.phase
+        if phase != TEARING_DOWN and lab.spec.budget_usd is not None:
+            lab = self._enforce_lab_budget(lab, now, mid)
+            if lab is None:
+                return
         if phase != TEARING_DOWN:
             idle = tick == "teardown-idle" if idle is None else idle
             load = self._load_or_none(lab, idle, now) if phase == READY else None
@@ -395,9 +414,10 @@ class Controller:
         requested = self.backend.fetch_requested(lab)
         lab = self._check_health(lab, load, requested, now, mid)
         decision = plan_scale(lab.spec, lab.state, load, requested, now, self.params)
-        if decision.target != lab.state.target_workers or decision.remember:
+        usage = _usage_changes(lab.state, load.busy, decision.target, now)
+        if decision.target != lab.state.target_workers or decision.remember or usage:
             before = lab.state.target_workers
-            changes = dict(decision.remember, target_workers=decision.target)
+            changes = dict(decision.remember, target_workers=decision.target, **usage)
             lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
             if decision.action != HOLD:
                 logs.decision(lab.name, f"scale-{decision.action}", before, decision.target, decision.reason, mid,
@@ -438,6 +458,308 @@ class Controller:
                           workers=chosen, message_id=mid)
         else:
             self.backend.apply_settle(lab)
+
+    # --- classes ---
+
+    def _class_store(self) -> Classes:
+        if self.classes is None:
+            raise PermanentError("this controller has no class store: classes are not available")
+        return self.classes
+
+    def _class_labs(self, name: str, labs: list[Lab] | None = None) -> dict[str, Lab]:
+        """The class's labs that exist, by student."""
+        labs = self.backend.fetch_labs() if labs is None else labs
+        return {lab.spec.student: lab for lab in labs if lab.spec.class_name == name}
+
+    def _lead(self, record: ClassRecord) -> tuple[float, str]:
+        return plan_lead_time(record.lead_samples, DEFAULT_LEAD_S.get(self.config.backend, DEFAULT_LEAD_S["gke"]))
+
+    def _student_spec(self, record: ClassRecord, student: str):
+        """A student's lab: the start-lab the class's template gives, built and capped as any start-lab's."""
+        spec = build_spec(parse_command(record.template).student_lab(student), self.config)
+        return replace(spec, class_name=record.name, student=student, placement=record.placement,
+                       budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until)
+
+    def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
+        """Record the class (roster, template, at, duration, budgets), then one class step: the labs missing are
+        created (now, or a lead time before `at`), those of students no longer listed stopped gracefully."""
+        import msgspec
+        store, now = self._class_store(), self.clock()
+        published = now if published is None else published
+        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement)
+        existing = {lab.name: lab for lab in self.backend.fetch_labs()}
+        for i, student in enumerate(cmd.roster):  # every lab validated as a start-lab before anything is written
+            spec = self._student_spec(probe, student)
+            other = existing.get(spec.name)
+            if other is not None and (other.spec.class_name, other.spec.owner) != (cmd.class_, cmd.owner):
+                raise ValidationError(f"roster[{i}]", f"lab {spec.name} exists and is not a lab of class "
+                                                      f"{cmd.class_} (owner {other.spec.owner}): rename the student")
+        record = store.fetch_class(cmd.class_)
+        if record is not None and record.stopped is not None and published < record.stopped:
+            why = (f"start-class published at {_iso(published)}, before the class's stop at {_iso(record.stopped)}: "
+                   "the stop wins; send a new start-class to start the class again")
+            logs.emit("INFO", action="start-class", reason=why, message_id=mid, **{"class": cmd.class_})
+            return NOTHING_TO_DO, why
+        if record is not None and published < record.published:
+            why = (f"start-class published at {_iso(published)}, before the one the class stands for "
+                   f"({_iso(record.published)}): the newer one stays")
+            logs.emit("INFO", action="start-class", reason=why, message_id=mid, **{"class": cmd.class_})
+            return NOTHING_TO_DO, why
+        if record is not None and not record.is_stopped and record.owner != cmd.owner:
+            raise ValidationError("owner", f"class {cmd.class_} exists and belongs to {record.owner}")
+        fresh = record is None or record.is_stopped
+        base = record if not fresh else ClassRecord(
+            cmd.class_, created_at=now, stopped=record and record.stopped, version=record.version if record else "",
+            lead_samples=record.lead_samples if record else ())
+        new = replace(base, owner=cmd.owner, roster=tuple(cmd.roster), template=probe.template,
+                      at=cmd.at.timestamp() if cmd.at else None, duration_s=cmd.duration,
+                      budget_student_usd=cmd.budget.student, budget_class_usd=cmd.budget.class_,
+                      placement=cmd.placement, published=published)
+        if not fresh and replace(new, published=record.published) == record:
+            if published > record.published:
+                store.apply_class(new)
+            logs.emit("INFO", action="start-class", reason="class unchanged", message_id=mid, **{"class": new.name})
+            self.reconcile_class(store.fetch_class(new.name) or new, mid)
+            return NOTHING_TO_DO, f"class {new.name} unchanged: its {len(new.roster)} lab(s) are as asked"
+        new = store.apply_class(new)
+        before = set() if fresh else set(record.roster)
+        added, removed = [s for s in new.roster if s not in before], sorted(before - set(new.roster))
+        logs.decision(new.name, "start-class", sorted(before), list(new.roster), "start-class", mid,
+                      **{"class": new.name})
+        lead, lead_why = self._lead(new)
+        if self.wakeups is not None:
+            if new.at is not None and new.at - lead > now:
+                self.wakeups.apply_wakeup(f"{new.name}-start", new.at - lead, wakeup_message(new.name))
+            if new.end is not None:
+                self.wakeups.apply_wakeup(f"{new.name}-end", new.end, wakeup_message(new.name))
+        self.reconcile_class(new, mid)
+        parts = [f"class {new.name}: {len(new.roster)} student(s)"]
+        if added:
+            when = f"provisioning starts at {_iso(new.at - lead)} ({lead_why}) to be ready at {_iso(new.at)}" \
+                if new.at is not None and new.at - lead > now else "provisioning"
+            parts.append(f"{len(added)} lab(s) added ({', '.join(added)}): {when}")
+        if removed:
+            parts.append(f"{len(removed)} lab(s) removed gracefully ({', '.join(removed)})")
+        if new.end is not None:
+            parts.append(f"the labs end at {_iso(new.end)}")
+        return ACCEPTED, "; ".join(parts) + "; class-ready follows"
+
+    def stop_class(self, cmd: StopClass, mid: str, published: float | None = None) -> tuple[str, str]:
+        """Every lab of the class stopped gracefully; the stop is kept, so an older start-class never restarts it."""
+        store, now = self._class_store(), self.clock()
+        published = now if published is None else published
+        record = store.fetch_class(cmd.class_)
+        if record is None:  # kept as a tombstone: a start-class published before it must not start the class
+            store.apply_class(ClassRecord(cmd.class_, created_at=now, stopped=published, deleted_at=now,
+                                          stop_reason="stop-class requested"))
+            return NOTHING_TO_DO, f"no class named {cmd.class_}"
+        if published < record.published:
+            why = (f"stop-class published at {_iso(published)}, before the start-class the class stands for "
+                   f"({_iso(record.published)}): the class stays")
+            logs.emit("INFO", action="stop-class", reason=why, message_id=mid, **{"class": record.name})
+            return NOTHING_TO_DO, why
+        already = record.is_stopped
+        if record.stopped is None or record.stopped < published:
+            record = store.apply_class(replace(record, stopped=published, stop_reason=record.stop_reason if already
+                                               else "stop-class requested"))
+        if self.wakeups is not None:
+            for key in (f"{record.name}-start", f"{record.name}-end"):
+                self.wakeups.apply_cancel(key)
+        labs = self._class_labs(record.name)
+        self.reconcile_class(record, mid)
+        if already:
+            return NOTHING_TO_DO, f"class {record.name} already stopped ({record.stop_reason})"
+        logs.decision(record.name, "stop-class", list(record.roster), [], "stop-class requested", mid,
+                      **{"class": record.name})
+        return ACCEPTED, f"class {record.name}: teardown of {len(labs)} lab(s) started; class-deleted follows"
+
+    def keep_class_alive(self, cmd: KeepAlive, until: float, mid: str) -> tuple[str, str]:
+        """keep-alive for every lab of the class, and for the labs it creates later."""
+        store = self._class_store()
+        record = store.fetch_class(cmd.class_)
+        if record is None or record.is_stopped:
+            return NOTHING_TO_DO, f"no class named {cmd.class_}"
+        if (record.keep_alive_until or 0) < until:
+            record = store.apply_class(replace(record, keep_alive_until=until))
+        labs = [lab for lab in self._class_labs(record.name).values() if lab.state.phase != TEARING_DOWN]
+        for lab in labs:
+            self.keep_alive(KeepAlive(lab=lab.name, until=datetime.fromtimestamp(until, timezone.utc)), mid)
+        return DONE, f"class {record.name}: {len(labs)} lab(s) kept alive until {_iso(until)}, and any started later"
+
+    def wake_class(self, cmd: ReconcileClass, mid: str) -> None:
+        """A class's wake-up (a lead time before `at`, its end): one step of that class now."""
+        record = self._class_store().fetch_class(cmd.class_)
+        if record is not None:
+            self.reconcile_class(record, mid)
+
+    def reconcile_classes(self, mid: str = "") -> list[str]:
+        """One step of every class (after a pass over the labs); returns the classes to retry."""
+        if self.classes is None:
+            return []
+        records = self.classes.fetch_classes()
+        labs = self.backend.fetch_labs() if records else []
+        left = []
+        for record in records:
+            try:
+                if not self.reconcile_class(record, mid, labs):
+                    left.append(f"class {record.name}")
+            except TransientError as e:
+                logs.emit("WARNING", action="reconcile-class", reason=f"retry later: {e}", message_id=mid,
+                          **{"class": record.name})
+                left.append(f"class {record.name}")
+        return left
+
+    def reconcile_class(self, record: ClassRecord, mid: str = "", labs: list[Lab] | None = None) -> bool:
+        """Observe the class's labs, plan (plan_class, plan_budget), act: each lab one step. False if a lab's step
+        is to be retried."""
+        store, now = self._class_store(), self.clock()
+        if record.deleted_at is not None and now - record.deleted_at > CLASS_KEPT_S:
+            store.apply_forget_class(record)
+            return True
+        mine = self._class_labs(record.name, labs)
+        record = self._enforce_class_budget(record, mine, now, mid)
+        lead, _ = self._lead(record)
+        plan = plan_class(record, mine, now, lead)
+        if plan.ended:
+            record = store.apply_class(replace(record, stopped=now, stop_reason=plan.ended))
+            logs.decision(record.name, "class-end", list(record.roster), [], plan.ended, mid, **{"class": record.name})
+        ok, added, dropped = True, {}, set()
+        for student, why in plan.stop:
+            if student not in record.roster:  # removed: once added again, a new lab is created
+                dropped.add(student)
+            ok = self._class_step(record, student, mid, lambda: self._stop_student(mine[student], why, record,
+                                                                                   now, mid)) and ok
+        for student in plan.start:
+            if self._class_step(record, student, mid,
+                                lambda: self._start(self._student_spec(record, student), mid, record.published)):
+                added[student] = now
+            else:
+                ok = False
+        changes = {}
+        if plan.ready:
+            changes.update(self._class_ready(record, mine, lead, now))
+        if plan.deleted:
+            self._publish_class_deleted(record, now)
+            changes["deleted_at"] = now
+        if changes or added or dropped & set(record.started):
+            if dropped:  # a lab deleted meanwhile wrote its usage: the record is read again
+                record = store.fetch_class(record.name) or record
+            started = {s: t for s, t in {**record.started, **added}.items() if s not in dropped}
+            changes.setdefault("ready_roster", tuple(s for s in record.ready_roster if s not in dropped))
+            store.apply_class(replace(record, started=started, **changes))
+        return ok
+
+    def _class_step(self, record: ClassRecord, student: str, mid: str, step) -> bool:
+        """One student's step: a transient failure is retried on the next pass, a refusal is said (the lab's own
+        events say the rest) and not retried."""
+        try:
+            step()
+            return True
+        except TransientError as e:
+            logs.emit("WARNING", action="reconcile-class", lab=record.lab_name(student), reason=f"retry later: {e}",
+                      message_id=mid, **{"class": record.name})
+            return False
+        except PermanentError as e:
+            logs.emit("ERROR", action="reconcile-class", lab=record.lab_name(student), reason=str(e), message_id=mid,
+                      **{"class": record.name})
+            return True
+
+    def _stop_student(self, lab: Lab, reason: str, record: ClassRecord, now: float, mid: str) -> None:
+        """A normal stop-lab (its tombstone at the class's message time): graceful, reported by lab-deleted."""
+        published = record.stopped if record.is_stopped else record.published if lab.spec.student not in \
+            record.roster else now
+        logs.emit("INFO", action="class-stop-lab", lab=lab.name, reason=reason, message_id=mid,
+                  **{"class": record.name})
+        self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published))
+
+    def _class_ready(self, record: ClassRecord, mine: dict[str, Lab], lead: float, now: float) -> dict:
+        """Publish class-ready with who connects how (no secret: tokens stay with the backend); returns the record's
+        changes (the roster announced, the creation times observed for the lead time)."""
+        table = []
+        for student in record.roster:
+            lab = mine.get(student)
+            row = {"student": student, "lab": record.lab_name(student)}
+            if lab is not None and lab.state.phase == READY:
+                row.update(phase=READY, connection=self.backend.connection_info(lab))
+            else:
+                row.update(phase="gone", reason=record.usage.get(student, {}).get("reason", "ended"))
+            table.append(row)
+        self.events.publish({"event": "class-ready", "class": record.name, "owner": record.owner, "time": now,
+                             "at": record.at and _iso(record.at), "ends_at": record.end and _iso(record.end),
+                             "lead_time_s": round(lead), "labs": table,
+                             "connect": f"dasklab connect --class {record.name}  # the instructor: tokens included"})
+        logs.decision(record.name, "class-ready", list(record.ready_roster), list(record.roster),
+                      f"{len(table)} lab(s) of class {record.name} ready", **{"class": record.name})
+        seen = [lab.state.ready_at - lab.state.created_at for s, lab in mine.items()
+                if s not in record.ready_roster and lab.state.ready_at is not None]
+        return {"ready_roster": tuple(record.roster),
+                "lead_samples": (tuple(record.lead_samples) + tuple(round(x, 1) for x in seen))[-LEAD_SAMPLES:]}
+
+    def _publish_class_deleted(self, record: ClassRecord, now: float) -> None:
+        usage = class_usage(record, {}, now)
+        self.events.publish({
+            "event": "class-deleted", "class": record.name, "owner": record.owner, "time": now,
+            "reason": record.stop_reason, "students": len(usage),
+            "node_hours": round(sum(u["node_hours"] for u in usage.values()), 4),
+            "estimated_cost_usd": round(sum(u["cost_usd"] for u in usage.values()), 4),
+            "per_student": {s: {"node_hours": u["node_hours"], "estimated_cost_usd": u["cost_usd"]}
+                            for s, u in sorted(usage.items())}})
+        logs.decision(record.name, "class-deleted", "stopped", "gone", record.stop_reason, **{"class": record.name})
+
+    # --- budgets ---
+
+    def _publish_budget(self, action: str, reason: str, cost: float, budget: float, **who) -> None:
+        event = {"warn": "budget-warning", "minimum": "budget-minimum", "teardown": "budget-reached"}[action]
+        self.events.publish({"event": event, **who, "time": self.clock(), "estimated_cost_usd": cost,
+                             "budget_usd": budget, "reason": reason})
+
+    def _to_minimum(self, lab: Lab, stage: str, reason: str, mid: str) -> Lab:
+        """The lab's workers down to its minimum (gracefully, by the autoscaler), and kept there."""
+        spec = lab.spec
+        lab = self.backend.apply_record(replace(lab, spec=replace(spec, max_workers=spec.min_workers,
+                                                                  pinned_workers=None)).with_state(budget_stage=stage))
+        logs.decision(lab.name, "budget-minimum", spec.max_workers, spec.min_workers, reason, mid)
+        return lab
+
+    def _enforce_lab_budget(self, lab: Lab, now: float, mid: str) -> Lab | None:
+        """A student's budget: warned, then down to its minimum, then torn down (None: teardown begun)."""
+        cost = estimate_cost(lab.spec, now - lab.state.created_at, node_seconds_at(lab, now))
+        decision = plan_budget(cost, lab.spec.budget_usd, lab.state.budget_stage, "lab")
+        if decision.action == "none":
+            return lab
+        who = {"lab": lab.name, "owner": lab.spec.owner, "class": lab.spec.class_name or None,
+               "student": lab.spec.student or None}
+        self._publish_budget(decision.action, decision.reason, cost, lab.spec.budget_usd,
+                             **{k: v for k, v in who.items() if v})
+        if decision.action == "teardown":
+            self._begin_teardown(lab, decision.reason, mid)
+            return None
+        if decision.action == "minimum":
+            return self._to_minimum(lab, decision.stage, decision.reason, mid)
+        logs.decision(lab.name, "budget-warning", lab.state.budget_stage, decision.stage, decision.reason, mid)
+        return self.backend.apply_record(lab.with_state(budget_stage=decision.stage))
+
+    def _enforce_class_budget(self, record: ClassRecord, mine: dict[str, Lab], now: float,
+                              mid: str) -> ClassRecord:
+        """The class's budget over all its labs (those gone included): warned, labs to their minimum, class
+        stopped."""
+        if record.budget_class_usd is None or record.is_stopped:
+            return record
+        cost = class_cost(record, mine, now)
+        decision = plan_budget(cost, record.budget_class_usd, record.budget_stage, "class")
+        if decision.action == "none":
+            return record
+        self._publish_budget(decision.action, decision.reason, cost, record.budget_class_usd,
+                             **{"class": record.name, "owner": record.owner})
+        logs.decision(record.name, f"class-budget-{decision.action}", record.budget_stage, decision.stage,
+                      decision.reason, mid, **{"class": record.name})
+        if decision.action == "teardown":
+            return self._class_store().apply_class(replace(record, stopped=now, stop_reason=decision.reason))
+        if decision.action == "minimum":
+            for lab in mine.values():
+                if lab.state.phase != TEARING_DOWN and lab.spec.max_workers > lab.spec.min_workers:
+                    self._to_minimum(lab, lab.state.budget_stage, decision.reason, mid)
+        return self._class_store().apply_class(replace(record, budget_stage=decision.stage))
 
     # --- helpers ---
 
@@ -492,7 +814,20 @@ class Controller:
             "event": "lab-deleted", "lab": lab.name, "owner": lab.spec.owner, "time": now,
             "reason": lab.state.reason, "lifetime_s": round(lifetime, 1),
             "node_hours": round(lab.state.node_seconds / 3600, 4),
-            "estimated_cost_usd": estimate_cost(lab.spec, lifetime, lab.state.node_seconds)})
+            "estimated_cost_usd": estimate_cost(lab.spec, lifetime, lab.state.node_seconds),
+            **({"class": lab.spec.class_name, "student": lab.spec.student} if lab.spec.class_name else {})})
+        if lab.spec.class_name and self.classes is not None:  # the class report outlives the lab
+            self.classes.apply_usage(lab.spec.class_name, lab.spec.student, usage_of(lab, now))
+
+
+def _usage_changes(state: LabState, busy: bool, target: int, now: float) -> dict:
+    """What the class report keeps on the lab: the peak worker target, and time busy (written on changes only)."""
+    changes = {"peak_workers": target} if target > state.peak_workers else {}
+    if busy and state.busy_since is None:
+        changes["busy_since"] = now
+    elif not busy and state.busy_since is not None:
+        changes.update(busy_s=state.busy_s + now - state.busy_since, busy_since=None)
+    return changes
 
 
 def _iso(t: float) -> str:

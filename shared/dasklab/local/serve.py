@@ -17,7 +17,7 @@ from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
-from dasklab.local.timers import LocalTimer, load_infra
+from dasklab.local.timers import FileWakeups, LocalTimer, load_infra
 
 REPO = Path(__file__).resolve().parents[3]
 FUNCTIONS_SOURCE = REPO / "functions" / "main.py"
@@ -88,7 +88,10 @@ class LocalController:
             "control_topic": self.infra["topics"]["control"], "status_topic": self.infra["topics"]["status"],
             "functions_log": str(self.functions_log)}))
         if self.fire_timers:
-            self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",)).start()
+            self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",),
+                                    wakeups=FileWakeups(self.home),
+                                    deliver=lambda message: publish_local(self.home, message,
+                                                                          tick=message["type"])).start()
 
     def _fire(self, job, seconds_to_next: float) -> str:
         """Publish a job's tick. A reconcile tick polls until just before the next one: the emulator pushes at

@@ -1,7 +1,10 @@
 """Timer definitions (infra/dasklab.yaml, the one source of truth for schedules) and the local timer."""
 
+import fcntl
+import json
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,9 +73,11 @@ class LocalTimer:
     """
 
     def __init__(self, jobs: list[Job], fire: Callable[[Job, float], None], fire_at_start: tuple[str, ...] = (),
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 wakeups: "FileWakeups | None" = None, deliver: Callable[[dict], None] | None = None):
         self.jobs, self.fire, self.clock = {j.name: j for j in jobs}, fire, clock
         self.fire_at_start = fire_at_start
+        self.wakeups, self.deliver = wakeups, deliver  # one-off wake-ups: each due one's message is delivered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dasklab-timer", daemon=True)
 
@@ -104,4 +109,58 @@ class LocalTimer:
             for name, when in due.items():
                 if when <= now:
                     due[name] = self._fire(self.jobs[name])
-            self._stop.wait(max(0.05, min((w - now).total_seconds() for w in due.values())))
+            wait = min(((w - now).total_seconds() for w in due.values()), default=3600.0)
+            if self.wakeups is not None:
+                self._wake(now.timestamp())
+                wait = min(wait, 1.0)  # wake-ups are files the controller writes: looked at every second
+            self._stop.wait(max(0.05, wait))
+
+    def _wake(self, now: float) -> None:
+        """Deliver each due wake-up, then drop it (one moved meanwhile, to a later time, is kept)."""
+        for wakeup in self.wakeups.fetch_due(now):
+            self.deliver(wakeup["message"])
+            path = self.wakeups.root / f"{wakeup['key']}.json"
+            with self.wakeups.locked():
+                try:
+                    if json.loads(path.read_text())["at"] <= now:
+                        path.unlink()
+                except (FileNotFoundError, ValueError):
+                    pass
+
+
+class FileWakeups:
+    """The local backend's one-off timers (core.classes.Wakeups): `<home>/wakeups/<key>.json` written by the
+    controller, fired by the local timer (LocalTimer with `wakeups`) once due, then dropped."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "wakeups"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def apply_wakeup(self, key: str, at_epoch: float, message: dict) -> None:
+        parse_command(message)  # a wake-up delivers a valid command or none
+        with self.locked():
+            tmp = self.root / f".{key}.tmp"
+            tmp.write_text(json.dumps({"key": key, "at": at_epoch, "message": message}))
+            os.replace(tmp, self.root / f"{key}.json")
+
+    @contextmanager
+    def locked(self):
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def apply_cancel(self, key: str) -> None:
+        (self.root / f"{key}.json").unlink(missing_ok=True)
+
+    def fetch_due(self, now: float) -> list[dict]:
+        """The wake-ups due at `now`, earliest first."""
+        found = []
+        for path in self.root.glob("*.json"):
+            try:
+                wakeup = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue  # cancelled meanwhile, or being replaced
+            if wakeup["at"] <= now:
+                found.append(wakeup)
+        return sorted(found, key=lambda w: w["at"])
+
