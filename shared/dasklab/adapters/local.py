@@ -115,6 +115,17 @@ def worker_problems(name: str, log: Path, memory_limit: int, dead: bool) -> list
     return found
 
 
+
+@contextmanager
+def flocked(path: Path):
+    """An exclusive lock on a lock file, for the records that processes of the local lab share."""
+    with open(path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
 class LocalBackend:
     """Labs as local processes. The record `<home>/labs/<lab>.json` holds spec, state and the process ids."""
 
@@ -127,14 +138,8 @@ class LocalBackend:
     def _path(self, name: str) -> Path:
         return self.root / f"{name}.json"
 
-    @contextmanager
     def _locked(self, name: str):
-        with open(self.root / f".{name}.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return flocked(self.root / f".{name}.lock")
 
     def _read(self, name: str) -> dict | None:
         try:
@@ -583,14 +588,8 @@ class FileClasses:
         self.root = Path(home) / "classes"
         self.root.mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
     def _locked(self):
-        with open(self.root / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return flocked(self.root / ".lock")
 
     def _read(self, name: str) -> dict | None:
         try:
