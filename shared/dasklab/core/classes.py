@@ -94,6 +94,9 @@ class Wakeups(Protocol):
     def apply_cancel(self, key: str) -> None:
         """Drop the wake-up `key` (nothing if there is none)."""
 
+    def apply_expire(self, key: str, now: float) -> None:
+        """Drop the wake-up `key` if its time has passed (it fired; nothing if there is none)."""
+
 
 def wakeup_message(name: str) -> dict:
     return {"v": 1, "type": "reconcile-class", "class": name}

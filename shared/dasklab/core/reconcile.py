@@ -527,11 +527,13 @@ class Controller:
         logs.decision(new.name, "start-class", sorted(before), list(new.roster), "start-class", mid,
                       **{"class": new.name})
         lead, lead_why = self._lead(new)
-        if self.wakeups is not None:
-            if new.at is not None and new.at - lead > now:
-                self.wakeups.apply_wakeup(f"{new.name}-start", new.at - lead, wakeup_message(new.name))
-            if new.end is not None:
-                self.wakeups.apply_wakeup(f"{new.name}-end", new.end, wakeup_message(new.name))
+        if self.wakeups is not None:  # set, moved, or dropped when the new start-class has no such time
+            starts = new.at - lead if new.at is not None and new.at - lead > now else None
+            for key, when in ((f"{new.name}-start", starts), (f"{new.name}-end", new.end)):
+                if when is not None:
+                    self.wakeups.apply_wakeup(key, when, wakeup_message(new.name))
+                elif record is not None:
+                    self.wakeups.apply_cancel(key)
         self.reconcile_class(new, mid)
         parts = [f"class {new.name}: {len(new.roster)} student(s)"]
         if added:
@@ -591,6 +593,14 @@ class Controller:
         record = self._class_store().fetch_class(cmd.class_)
         if record is not None:
             self.reconcile_class(record, mid)
+        if self.wakeups is not None:
+            # A Cloud Scheduler job's cron (`M H D Mon *`) fires every year, so a handled wake-up is deleted here,
+            # after the step (if the step raises, the message is retried and the jobs stay). Every wake-up of a
+            # class sends this same message and the step is level-based on the time, so each wake-up of the class
+            # whose time has passed is done with, whichever fired. Here, not on the minute tick: two calls per
+            # wake-up, none per tick. One whose message was lost fires a year on and is deleted then.
+            for key in (f"{cmd.class_}-start", f"{cmd.class_}-end"):
+                self.wakeups.apply_expire(key, self.clock())
 
     def reconcile_classes(self, mid: str = "") -> list[str]:
         """One step of every class (after a pass over the labs); returns the classes to retry."""
