@@ -381,6 +381,15 @@ def test_the_local_timer_delivers_a_due_wakeup_once(tmp_path):
         wakeups.apply_wakeup("bad", 0, {"type": "nope"})
 
 
+def test_a_handled_local_wakeup_is_dropped_only_once_due(tmp_path):
+    wakeups = FileWakeups(tmp_path)
+    for key, at in (("intro-start", T0), ("intro-end", T0 + 3600)):
+        wakeups.apply_wakeup(key, at, {"v": 1, "type": "reconcile-class", "class": "intro"})
+    for key in ("intro-start", "intro-end", "none"):
+        wakeups.apply_expire(key, T0)
+    assert [w["key"] for w in wakeups.fetch_due(T0 + 10**6)] == ["intro-end"]
+
+
 # --- against the local backend: real schedulers ---------------------------------------------------
 
 def test_a_class_on_the_local_backend(tmp_path):
