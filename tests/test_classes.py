@@ -9,7 +9,7 @@ import pytest
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import FileClasses, LocalBackend
-from dasklab.core.classes import ClassRecord, plan_budget, plan_class, plan_lead_time
+from dasklab.core.classes import ClassRecord, plan_budget, plan_class, plan_class_lifetime, plan_lead_time
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, ValidationError
 from dasklab.core.messages import parse_command
@@ -88,6 +88,19 @@ def test_plan_class(record, labs, now, expect):
 def test_plan_lead_time(samples, lead, why):
     got, reason = plan_lead_time(samples, 900)
     assert got == pytest.approx(lead) and why in reason
+
+
+@pytest.mark.parametrize("asked, duration, lead, lifetime, says", [
+    (None, None, 0, 8 * 3600, ""),  # no class end: the default lifetime
+    (None, 3 * 3600, 900, 8 * 3600, ""),  # a 3 h class fits the default 8 h
+    (None, 10 * 3600, 900, 10 * 3600 + 900, ""),  # a 10 h class: its labs live as long as it, early start included
+    (None, 12 * 3600, 900, 12 * 3600, "duration: a lab provisioned 900s early reaches the controller cap"),
+    (2 * 3600, 3 * 3600, 60, 2 * 3600, "max_lifetime: 7200s ends each lab before the class does"),  # asked: kept
+    (4 * 3600, 3 * 3600, 60, 4 * 3600, ""),
+])
+def test_plan_class_lifetime(asked, duration, lead, lifetime, says):
+    got, note = plan_class_lifetime(asked, 8 * 3600, 12 * 3600, duration, lead)
+    assert got == lifetime and (note.startswith(says) if says else note == ""), note
 
 
 @pytest.mark.parametrize("cost, budget, stage, action, new_stage", [
@@ -346,6 +359,16 @@ def test_a_class_budget_counts_every_lab(ctl):
     shrunk = next(i for i, e in enumerate(ctl.events.events) if e["event"] == "budget-minimum")
     assert ctl.backend.labs == {} and events(ctl, "class-deleted")[0]["reason"].startswith("estimated cost")
     assert shrunk < next(i for i, e in enumerate(ctl.events.events) if e["event"] == "lab-deleted")
+
+
+def test_a_class_longer_than_the_default_lifetime_keeps_its_labs_to_its_end(ctl):
+    ctl.handle(start(roster=("alice",), duration="10h"), "m1", published=T0)
+    assert ctl.backend.fetch_lab("intro-alice").spec.max_lifetime_s == 10 * 3600
+    with pytest.raises(ValidationError) as e:
+        ctl.handle(start(duration="13h"), "m2", published=T0 + 1)
+    assert e.value.field == "duration" and "above the controller cap max_lifetime=43200s" in e.value.rule
+    ctl.handle(start(roster=("alice",), duration="3h", max_lifetime="2h"), "m3", published=T0 + 2)
+    assert "max_lifetime: 7200s ends each lab before the class does" in outcome(ctl)["reason"]
 
 
 def test_refusals_name_the_roster_entry(ctl):

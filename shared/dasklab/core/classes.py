@@ -152,6 +152,27 @@ def plan_lead_time(samples: tuple[float, ...] | list[float], default_s: float) -
                   f"(a reconcile tick) = {lead:.0f}s")
 
 
+def plan_class_lifetime(asked_s: int | None, default_s: int, cap_s: int, duration_s: int | None,
+                        lead_s: float) -> tuple[int, str]:
+    """A student lab's maximum lifetime and, when it differs from what the class would need, why: a lab lives from
+    its creation (up to `lead_s` before `at`) to the class's end, so without an asked max_lifetime it gets enough
+    for the class (up to the controller cap); an asked one is kept, and said when it ends the lab early."""
+    base = asked_s if asked_s is not None else min(default_s, cap_s)
+    if duration_s is None:
+        return base, ""
+    needed = math.ceil(duration_s + lead_s)
+    if asked_s is not None:
+        return base, "" if needed <= base else (
+            f"max_lifetime: {asked_s}s ends each lab before the class does (the duration {duration_s}s plus up to "
+            f"{lead_s:.0f}s of early provisioning); leave max_lifetime out to cover the class")
+    if needed <= base:
+        return base, ""
+    if needed <= cap_s:
+        return needed, ""  # the lab's lifetime follows the class: nothing the sender asked is changed
+    return cap_s, (f"duration: a lab provisioned {lead_s:.0f}s early reaches the controller cap max_lifetime="
+                   f"{cap_s}s before the class's end: its last {needed - cap_s}s are cut")
+
+
 @dataclass(frozen=True)
 class BudgetDecision:
     action: str  # none, warn, minimum, teardown
