@@ -9,6 +9,7 @@ in any case). google-cloud-firestore is imported on first use only, so the funct
 
 from datetime import datetime, timezone
 
+from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
@@ -123,7 +124,8 @@ class FirestoreClasses(FirestoreTombstones):
         def change(current):
             if current is None:
                 return None
-            current["record"].setdefault("usage", {})[student] = usage
+            kept = current["record"].setdefault("usage", {})
+            kept[student] = merge_usage(kept.get(student), usage)
             return {**current, "version": current["version"] + 1}
 
         self._transact(name, f"record {student}'s usage in class {name}", change)
