@@ -41,6 +41,12 @@ def valid_unix_cron(schedule: str) -> bool:
     return croniter.is_valid(schedule)
 
 
+
+def zone_of(name: str) -> zoneinfo.ZoneInfo | None:
+    """The zone a job's time_zone names: a tz database name, or "utc" (Job.time_zone's docstring); else None."""
+    name = "Etc/UTC" if name == "utc" else name
+    return zoneinfo.ZoneInfo(name) if name in zoneinfo.available_timezones() else None
+
 class CloudSchedulerStandin(GrpcStandin):
     """Strict Cloud Scheduler stand-in; RunJob delivers Pub/Sub targets through `publish(topic, data, attributes)`."""
 
@@ -79,7 +85,8 @@ class CloudSchedulerStandin(GrpcStandin):
         if len(job.description) > 500:
             raise StandinAbort(Code.INVALID_ARGUMENT, "Job description must not exceed 500 characters.")
         job.time_zone = job.time_zone or "Etc/UTC"
-        if not valid_unix_cron(job.schedule) or job.time_zone not in zoneinfo.available_timezones():
+        # a tz database name; `Job.time_zone` docstring: 'For UTC use the string "utc"' (stored as sent)
+        if not valid_unix_cron(job.schedule) or zone_of(job.time_zone) is None:
             raise StandinAbort(Code.INVALID_ARGUMENT, BAD_SCHEDULE)
         target = sched.Job.pb(job).WhichOneof("target")
         if target is None:
@@ -95,7 +102,7 @@ class CloudSchedulerStandin(GrpcStandin):
                 Code.INVALID_ARGUMENT, "A Pub/Sub message must contain either non-empty data, or at least one attribute."
             )
         now = self._now()
-        job.schedule_time = croniter(job.schedule, now.astimezone(zoneinfo.ZoneInfo(job.time_zone))).get_next(datetime)
+        job.schedule_time = croniter(job.schedule, now.astimezone(zone_of(job.time_zone))).get_next(datetime)
 
     # ---- handlers ------------------------------------------------------------------------------
     def _create_job(self, req: sched.CreateJobRequest) -> sched.Job:
@@ -188,7 +195,7 @@ class CloudSchedulerStandin(GrpcStandin):
             for job in self._jobs.values():
                 if job.state == State.ENABLED and "schedule_time" in job and job.schedule_time <= now:
                     sends.append(self._attempt(job))
-                    zone = zoneinfo.ZoneInfo(job.time_zone)
+                    zone = zone_of(job.time_zone)
                     job.schedule_time = croniter(job.schedule, job.schedule_time.astimezone(zone)).get_next(datetime)
         for name, topic, data, attributes in sends:
             status = self._deliver(topic, data, attributes)

@@ -154,7 +154,11 @@ def test_valid_unix_cron_schedules_are_accepted(client, schedule):
     assert create(client, schedule=schedule).schedule == schedule
 
 
-@pytest.mark.parametrize("tz", ["Mars/Olympus", "utc", "Europe/Pariss"])
+def test_utc_is_spelled_as_the_docstring_says(client):
+    assert create(client, time_zone="utc").time_zone == "utc"
+
+
+@pytest.mark.parametrize("tz", ["Mars/Olympus", "UTC ", "Europe/Pariss"])
 def test_invalid_time_zones_are_refused(client, tz):
     with pytest.raises(exceptions.InvalidArgument, match="Schedule or time zone is invalid"):
         create(client, time_zone=tz)
