@@ -1255,9 +1255,10 @@ class _KubeApi(kmock.KubernetesScaffold):
                 self._deployment_status(deployment)
             if self._rv == before:
                 break
-        self._due = min((since + rs["spec"].get("minReadySeconds", 0) for rs in self.stored(REPLICASETS)
-                         for pod in self._owned(PODS, rs) if (since := self._ready_since.get(pod["metadata"]["uid"]))
-                         is not None and since + rs["spec"].get("minReadySeconds", 0) > self.clock()), default=None)
+        held = [rs for rs in self.stored(REPLICASETS) if rs["spec"].get("minReadySeconds")]
+        self._due = min((since + rs["spec"]["minReadySeconds"] for rs in held for pod in self._owned(PODS, rs)
+                         if (since := self._ready_since.get(pod["metadata"]["uid"])) is not None
+                         and since + rs["spec"]["minReadySeconds"] > self.clock()), default=None)
 
     def _available(self, pod: Obj, min_ready_s: int) -> bool:
         """"A Pod is available when it is ready for at least minReadySeconds" (Deployment docs, Min Ready Seconds)."""
