@@ -19,6 +19,9 @@ worker pool (per zone, never lowering a zone) and the Deployment's replicas. Sca
 workers' pods a low pod-deletion-cost, retires them through the scheduler (reached through the API server's
 service proxy), cordons and marks the nodes they empty, lowers the replicas (the ReplicaSet deletes exactly those
 pods) and deletes exactly the marked nodes' instances from the pool's managed instance groups; GKE never picks.
+An update whose worker pod template changes replaces the workers gracefully (apply_update): the new pods start
+beside the old ones (the pool grown for both), join the scheduler, then the old workers retire through it, so their
+results move to the new ones, before Kubernetes deletes the old pods.
 """
 
 import base64
@@ -44,7 +47,7 @@ from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentErro
     TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, TEARING_DOWN, JupyterActivity, Lab, LabSpec, \
     LabState, WorkerProblem, parse_memory
-from dasklab.core.policy import Infra
+from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
     build_token_secret, chart_fullname
 from dasklab.adapters.compute import Migs, parse_mig, rate_limited
@@ -60,6 +63,7 @@ DESCRIPTION_PREFIX = "dasklab lab values: "  # the description of clusters creat
 DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
 EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
+HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 Status = gke.Cluster.Status
 UP = (Status.RUNNING, Status.RECONCILING)
@@ -537,21 +541,67 @@ class GkeBackend:
         """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
 
     def apply_update(self, lab: Lab) -> bool:
-        """The recorded revision as a new Helm revision: its values ConfigMap and hash-named Job running
-        `helm upgrade` (created if absent, so a repeat is the same Job); True once that Job has completed.
-        A failed Job is reported by fetch_infra (the lab fails with the Job's log tail)."""
+        """One step of running the recorded revision, re-derived from the cluster at each call:
+        1. no Job of this revision yet: hold the worker rollout, then create the revision's values ConfigMap and
+           hash-named Job running `helm upgrade` (created if absent, so a repeat is the same Job). The hold is the
+           worker Deployment's minReadySeconds at HOLD_S: with the release's RollingUpdate maxSurge 100 % /
+           maxUnavailable 0, Kubernetes starts every new worker pod at once and keeps each old one until new ones
+           are available, which they are not while held; helm's three-way merge keeps it (the chart renders no
+           minReadySeconds);
+        2. the Job runs: wait (a failed Job is reported by fetch_infra: the lab fails with the Job's log tail);
+        3. the Job completed: `_roll_workers`. True once no worker pod of an older template is left."""
         place = place_of(lab.name)
-        kube = self._kube(place, self._running(place))
+        cluster = self._running(place)
+        kube = self._kube(place, cluster)
         release = self._release(lab)
         job = kube.read_job(place.namespace, release.job_name)
         if job is None:
+            kube.set_min_ready(place.namespace, place.workers, HOLD_S)  # before the Job: a crash between repeats it
             for manifest in release.manifests[1:]:  # the namespace exists; RBAC is created if absent
                 kube.create(manifest)
             logs.emit("INFO", lab=lab.name, action="helm-upgrade", job=release.job_name,
-                      reason=f"revision {lab.spec.revision}: helm upgrade by Job {release.job_name}")
+                      reason=f"revision {lab.spec.revision}: helm upgrade by Job {release.job_name}, the old "
+                             f"workers held until their replacements joined")
             return False
         conditions = {c.type: c.status for c in (job.status.conditions or [])}
-        return conditions.get("Complete") == "True"
+        if conditions.get("Complete") != "True":
+            return False
+        return self._roll_workers(lab, cluster, kube)
+
+    def _roll_workers(self, lab: Lab, cluster: gke.Cluster, kube: Kube) -> bool:
+        """One step of replacing the worker pods of an older template (plan_rollout, as the local backend): room
+        in the pool for old + new pods, then wait until every new pod's worker joined the scheduler, then retire
+        the old workers through it (their results move to the new ones) and lift the hold, so Kubernetes deletes
+        the old pods. The old/new split is each pod's pod-template-hash against the newest ReplicaSet's."""
+        place = place_of(lab.name)
+        deployment = kube.deployment(place.namespace, place.workers)
+        if deployment is None:
+            raise TransientError(f"lab {lab.name}: no worker Deployment")
+        if (deployment.status.observed_generation or 0) < (deployment.metadata.generation or 0):
+            return False  # the Deployment controller has not acted on the new template yet
+        current = kube.current_template_hash(place.namespace, deployment)
+        pods = kube.pods_of(place.namespace, place.workers)
+        stale = {p.metadata.name for p in pods if (p.metadata.labels or {}).get("pod-template-hash") != current}
+        fresh = {p.metadata.name for p in pods} - stale
+        want = deployment.spec.replicas or 0
+        if not stale:
+            if deployment.spec.min_ready_seconds:
+                kube.set_min_ready(place.namespace, place.workers, 0)
+            return True
+        self._ensure_nodes(lab, cluster, len(stale) + want,
+                           f"{len(stale)} old and {want} new workers run side by side while they are replaced")
+        dashboard = self.dashboard(lab)
+        workers = dashboard.fetch_workers()
+        step = plan_rollout(len(stale), len(fresh), len({w.name for w in workers} & fresh), want)
+        if step.action != "retire":
+            return False  # Kubernetes starts the new pods; their workers join
+        addresses = [w.address for w in workers if w.name in stale]
+        logs.emit("INFO", lab=lab.name, action="rollout-retire", revision=lab.spec.revision, reason=step.reason,
+                  workers=sorted(w.name for w in workers if w.name in stale))
+        if set(dashboard.apply_retire(addresses)) != set(addresses):
+            return False  # one still holds results: the hold stays, a later pass retires it
+        kube.set_min_ready(place.namespace, place.workers, 0)  # the new pods are available: the old ones go
+        return False
 
     # --- workers and nodes ---
 
@@ -605,22 +655,28 @@ class GkeBackend:
             raise PermanentError(f"cluster {cluster.name} has no node pool {self.config.worker_pool}")
         return pool
 
+    def _ensure_nodes(self, lab: Lab, cluster: gke.Cluster, workers: int, why: str) -> None:
+        """Room in the worker pool for `workers` pods: its size raised per zone, never lowering a zone (a lower
+        count would let GKE remove nodes at random); TransientError while another operation runs on the cluster."""
+        place = place_of(lab.name)
+        pool = self._worker_pool(cluster)
+        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
+        need = nodes_per_zone(lab.spec.nodes_for(workers), len(sizes))
+        if sizes and sum(sizes.values()) < lab.spec.nodes_for(workers):  # zones may differ after chosen removals
+            pending, _ = self._operations(cluster)
+            if pending:
+                raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
+            count = max(need, *sizes.values())
+            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=count)
+            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
+            logs.emit("INFO", lab=lab.name, action="resize-pool", **{"from": sizes, "to": count},
+                      reason=f"{why}: {workers} workers need {need} node(s) per zone")
+
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Nodes first (per zone, never lowering a zone), then the Deployment's replicas."""
         place = place_of(lab.name)
         cluster = self._running(place)
-        pool = self._worker_pool(cluster)
-        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
-        need = nodes_per_zone(lab.spec.nodes_for(target), len(sizes))
-        if sizes and sum(sizes.values()) < lab.spec.nodes_for(target):  # zones may differ after chosen removals
-            pending, _ = self._operations(cluster)
-            if pending:
-                raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
-            count = max(need, *sizes.values())  # a lower count would let GKE remove nodes at random
-            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=count)
-            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
-            logs.emit("INFO", lab=lab.name, action="resize-pool", **{"from": sizes, "to": count},
-                      reason=f"{target} workers need {need} node(s) per zone")
+        self._ensure_nodes(lab, cluster, target, f"a target of {target}")
         kube = self._kube(place, cluster)
         replicas = kube.replicas(place.namespace, place.workers)
         if replicas is None:

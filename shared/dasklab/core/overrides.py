@@ -12,6 +12,10 @@ POOL_KEYS = ("scheduler", "jupyter")  # components the controller places on the 
 # env variables the controller sets itself, per component
 ENFORCED_ENV = {"scheduler": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "worker": "POD_NAME",
                 "jupyter": "JUPYTER_TOKEN"}
+# How the worker Deployment replaces its pods on GKE (the chart's worker.strategy): every new pod at once, no old one
+# before new ones are available; GkeBackend.apply_update holds "available" off until the new workers have joined the
+# scheduler and the old ones have retired through it, so their results move first.
+WORKER_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}}
 
 
 def _block(values: dict, key: str) -> dict:
@@ -90,6 +94,10 @@ def _worker_notes(cmd, values: dict, spec: LabSpec) -> list[str]:
     if threads is not None and threads != max(1, int(spec.worker_cpu)):
         notes.append(f"values.worker.threads_per_worker: {threads} replaced by {max(1, int(spec.worker_cpu))} (one "
                      "per CPU of worker_resources); change the worker CPU instead")
+    if worker.get("strategy") not in (None, WORKER_STRATEGY):
+        notes.append("values.worker.strategy: replaced by RollingUpdate maxSurge 100% / maxUnavailable 0; an update "
+                     "starts the new workers, waits until they joined, then retires the old ones so their results "
+                     "move first")
     args = worker.get("extraArgs")
     if isinstance(args, list) and "--name" in args:
         notes.append("values.worker.extraArgs: --name removed; workers are named after their pods, so the "
