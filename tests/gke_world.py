@@ -89,6 +89,7 @@ class World:
         self.crashed: list[str] = []
         self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
         self.reports = MemoryReports()  # the project's Firestore, outliving every controller instance
+        self.uninstallable: set[str] = set()  # packages pip cannot install (the image's entrypoint says so)
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
 
@@ -184,8 +185,28 @@ class World:
         args[1] = f"tcp://127.0.0.1:{self.schedulers[ns][1]}"
         args = [name if a == "$(POD_NAME)" else a for a in args[1:]]
         literal = {n: str(e["value"]) for n, e in env.items() if "value" in e}  # e.g. EXTRA_PIP_PACKAGES
+        self._prepare(ns, name, literal.get("EXTRA_PIP_PACKAGES", ""))
         return spawn([sys.executable, "-m", "distributed.cli.dask_worker", *args, "--host", "127.0.0.1"],
                      env=self._env(literal), log_path=self.tmp / "logs" / f"{name}.log")
+
+    def _prepare(self, ns: str, pod: str, packages: str) -> None:
+        """The image's entrypoint (dask-docker base/prepare.sh: `set -x`, no `set -e`) before the worker: it echoes,
+        runs `pip install $EXTRA_PIP_PACKAGES`, and starts the worker whatever pip said. Packages are not really
+        installed here: one in `uninstallable` fails as pip says it, the others print pip's success line."""
+        if not packages:
+            return
+        names = packages.split()
+        bad = [p for p in names if p in self.uninstallable]
+        log = ["+ '[' '' ']'", "+ '[' -e /opt/app/environment.yml ']'", "+ echo 'no environment.yml'",
+               "no environment.yml", f"+ '[' '{packages}' ']'",
+               "+ echo 'EXTRA_PIP_PACKAGES environment variable found.  Installing'.",
+               "EXTRA_PIP_PACKAGES environment variable found.  Installing.", f"+ /opt/conda/bin/pip install {packages}"]
+        if bad:
+            log += [f"ERROR: Could not find a version that satisfies the requirement {bad[0]} (from versions: none)",
+                    f"ERROR: No matching distribution found for {bad[0]}"]
+        else:
+            log.append("Successfully installed " + " ".join(p for p in names if not p.startswith("-")))
+        self.kube.write_log(ns, pod, "\n".join(log + ["+ dask-worker …"]) + "\n")
 
     def _env(self, extra: dict | None = None) -> dict:
         scratch = self.tmp / "scratch"

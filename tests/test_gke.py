@@ -587,6 +587,36 @@ def test_update_lab_replaces_every_worker_gracefully_by_a_new_helm_revision(worl
     assert len(world.helm_runs) == 2 and lab_of(ctl).spec.revision == 2
 
 
+def test_a_package_pip_cannot_install_is_said_though_the_workers_run_and_a_fixed_update_recovers(world, controller):
+    """The chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint and start the worker whatever pip said
+    (dask-docker's prepare.sh has no `set -e`): the update completes, the new workers run without the package, and
+    the lab is degraded with pip's words from the head of their log. An update that fixes the name recovers it."""
+    ctl = controller
+    ctl.handle(start_msg(), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "ready" and workers(ctl) == 1)
+    assert not [e for e in ctl.events.published if e["event"] == "lab-degraded"]  # the seed's packages installed
+    world.uninstallable = {"pyarow"}
+    values = yaml.safe_load(SEED_VALUES)
+    for component in ("jupyter", "worker"):
+        values[component]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "pyarow"}]
+    handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u1")
+
+    def degraded():
+        return [e for e in ctl.events.published if e["event"] == "lab-degraded"]
+
+    drive(ctl, world, lambda: lab_of(ctl).state.revision == 2 and degraded(), timeout=120)
+    (event,) = degraded()
+    assert event["causes"] == ["install-failed"], event
+    assert "the worker runs without them" in event["reason"] and "fix the package list in values.worker.env" in \
+        event["reason"] and "No matching distribution found for pyarow" in event["reason"]
+    assert lab_of(ctl).state.degraded == "install-failed" and workers(ctl) == 1  # degraded, not down
+    values["worker"]["env"] = values["jupyter"]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "pyarrow"}]
+    handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u2")
+    drive(ctl, world, lambda: lab_of(ctl).state.revision == 3 and lab_of(ctl).state.degraded == "", timeout=120)
+    (recovered,) = [e for e in ctl.events.published if e["event"] == "lab-recovered"]
+    assert "was install-failed" in recovered["reason"], recovered
+
+
 def test_jupyter_behind_the_service_proxy_holds_an_idle_lab_while_a_kernel_is_busy(tmp_path, caplog):
     """The chart's Jupyter as a real Jupyter Server behind the stand-in's service proxy (its token from the Secret):
     a kernel running a long cell keeps a lab whose scheduler is idle; once the cell is done the lab goes."""

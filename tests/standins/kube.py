@@ -1202,6 +1202,9 @@ class _KubeApi(kmock.KubernetesScaffold):
         if params.get("tailLines"):
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(params["tailLines"]):]) if int(params["tailLines"]) else ""
+        if params.get("limitBytes"):  # PodLogOptions.limitBytes: "the number of bytes to read from the server
+            # before terminating the log output" — from the log's start
+            text = text.encode()[:int(params["limitBytes"])].decode(errors="ignore")
         return text
 
     async def _proxy(self, ns: str, ref: str, rest: str, request: kmock.Request) -> aiohttp.web.StreamResponse:
@@ -1828,6 +1831,10 @@ class KubeStandin:
 
     def restart_container(self, namespace: str, pod: str) -> None:
         self._run(self._api.restart_container, namespace, pod)
+
+    def write_log(self, namespace: str, pod: str, text: str) -> None:
+        """What the pod's running container has printed so far (its log, as /log returns it)."""
+        self._run(self._api.logs.__setitem__, (namespace, pod), text)
 
     def refuse_image(self, image: str, why: str = "not found") -> None:
         """Pulls of ``image`` fail from now on: pods using it stay Pending with ErrImagePull / ImagePullBackOff."""

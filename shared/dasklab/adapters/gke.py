@@ -180,6 +180,17 @@ def _translate(e: Exception, what: str) -> Exception:
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
 PIP_FAILURE = ("EXTRA_PIP_PACKAGES", "pip install", "No matching distribution", "Could not find a version")
+# The chart's images run dask-docker's base/prepare.sh first: under `set -x` but not `set -e`, it echoes this, runs
+# `pip install $EXTRA_PIP_PACKAGES` and then execs the worker whatever pip said, so a failed install leaves a
+# running worker without the packages, and pip's ERROR lines at the head of the container's log.
+PIP_STARTED = "EXTRA_PIP_PACKAGES environment variable found"
+
+
+def build_install_failure(log_head: str) -> str:
+    """pip's error lines from the head of a container's log, when its EXTRA_PIP_PACKAGES install failed ("" else)."""
+    if PIP_STARTED not in log_head:
+        return ""
+    return "\n".join(line for line in log_head.splitlines() if line.startswith("ERROR: "))
 
 
 def _epoch(when) -> float:
@@ -226,6 +237,8 @@ class Reports(Protocol):
 
 class GkeBackend:
     """The Backend protocol on GKE. Clients are injected (tests: the stand-ins); `from_config` builds real ones."""
+
+    installs_at_start = True  # the chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint
 
     def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
                  migs: Migs, reports: "Reports", *, sleep: Callable[[float], None] = time.sleep):
@@ -610,17 +623,25 @@ class GkeBackend:
         return self._kube(place).replicas(place.namespace, place.workers) or 0
 
     def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
-        """From the worker pods' status, with the previous container's log tail for a crash (a failed
-        EXTRA_PIP_PACKAGES install at container start shows there)."""
+        """From the worker pods' status, with the previous container's log tail for a crash, and for a running
+        worker the head of its log: a failed EXTRA_PIP_PACKAGES install at container start shows there."""
         place = place_of(lab.name)
         kube, found = self._kube(place), []
         for pod in kube.pods_of(place.namespace, place.workers):
-            for problem in pod_problems(pod, lab.spec.worker_memory):
+            problems = pod_problems(pod, lab.spec.worker_memory)
+            for problem in problems:
                 if problem.kind in ("crash-looping", "restarting"):
                     tail = kube.pod_log_tail(place.namespace, pod.metadata.name, previous=True)
                     kind = "install-failed" if any(word in tail for word in PIP_FAILURE) else problem.kind
                     problem = replace(problem, kind=kind, log_tail=tail)
                 found.append(problem)
+            running = [c for c in pod.status.container_statuses or () if c.state and c.state.running]
+            if running and not problems:  # a worker that started: did its packages install?
+                errors = build_install_failure(kube.pod_log_head(place.namespace, pod.metadata.name))
+                if errors:
+                    found.append(WorkerProblem("install-failed", pod.metadata.name,
+                                               "the worker runs without them: the image starts it after a failed "
+                                               "pip install", log_tail=errors))
         return tuple(found)
 
     def dashboard(self, lab: Lab) -> Dashboard:

@@ -120,6 +120,17 @@ class Kube:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise TransientError(f"log of {ns}/{pod}: {e}") from e
 
+    def pod_log_head(self, ns: str, pod: str, limit_bytes: int = 16384) -> str:
+        """The first `limit_bytes` of a pod's current container log (PodLogOptions.limitBytes reads from its
+        start): what its entrypoint printed before the worker itself ("" when it has none yet)."""
+        try:
+            return self.core.read_namespaced_pod_log(pod, ns, limit_bytes=limit_bytes,
+                                                     _request_timeout=TIMEOUT) or ""
+        except ApiException:  # not started (yet), or gone since it was listed: nothing it printed to read
+            return ""
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise TransientError(f"log of {ns}/{pod}: {e}") from e
+
     # --- workers ---
 
     def replicas(self, ns: str, deployment: str) -> int | None:

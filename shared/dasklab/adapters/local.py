@@ -130,6 +130,8 @@ def flocked(path: Path):
 class LocalBackend:
     """Labs as local processes. The record `<home>/labs/<lab>.json` holds spec, state and the process ids."""
 
+    installs_at_start = False  # EXTRA_PIP_PACKAGES go into the lab's venv before it runs (refused if pip fails)
+
     def __init__(self, home: str | Path):
         self.root = Path(home) / "labs"
         self.root.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, Cla
     class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
-from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
-    plan_jupyter_restart, plan_scale, plan_start, plan_teardown, plan_update
+from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, plan_jupyter_restart, \
+    plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
@@ -359,7 +359,7 @@ class Controller:
                 logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
             if load is not None and lab.spec.revision != lab.state.revision:
-                self._roll_out(lab, mid)  # no autoscaling while workers are being replaced
+                self._roll_out(lab, load, mid)  # no autoscaling while workers are being replaced
                 return
             if load is not None:
                 self._autoscale(lab, load, mid)
@@ -398,9 +398,12 @@ class Controller:
         lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
 
-    def _roll_out(self, lab: Lab, mid: str) -> None:
-        """One step of an update; once the backend runs the new revision everywhere, say so and record it."""
+    def _roll_out(self, lab: Lab, load, mid: str) -> None:
+        """One step of an update; once the backend runs the new revision everywhere, say so and record it. Until
+        then the workers' health is read on every pass: a replacement that cannot start (its packages fail to
+        install, its image cannot be pulled, no node for it) holds the rollout, and the lab says why."""
         if not self.backend.apply_update(lab):
+            self._check_health(lab, load, self.backend.fetch_requested(lab), self.clock(), mid, rolling=True)
             return
         spec, before = lab.spec, lab.state.revision
         self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
@@ -424,13 +427,16 @@ class Controller:
                               nodes=[lab.spec.nodes_for(before), lab.spec.nodes_for(decision.target)])
         self._converge(lab, load, requested, mid)
 
-    def _check_health(self, lab: Lab, load, requested: int, now: float, mid: str) -> Lab:
+    def _check_health(self, lab: Lab, load, requested: int, now: float, mid: str, rolling: bool = False) -> Lab:
         """Say why workers are missing: a lab-degraded event once per new set of causes, lab-recovered once none is
-        left, both recorded on the lab. The backend is asked only while workers are missing or the lab is degraded
+        left, both recorded on the lab. The backend is asked only while workers are missing, are being replaced, have
+        just started (the lab's first HEALTH_RECENT_S: a package that failed to install), or the lab is degraded
         (nothing extra at rest); memory pressure comes from the load itself."""
         state = lab.state
         missing = min(load.workers, requested) < state.target_workers
-        problems = self.backend.fetch_worker_health(lab) if missing or state.degraded else ()
+        new = (getattr(self.backend, "installs_at_start", False) and state.ready_at is not None
+               and now - state.ready_at < HEALTH_RECENT_S)  # its first workers' start: did their packages install?
+        problems = self.backend.fetch_worker_health(lab) if missing or rolling or new or state.degraded else ()
         verdict = plan_health(lab.spec, state, load, problems, now)
         if verdict.action == HOLD:
             return lab
