@@ -5,10 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psutil
+import pytest
 
 from dasklab import cli
+from dasklab.adapters import procs
+from dasklab.local.serve import LocalController
 
 HOME_PREFIX = "dasklab-class-demo-"  # the demo's home (a temporary folder): every process it starts carries it
 
@@ -34,6 +38,7 @@ def test_class_demo_busy_scales_idle_torn_down_kept_alive():
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     timeline = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "bus = Pub/Sub emulator" in timeline[0]["event"]  # class-ready came over the status topic
 
     def first(prefix: str, lab: str | None = None, source: str | None = None) -> dict:
         return next(e for e in timeline if e["event"].startswith(prefix) and (lab is None or e.get("lab") == lab)
@@ -89,3 +94,21 @@ def test_class_demo_refuses_a_bad_size(capsys):
     for bad in ("0", "9", "-1"):
         assert cli.main(["demo", "--class", bad]) == 2
         assert f"--class: {bad} student(s): give 1 to 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("emulator", [False, True], ids=["direct-push", "emulator"])
+def test_the_local_controller_hands_each_status_event_over_once(tmp_path, emulator):
+    """What the class demo waits on: the status events, from the status file (direct push) or pulled from the
+    emulator's status subscription; each one once."""
+    env_before = os.environ.get("PUBSUB_EMULATOR_HOST")
+    with LocalController(tmp_path, emulator=emulator, fire_timers=False) as ctl:
+        pids = [ctl.server.proc.pid] + ([ctl.emulator.proc.pid] if ctl.emulator else [])
+        mid = ctl.publish({"v": 1, "type": "stop-lab", "lab": "nosuch"})
+        got, deadline = [], time.time() + 60
+        while not got and time.time() < deadline:
+            got = [e for e in ctl.fetch_events() if e.get("message_id") == mid]
+            time.sleep(0.2)
+        assert [(e["event"], e["outcome"], e["reason"]) for e in got] == \
+            [("command-outcome", "nothing-to-do", "no lab named nosuch")]
+        assert [e for e in ctl.fetch_events() if e.get("message_id") == mid] == []
+    assert not any(procs.pid_alive(p) for p in pids) and os.environ.get("PUBSUB_EMULATOR_HOST") == env_before
