@@ -74,7 +74,7 @@ def test_class_demo_busy_scales_idle_torn_down_kept_alive():
     kept = first("demo-kept still ready", lab="demo-kept")
     assert kept["phase"] == "ready" and kept["t"] >= first("deleted for idleness")["t"]
     [teardown] = [e for e in decisions("demo-kept") if e["event"] == "teardown ready → tearing-down"]
-    assert teardown["t"] >= stop and teardown["reason"] == "stop-lab requested"
+    assert teardown["t"] >= stop and teardown["reason"] == "stop-class requested"
 
     # the class report: a row per student, with what each lab did
     report = {r["student"]: r for r in first("class report:")["students"]}
@@ -82,7 +82,7 @@ def test_class_demo_busy_scales_idle_torn_down_kept_alive():
     assert all(r["phase"] == "gone" and r["node_hours"] > 0 and r["cost_usd"] > 0 for r in report.values())
     assert report["busy"]["peak_workers"] > 1 and report["busy"]["busy_s"] > 0
     assert report["idle"]["peak_workers"] == 1 and report["idle"]["busy_s"] == 0
-    assert report["idle"]["reason"].startswith("idle for") and report["kept"]["reason"] == "stop-lab requested"
+    assert report["idle"]["reason"].startswith("idle for") and report["kept"]["reason"] == "stop-class requested"
     assert report["kept"]["lifetime_s"] > report["idle"]["lifetime_s"]
 
     # nothing left behind: by the demo's own count, and on the machine
