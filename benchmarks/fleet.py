@@ -168,6 +168,7 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
     from dasklab.core.reconcile import Controller
     from google.cloud import container_v1 as gke
     from google.cloud.container_v1.services.cluster_manager.transports import ClusterManagerGrpcTransport
+    from tests.fakes import MemoryReports
     from tests.gke_world import CONFIG
 
     channel = grpc.insecure_channel(addr["gke"])
@@ -195,7 +196,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         def publish(self, event):
             pass
 
-    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), sleep=lambda s: None), Events(),
+    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), MemoryReports(),
+                                sleep=lambda s: None), Events(),
                      CONFIG)
     out: dict = {}
     if mode == "create":  # labs lab0000… up to n, then passes until all are ready and a pass changes nothing

@@ -23,6 +23,7 @@ from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge
 from kubernetes import client as k8s
 
 from tests.dask_checks import LOG_LENGTH_ENV
+from tests.fakes import MemoryReports
 from tests.standins.compute import MigStandin
 from tests.standins.gke import GkeStandin
 from tests.standins.kube import KubeStandin
@@ -86,6 +87,7 @@ class World:
         self.crashing = False
         self.crashed: list[str] = []
         self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
+        self.reports = MemoryReports()  # the project's Firestore, outliving every controller instance
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
 
@@ -108,7 +110,8 @@ class World:
         for name in ("create_cluster", "set_labels", "set_node_pool_size", "delete_cluster"):
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
-        return GkeBackend(self.config, clusters, lambda cluster: api, migs, sleep=lambda s: time.sleep(0.02))
+        return GkeBackend(self.config, clusters, lambda cluster: api, migs, self.reports,
+                          sleep=lambda s: time.sleep(0.02))
 
     def _crash_after(self, obj, name: str):
         raw = getattr(obj, name)

@@ -497,6 +497,9 @@ def test_a_failed_create_publishes_lab_failed_once_even_when_gke_removed_the_clu
     failed = [e for e in ctl.events.published if e["event"] == "lab-failed"]
     assert len(failed) == 1 and failed[0]["lab"] == "broken" and 'resource "CPUS"' in failed[0]["reason"]
     assert world.gke.calls.count("CreateCluster") == creates and not world.gke.clusters  # never re-created
+    fresh = Controller(world.backend(), Events(), CONFIG)  # a new function instance: it knows from the store
+    fresh.reconcile_all("reconcile")
+    assert not [e for e in fresh.events.published if e["event"] == "lab-failed"]
 
 
 def test_missing_zones_make_a_pass_incomplete(world, controller):

@@ -378,7 +378,7 @@ def cmd_connect_class(a, cfg) -> int:
         return 0
     print_table(f"class {record.name}: who connects how (tokens included: keep this to yourself)",
                 ("student", "lab", "phase", "jupyter", "scheduler", "dashboard"),
-                [(r["student"], r["lab"], r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
+                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
                  for r in table])
     return 0
 
@@ -401,7 +401,7 @@ def fetch_class_report(cfg, name: str) -> dict:
 def print_class_report(report: dict) -> None:
     print_table(f"class {report['class']}: usage per student (estimated)",
                 ("student", "lab", "phase", "node-hours", "cost", "peak workers", "busy", "lifetime", "ended because"),
-                [(r["student"], r["lab"], r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
+                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
                   r["peak_workers"], _span(r["busy_s"]), _span(r["lifetime_s"]),
                   r["reason"] if r["phase"] in ("gone", "tearing-down") else "")
                  for r in report["students"]])

@@ -1,5 +1,5 @@
-"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab, and its
-class records (core.classes.Classes), one document per class.
+"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab, its
+class records (core.classes.Classes), one document per class, and what it reported once (failed creations).
 
 Document `dasklab-tombstones/<lab>`: `stopped_at` (the latest stop-lab's publish time, epoch seconds, kept with
 Firestore's server-side `maximum` transform so concurrent or out-of-order stop-labs never lower it) and
@@ -9,12 +9,15 @@ in any case). google-cloud-firestore is imported on first use only, so the funct
 
 from datetime import datetime, timezone
 
+from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 COLLECTION = "dasklab-tombstones"
 DELETE = "delete"
 CLASSES = "dasklab-classes"  # `<class>`: {"version": n, "record": ClassRecord.to_dict()}
+REPORTED = "dasklab-reported"  # `<key>`: {"reported_at": epoch s, "expire_at": timestamp} — an event published once
+REPORTED_TTL_S = 30 * 86400  # longer than GKE keeps a finished operation listed (its evidence)
 
 
 def _translate(e: Exception, what: str) -> Exception:
@@ -60,6 +63,27 @@ class FirestoreTombstones:
                 {"lab": lab, "stopped_at": firestore.Maximum(published), "expire_at": expire}, merge=True)
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"write the tombstone of {lab}") from e
+
+
+class FirestoreReports(FirestoreTombstones):
+    """What has been reported once (gke.Reports): documents `dasklab-reported/<key>`, expiring after
+    REPORTED_TTL_S (the same TTL policy field as the tombstones')."""
+
+    def fetch_reported(self, key: str, now: float) -> bool:
+        from google.api_core import exceptions as gexc
+        try:
+            doc = self._db().document(f"{REPORTED}/{key}").get()
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"read whether {key} was reported") from e
+        return doc.exists and doc.get("reported_at") + REPORTED_TTL_S > now
+
+    def apply_reported(self, key: str, now: float) -> None:
+        from google.api_core import exceptions as gexc
+        expire = datetime.fromtimestamp(now + REPORTED_TTL_S, timezone.utc)
+        try:
+            self._db().document(f"{REPORTED}/{key}").set({"reported_at": now, "expire_at": expire})
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"record that {key} was reported") from e
 
 
 class FirestoreClasses(FirestoreTombstones):
@@ -123,7 +147,8 @@ class FirestoreClasses(FirestoreTombstones):
         def change(current):
             if current is None:
                 return None
-            current["record"].setdefault("usage", {})[student] = usage
+            kept = current["record"].setdefault("usage", {})
+            kept[student] = merge_usage(kept.get(student), usage)
             return {**current, "version": current["version"] + 1}
 
         self._transact(name, f"record {student}'s usage in class {name}", change)

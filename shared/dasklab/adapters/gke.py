@@ -33,7 +33,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Callable, Protocol
 
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
@@ -212,18 +212,24 @@ def pod_problems(pod, memory_limit: int) -> list[WorkerProblem]:
     return found
 
 
+class Reports(Protocol):
+    """What the backend has reported once, in a store that outlives function instances (Firestore)."""
+
+    def fetch_reported(self, key: str, now: float) -> bool: ...
+
+    def apply_reported(self, key: str, now: float) -> None: ...
+
+
 class GkeBackend:
     """The Backend protocol on GKE. Clients are injected (tests: the stand-ins); `from_config` builds real ones."""
 
     def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
-                 migs: Migs, *, sleep: Callable[[float], None] = time.sleep):
+                 migs: Migs, reports: "Reports", *, sleep: Callable[[float], None] = time.sleep):
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
+        self.reports = reports  # the failed creations already reported (lab-failed published), in a real store
         self.parent = f"projects/{config.project}/locations/{config.location}"
         self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
         self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
-        # failed creations already reported (lab-failed published): the operation is immutable, so this instance
-        # remembers them; a new instance reports each once more (events are at least once)
-        self._reported: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
@@ -253,7 +259,9 @@ class GkeBackend:
             from google.cloud import compute_v1
             return compute_v1.InstanceGroupManagersClient(credentials=credentials)
 
-        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute))
+        from dasklab.adapters.firestore import FirestoreReports
+        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute),
+                   FirestoreReports(config.project, config.firestore_database))
 
     # --- GKE calls ---
 
@@ -372,10 +380,11 @@ class GkeBackend:
         for name, op in sorted(latest.items()):
             if op.status != gke.Operation.Status.DONE or not op.error.message:
                 continue
-            if name in listed:  # its cluster is still there (in ERROR): its record reports the failure
-                self._reported.add(op.name)
+            if name in listed:  # still there (in ERROR): its record reports the failure, so once it is gone no more
+                if not self.reports.fetch_reported(op.name, time.time()):
+                    self.reports.apply_reported(op.name, time.time())
                 continue
-            if op.name in self._reported or self.missing_zones:
+            if self.missing_zones or self.reports.fetch_reported(op.name, time.time()):
                 continue
             cfg = self.config
             created = datetime.fromisoformat(op.start_time.replace("Z", "+00:00")).timestamp() \
@@ -396,7 +405,7 @@ class GkeBackend:
         place = place_of(lab.name)
         store, _, token = lab.version.partition(":")
         if store == "op":  # a creation GKE removed with its record: nothing left to write; reported once
-            self._reported.add(token)
+            self.reports.apply_reported(token, time.time())
             return lab
         if store == "k8s":
             rv = self._kube(place).replace_configmap(_record_manifest(lab), token)

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dasklab.core import logs
+from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, TransientError
 from dasklab.core.environment import jupyter_enabled, jupyter_packages, lab_packages
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
@@ -631,7 +632,8 @@ class FileClasses:
             data = self._read(name)
             if data is None:
                 return
-            data["record"].setdefault("usage", {})[student] = usage
+            kept = data["record"].setdefault("usage", {})
+            kept[student] = merge_usage(kept.get(student), usage)
             data["version"] += 1
             self._write(name, data)
 

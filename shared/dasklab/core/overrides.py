@@ -127,11 +127,12 @@ def _image_notes(values: dict, spec: LabSpec) -> list[str]:
 
 
 def _local_notes(values: dict) -> list[str]:
-    """What the local backend does not run from the chart values (it runs this machine's Dask, no Jupyter)."""
+    """What the local backend does not apply from the chart values (its parts are processes of this machine)."""
     notes = []
-    if "jupyter" in values:
-        notes.append("values.jupyter: not run by the local lab (it has a scheduler and workers only); connect from "
-                     "Python on this machine (`dasklab connect`)")
+    unused = sorted(set(_block(values, "jupyter")) - {"enabled", "env", "serviceType", "image"})  # said elsewhere
+    if unused:
+        notes.append(f"values.jupyter: {', '.join(unused)} not applied by the local lab (its Jupyter is a process "
+                     "of this machine, with the lab's packages); `dasklab connect` prints its URL")
     for key in ("scheduler",):  # the workers' are installed into the lab's own venv (adapters/envs.py)
         env = _block(values, key).get("env") if isinstance(_block(values, key).get("env"), list) else []
         if any(isinstance(e, dict) and e.get("name") == "EXTRA_PIP_PACKAGES" for e in env):

@@ -18,7 +18,7 @@ from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
-    class_cost, class_usage, plan_budget, plan_class, plan_lead_time, usage_of, wakeup_message
+    class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
@@ -478,9 +478,14 @@ class Controller:
 
     def _student_spec(self, record: ClassRecord, student: str):
         """A student's lab: the start-lab the class's template gives, built and capped as any start-lab's."""
-        spec = build_spec(parse_command(record.template).student_lab(student), self.config)
+        cmd = parse_command(record.template).student_lab(student)
+        spec = build_spec(cmd, self.config)
+        lifetime, note = plan_class_lifetime(cmd.max_lifetime, self.config.default_lifetime_s,
+                                             self.config.max_lifetime_s, record.duration_s,
+                                             self._lead(record)[0] if record.at is not None else 0.0)
         return replace(spec, class_name=record.name, student=student, placement=record.placement,
-                       budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until)
+                       budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,
+                       max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()))
 
     def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the class (roster, template, at, duration, budgets), then one class step: the labs missing are
@@ -488,10 +493,15 @@ class Controller:
         import msgspec
         store, now = self._class_store(), self.clock()
         published = now if published is None else published
-        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement)
+        if cmd.duration is not None and cmd.duration > self.config.max_lifetime_s:
+            raise ValidationError("duration", f"{cmd.duration}s is above the controller cap max_lifetime="
+                                              f"{self.config.max_lifetime_s}s: no lab may run that long")
+        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement,
+                            duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
         existing = {lab.name: lab for lab in self.backend.fetch_labs()}
         for i, student in enumerate(cmd.roster):  # every lab validated as a start-lab before anything is written
             spec = self._student_spec(probe, student)
+            lifetime_notes = [n for n in spec.notes if note_field(n) in ("duration", "max_lifetime")]
             other = existing.get(spec.name)
             if other is not None and (other.spec.class_name, other.spec.owner) != (cmd.class_, cmd.owner):
                 raise ValidationError(f"roster[{i}]", f"lab {spec.name} exists and is not a lab of class "
@@ -529,11 +539,13 @@ class Controller:
         logs.decision(new.name, "start-class", sorted(before), list(new.roster), "start-class", mid,
                       **{"class": new.name})
         lead, lead_why = self._lead(new)
-        if self.wakeups is not None:
-            if new.at is not None and new.at - lead > now:
-                self.wakeups.apply_wakeup(f"{new.name}-start", new.at - lead, wakeup_message(new.name))
-            if new.end is not None:
-                self.wakeups.apply_wakeup(f"{new.name}-end", new.end, wakeup_message(new.name))
+        if self.wakeups is not None:  # set, moved, or dropped when the new start-class has no such time
+            starts = new.at - lead if new.at is not None and new.at - lead > now else None
+            for key, when in ((f"{new.name}-start", starts), (f"{new.name}-end", new.end)):
+                if when is not None:
+                    self.wakeups.apply_wakeup(key, when, wakeup_message(new.name))
+                elif record is not None:
+                    self.wakeups.apply_cancel(key)
         self.reconcile_class(new, mid)
         parts = [f"class {new.name}: {len(new.roster)} student(s)"]
         if added:
@@ -544,6 +556,7 @@ class Controller:
             parts.append(f"{len(removed)} lab(s) removed gracefully ({', '.join(removed)})")
         if new.end is not None:
             parts.append(f"the labs end at {_iso(new.end)}")
+        parts += lifetime_notes  # the same for every student: said once
         return ACCEPTED, "; ".join(parts) + "; class-ready follows"
 
     def stop_class(self, cmd: StopClass, mid: str, published: float | None = None) -> tuple[str, str]:
@@ -593,6 +606,14 @@ class Controller:
         record = self._class_store().fetch_class(cmd.class_)
         if record is not None:
             self.reconcile_class(record, mid)
+        if self.wakeups is not None:
+            # A Cloud Scheduler job's cron (`M H D Mon *`) fires every year, so a handled wake-up is deleted here,
+            # after the step (if the step raises, the message is retried and the jobs stay). Every wake-up of a
+            # class sends this same message and the step is level-based on the time, so each wake-up of the class
+            # whose time has passed is done with, whichever fired. Here, not on the minute tick: two calls per
+            # wake-up, none per tick. One whose message was lost fires a year on and is deleted then.
+            for key in (f"{cmd.class_}-start", f"{cmd.class_}-end"):
+                self.wakeups.apply_expire(key, self.clock())
 
     def reconcile_classes(self, mid: str = "") -> list[str]:
         """One step of every class (after a pass over the labs); returns the classes to retry."""
