@@ -443,6 +443,9 @@ def cmd_serve(a, cfg) -> int:
 
 
 def cmd_demo(a, cfg) -> int:
+    if a.class_size is not None:
+        from dasklab.local.class_demo import run_class_demo
+        return run_class_demo(a.class_size, json_lines=a.json)
     from dasklab.local.demo import run_demo
     return run_demo(json_lines=a.json)
 
@@ -659,6 +662,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="also delete every managed lab")
     s = sub.add_parser("demo", help="the whole lab story on real Dask, in under two minutes")
     s.add_argument("--json", action="store_true", help="print the timeline as JSON lines")
+    s.add_argument("--class", dest="class_size", type=int, metavar="N",
+                   help="a class of N students instead: one busy (autoscales), one idle (torn down), one kept alive")
     return p
 
 

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -482,10 +483,13 @@ class LocalBackend:
 
     def apply_delete(self, lab: Lab) -> None:
         with self._update(lab.name) as local:
-            for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
-                stop_pid_group(w["pid"])
+            stops = [lambda pid=w["pid"]: stop_pid_group(pid)
+                     for w in [*local["workers"].values(), *local.get("retiring", {}).values()]]
             if local.get("jupyter"):
-                stop_jupyter(local["jupyter"]["pid"])
+                stops.append(lambda pid=local["jupyter"]["pid"]: stop_jupyter(pid))
+            if stops:  # together (each waits for its processes to exit), then the scheduler they were connected to
+                with ThreadPoolExecutor(max_workers=len(stops)) as pool:
+                    list(pool.map(lambda stop: stop(), stops))
             if local["scheduler"]:
                 stop_pid_group(local["scheduler"]["pid"])
             local.update(scheduler=None, workers={}, retiring={}, installed=False, jupyter=None)

@@ -168,7 +168,9 @@ class Controller:
             self.reconcile_lab(lab, "reconcile", mid)
         return ACCEPTED, f"revision {lab.spec.revision} recorded ({reason}); lab-updated follows"
 
-    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> tuple[str, str]:
+    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None,
+                 reason: str = "stop-lab requested") -> tuple[str, str]:
+        """Tear the lab down; `reason` is recorded on it (its lab-deleted and class report say it)."""
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
             now = self.clock()
             try:
@@ -184,7 +186,7 @@ class Controller:
             logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
             return NOTHING_TO_DO, why
         already = lab.state.phase == TEARING_DOWN
-        self._begin_teardown(lab, "stop-lab requested", mid)  # already tearing down: the next step, as a tick would
+        self._begin_teardown(lab, reason, mid)  # already tearing down: the next step, as a tick would
         if already:
             return NOTHING_TO_DO, "already being torn down"
         return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
@@ -692,12 +694,13 @@ class Controller:
             return True
 
     def _stop_student(self, lab: Lab, reason: str, record: ClassRecord, now: float, mid: str) -> None:
-        """A normal stop-lab (its tombstone at the class's message time): graceful, reported by lab-deleted."""
+        """A normal stop-lab (its tombstone at the class's message time) with the class's reason: graceful, reported
+        by lab-deleted."""
         published = record.stopped if record.is_stopped else record.published if lab.spec.student not in \
             record.roster else now
         logs.emit("INFO", action="class-stop-lab", lab=lab.name, reason=reason, message_id=mid,
                   **{"class": record.name})
-        self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published))
+        self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published), reason)
 
     def _class_ready(self, record: ClassRecord, mine: dict[str, Lab], lead: float, now: float) -> dict:
         """Publish class-ready with who connects how (no secret: tokens stay with the backend); returns the record's
