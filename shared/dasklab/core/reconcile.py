@@ -21,8 +21,8 @@ from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, Cla
     class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
-from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, plan_jupyter_restart, \
-    plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
+from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, \
+    plan_jupyter_restart, plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).

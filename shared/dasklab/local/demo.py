@@ -33,6 +33,28 @@ def _uses_the_package(word: str) -> str:
     return importlib.import_module(EXTRA).camelize(word)  # only in the lab's environment after the update
 
 
+class Heartbeat:
+    """A short task every 2 s, as a notebook that goes on working would send: the scale-down and update stretches
+    are not idle time, so the minute tick's idle check (10 s timeout) never ends the lab in the middle of the story."""
+
+    def __init__(self, client):
+        self.client, self.stop = client, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        from distributed import fire_and_forget
+        while not self.stop.wait(2.0):
+            fire_and_forget(self.client.submit(time.sleep, 0.2, pure=False))
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def _slow_square(x: int) -> int:
     time.sleep(TASK_SECONDS)
     return x * x
@@ -189,33 +211,34 @@ def run_demo(json_lines: bool = False) -> int:
             timeline.say("demo", f"workload started: {TASKS} tasks × {TASK_SECONDS}s of sleep")
             _wait("running", lambda: all(f.done() for f in futures), timeline, 120, watch.workers)
             run.track(watch.lab())
-            timeline.say("demo", f"workload done; {TASKS} results held in worker memory while the lab scales down")
-            _wait("waiting for graceful scale-down to the minimum",
-                  lambda: watch.lab().state.target_workers == 1 and backend.fetch_requested(watch.lab()) == 1,
-                  timeline, 90, watch.workers)
-            total, expected = sum(client.gather(futures)), sum(x * x for x in range(TASKS))
-            lost = total != expected
-            timeline.say("demo", f"results gathered after scale-down: sum {total} (expected {expected}); "
-                                 f"{TASKS if lost else 0} lost")
-            before = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
-            mid = ctl.publish(UPDATE)
-            timeline.say("demo", f"update-lab published (message {mid}): EXTRA_PIP_PACKAGES={EXTRA} for jupyter and "
-                                 f"worker; the results stay in worker memory")
-            _wait("waiting for the workers to be replaced", lambda: watch.lab().state.revision == 2, timeline, 90,
-                  watch.workers)
-            run.track(watch.lab())
-            after = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
-            jupyter = backend.connection_info(watch.lab()).get("jupyter")
-            timeline.say("demo", f"lab at revision 2: workers {', '.join(sorted(before))} replaced by "
-                                 f"{', '.join(sorted(after))}" + (
-                                     f"; Jupyter still at {jupyter}"
-                                     if jupyter and jupyter == info.get("jupyter") else ""))
-            total = sum(client.gather(futures))
-            lost = lost or total != expected or bool(before & after)
-            camel = client.submit(_uses_the_package, "dask_lab", pure=False).result()
-            timeline.say("demo", f"results gathered after the update: sum {total} (expected {expected}); "
-                                 f"{TASKS if total != expected else 0} lost; {EXTRA} on a worker: "
-                                 f"camelize('dask_lab') = {camel}")
+            timeline.say("demo", f"workload done; {TASKS} results held in worker memory while the lab scales down "
+                                 "(a 0.2s task every 2s meanwhile, as a notebook still in use)")
+            with Heartbeat(client):
+                _wait("waiting for graceful scale-down to the minimum", lambda: watch.lab().state.target_workers == 1
+                      and backend.fetch_requested(watch.lab()) == 1, timeline, 90, watch.workers)
+                total, expected = sum(client.gather(futures)), sum(x * x for x in range(TASKS))
+                lost = total != expected
+                timeline.say("demo", f"results gathered after scale-down: sum {total} (expected {expected}); "
+                                     f"{TASKS if lost else 0} lost")
+                before = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
+                mid = ctl.publish(UPDATE)
+                timeline.say("demo", f"update-lab published (message {mid}): EXTRA_PIP_PACKAGES={EXTRA} for "
+                                     "jupyter and worker; the results stay in worker memory")
+                _wait("waiting for the workers to be replaced", lambda: watch.lab().state.revision == 2, timeline,
+                      90, watch.workers)
+                run.track(watch.lab())
+                after = {w.name for w in backend.dashboard(watch.lab()).fetch_workers()}
+                jupyter = backend.connection_info(watch.lab()).get("jupyter")
+                timeline.say("demo", f"lab at revision 2: workers {', '.join(sorted(before))} replaced by "
+                                     f"{', '.join(sorted(after))}" + (
+                                         f"; Jupyter still at {jupyter}"
+                                         if jupyter and jupyter == info.get("jupyter") else ""))
+                total = sum(client.gather(futures))
+                lost = lost or total != expected or bool(before & after)
+                camel = client.submit(_uses_the_package, "dask_lab", pure=False).result()
+                timeline.say("demo", f"results gathered after the update: sum {total} (expected {expected}); "
+                                     f"{TASKS if total != expected else 0} lost; {EXTRA} on a worker: "
+                                     f"camelize('dask_lab') = {camel}")
             client.cancel(futures)
         timeline.say("demo", "client disconnected; the lab is now idle")
         _wait("waiting for the idle timeout (10s)", lambda: watch.idle_for() >= 10, timeline, 60,
