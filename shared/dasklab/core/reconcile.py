@@ -19,8 +19,8 @@ from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
     class_cost, class_usage, plan_budget, plan_class, plan_lead_time, usage_of, wakeup_message
-from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
-    node_seconds_at
+from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, \
+    estimate_cost, node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
     plan_jupyter_restart, plan_scale, plan_start, plan_teardown, plan_update
 
@@ -477,7 +477,8 @@ class Controller:
     def _student_spec(self, record: ClassRecord, student: str):
         """A student's lab: the start-lab the class's template gives, built and capped as any start-lab's."""
         spec = build_spec(parse_command(record.template).student_lab(student), self.config)
-        return replace(spec, class_name=record.name, student=student, placement=record.placement,
+        return replace(spec, class_name=record.name, student=student,
+                       placement=record.placement or DEFAULT_PLACEMENT, class_size=len(record.roster),
                        budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until)
 
     def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
@@ -684,7 +685,9 @@ class Controller:
             else:
                 row.update(phase="gone", reason=record.usage.get(student, {}).get("reason", "ended"))
             table.append(row)
+        placement = record.placement or DEFAULT_PLACEMENT
         self.events.publish({"event": "class-ready", "class": record.name, "owner": record.owner, "time": now,
+                             "placement": placement + ("" if record.placement else " (the default)"),
                              "at": record.at and _iso(record.at), "ends_at": record.end and _iso(record.end),
                              "lead_time_s": round(lead), "labs": table,
                              "connect": f"dasklab connect --class {record.name}  # the instructor: tokens included"})
