@@ -121,6 +121,15 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         assert "dasklab-intro-bob" not in world.schedulers
         assert set(worker_pods("cy")) == cy_pods  # cy's worker never moved
 
+        # two students join: their labs go into the same cluster, and its system pool grows for their schedulers
+        ctl.handle(msg(type="start-class", **{"class": "intro"}, owner="prof", roster=[*STUDENTS, "dan", "eve"],
+                       workers={"initial": 1, "min": 1, "max": 4}, machine_type="e2-standard-4",
+                       worker_resources={"cpu": 1, "memory": "3G"}, idle_timeout="25s", max_lifetime="2h"), "m5")
+        drive(lambda: all(getattr(lab(s), "state", None) and lab(s).state.phase == READY for s in ("dan", "eve")))
+        assert lab("bob") is None and list(world.gke.clusters) == [CLUSTER]  # bob's lab ended: not recreated
+        system = world.gke.clusters[CLUSTER].node_pools[0]
+        assert sum(backend.migs.target_sizes(list(system.instance_group_urls)).values()) == 2  # 4 labs, 3 a node
+
         # the class ends: the last lab's teardown deletes the class's cluster
         ctl.handle(msg(type="stop-class", **{"class": "intro"}), "m4")
         drive(lambda: CLUSTER not in world.gke.clusters and any(e["event"] == "class-deleted" for e in events),

@@ -1,6 +1,10 @@
 """GKE backend adapter: one Standard cluster per lab (container v1), its Kubernetes API (adapters.kube), the node
 pool's instance groups (adapters.compute) and the official Dask Helm release installed by an in-cluster Job.
 
+A class's labs with placement "shared" share their class's cluster instead (`place_of`): each lab is a namespace
+there (record, release, token, ResourceQuota, NetworkPolicies), the worker pool is sized for the class's labs
+together, a node is removed only when no other lab's pod runs on it, and the last lab's teardown deletes the cluster.
+
 Where a lab's record lives (state is on the resources; `Lab.version` names the store and its CAS token):
 
 - While the cluster is not running (being created, in error, being deleted) the record is on the cluster:
@@ -629,11 +633,28 @@ class GkeBackend:
         kube.create(build_namespace(place.namespace, lab.name, place.class_name))
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
         if place.shared:
+            self._grow_system_pool(lab, place, kube)
             for manifest in [build_quota(lab.spec, release.values, place.namespace),
                              *build_network_policies(lab.spec, place.release, place.namespace)]:
                 kube.create(manifest)
         for manifest in release.manifests[1:]:
             kube.create(manifest)
+
+    def _grow_system_pool(self, lab: Lab, place: Place, kube: Kube) -> None:
+        """A class cluster's system pool holds every lab's scheduler and Jupyter: raised when the class has grown
+        past what it was created for (students added to the roster). Never lowered."""
+        cluster = self._seen.get(place.cluster) or self._running(place)
+        pool = next((p for p in cluster.node_pools if p.name == self.config.system_pool), None)
+        if pool is None:
+            return
+        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
+        labs = len(kube.list_configmaps(RECORD, self._class_selector(place)))
+        need = nodes_per_zone(system_nodes_for(labs, self.config.system_machine_type), len(sizes))
+        if sizes and min(sizes.values()) < need:
+            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=need)
+            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
+            logs.emit("INFO", lab=lab.name, action="resize-pool", pool=pool.name, **{"from": sizes, "to": need},
+                      reason=f"{labs} labs' schedulers and Jupyters need {need} system node(s) per zone")
 
     def apply_environment(self, spec) -> None:
         """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
