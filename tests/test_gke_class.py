@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+import pytest
+
 from dasklab.adapters.gke import class_cluster, place_of
 from dasklab.adapters.local import FileClasses
 from dasklab.adapters.procs import pid_alive
@@ -160,3 +162,33 @@ def test_own_placement_stays_available(tmp_path):
         assert place_of(ctl.backend.fetch_lab("intro-ann")).cluster == "intro-ann"
     finally:
         world.close()
+
+
+def test_the_readme_placement_table_is_what_the_cost_model_computes():
+    """The README's "Placement of a class" figures are placement_cost's, and the default follows the cheaper."""
+    import re
+    from pathlib import Path
+
+    from dasklab.core.model import DEFAULT_PLACEMENT, estimate_cost, placement_cost
+    from tests.conftest import make_spec
+
+    own, shared = (placement_cost(p, students=30, hours=3, workers=6) for p in ("own", "shared"))
+    section = Path(__file__).parent.parent.joinpath("README.md").read_text().split("### Placement of a class")[1]
+    table = section.split("\n\n")[2]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    for key, row in (("control_plane_usd", "control-plane fees"), ("system_nodes_usd", "system nodes (schedulers, "
+                                                                                       "Jupyters)"),
+                     ("worker_nodes_usd", "worker nodes"), ("total_usd", "**total**")):
+        cells = rows[row].split("|")[2:4]  # the figure each cell ends with (the total's comes first)
+        figures = [re.findall(r"\$(\d+\.\d\d)", cell)[0 if key == "total_usd" else -1] for cell in cells]
+        assert tuple(map(float, figures)) == (own[key], shared[key]), row
+    assert (own["clusters"], own["system_nodes"], own["worker_nodes"]) == (30, 30, 60)
+    assert (shared["clusters"], shared["system_nodes"], shared["worker_nodes"]) == (1, 10, 60)
+    assert DEFAULT_PLACEMENT == "shared" and shared["total_usd"] < own["total_usd"]
+    # with 2 workers a student, sharing saves on worker nodes too (the README says 30 vs 20)
+    assert (placement_cost("own", 30, 3, 2)["worker_nodes"], placement_cost("shared", 30, 3, 2)["worker_nodes"]) == \
+        (30, 20)
+    # a shared lab's estimate carries its share of the class cluster's fee
+    spec = make_spec(class_name="intro", student="ann", placement="shared", class_size=30)
+    assert estimate_cost(spec, 3 * 3600, 0) == pytest.approx(0.10 * 3 / 30)
+    assert estimate_cost(make_spec(), 3 * 3600, 0) == pytest.approx(0.30)
