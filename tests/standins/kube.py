@@ -1645,7 +1645,9 @@ class KubeStandin:
     deletecollection; owner-reference garbage collection (Orphan honoured); /scale (autoscaling/v1 Scale), /status,
     pod /log and /eviction; the service proxy to registered backends (503 when none); controllers for
     Deployment → ReplicaSet → Pods (real deletion ranking), a first-fit scheduler over Node objects (cordon
-    and nodeSelector honoured, Pending when no room), and Jobs completed by the test. Watch, dryRun, server-side apply and finalizers
+    and nodeSelector honoured, Pending when no room), and Jobs completed by the test; ResourceQuota admission (pods
+    past a hard limit refused 403 "exceeded quota", a ReplicaSet's refused pods reported as ReplicaFailure) and
+    status; NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun, server-side apply and finalizers
     are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 

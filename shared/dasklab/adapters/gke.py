@@ -728,15 +728,18 @@ class GkeBackend:
             raise PermanentError(f"cluster {cluster.name} has no node pool {self.config.worker_pool}")
         return pool
 
+    def _class_targets(self, lab: Lab, target: int, kube: Kube) -> dict[str, int]:
+        """Worker targets of the labs in the pool: this lab's `target`; in a shared cluster, the other labs' recorded
+        targets too."""
+        if not place_of(lab).shared:
+            return {lab.name: target}
+        records = [json.loads(data[RECORD_KEY]) for _, data, _ in
+                   kube.list_configmaps(RECORD, self._class_selector(place_of(lab)))]
+        return {**{r["spec"]["name"]: r["state"]["target_workers"] for r in records}, lab.name: target}
+
     def _nodes_needed(self, lab: Lab, target: int, kube: Kube) -> int:
-        """Worker nodes the pool needs: the lab's own for `target` workers; in a shared cluster, for the workers of
-        every lab of the class (their recorded targets, this one's `target`) packed together."""
-        place = place_of(lab)
-        if not place.shared:
-            return lab.spec.nodes_for(target)
-        targets = {json.loads(data[RECORD_KEY])["spec"]["name"]: json.loads(data[RECORD_KEY])["state"]["target_workers"]
-                   for _, data, _ in kube.list_configmaps(RECORD, self._class_selector(place))}
-        return lab.spec.nodes_for(sum({**targets, lab.name: target}.values()))
+        """Worker nodes the pool needs for the workers of every lab in it, packed together."""
+        return lab.spec.nodes_for(sum(self._class_targets(lab, target, kube).values()))
 
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Nodes first (per zone, never lowering a zone), then the Deployment's replicas."""
@@ -819,10 +822,13 @@ class GkeBackend:
         place = place_of(lab)
         target = lab.state.target_workers
         unmarked = [n for n in nodes if REMOVING_LABEL not in (n.metadata.labels or {})]
-        needed = self._nodes_needed(lab, target, kube)
+        targets = self._class_targets(lab, target, kube)
+        needed = lab.spec.nodes_for(sum(targets.values()))
         excess = len(unmarked) - needed
         if excess <= 0:
             return False
+        if place.shared and (lab.name != min(targets) or any(not self._daemon(p) for p in kube.pods_on(""))):
+            return False  # one lab of the class trims the shared pool, and not while any pod waits for a node
         pods = kube.pods_of(place.namespace, place.workers)
         if kube.replicas(place.namespace, place.workers) != target or len(pods) != target \
                 or any(not p.spec.node_name for p in pods):
