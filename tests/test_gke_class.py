@@ -1,7 +1,7 @@
 """A class of three students in one shared GKE cluster, through the real clients on the GKE world with real Dask:
 one cluster, a namespace, Helm release, token, quota and policies per student; the busy student's lab autoscales
-alone; the shared pool removes only empty nodes; an idle lab goes with its namespace, the cluster stays; the last
-lab's teardown deletes the cluster."""
+alone; the shared pool removes only empty nodes; an idle lab, and at night the labs not kept alive, go with their
+namespaces while the cluster stays; students added later join it; the last lab's teardown deletes the cluster."""
 
 import json
 import logging
@@ -132,6 +132,12 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         assert lab("bob") is None and list(world.gke.clusters) == [CLUSTER]  # bob's lab ended: not recreated
         system = world.gke.clusters[CLUSTER].node_pools[0]
         assert sum(backend.migs.target_sizes(list(system.instance_group_urls)).values()) == 2  # 4 labs, 3 a node
+
+        # the nightly teardown takes the labs not kept alive (dan's, eve's), per lab: the cluster stays for ann and cy
+        ctl.reconcile_all("nightly-teardown")
+        drive(lambda: lab("dan") is None and lab("eve") is None)
+        assert list(world.gke.clusters) == [CLUSTER] and {lab("ann").state.phase, lab("cy").state.phase} == {READY}
+        assert world.kube.get("namespaces", None, "dasklab-intro-dan") is None
 
         # the class ends: the last lab's teardown deletes the class's cluster
         ctl.handle(msg(type="stop-class", **{"class": "intro"}), "m4")
