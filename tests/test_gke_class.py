@@ -139,6 +139,12 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         assert list(world.gke.clusters) == [CLUSTER] and {lab("ann").state.phase, lab("cy").state.phase} == {READY}
         assert world.kube.get("namespaces", None, "dasklab-intro-dan") is None
 
+        # a scale past the maximum the quota was sized for: the quota follows before the workers are asked for
+        ctl.handle(msg(type="scale", lab="intro-cy", min=2, max=8), "m6")
+        drive(lambda: [p["status"].get("phase") for p in worker_pods("cy").values()] == ["Running"] * 2)
+        (quota,) = world.kube.list("resourcequotas", "dasklab-intro-cy")
+        assert quota["spec"]["hard"]["pods"] == "15" and quota["spec"]["hard"]["requests.cpu"] == "12100m"
+
         # the class ends: the last lab's teardown deletes the class's cluster
         ctl.handle(msg(type="stop-class", **{"class": "intro"}), "m4")
         drive(lambda: CLUSTER not in world.gke.clusters and any(e["event"] == "class-deleted" for e in events),

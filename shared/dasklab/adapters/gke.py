@@ -763,6 +763,9 @@ class GkeBackend:
         if replicas is None:
             raise TransientError(f"lab {lab.name}: no worker Deployment yet")
         if replicas < target:
+            if place.shared and kube.ensure_quota(build_quota(lab.spec, self._release(lab).values, place.namespace)):
+                logs.emit("INFO", lab=lab.name, action="resize-quota", reason=f"quota for at most "
+                          f"{lab.spec.max_workers} workers of {lab.spec.worker_cpu} CPU / {lab.spec.worker_memory} B")
             kube.scale(place.namespace, place.workers, target)
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:

@@ -97,6 +97,19 @@ class Kube:
         return [(cm.metadata.namespace, dict(cm.data or {}), cm.metadata.resource_version) for cm in found
                 if cm.metadata.namespace in active]
 
+    def ensure_quota(self, manifest: dict) -> bool:
+        """The ResourceQuota as the manifest says (created, or its `hard` patched); True if it changed."""
+        meta = manifest["metadata"]
+        found = self._call(f"read ResourceQuota {meta['namespace']}/{meta['name']}",
+                           self.core.read_namespaced_resource_quota, meta["name"], meta["namespace"], missing_ok=True)
+        if found is None:
+            return self.create(manifest)
+        if dict(found.spec.hard or {}) == manifest["spec"]["hard"]:
+            return False
+        self._call(f"patch ResourceQuota {meta['name']}", self.core.patch_namespaced_resource_quota, meta["name"],
+                   meta["namespace"], {"spec": {"hard": manifest["spec"]["hard"]}})
+        return True
+
     def namespace_phase(self, ns: str) -> str | None:
         """Active, Terminating, or None if there is no such namespace."""
         found = self._call(f"read Namespace {ns}", self.core.read_namespace, ns, missing_ok=True)
