@@ -57,7 +57,8 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         return backend.fetch_lab(f"intro-{student}")
 
     def worker_pods(student):
-        return {p["metadata"]["name"]: p for p in world.kube.list("pods", f"dasklab-intro-{student}", "component=worker")}
+        pods = world.kube.list("pods", f"dasklab-intro-{student}", "component=worker")
+        return {p["metadata"]["name"]: p for p in pods}
 
     try:
         ctl.handle(msg(type="start-class", **{"class": "intro"}, owner="prof", roster=list(STUDENTS),

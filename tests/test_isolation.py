@@ -3,16 +3,18 @@ the semantics the Kubernetes documentation gives, then applied to what the contr
 on the GKE world: each student's pods reach their own scheduler and Jupyter, never another student's."""
 
 import json
+import time
 
 import pytest
 from dasklab.adapters.gke import class_cluster
 from dasklab.adapters.local import FileClasses
 from dasklab.adapters.procs import pid_alive
+from dasklab.core.messages import parse_command
 from dasklab.core.model import READY
 from dasklab.core.reconcile import Controller
 
 from tests.dask_checks import alive, process_tree
-from tests.gke_world import CONFIG, PROJECT, LOCATION, World
+from tests.gke_world import CONFIG, LOCATION, PROJECT, World
 from tests.netpol import Pod, allowed, selects
 
 NS = {"a": {"kubernetes.io/metadata.name": "a", "team": "x"}, "b": {"kubernetes.io/metadata.name": "b"}}
@@ -107,7 +109,6 @@ def shared_class(tmp_path):
 
 
 def start_class(**kw):
-    from dasklab.core.messages import parse_command
     return parse_command(json.dumps({"v": 1, "type": "start-class", "class": "intro", "owner": "prof",
                                      "roster": list(STUDENTS), "workers": {"initial": 0, "min": 0, "max": 4},
                                      "machine_type": "e2-standard-4", "worker_resources": {"cpu": 1, "memory": "3G"},
@@ -115,7 +116,6 @@ def start_class(**kw):
 
 
 def drive_class(ctl, world, until, timeout=90.0):
-    import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         world.sync()

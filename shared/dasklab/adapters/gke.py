@@ -526,8 +526,8 @@ class GkeBackend:
         account = {"service_account": cfg.node_service_account, "oauth_scopes": [CLOUD_PLATFORM]} \
             if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'
         # a class's cluster: system nodes for every student's scheduler and Jupyter, worker nodes for their initial
-        # workers, and Dataplane V2, which enforces NetworkPolicy (cloud.google.com/kubernetes-engine/docs/concepts/
-        # dataplane-v2: "always enabled" network policy enforcement)
+        # workers, and Dataplane V2, which enforces NetworkPolicy with no separate setting
+        # (cloud.google.com/kubernetes-engine/docs/concepts/dataplane-v2)
         students = max(1, spec.class_size) if place.shared else 1
         system = max(cfg.system_nodes, nodes_per_zone(system_nodes_for(students, cfg.system_machine_type),
                                                       zone_count)) if place.shared else cfg.system_nodes
@@ -931,7 +931,8 @@ class GkeBackend:
         if cluster.status not in UP:  # in error or being created: no other lab can be in it yet
             return True
         if self._labels_hold(cluster, lab):  # cleared first: the labels' lab is listed while it has no namespace
-            labels = {k: v for k, v in cluster.resource_labels.items() if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
+            labels = {k: v for k, v in cluster.resource_labels.items()
+                      if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
             op = self._gcall(f"set labels on {place.cluster}", self.clusters.set_labels, request=gke.SetLabelsRequest(
                 name=self._path(place), resource_labels=labels, label_fingerprint=cluster.label_fingerprint))
             self._wait(op)

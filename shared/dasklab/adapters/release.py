@@ -126,7 +126,6 @@ def build_namespace(namespace: str, lab: str, class_name: str = "") -> dict:
 
 
 HELM_REQUESTS = {"cpu": "100m", "memory": "256Mi"}  # the install Job's container (a quota needs requests on every pod)
-SCHEDULER_PORTS, JUPYTER_PORTS = (8786, 8787), (JUPYTER_PORT,)
 DASHBOARD_PORT = 8787
 # GKE's API server reaches a pod (the service proxy, webhooks) through the konnectivity-agent pods of kube-system,
 # so their traffic comes from a pod address (github.com/tigera/operator/pull/5212: "On AKS and GKE the apiserver
