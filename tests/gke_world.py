@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from dasklab.adapters.compute import Migs
-from dasklab.adapters.gke import GkeBackend
+from dasklab.adapters.gke import GkeBackend, class_cluster
 from dasklab.adapters.jupyter import start_jupyter, stop_jupyter, write_token
 from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
 from dasklab.core.config import Config
@@ -147,9 +147,11 @@ class World:
         self.kube.set_nodes(capacity,
                             node_labels={n: {POOL_LABEL: g.pool, "topology.kubernetes.io/zone": g.zone}
                                          for n, g in nodes.items()})
-        labs = {c.rsplit("/", 1)[1] for c in self.gke.clusters}
-        for ns in list(self.schedulers):
-            if ns.removeprefix("dasklab-") not in labs:
+        clusters = {c.rsplit("/", 1)[1] for c in self.gke.clusters}
+        for ns in list(self.schedulers):  # a lab's pods go with its cluster, or with its namespace in a shared one
+            namespace = self.kube.get("namespaces", None, ns)
+            klass = ((namespace or {}).get("metadata", {}).get("labels") or {}).get("class")
+            if not namespace or (class_cluster(klass) if klass else ns.removeprefix("dasklab-")) not in clusters:
                 self._forget(ns)
         for ns in self.schedulers:
             self._sync_workers(ns)

@@ -27,7 +27,8 @@ FAMILIES = {
     "scheduler": ("scheduler_v1", [(scheduler_v1.CloudSchedulerClient, None)]),
     "compute": ("compute_v1", [(compute_v1.InstanceGroupManagersClient, None)]),
     "kubernetes": ("kubernetes", [(k8s.CoreV1Api, None), (k8s.AppsV1Api, None), (k8s.BatchV1Api, None),
-                                  (k8s.RbacAuthorizationV1Api, None), (k8s.ApiClient, {"call_api"})]),
+                                  (k8s.RbacAuthorizationV1Api, None), (k8s.NetworkingV1Api, None),
+                                  (k8s.ApiClient, {"call_api"})]),
     # the document API: each call on a DocumentReference is one RPC (get → BatchGetDocuments, set → Commit)
     "firestore": ("google.cloud.firestore", [(firestore.Client, {"document"}),
                                              (firestore.DocumentReference, {"get", "set"})]),

@@ -615,7 +615,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="initial workers per student")
     s.add_argument("--budget-student", type=float, metavar="USD", help="estimated cost at which a lab is stopped")
     s.add_argument("--budget-class", type=float, metavar="USD", help="estimated cost at which the class is stopped")
-    s.add_argument("--placement", choices=("own", "shared"), help="a cluster per student, or one for the class")
+    s.add_argument("--placement", choices=("own", "shared"),
+                   help="a cluster per student, or one for the class (the default: shared)")
     s = sub.add_parser("stop-class", parents=[gcp, wait], help="tear down every lab of a class")
     s.add_argument("--class", dest="class_", required=True)
     s = sub.add_parser("class-report", parents=[gcp], help="usage per student of a class")

@@ -80,9 +80,11 @@ REPLICASETS = Kind("apps", "v1", "replicasets", "ReplicaSet", True, "subdomain",
 JOBS = Kind("batch", "v1", "jobs", "Job", True, "subdomain", ("status",))
 ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "path")
 ROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "path")
+RESOURCEQUOTAS = Kind("", "v1", "resourcequotas", "ResourceQuota", True, "subdomain", ("status",))
+NETWORKPOLICIES = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "subdomain")
 KINDS = {(k.group, k.version, k.plural): k for k in (
     NAMESPACES, NODES, CONFIGMAPS, SECRETS, SERVICEACCOUNTS, SERVICES, PODS, DEPLOYMENTS, REPLICASETS, JOBS, ROLES,
-    ROLEBINDINGS)}
+    ROLEBINDINGS, RESOURCEQUOTAS, NETWORKPOLICIES)}
 STATUS_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
                 409: "Conflict", 415: "UnsupportedMediaType", 422: "Invalid", 429: "TooManyRequests",
                 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
@@ -393,6 +395,32 @@ def apply_patch(current: Obj, body: bytes, content_type: str) -> Obj:
 
 
 # --- object helpers ------------------------------------------------------------------------------------------------
+
+def quantity(resource: str, value: Any) -> float:
+    """A quota's quantity as a number: cores for cpu, bytes for memory, a count otherwise."""
+    from dasklab.core.model import parse_cpu, parse_memory
+    if resource.endswith("cpu"):
+        return parse_cpu(value)
+    return float(parse_memory(value)) if resource.endswith("memory") else float(value)
+
+
+def show_quantity(resource: str, value: float) -> str:
+    if resource.endswith("cpu"):
+        return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+    return str(int(value))
+
+
+def pod_requests(pod: Obj) -> Counter:
+    """What a pod counts against a quota: `pods` 1 and its containers' requests (limits where no request)."""
+    found: Counter = Counter({"pods": 1})
+    for c in pod["spec"].get("containers") or ():
+        resources = c.get("resources") or {}
+        got = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for key in ("cpu", "memory"):
+            if key in got:
+                found[f"requests.{key}"] += quantity(key, got[key])
+    return found
+
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -751,6 +779,7 @@ class _KubeApi(kmock.KubernetesScaffold):
     _due: float | None = None  # when a Ready pod next becomes available (minReadySeconds): reconcile then
     _ips: Iterable[int] = attrs.field(factory=lambda: itertools.count(2))
     _index: dict[kmock.resource, dict[str | None, dict[str, None]]] = attrs.field(factory=dict)  # res → ns → names
+    _refused: dict[str, str] = attrs.field(factory=dict)  # ReplicaSet uid → why its last pod creation was refused
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock: discovery endpoints and the 404 fallback
@@ -997,6 +1026,8 @@ class _KubeApi(kmock.KubernetesScaffold):
         if self.find(kind, ns, meta["name"]) is not None:
             raise fail(409, f'{kind.qualified} "{meta["name"]}" already exists', reason="AlreadyExists",
                        name=meta["name"], group=kind.group, kind=kind.plural)
+        if kind is PODS and (refusal := self._quota_refusal(obj)):
+            raise fail(403, f'pods "{meta["name"]}" is forbidden: {refusal}', name=meta["name"], kind="pods")
         meta["uid"] = self._uid()
         self._admit(kind, obj)
         self._insert(kind, obj)
@@ -1256,6 +1287,12 @@ class _KubeApi(kmock.KubernetesScaffold):
                 self._replicaset_status(replicaset)
             for deployment in self.stored(DEPLOYMENTS):
                 self._deployment_status(deployment)
+            for quota in self.stored(RESOURCEQUOTAS):  # the quota controller: status.hard and status.used
+                hard, used = quota["spec"].get("hard") or {}, self._quota_used(quota["metadata"]["namespace"])
+                status = {"hard": dict(hard), "used": {k: show_quantity(k, used[k]) for k in hard}}
+                if quota.get("status") != status:
+                    quota["status"] = status
+                    self._put(RESOURCEQUOTAS, quota)
             if self._rv == before:
                 break
         held = [rs for rs in self.stored(REPLICASETS) if rs["spec"].get("minReadySeconds")]
@@ -1403,7 +1440,38 @@ class _KubeApi(kmock.KubernetesScaffold):
         return (bool(node), {"Pending": 0, "Unknown": 1, "Running": 2}.get(pod["status"].get("phase"), 0), ready,
                 cost, -on_node[node], -self._ready_at.get(uid, 0) if ready else 0, -restarts, -self._born.get(uid, 0))
 
-    def _spawn_pod(self, owner_kind: Kind, owner: Obj, template: Obj, prefix: str) -> Obj:
+    def _quota_refusal(self, pod: Obj) -> str:
+        """ResourceQuota admission (kubernetes.io/docs/concepts/policy/resource-quotas/): with a quota on
+        requests.cpu/requests.memory every container must request them (limits alone count, as defaulting copies
+        them), and a pod that would take the namespace's use past a hard limit is refused with "exceeded quota"
+        (the wording of k8s.io/apiserver … resourcequota/controller.go: "exceeded quota: %s, requested: %s, used:
+        %s, limited: %s"). "" = admitted."""
+        ns = pod["metadata"]["namespace"]
+        for quota in self.stored(RESOURCEQUOTAS, ns):
+            hard, name = quota["spec"].get("hard") or {}, quota["metadata"]["name"]
+            missing = [k for k in ("requests.cpu", "requests.memory") if k in hard and not all(
+                k.split(".")[1] in {**((c.get("resources") or {}).get("limits") or {}),
+                                    **((c.get("resources") or {}).get("requests") or {})}
+                for c in pod["spec"].get("containers") or ())]
+            if missing:
+                return f"failed quota: {name}: must specify {','.join(missing)}"
+            used, want = self._quota_used(ns), pod_requests(pod)
+            over = sorted(k for k in hard if k in want and used[k] + want[k] > quantity(k, hard[k]))
+            if over:
+                def show(values: Mapping[str, float]) -> str:
+                    return ",".join(f"{k}={show_quantity(k, values[k])}" for k in over)
+                return (f"exceeded quota: {name}, requested: {show(want)}, used: {show(used)}, limited: "
+                        + ",".join(f"{k}={hard[k]}" for k in over))
+        return ""
+
+    def _quota_used(self, ns: str) -> Counter:
+        used: Counter = Counter()
+        for pod in self.stored(PODS, ns):
+            if is_active(pod):
+                used.update(pod_requests(pod))
+        return used
+
+    def _spawn_pod(self, owner_kind: Kind, owner: Obj, template: Obj, prefix: str) -> Obj | None:
         ns, template_meta = owner["metadata"]["namespace"], template.get("metadata") or {}
         meta = {"name": self._generate_name(PODS, ns, f"{prefix}-"), "generateName": f"{prefix}-", "namespace": ns,
                 "labels": dict(template_meta.get("labels") or {}),
@@ -1412,6 +1480,11 @@ class _KubeApi(kmock.KubernetesScaffold):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {k: v for k, v in meta.items() if v},
                "spec": copy.deepcopy(template.get("spec") or {}), "status": {"phase": "Pending"}}
         apply_defaults(PODS, pod)
+        refusal = self._quota_refusal(pod)
+        if refusal:  # the controller's create was refused (403): it records why and tries again later
+            self._refused[owner["metadata"]["uid"]] = f'pods "{meta["name"]}" is forbidden: {refusal}'
+            return None
+        self._refused.pop(owner["metadata"]["uid"], None)
         return self._insert(PODS, pod)
 
 # first fit over schedulable Nodes honouring cordon, nodeSelector and pod capacity; Pending when none fits (kube-scheduler NodeUnschedulable, NodeAffinity, NodeResourcesFit plugins)
@@ -1564,6 +1637,10 @@ class _KubeApi(kmock.KubernetesScaffold):
         status = {"replicas": len(pods), **omit_zero({
             "fullyLabeledReplicas": len(pods), "readyReplicas": ready, "availableReplicas": available,
             "observedGeneration": replicaset["metadata"]["generation"]})}
+        refused = self._refused.get(replicaset["metadata"]["uid"])
+        if refused and len(pods) < replicaset["spec"].get("replicas", 1):  # pkg/controller/replicaset: FailedCreate
+            status["conditions"] = [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                     "message": refused}]
         if replicaset.get("status") != status:
             replicaset["status"] = status
             self._put(REPLICASETS, replicaset)
@@ -1602,7 +1679,7 @@ class _KubeApi(kmock.KubernetesScaffold):
                        for c in status.get("conditions") or ())
         active = self._owned(PODS, job)
         if not finished and not active and not job["spec"].get("suspend"):
-            active = [self._spawn_pod(JOBS, job, job["spec"]["template"], job["metadata"]["name"])]
+            active = [p for p in [self._spawn_pod(JOBS, job, job["spec"]["template"], job["metadata"]["name"])] if p]
         new = {**status, "startTime": status.get("startTime") or now(), "ready": sum(map(is_ready, active)),
                "active": len(active)}
         if not new["active"]:
@@ -1703,7 +1780,9 @@ class KubeStandin:
     pod /log and /eviction; the service proxy to registered backends (503 when none); controllers for
     Deployment → ReplicaSet → Pods (RollingUpdate and Recreate rollouts with revisions and minReadySeconds on
     ``clock``, see ``_sync_deployment``; real deletion ranking), a first-fit scheduler over Node objects (cordon
-    and nodeSelector honoured, Pending when no room), and Jobs completed by the test. Watch, dryRun, server-side apply and finalizers
+    and nodeSelector honoured, Pending when no room), and Jobs completed by the test; ResourceQuota admission (pods
+    past a hard limit refused 403 "exceeded quota", a ReplicaSet's refused pods reported as ReplicaFailure) and
+    status; NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun, server-side apply and finalizers
     are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 

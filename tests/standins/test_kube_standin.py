@@ -652,3 +652,52 @@ def test_clone_namespace_copies_objects_with_new_identities(kube, core, apps):
     assert pods("lab-b") == {} and len(pods("lab-a")) == 2
     with pytest.raises(kmock.KubernetesError, match="already exists"):
         kube.clone_namespace("lab-a", "lab-a")
+
+
+def test_resource_quota_admission_and_usage(kube, core, apps):
+    """kubernetes.io/docs/concepts/policy/resource-quotas/: a pod past a hard limit is refused 403 "exceeded quota";
+    with a quota on requests every container must state them; a ReplicaSet whose pods are refused reports
+    ReplicaFailure/FailedCreate with that message; the quota's status says what is used."""
+    core.create_namespace({"metadata": {"name": "q"}})
+    core.create_namespaced_resource_quota("q", {"metadata": {"name": "lab"}, "spec": {"hard": {
+        "pods": "3", "requests.cpu": "2500m", "requests.memory": "6G"}}})
+
+    def pod(name, cpu="1", memory="2G"):
+        resources = {"requests": {"cpu": cpu, "memory": memory}} if cpu else {}
+        return {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "i",
+                                                                     "resources": resources}]}}
+
+    core.create_namespaced_pod("q", pod("p1"))
+    core.create_namespaced_pod("q", pod("p2"))
+    status, body = refused(core.create_namespaced_pod, "q", pod("p3"))
+    assert status == 403 and body["reason"] == "Forbidden"
+    assert body["message"] == ('pods "p3" is forbidden: exceeded quota: lab, requested: requests.cpu=1, used: '
+                               'requests.cpu=2, limited: requests.cpu=2500m')
+    status, body = refused(core.create_namespaced_pod, "q", pod("p4", cpu=None))
+    assert status == 403 and body["message"].endswith("failed quota: lab: must specify requests.cpu,requests.memory")
+    core.create_namespaced_pod("q", pod("small", cpu="500m", memory="1G"))  # fits: 2.5 CPU, 5 G, 3 pods
+    used = core.read_namespaced_resource_quota("lab", "q").status.used
+    assert used == {"pods": "3", "requests.cpu": "2500m", "requests.memory": "5000000000"}
+
+    core.delete_namespaced_pod("small", "q")
+    apps.create_namespaced_deployment("q", {**deployment("w", replicas=3), "spec": {
+        **deployment("w", replicas=3)["spec"], "template": {"metadata": {"labels": {"app": "w"}}, "spec": {
+            "containers": [{"name": "w", "image": "i", "resources": {"requests": {"cpu": "250m", "memory": "1G"}}}]}}}})
+    pods = core.list_namespaced_pod("q", label_selector="app=w").items
+    assert len(pods) == 1  # p1, p2 and one worker: the pod count is reached
+    (rs,) = apps.list_namespaced_replica_set("q").items
+    (condition,) = rs.status.conditions
+    assert (condition.type, condition.reason) == ("ReplicaFailure", "FailedCreate")
+    assert "exceeded quota: lab, requested: pods=1, used: pods=3, limited: pods=3" in condition.message
+    core.delete_namespaced_pod("p1", "q")  # room again: the ReplicaSet creates the next pod, the condition goes
+    apps.patch_namespaced_deployment_scale("w", "q", {"spec": {"replicas": 2}})
+    assert len(core.list_namespaced_pod("q", label_selector="app=w").items) == 2
+    assert not apps.list_namespaced_replica_set("q").items[0].status.conditions
+
+
+def test_network_policies_are_stored_and_validated(kube, api):
+    net = client.NetworkingV1Api(api)
+    net.create_namespaced_network_policy(NS, {"metadata": {"name": "deny"}, "spec": {
+        "podSelector": {}, "policyTypes": ["Ingress"]}})
+    assert net.read_namespaced_network_policy("deny", NS).spec.policy_types == ["Ingress"]
+    assert [p["metadata"]["name"] for p in kube.list("networkpolicies", NS)] == ["deny"]

@@ -1,6 +1,10 @@
 """GKE backend adapter: one Standard cluster per lab (container v1), its Kubernetes API (adapters.kube), the node
 pool's instance groups (adapters.compute) and the official Dask Helm release installed by an in-cluster Job.
 
+A class's labs with placement "shared" share their class's cluster instead (`place_of`): each lab is a namespace
+there (record, release, token, ResourceQuota, NetworkPolicies), the worker pool is sized for the class's labs
+together, a node is removed only when no other lab's pod runs on it, and the last lab's teardown deletes the cluster.
+
 Where a lab's record lives (state is on the resources; `Lab.version` names the store and its CAS token):
 
 - While the cluster is not running (being created, in error, being deleted) the record is on the cluster:
@@ -45,11 +49,11 @@ from dasklab.core import logs
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
     TransientError, ValidationError
-from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, TEARING_DOWN, JupyterActivity, Lab, LabSpec, \
-    LabState, WorkerProblem, parse_memory
+from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
+    LabSpec, LabState, WorkerProblem, parse_memory, system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
-from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
-    build_token_secret, chart_fullname
+from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
+    build_quota, build_release, build_token_secret, chart_fullname
 from dasklab.adapters.compute import Migs, parse_mig, rate_limited
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
@@ -76,6 +80,11 @@ class Place:
     cluster: str
     namespace: str
     release: str
+    class_name: str = ""  # set when the cluster is its class's shared cluster
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.class_name)
 
     @property
     def fullname(self) -> str:
@@ -86,9 +95,24 @@ class Place:
         return f"{self.fullname}-worker"
 
 
-def place_of(lab: str) -> Place:
-    """THE lab ↔ (cluster, namespace) mapping: one cluster per lab today, one namespace per lab always."""
-    return Place(cluster=lab, namespace=f"dasklab-{lab}", release=lab)
+def class_cluster(class_name: str) -> str:
+    """The shared cluster of a class: `<class>--shared` (cut, with a hash, to GKE's 40 characters)."""
+    name = f"{class_name}--shared"
+    if len(name) <= 40:
+        return name
+    import hashlib
+    return f"{class_name[:29].rstrip('-')}--{hashlib.sha256(class_name.encode()).hexdigest()[:8]}"
+
+
+def place_of(lab: "Lab | LabSpec | str") -> Place:
+    """THE lab ↔ (cluster, namespace) mapping: a cluster of its own (named after the lab), or its class's shared
+    cluster when its spec says placement "shared"; one namespace per lab always."""
+    spec = lab.spec if isinstance(lab, Lab) else lab
+    if isinstance(spec, str):
+        return Place(cluster=spec, namespace=f"dasklab-{spec}", release=spec)
+    if spec.placement == SHARED and spec.class_name:
+        return Place(class_cluster(spec.class_name), f"dasklab-{spec.name}", spec.name, spec.class_name)
+    return Place(cluster=spec.name, namespace=f"dasklab-{spec.name}", release=spec.name)
 
 
 def nodes_per_zone(nodes: int, zones: int) -> int:
@@ -111,12 +135,18 @@ def _unpack(text: str):
 def encode_labels(lab: Lab) -> dict[str, str]:
     """Resource labels carrying the whole record (at most 64 labels of 63 characters: about 2.3 KB compressed)."""
     data = _pack(lab.to_dict())
-    labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase}
+    labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase,
+              **class_labels(place_of(lab))}
     labels.update({f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))})
     if len(labels) > 64:
         raise ValidationError("values", f"the lab's record with its chart values needs {len(labels)} cluster "
                                         f"labels once compressed, above GKE's 64: send smaller values")
     return labels
+
+
+def class_labels(place: Place) -> dict[str, str]:
+    """What marks a class's shared cluster (and its labs' namespaces and records)."""
+    return {"placement": SHARED, "class": place.class_name} if place.shared else {}
 
 
 def encode_description(lab: Lab) -> str:
@@ -155,10 +185,10 @@ def build_maintenance_policy(lab: Lab) -> gke.MaintenancePolicy:
 
 
 def _record_manifest(lab: Lab) -> dict:
-    place = place_of(lab.name)
+    place = place_of(lab)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": RECORD, "namespace": place.namespace,
-                         "labels": {"managed-by": MANAGED_BY, "lab": lab.name}},
+                         "labels": {"managed-by": MANAGED_BY, "lab": lab.name, **class_labels(place)}},
             "data": {RECORD_KEY: json.dumps(lab.to_dict(), sort_keys=True)}}
 
 
@@ -346,6 +376,34 @@ class GkeBackend:
 
     # --- records ---
 
+    @staticmethod
+    def _is_class_cluster(cluster: gke.Cluster) -> bool:
+        return cluster.resource_labels.get("placement") == SHARED
+
+    def _read_class(self, cluster: gke.Cluster) -> list[Lab]:
+        """The labs of a class's shared cluster: the records in its labs' (Active) namespaces, and the record on its
+        labels (the lab that created it) until that lab's record moves into its namespace (its deletion clears the
+        labels before it deletes the namespace), except while the cluster is deleted (the class is over)."""
+        self._check_managed(cluster)
+        self._seen[cluster.name] = cluster
+        labels = dict(cluster.resource_labels)
+        place = Place(cluster.name, "", "", labels.get("class", ""))
+        labs, names = [], set()
+        if cluster.status in UP:
+            kube = self._kube(place, cluster)
+            for ns, data, rv in kube.list_configmaps(RECORD, self._class_selector(place)):
+                labs.append(Lab.from_dict(json.loads(data[RECORD_KEY]), f"k8s:{rv}"))
+            names = {lab.name for lab in labs}
+        creator = labels.get("lab")
+        if "rec0" in labels and cluster.status != Status.STOPPING and creator not in names:
+            labs.append(Lab.from_dict(decode_cluster_record(labels, cluster.description),
+                                      f"gke:{cluster.label_fingerprint}"))
+        return labs
+
+    @staticmethod
+    def _class_selector(place: Place) -> str:
+        return f"managed-by={MANAGED_BY},class={place.class_name}"
+
     def _read(self, cluster: gke.Cluster) -> Lab:
         self._check_managed(cluster)
         self._seen[cluster.name] = cluster
@@ -373,15 +431,15 @@ class GkeBackend:
         listed = listing.clusters
         managed = [c for c in listed if c.resource_labels.get("managed-by") == MANAGED_BY]  # others: never touched
 
-        def read(cluster: gke.Cluster) -> Lab | None:
+        def read(cluster: gke.Cluster) -> list[Lab]:
             try:
-                return self._read(cluster)
+                return self._read_class(cluster) if self._is_class_cluster(cluster) else [self._read(cluster)]
             except TransientError as e:  # one unreachable cluster must not stop the others
                 logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
-                return None
+                return []
 
         with ThreadPoolExecutor(max_workers=max(1, min(64, len(managed)))) as pool:  # records read concurrently
-            labs = [lab for lab in pool.map(read, managed) if lab is not None]
+            labs = [lab for found in pool.map(read, managed) for lab in found]
         labs += self._lost_creations(ops, {c.name for c in listed})
         return sorted(labs, key=lambda lab: lab.name)
 
@@ -415,11 +473,22 @@ class GkeBackend:
         return lost
 
     def fetch_lab(self, name: str) -> Lab | None:
+        """Its own cluster's record, else its record in the shared cluster of a class whose name begins it."""
         cluster = self._get(place_of(name))
-        return None if cluster is None else self._read(cluster)
+        if cluster is not None and not self._is_class_cluster(cluster):
+            return self._read(cluster)
+        listed = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent).clusters
+        for cluster in listed:
+            labels = cluster.resource_labels
+            if labels.get("managed-by") == MANAGED_BY and self._is_class_cluster(cluster) \
+                    and name.startswith(f"{labels.get('class')}-"):
+                found = [lab for lab in self._read_class(cluster) if lab.name == name]
+                if found:
+                    return found[0]
+        return None
 
     def apply_record(self, lab: Lab) -> Lab:
-        place = place_of(lab.name)
+        place = place_of(lab)
         store, _, token = lab.version.partition(":")
         if store == "op":  # a creation GKE removed with its record: nothing left to write; reported once
             self.reports.apply_reported(token, time.time())
@@ -435,7 +504,7 @@ class GkeBackend:
             raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
         if cluster.status in UP:  # from now on the record lives in the lab's namespace
             kube = self._kube(place, cluster)
-            kube.create(build_namespace(place.namespace, lab.name))
+            kube.create(build_namespace(place.namespace, lab.name, place.class_name))
             if not kube.create(_record_manifest(lab)):
                 raise ConflictError(f"lab {lab.name}: its record moved into the cluster concurrently")
             return replace(lab, version=f"k8s:{kube.read_configmap(place.namespace, RECORD)[1]}")
@@ -456,28 +525,58 @@ class GkeBackend:
         return [z.strip() for z in self.config.node_zones.split(",") if z.strip()]
 
     def apply_create(self, lab: Lab) -> bool:
-        """Create the lab's cluster (its record on it, see the module docstring); False if it exists."""
+        """Create the lab's cluster (its record on it, see the module docstring); False if it exists. A shared lab:
+        the first of its class creates the class's cluster (its record on it); the others, once it runs, get their
+        namespace with their record in it (TransientError until then: the class step retries them)."""
+        place = place_of(lab)
+        if place.shared:
+            cluster = self._get(place)
+            if cluster is not None:
+                self._check_managed(cluster)
+                if cluster.resource_labels.get("class") != place.class_name:
+                    raise PermanentError(f"cluster {cluster.name} is not the shared cluster of class "
+                                         f"{place.class_name}")
+                if cluster.status not in UP:
+                    raise TransientError(f"class cluster {cluster.name} is {cluster.status.name}: lab {lab.name} is "
+                                         "created in it once it runs")
+                kube = self._kube(place, cluster)
+                kube.create(build_namespace(place.namespace, lab.name, place.class_name))
+                return kube.create(_record_manifest(lab))
+        return self._create_cluster(lab, place)
+
+    def _create_cluster(self, lab: Lab, place: Place) -> bool:
         cfg, spec = self.config, lab.spec
         zones = self._zones()
         zone_count = len(zones) or (1 if _ZONE.fullmatch(cfg.location) else 3)  # GKE's regional default: 3
         off = gke.NodePoolAutoscaling(enabled=False)  # the controller sizes the pools
         account = {"service_account": cfg.node_service_account, "oauth_scopes": [CLOUD_PLATFORM]} \
             if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'
+        # a class's cluster: system nodes for every student's scheduler and Jupyter, worker nodes for their initial
+        # workers, and Dataplane V2, which enforces NetworkPolicy with no separate setting
+        # (cloud.google.com/kubernetes-engine/docs/concepts/dataplane-v2)
+        students = max(1, spec.class_size) if place.shared else 1
+        system = max(cfg.system_nodes, nodes_per_zone(system_nodes_for(students, cfg.system_machine_type),
+                                                      zone_count)) if place.shared else cfg.system_nodes
+        network = {"network_config": gke.NetworkConfig(
+            datapath_provider=gke.DatapathProvider.ADVANCED_DATAPATH)} if place.shared else {}
         cluster = gke.Cluster(
-            name=place_of(lab.name).cluster, description=encode_description(lab),
+            name=place.cluster, description=encode_description(lab), **network,
             resource_labels=encode_labels(lab), locations=zones, maintenance_policy=build_maintenance_policy(lab),
             node_pools=[
-                gke.NodePool(name=cfg.system_pool, initial_node_count=cfg.system_nodes, autoscaling=off,
+                gke.NodePool(name=cfg.system_pool, initial_node_count=system, autoscaling=off,
                              config=gke.NodeConfig(machine_type=cfg.system_machine_type, disk_type=DISK_TYPE,
                                                    **account)),
                 gke.NodePool(name=cfg.worker_pool, autoscaling=off,
-                             initial_node_count=nodes_per_zone(spec.nodes_for(lab.state.target_workers), zone_count),
+                             initial_node_count=nodes_per_zone(spec.nodes_for(lab.state.target_workers * students),
+                                                               zone_count),
                              config=gke.NodeConfig(machine_type=spec.machine_type, spot=spec.spot, disk_type=DISK_TYPE,
                                                    **account)),
             ])
         try:
             self.clusters.create_cluster(parent=self.parent, cluster=cluster)
         except gexc.AlreadyExists:
+            if place.shared:  # created meanwhile by another lab of the class: this lab goes in once it runs
+                raise TransientError(f"class cluster {cluster.name} created concurrently: retrying {lab.name}")
             return False
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"create cluster {cluster.name}") from e
@@ -487,7 +586,7 @@ class GkeBackend:
         self.apply_create(lab)
 
     def _release(self, lab: Lab):
-        cfg, place = self.config, place_of(lab.name)
+        cfg, place = self.config, place_of(lab)
         return build_release(lab.spec, release=place.release, namespace=place.namespace, chart_repo=cfg.chart_repo,
                              chart_version=cfg.chart_version, helm_image=cfg.helm_image,
                              system_pool=cfg.system_pool, worker_pool=cfg.worker_pool,
@@ -498,7 +597,7 @@ class GkeBackend:
         return self._release(lab).job_name
 
     def fetch_infra(self, lab: Lab) -> Infra:
-        place = place_of(lab.name)
+        place = place_of(lab)
         if lab.version.startswith("op:"):  # its cluster failed and GKE removed it: never re-created from here
             return Infra("error", detail=f"{lab.state.reason} (GKE removed the cluster)")
         cluster = self._get(place)
@@ -517,12 +616,23 @@ class GkeBackend:
             return Infra("error", detail=cluster.status_message or error or f"cluster {cluster.status.name}")
         if cluster.status not in UP:
             return Infra("creating", detail=f"cluster {cluster.status.name}")
+        if place.shared and lab.state.phase == TEARING_DOWN:  # the lab is its namespace: the cluster stays
+            phase = self._kube(place, cluster).namespace_phase(place.namespace)
+            if phase == "Terminating":
+                return Infra("deleting", detail=f"namespace {place.namespace} being deleted")
+            if phase is None and not self._labels_hold(cluster, lab):
+                return Infra("absent")
         return Infra("running", *self._release_state(lab, cluster))
+
+    @staticmethod
+    def _labels_hold(cluster: gke.Cluster, lab: Lab) -> bool:
+        """The cluster's labels carry this lab's record (the lab that created its class's cluster)."""
+        return "rec0" in cluster.resource_labels and cluster.resource_labels.get("lab") == lab.name
 
     def _release_state(self, lab: Lab, cluster: gke.Cluster) -> tuple[str, str]:
         """Follow the install Job: absent, installing, failed (with the tail of its log) or deployed (Job done
         and the scheduler answering through the API server's proxy)."""
-        place, release = place_of(lab.name), self._release(lab)
+        place, release = place_of(lab), self._release(lab)
         kube = self._kube(place, cluster)
         job = kube.read_job(place.namespace, release.job_name)
         if job is None:
@@ -541,14 +651,36 @@ class GkeBackend:
 
     def apply_install(self, lab: Lab) -> None:
         """Namespace, Jupyter's token Secret, installer RBAC, values ConfigMap and the Helm Job (each created
-        if absent: a repeated install is harmless; a later invocation follows the Job)."""
-        place = place_of(lab.name)
+        if absent: a repeated install is harmless; a later invocation follows the Job). In a shared cluster the
+        namespace also gets its ResourceQuota and NetworkPolicies first, so no pod of the release runs without them."""
+        place = place_of(lab)
         kube = self._kube(place, self._running(place))
-        namespace, *rest = self._release(lab).manifests
-        kube.create(namespace)
+        release = self._release(lab)
+        kube.create(build_namespace(place.namespace, lab.name, place.class_name))
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
-        for manifest in rest:
+        if place.shared:
+            self._grow_system_pool(lab, place, kube)
+            for manifest in [build_quota(lab.spec, release.values, place.namespace),
+                             *build_network_policies(lab.spec, place.release, place.namespace)]:
+                kube.create(manifest)
+        for manifest in release.manifests[1:]:
             kube.create(manifest)
+
+    def _grow_system_pool(self, lab: Lab, place: Place, kube: Kube) -> None:
+        """A class cluster's system pool holds every lab's scheduler and Jupyter: raised when the class has grown
+        past what it was created for (students added to the roster). Never lowered."""
+        cluster = self._seen.get(place.cluster) or self._running(place)
+        pool = next((p for p in cluster.node_pools if p.name == self.config.system_pool), None)
+        if pool is None:
+            return
+        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
+        labs = len(kube.list_configmaps(RECORD, self._class_selector(place)))
+        need = nodes_per_zone(system_nodes_for(labs, self.config.system_machine_type), len(sizes))
+        if sizes and min(sizes.values()) < need:
+            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=need)
+            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
+            logs.emit("INFO", lab=lab.name, action="resize-pool", pool=pool.name, **{"from": sizes, "to": need},
+                      reason=f"{labs} labs' schedulers and Jupyters need {need} system node(s) per zone")
 
     def apply_environment(self, spec) -> None:
         """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
@@ -563,7 +695,7 @@ class GkeBackend:
            minReadySeconds);
         2. the Job runs: wait (a failed Job is reported by fetch_infra: the lab fails with the Job's log tail);
         3. the Job completed: `_roll_workers`. True once no worker pod of an older template is left."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         cluster = self._running(place)
         kube = self._kube(place, cluster)
         release = self._release(lab)
@@ -586,7 +718,7 @@ class GkeBackend:
         in the pool for old + new pods, then wait until every new pod's worker joined the scheduler, then retire
         the old workers through it (their results move to the new ones) and lift the hold, so Kubernetes deletes
         the old pods. The old/new split is each pod's pod-template-hash against the newest ReplicaSet's."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         deployment = kube.deployment(place.namespace, place.workers)
         if deployment is None:
             raise TransientError(f"lab {lab.name}: no worker Deployment")
@@ -619,13 +751,13 @@ class GkeBackend:
     # --- workers and nodes ---
 
     def fetch_requested(self, lab: Lab) -> int:
-        place = place_of(lab.name)
+        place = place_of(lab)
         return self._kube(place).replicas(place.namespace, place.workers) or 0
 
     def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
         """From the worker pods' status, with the previous container's log tail for a crash, and for a running
         worker the head of its log: a failed EXTRA_PIP_PACKAGES install at container start shows there."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         kube, found = self._kube(place), []
         for pod in kube.pods_of(place.namespace, place.workers):
             problems = pod_problems(pod, lab.spec.worker_memory)
@@ -645,7 +777,7 @@ class GkeBackend:
         return tuple(found)
 
     def dashboard(self, lab: Lab) -> Dashboard:
-        place = place_of(lab.name)
+        place = place_of(lab)
         kube = self._kube(place)
         nodes: dict[str, str] = {}
 
@@ -663,7 +795,7 @@ class GkeBackend:
         with the token of the Secret the controller made; NO_JUPYTER if the values disable it or no pod serves."""
         if ((lab.spec.values or {}).get("jupyter") or {}).get("enabled", True) is False:
             return NO_JUPYTER
-        place = place_of(lab.name)
+        place = place_of(lab)
         kube = self._kube(place)
         token = kube.read_secret(place.namespace, TOKEN_SECRET, TOKEN_KEY)
         if token is None:
@@ -676,14 +808,29 @@ class GkeBackend:
             raise PermanentError(f"cluster {cluster.name} has no node pool {self.config.worker_pool}")
         return pool
 
+    def _class_targets(self, lab: Lab, target: int, kube: Kube) -> dict[str, int]:
+        """Worker targets of the labs in the pool: this lab's `target`; in a shared cluster, the other labs' recorded
+        targets too."""
+        if not place_of(lab).shared:
+            return {lab.name: target}
+        records = [json.loads(data[RECORD_KEY]) for _, data, _ in
+                   kube.list_configmaps(RECORD, self._class_selector(place_of(lab)))]
+        return {**{r["spec"]["name"]: r["state"]["target_workers"] for r in records}, lab.name: target}
+
+    def _nodes_needed(self, lab: Lab, target: int, kube: Kube) -> int:
+        """Worker nodes the pool needs for the workers of every lab in it, packed together."""
+        return lab.spec.nodes_for(sum(self._class_targets(lab, target, kube).values()))
+
     def _ensure_nodes(self, lab: Lab, cluster: gke.Cluster, workers: int, why: str) -> None:
-        """Room in the worker pool for `workers` pods: its size raised per zone, never lowering a zone (a lower
-        count would let GKE remove nodes at random); TransientError while another operation runs on the cluster."""
-        place = place_of(lab.name)
+        """Room in the worker pool for `workers` pods of this lab (and, in a shared cluster, the other labs'
+        targets): its size raised per zone, never lowering a zone (a lower count would let GKE remove nodes at
+        random); TransientError while another operation runs on the cluster."""
+        place = place_of(lab)
         pool = self._worker_pool(cluster)
         sizes = self.migs.target_sizes(list(pool.instance_group_urls))
-        need = nodes_per_zone(lab.spec.nodes_for(workers), len(sizes))
-        if sizes and sum(sizes.values()) < lab.spec.nodes_for(workers):  # zones may differ after chosen removals
+        nodes = self._nodes_needed(lab, workers, self._kube(place, cluster))
+        need = nodes_per_zone(nodes, len(sizes))
+        if sizes and sum(sizes.values()) < nodes:  # zones may differ after chosen removals
             pending, _ = self._operations(cluster)
             if pending:
                 raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
@@ -695,7 +842,7 @@ class GkeBackend:
 
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Nodes first (per zone, never lowering a zone), then the Deployment's replicas."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         cluster = self._running(place)
         self._ensure_nodes(lab, cluster, target, f"a target of {target}")
         kube = self._kube(place, cluster)
@@ -703,10 +850,13 @@ class GkeBackend:
         if replicas is None:
             raise TransientError(f"lab {lab.name}: no worker Deployment yet")
         if replicas < target:
+            if place.shared and kube.ensure_quota(build_quota(lab.spec, self._release(lab).values, place.namespace)):
+                logs.emit("INFO", lab=lab.name, action="resize-quota", reason=f"quota for at most "
+                          f"{lab.spec.max_workers} workers of {lab.spec.worker_cpu} CPU / {lab.spec.worker_memory} B")
             kube.scale(place.namespace, place.workers, target)
 
     def apply_scale_down(self, lab: Lab, addresses: list[str], target: int) -> None:
-        place = place_of(lab.name)
+        place = place_of(lab)
         cluster = self._running(place)
         kube, dashboard = self._kube(place, cluster), self.dashboard(lab)
         names = {w.address: w.name for w in dashboard.fetch_workers()}
@@ -724,7 +874,8 @@ class GkeBackend:
         on_node: dict[str, set[str]] = {}
         for pod in pods:
             on_node.setdefault(pod.spec.node_name or "", set()).add(pod.metadata.name)
-        emptied = sorted(n for n, held in on_node.items() if n and held <= retiring)
+        emptied = sorted(n for n, held in on_node.items() if n and held <= retiring
+                         and not (place.shared and self._others_on(kube, n, place)))
         for node in emptied:  # cordoned and marked before the pods go, so a crash cannot lose track of them
             kube.cordon(node, {REMOVING_LABEL: place.namespace})
         kube.scale(place.namespace, place.workers, target)
@@ -739,7 +890,7 @@ class GkeBackend:
         remove worker nodes left empty beyond what the target needs (an upgrade replaced a node marked for removal
         under a new name, or a regional pool has a node in every zone). Nothing is removed while an operation GKE
         or we started changes the pool. The cluster as listed in this pass will do (no GKE call at rest)."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         cluster = self._seen.get(place.cluster) or self._get(place)
         if cluster is None or cluster.status not in UP:
             return
@@ -758,18 +909,22 @@ class GkeBackend:
         """Cordon and mark the empty worker nodes beyond `nodes_for(target)`, once every worker of the target runs.
         The pool's instance groups say how many nodes there are (Node objects lag behind an upgrade's changes), and
         only nodes of its current groups are candidates. True if it marked any."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         target = lab.state.target_workers
         unmarked = [n for n in nodes if REMOVING_LABEL not in (n.metadata.labels or {})]
-        excess = len(unmarked) - lab.spec.nodes_for(target)
+        targets = self._class_targets(lab, target, kube)
+        needed = lab.spec.nodes_for(sum(targets.values()))
+        excess = len(unmarked) - needed
         if excess <= 0:
             return False
+        if place.shared and (lab.name != min(targets) or any(not self._daemon(p) for p in kube.pods_on(""))):
+            return False  # one lab of the class trims the shared pool, and not while any pod waits for a node
         pods = kube.pods_of(place.namespace, place.workers)
         if kube.replicas(place.namespace, place.workers) != target or len(pods) != target \
                 or any(not p.spec.node_name for p in pods):
             return False  # workers still come or go: a node that looks empty may be about to get one
         urls = list(self._worker_pool(cluster).instance_group_urls)
-        excess = min(excess, sum(self.migs.target_sizes(urls).values()) - lab.spec.nodes_for(target))
+        excess = min(excess, sum(self.migs.target_sizes(urls).values()) - needed)
         if excess <= 0:
             return False
         busy = {p.spec.node_name for p in pods}
@@ -786,6 +941,10 @@ class GkeBackend:
     def _daemon(pod) -> bool:
         return any(ref.kind == "DaemonSet" for ref in pod.metadata.owner_references or ())
 
+    def _others_on(self, kube: Kube, node: str, place: Place) -> list:
+        """Pods on the node that are not DaemonSets' nor of this lab (in a shared pool: other students')."""
+        return [p for p in kube.pods_on(node) if not self._daemon(p) and p.metadata.namespace != place.namespace]
+
     @staticmethod
     def _group_of(node: str, zone: str, urls: list[str]) -> str | None:
         """The instance group a node belongs to: one of its zone's (two per zone during a blue-green upgrade), whose
@@ -797,7 +956,7 @@ class GkeBackend:
     def _remove_marked_nodes(self, lab: Lab, cluster: gke.Cluster, kube: Kube, nodes: list | None = None) -> None:
         """Delete the instances of the nodes this lab marked, once no worker of it runs there. A marked node no
         group holds any more (an upgrade replaced it) is forgotten: the settle pass trims its replacement."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         if nodes is None:
             marked = kube.nodes(f"{POOL_LABEL}={self.config.worker_pool},{REMOVING_LABEL}={place.namespace}")
         else:
@@ -812,7 +971,9 @@ class GkeBackend:
         by_group: dict[str, list[str]] = {}
         for node in marked:
             name = node.metadata.name
-            if name in busy:  # a scale-down was interrupted and its workers came back: keep the node
+            if name in busy or (place.shared and self._others_on(kube, name, place)):
+                # a scale-down was interrupted and its workers came back, or another student's pod runs there
+                # (a shared pool removes only nodes that are empty): keep the node
                 kube.cordon(name, {REMOVING_LABEL: None}, unschedulable=False)
                 continue
             for pod in kube.pods_on(name):  # DaemonSet pods go with the node; anything else moves first
@@ -833,13 +994,15 @@ class GkeBackend:
     def apply_delete(self, lab: Lab) -> None:
         """Delete the cluster (NotFound = done; GKE refuses while another operation runs → TransientError).
         The public Jupyter load balancer goes first: its forwarding rule would outlive the cluster."""
-        place = place_of(lab.name)
+        place = place_of(lab)
         cluster = self._get(place)
         if cluster is None:
             return
         self._check_managed(cluster)
         if lab.spec.public_source_ranges and cluster.status in UP:
             self._kube(place, cluster).delete_service(place.namespace, f"{place.fullname}-jupyter-public")
+        if place.shared and not self._delete_from_class(lab, place, cluster):
+            return
         try:
             self.clusters.delete_cluster(name=self._path(place))
         except gexc.NotFound:
@@ -847,10 +1010,35 @@ class GkeBackend:
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"delete cluster {place.cluster}") from e
 
+    def _delete_from_class(self, lab: Lab, place: Place, cluster: gke.Cluster) -> bool:
+        """A shared lab's teardown: its namespace goes (everything of its release in it); True if the class's
+        cluster is then empty (no other lab's record in an Active namespace, none on its labels) and goes too."""
+        if cluster.status == Status.STOPPING:
+            return False
+        if cluster.status not in UP:  # in error or being created: no other lab can be in it yet
+            return True
+        if self._labels_hold(cluster, lab):  # cleared first: the labels' lab is listed while it has no namespace
+            labels = {k: v for k, v in cluster.resource_labels.items()
+                      if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
+            op = self._gcall(f"set labels on {place.cluster}", self.clusters.set_labels, request=gke.SetLabelsRequest(
+                name=self._path(place), resource_labels=labels, label_fingerprint=cluster.label_fingerprint))
+            self._wait(op)
+        kube = self._kube(place, cluster)
+        kube.delete_namespace(place.namespace)
+        others = sorted(ns for ns, _, _ in kube.list_configmaps(RECORD, self._class_selector(place))
+                        if ns != place.namespace)
+        if others or "rec0" in (self._get(place) or cluster).resource_labels:
+            logs.emit("INFO", lab=lab.name, action="delete-namespace", namespace=place.namespace,
+                      reason=f"class cluster {place.cluster} kept: {len(others)} other lab(s) in it")
+            return False
+        logs.emit("INFO", lab=lab.name, action="delete-class-cluster", cluster=place.cluster,
+                  reason=f"the last lab of class {place.class_name} is gone: its cluster goes")
+        return True
+
     def connection_info(self, lab: Lab) -> dict:
         """Commands to reach the lab from a workstation with kubectl; the token is read from its Secret, never
         carried here."""
-        place, cfg = place_of(lab.name), self.config
+        place, cfg = place_of(lab), self.config
         ns, full = place.namespace, place.fullname
         info = {
             "cluster": place.cluster, "namespace": ns, "dask_version": lab.spec.dask_version or cfg.dask_version,

@@ -29,7 +29,7 @@ class Kube:
     def __init__(self, api: k8s.ApiClient):
         self.api = api
         self.core, self.apps, self.batch = k8s.CoreV1Api(api), k8s.AppsV1Api(api), k8s.BatchV1Api(api)
-        self.rbac = k8s.RbacAuthorizationV1Api(api)
+        self.rbac, self.net = k8s.RbacAuthorizationV1Api(api), k8s.NetworkingV1Api(api)
 
     def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
         try:
@@ -56,6 +56,10 @@ class Kube:
               "Role": lambda: self.rbac.create_namespaced_role(ns, manifest, _request_timeout=TIMEOUT),
               "RoleBinding": lambda: self.rbac.create_namespaced_role_binding(ns, manifest,
                                                                               _request_timeout=TIMEOUT),
+              "ResourceQuota": lambda: self.core.create_namespaced_resource_quota(ns, manifest,
+                                                                                  _request_timeout=TIMEOUT),
+              "NetworkPolicy": lambda: self.net.create_namespaced_network_policy(ns, manifest,
+                                                                                 _request_timeout=TIMEOUT),
               "Job": lambda: self.batch.create_namespaced_job(ns, manifest, _request_timeout=TIMEOUT)}[kind]
         try:
             fn()
@@ -83,6 +87,39 @@ class Kube:
         if cm is None:
             raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
         return cm.metadata.resource_version
+
+    def list_configmaps(self, name: str, selector: str) -> list[tuple[str, dict, str]]:
+        """(namespace, data, resourceVersion) of every ConfigMap `name` with these labels, in Active namespaces."""
+        active = {n.metadata.name for n in self._call("list namespaces", self.core.list_namespace,
+                                                      label_selector=selector).items
+                  if (n.status and n.status.phase) != "Terminating" and not n.metadata.deletion_timestamp}
+        found = self._call("list ConfigMaps", self.core.list_config_map_for_all_namespaces, label_selector=selector,
+                           field_selector=f"metadata.name={name}").items
+        return [(cm.metadata.namespace, dict(cm.data or {}), cm.metadata.resource_version) for cm in found
+                if cm.metadata.namespace in active]
+
+    def ensure_quota(self, manifest: dict) -> bool:
+        """The ResourceQuota as the manifest says (created, or its `hard` patched); True if it changed."""
+        meta = manifest["metadata"]
+        found = self._call(f"read ResourceQuota {meta['namespace']}/{meta['name']}",
+                           self.core.read_namespaced_resource_quota, meta["name"], meta["namespace"], missing_ok=True)
+        if found is None:
+            return self.create(manifest)
+        if dict(found.spec.hard or {}) == manifest["spec"]["hard"]:
+            return False
+        self._call(f"patch ResourceQuota {meta['name']}", self.core.patch_namespaced_resource_quota, meta["name"],
+                   meta["namespace"], {"spec": {"hard": manifest["spec"]["hard"]}})
+        return True
+
+    def namespace_phase(self, ns: str) -> str | None:
+        """Active, Terminating, or None if there is no such namespace."""
+        found = self._call(f"read Namespace {ns}", self.core.read_namespace, ns, missing_ok=True)
+        if found is None:
+            return None
+        return "Terminating" if found.metadata.deletion_timestamp else (found.status and found.status.phase) or "Active"
+
+    def delete_namespace(self, ns: str) -> None:
+        self._call(f"delete Namespace {ns}", self.core.delete_namespace, ns, missing_ok=True)
 
     def read_secret(self, ns: str, name: str, key: str) -> str | None:
         """One key of a Secret, decoded (None if the Secret or the key is missing)."""

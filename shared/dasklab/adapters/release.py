@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES
 from dasklab.core.config import Config
-from dasklab.core.model import MANAGED_BY, LabSpec
+from dasklab.core.model import MANAGED_BY, LabSpec, parse_cpu, parse_memory
 from dasklab.core.overrides import WORKER_STRATEGY
 
 CHART = "dask"  # the official chart dask/dask
@@ -122,8 +122,72 @@ def _meta(name: str, namespace: str | None, lab: str, **labels: str) -> dict:
     return meta
 
 
-def build_namespace(namespace: str, lab: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(namespace, None, lab)}
+def build_namespace(namespace: str, lab: str, class_name: str = "") -> dict:
+    """The lab's namespace; in a class's shared cluster labelled with the class (its labs are listed by it)."""
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": _meta(namespace, None, lab, **({"class": class_name} if class_name else {}))}
+
+
+HELM_REQUESTS = {"cpu": "100m", "memory": "256Mi"}  # the install Job's container (a quota needs requests on every pod)
+DASHBOARD_PORT = 8787
+# GKE's API server reaches a pod (the service proxy, webhooks) through the konnectivity-agent pods of kube-system,
+# so their traffic comes from a pod address (github.com/tigera/operator/pull/5212: "On AKS and GKE the apiserver
+# proxies admission calls through those pods")
+KONNECTIVITY = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}}
+
+
+def _requests(component: dict, default: dict) -> tuple[float, int]:
+    """(cores, bytes) a component's pod requests: its requests, else its limits (Kubernetes then copies them)."""
+    resources = component.get("resources") or {}
+    got = {**(resources.get("limits") or {}), **(resources.get("requests") or {})} or default
+    return parse_cpu(got.get("cpu", default["cpu"])), parse_memory(got.get("memory", default["memory"]))
+
+
+def build_quota(spec: LabSpec, values: dict, namespace: str) -> dict:
+    """A student's share of a shared cluster (kubernetes.io/docs/concepts/policy/resource-quotas/): requests of its
+    maximum workers plus the Deployments' rolling-update surge (maxSurge 25 %, rounded up), its scheduler and
+    Jupyter (twice: their surge) and the install Job."""
+    workers = spec.max_workers + -(-spec.max_workers // 4)
+    sched = _requests(values.get("scheduler") or {}, CONTROLLER_DEFAULTS["scheduler"]["resources"]["requests"])
+    jup = _requests(values.get("jupyter") or {}, CONTROLLER_DEFAULTS["jupyter"]["resources"]["requests"])
+    helm = parse_cpu(HELM_REQUESTS["cpu"]), parse_memory(HELM_REQUESTS["memory"])
+    cpu = workers * spec.worker_cpu + 2 * (sched[0] + jup[0]) + helm[0]
+    memory = workers * spec.worker_memory + 2 * (sched[1] + jup[1]) + helm[1]
+    return {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": _meta("dasklab-quota", namespace, spec.name),
+            "spec": {"hard": {"pods": str(workers + 5), "requests.cpu": f"{round(cpu * 1000)}m",
+                              "requests.memory": str(int(memory))}}}
+
+
+def build_network_policies(spec: LabSpec, release: str, namespace: str) -> list[dict]:
+    """Ingress isolation of a lab's namespace (kubernetes.io/docs/concepts/services-networking/network-policies/):
+    every pod is isolated; pods of the same namespace reach each other; the API server's proxy (through
+    konnectivity-agent) reaches only the scheduler's dashboard and Jupyter; a public Jupyter its source ranges."""
+    def policy(name: str, selector: dict, ingress: list | None) -> dict:
+        body = {"podSelector": selector, "policyTypes": ["Ingress"]}
+        if ingress is not None:
+            body["ingress"] = ingress
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": _meta(name, namespace, spec.name), "spec": body}
+
+    def ports(*numbers: int) -> list[dict]:
+        return [{"protocol": "TCP", "port": n} for n in numbers]
+
+    def component(*names: str) -> dict:
+        return {"matchLabels": {"app": CHART, "release": release},
+                "matchExpressions": [{"key": "component", "operator": "In", "values": list(names)}]}
+
+    found = [policy("dasklab-deny-ingress", {}, None),
+             policy("dasklab-same-namespace", {}, [{"from": [{"podSelector": {}}]}]),
+             policy("dasklab-api-server-proxy", component("scheduler"),
+                    [{"from": [KONNECTIVITY], "ports": ports(DASHBOARD_PORT)}]),
+             policy("dasklab-api-server-proxy-jupyter", component("jupyter"),
+                    [{"from": [KONNECTIVITY], "ports": ports(JUPYTER_PORT)}])]
+    if spec.public_source_ranges:
+        found.append(policy("dasklab-public-jupyter", component("jupyter"),
+                            [{"from": [{"ipBlock": {"cidr": c}} for c in spec.public_source_ranges],
+                              "ports": ports(JUPYTER_PORT)}]))
+    return found
 
 
 def build_token_secret(namespace: str, lab: str, token: str) -> dict:
@@ -187,6 +251,7 @@ def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: st
              "spec": {"serviceAccountName": INSTALLER, "restartPolicy": "Never",
                       "nodeSelector": {POOL_LABEL: system_pool},
                       "containers": [{"name": "helm", "image": helm_image, "command": ["helm"], "args": args,
+                                      "resources": {"requests": dict(HELM_REQUESTS)},
                                       "volumeMounts": [{"name": "values", "mountPath": "/values",
                                                         "readOnly": True}]}],
                       "volumes": [{"name": "values", "configMap": {"name": values_cm}}]}}}},

@@ -68,6 +68,7 @@ class LabSpec:
     class_name: str = ""  # the class this lab is a student's lab of ("" = a lab of its own)
     student: str = ""  # the student (a roster name) whose lab it is, within class_name
     placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
+    class_size: int = 0  # students in its class when it was started: a shared lab's share of the class cluster
     budget_usd: float | None = None  # estimated cost at which the lab is warned (80 %), shrunk (90 %), torn down
 
     @property
@@ -211,8 +212,54 @@ def node_seconds_at(lab: Lab, now: float) -> float:
     return lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted)
 
 
+SHARED, OWN = "shared", "own"  # placements of a class's labs
+DEFAULT_PLACEMENT = SHARED  # chosen from the README's "Placement of a class" table (`python -m dasklab.core.model`)
+# What each lab asks of the system pool: the scheduler's and Jupyter's requests (release.CONTROLLER_DEFAULTS).
+LAB_SYSTEM_CPU, LAB_SYSTEM_MEMORY_GIB = 1.0, 2 * 1e9 / 2**30
+
+
+def node_hour_usd(machine_type: str, spot: bool = False) -> float:
+    cpu, _ = MACHINE_TYPES[machine_type]
+    return cpu * E2_PER_VCPU_HOUR * ((1 - SPOT_DISCOUNT) if spot else 1)
+
+
+def system_nodes_for(labs: int, machine_type: str) -> int:
+    """System nodes that hold `labs` schedulers and Jupyters (their requests against a node's allocatable)."""
+    cpu, mem_gib = MACHINE_TYPES[machine_type]
+    per_node = max(1, int(min((cpu - NODE_RESERVED_CPU) // LAB_SYSTEM_CPU,
+                              (mem_gib - NODE_RESERVED_MEMORY_GIB) // LAB_SYSTEM_MEMORY_GIB)))
+    return max(1, math.ceil(labs / per_node))
+
+
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:
-    """Estimated USD for a lab: the cluster fee for its lifetime plus its worker nodes."""
-    cpu, _ = MACHINE_TYPES[spec.machine_type]
-    node_hour = cpu * E2_PER_VCPU_HOUR * ((1 - SPOT_DISCOUNT) if spec.spot else 1)
-    return round(CLUSTER_FEE_PER_HOUR * lifetime_s / 3600 + node_hour * node_seconds / 3600, 4)
+    """Estimated USD for a lab: the cluster fee for its lifetime (a shared lab: its share of the class cluster's)
+    plus its worker nodes."""
+    share = 1 / spec.class_size if spec.placement == SHARED and spec.class_size > 1 else 1
+    return round(CLUSTER_FEE_PER_HOUR * share * lifetime_s / 3600
+                 + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 4)
+
+
+def placement_cost(placement: str, students: int, hours: float, workers: int, spec_machine: str = "e2-standard-4",
+               system_machine: str = "e2-standard-4", workers_per_node: int = 3,
+               system_nodes_per_cluster: int = 1) -> dict:
+    """What a class costs in each placement, by part: control-plane fees, system nodes, worker nodes (USD).
+    Own: a cluster per student, each with its system node(s) and its workers' nodes. Shared: one cluster, its
+    system pool sized for every student's scheduler and Jupyter, the worker pool for the sum of their workers."""
+    node = node_hour_usd(spec_machine)
+    if placement == OWN:
+        clusters, system = students, students * system_nodes_per_cluster
+        worker_nodes = students * math.ceil(workers / workers_per_node)
+    else:
+        clusters, system = 1, max(system_nodes_per_cluster, system_nodes_for(students, system_machine))
+        worker_nodes = math.ceil(students * workers / workers_per_node)
+    parts = {"clusters": clusters, "system_nodes": system, "worker_nodes": worker_nodes,
+             "control_plane_usd": round(clusters * CLUSTER_FEE_PER_HOUR * hours, 2),
+             "system_nodes_usd": round(system * node_hour_usd(system_machine) * hours, 2),
+             "worker_nodes_usd": round(worker_nodes * node * hours, 2)}
+    parts["total_usd"] = round(parts["control_plane_usd"] + parts["system_nodes_usd"] + parts["worker_nodes_usd"], 2)
+    return parts
+
+
+if __name__ == "__main__":  # the README's "Placement of a class" table: 30 students × 3 h, 6 workers each
+    for where in (OWN, SHARED):
+        print(where, placement_cost(where, students=30, hours=3, workers=6))

@@ -19,8 +19,8 @@ from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
     class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
-from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
-    node_seconds_at
+from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, \
+    estimate_cost, node_seconds_at
 from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, \
     plan_jupyter_restart, plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
@@ -489,7 +489,8 @@ class Controller:
         lifetime, note = plan_class_lifetime(cmd.max_lifetime, self.config.default_lifetime_s,
                                              self.config.max_lifetime_s, record.duration_s,
                                              self._lead(record)[0] if record.at is not None else 0.0)
-        return replace(spec, class_name=record.name, student=student, placement=record.placement,
+        return replace(spec, class_name=record.name, student=student,
+                       placement=record.placement or DEFAULT_PLACEMENT, class_size=len(record.roster),
                        budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,
                        max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()))
 
@@ -714,7 +715,9 @@ class Controller:
             else:
                 row.update(phase="gone", reason=record.usage.get(student, {}).get("reason", "ended"))
             table.append(row)
+        placement = record.placement or DEFAULT_PLACEMENT
         self.events.publish({"event": "class-ready", "class": record.name, "owner": record.owner, "time": now,
+                             "placement": placement + ("" if record.placement else " (the default)"),
                              "at": record.at and _iso(record.at), "ends_at": record.end and _iso(record.end),
                              "lead_time_s": round(lead), "labs": table,
                              "connect": f"dasklab connect --class {record.name}  # the instructor: tokens included"})
