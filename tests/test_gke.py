@@ -230,9 +230,11 @@ def test_gke_refusals_are_retried_not_failures(world, controller):
     drive(ctl, world, lambda: phase(ctl) == "ready")
 
     lab = lab_of(ctl)
+    world.gke.operation_s = 60.0  # a resize that cannot end between the two calls, however loaded the machine
     backend.apply_workers(lab, 4)  # the resize operation now runs…
     with pytest.raises(TransientError, match="runs on cluster"):
         backend.apply_workers(lab, 7)  # …so another waits
+    world.gke.operation_s = 0.3
     world.gke.advance_all()
 
     other = Controller(world.backend(), Events(), CONFIG)  # a concurrent invocation: conflicts, never doubled
