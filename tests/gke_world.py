@@ -146,7 +146,7 @@ class World:
         for ns in list(self.schedulers):
             if ns.removeprefix("dasklab-") not in labs:
                 self._forget(ns)
-        for ns in self.schedulers:
+        for ns in list(self.schedulers):  # a helm Job's hook may still be adding one (its POST timed out)
             self._sync_workers(ns)
 
     def _forget(self, ns: str) -> None:
