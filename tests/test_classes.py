@@ -136,6 +136,20 @@ def test_class_store_is_optimistic_and_keeps_usage(store):
     assert store.fetch_class("intro") is None
 
 
+def test_usage_of_many_labs_deleted_at_once_is_all_kept(store):
+    """A pass tearing down many labs of a class writes their usage concurrently (tests/test_gke_class_scale.py:
+    66 at once): none is lost, none fails, and the version moves so a stale record cannot erase them."""
+    from concurrent.futures import ThreadPoolExecutor
+    first = store.apply_class(rec(roster=tuple(f"s{i:02d}" for i in range(40))))
+    with ThreadPoolExecutor(40) as pool:
+        list(pool.map(lambda i: store.apply_usage("intro", f"s{i:02d}", {"cost_usd": i}), range(40)))
+    current = store.fetch_class("intro")
+    assert current.usage == {f"s{i:02d}": {"cost_usd": i} for i in range(40)}
+    assert current.version != first.version
+    with pytest.raises(ConflictError):
+        store.apply_class(first)
+
+
 # --- the class reconcile (in-memory backend, file store) ---------------------------------------------
 
 class Clock:
