@@ -193,6 +193,7 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
     from dasklab.core.reconcile import Controller
     from google.cloud import container_v1 as gke
     from google.cloud.container_v1.services.cluster_manager.transports import ClusterManagerGrpcTransport
+    from tests.fakes import MemoryReports
     from tests.gke_world import CONFIG
 
     channel = grpc.insecure_channel(addr["gke"])
@@ -233,7 +234,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         now = time.time()
         store.apply_class(ClassRecord(f"class{n}", owner="bench", roster=roster, started={s: now for s in roster},
                                       ready_roster=roster, budget_class_usd=1000.0, published=now, created_at=now))
-    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), sleep=lambda s: None), Events(),
+    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), MemoryReports(),
+                                sleep=lambda s: None), Events(),
                      CONFIG, classes=store)
     out: dict = {}
     if mode == "create":  # labs lab0000… up to n, then passes until all are ready and a pass changes nothing

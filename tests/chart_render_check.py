@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         out = subprocess.run([a.helm, "template", "lab1", str(chart), "--namespace", "dasklab-lab1", "-f",
                               str(Path(tmp) / "values.yaml")], capture_output=True, text=True, check=True).stdout
     theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
-    world = type("W", (), {"kube": _Collect()})()
+    world = type("W", (), {"kube": _Collect(), "manifests": {}})()
     World._render(world, "dasklab-lab1", "lab1", chart_fullname("lab1"), values)
     problems = [f"{kind} {name}: not rendered by helm" for kind, name in world.kube.objects if (kind, name) not in theirs]
     for key, ours in world.kube.objects.items():

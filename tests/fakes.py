@@ -177,3 +177,17 @@ class ListEvents:
 
     def publish(self, event):
         self.events.append(event)
+
+
+class MemoryReports:
+    """gke.Reports as Firestore keeps it (FirestoreReports, tested on the emulator in test_tombstones.py), in memory:
+    one instance per world stands for the project's database, shared by every controller instance of the test."""
+
+    def __init__(self):
+        self.reported: dict[str, float] = {}
+
+    def fetch_reported(self, key: str, now: float) -> bool:
+        return key in self.reported
+
+    def apply_reported(self, key: str, now: float) -> None:
+        self.reported.setdefault(key, now)

@@ -23,6 +23,7 @@ from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge
 from kubernetes import client as k8s
 
 from tests.dask_checks import LOG_LENGTH_ENV
+from tests.fakes import MemoryReports
 from tests.standins.compute import MigStandin
 from tests.standins.gke import GkeStandin
 from tests.standins.kube import KubeStandin
@@ -82,10 +83,13 @@ class World:
         self.helm_fails = False
         self.worker_node_quota: int | None = None  # instances past it are never created (the project's CPU quota)
         self.helm_runs: list[dict] = []
+        self.manifests: dict[tuple[str, str], dict] = {}  # (namespace, Deployment) → the manifest helm last applied
         self.stage = ""  # crash injection keys include it, so each stage crashes at each call site once
         self.crashing = False
         self.crashed: list[str] = []
         self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
+        self.reports = MemoryReports()  # the project's Firestore, outliving every controller instance
+        self.uninstallable: set[str] = set()  # packages pip cannot install (the image's entrypoint says so)
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
 
@@ -108,7 +112,8 @@ class World:
         for name in ("create_cluster", "set_labels", "set_node_pool_size", "delete_cluster"):
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
-        return GkeBackend(self.config, clusters, lambda cluster: api, migs, sleep=lambda s: time.sleep(0.02))
+        return GkeBackend(self.config, clusters, lambda cluster: api, migs, self.reports,
+                          sleep=lambda s: time.sleep(0.02))
 
     def _crash_after(self, obj, name: str):
         raw = getattr(obj, name)
@@ -179,8 +184,29 @@ class World:
         assert args[1] == f"{full}-scheduler:8786", args
         args[1] = f"tcp://127.0.0.1:{self.schedulers[ns][1]}"
         args = [name if a == "$(POD_NAME)" else a for a in args[1:]]
+        literal = {n: str(e["value"]) for n, e in env.items() if "value" in e}  # e.g. EXTRA_PIP_PACKAGES
+        self._prepare(ns, name, literal.get("EXTRA_PIP_PACKAGES", ""))
         return spawn([sys.executable, "-m", "distributed.cli.dask_worker", *args, "--host", "127.0.0.1"],
-                     env=self._env(), log_path=self.tmp / "logs" / f"{name}.log")
+                     env=self._env(literal), log_path=self.tmp / "logs" / f"{name}.log")
+
+    def _prepare(self, ns: str, pod: str, packages: str) -> None:
+        """The image's entrypoint (dask-docker base/prepare.sh: `set -x`, no `set -e`) before the worker: it echoes,
+        runs `pip install $EXTRA_PIP_PACKAGES`, and starts the worker whatever pip said. Packages are not really
+        installed here: one in `uninstallable` fails as pip says it, the others print pip's success line."""
+        if not packages:
+            return
+        names = packages.split()
+        bad = [p for p in names if p in self.uninstallable]
+        log = ["+ '[' '' ']'", "+ '[' -e /opt/app/environment.yml ']'", "+ echo 'no environment.yml'",
+               "no environment.yml", f"+ '[' '{packages}' ']'",
+               "+ echo 'EXTRA_PIP_PACKAGES environment variable found.  Installing'.",
+               "EXTRA_PIP_PACKAGES environment variable found.  Installing.", f"+ /opt/conda/bin/pip install {packages}"]
+        if bad:
+            log += [f"ERROR: Could not find a version that satisfies the requirement {bad[0]} (from versions: none)",
+                    f"ERROR: No matching distribution found for {bad[0]}"]
+        else:
+            log.append("Successfully installed " + " ".join(p for p in names if not p.startswith("-")))
+        self.kube.write_log(ns, pod, "\n".join(log + ["+ dask-worker …"]) + "\n")
 
     def _env(self, extra: dict | None = None) -> dict:
         scratch = self.tmp / "scratch"
@@ -232,9 +258,12 @@ class World:
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
     def _upgrade(self, ns: str, release: str, full: str, values: dict) -> None:
-        """`helm upgrade`: each Deployment replaced by the one the new values render (a changed pod template gives
-        the Deployment a new ReplicaSet, its pods replacing the old); the scheduler's process restarts when its
-        Deployment's template changed. The other objects are left as they are."""
+        """`helm upgrade`: each Deployment patched from the manifest it last applied to the one the new values
+        render, a three-way merge that keeps what only the live object holds (e.g. a minReadySeconds the controller
+        set): "Helm 3 now uses a three-way strategic merge patch" (helm.sh/docs/faq/changes_since_helm2). Here a
+        JSON merge patch of the two manifests' difference (lists replaced whole). A changed pod template gives the
+        Deployment a new ReplicaSet; the scheduler's process restarts when its template changed. Other objects are
+        left as they are."""
         apps = k8s.AppsV1Api(self.kube.api_client())
         rendered: list[dict] = []
         self._render(ns, release, full, values, out=rendered)
@@ -242,12 +271,14 @@ class World:
             if obj["kind"] != "Deployment":
                 continue
             name = obj["metadata"]["name"]
-            old = self.kube.get("deployments", ns, name)
-            if (old["spec"]["template"], old["spec"]["replicas"]) == (obj["spec"]["template"], obj["spec"]["replicas"]):
+            before = self.manifests[(ns, name)]
+            if before == obj:
                 continue
-            apps.replace_namespaced_deployment(name, ns, {**obj, "metadata": {
-                **obj["metadata"], "resourceVersion": old["metadata"]["resourceVersion"]}})
-            if name.endswith("-scheduler"):  # its pod replaced: the process restarts on the same port
+            old = self.kube.get("deployments", ns, name)
+            apps.patch_namespaced_deployment(name, ns, _merge_patch(before, obj),
+                                             _content_type="application/merge-patch+json")
+            self.manifests[(ns, name)] = obj
+            if name.endswith("-scheduler") and old["spec"]["template"] != obj["spec"]["template"]:  # restarted
                 pid, port = self.schedulers[ns]
                 stop_pid_group(pid)
                 (container,) = obj["spec"]["template"]["spec"]["containers"]
@@ -264,7 +295,12 @@ class World:
         object below mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates).
         Created, or appended to `out` (an upgrade compares them with what runs)."""
         def make(obj: dict) -> None:
-            self.kube.create(obj) if out is None else out.append(obj)
+            if out is not None:
+                out.append(obj)
+                return
+            self.kube.create(obj)
+            if obj["kind"] == "Deployment":
+                self.manifests[(ns, obj["metadata"]["name"])] = obj
 
         v = _merge(CHART_DEFAULTS, values)
         s, w, j, ui = v["scheduler"], v["worker"], v["jupyter"], v["webUI"]
@@ -367,6 +403,18 @@ class World:
         self.kube.stop()
         self.gke.stop()
         return pids
+
+
+def _merge_patch(before: dict, after: dict) -> dict:
+    """The RFC 7386 merge patch from one manifest to the next: what changed, null for what was dropped."""
+    patch = {k: None for k in before if k not in after}
+    for key, value in after.items():
+        if isinstance(value, dict) and isinstance(before.get(key), dict):
+            if value != before[key]:
+                patch[key] = _merge_patch(before[key], value)
+        elif value != before.get(key) or key not in before:
+            patch[key] = value
+    return patch
 
 
 def jsonl(records) -> str:

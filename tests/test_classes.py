@@ -9,7 +9,8 @@ import pytest
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import FileClasses, LocalBackend
-from dasklab.core.classes import ClassRecord, plan_budget, plan_class, plan_lead_time
+from dasklab.core.classes import ClassRecord, class_usage, plan_budget, plan_class, plan_class_lifetime, \
+    plan_lead_time, usage_of
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, ValidationError
 from dasklab.core.messages import parse_command
@@ -90,6 +91,19 @@ def test_plan_lead_time(samples, lead, why):
     assert got == pytest.approx(lead) and why in reason
 
 
+@pytest.mark.parametrize("asked, duration, lead, lifetime, says", [
+    (None, None, 0, 8 * 3600, ""),  # no class end: the default lifetime
+    (None, 3 * 3600, 900, 8 * 3600, ""),  # a 3 h class fits the default 8 h
+    (None, 10 * 3600, 900, 10 * 3600 + 900, ""),  # a 10 h class: its labs live as long as it, early start included
+    (None, 12 * 3600, 900, 12 * 3600, "duration: a lab provisioned 900s early reaches the controller cap"),
+    (2 * 3600, 3 * 3600, 60, 2 * 3600, "max_lifetime: 7200s ends each lab before the class does"),  # asked: kept
+    (4 * 3600, 3 * 3600, 60, 4 * 3600, ""),
+])
+def test_plan_class_lifetime(asked, duration, lead, lifetime, says):
+    got, note = plan_class_lifetime(asked, 8 * 3600, 12 * 3600, duration, lead)
+    assert got == lifetime and (note.startswith(says) if says else note == ""), note
+
+
 @pytest.mark.parametrize("cost, budget, stage, action, new_stage", [
     (0.5, None, "", "none", ""),
     (0.79, 1.0, "", "none", ""),
@@ -125,11 +139,17 @@ def test_class_store_is_optimistic_and_keeps_usage(store):
     assert store.fetch_class("intro") == first and first.version
     with pytest.raises(ConflictError):
         store.apply_class(rec())  # created meanwhile
-    store.apply_usage("intro", "a", {"cost_usd": 0.5, "node_hours": 1.0})
+    store.apply_usage("intro", "a", {"cost_usd": 0.5, "node_hours": 1.0, "created_at": 1.0, "peak_workers": 2})
     with pytest.raises(ConflictError):
         store.apply_class(first)  # the usage write moved the version: a stale record cannot erase it
+    store.apply_usage("intro", "a", {"cost_usd": 0.5, "node_hours": 1.0, "created_at": 1.0, "peak_workers": 2})
+    current = store.fetch_class("intro")  # the same lab's figures again (a redelivered deletion): not counted twice
+    assert (current.usage["a"]["cost_usd"], current.usage["a"]["labs"]) == (0.5, 1)
+    assert current.template == first.template
+    store.apply_usage("intro", "a", {"cost_usd": 0.25, "node_hours": 0.5, "created_at": 9.0, "peak_workers": 1})
+    usage = store.fetch_class("intro").usage["a"]  # removed and added again: a second lab, both counted
+    assert (usage["cost_usd"], usage["node_hours"], usage["peak_workers"], usage["labs"]) == (0.75, 1.5, 2, 2)
     current = store.fetch_class("intro")
-    assert current.usage == {"a": {"cost_usd": 0.5, "node_hours": 1.0}} and current.template == first.template
     store.apply_usage("ghost", "a", {})  # no class: nothing
     assert [r.name for r in store.fetch_classes()] == ["intro"]
     store.apply_forget_class(current)
@@ -138,16 +158,26 @@ def test_class_store_is_optimistic_and_keeps_usage(store):
 
 def test_usage_of_many_labs_deleted_at_once_is_all_kept(store):
     """A pass tearing down many labs of a class writes their usage concurrently (tests/test_gke_class_scale.py:
-    66 at once): none is lost, none fails, and the version moves so a stale record cannot erase them."""
+    66 at once): a write the others aborted is a ConflictError (the lab's next pass writes again), never another
+    error, and in the end every one is kept."""
     from concurrent.futures import ThreadPoolExecutor
     first = store.apply_class(rec(roster=tuple(f"s{i:02d}" for i in range(40))))
+
+    def write(i: int) -> int:
+        for conflicts in range(20):
+            try:
+                store.apply_usage("intro", f"s{i:02d}", {"cost_usd": float(i), "created_at": 1.0})
+                return conflicts
+            except ConflictError:
+                continue
+        raise AssertionError(f"s{i:02d}: never written")
+
     with ThreadPoolExecutor(40) as pool:
-        list(pool.map(lambda i: store.apply_usage("intro", f"s{i:02d}", {"cost_usd": i}), range(40)))
+        list(pool.map(write, range(40)))
     current = store.fetch_class("intro")
-    assert current.usage == {f"s{i:02d}": {"cost_usd": i} for i in range(40)}
-    assert current.version != first.version
+    assert {s: u["cost_usd"] for s, u in current.usage.items()} == {f"s{i:02d}": float(i) for i in range(40)}
     with pytest.raises(ConflictError):
-        store.apply_class(first)
+        store.apply_class(first)  # the usage moved the version: a stale record cannot erase it
 
 
 # --- the class reconcile (in-memory backend, file store) ---------------------------------------------
@@ -233,11 +263,17 @@ def test_roster_add_adds_one_lab_and_remove_stops_that_lab_gracefully(ctl):
     tick(ctl)
     assert sorted(ctl.backend.labs) == ["intro-alice", "intro-carol", "intro-dave"]
     deleted = events(ctl, "lab-deleted")
-    assert [(e["lab"], e["reason"], e["student"]) for e in deleted] == [("intro-bob", "stop-lab requested", "bob")]
+    assert [(e["lab"], e["reason"], e["student"]) for e in deleted] == \
+        [("intro-bob", "removed from the roster of class intro", "bob")]  # the class's reason, in its report too
     assert len(events(ctl, "class-ready")) == 2  # a removal alone announces nothing
     ctl.handle(start(roster=("alice", "bob", "carol", "dave")), "m4", published=T0 + 30)  # bob back: a new lab
     tick(ctl)
     assert "intro-bob" in ctl.backend.labs and len(events(ctl, "class-ready")) == 3
+    record, now = ctl.classes.fetch_class("intro"), ctl.t.t
+    first = record.usage["bob"]["cost_usd"]  # his first lab's, kept when it was deleted
+    live = usage_of(ctl.backend.fetch_lab("intro-bob"), now)["cost_usd"]
+    bob = class_usage(record, {"bob": ctl.backend.fetch_lab("intro-bob")}, now)["bob"]
+    assert first > 0 and live > 0 and bob["labs"] == 2 and bob["cost_usd"] == pytest.approx(first + live, abs=1e-4)
 
 
 def test_an_older_start_class_delivered_late_never_undoes_a_newer_one(ctl):
@@ -362,6 +398,16 @@ def test_a_class_budget_counts_every_lab(ctl):
     assert shrunk < next(i for i, e in enumerate(ctl.events.events) if e["event"] == "lab-deleted")
 
 
+def test_a_class_longer_than_the_default_lifetime_keeps_its_labs_to_its_end(ctl):
+    ctl.handle(start(roster=("alice",), duration="10h"), "m1", published=T0)
+    assert ctl.backend.fetch_lab("intro-alice").spec.max_lifetime_s == 10 * 3600
+    with pytest.raises(ValidationError) as e:
+        ctl.handle(start(duration="13h"), "m2", published=T0 + 1)
+    assert e.value.field == "duration" and "above the controller cap max_lifetime=43200s" in e.value.rule
+    ctl.handle(start(roster=("alice",), duration="3h", max_lifetime="2h"), "m3", published=T0 + 2)
+    assert "max_lifetime: 7200s ends each lab before the class does" in outcome(ctl)["reason"]
+
+
 def test_refusals_name_the_roster_entry(ctl):
     ctl.handle(msg(type="start-lab", lab="intro-bob", owner="someone"), "x")
     with pytest.raises(ValidationError) as e:
@@ -393,6 +439,15 @@ def test_the_local_timer_delivers_a_due_wakeup_once(tmp_path):
     assert [p.stem for p in (tmp_path / "wakeups").glob("*.json")] == ["later"]
     with pytest.raises(ValidationError):
         wakeups.apply_wakeup("bad", 0, {"type": "nope"})
+
+
+def test_a_handled_local_wakeup_is_dropped_only_once_due(tmp_path):
+    wakeups = FileWakeups(tmp_path)
+    for key, at in (("intro-start", T0), ("intro-end", T0 + 3600)):
+        wakeups.apply_wakeup(key, at, {"v": 1, "type": "reconcile-class", "class": "intro"})
+    for key in ("intro-start", "intro-end", "none"):
+        wakeups.apply_expire(key, T0)
+    assert [w["key"] for w in wakeups.fetch_due(T0 + 10**6)] == ["intro-end"]
 
 
 # --- against the local backend: real schedulers ---------------------------------------------------

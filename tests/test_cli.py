@@ -365,6 +365,7 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
     from dasklab.adapters.gke import GkeBackend
     from dasklab.core.model import Lab
     from tests.conftest import make_spec, make_state
+    from tests.fakes import MemoryReports
     from tests.standins.gke import GkeStandin
 
     for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
@@ -372,7 +373,7 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
         monkeypatch.delenv(name)
     cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a")
     with GkeStandin() as gke:
-        backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None))
+        backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None), MemoryReports())
         assert backend.apply_create(Lab(make_spec(name="intro", dask_version="2025.12.0"),
                                         make_state(phase="provisioning")))
         monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)

@@ -1,6 +1,7 @@
 """One environment per lab: the rule on jupyter / scheduler / worker packages and image tags, and its record."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -164,3 +165,15 @@ def test_update_takes_the_worker_size_from_the_new_limits_else_keeps_it():
 def test_plan_rollout(stale, fresh, joined, want, action, count):
     step = plan_rollout(stale, fresh, joined, want)
     assert (step.action, step.count) == (action, count), step.reason
+
+
+def test_the_readmes_step6_file_is_one_environment_and_asks_for_restart_after_step4():
+    """examples/seed-3-one-environment.yaml (the README's step 6): accepted without mixed_environment, and as an
+    update of the step-4 lab refused until restart: true, because the seed gives the scheduler new resources."""
+    values = yaml.safe_load((Path(__file__).parent.parent / "examples" / "seed-3-one-environment.yaml").read_text())
+    check_environment(values)  # raises on a difference
+    step4 = make_spec(values=yaml.safe_load(SEED_STEP4))
+    spec, new = update(values, spec=step4)
+    assert plan_update(spec, new, False)[0] == "refuse"
+    verdict, reason = plan_update(spec, new, True)
+    assert verdict == "update" and "scheduler restarted" in reason, reason

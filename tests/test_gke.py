@@ -497,6 +497,9 @@ def test_a_failed_create_publishes_lab_failed_once_even_when_gke_removed_the_clu
     failed = [e for e in ctl.events.published if e["event"] == "lab-failed"]
     assert len(failed) == 1 and failed[0]["lab"] == "broken" and 'resource "CPUS"' in failed[0]["reason"]
     assert world.gke.calls.count("CreateCluster") == creates and not world.gke.clusters  # never re-created
+    fresh = Controller(world.backend(), Events(), CONFIG)  # a new function instance: it knows from the store
+    fresh.reconcile_all("reconcile")
+    assert not [e for e in fresh.events.published if e["event"] == "lab-failed"]
 
 
 def test_missing_zones_make_a_pass_incomplete(world, controller):
@@ -514,7 +517,13 @@ def test_missing_zones_make_a_pass_incomplete(world, controller):
     drive(ctl, world, lambda: lab_of(ctl) is None)
 
 
-def test_update_lab_is_a_new_helm_revision_by_its_own_job(world, controller):
+def pip_packages():
+    import os
+    return os.environ.get("EXTRA_PIP_PACKAGES")
+
+
+@pytest.mark.parametrize("crashing", [False, True], ids=["clean", "crash-after-every-kind-of-write"])
+def test_update_lab_replaces_every_worker_gracefully_by_a_new_helm_revision(world, controller, crashing):
     ctl = controller
     ctl.handle(start_msg(), "m1")
     drive(ctl, world, lambda: phase(ctl) == "ready")
@@ -523,28 +532,89 @@ def test_update_lab_is_a_new_helm_revision_by_its_own_job(world, controller):
     ns = place_of("lab1").namespace
     pods_before = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
     values = yaml.safe_load(SEED_VALUES)
+    packages = "s3fs gcsfs dask-ml pyarrow --upgrade"
     for component in ("jupyter", "worker"):
-        values[component]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "s3fs gcsfs dask-ml pyarrow --upgrade"}]
-    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")
-    ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u1")  # a redelivery: the same revision
-    drive(ctl, world, lambda: lab_of(ctl).state.revision == 2)
+        values[component]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": packages}]
+    at_retire: list[tuple[set[str], int, int]] = []  # (workers joined, worker pods running, worker nodes)
+    with Client(world.scheduler_address(ns), timeout=20) as client:
+        held = client.map(lambda x: x * 7, range(100), pure=False)  # held: the results stay in worker memory
+        client.gather(held)
+        assert set(client.run(pip_packages).values()) == {"s3fs gcsfs dask-ml --upgrade"}  # the seed's
+
+        def on_write(site):
+            if site.startswith("POST proxy /api/v1/retire_workers"):  # who was there when the old ones retired
+                running = [p for p in world.kube.list("pods", ns, "component=worker")
+                           if p["status"].get("phase") == "Running"]
+                at_retire.append(({w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()},
+                                  len(running), world.gke.node_count(f"{PARENT}/clusters/lab1", "workers")))
+
+        world.on_write, world.crashing, world.stage = on_write, crashing, "update"
+        handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u1")
+        handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u1")  # a redelivery: the same revision
+        drive(ctl, world, lambda: lab_of(ctl).state.revision == 2, timeout=120)
+        world.on_write, world.crashing = None, False
+        pods_after = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
+        assert len(pods_after) == 2 and not pods_before & pods_after  # a new ReplicaSet: every worker pod replaced
+        assert {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()} == pods_after
+        assert at_retire and all(pods_after <= there for there, _, _ in at_retire)  # the new had joined before
+        assert set(client.run(pip_packages).values()) == {packages}  # every worker runs the new pod template
+        assert sum(client.gather(held)) == 7 * sum(range(100))  # the results moved to the new workers
+        assert recomputed(client) == 0  # moved, not computed again
     install, upgrade = world.helm_runs
     assert install["job"] != upgrade["job"] and upgrade["args"][:3] == ["upgrade", "--install", "lab1"]
     assert upgrade["values"]["worker"]["replicas"] == 2  # the workers running then, not the initial count
-    env = {e["name"]: e.get("value") for e in upgrade["values"]["worker"]["env"]}
-    assert env["EXTRA_PIP_PACKAGES"] == "s3fs gcsfs dask-ml pyarrow --upgrade"
-    drive(ctl, world, lambda: workers(ctl) == 2)
-    pods_after = {p["metadata"]["name"] for p in world.kube.list("pods", ns, "component=worker")}
-    assert len(pods_after) == 2 and not pods_before & pods_after  # a new ReplicaSet: every worker pod replaced
+    assert upgrade["values"]["worker"]["strategy"] == {"type": "RollingUpdate",
+                                                       "rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}}
+    deployment = world.kube.get("deployments", ns, "lab1-dask-worker")
+    assert deployment["spec"].get("minReadySeconds", 0) == 0  # the hold was lifted
+    assert deployment["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
+    # side by side: 4 pods running on 2 nodes (3 workers fit one e2-standard-4) when the old ones retired
+    assert {running for _, running, _ in at_retire} == {4} and {n for _, _, n in at_retire} == {2}
     updated = [e for e in ctl.events.published if e["event"] == "lab-updated"]
-    assert [(e["from_revision"], e["revision"]) for e in updated] == [(1, 2)]
+    assert [(e["from_revision"], e["revision"]) for e in updated] == [(1, 2)] * len(updated) and updated
+    assert len(updated) == 1 or crashing  # a crash may repeat an event, never lose it
     assert "pyarrow" in updated[0]["environment"]["worker"]["extra_pip_packages"]
     ready = next(e for e in ctl.events.published if e["event"] == "lab-ready")
     assert ready["environment"]["worker"]["extra_pip_packages"] == ["dask-ml", "gcsfs", "s3fs"]
+    if crashing:
+        sites = " ".join(world.crashed)
+        for site in ("update: PATCH deployments", "update: POST jobs", "update: set_node_pool_size",
+                     "update: POST proxy /api/v1/retire_workers"):
+            assert site in sites, f"no crash after {site}: {world.crashed}"
     values["scheduler"]["resources"]["limits"]["memory"] = "4G"
     with pytest.raises(ValidationError, match="held in memory is lost"):
         ctl.handle(cmd(type="update-lab", lab="lab1", values=values), "u2")
     assert len(world.helm_runs) == 2 and lab_of(ctl).spec.revision == 2
+
+
+def test_a_package_pip_cannot_install_is_said_though_the_workers_run_and_a_fixed_update_recovers(world, controller):
+    """The chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint and start the worker whatever pip said
+    (dask-docker's prepare.sh has no `set -e`): the update completes, the new workers run without the package, and
+    the lab is degraded with pip's words from the head of their log. An update that fixes the name recovers it."""
+    ctl = controller
+    ctl.handle(start_msg(), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "ready" and workers(ctl) == 1)
+    assert not [e for e in ctl.events.published if e["event"] == "lab-degraded"]  # the seed's packages installed
+    world.uninstallable = {"pyarow"}
+    values = yaml.safe_load(SEED_VALUES)
+    for component in ("jupyter", "worker"):
+        values[component]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "pyarow"}]
+    handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u1")
+
+    def degraded():
+        return [e for e in ctl.events.published if e["event"] == "lab-degraded"]
+
+    drive(ctl, world, lambda: lab_of(ctl).state.revision == 2 and degraded(), timeout=120)
+    (event,) = degraded()
+    assert event["causes"] == ["install-failed"], event
+    assert "the worker runs without them" in event["reason"] and "fix the package list in values.worker.env" in \
+        event["reason"] and "No matching distribution found for pyarow" in event["reason"]
+    assert lab_of(ctl).state.degraded == "install-failed" and workers(ctl) == 1  # degraded, not down
+    values["worker"]["env"] = values["jupyter"]["env"] = [{"name": "EXTRA_PIP_PACKAGES", "value": "pyarrow"}]
+    handle(ctl, cmd(type="update-lab", lab="lab1", values=values), "u2")
+    drive(ctl, world, lambda: lab_of(ctl).state.revision == 3 and lab_of(ctl).state.degraded == "", timeout=120)
+    (recovered,) = [e for e in ctl.events.published if e["event"] == "lab-recovered"]
+    assert "was install-failed" in recovered["reason"], recovered
 
 
 def test_jupyter_behind_the_service_proxy_holds_an_idle_lab_while_a_kernel_is_busy(tmp_path, caplog):

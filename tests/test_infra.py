@@ -11,6 +11,7 @@ from google.cloud import scheduler_v1 as sched
 
 from dasklab.cloud import infra
 from dasklab.adapters import procs
+from dasklab.adapters.scheduler import SchedulerWakeups
 from dasklab.core.errors import ValidationError
 from dasklab.core.messages import parse_command
 from dasklab.local.timers import load_infra
@@ -284,11 +285,17 @@ def test_destroy_removes_what_apply_created_and_nothing_else(env):
     other_job = sched.Job(name=env.job("someone-elses"), schedule="0 * * * *",
                           pubsub_target=sched.PubsubTarget(topic_name=other_topic, data=b"x"))
     env.scheduler.create_job(parent=f"projects/{env.project}/locations/{LOCATION}", job=other_job)
+    lookalike = sched.Job(name=env.job("dasklab-wakeup-not-ours"), schedule="0 * * * *",  # no wake-up attribute
+                          pubsub_target=sched.PubsubTarget(topic_name=other_topic, data=b"x"))
+    env.scheduler.create_job(parent=f"projects/{env.project}/locations/{LOCATION}", job=lookalike)
+    wakeups = SchedulerWakeups(env.project, LOCATION, "dasklab-control", lambda: env.scheduler,
+                               clock=lambda: 1_800_000_000.0)
+    wakeups.apply_wakeup("intro-start", 1_800_003_600.0, {"v": 1, "type": "reconcile-class", "class": "intro"})
 
     removed = env.destroy()
-    assert [(c.kind, c.action) for c in removed] == [("job", "delete")] * 3 + [("subscription", "delete")] + [
-        ("topic", "delete")] * 3
-    assert env.topics() == {other_topic} and list(env.standin.jobs) == [other_job.name]
+    assert [(c.kind, c.action) for c in removed] == [("job", "delete")] * 4 + [("subscription", "delete")] + [
+        ("topic", "delete")] * 3  # the 3 timers and the class's pending wake-up
+    assert env.topics() == {other_topic} and sorted(env.standin.jobs) == sorted([other_job.name, lookalike.name])
     assert env.subscriptions() == {}
     assert {c.action for c in env.destroy()} == {"unchanged"}  # NotFound is fine
 

@@ -102,7 +102,8 @@ HOSTILE = {
     "webUI": {"ingress": {"enabled": True, "hostname": "dask.example.org"}},
     "worker": {"replicas": 2, "threads_per_worker": 8, "extraArgs": ["--name", "fixed", "--lifetime", "1h"],
                "resources": {"limits": {"cpu": 2, "memory": "6G"}, "requests": {"cpu": "100m"}},
-               "nodeSelector": {"pool": "mine"}, "env": [{"name": "POD_NAME", "value": "w"}]},
+               "nodeSelector": {"pool": "mine"}, "env": [{"name": "POD_NAME", "value": "w"}],
+               "strategy": {"type": "Recreate"}},
     "additional_worker_groups": [{"name": "gpu", "replicas": 4}],
     "jupyter": {"serviceType": "LoadBalancer", "rbac": True, "serviceAccountName": "admin", "password": "sha1:abc",
                 "ingress": {"enabled": True},
@@ -139,8 +140,11 @@ def test_every_value_the_release_builder_changes_is_named_by_a_note(values):
 def test_the_local_backend_says_what_it_does_not_run():
     spec = spec_of(LOCAL, values=seed(2))
     fields = [note_field(n) for n in spec.notes]
-    assert "values.jupyter" in fields and "values.worker.env" not in fields  # its packages go into the lab's venv
+    # its Jupyter runs, with the workers' packages (the lab's venv): only the LoadBalancers are not used
+    assert "values.jupyter" not in fields and "values.worker.env" not in fields, spec.notes
     assert any("not used (the local lab listens on 127.0.0.1)" in n for n in spec.notes)
+    spec = spec_of(LOCAL, values=seed(3), mixed_environment=True)
+    assert "values.jupyter: resources not applied by the local lab" in " ".join(spec.notes)
 
 
 def test_a_request_the_controller_keeps_as_is_has_no_notes():

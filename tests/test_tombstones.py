@@ -66,6 +66,15 @@ def test_firestore_keeps_an_expiry_for_its_ttl_policy(firestore_tombstones):
     assert doc["expire_at"] == datetime.fromtimestamp(T0 + 60 + DAY, timezone.utc)
 
 
+def test_firestore_keeps_what_was_reported_across_instances_until_it_expires(firestore_tombstones):
+    from dasklab.adapters.firestore import REPORTED_TTL_S, FirestoreReports
+    one, other = (FirestoreReports(firestore_tombstones.project) for _ in range(2))  # two function instances
+    assert not one.fetch_reported("operation-1", T0)
+    one.apply_reported("operation-1", T0)
+    assert other.fetch_reported("operation-1", T0 + 60) and not other.fetch_reported("operation-2", T0 + 60)
+    assert not other.fetch_reported("operation-1", T0 + REPORTED_TTL_S + 1)
+
+
 # --- the rule in the controller ----------------------------------------------------------------------
 
 def controller(tombstones):

@@ -378,7 +378,7 @@ def cmd_connect_class(a, cfg) -> int:
         return 0
     print_table(f"class {record.name}: who connects how (tokens included: keep this to yourself)",
                 ("student", "lab", "phase", "jupyter", "scheduler", "dashboard"),
-                [(r["student"], r["lab"], r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
+                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
                  for r in table])
     return 0
 
@@ -401,7 +401,7 @@ def fetch_class_report(cfg, name: str) -> dict:
 def print_class_report(report: dict) -> None:
     print_table(f"class {report['class']}: usage per student (estimated)",
                 ("student", "lab", "phase", "node-hours", "cost", "peak workers", "busy", "lifetime", "ended because"),
-                [(r["student"], r["lab"], r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
+                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
                   r["peak_workers"], _span(r["busy_s"]), _span(r["lifetime_s"]),
                   r["reason"] if r["phase"] in ("gone", "tearing-down") else "")
                  for r in report["students"]])
@@ -443,6 +443,9 @@ def cmd_serve(a, cfg) -> int:
 
 
 def cmd_demo(a, cfg) -> int:
+    if a.class_size is not None:
+        from dasklab.local.class_demo import run_class_demo
+        return run_class_demo(a.class_size, json_lines=a.json)
     from dasklab.local.demo import run_demo
     return run_demo(json_lines=a.json)
 
@@ -659,6 +662,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="also delete every managed lab")
     s = sub.add_parser("demo", help="the whole lab story on real Dask, in under two minutes")
     s.add_argument("--json", action="store_true", help="print the timeline as JSON lines")
+    s.add_argument("--class", dest="class_size", type=int, metavar="N",
+                   help="a class of N students instead: one busy (autoscales), one idle (torn down), one kept alive")
     return p
 
 

@@ -43,12 +43,13 @@ def build_classes(config: Config):
 
 
 def build_wakeups(config: Config):
-    """A class's one-off wake-ups: files the local timer fires; on GKE, one-off Cloud Scheduler jobs (issue 14's GKE
-    side; until then None: the every-minute reconcile tick starts and ends classes alone)."""
+    """A class's one-off wake-ups: files the local timer fires; on GKE, one-off Cloud Scheduler jobs in the
+    functions' region publishing on the control topic."""
     if config.backend == "local":
         from dasklab.local.timers import FileWakeups
         return FileWakeups(config.home)
-    return None
+    from dasklab.adapters.scheduler import SchedulerWakeups
+    return SchedulerWakeups(config.project, config.region, config.control_topic)
 
 
 def build_controller(config: Config | None = None) -> Controller:

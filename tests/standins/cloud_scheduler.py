@@ -41,6 +41,12 @@ def valid_unix_cron(schedule: str) -> bool:
     return croniter.is_valid(schedule)
 
 
+
+def zone_of(name: str) -> zoneinfo.ZoneInfo | None:
+    """The zone a job's time_zone names: a tz database name, or "utc" (Job.time_zone's docstring); else None."""
+    name = "Etc/UTC" if name == "utc" else name
+    return zoneinfo.ZoneInfo(name) if name in zoneinfo.available_timezones() else None
+
 class CloudSchedulerStandin(GrpcStandin):
     """Strict Cloud Scheduler stand-in; RunJob delivers Pub/Sub targets through `publish(topic, data, attributes)`."""
 
@@ -79,7 +85,8 @@ class CloudSchedulerStandin(GrpcStandin):
         if len(job.description) > 500:
             raise StandinAbort(Code.INVALID_ARGUMENT, "Job description must not exceed 500 characters.")
         job.time_zone = job.time_zone or "Etc/UTC"
-        if not valid_unix_cron(job.schedule) or job.time_zone not in zoneinfo.available_timezones():
+        # a tz database name; `Job.time_zone` docstring: 'For UTC use the string "utc"' (stored as sent)
+        if not valid_unix_cron(job.schedule) or zone_of(job.time_zone) is None:
             raise StandinAbort(Code.INVALID_ARGUMENT, BAD_SCHEDULE)
         target = sched.Job.pb(job).WhichOneof("target")
         if target is None:
@@ -95,7 +102,7 @@ class CloudSchedulerStandin(GrpcStandin):
                 Code.INVALID_ARGUMENT, "A Pub/Sub message must contain either non-empty data, or at least one attribute."
             )
         now = self._now()
-        job.schedule_time = croniter(job.schedule, now.astimezone(zoneinfo.ZoneInfo(job.time_zone))).get_next(datetime)
+        job.schedule_time = croniter(job.schedule, now.astimezone(zone_of(job.time_zone))).get_next(datetime)
 
     # ---- handlers ------------------------------------------------------------------------------
     def _create_job(self, req: sched.CreateJobRequest) -> sched.Job:
@@ -177,20 +184,46 @@ class CloudSchedulerStandin(GrpcStandin):
         job.user_update_time = self._now()
         return job
 
+    def fire_due(self) -> list[str]:
+        """What the service does by the clock: each ENABLED job whose schedule_time has come is dispatched, then its
+        schedule_time moves to the schedule's next firing after it. Job.schedule_time: "The next time the job is
+        scheduled"; Job.State.PAUSED: "It will not execute" (google.cloud.scheduler_v1 docstrings). So a cron with
+        no year (`M H D Mon *`) fires again a year later. Delivery happens outside the lock, as the service's own
+        (so a subscriber may call the stand-in back). Returns the names of the jobs fired."""
+        with self._lock:
+            now, sends = self._now(), []
+            for job in self._jobs.values():
+                if job.state == State.ENABLED and "schedule_time" in job and job.schedule_time <= now:
+                    sends.append(self._attempt(job))
+                    zone = zone_of(job.time_zone)
+                    job.schedule_time = croniter(job.schedule, job.schedule_time.astimezone(zone)).get_next(datetime)
+        for name, topic, data, attributes in sends:
+            status = self._deliver(topic, data, attributes)
+            with self._lock:
+                if name in self._jobs:
+                    self._jobs[name].status = status
+        return [name for name, *_ in sends]
+
     def _run_job(self, req: sched.RunJobRequest) -> sched.Job:
         """Dispatch now (even when paused); a failed publish is recorded in job.status, as the real attempt is."""
         job = self._job(req.name)
+        job.status = self._deliver(*self._attempt(job)[1:])
+        return job
+
+    def _attempt(self, job: sched.Job) -> tuple[str, str, bytes, dict]:
         target = job.pubsub_target
-        data, attributes = bytes(target.data), dict(target.attributes)
+        run = (job.name, target.topic_name, bytes(target.data), dict(target.attributes))
         job.last_attempt_time = self._now()
-        self.runs.append((job.name, target.topic_name, data, attributes))
+        self.runs.append(run)
+        return run
+
+    def _deliver(self, topic: str, data: bytes, attributes: dict) -> status_pb2.Status:
         try:
             if self.publish is not None:
-                self.publish(target.topic_name, data, attributes)
-            job.status = status_pb2.Status(code=0)
+                self.publish(topic, data, attributes)
+            return status_pb2.Status(code=0)
         except Exception as e:  # the attempt fails, not the RunJob call
-            job.status = status_pb2.Status(code=Code.UNKNOWN.value[0], message=f"{type(e).__name__}: {e}")
-        return job
+            return status_pb2.Status(code=Code.UNKNOWN.value[0], message=f"{type(e).__name__}: {e}")
 
     def _methods(self):
         return {

@@ -27,6 +27,7 @@ import json
 import random
 import re
 import threading
+import time
 import urllib.parse
 import uuid
 from collections import Counter
@@ -442,10 +443,26 @@ def template_hash(template: Obj) -> str:
     return "".join(SAFE[ord(c) % len(SAFE)] for c in str(h))
 
 
-def int_or_percent(value: Any, total: int) -> int:
+def int_or_percent(value: Any, total: int, round_up: bool = False) -> int:
+    """An IntOrString against `total` (k8s.io/apimachinery intstr.GetScaledValueFromIntOrPercent)."""
     if isinstance(value, str) and value.endswith("%"):
-        return total * int(value[:-1]) // 100
+        return -(-total * int(value[:-1]) // 100) if round_up else total * int(value[:-1]) // 100
     return int(value or 0)
+
+
+REVISION = "deployment.kubernetes.io/revision"
+
+
+def rolling_fenceposts(deployment: Obj) -> tuple[int, int]:
+    """(maxSurge, maxUnavailable) of a RollingUpdate Deployment as pods: "maxSurge … absolute number is calculated
+    from the percentage by rounding up", "maxUnavailable … by rounding down"; both 0 cannot make progress, so
+    maxUnavailable becomes 1 (kubernetes.io/docs/concepts/workloads/controllers/deployment/#rolling-update-deployment;
+    pkg/controller/deployment/util ResolveFenceposts)."""
+    spec = deployment["spec"]
+    rolling = (spec.get("strategy") or {}).get("rollingUpdate") or {}
+    surge = int_or_percent(rolling.get("maxSurge", "25%"), spec["replicas"], round_up=True)
+    unavailable = int_or_percent(rolling.get("maxUnavailable", "25%"), spec["replicas"])
+    return surge, 1 if surge == 0 and unavailable == 0 else unavailable
 
 
 # --- validation (422) and defaulting --------------------------------------------------------------------------------
@@ -534,6 +551,11 @@ def check_workload(obj: Obj, old: Obj | None, causes: Causes) -> None:  # Deploy
             elif not selects(reqs, labels):
                 causes.invalid("spec.template.metadata.labels", labels, "`selector` does not match template `labels`")
     check_pod_spec(template.get("spec") or {}, "spec.template.spec", causes, ("Always",))
+    rolling = (spec.get("strategy") or {}).get("rollingUpdate")
+    if obj.get("kind") == "Deployment" and rolling and int_or_percent(rolling.get("maxSurge"), 100) == 0 \
+            and int_or_percent(rolling.get("maxUnavailable"), 100) == 0:  # ValidateRollingUpdateDeployment
+        causes.invalid("spec.strategy.rollingUpdate.maxUnavailable", rolling.get("maxUnavailable"),
+                       "may not be 0 when `maxSurge` is 0")
     if old is not None and selector != old["spec"].get("selector"):
         causes.invalid("spec.selector", selector, "field is immutable")
 
@@ -644,8 +666,12 @@ def apply_defaults(kind: Kind, obj: Obj) -> None:
     if kind in (DEPLOYMENTS, REPLICASETS):
         spec.setdefault("replicas", 1)
     if kind is DEPLOYMENTS:
-        spec.setdefault("strategy", {"type": "RollingUpdate",
-                                     "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+        strategy = spec.setdefault("strategy", {})
+        strategy.setdefault("type", "RollingUpdate")
+        if strategy["type"] == "RollingUpdate":
+            rolling = strategy.setdefault("rollingUpdate", {})
+            rolling.setdefault("maxUnavailable", "25%")
+            rolling.setdefault("maxSurge", "25%")
         spec.setdefault("revisionHistoryLimit", 10)
         spec.setdefault("progressDeadlineSeconds", 600)
     if kind is JOBS:
@@ -725,6 +751,9 @@ class _KubeApi(kmock.KubernetesScaffold):
     _seq: Iterable[int] = attrs.field(factory=itertools.count)
     _born: dict[str, int] = attrs.field(factory=dict)  # uid → creation order (precise; timestamps are seconds)
     _ready_at: dict[str, int] = attrs.field(factory=dict)  # uid → order of becoming Ready
+    _ready_since: dict[str, float] = attrs.field(factory=dict)  # uid → clock() when it became Ready (minReadySeconds)
+    clock: Callable[[], float] = time.monotonic
+    _due: float | None = None  # when a Ready pod next becomes available (minReadySeconds): reconcile then
     _ips: Iterable[int] = attrs.field(factory=lambda: itertools.count(2))
     _index: dict[kmock.resource, dict[str | None, dict[str, None]]] = attrs.field(factory=dict)  # res → ns → names
     _deferred: bool = False  # creates leave the controllers to their caller (set_nodes runs them once)
@@ -754,6 +783,8 @@ class _KubeApi(kmock.KubernetesScaffold):
                 if failure[0] == raw.method.upper() and failure[1] in path:
                     self.failures.remove(failure)
                     raise fail(failure[2], f"stand-in: injected failure for {raw.method} {path}")
+            if self._due is not None and self.clock() >= self._due:
+                self.reconcile()  # the Deployment controller requeues for minReadySeconds: a pod became available
             group, version, namespace, plural, name, sub = parse_path(path)
             try:
                 data = json.loads(body) if body else None
@@ -1178,6 +1209,9 @@ class _KubeApi(kmock.KubernetesScaffold):
         if params.get("tailLines"):
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(params["tailLines"]):]) if int(params["tailLines"]) else ""
+        if params.get("limitBytes"):  # PodLogOptions.limitBytes: "the number of bytes to read from the server
+            # before terminating the log output" — from the log's start
+            text = text.encode()[:int(params["limitBytes"])].decode(errors="ignore")
         return text
 
     async def _proxy(self, ns: str, ref: str, rest: str, request: kmock.Request) -> aiohttp.web.StreamResponse:
@@ -1214,48 +1248,142 @@ class _KubeApi(kmock.KubernetesScaffold):
     # --- controllers: run synchronously after every change, so a response already reflects their work ---------------
 
     def reconcile(self, ns: str | None = None) -> None:
-        """Every controller over every namespace; with `ns` (a write to a namespaced object) over that namespace
-        only: Deployments, ReplicaSets, Jobs and Pods own only objects of their namespace (ownerReferences are
-        namespace-local), so nothing elsewhere has changed (a class of 100 labs would otherwise redo every
-        namespace on every write). Node changes reconcile everything."""
-        for deployment in self.stored(DEPLOYMENTS, ns):
-            self._sync_deployment(deployment)
-        for replicaset in self.stored(REPLICASETS, ns):
-            self._sync_replicaset(replicaset)
-        for job in self.stored(JOBS, ns):
-            self._sync_job(job)
-        self._schedule(ns)
-        for replicaset in self.stored(REPLICASETS, ns):
-            self._replicaset_status(replicaset)
-        for deployment in self.stored(DEPLOYMENTS, ns):
-            self._deployment_status(deployment)
+        """The controllers' passes until nothing changes (a rollout takes several: a ReplicaSet scaled up, its pods
+        started, then the old one scaled down), so a response reflects every step that needs no time to pass.
+        With `ns` (a write to a namespaced object) over that namespace only: Deployments, ReplicaSets, Jobs and Pods
+        own only objects of their namespace (ownerReferences are namespace-local), so nothing elsewhere has changed
+        (a class of 100 labs would otherwise redo every namespace on every write). Node changes reconcile all."""
+        for round_ in range(50):
+            before = self._rv
+            for deployment in self.stored(DEPLOYMENTS, ns):
+                self._sync_deployment(deployment)
+            for replicaset in self.stored(REPLICASETS, ns):
+                self._sync_replicaset(replicaset)
+            for job in self.stored(JOBS, ns):
+                self._sync_job(job)
+            self._schedule(ns, pull_again=round_ == 0)  # a failed pull is retried once per change, not per round
+            for replicaset in self.stored(REPLICASETS, ns):
+                self._replicaset_status(replicaset)
+            for deployment in self.stored(DEPLOYMENTS, ns):
+                self._deployment_status(deployment)
+            if self._rv == before:
+                break
+        held = [rs for rs in self.stored(REPLICASETS, ns) if rs["spec"].get("minReadySeconds")]
+        due = min((since + rs["spec"]["minReadySeconds"] for rs in held for pod in self._owned(PODS, rs)
+                   if (since := self._ready_since.get(pod["metadata"]["uid"])) is not None
+                   and since + rs["spec"]["minReadySeconds"] > self.clock()), default=None)
+        # scoped: another namespace's wake-up is kept (one past due only costs a reconcile that recomputes it)
+        kept = [d for d in (due, self._due if ns is not None else None) if d is not None]
+        self._due = min(kept, default=None)
+
+    def _available(self, pod: Obj, min_ready_s: int) -> bool:
+        """"A Pod is available when it is ready for at least minReadySeconds" (Deployment docs, Min Ready Seconds)."""
+        since = self._ready_since.get(pod["metadata"]["uid"])
+        return is_ready(pod) and since is not None and self.clock() - since >= min_ready_s
 
     def _owned(self, kind: Kind, owner: Obj, active_pods_only: bool = True) -> list[Obj]:
         found = [o for o in self.stored(kind, owner["metadata"]["namespace"]) if owned_by(o, owner)]
         return [p for p in found if is_active(p)] if kind is PODS and active_pods_only else found
 
     def _sync_deployment(self, deployment: Obj) -> None:
-        """Deployment → one ReplicaSet per template (`<name>-<pod-template-hash>`); old ones are scaled to 0."""
+        """The Deployment controller (kubernetes.io/docs/concepts/workloads/controllers/deployment/, and
+        pkg/controller/deployment sync.go / rolling.go / recreate.go for the arithmetic):
+        - one ReplicaSet per pod template, `<name>-<pod-template-hash>`, the hash a label of the ReplicaSet, its
+          selector and its pods ("Pod-template-hash label"); it carries `deployment.kubernetes.io/revision`, one
+          above the highest of its siblings when it becomes the new one (a rollback re-uses the old ReplicaSet under
+          a new revision), and the Deployment carries the new ReplicaSet's revision; `minReadySeconds` is copied;
+        - RollingUpdate: the new ReplicaSet grows while all pods stay within replicas + maxSurge; then the old
+          ones shrink so at least replicas − maxUnavailable pods stay *available* (unavailable old pods go first,
+          then the oldest ReplicaSets), a scale-up pass ending the sync as it does in the controller;
+        - Recreate: "All existing Pods are killed before new ones are created".
+        Proportional scaling of a rollout whose replicas change midway is not modelled."""
         spec, meta = deployment["spec"], deployment["metadata"]
         template = copy.deepcopy(spec["template"])
         pth = template_hash(template)
         template.setdefault("metadata", {})["labels"] = {**(template["metadata"].get("labels") or {}),
                                                           "pod-template-hash": pth}
         rs_name = f"{meta['name']}-{pth}"
-        for replicaset in self._owned(REPLICASETS, deployment):
-            want = spec["replicas"] if replicaset["metadata"]["name"] == rs_name else 0
-            if replicaset["spec"]["replicas"] != want:
-                replicaset["spec"]["replicas"] = want
-                self._save(REPLICASETS, replicaset)
-        if self.find(REPLICASETS, meta["namespace"], rs_name) is None:
+        owned = self._owned(REPLICASETS, deployment)
+        new = next((rs for rs in owned if rs["metadata"]["name"] == rs_name), None)
+        old = sorted((rs for rs in owned if rs["metadata"]["name"] != rs_name),
+                     key=lambda rs: self._born.get(rs["metadata"]["uid"], 0))
+        revision = lambda rs: int((rs["metadata"].get("annotations") or {}).get(REVISION, 0))  # noqa: E731
+        top = max(map(revision, old), default=0)
+        if new is None:
             selector = copy.deepcopy(spec["selector"])
             selector["matchLabels"] = {**(selector.get("matchLabels") or {}), "pod-template-hash": pth}
-            self._insert(REPLICASETS, {
+            first = 0 if old and (spec.get("strategy") or {}).get("type") == "Recreate" else \
+                min(spec["replicas"], max(0, spec["replicas"] + rolling_fenceposts(deployment)[0]
+                                          - sum(rs["spec"]["replicas"] for rs in old))) if old else spec["replicas"]
+            new = self._insert(REPLICASETS, {
                 "apiVersion": "apps/v1", "kind": "ReplicaSet",
                 "metadata": {"name": rs_name, "namespace": meta["namespace"],
                              "labels": dict(template["metadata"]["labels"]),
+                             "annotations": {REVISION: str(top + 1)},
                              "ownerReferences": [owner_ref(DEPLOYMENTS, deployment)]},
-                "spec": {"replicas": spec["replicas"], "selector": selector, "template": template}})
+                "spec": {"replicas": first, "minReadySeconds": spec.get("minReadySeconds", 0), "selector": selector,
+                         "template": template}})
+        changed = {}
+        if revision(new) <= top:
+            changed["revision"] = str(top + 1)
+        if new["spec"].get("minReadySeconds", 0) != spec.get("minReadySeconds", 0):
+            changed["minReadySeconds"] = spec.get("minReadySeconds", 0)
+        if changed:
+            if "revision" in changed:
+                new["metadata"].setdefault("annotations", {})[REVISION] = changed["revision"]
+            new["spec"]["minReadySeconds"] = spec.get("minReadySeconds", 0)
+            new = self._save(REPLICASETS, new)
+        if (meta.get("annotations") or {}).get(REVISION) != new["metadata"]["annotations"][REVISION]:
+            meta.setdefault("annotations", {})[REVISION] = new["metadata"]["annotations"][REVISION]
+            self._put(DEPLOYMENTS, deployment)  # an annotation: no new generation
+        for rs in old:  # every ReplicaSet follows the Deployment's minReadySeconds
+            if rs["spec"].get("minReadySeconds", 0) != spec.get("minReadySeconds", 0):
+                rs["spec"]["minReadySeconds"] = spec.get("minReadySeconds", 0)
+                self._save(REPLICASETS, rs)
+
+        def scale(rs: Obj, replicas: int) -> None:
+            if rs["spec"]["replicas"] != replicas:
+                rs["spec"]["replicas"] = replicas
+                self._save(REPLICASETS, rs)
+
+        if (spec.get("strategy") or {}).get("type") == "Recreate":
+            for rs in old:
+                scale(rs, 0)
+            if not any(self._owned(PODS, rs) for rs in old):  # new pods only once the old are gone
+                scale(new, spec["replicas"])
+            return
+        surge, unavailable = rolling_fenceposts(deployment)
+        want = spec["replicas"]
+        if new["spec"]["replicas"] > want:
+            scale(new, want)
+        elif new["spec"]["replicas"] < want:
+            current = sum(rs["spec"]["replicas"] for rs in [new, *old])
+            if current < want + surge:
+                scale(new, new["spec"]["replicas"] + min(want + surge - current, want - new["spec"]["replicas"]))
+                return  # scaled up: the controller ends this sync here
+        if not any(rs["spec"]["replicas"] for rs in old):
+            return
+        min_ready = spec.get("minReadySeconds", 0)
+        available = {rs["metadata"]["name"]: sum(self._available(p, min_ready) for p in self._owned(PODS, rs))
+                     for rs in [new, *old]}
+        min_available = want - unavailable
+        new_unavailable = new["spec"]["replicas"] - available[new["metadata"]["name"]]
+        budget = sum(rs["spec"]["replicas"] for rs in [new, *old]) - min_available - new_unavailable
+        for rs in old:  # cleanupUnhealthyReplicas: unavailable old pods first, within the budget
+            if budget <= 0:
+                break
+            cut = min(budget, rs["spec"]["replicas"] - available[rs["metadata"]["name"]])
+            if cut > 0:
+                scale(rs, rs["spec"]["replicas"] - cut)
+                budget -= cut
+        spare = sum(available.values()) - min_available  # scaleDownOldReplicaSetsForRollingUpdate
+        for rs in old:
+            if spare <= 0:
+                break
+            cut = min(spare, rs["spec"]["replicas"])
+            if cut > 0:
+                scale(rs, rs["spec"]["replicas"] - cut)
+                spare -= cut
 
     def _sync_replicaset(self, replicaset: Obj) -> None:
         pods = self._owned(PODS, replicaset)
@@ -1300,7 +1428,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         return self._insert(PODS, pod)
 
 # first fit over schedulable Nodes honouring cordon, nodeSelector and pod capacity; Pending when none fits (kube-scheduler NodeUnschedulable, NodeAffinity, NodeResourcesFit plugins)
-    def _schedule(self, ns: str | None = None) -> None:
+    def _schedule(self, ns: str | None = None, pull_again: bool = True) -> None:
         """First-fit in node-name order onto Ready, schedulable nodes with room (status.allocatable.pods); with
         `ns` only that namespace's pods are placed (the nodes' load counts every pod)."""
         nodes = {n["metadata"]["name"]: n for n in self.stored(NODES)}
@@ -1320,7 +1448,7 @@ class _KubeApi(kmock.KubernetesScaffold):
                 pod["spec"]["nodeName"] = node["metadata"]["name"]
                 load[node["metadata"]["name"]] += 1
             if pod["status"].get("phase") == "Pending" and pod["spec"]["nodeName"] in nodes:
-                self._start_pod(pod, nodes[pod["spec"]["nodeName"]])
+                self._start_pod(pod, nodes[pod["spec"]["nodeName"]], pull_again)
 
     def _node_load(self) -> Counter:
         """Active pods per node, over every namespace (read in place: nothing is changed)."""
@@ -1352,9 +1480,9 @@ class _KubeApi(kmock.KubernetesScaffold):
             pod["status"]["conditions"] = [condition]
             self._put(PODS, pod)
 
-    def _start_pod(self, pod: Obj, node: Obj) -> None:
+    def _start_pod(self, pod: Obj, node: Obj, pull_again: bool = True) -> None:
         """What the kubelet reports: Running and Ready at once, unless an image cannot be pulled."""
-        if self._pull_fails(pod):
+        if self._pull_fails(pod, pull_again):
             return
         at, n = now(), next(self._ips)
         host_ip = next((a["address"] for a in node["status"].get("addresses", ()) if a["type"] == "InternalIP"), "")
@@ -1366,15 +1494,18 @@ class _KubeApi(kmock.KubernetesScaffold):
                                    "started": True, "restartCount": 0, "state": {"running": {"startedAt": at}}}
                                   for c in pod["spec"].get("containers") or ()]}
         self._ready_at[pod["metadata"]["uid"]] = next(self._seq)
+        self._ready_since[pod["metadata"]["uid"]] = self.clock()
         self._put(PODS, pod)  # binding is not a spec update: the generation stays
 
-    def _pull_fails(self, pod: Obj) -> bool:
+    def _pull_fails(self, pod: Obj, pull_again: bool = True) -> bool:
         """A container whose image the registry refuses: the pod stays Pending, scheduled, its container waiting
         with ErrImagePull, then ImagePullBackOff on the next try (ContainerStateWaiting.reason, as kubectl shows)."""
         refused = [c for c in pod["spec"].get("containers") or () if c.get("image", "") in self.unpullable]
         if not refused:
             return False
         before = {c["name"]: c for c in pod["status"].get("containerStatuses") or ()}
+        if before and not pull_again:
+            return True
         statuses = []
         for c in pod["spec"].get("containers") or ():
             image = c.get("image", "")
@@ -1427,6 +1558,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         pod["status"]["conditions"] = others + (self._unready(pod, at) if back_off else ready)
         if back_off:
             self._ready_at.pop(uid, None)
+            self._ready_since.pop(uid, None)
         self.previous_logs[(ns, name)] = log
         self._put(PODS, pod)
         self.reconcile()
@@ -1441,14 +1573,16 @@ class _KubeApi(kmock.KubernetesScaffold):
                                        if c["type"] not in ("Ready", "ContainersReady")] + [
             {"type": t, "status": "True", "lastTransitionTime": at} for t in ("Ready", "ContainersReady")]
         self._ready_at[pod["metadata"]["uid"]] = next(self._seq)
+        self._ready_since[pod["metadata"]["uid"]] = self.clock()
         self._put(PODS, pod)
         self.reconcile()
 
     def _replicaset_status(self, replicaset: Obj) -> None:
         pods = self._owned(PODS, replicaset)
         ready = sum(map(is_ready, pods))
+        available = sum(self._available(p, replicaset["spec"].get("minReadySeconds", 0)) for p in pods)
         status = {"replicas": len(pods), **omit_zero({
-            "fullyLabeledReplicas": len(pods), "readyReplicas": ready, "availableReplicas": ready,
+            "fullyLabeledReplicas": len(pods), "readyReplicas": ready, "availableReplicas": available,
             "observedGeneration": replicaset["metadata"]["generation"]})}
         if replicaset.get("status") != status:
             replicaset["status"] = status
@@ -1460,10 +1594,10 @@ class _KubeApi(kmock.KubernetesScaffold):
         pods = [pod for rs in replicasets for pod in self._owned(PODS, rs)]
         current = f"{meta['name']}-{template_hash(spec['template'])}"
         updated = [p for rs in replicasets if rs["metadata"]["name"] == current for p in self._owned(PODS, rs)]
-        available = sum(map(is_ready, pods))
+        ready = sum(map(is_ready, pods))
+        available = sum(self._available(p, spec.get("minReadySeconds", 0)) for p in pods)
         strategy = spec.get("strategy") or {}
-        max_unavailable = int_or_percent((strategy.get("rollingUpdate") or {}).get("maxUnavailable"),
-                                         spec["replicas"]) if strategy.get("type") == "RollingUpdate" else 0
+        max_unavailable = rolling_fenceposts(deployment)[1] if strategy.get("type") == "RollingUpdate" else 0
         ok = available >= spec["replicas"] - max_unavailable
         previous = next((c for c in (deployment.get("status") or {}).get("conditions") or ()
                          if c["type"] == "Available"), None)
@@ -1475,7 +1609,7 @@ class _KubeApi(kmock.KubernetesScaffold):
             condition = previous
         status = {**omit_zero({
             "observedGeneration": meta["generation"], "replicas": len(pods), "updatedReplicas": len(updated),
-            "readyReplicas": available, "availableReplicas": available,
+            "readyReplicas": ready, "availableReplicas": available,
             "unavailableReplicas": max(spec["replicas"] - available, 0)}), "conditions": [condition]}
         if deployment.get("status") != status:
             deployment["status"] = status
@@ -1546,6 +1680,8 @@ class _KubeApi(kmock.KubernetesScaffold):
             self._born[uids[uid]] = next(self._seq)
             if uid in self._ready_at:
                 self._ready_at[uids[uid]] = self._ready_at[uid]
+            if uid in self._ready_since:
+                self._ready_since[uids[uid]] = self._ready_since[uid]
             self._put(kind, json.loads(sub(json.dumps(obj))))
         for (ns, service, port), url in list(self.backends.items()):
             if ns == old:
@@ -1589,13 +1725,15 @@ class KubeStandin:
     ConfigMap, Secret, Role, RoleBinding; immutable fields); label/field selectors, limit/continue and
     deletecollection; owner-reference garbage collection (Orphan honoured); /scale (autoscaling/v1 Scale), /status,
     pod /log and /eviction; the service proxy to registered backends (503 when none); controllers for
-    Deployment → ReplicaSet → Pods (real deletion ranking), a first-fit scheduler over Node objects (cordon
+    Deployment → ReplicaSet → Pods (RollingUpdate and Recreate rollouts with revisions and minReadySeconds on
+    ``clock``, see ``_sync_deployment``; real deletion ranking), a first-fit scheduler over Node objects (cordon
     and nodeSelector honoured, Pending when no room), and Jobs completed by the test. Watch, dryRun, server-side apply and finalizers
     are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 
     def __init__(self, token: str = "standin-token", *, nodes: Iterable[str] | Mapping[str, int] = ("node-1",),
-                 pods_per_node: int = 110, latency_s: float = 0.0, seed: int = 0):
+                 pods_per_node: int = 110, latency_s: float = 0.0, seed: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         self.token = token
         self._clients: list[kubernetes.client.ApiClient] = []
         self._loop = asyncio.new_event_loop()
@@ -1603,7 +1741,7 @@ class KubeStandin:
         self._thread.start()
         try:
             self._api, self._runner = asyncio.run_coroutine_threadsafe(
-                self._start(token, latency_s, seed), self._loop).result(timeout=10)
+                self._start(token, latency_s, seed, clock), self._loop).result(timeout=10)
         except BaseException:
             self._stop_loop()
             raise
@@ -1612,8 +1750,9 @@ class KubeStandin:
             self.set_nodes(nodes, pods_per_node=pods_per_node)
 
     @staticmethod
-    async def _start(token: str, latency_s: float, seed: int) -> tuple[_KubeApi, aiohttp.web.ServerRunner]:
-        api = _KubeApi(token=token, latency_s=latency_s, seed=seed, strict=True)
+    async def _start(token: str, latency_s: float, seed: int,
+                     clock: Callable[[], float]) -> tuple[_KubeApi, aiohttp.web.ServerRunner]:
+        api = _KubeApi(token=token, latency_s=latency_s, seed=seed, clock=clock, strict=True)
         await api.__aenter__()
         api.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         runner = aiohttp.web.ServerRunner(aiohttp.web.Server(api))
@@ -1716,6 +1855,10 @@ class KubeStandin:
 
     def restart_container(self, namespace: str, pod: str) -> None:
         self._run(self._api.restart_container, namespace, pod)
+
+    def write_log(self, namespace: str, pod: str, text: str) -> None:
+        """What the pod's running container has printed so far (its log, as /log returns it)."""
+        self._run(self._api.logs.__setitem__, (namespace, pod), text)
 
     def refuse_image(self, image: str, why: str = "not found") -> None:
         """Pulls of ``image`` fail from now on: pods using it stay Pending with ErrImagePull / ImagePullBackOff."""

@@ -154,7 +154,11 @@ def test_valid_unix_cron_schedules_are_accepted(client, schedule):
     assert create(client, schedule=schedule).schedule == schedule
 
 
-@pytest.mark.parametrize("tz", ["Mars/Olympus", "utc", "Europe/Pariss"])
+def test_utc_is_spelled_as_the_docstring_says(client):
+    assert create(client, time_zone="utc").time_zone == "utc"
+
+
+@pytest.mark.parametrize("tz", ["Mars/Olympus", "UTC ", "Europe/Pariss"])
 def test_invalid_time_zones_are_refused(client, tz):
     with pytest.raises(exceptions.InvalidArgument, match="Schedule or time zone is invalid"):
         create(client, time_zone=tz)
@@ -240,3 +244,19 @@ def test_stop_leaves_no_threads():
     with CloudSchedulerStandin() as s:
         s.client().list_jobs(parent=PARENT)
     assert set(threading.enumerate()) - before == set()
+
+
+def test_jobs_fire_by_the_clock_then_wait_for_the_next_firing(published):
+    clock = [NOW]
+    with CloudSchedulerStandin(lambda *m: published.append(m), clock=lambda: clock[0]) as s:
+        client = s.client()
+        create(client, schedule="1 10 15 1 *")  # 10:01 on 15 January: once a year
+        create(client, name=f"{PARENT}/jobs/paused", schedule="1 10 15 1 *")
+        client.pause_job(name=f"{PARENT}/jobs/paused")
+        assert s.fire_due() == [] and published == []
+        clock[0] = datetime(2026, 1, 15, 10, 1, 5, tzinfo=timezone.utc)
+        assert s.fire_due() == [JOB]  # the paused one does not execute
+        assert published == [(TOPIC, b'{"cmd":"tick"}', {})] and s.fire_due() == []
+        j = client.get_job(name=JOB)
+        assert j.last_attempt_time == clock[0] and j.status.code == 0
+        assert j.schedule_time == datetime(2027, 1, 15, 10, 1, tzinfo=timezone.utc)  # a cron has no year

@@ -1,5 +1,5 @@
-"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab, and its
-class records (core.classes.Classes), one document per class.
+"""Firestore adapter: the GKE backend's tombstones (core.tombstones.Tombstones), one document per stopped lab, its
+class records (core.classes.Classes), one document per class, and what it reported once (failed creations).
 
 Document `dasklab-tombstones/<lab>`: `stopped_at` (the latest stop-lab's publish time, epoch seconds, kept with
 Firestore's server-side `maximum` transform so concurrent or out-of-order stop-labs never lower it) and
@@ -9,12 +9,15 @@ in any case). google-cloud-firestore is imported on first use only, so the funct
 
 from datetime import datetime, timezone
 
+from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 COLLECTION = "dasklab-tombstones"
 DELETE = "delete"
 CLASSES = "dasklab-classes"  # `<class>`: {"version": n, "record": ClassRecord.to_dict()}
+REPORTED = "dasklab-reported"  # `<key>`: {"reported_at": epoch s, "expire_at": timestamp} — an event published once
+REPORTED_TTL_S = 30 * 86400  # longer than GKE keeps a finished operation listed (its evidence)
 
 
 def _translate(e: Exception, what: str) -> Exception:
@@ -62,6 +65,27 @@ class FirestoreTombstones:
             raise _translate(e, f"write the tombstone of {lab}") from e
 
 
+class FirestoreReports(FirestoreTombstones):
+    """What has been reported once (gke.Reports): documents `dasklab-reported/<key>`, expiring after
+    REPORTED_TTL_S (the same TTL policy field as the tombstones')."""
+
+    def fetch_reported(self, key: str, now: float) -> bool:
+        from google.api_core import exceptions as gexc
+        try:
+            doc = self._db().document(f"{REPORTED}/{key}").get()
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"read whether {key} was reported") from e
+        return doc.exists and doc.get("reported_at") + REPORTED_TTL_S > now
+
+    def apply_reported(self, key: str, now: float) -> None:
+        from google.api_core import exceptions as gexc
+        expire = datetime.fromtimestamp(now + REPORTED_TTL_S, timezone.utc)
+        try:
+            self._db().document(f"{REPORTED}/{key}").set({"reported_at": now, "expire_at": expire})
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"record that {key} was reported") from e
+
+
 class FirestoreClasses(FirestoreTombstones):
     """Class records in Firestore: each write is a transaction that checks the version it read (optimistic, like the
     labs' records), so two invocations never overwrite each other's decisions."""
@@ -87,12 +111,12 @@ class FirestoreClasses(FirestoreTombstones):
     def fetch_classes(self) -> list:
         from dasklab.core.classes import ClassRecord
         docs = self._call("list the classes", lambda: list(self._db().collection(CLASSES).stream()))
-        return [ClassRecord.from_dict(d.get("record"), str(d.get("version"))) for d in docs]
+        return [ClassRecord.from_dict(_folded(d.get("record")), str(d.get("version"))) for d in docs]
 
     def fetch_class(self, name: str):
         from dasklab.core.classes import ClassRecord
         doc = self._call(f"read class {name}", lambda: self._ref(name).get())
-        return ClassRecord.from_dict(doc.get("record"), str(doc.get("version"))) if doc.exists else None
+        return ClassRecord.from_dict(_folded(doc.get("record")), str(doc.get("version"))) if doc.exists else None
 
     def _transact(self, name: str, what: str, change) -> int | None:
         """Run change(current data or None) → new data (None: write nothing; DELETE) in one transaction; the new
@@ -124,17 +148,20 @@ class FirestoreClasses(FirestoreTombstones):
         return replace(record, version=str(self._transact(record.name, f"write class {record.name}", change)))
 
     def apply_usage(self, name: str, student: str, usage: dict) -> None:
-        """One field update, no transaction: the labs of a class torn down in one pass (66 idle ones of 100 in
-        tests/test_gke_class_scale.py) each write their usage at once, and transactions on the one document
-        abort each other. The update is atomic and moves the version, so a stale record cannot erase it."""
+        """One field update, no transaction: the lab's figures as one run of the student's (`runs`, keyed by its
+        creation time: a redelivery replaces it), the totals folded from the runs on read (merge_usage). The labs
+        of a class torn down in one pass (66 of 100 in tests/test_gke_class_scale.py) write at once, and
+        transactions on the one document abort each other for minutes; an update is atomic, and it moves the
+        version, so a stale record cannot erase it."""
         from google.api_core import exceptions as gexc
         from google.cloud import firestore
         from google.cloud.firestore_v1.field_path import FieldPath
-        field = FieldPath("record", "usage", student).to_api_repr()
+        run = {k: v for k, v in usage.items() if k != "runs"}
+        field = FieldPath("record", "usage", student, "runs", str(usage.get("created_at") or "-")).to_api_repr()
 
         def write():
             try:
-                self._ref(name).update({field: usage, "version": firestore.Increment(1)})
+                self._ref(name).update({field: run, "version": firestore.Increment(1)})
             except gexc.NotFound:  # the class is gone: nothing to keep
                 pass
 
@@ -147,3 +174,21 @@ class FirestoreClasses(FirestoreTombstones):
             return DELETE if current is not None else None
 
         self._transact(record.name, f"forget class {record.name}", change)
+
+
+def _folded(record: dict | None) -> dict | None:
+    """The record with each student's usage as merge_usage gives it, from its runs (apply_usage adds a run by a
+    field update, leaving the totals beside it to be folded here)."""
+    if not record or not record.get("usage"):
+        return record
+    usage = {}
+    for student, kept in record["usage"].items():
+        runs = (kept or {}).get("runs")
+        if not runs:
+            usage[student] = kept
+            continue
+        folded = None
+        for run in sorted(runs.values(), key=lambda u: u.get("created_at") or 0.0):
+            folded = merge_usage(folded, run)
+        usage[student] = folded
+    return {**record, "usage": usage}

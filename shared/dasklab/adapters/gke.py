@@ -19,6 +19,9 @@ worker pool (per zone, never lowering a zone) and the Deployment's replicas. Sca
 workers' pods a low pod-deletion-cost, retires them through the scheduler (reached through the API server's
 service proxy), cordons and marks the nodes they empty, lowers the replicas (the ReplicaSet deletes exactly those
 pods) and deletes exactly the marked nodes' instances from the pool's managed instance groups; GKE never picks.
+An update whose worker pod template changes replaces the workers gracefully (apply_update): the new pods start
+beside the old ones (the pool grown for both), join the scheduler, then the old workers retire through it, so their
+results move to the new ones, before Kubernetes deletes the old pods.
 """
 
 import base64
@@ -33,7 +36,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Callable, Protocol
 
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
@@ -44,7 +47,7 @@ from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentErro
     TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, TEARING_DOWN, JupyterActivity, Lab, LabSpec, \
     LabState, WorkerProblem, parse_memory
-from dasklab.core.policy import Infra
+from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_release, \
     build_token_secret, chart_fullname
 from dasklab.adapters.compute import Migs, parse_mig, rate_limited
@@ -60,6 +63,7 @@ DESCRIPTION_PREFIX = "dasklab lab values: "  # the description of clusters creat
 DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
 EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
+HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 Status = gke.Cluster.Status
 UP = (Status.RUNNING, Status.RECONCILING)
@@ -176,6 +180,17 @@ def _translate(e: Exception, what: str) -> Exception:
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
 PIP_FAILURE = ("EXTRA_PIP_PACKAGES", "pip install", "No matching distribution", "Could not find a version")
+# The chart's images run dask-docker's base/prepare.sh first: under `set -x` but not `set -e`, it echoes this, runs
+# `pip install $EXTRA_PIP_PACKAGES` and then execs the worker whatever pip said, so a failed install leaves a
+# running worker without the packages, and pip's ERROR lines at the head of the container's log.
+PIP_STARTED = "EXTRA_PIP_PACKAGES environment variable found"
+
+
+def build_install_failure(log_head: str) -> str:
+    """pip's error lines from the head of a container's log, when its EXTRA_PIP_PACKAGES install failed ("" else)."""
+    if PIP_STARTED not in log_head:
+        return ""
+    return "\n".join(line for line in log_head.splitlines() if line.startswith("ERROR: "))
 
 
 def _epoch(when) -> float:
@@ -212,18 +227,26 @@ def pod_problems(pod, memory_limit: int) -> list[WorkerProblem]:
     return found
 
 
+class Reports(Protocol):
+    """What the backend has reported once, in a store that outlives function instances (Firestore)."""
+
+    def fetch_reported(self, key: str, now: float) -> bool: ...
+
+    def apply_reported(self, key: str, now: float) -> None: ...
+
+
 class GkeBackend:
     """The Backend protocol on GKE. Clients are injected (tests: the stand-ins); `from_config` builds real ones."""
 
+    installs_at_start = True  # the chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint
+
     def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
-                 migs: Migs, *, sleep: Callable[[float], None] = time.sleep):
+                 migs: Migs, reports: "Reports", *, sleep: Callable[[float], None] = time.sleep):
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
+        self.reports = reports  # the failed creations already reported (lab-failed published), in a real store
         self.parent = f"projects/{config.project}/locations/{config.location}"
         self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
         self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
-        # failed creations already reported (lab-failed published): the operation is immutable, so this instance
-        # remembers them; a new instance reports each once more (events are at least once)
-        self._reported: set[str] = set()
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
@@ -253,7 +276,9 @@ class GkeBackend:
             from google.cloud import compute_v1
             return compute_v1.InstanceGroupManagersClient(credentials=credentials)
 
-        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute))
+        from dasklab.adapters.firestore import FirestoreReports
+        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute),
+                   FirestoreReports(config.project, config.firestore_database))
 
     # --- GKE calls ---
 
@@ -372,10 +397,11 @@ class GkeBackend:
         for name, op in sorted(latest.items()):
             if op.status != gke.Operation.Status.DONE or not op.error.message:
                 continue
-            if name in listed:  # its cluster is still there (in ERROR): its record reports the failure
-                self._reported.add(op.name)
+            if name in listed:  # still there (in ERROR): its record reports the failure, so once it is gone no more
+                if not self.reports.fetch_reported(op.name, time.time()):
+                    self.reports.apply_reported(op.name, time.time())
                 continue
-            if op.name in self._reported or self.missing_zones:
+            if self.missing_zones or self.reports.fetch_reported(op.name, time.time()):
                 continue
             cfg = self.config
             created = datetime.fromisoformat(op.start_time.replace("Z", "+00:00")).timestamp() \
@@ -396,7 +422,7 @@ class GkeBackend:
         place = place_of(lab.name)
         store, _, token = lab.version.partition(":")
         if store == "op":  # a creation GKE removed with its record: nothing left to write; reported once
-            self._reported.add(token)
+            self.reports.apply_reported(token, time.time())
             return lab
         if store == "k8s":
             rv = self._kube(place).replace_configmap(_record_manifest(lab), token)
@@ -528,21 +554,67 @@ class GkeBackend:
         """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
 
     def apply_update(self, lab: Lab) -> bool:
-        """The recorded revision as a new Helm revision: its values ConfigMap and hash-named Job running
-        `helm upgrade` (created if absent, so a repeat is the same Job); True once that Job has completed.
-        A failed Job is reported by fetch_infra (the lab fails with the Job's log tail)."""
+        """One step of running the recorded revision, re-derived from the cluster at each call:
+        1. no Job of this revision yet: hold the worker rollout, then create the revision's values ConfigMap and
+           hash-named Job running `helm upgrade` (created if absent, so a repeat is the same Job). The hold is the
+           worker Deployment's minReadySeconds at HOLD_S: with the release's RollingUpdate maxSurge 100 % /
+           maxUnavailable 0, Kubernetes starts every new worker pod at once and keeps each old one until new ones
+           are available, which they are not while held; helm's three-way merge keeps it (the chart renders no
+           minReadySeconds);
+        2. the Job runs: wait (a failed Job is reported by fetch_infra: the lab fails with the Job's log tail);
+        3. the Job completed: `_roll_workers`. True once no worker pod of an older template is left."""
         place = place_of(lab.name)
-        kube = self._kube(place, self._running(place))
+        cluster = self._running(place)
+        kube = self._kube(place, cluster)
         release = self._release(lab)
         job = kube.read_job(place.namespace, release.job_name)
         if job is None:
+            kube.set_min_ready(place.namespace, place.workers, HOLD_S)  # before the Job: a crash between repeats it
             for manifest in release.manifests[1:]:  # the namespace exists; RBAC is created if absent
                 kube.create(manifest)
             logs.emit("INFO", lab=lab.name, action="helm-upgrade", job=release.job_name,
-                      reason=f"revision {lab.spec.revision}: helm upgrade by Job {release.job_name}")
+                      reason=f"revision {lab.spec.revision}: helm upgrade by Job {release.job_name}, the old "
+                             f"workers held until their replacements joined")
             return False
         conditions = {c.type: c.status for c in (job.status.conditions or [])}
-        return conditions.get("Complete") == "True"
+        if conditions.get("Complete") != "True":
+            return False
+        return self._roll_workers(lab, cluster, kube)
+
+    def _roll_workers(self, lab: Lab, cluster: gke.Cluster, kube: Kube) -> bool:
+        """One step of replacing the worker pods of an older template (plan_rollout, as the local backend): room
+        in the pool for old + new pods, then wait until every new pod's worker joined the scheduler, then retire
+        the old workers through it (their results move to the new ones) and lift the hold, so Kubernetes deletes
+        the old pods. The old/new split is each pod's pod-template-hash against the newest ReplicaSet's."""
+        place = place_of(lab.name)
+        deployment = kube.deployment(place.namespace, place.workers)
+        if deployment is None:
+            raise TransientError(f"lab {lab.name}: no worker Deployment")
+        if (deployment.status.observed_generation or 0) < (deployment.metadata.generation or 0):
+            return False  # the Deployment controller has not acted on the new template yet
+        current = kube.current_template_hash(place.namespace, deployment)
+        pods = kube.pods_of(place.namespace, place.workers)
+        stale = {p.metadata.name for p in pods if (p.metadata.labels or {}).get("pod-template-hash") != current}
+        fresh = {p.metadata.name for p in pods} - stale
+        want = deployment.spec.replicas or 0
+        if not stale:
+            if deployment.spec.min_ready_seconds:
+                kube.set_min_ready(place.namespace, place.workers, 0)
+            return True
+        self._ensure_nodes(lab, cluster, len(stale) + want,
+                           f"{len(stale)} old and {want} new workers run side by side while they are replaced")
+        dashboard = self.dashboard(lab)
+        workers = dashboard.fetch_workers()
+        step = plan_rollout(len(stale), len(fresh), len({w.name for w in workers} & fresh), want)
+        if step.action != "retire":
+            return False  # Kubernetes starts the new pods; their workers join
+        addresses = [w.address for w in workers if w.name in stale]
+        logs.emit("INFO", lab=lab.name, action="rollout-retire", revision=lab.spec.revision, reason=step.reason,
+                  workers=sorted(w.name for w in workers if w.name in stale))
+        if set(dashboard.apply_retire(addresses)) != set(addresses):
+            return False  # one still holds results: the hold stays, a later pass retires it
+        kube.set_min_ready(place.namespace, place.workers, 0)  # the new pods are available: the old ones go
+        return False
 
     # --- workers and nodes ---
 
@@ -551,17 +623,25 @@ class GkeBackend:
         return self._kube(place).replicas(place.namespace, place.workers) or 0
 
     def fetch_worker_health(self, lab: Lab) -> tuple[WorkerProblem, ...]:
-        """From the worker pods' status, with the previous container's log tail for a crash (a failed
-        EXTRA_PIP_PACKAGES install at container start shows there)."""
+        """From the worker pods' status, with the previous container's log tail for a crash, and for a running
+        worker the head of its log: a failed EXTRA_PIP_PACKAGES install at container start shows there."""
         place = place_of(lab.name)
         kube, found = self._kube(place), []
         for pod in kube.pods_of(place.namespace, place.workers):
-            for problem in pod_problems(pod, lab.spec.worker_memory):
+            problems = pod_problems(pod, lab.spec.worker_memory)
+            for problem in problems:
                 if problem.kind in ("crash-looping", "restarting"):
                     tail = kube.pod_log_tail(place.namespace, pod.metadata.name, previous=True)
                     kind = "install-failed" if any(word in tail for word in PIP_FAILURE) else problem.kind
                     problem = replace(problem, kind=kind, log_tail=tail)
                 found.append(problem)
+            running = [c for c in pod.status.container_statuses or () if c.state and c.state.running]
+            if running and not problems:  # a worker that started: did its packages install?
+                errors = build_install_failure(kube.pod_log_head(place.namespace, pod.metadata.name))
+                if errors:
+                    found.append(WorkerProblem("install-failed", pod.metadata.name,
+                                               "the worker runs without them: the image starts it after a failed "
+                                               "pip install", log_tail=errors))
         return tuple(found)
 
     def dashboard(self, lab: Lab) -> Dashboard:
@@ -596,22 +676,28 @@ class GkeBackend:
             raise PermanentError(f"cluster {cluster.name} has no node pool {self.config.worker_pool}")
         return pool
 
+    def _ensure_nodes(self, lab: Lab, cluster: gke.Cluster, workers: int, why: str) -> None:
+        """Room in the worker pool for `workers` pods: its size raised per zone, never lowering a zone (a lower
+        count would let GKE remove nodes at random); TransientError while another operation runs on the cluster."""
+        place = place_of(lab.name)
+        pool = self._worker_pool(cluster)
+        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
+        need = nodes_per_zone(lab.spec.nodes_for(workers), len(sizes))
+        if sizes and sum(sizes.values()) < lab.spec.nodes_for(workers):  # zones may differ after chosen removals
+            pending, _ = self._operations(cluster)
+            if pending:
+                raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
+            count = max(need, *sizes.values())
+            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=count)
+            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
+            logs.emit("INFO", lab=lab.name, action="resize-pool", **{"from": sizes, "to": count},
+                      reason=f"{why}: {workers} workers need {need} node(s) per zone")
+
     def apply_workers(self, lab: Lab, target: int) -> None:
         """Nodes first (per zone, never lowering a zone), then the Deployment's replicas."""
         place = place_of(lab.name)
         cluster = self._running(place)
-        pool = self._worker_pool(cluster)
-        sizes = self.migs.target_sizes(list(pool.instance_group_urls))
-        need = nodes_per_zone(lab.spec.nodes_for(target), len(sizes))
-        if sizes and sum(sizes.values()) < lab.spec.nodes_for(target):  # zones may differ after chosen removals
-            pending, _ = self._operations(cluster)
-            if pending:
-                raise TransientError(f"operation {pending[0].name} runs on cluster {cluster.name}: resize later")
-            count = max(need, *sizes.values())  # a lower count would let GKE remove nodes at random
-            resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=count)
-            self._gcall(f"resize pool {pool.name}", self.clusters.set_node_pool_size, request=resize)
-            logs.emit("INFO", lab=lab.name, action="resize-pool", **{"from": sizes, "to": count},
-                      reason=f"{target} workers need {need} node(s) per zone")
+        self._ensure_nodes(lab, cluster, target, f"a target of {target}")
         kube = self._kube(place, cluster)
         replicas = kube.replicas(place.namespace, place.workers)
         if replicas is None:

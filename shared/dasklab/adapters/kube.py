@@ -10,6 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from dasklab.core.errors import ConflictError, NoEndpoints, PermanentError, SchedulerUnreachable, TransientError
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+REVISION = "deployment.kubernetes.io/revision"
 TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster
 
 
@@ -119,6 +120,17 @@ class Kube:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise TransientError(f"log of {ns}/{pod}: {e}") from e
 
+    def pod_log_head(self, ns: str, pod: str, limit_bytes: int = 16384) -> str:
+        """The first `limit_bytes` of a pod's current container log (PodLogOptions.limitBytes reads from its
+        start): what its entrypoint printed before the worker itself ("" when it has none yet)."""
+        try:
+            return self.core.read_namespaced_pod_log(pod, ns, limit_bytes=limit_bytes,
+                                                     _request_timeout=TIMEOUT) or ""
+        except ApiException:  # not started (yet), or gone since it was listed: nothing it printed to read
+            return ""
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise TransientError(f"log of {ns}/{pod}: {e}") from e
+
     # --- workers ---
 
     def replicas(self, ns: str, deployment: str) -> int | None:
@@ -132,13 +144,29 @@ class Kube:
 
     def pods_of(self, ns: str, deployment: str) -> list:
         """The Deployment's active pods (selected by the Deployment's own selector)."""
-        dep = self._call(f"read {deployment}", self.apps.read_namespaced_deployment, deployment, ns,
-                         missing_ok=True)
+        dep = self.deployment(ns, deployment)
         if dep is None:
             return []
         selector = ",".join(f"{k}={v}" for k, v in sorted((dep.spec.selector.match_labels or {}).items()))
         pods = self._call("list pods", self.core.list_namespaced_pod, ns, label_selector=selector).items
         return [p for p in pods if p.status.phase not in ("Succeeded", "Failed") and not p.metadata.deletion_timestamp]
+
+    def deployment(self, ns: str, name: str):
+        return self._call(f"read {name}", self.apps.read_namespaced_deployment, name, ns, missing_ok=True)
+
+    def current_template_hash(self, ns: str, deployment) -> str | None:
+        """The `pod-template-hash` of the Deployment's newest ReplicaSet (the highest
+        `deployment.kubernetes.io/revision` among those it owns): its pods run the current template."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted((deployment.spec.selector.match_labels or {}).items()))
+        sets = self._call("list replicasets", self.apps.list_namespaced_replica_set, ns, label_selector=selector).items
+        owned = [rs for rs in sets if any(r.uid == deployment.metadata.uid for r in rs.metadata.owner_references or ())]
+        newest = max(owned, key=lambda rs: int((rs.metadata.annotations or {}).get(REVISION, 0)), default=None)
+        return newest and (newest.metadata.labels or {}).get("pod-template-hash")
+
+    def set_min_ready(self, ns: str, deployment: str, seconds: int) -> None:
+        """The Deployment's minReadySeconds: a new pod counts as available only once Ready that long."""
+        self._call(f"patch {deployment}", self.apps.patch_namespaced_deployment, deployment, ns,
+                   {"spec": {"minReadySeconds": seconds}})
 
     def set_deletion_cost(self, ns: str, pod: str, cost: int | None) -> None:
         self._call(f"annotate pod {pod}", self.core.patch_namespaced_pod, pod, ns,

@@ -10,12 +10,14 @@ import secrets
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from dasklab.core import logs
+from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, TransientError
 from dasklab.core.environment import jupyter_enabled, jupyter_packages, lab_packages
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
@@ -128,6 +130,8 @@ def flocked(path: Path):
 
 class LocalBackend:
     """Labs as local processes. The record `<home>/labs/<lab>.json` holds spec, state and the process ids."""
+
+    installs_at_start = False  # EXTRA_PIP_PACKAGES go into the lab's venv before it runs (refused if pip fails)
 
     def __init__(self, home: str | Path):
         self.root = Path(home) / "labs"
@@ -479,10 +483,13 @@ class LocalBackend:
 
     def apply_delete(self, lab: Lab) -> None:
         with self._update(lab.name) as local:
-            for w in [*local["workers"].values(), *local.get("retiring", {}).values()]:
-                stop_pid_group(w["pid"])
+            stops = [lambda pid=w["pid"]: stop_pid_group(pid)
+                     for w in [*local["workers"].values(), *local.get("retiring", {}).values()]]
             if local.get("jupyter"):
-                stop_jupyter(local["jupyter"]["pid"])
+                stops.append(lambda pid=local["jupyter"]["pid"]: stop_jupyter(pid))
+            if stops:  # together (each waits for its processes to exit), then the scheduler they were connected to
+                with ThreadPoolExecutor(max_workers=len(stops)) as pool:
+                    list(pool.map(lambda stop: stop(), stops))
             if local["scheduler"]:
                 stop_pid_group(local["scheduler"]["pid"])
             local.update(scheduler=None, workers={}, retiring={}, installed=False, jupyter=None)
@@ -627,7 +634,8 @@ class FileClasses:
             data = self._read(name)
             if data is None:
                 return
-            data["record"].setdefault("usage", {})[student] = usage
+            kept = data["record"].setdefault("usage", {})
+            kept[student] = merge_usage(kept.get(student), usage)
             data["version"] += 1
             self._write(name, data)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES
 from dasklab.core.config import Config
 from dasklab.core.model import MANAGED_BY, LabSpec
+from dasklab.core.overrides import WORKER_STRATEGY
 
 CHART = "dask"  # the official chart dask/dask
 POOL_LABEL = "cloud.google.com/gke-nodepool"  # GKE puts it on every node of a pool
@@ -71,8 +72,9 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
     """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
 
     Enforced: the scheduler serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
-    are sized by the spec, start at the initial count (the controller scales the Deployment afterwards), run
-    alone on the worker pool and are named after their pods (so a Dask worker maps to its pod and node);
+    are sized by the spec, replaced as WORKER_STRATEGY says, start at the initial count (the controller scales the
+    Deployment afterwards), run alone on the worker pool and are named after their pods (so a Dask worker maps to
+    its pod and node);
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
     Secret, has no RBAC to scale workers, and the chart's known default password is removed. Every image runs the
@@ -98,6 +100,7 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
         "worker": {"replicas": spec.initial_workers if replicas is None else replicas, "image": images["worker"],
+                   "strategy": WORKER_STRATEGY,
                    "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {

@@ -170,13 +170,15 @@ def build_service_agent_steps(iam: dict, project: str, project_number: str) -> l
 
 def build_store_steps(project: str, region: str, database: str = "(default)") -> list[Step]:
     """The Firestore (Native mode) database that keeps the tombstones of stopped labs, created when `describe`
-    finds none, and the TTL policy on `expire_at` that deletes tombstones past Pub/Sub's 24 h retry horizon."""
+    finds none, and the TTL policies on `expire_at` that delete tombstones past Pub/Sub's 24 h retry horizon and
+    the records of what was reported once (failed creations) after 30 days."""
     where = (f"--database={database}", f"--project={project}")
     return [Step("firestore-database", ("gcloud", "firestore", "databases", "create", *where, f"--location={region}",
                                         "--type=firestore-native"),
                  unless=("gcloud", "firestore", "databases", "describe", *where, "--format=none")),
-            Step("firestore-ttl", ("gcloud", "firestore", "fields", "ttls", "update", "expire_at",
-                                   "--collection-group=dasklab-tombstones", "--enable-ttl", "--async", *where))]
+            *(Step(f"firestore-ttl{suffix}", ("gcloud", "firestore", "fields", "ttls", "update", "expire_at",
+                                              f"--collection-group={group}", "--enable-ttl", "--async", *where))
+              for suffix, group in (("", "dasklab-tombstones"), ("-reported", "dasklab-reported")))]
 
 
 def fetch_project_number(project: str) -> str:

@@ -254,9 +254,14 @@ def run(project: str, location: str, clients: Clients, *, dry_run: bool = False,
 
 
 def destroy(project: str, location: str, clients: Clients, *, infra: dict | None = None) -> list[Change]:
-    """Delete the jobs, subscriptions and topics `build_desired` names, and nothing else."""
+    """Delete the jobs, subscriptions and topics `build_desired` names, and the classes' pending wake-up jobs (named
+    `dasklab-wakeup-…` and carrying their `dasklab-wakeup-at` attribute: the controller's own), nothing else."""
+    from dasklab.adapters.scheduler import AT_ATTRIBUTE, JOB_PREFIX
     desired = build_desired(infra or load_infra(), project, location)
+    wakeups = [j.name for j in clients.scheduler.list_jobs(request={"parent": f"projects/{project}/locations/{location}"})
+               if j.name.rsplit("/", 1)[-1].startswith(JOB_PREFIX) and AT_ATTRIBUTE in j.pubsub_target.attributes]
     deletions = ([("job", j.name, clients.scheduler.delete_job, "name") for j in desired.jobs]
+                 + [("job", name, clients.scheduler.delete_job, "name") for name in wakeups]
                  + [("subscription", s.name, clients.subscriber.delete_subscription, "subscription")
                     for s in desired.subscriptions]
                  + [("topic", t, clients.publisher.delete_topic, "topic") for t in desired.topics])

@@ -10,6 +10,10 @@ from dasklab.core.policy import Infra
 class Backend(Protocol):
     """Where labs live. Reads re-observe reality; every write is idempotent."""
 
+    # whether the workers install EXTRA_PIP_PACKAGES as they start (GKE: the image's entrypoint), so a new lab's
+    # workers are checked for a failed install; False where they are installed before the lab runs (local)
+    installs_at_start: bool
+
     def fetch_labs(self) -> list[Lab]:
         """Every lab this controller manages (resources without the managed-by marker are never listed)."""
 

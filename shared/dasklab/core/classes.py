@@ -94,6 +94,9 @@ class Wakeups(Protocol):
     def apply_cancel(self, key: str) -> None:
         """Drop the wake-up `key` (nothing if there is none)."""
 
+    def apply_expire(self, key: str, now: float) -> None:
+        """Drop the wake-up `key` if its time has passed (it fired; nothing if there is none)."""
+
 
 def wakeup_message(name: str) -> dict:
     return {"v": 1, "type": "reconcile-class", "class": name}
@@ -152,6 +155,27 @@ def plan_lead_time(samples: tuple[float, ...] | list[float], default_s: float) -
                   f"(a reconcile tick) = {lead:.0f}s")
 
 
+def plan_class_lifetime(asked_s: int | None, default_s: int, cap_s: int, duration_s: int | None,
+                        lead_s: float) -> tuple[int, str]:
+    """A student lab's maximum lifetime and, when it differs from what the class would need, why: a lab lives from
+    its creation (up to `lead_s` before `at`) to the class's end, so without an asked max_lifetime it gets enough
+    for the class (up to the controller cap); an asked one is kept, and said when it ends the lab early."""
+    base = asked_s if asked_s is not None else min(default_s, cap_s)
+    if duration_s is None:
+        return base, ""
+    needed = math.ceil(duration_s + lead_s)
+    if asked_s is not None:
+        return base, "" if needed <= base else (
+            f"max_lifetime: {asked_s}s ends each lab before the class does (the duration {duration_s}s plus up to "
+            f"{lead_s:.0f}s of early provisioning); leave max_lifetime out to cover the class")
+    if needed <= base:
+        return base, ""
+    if needed <= cap_s:
+        return needed, ""  # the lab's lifetime follows the class: nothing the sender asked is changed
+    return cap_s, (f"duration: a lab provisioned {lead_s:.0f}s early reaches the controller cap max_lifetime="
+                   f"{cap_s}s before the class's end: its last {needed - cap_s}s are cut")
+
+
 @dataclass(frozen=True)
 class BudgetDecision:
     action: str  # none, warn, minimum, teardown
@@ -186,14 +210,31 @@ def usage_of(lab: Lab, now: float) -> dict:
     lifetime = now - state.created_at
     return {"lab": lab.name, "phase": state.phase, "node_hours": round(node_s / 3600, 4),
             "cost_usd": estimate_cost(lab.spec, lifetime, node_s), "peak_workers": state.peak_workers,
-            "busy_s": round(busy, 1), "lifetime_s": round(lifetime, 1), "reason": state.reason}
+            "busy_s": round(busy, 1), "lifetime_s": round(lifetime, 1), "reason": state.reason,
+            "created_at": state.created_at}
+
+
+_SUMMED = ("node_hours", "cost_usd", "busy_s", "lifetime_s")
+
+
+def merge_usage(kept: dict | None, usage: dict) -> dict:
+    """A student's figures once `usage` (one lab's, keyed by its creation time) is added to those kept: a student
+    removed and added again has had two labs, and the report and the class's cost count both. Adding the same
+    lab's figures again (a redelivered deletion) replaces them, so nothing is counted twice."""
+    runs = dict((kept or {}).get("runs") or ({} if not kept else {str(kept.get("created_at", "")): kept}))
+    runs[str(usage.get("created_at", ""))] = {k: v for k, v in usage.items() if k != "runs"}
+    latest = max(runs.values(), key=lambda u: u.get("created_at") or 0.0)
+    total = {k: round(sum(u.get(k, 0.0) for u in runs.values()), 4) for k in _SUMMED}
+    return {**latest, **total, "peak_workers": max(u.get("peak_workers", 0) for u in runs.values()),
+            "labs": len(runs), "runs": runs}
 
 
 def class_usage(record: ClassRecord, labs: dict[str, Lab], now: float) -> dict[str, dict]:
-    """Every student's usage: the live lab's, else the final figures kept when it was deleted."""
+    """Every student's usage: the labs of theirs that are gone (kept in the record) plus the live one."""
     rows = {s: dict(u, phase="gone") for s, u in record.usage.items()}
-    rows.update({s: usage_of(lab, now) for s, lab in labs.items()})
-    return rows
+    for s, lab in labs.items():
+        rows[s] = merge_usage(record.usage.get(s), usage_of(lab, now))
+    return {s: {k: v for k, v in u.items() if k != "runs"} for s, u in rows.items()}
 
 
 def class_cost(record: ClassRecord, labs: dict[str, Lab], now: float) -> float:

@@ -12,6 +12,10 @@ POOL_KEYS = ("scheduler", "jupyter")  # components the controller places on the 
 # env variables the controller sets itself, per component
 ENFORCED_ENV = {"scheduler": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "worker": "POD_NAME",
                 "jupyter": "JUPYTER_TOKEN"}
+# How the worker Deployment replaces its pods on GKE (the chart's worker.strategy): every new pod at once, no old one
+# before new ones are available; GkeBackend.apply_update holds "available" off until the new workers have joined the
+# scheduler and the old ones have retired through it, so their results move first.
+WORKER_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}}
 
 
 def _block(values: dict, key: str) -> dict:
@@ -90,6 +94,10 @@ def _worker_notes(cmd, values: dict, spec: LabSpec) -> list[str]:
     if threads is not None and threads != max(1, int(spec.worker_cpu)):
         notes.append(f"values.worker.threads_per_worker: {threads} replaced by {max(1, int(spec.worker_cpu))} (one "
                      "per CPU of worker_resources); change the worker CPU instead")
+    if worker.get("strategy") not in (None, WORKER_STRATEGY):
+        notes.append("values.worker.strategy: replaced by RollingUpdate maxSurge 100% / maxUnavailable 0; an update "
+                     "starts the new workers, waits until they joined, then retires the old ones so their results "
+                     "move first")
     args = worker.get("extraArgs")
     if isinstance(args, list) and "--name" in args:
         notes.append("values.worker.extraArgs: --name removed; workers are named after their pods, so the "
@@ -127,11 +135,12 @@ def _image_notes(values: dict, spec: LabSpec) -> list[str]:
 
 
 def _local_notes(values: dict) -> list[str]:
-    """What the local backend does not run from the chart values (it runs this machine's Dask, no Jupyter)."""
+    """What the local backend does not apply from the chart values (its parts are processes of this machine)."""
     notes = []
-    if "jupyter" in values:
-        notes.append("values.jupyter: not run by the local lab (it has a scheduler and workers only); connect from "
-                     "Python on this machine (`dasklab connect`)")
+    unused = sorted(set(_block(values, "jupyter")) - {"enabled", "env", "serviceType", "image"})  # said elsewhere
+    if unused:
+        notes.append(f"values.jupyter: {', '.join(unused)} not applied by the local lab (its Jupyter is a process "
+                     "of this machine, with the lab's packages); `dasklab connect` prints its URL")
     for key in ("scheduler",):  # the workers' are installed into the lab's own venv (adapters/envs.py)
         env = _block(values, key).get("env") if isinstance(_block(values, key).get("env"), list) else []
         if any(isinstance(e, dict) and e.get("name") == "EXTRA_PIP_PACKAGES" for e in env):

@@ -18,11 +18,11 @@ from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
-    class_cost, class_usage, plan_budget, plan_class, plan_lead_time, usage_of, wakeup_message
+    class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, estimate_cost, \
     node_seconds_at
-from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_idle_check, plan_provision_step, plan_retirement, \
-    plan_jupyter_restart, plan_scale, plan_start, plan_teardown, plan_update
+from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, \
+    plan_jupyter_restart, plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
@@ -168,7 +168,9 @@ class Controller:
             self.reconcile_lab(lab, "reconcile", mid)
         return ACCEPTED, f"revision {lab.spec.revision} recorded ({reason}); lab-updated follows"
 
-    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None) -> tuple[str, str]:
+    def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None,
+                 reason: str = "stop-lab requested") -> tuple[str, str]:
+        """Tear the lab down; `reason` is recorded on it (its lab-deleted and class report say it)."""
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
             now = self.clock()
             try:
@@ -184,7 +186,7 @@ class Controller:
             logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
             return NOTHING_TO_DO, why
         already = lab.state.phase == TEARING_DOWN
-        self._begin_teardown(lab, "stop-lab requested", mid)  # already tearing down: the next step, as a tick would
+        self._begin_teardown(lab, reason, mid)  # already tearing down: the next step, as a tick would
         if already:
             return NOTHING_TO_DO, "already being torn down"
         return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
@@ -359,7 +361,7 @@ class Controller:
                 logs.emit("INFO", lab=lab.name, action="keep", tick=tick, reason=verdict.reason, message_id=mid)
                 return
             if load is not None and lab.spec.revision != lab.state.revision:
-                self._roll_out(lab, mid)  # no autoscaling while workers are being replaced
+                self._roll_out(lab, load, mid)  # no autoscaling while workers are being replaced
                 return
             if load is not None:
                 self._autoscale(lab, load, mid)
@@ -398,9 +400,12 @@ class Controller:
         lab = self.backend.apply_record(self._accounted(lab, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
 
-    def _roll_out(self, lab: Lab, mid: str) -> None:
-        """One step of an update; once the backend runs the new revision everywhere, say so and record it."""
+    def _roll_out(self, lab: Lab, load, mid: str) -> None:
+        """One step of an update; once the backend runs the new revision everywhere, say so and record it. Until
+        then the workers' health is read on every pass: a replacement that cannot start (its packages fail to
+        install, its image cannot be pulled, no node for it) holds the rollout, and the lab says why."""
         if not self.backend.apply_update(lab):
+            self._check_health(lab, load, self.backend.fetch_requested(lab), self.clock(), mid, rolling=True)
             return
         spec, before = lab.spec, lab.state.revision
         self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
@@ -424,13 +429,16 @@ class Controller:
                               nodes=[lab.spec.nodes_for(before), lab.spec.nodes_for(decision.target)])
         self._converge(lab, load, requested, mid)
 
-    def _check_health(self, lab: Lab, load, requested: int, now: float, mid: str) -> Lab:
+    def _check_health(self, lab: Lab, load, requested: int, now: float, mid: str, rolling: bool = False) -> Lab:
         """Say why workers are missing: a lab-degraded event once per new set of causes, lab-recovered once none is
-        left, both recorded on the lab. The backend is asked only while workers are missing or the lab is degraded
+        left, both recorded on the lab. The backend is asked only while workers are missing, are being replaced, have
+        just started (the lab's first HEALTH_RECENT_S: a package that failed to install), or the lab is degraded
         (nothing extra at rest); memory pressure comes from the load itself."""
         state = lab.state
         missing = min(load.workers, requested) < state.target_workers
-        problems = self.backend.fetch_worker_health(lab) if missing or state.degraded else ()
+        new = (getattr(self.backend, "installs_at_start", False) and state.ready_at is not None
+               and now - state.ready_at < HEALTH_RECENT_S)  # its first workers' start: did their packages install?
+        problems = self.backend.fetch_worker_health(lab) if missing or rolling or new or state.degraded else ()
         verdict = plan_health(lab.spec, state, load, problems, now)
         if verdict.action == HOLD:
             return lab
@@ -476,9 +484,14 @@ class Controller:
 
     def _student_spec(self, record: ClassRecord, student: str):
         """A student's lab: the start-lab the class's template gives, built and capped as any start-lab's."""
-        spec = build_spec(parse_command(record.template).student_lab(student), self.config)
+        cmd = parse_command(record.template).student_lab(student)
+        spec = build_spec(cmd, self.config)
+        lifetime, note = plan_class_lifetime(cmd.max_lifetime, self.config.default_lifetime_s,
+                                             self.config.max_lifetime_s, record.duration_s,
+                                             self._lead(record)[0] if record.at is not None else 0.0)
         return replace(spec, class_name=record.name, student=student, placement=record.placement,
-                       budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until)
+                       budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,
+                       max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()))
 
     def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the class (roster, template, at, duration, budgets), then one class step: the labs missing are
@@ -486,10 +499,15 @@ class Controller:
         import msgspec
         store, now = self._class_store(), self.clock()
         published = now if published is None else published
-        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement)
+        if cmd.duration is not None and cmd.duration > self.config.max_lifetime_s:
+            raise ValidationError("duration", f"{cmd.duration}s is above the controller cap max_lifetime="
+                                              f"{self.config.max_lifetime_s}s: no lab may run that long")
+        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement,
+                            duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
         existing = {lab.name: lab for lab in self.backend.fetch_labs()}
         for i, student in enumerate(cmd.roster):  # every lab validated as a start-lab before anything is written
             spec = self._student_spec(probe, student)
+            lifetime_notes = [n for n in spec.notes if note_field(n) in ("duration", "max_lifetime")]
             other = existing.get(spec.name)
             if other is not None and (other.spec.class_name, other.spec.owner) != (cmd.class_, cmd.owner):
                 raise ValidationError(f"roster[{i}]", f"lab {spec.name} exists and is not a lab of class "
@@ -527,11 +545,13 @@ class Controller:
         logs.decision(new.name, "start-class", sorted(before), list(new.roster), "start-class", mid,
                       **{"class": new.name})
         lead, lead_why = self._lead(new)
-        if self.wakeups is not None:
-            if new.at is not None and new.at - lead > now:
-                self.wakeups.apply_wakeup(f"{new.name}-start", new.at - lead, wakeup_message(new.name))
-            if new.end is not None:
-                self.wakeups.apply_wakeup(f"{new.name}-end", new.end, wakeup_message(new.name))
+        if self.wakeups is not None:  # set, moved, or dropped when the new start-class has no such time
+            starts = new.at - lead if new.at is not None and new.at - lead > now else None
+            for key, when in ((f"{new.name}-start", starts), (f"{new.name}-end", new.end)):
+                if when is not None:
+                    self.wakeups.apply_wakeup(key, when, wakeup_message(new.name))
+                elif record is not None:
+                    self.wakeups.apply_cancel(key)
         self.reconcile_class(new, mid)
         parts = [f"class {new.name}: {len(new.roster)} student(s)"]
         if added:
@@ -542,6 +562,7 @@ class Controller:
             parts.append(f"{len(removed)} lab(s) removed gracefully ({', '.join(removed)})")
         if new.end is not None:
             parts.append(f"the labs end at {_iso(new.end)}")
+        parts += lifetime_notes  # the same for every student: said once
         return ACCEPTED, "; ".join(parts) + "; class-ready follows"
 
     def stop_class(self, cmd: StopClass, mid: str, published: float | None = None) -> tuple[str, str]:
@@ -591,6 +612,14 @@ class Controller:
         record = self._class_store().fetch_class(cmd.class_)
         if record is not None:
             self.reconcile_class(record, mid)
+        if self.wakeups is not None:
+            # A Cloud Scheduler job's cron (`M H D Mon *`) fires every year, so a handled wake-up is deleted here,
+            # after the step (if the step raises, the message is retried and the jobs stay). Every wake-up of a
+            # class sends this same message and the step is level-based on the time, so each wake-up of the class
+            # whose time has passed is done with, whichever fired. Here, not on the minute tick: two calls per
+            # wake-up, none per tick. One whose message was lost fires a year on and is deleted then.
+            for key in (f"{cmd.class_}-start", f"{cmd.class_}-end"):
+                self.wakeups.apply_expire(key, self.clock())
 
     def reconcile_classes(self, mid: str = "") -> list[str]:
         """One step of every class (after a pass over the labs); returns the classes to retry."""
@@ -665,12 +694,13 @@ class Controller:
             return True
 
     def _stop_student(self, lab: Lab, reason: str, record: ClassRecord, now: float, mid: str) -> None:
-        """A normal stop-lab (its tombstone at the class's message time): graceful, reported by lab-deleted."""
+        """A normal stop-lab (its tombstone at the class's message time) with the class's reason: graceful, reported
+        by lab-deleted."""
         published = record.stopped if record.is_stopped else record.published if lab.spec.student not in \
             record.roster else now
         logs.emit("INFO", action="class-stop-lab", lab=lab.name, reason=reason, message_id=mid,
                   **{"class": record.name})
-        self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published))
+        self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published), reason)
 
     def _class_ready(self, record: ClassRecord, mine: dict[str, Lab], lead: float, now: float) -> dict:
         """Publish class-ready with who connects how (no secret: tokens stay with the backend); returns the record's

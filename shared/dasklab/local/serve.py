@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.local import FileEvents, LocalBackend
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
 from dasklab.local.timers import FileWakeups, LocalTimer, load_infra
@@ -46,6 +46,7 @@ class LocalController:
         self.fire_timers = fire_timers
         self.emulator = self.server = self.timer = None
         self.infra = load_infra()
+        self._events_read = 0  # status events of the file already returned by fetch_events (direct push)
 
     @property
     def bus(self) -> str:
@@ -103,6 +104,16 @@ class LocalController:
 
     def publish(self, payload: dict) -> str:
         return publish_local(self.home, payload)
+
+    def fetch_events(self, timeout: float = 1.0) -> list[dict]:
+        """The status events published since the last call: pulled (and acknowledged) from the emulator's status
+        subscription, or read from the status file that direct push writes (runtime.build_events)."""
+        if self.emulator:
+            from dasklab.adapters import pubsub
+            return pubsub.pull(LOCAL_PROJECT, STATUS_PULL_SUBSCRIPTION, timeout=timeout)
+        events = FileEvents(self.home / "status.jsonl").read()
+        new, self._events_read = events[self._events_read:], len(events)
+        return new
 
     def run_job(self, name: str) -> str:
         """Fire a timer job now, like `gcloud scheduler jobs run`."""

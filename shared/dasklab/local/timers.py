@@ -152,6 +152,11 @@ class FileWakeups:
     def apply_cancel(self, key: str) -> None:
         (self.root / f"{key}.json").unlink(missing_ok=True)
 
+    def apply_expire(self, key: str, now: float) -> None:
+        """The local timer drops what it delivered; this drops a due one it has not looked at yet."""
+        if any(w["key"] == key for w in self.fetch_due(now)):
+            self.apply_cancel(key)
+
     def fetch_due(self, now: float) -> list[dict]:
         """The wake-ups due at `now`, earliest first."""
         found = []
