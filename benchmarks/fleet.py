@@ -1,8 +1,13 @@
 """Fleet: one `reconcile` pass (Controller.reconcile_all) over 10, 100 and 500 READY labs on the GKE path against
 the stand-ins, with injected latency per call (GKE gRPC and Kubernetes API, the service proxy included).
 
-Run: python benchmarks/fleet.py [--sizes 10,100,500] [--workers 16,32,64] [--latency 0.05]
+Run: python benchmarks/fleet.py [--sizes 10,100,500] [--workers 16,32,64] [--latency 0.05] [--classes 100,300]
 Goals at 500 labs: one pass ≤ 5 s wall, ≤ 200 MB peak RSS.
+
+Class rows (--classes): after the fleet rows, a class of each size is seeded among the fleet's labs (copies of
+lab0000 as <class>-s000…, each record naming its class and student; the class record in the Firestore emulator when
+the Google Cloud CLI's is installed, else in files) and one `reconcile-class` tick for it is measured: the class
+fully ready, so the pass only observes (its labs, its budget) and changes nothing.
 
 Three kinds of process, so that RSS is the controller's alone:
 - the "cloud" (--cloud): GkeStandin, KubeStandin, MigStandin and one tiny HTTP server standing in for every lab's
@@ -129,6 +134,24 @@ def cloud() -> None:
             gke.clone_cluster(source, name, encode_labels(Lab.from_dict(record, "")))
         return {"objects": objects, "seconds": round(time.monotonic() - t0, 1)}
 
+    def seed_class(name: str, n: int) -> dict:
+        """Students s000… of class `name` as copies of lab0000, their records naming the class and the student."""
+        from dasklab.adapters.gke import RECORD, RECORD_KEY, encode_labels
+        from dasklab.core.model import Lab
+        from kubernetes import client as k8s
+        t0, core = time.monotonic(), k8s.CoreV1Api(kube.api_client())
+        source = next(c for c in gke.clusters if c.endswith("/clusters/lab0000"))
+        for i in range(n):
+            lab = f"{name}-s{i:03d}"
+            kube.clone_namespace("dasklab-lab0000", f"dasklab-{lab}", {"lab0000": lab})
+            cm = kube.get("configmaps", f"dasklab-{lab}", RECORD)
+            record = json.loads(cm["data"][RECORD_KEY])
+            record["spec"].update(class_name=name, student=f"s{i:03d}")
+            cm["data"][RECORD_KEY] = json.dumps(record)
+            core.replace_namespaced_config_map(RECORD, f"dasklab-{lab}", cm)
+            gke.clone_cluster(source, lab, encode_labels(Lab.from_dict(record, "")))
+        return {"labs": n, "seconds": round(time.monotonic() - t0, 1)}
+
     print(json.dumps({"gke": gke.address, "kube": kube.url, "token": TOKEN, "migs": migs.address}), flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
@@ -136,6 +159,8 @@ def cloud() -> None:
             gke.latency_s = kube.latency_s = float(args[0])
         elif cmd == "seed":
             print(json.dumps(seed(int(args[0]))), flush=True)
+        elif cmd == "seed-class":
+            print(json.dumps(seed_class(args[0], int(args[1]))), flush=True)
         elif cmd == "slow":
             _Dashboards.slow = {args[0]: float(args[1])} if float(args[1]) else {}
         elif cmd == "counts":
@@ -196,9 +221,22 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         def publish(self, event):
             pass
 
+    store = None
+    if mode == "measure-class":  # the class record: every student's lab started and announced ready
+        from dasklab.core.classes import ClassRecord
+        if os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            from dasklab.adapters.firestore import FirestoreClasses
+            store = FirestoreClasses(f"bench-{os.getpid()}")
+        else:
+            from dasklab.adapters.local import FileClasses
+            store = FileClasses(Path(os.environ["BENCH_CLASSES_DIR"]))
+        roster = tuple(f"s{i:03d}" for i in range(n))
+        now = time.time()
+        store.apply_class(ClassRecord(f"class{n}", owner="bench", roster=roster, started={s: now for s in roster},
+                                      ready_roster=roster, budget_class_usd=1000.0, published=now, created_at=now))
     ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), MemoryReports(),
                                 sleep=lambda s: None), Events(),
-                     CONFIG)
+                     CONFIG, classes=store)
     out: dict = {}
     if mode == "create":  # labs lab0000… up to n, then passes until all are ready and a pass changes nothing
         have = {lab.name for lab in ctl.backend.fetch_labs()}
@@ -225,6 +263,22 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
                 raise SystemExit(f"labs not ready: {pending[:5]}")
         ctl.reconcile_all("reconcile", "bench", workers=32)  # settle: the first ready pass records its timers
         out = {"passes": passes, "seconds": round(time.monotonic() - t0, 1)}
+    elif mode == "measure-class":  # one reconcile-class tick (a class's wake-up), cold then measured
+        tick = parse_command(json.dumps({"v": 1, "type": "reconcile-class", "class": f"class{n}"}))
+        c0 = time.monotonic()
+        ctl.handle(tick, "warm")
+        cold, listed = time.monotonic() - c0, len(ctl.backend.fetch_labs())
+        record = store.fetch_class(f"class{n}")
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
+        t0, cpu0 = time.monotonic(), _cpu()
+        ctl.handle(tick, "bench")
+        wall, cpu = time.monotonic() - t0, _cpu() - cpu0
+        after = store.fetch_class(f"class{n}")
+        out = {"wall": wall, "cpu": cpu, "cold": cold,
+               "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "store_writes": int(after.version) - int(record.version), "labs": listed}
     else:
         idle = mode == "measure-idle"  # two hours after the labs got ready every lab without work could be idle
         if idle:                       # for its timeout: each is asked check_idle (a teardown-idle tick's pass)
@@ -255,6 +309,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="10,100,500")
     ap.add_argument("--workers", default="16,32,64")
     ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--classes", default="100,300", help="class sizes for the reconcile-class rows ('' for none)")
     ap.add_argument("--cloud", action="store_true")
     ap.add_argument("--controller", nargs=4, metavar=("ADDR", "MODE", "N", "WORKERS"))
     a = ap.parse_args()
@@ -266,17 +321,26 @@ def main() -> int:
         controller(json.loads(addr), mode, int(n), int(w))
         return 0
 
+    import tempfile
+    from contextlib import ExitStack
+    from dasklab.adapters import procs
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     me = [sys.executable, str(Path(__file__).resolve())]
+    stack = ExitStack()
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
+    sizes = [int(c) for c in a.classes.split(",") if c]
+    if sizes and procs.find_firestore_emulator() is not None:
+        env["FIRESTORE_EMULATOR_HOST"] = stack.enter_context(procs.start_firestore_emulator(scratch / "fs")).host
+    env["BENCH_CLASSES_DIR"] = str(scratch / "classes")
     cl = subprocess.Popen(me + ["--cloud"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    rows = []
+    rows, class_rows = [], []
     try:
         addr = cl.stdout.readline().strip()
 
         def tell(line: str) -> dict | None:
             cl.stdin.write(line + "\n")
             cl.stdin.flush()
-            return json.loads(cl.stdout.readline()) if line.split()[0] in ("counts", "seed") else None
+            return json.loads(cl.stdout.readline()) if line.split()[0] in ("counts", "seed", "seed-class") else None
 
         def run(mode: str, n: int, w: int) -> tuple[dict, dict]:
             p = subprocess.Popen(me + ["--controller", addr, mode, str(n), str(w)], stdin=subprocess.PIPE,
@@ -319,6 +383,14 @@ def main() -> int:
         tell("slow dasklab-lab0000 2.0")
         slow, _ = run("measure", n, 64)
         tell("slow dasklab-lab0000 0")
+        for k in sizes:  # a class among the fleet's labs: one reconcile-class tick for it
+            tell("latency 0")
+            seeded = tell(f"seed-class class{k} {k}")
+            print(f"# class{k}: {k} students seeded ({seeded['seconds']} s)", flush=True)
+            tell(f"latency {a.latency}")
+            res, calls = run("measure-class", k, 64)
+            class_rows.append((k, res, calls))
+            print(f"  class of {k}: {json.dumps(res)} calls={json.dumps(calls)}", flush=True)
     finally:
         if cl.poll() is None:
             cl.stdin.write("quit\n")
@@ -328,6 +400,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 cl.kill()
                 cl.wait()
+        stack.close()
 
     print(f"\nOne reconcile pass over N READY GKE labs, {a.latency * 1000:.0f} ms per GKE/Kubernetes call "
           f"(warm pass, after a cold one; RSS = ru_maxrss of the controller process: after the cold pass → peak)")
@@ -346,6 +419,14 @@ def main() -> int:
           f"kube {first_calls['kube']} (proxy {first_calls['proxy']}), failed {first['failed']}")
     print(f"one slow lab (2 s per dashboard call, {n} labs, workers=64): wall {slow['wall']:.2f} s, "
           f"failed {slow['failed']}")
+    if class_rows:
+        store = "Firestore emulator" if "FIRESTORE_EMULATOR_HOST" in env else "files"
+        print(f"\nOne reconcile-class tick over a READY class (its labs among all labs listed; class record: {store})")
+        print(f"{'class':>5} {'labs':>5} {'wall s':>7} {'GKE':>6} {'kube':>6} {'proxy':>6} {'writes':>6} "
+              f"{'store w':>7} {'cold s':>6}")
+        for k, r, c in class_rows:
+            print(f"{k:>5} {r['labs']:>5} {r['wall']:>7.2f} {c['gke']:>6} {c['kube']:>6} {c['proxy']:>6} "
+                  f"{c['writes']:>6} {r['store_writes']:>7} {r['cold']:>6.2f}")
     return 0
 
 

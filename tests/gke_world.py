@@ -153,7 +153,7 @@ class World:
             klass = ((namespace or {}).get("metadata", {}).get("labels") or {}).get("class")
             if not namespace or (class_cluster(klass) if klass else ns.removeprefix("dasklab-")) not in clusters:
                 self._forget(ns)
-        for ns in self.schedulers:
+        for ns in list(self.schedulers):  # a helm Job's hook may still be adding one (its POST timed out)
             self._sync_workers(ns)
 
     def _forget(self, ns: str) -> None:

@@ -156,6 +156,30 @@ def test_class_store_is_optimistic_and_keeps_usage(store):
     assert store.fetch_class("intro") is None
 
 
+def test_usage_of_many_labs_deleted_at_once_is_all_kept(store):
+    """A pass tearing down many labs of a class writes their usage concurrently (tests/test_gke_class_scale.py:
+    66 at once): a write the others aborted is a ConflictError (the lab's next pass writes again), never another
+    error, and in the end every one is kept."""
+    from concurrent.futures import ThreadPoolExecutor
+    first = store.apply_class(rec(roster=tuple(f"s{i:02d}" for i in range(40))))
+
+    def write(i: int) -> int:
+        for conflicts in range(20):
+            try:
+                store.apply_usage("intro", f"s{i:02d}", {"cost_usd": float(i), "created_at": 1.0})
+                return conflicts
+            except ConflictError:
+                continue
+        raise AssertionError(f"s{i:02d}: never written")
+
+    with ThreadPoolExecutor(40) as pool:
+        list(pool.map(write, range(40)))
+    current = store.fetch_class("intro")
+    assert {s: u["cost_usd"] for s, u in current.usage.items()} == {f"s{i:02d}": float(i) for i in range(40)}
+    with pytest.raises(ConflictError):
+        store.apply_class(first)  # the usage moved the version: a stale record cannot erase it
+
+
 # --- the class reconcile (in-memory backend, file store) ---------------------------------------------
 
 class Clock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import itertools
 import json
 import random
@@ -152,6 +153,10 @@ class Causes(list):
 # The Kubernetes version of the labs' clusters: GKE's REGULAR channel runs 1.35 (cloud.google.com/kubernetes-engine/
 # docs/release-notes-regular), whose official schemas the kubernetes-validate package carries (strict: no unknown field)
 SCHEMA_VERSION = "1.35.0"
+# kubernetes_validate.validate reads and parses its schema files (_definitions.json: 1.5 MB) on every call: 69 ms
+# per ConfigMap write here, 8 ms once parsed; a class of 100 labs turns that into minutes. The files are read-only
+# package data, and jsonschema only reads the schemas, so each is parsed once.
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
 
 
 def schema_problems(obj: Obj) -> list[tuple[str, str]]:
@@ -780,6 +785,7 @@ class _KubeApi(kmock.KubernetesScaffold):
     _ips: Iterable[int] = attrs.field(factory=lambda: itertools.count(2))
     _index: dict[kmock.resource, dict[str | None, dict[str, None]]] = attrs.field(factory=dict)  # res → ns → names
     _refused: dict[str, str] = attrs.field(factory=dict)  # ReplicaSet uid → why its last pod creation was refused
+    _deferred: bool = False  # creates leave the controllers to their caller (set_nodes runs them once)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock: discovery endpoints and the 404 fallback
@@ -879,7 +885,7 @@ class _KubeApi(kmock.KubernetesScaffold):
                 new = request.data if method == "PUT" else apply_patch(
                     current, request.body, request.headers.get("Content-Type", ""))
                 result = self._update(kind, current, new)
-                self.reconcile()
+                self.reconcile(ns if kind.namespaced else None)
                 return self._json(self.read(kind, ns, result["metadata"]["name"]))
             if method == "DELETE":
                 return self._json(self._delete(kind, ns, name, params, request.data))
@@ -1031,7 +1037,8 @@ class _KubeApi(kmock.KubernetesScaffold):
         meta["uid"] = self._uid()
         self._admit(kind, obj)
         self._insert(kind, obj)
-        self.reconcile()
+        if not self._deferred:
+            self.reconcile(ns if kind.namespaced else None)
         return self.read(kind, ns, meta["name"])
 
     def _admit(self, kind: Kind, obj: Obj) -> None:
@@ -1271,23 +1278,26 @@ class _KubeApi(kmock.KubernetesScaffold):
 
     # --- controllers: run synchronously after every change, so a response already reflects their work ---------------
 
-    def reconcile(self) -> None:
+    def reconcile(self, ns: str | None = None) -> None:
         """The controllers' passes until nothing changes (a rollout takes several: a ReplicaSet scaled up, its pods
-        started, then the old one scaled down), so a response reflects every step that needs no time to pass."""
+        started, then the old one scaled down), so a response reflects every step that needs no time to pass.
+        With `ns` (a write to a namespaced object) over that namespace only: Deployments, ReplicaSets, Jobs and Pods
+        own only objects of their namespace (ownerReferences are namespace-local), so nothing elsewhere has changed
+        (a class of 100 labs would otherwise redo every namespace on every write). Node changes reconcile all."""
         for round_ in range(50):
             before = self._rv
-            for deployment in self.stored(DEPLOYMENTS):
+            for deployment in self.stored(DEPLOYMENTS, ns):
                 self._sync_deployment(deployment)
-            for replicaset in self.stored(REPLICASETS):
+            for replicaset in self.stored(REPLICASETS, ns):
                 self._sync_replicaset(replicaset)
-            for job in self.stored(JOBS):
+            for job in self.stored(JOBS, ns):
                 self._sync_job(job)
-            self._schedule(pull_again=round_ == 0)  # a failed pull is retried once per change, not per round
-            for replicaset in self.stored(REPLICASETS):
+            self._schedule(ns, pull_again=round_ == 0)  # a failed pull is retried once per change, not per round
+            for replicaset in self.stored(REPLICASETS, ns):
                 self._replicaset_status(replicaset)
-            for deployment in self.stored(DEPLOYMENTS):
+            for deployment in self.stored(DEPLOYMENTS, ns):
                 self._deployment_status(deployment)
-            for quota in self.stored(RESOURCEQUOTAS):  # the quota controller: status.hard and status.used
+            for quota in self.stored(RESOURCEQUOTAS, ns):  # the quota controller: status.hard and status.used
                 hard, used = quota["spec"].get("hard") or {}, self._quota_used(quota["metadata"]["namespace"])
                 status = {"hard": dict(hard), "used": {k: show_quantity(k, used[k]) for k in hard}}
                 if quota.get("status") != status:
@@ -1295,10 +1305,13 @@ class _KubeApi(kmock.KubernetesScaffold):
                     self._put(RESOURCEQUOTAS, quota)
             if self._rv == before:
                 break
-        held = [rs for rs in self.stored(REPLICASETS) if rs["spec"].get("minReadySeconds")]
-        self._due = min((since + rs["spec"]["minReadySeconds"] for rs in held for pod in self._owned(PODS, rs)
-                         if (since := self._ready_since.get(pod["metadata"]["uid"])) is not None
-                         and since + rs["spec"]["minReadySeconds"] > self.clock()), default=None)
+        held = [rs for rs in self.stored(REPLICASETS, ns) if rs["spec"].get("minReadySeconds")]
+        due = min((since + rs["spec"]["minReadySeconds"] for rs in held for pod in self._owned(PODS, rs)
+                   if (since := self._ready_since.get(pod["metadata"]["uid"])) is not None
+                   and since + rs["spec"]["minReadySeconds"] > self.clock()), default=None)
+        # scoped: another namespace's wake-up is kept (one past due only costs a reconcile that recomputes it)
+        kept = [d for d in (due, self._due if ns is not None else None) if d is not None]
+        self._due = min(kept, default=None)
 
     def _available(self, pod: Obj, min_ready_s: int) -> bool:
         """"A Pod is available when it is ready for at least minReadySeconds" (Deployment docs, Min Ready Seconds)."""
@@ -1488,11 +1501,12 @@ class _KubeApi(kmock.KubernetesScaffold):
         return self._insert(PODS, pod)
 
 # first fit over schedulable Nodes honouring cordon, nodeSelector and pod capacity; Pending when none fits (kube-scheduler NodeUnschedulable, NodeAffinity, NodeResourcesFit plugins)
-    def _schedule(self, pull_again: bool = True) -> None:
-        """First-fit in node-name order onto Ready, schedulable nodes with room (status.allocatable.pods)."""
+    def _schedule(self, ns: str | None = None, pull_again: bool = True) -> None:
+        """First-fit in node-name order onto Ready, schedulable nodes with room (status.allocatable.pods); with
+        `ns` only that namespace's pods are placed (the nodes' load counts every pod)."""
         nodes = {n["metadata"]["name"]: n for n in self.stored(NODES)}
-        pods = [p for p in self.stored(PODS) if is_active(p)]
-        load = Counter(p["spec"].get("nodeName") for p in pods)
+        pods = [p for p in self.stored(PODS, ns) if is_active(p)]
+        load = self._node_load() if ns is not None else Counter(p["spec"].get("nodeName") for p in pods)
         usable = [n for n in nodes.values() if not n["spec"].get("unschedulable")
                   and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", ()))]
         for pod in sorted(pods, key=lambda p: self._born.get(p["metadata"]["uid"], 0)):
@@ -1508,6 +1522,12 @@ class _KubeApi(kmock.KubernetesScaffold):
                 load[node["metadata"]["name"]] += 1
             if pod["status"].get("phase") == "Pending" and pod["spec"]["nodeName"] in nodes:
                 self._start_pod(pod, nodes[pod["spec"]["nodeName"]], pull_again)
+
+    def _node_load(self) -> Counter:
+        """Active pods per node, over every namespace (read in place: nothing is changed)."""
+        res = self._key(PODS, None, "")[0]
+        return Counter(o.raw["spec"].get("nodeName") for o_ns, in_ns in self._index.get(res, {}).items()
+                       for name in in_ns if not (o := self.objects[res, o_ns, name]).deleted and is_active(o.raw))
 
     @staticmethod
     def _misfit(node: Obj, wanted, load: Counter) -> str:
@@ -1757,9 +1777,13 @@ class _KubeApi(kmock.KubernetesScaffold):
             status = node_status(pods, f"10.128.0.{i + 2}")
             node = self.find(NODES, None, name)
             own = {**labels, **node_labels.get(name, {})}
-            if node is None:
-                self.create(NODES, None, {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
-                                                                                   **own}}, "status": status})
+            if node is None:  # created as a POST would, the controllers run once below
+                self._deferred = True
+                try:
+                    self.create(NODES, None, {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name,
+                                                                                       **own}}, "status": status})
+                finally:
+                    self._deferred = False
             else:
                 node["status"] = status
                 node["metadata"]["labels"] = {**(node["metadata"].get("labels") or {}), **own}
