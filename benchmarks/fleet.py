@@ -97,10 +97,10 @@ def cloud() -> None:
     kube = KubeStandin(TOKEN, nodes=())
     migs = MigStandin(gke).start()
 
-    class Shim:  # World._render only needs .kube
+    class Shim:  # World._render needs .kube, and .manifests (what it rendered, per object)
         pass
     shim = Shim()
-    shim.kube = kube
+    shim.kube, shim.manifests = kube, {}
 
     def helm(job: dict) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
