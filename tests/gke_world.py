@@ -421,3 +421,18 @@ def _merge_patch(before: dict, after: dict) -> dict:
 
 def jsonl(records) -> str:
     return "\n".join(json.dumps(r, default=str) for r in records)
+
+
+def drive_class(ctl, world, until, timeout: float = 90.0, ticks=("reconcile",)) -> None:
+    """Ticks and class passes, the world kept in step, until `until()` holds (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        world.sync()
+        for tick in ticks:
+            ctl.reconcile_all(tick)
+        ctl.reconcile_classes()
+        world.sync()
+        if until():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {timeout}s")

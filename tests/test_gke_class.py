@@ -18,7 +18,7 @@ from dasklab.core.reconcile import Controller
 from distributed import Client
 
 from tests.dask_checks import alive, process_tree
-from tests.gke_world import CONFIG, LOCATION, PROJECT, World
+from tests.gke_world import CONFIG, LOCATION, PROJECT, World, drive_class
 
 STUDENTS = ("ann", "bob", "cy")
 CLUSTER = f"projects/{PROJECT}/locations/{LOCATION}/clusters/{class_cluster('intro')}"
@@ -41,17 +41,7 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
     backend = ctl.backend
 
     def drive(until, timeout=90.0, ticks=("reconcile",)):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            world.sync()
-            for tick in ticks:
-                ctl.reconcile_all(tick)
-            ctl.reconcile_classes()
-            world.sync()
-            if until():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"not reached in {timeout}s")
+        drive_class(ctl, world, until, timeout, ticks)
 
     def lab(student):
         return backend.fetch_lab(f"intro-{student}")

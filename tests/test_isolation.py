@@ -14,7 +14,7 @@ from dasklab.core.model import READY
 from dasklab.core.reconcile import Controller
 
 from tests.dask_checks import alive, process_tree
-from tests.gke_world import CONFIG, LOCATION, PROJECT, World
+from tests.gke_world import CONFIG, LOCATION, PROJECT, World, drive_class
 from tests.netpol import Pod, allowed, selects
 
 NS = {"a": {"kubernetes.io/metadata.name": "a", "team": "x"}, "b": {"kubernetes.io/metadata.name": "b"}}
@@ -113,19 +113,6 @@ def start_class(**kw):
                                      "roster": list(STUDENTS), "workers": {"initial": 0, "min": 0, "max": 4},
                                      "machine_type": "e2-standard-4", "worker_resources": {"cpu": 1, "memory": "3G"},
                                      "idle_timeout": "1h", "max_lifetime": "2h", **kw}))
-
-
-def drive_class(ctl, world, until, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        world.sync()
-        ctl.reconcile_all("reconcile")
-        ctl.reconcile_classes()
-        world.sync()
-        if until():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in {timeout}s")
 
 
 def test_each_students_pods_reach_only_their_own_scheduler_and_jupyter(shared_class):
