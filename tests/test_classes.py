@@ -398,6 +398,21 @@ def test_a_class_budget_counts_every_lab(ctl):
     assert shrunk < next(i for i, e in enumerate(ctl.events.events) if e["event"] == "lab-deleted")
 
 
+def test_a_lab_the_listing_could_not_read_is_not_taken_for_ended(ctl):
+    """A lab whose records were unreadable this pass (its cluster did not answer) is left out of the listing: the
+    class step waits instead of deciding from its absence (class-ready, ended, never recreated)."""
+    ctl.handle(start(), "m1", published=T0)
+    bob = ctl.backend.labs.pop("intro-bob")  # listed no more, as an unreachable cluster's lab
+    ctl.backend.unreadable = (("lab", "intro-bob"),)
+    tick(ctl)
+    assert not events(ctl, "class-ready") and ctl.classes.fetch_class("intro").started.keys() == {
+        "alice", "bob", "carol"}
+    ctl.backend.labs["intro-bob"], ctl.backend.unreadable = bob, ()  # it answers again
+    tick(ctl)
+    [ready] = events(ctl, "class-ready")
+    assert [r["student"] for r in ready["labs"]] == ["alice", "bob", "carol"]
+
+
 def test_a_class_longer_than_the_default_lifetime_keeps_its_labs_to_its_end(ctl):
     ctl.handle(start(roster=("alice",), duration="10h"), "m1", published=T0)
     assert ctl.backend.fetch_lab("intro-alice").spec.max_lifetime_s == 10 * 3600

@@ -277,6 +277,8 @@ class GkeBackend:
         self.parent = f"projects/{config.project}/locations/{config.location}"
         self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
         self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
+        # what the last fetch_labs listed but could not read: ("lab", name) or ("class", name) of a shared cluster
+        self.unreadable: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
@@ -431,15 +433,21 @@ class GkeBackend:
         listed = listing.clusters
         managed = [c for c in listed if c.resource_labels.get("managed-by") == MANAGED_BY]  # others: never touched
 
+        unread: list[tuple[str, str]] = []
+
         def read(cluster: gke.Cluster) -> list[Lab]:
             try:
                 return self._read_class(cluster) if self._is_class_cluster(cluster) else [self._read(cluster)]
             except TransientError as e:  # one unreachable cluster must not stop the others
                 logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
+                labels = cluster.resource_labels
+                unread.append(("class", labels.get("class", "")) if self._is_class_cluster(cluster)
+                              else ("lab", labels.get("lab", cluster.name)))
                 return []
 
         with ThreadPoolExecutor(max_workers=max(1, min(64, len(managed)))) as pool:  # records read concurrently
             labs = [lab for found in pool.map(read, managed) for lab in found]
+        self.unreadable = tuple(sorted(unread))  # those labs are not listed: absent is not gone
         labs += self._lost_creations(ops, {c.name for c in listed})
         return sorted(labs, key=lambda lab: lab.name)
 

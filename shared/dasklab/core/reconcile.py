@@ -647,6 +647,11 @@ class Controller:
             store.apply_forget_class(record)
             return True
         mine = self._class_labs(record.name, labs)
+        gaps = self._unlisted(record)
+        if gaps:  # a lab left out of the listing is not ended: nothing is decided from its absence
+            logs.emit("WARNING", action="reconcile-class", reason=f"class step later: {', '.join(gaps)} did not "
+                      "answer, so the class's labs are not all known", message_id=mid, **{"class": record.name})
+            return False
         record = self._enforce_class_budget(record, mine, now, mid)
         lead, _ = self._lead(record)
         plan = plan_class(record, mine, now, lead)
@@ -678,6 +683,14 @@ class Controller:
             changes.setdefault("ready_roster", tuple(s for s in record.ready_roster if s not in dropped))
             store.apply_class(replace(record, started=started, **changes))
         return ok
+
+    def _unlisted(self, record: ClassRecord) -> list[str]:
+        """What the backend's last listing could not see of this class: unreachable zones, or its labs' (or shared
+        cluster's) records unreadable."""
+        students = set(record.roster) | set(record.started)
+        mine = {("class", record.name)} | {("lab", record.lab_name(s)) for s in students}
+        return [f"zone {z}" for z in getattr(self.backend, "missing_zones", ())] + [
+            f"{kind} {name}" for kind, name in getattr(self.backend, "unreadable", ()) if (kind, name) in mine]
 
     def _class_step(self, record: ClassRecord, student: str, mid: str, step) -> bool:
         """One student's step: a transient failure is retried on the next pass, a refusal is said (the lab's own
