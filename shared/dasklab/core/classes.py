@@ -133,12 +133,15 @@ def plan_class(record: ClassRecord, labs: dict[str, Lab], now: float, lead_s: fl
         return ClassPlan(stop=removed, reason=f"provisioning starts at {_iso(begin)}: at {_iso(record.at)} minus "
                                               f"the lead time {lead_s:.0f}s")
     start = tuple(s for s in record.roster if s not in labs and s not in record.started)
-    gone = [s for s in record.roster if s in record.started and s not in labs]
+    # ended: started, not listed, and its final figures kept (written when its lab was deleted); a lab started but
+    # not listed yet (or not readable this pass) is still to come, not ended
+    gone = [s for s in record.roster if s in record.started and s not in labs and s in record.usage]
+    coming = [s for s in record.roster if s in record.started and s not in labs and s not in record.usage]
     ready = [s for s in record.roster if s in labs and labs[s].state.phase == READY]
-    complete = not start and bool(ready) and len(ready) + len(gone) == len(record.roster)
+    complete = not start and not coming and bool(ready) and len(ready) + len(gone) == len(record.roster)
     announce = complete and any(s not in record.ready_roster for s in record.roster)  # a removal alone: no new one
     parts = [f"{len(ready)}/{len(record.roster)} lab(s) ready"] + [f"starting {', '.join(start)}"] * bool(start) + \
-        [f"ended: {', '.join(gone)}"] * bool(gone)
+        [f"not listed yet: {', '.join(coming)}"] * bool(coming) + [f"ended: {', '.join(gone)}"] * bool(gone)
     return ClassPlan(start=start, stop=removed, ready=announce, reason="; ".join(parts))
 
 
