@@ -163,8 +163,10 @@ class Kube:
         try:
             return self.core.read_namespaced_pod_log(pod, ns, limit_bytes=limit_bytes,
                                                      _request_timeout=TIMEOUT) or ""
-        except ApiException:  # not started (yet), or gone since it was listed: nothing it printed to read
-            return ""
+        except ApiException as e:
+            if e.status in (400, 404):  # its container is waiting to start, or the pod went since it was listed
+                return ""
+            raise translate(e, f"log of {ns}/{pod}") from e  # a 403 is said, not taken for an empty log
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise TransientError(f"log of {ns}/{pod}: {e}") from e
 
