@@ -3,7 +3,7 @@
 import pytest
 
 from dasklab.core.model import WorkerProblem
-from dasklab.core.policy import DEGRADED, HOLD, RECOVERED, desired_workers, plan_health
+from dasklab.core.policy import DEGRADED, HOLD, RECOVERED, desired_workers, plan_health, plan_health_probe
 from tests.conftest import make_load, make_spec, make_state
 
 GB = 10**9
@@ -64,6 +64,19 @@ def test_plan_health(spec, state, load, problems, action, causes, why):
     d = plan_health(make_spec(**spec), make_state(**state), make_load(**load), problems, now=100.0)
     assert (d.action, d.causes) == (action, causes), d.reason
     assert why in d.reason
+
+
+@pytest.mark.parametrize("state, joined, now, rolling, installs, why", [
+    (dict(target_workers=2, ready_at=0.0), 2, 10_000, False, True, ""),  # at rest: nothing extra asked
+    (dict(target_workers=2, ready_at=0.0), 1, 10_000, False, False, "workers missing"),
+    (dict(target_workers=2, ready_at=0.0), 2, 10_000, True, False, "workers being replaced"),
+    (dict(target_workers=2, ready_at=0.0), 2, 60, False, True, "workers just started"),  # GKE: did pip install?
+    (dict(target_workers=2, ready_at=0.0), 2, 60, False, False, ""),  # local: installed before the lab ran
+    (dict(target_workers=2, ready_at=0.0, degraded="oom-killed"), 2, 10_000, False, False, "degraded"),
+])
+def test_plan_health_probe(state, joined, now, rolling, installs, why):
+    got = plan_health_probe(make_state(**state), joined, 2, now, rolling, installs)
+    assert got.startswith(why) if why else got == "", got
 
 
 def test_scale_reason_names_memory_when_it_counts():

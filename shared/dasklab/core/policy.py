@@ -407,6 +407,20 @@ def _explain(kind: str, problems: list[WorkerProblem], spec: LabSpec) -> str:
     return f"restarting: {names} ({first.detail}{again}){_tail(problems)}"
 
 
+def plan_health_probe(state: LabState, joined: int, requested: int, now: float, rolling: bool,
+                      installs_at_start: bool) -> str:
+    """Why the backend is asked what is wrong with the workers this pass ("" = not asked: nothing extra at rest):
+    workers missing, being replaced, just started where packages install at container start (the lab's first
+    HEALTH_RECENT_S: did they install?), or the lab already degraded (to see it recover)."""
+    if min(joined, requested) < state.target_workers:
+        return "workers missing"
+    if rolling:
+        return "workers being replaced"
+    if installs_at_start and state.ready_at is not None and now - state.ready_at < HEALTH_RECENT_S:
+        return "workers just started: their EXTRA_PIP_PACKAGES install"
+    return "degraded" if state.degraded else ""
+
+
 def plan_health(spec: LabSpec, state: LabState, load: DaskLoad, problems: tuple[WorkerProblem, ...] | list,
                 now: float, recent_s: float = HEALTH_RECENT_S) -> HealthDecision:
     """Whether the lab's workers are degraded, and why: the backend's worker problems (those ongoing or within

@@ -21,7 +21,7 @@ from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, Cla
     class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
 from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, \
     estimate_cost, node_seconds_at
-from dasklab.core.policy import HEALTH_RECENT_S, HOLD, ScaleParams, plan_health, plan_idle_check, \
+from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_health_probe, plan_idle_check, \
     plan_jupyter_restart, plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
@@ -435,10 +435,9 @@ class Controller:
         just started (the lab's first HEALTH_RECENT_S: a package that failed to install), or the lab is degraded
         (nothing extra at rest); memory pressure comes from the load itself."""
         state = lab.state
-        missing = min(load.workers, requested) < state.target_workers
-        new = (getattr(self.backend, "installs_at_start", False) and state.ready_at is not None
-               and now - state.ready_at < HEALTH_RECENT_S)  # its first workers' start: did their packages install?
-        problems = self.backend.fetch_worker_health(lab) if missing or rolling or new or state.degraded else ()
+        ask = plan_health_probe(state, load.workers, requested, now, rolling,
+                                getattr(self.backend, "installs_at_start", False))
+        problems = self.backend.fetch_worker_health(lab) if ask else ()
         verdict = plan_health(lab.spec, state, load, problems, now)
         if verdict.action == HOLD:
             return lab
