@@ -36,7 +36,7 @@ def test_class_demo_busy_scales_idle_torn_down_kept_alive():
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
     out = subprocess.run([sys.executable, "-m", "dasklab.cli", "demo", "--class", str(n), "--json"],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-4000:] + "\n" + out.stderr[-2000:]
     timeline = [json.loads(line) for line in out.stdout.splitlines()]
     assert "bus = Pub/Sub emulator" in timeline[0]["event"]  # class-ready came over the status topic
 

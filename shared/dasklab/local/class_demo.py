@@ -5,7 +5,7 @@ from datetime import datetime
 
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.model import READY
+from dasklab.core.model import READY, TEARING_DOWN
 from dasklab.local.demo import SHOWN, TASK_SECONDS, DemoRun, Timeline, Watch, _slow_square, _wait
 
 CLASS = "demo"
@@ -84,8 +84,11 @@ def run_class_demo(n: int, json_lines: bool = False) -> int:
                                  f"the other labs are left untouched", lab=lab_of[busy])
             quiet = [s for s in roster if s != busy]
             if quiet:
+                # an idle lab the minute tick already tore down for idleness is past its timeout too
+                past = lambda s: watch[s].idle_for() >= IDLE_S or (  # noqa: E731
+                    s in idle and watch[s].phase() in (TEARING_DOWN, "gone"))
                 _wait(f"waiting for the idle timeout ({IDLE_S}s) of {', '.join(lab_of[s] for s in quiet)}",
-                      lambda: all(watch[s].idle_for() >= IDLE_S for s in quiet), timeline, 90,
+                      lambda: all(past(s) for s in quiet), timeline, 90,
                       lambda: "(idle for " + ", ".join(f"{s} {watch[s].idle_for():.0f}s" for s in quiet) +
                               f"; {busy} {watch[busy].workers()})")
                 mid = ctl.run_job("dasklab-teardown-idle")
