@@ -147,14 +147,18 @@ class World:
         self.kube.set_nodes(capacity,
                             node_labels={n: {POOL_LABEL: g.pool, "topology.kubernetes.io/zone": g.zone}
                                          for n, g in nodes.items()})
-        clusters = {c.rsplit("/", 1)[1] for c in self.gke.clusters}
-        for ns in list(self.schedulers):  # a lab's pods go with its cluster, or with its namespace in a shared one
-            namespace = self.kube.get("namespaces", None, ns)
-            klass = ((namespace or {}).get("metadata", {}).get("labels") or {}).get("class")
-            if not namespace or (class_cluster(klass) if klass else ns.removeprefix("dasklab-")) not in clusters:
+        for ns in list(self.schedulers):
+            if not self.lab_stands(ns):
                 self._forget(ns)
         for ns in list(self.schedulers):  # a helm Job's hook may still be adding one (its POST timed out)
             self._sync_workers(ns)
+
+    def lab_stands(self, ns: str) -> bool:
+        """A lab's pods go with its cluster, or with its namespace in a shared one."""
+        clusters = {c.rsplit("/", 1)[1] for c in self.gke.clusters}
+        namespace = self.kube.get("namespaces", None, ns)
+        klass = ((namespace or {}).get("metadata", {}).get("labels") or {}).get("class")
+        return bool(namespace) and (class_cluster(klass) if klass else ns.removeprefix("dasklab-")) in clusters
 
     def _forget(self, ns: str) -> None:
         for key in [k for k in self.workers if k[0] == ns]:

@@ -227,7 +227,7 @@ def merge_usage(kept: dict | None, usage: dict) -> dict:
     runs = dict((kept or {}).get("runs") or ({} if not kept else {str(kept.get("created_at", "")): kept}))
     runs[str(usage.get("created_at", ""))] = {k: v for k, v in usage.items() if k != "runs"}
     latest = max(runs.values(), key=lambda u: u.get("created_at") or 0.0)
-    total = {k: round(sum(u.get(k, 0.0) for u in runs.values()), 4) for k in _SUMMED}
+    total = {k: round(sum(u.get(k, 0.0) for u in runs.values()), 6) for k in _SUMMED}
     return {**latest, **total, "peak_workers": max(u.get("peak_workers", 0) for u in runs.values()),
             "labs": len(runs), "runs": runs}
 

@@ -235,8 +235,8 @@ def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> floa
     """Estimated USD for a lab: the cluster fee for its lifetime (a shared lab: its share of the class cluster's)
     plus its worker nodes."""
     share = 1 / spec.class_size if spec.placement == SHARED and spec.class_size > 1 else 1
-    return round(CLUSTER_FEE_PER_HOUR * share * lifetime_s / 3600
-                 + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 4)
+    return round(CLUSTER_FEE_PER_HOUR * share * lifetime_s / 3600  # to the micro-dollar: a shared lab's share of
+                 + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 6)  # a minute's fee is $0.00002
 
 
 def placement_cost(placement: str, students: int, hours: float, workers: int, spec_machine: str = "e2-standard-4",
