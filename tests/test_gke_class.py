@@ -83,8 +83,10 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         cy_pods = set(worker_pods("cy"))
         with Client(world.scheduler_address("dasklab-intro-ann"), timeout="20s") as client:
             futures = client.map(slow_inc, range(60))
+            # the 4th pod runs on a node added for it; a Running pod's worker joins its scheduler a moment later
             drive(lambda: lab("ann").state.target_workers == 4 and [p["status"].get("phase") for p in worker_pods(
-                "ann").values()] == ["Running"] * 4, timeout=60)  # the 4th pod runs on a node added for it
+                "ann").values()] == ["Running"] * 4 and set(worker_pods("ann")) <= {
+                w.name for w in backend.dashboard(lab("ann")).fetch_workers()}, timeout=60)
             assert lab("cy").state.target_workers == 1 and set(worker_pods("cy")) == cy_pods
             pool = world.gke.clusters[CLUSTER].node_pools[1]
             assert sum(backend.migs.target_sizes(list(pool.instance_group_urls)).values()) == 2  # (1 + 1 + 4) / 3
