@@ -6,6 +6,7 @@ namespaces while the cluster stays; students added later join it; the last lab's
 import json
 import logging
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -13,7 +14,7 @@ from dasklab.adapters.gke import class_cluster, place_of
 from dasklab.adapters.local import FileClasses
 from dasklab.adapters.procs import pid_alive
 from dasklab.core.messages import parse_command
-from dasklab.core.model import READY
+from dasklab.core.model import READY, node_hour_usd
 from dasklab.core.reconcile import Controller
 from distributed import Client
 
@@ -77,6 +78,8 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
             info = backend.connection_info(lab(s))
             assert info["cluster"] == "intro--shared" and info["namespace"] == ns
             assert "get-credentials intro--shared" in info["credentials"]
+            # each pays a third of the class's one system node
+            assert lab(s).spec.system_usd_h == pytest.approx(node_hour_usd("e2-standard-4") / 3, abs=1e-6)
         assert len({p["spec"]["nodeName"] for s in STUDENTS for p in worker_pods(s).values()}) == 1  # 3 on a node
 
         # ann is busy: her lab alone scales up, the pool grows for the class's workers together
@@ -175,7 +178,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     import re
     from pathlib import Path
 
-    from dasklab.core.model import DEFAULT_PLACEMENT, estimate_cost, placement_cost
+    from dasklab.core.model import DEFAULT_PLACEMENT, estimate_cost, placement_cost, system_pool_usd_h
     from tests.conftest import make_spec
 
     own, shared = (placement_cost(p, students=30, hours=3, workers=6) for p in ("own", "shared"))
@@ -198,3 +201,13 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     spec = make_spec(class_name="intro", student="ann", placement="shared", class_size=30)
     assert estimate_cost(spec, 3 * 3600, 0) == pytest.approx(0.10 * 3 / 30)
     assert estimate_cost(make_spec(), 3 * 3600, 0) == pytest.approx(0.30)
+    # ... and its workers' fraction of the shared pool's nodes: one worker of three a node is a third of a node
+    assert spec.workers_per_node == make_spec().workers_per_node == 3
+    assert (spec.node_share(1), spec.node_share(4), make_spec().node_share(1)) == (pytest.approx(1 / 3),
+                                                                                  pytest.approx(4 / 3), 1)
+    # ... and its share of the system pool, which the README's table counts whole: a lab of its own pays its pool
+    node = node_hour_usd("e2-standard-4")
+    assert system_pool_usd_h(1, False, "e2-standard-4", 1, 1) == pytest.approx(node)
+    assert round(30 * 3 * system_pool_usd_h(30, True, "e2-standard-4", 1, 1), 2) == shared["system_nodes_usd"]
+    assert system_pool_usd_h(2, True, "e2-standard-4", 1, 3) == pytest.approx(3 * node / 2)  # a node a zone at least
+    assert estimate_cost(replace(spec, system_usd_h=0.5), 3600, 0) == pytest.approx(0.10 / 30 + 0.5)

@@ -68,7 +68,6 @@ DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it 
 EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
 HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
-_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 Status = gke.Cluster.Status
 UP = (Status.RUNNING, Status.RECONCILING)
 
@@ -555,7 +554,7 @@ class GkeBackend:
     def _create_cluster(self, lab: Lab, place: Place) -> bool:
         cfg, spec = self.config, lab.spec
         zones = self._zones()
-        zone_count = len(zones) or (1 if _ZONE.fullmatch(cfg.location) else 3)  # GKE's regional default: 3
+        zone_count = cfg.zone_count
         off = gke.NodePoolAutoscaling(enabled=False)  # the controller sizes the pools
         account = {"service_account": cfg.node_service_account, "oauth_scopes": [CLOUD_PLATFORM]} \
             if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'

@@ -13,6 +13,7 @@ from dasklab.core.errors import ValidationError
 # chart 2024.1.1 runs. The default, 2026.3.0, is the newest release inside (README "The labs' Dask version").
 DASK_WINDOW = ((2025, 9, 0), (2026, 3))  # from 2025.9.0 up to any 2026.3.x
 DASK_WINDOW_TEXT = "2025.9.0 ≤ Dask ≤ 2026.3.x"
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")  # us-central1-a; a region has no zone letter
 _VERSION = re.compile(r"^v?(\d{4})\.(\d{1,2})\.(\d{1,3})(?![\d.])")
 
 
@@ -82,6 +83,11 @@ class Config:
     # the Dask version of every lab's images (scheduler, workers, Jupyter): inside DASK_WINDOW
     dask_version: str = "2026.3.0"
     firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
+
+    @property
+    def zone_count(self) -> int:
+        """Zones a lab's node pools span: those listed, else one for a zonal location, GKE's regional default 3."""
+        return len([z for z in self.node_zones.split(",") if z.strip()]) or (1 if _ZONE.fullmatch(self.location) else 3)
 
 
 def region_of(location: str) -> str:

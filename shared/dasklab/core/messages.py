@@ -12,7 +12,7 @@ import msgspec
 from dasklab.core.config import Config, check_dask_version
 from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
-from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory
+from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_cpu, parse_memory, system_pool_usd_h
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -629,6 +629,12 @@ def _dask_version(cmd: StartLab | UpdateLab, config: Config) -> str:
     return next(iter(stated.values()), config.dask_version)
 
 
+def build_system_usd_h(config: Config, students: int, shared: bool) -> float:
+    """What a lab's system pool costs it an hour on GKE (0 on the local backend, which has none)."""
+    return system_pool_usd_h(students, shared, config.system_machine_type, config.system_nodes,
+                             config.zone_count) if config.backend == "gke" else 0.0
+
+
 def build_spec(cmd: StartLab, config: Config) -> LabSpec:
     """The lab's desired spec from a start-lab: fill defaults from the config and the chart values; the notes
     say every part of the request the controller replaces."""
@@ -652,6 +658,7 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
         dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
         mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
+        system_usd_h=build_system_usd_h(config, students=1, shared=False),
     )
     _check_fits(spec)
     check_caps(cmd, config, spec)

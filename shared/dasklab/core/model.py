@@ -70,6 +70,9 @@ class LabSpec:
     placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
     class_size: int = 0  # students in its class when it was started: a shared lab's share of the class cluster
     budget_usd: float | None = None  # estimated cost at which the lab is warned (80 %), shrunk (90 %), torn down
+    # what its cluster's system pool (scheduler, Jupyter) costs it an hour: its own pool, or its share of its
+    # class's; 0 where there is none (the local backend)
+    system_usd_h: float = 0.0
 
     @property
     def workers_per_node(self) -> int:
@@ -80,6 +83,11 @@ class LabSpec:
 
     def nodes_for(self, workers: int) -> int:
         return math.ceil(workers / self.workers_per_node)
+
+    def node_share(self, workers: int) -> float:
+        """The worker nodes a lab's cost report counts: whole nodes of its own pool; in a class's shared pool, its
+        workers' fraction of the nodes they pack into (3 students' single workers fill one node, not three)."""
+        return workers / self.workers_per_node if self.placement == SHARED else self.nodes_for(workers)
 
 
 # Phases of a lab, in order; "gone" is the absence of the resource.
@@ -208,7 +216,7 @@ SPOT_DISCOUNT = 0.7
 
 def node_seconds_at(lab: Lab, now: float) -> float:
     """Node-time used up to `now`: what is recorded, plus the recorded target's nodes since the last decision."""
-    nodes = lab.spec.nodes_for(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
+    nodes = lab.spec.node_share(lab.state.target_workers) if lab.state.phase in (READY, TEARING_DOWN) else 0
     return lab.state.node_seconds + nodes * max(0.0, now - lab.state.last_accounted)
 
 
@@ -232,11 +240,20 @@ def system_nodes_for(labs: int, machine_type: str) -> int:
 
 
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:
-    """Estimated USD for a lab: the cluster fee for its lifetime (a shared lab: its share of the class cluster's)
-    plus its worker nodes."""
+    """Estimated USD for a lab: for its lifetime, the cluster fee and the system pool (a shared lab: its share of
+    the class cluster's), plus its worker nodes."""
     share = 1 / spec.class_size if spec.placement == SHARED and spec.class_size > 1 else 1
-    return round(CLUSTER_FEE_PER_HOUR * share * lifetime_s / 3600  # to the micro-dollar: a shared lab's share of
-                 + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 6)  # a minute's fee is $0.00002
+    return round((CLUSTER_FEE_PER_HOUR * share + spec.system_usd_h) * lifetime_s / 3600  # to the micro-dollar: a
+                 + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 6)  # minute's fee is $0.00002
+
+
+def system_pool_usd_h(students: int, shared: bool, machine_type: str, nodes_per_zone: int, zones: int) -> float:
+    """A lab's hourly share of its cluster's system pool, sized as the GKE adapter creates it: a lab of its own
+    pays its pool (`nodes_per_zone` in each zone); a shared lab, 1/students of the class's pool (at least that)."""
+    nodes = nodes_per_zone * zones
+    if shared:
+        nodes = max(nodes, math.ceil(system_nodes_for(students, machine_type) / zones) * zones)
+    return round(nodes * node_hour_usd(machine_type) / (max(1, students) if shared else 1), 6)
 
 
 def placement_cost(placement: str, students: int, hours: float, workers: int, spec_machine: str = "e2-standard-4",

@@ -14,13 +14,13 @@ from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited,
     TransientError, ValidationError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, StartClass, \
-    StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_update, check_caps, parse_command
+    StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_system_usd_h, build_update, check_caps, parse_command
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
     class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
-from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, TEARING_DOWN, Lab, LabState, \
-    estimate_cost, node_seconds_at
+from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, SHARED, TEARING_DOWN, Lab, \
+    LabState, estimate_cost, node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_health_probe, plan_idle_check, \
     plan_jupyter_restart, plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown, plan_update
 
@@ -488,8 +488,10 @@ class Controller:
         lifetime, note = plan_class_lifetime(cmd.max_lifetime, self.config.default_lifetime_s,
                                              self.config.max_lifetime_s, record.duration_s,
                                              self._lead(record)[0] if record.at is not None else 0.0)
-        return replace(spec, class_name=record.name, student=student,
-                       placement=record.placement or DEFAULT_PLACEMENT, class_size=len(record.roster),
+        placement = record.placement or DEFAULT_PLACEMENT
+        return replace(spec, class_name=record.name, student=student, placement=placement,
+                       class_size=len(record.roster), system_usd_h=build_system_usd_h(
+                           self.config, len(record.roster), placement == SHARED),
                        budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,
                        max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()))
 
