@@ -32,8 +32,12 @@ N = int(__import__("os").environ.get("SCALE_N", "100"))
 STUDENTS = [f"s{i:03d}" for i in range(N)]
 BUSY = {s for i, s in enumerate(STUDENTS) if i % 3 == 0}  # 34 students at work, 66 idle
 REAL = ("s000", "s001")  # real Dask: s000 busy, s001 idle
-IDLE_S, BUDGET = 600, 4.0  # the class's idle timeout; its budget: ~$1.9 spent when the idle labs go, ~$6/h after
-PLACEMENTS = __import__("os").environ.get("SCALE_P", "own").split(",")  # SCALE_P=shared: open at 100 (see the closing note)
+IDLE_S = 600  # the class's idle timeout
+# the class's budget, sized so the idle labs go below 80 % and each 2-minute step of the budget loop moves < 10 %:
+# own at 100: ~$4.4 spent when the idle labs go (a fee and a system node a lab), ~$12.5/h after (34 labs, a worker node each)
+# shared at 100: ~$1 when the idle labs go (one fee, 34 system nodes), ~$3/h after (a third of a node a worker)
+BUDGETS = {"own": 8.0 * N / 100, "shared": 2.0 * N / 100}
+PLACEMENTS = __import__("os").environ.get("SCALE_P", "own").split(",")  # SCALE_P=shared runs the shared placement (not in the default run: ~10 min)
 
 
 class ClassWorld(World):
@@ -98,7 +102,7 @@ def start_class(placement: str):
         "v": 1, "type": "start-class", "class": "intro", "owner": "prof", "roster": STUDENTS,
         "workers": {"initial": 0, "min": 0, "max": 3}, "machine_type": "e2-standard-4",
         "worker_resources": {"cpu": 1, "memory": "3G"}, "idle_timeout": f"{IDLE_S}s", "max_lifetime": "4h",
-        "values": SEED_VALUES, "placement": placement, "budget": {"class": BUDGET}}))
+        "values": SEED_VALUES, "placement": placement, "budget": {"class": BUDGETS[placement]}}))
 
 
 def calls(world) -> tuple[Counter, list[tuple[str, str]]]:
@@ -128,6 +132,7 @@ def sleep_long(s):
 def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placement):
     from dasklab import cli
     from dasklab.adapters.firestore import FirestoreClasses
+    BUDGET = BUDGETS[placement]
     offset = [0.0]  # the controller's clock runs ahead of the wall clock by this much
     store = Counted(FirestoreClasses(firestore_tombstones.project))
     events = Events()
