@@ -50,7 +50,7 @@ from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
     TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
-    LabSpec, LabState, WorkerProblem, parse_memory, system_nodes_for
+    LabSpec, LabState, WorkerProblem, build_system_pool_size, parse_memory, system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
     build_quota, build_release, build_token_secret, chart_fullname
@@ -562,8 +562,7 @@ class GkeBackend:
         # workers, and Dataplane V2, which enforces NetworkPolicy with no separate setting
         # (cloud.google.com/kubernetes-engine/docs/concepts/dataplane-v2)
         students = max(1, spec.class_size) if place.shared else 1
-        system = max(cfg.system_nodes, nodes_per_zone(system_nodes_for(students, cfg.system_machine_type),
-                                                      zone_count)) if place.shared else cfg.system_nodes
+        system = build_system_pool_size(students, place.shared, cfg.system_machine_type, cfg.system_nodes, zone_count)
         network = {"network_config": gke.NetworkConfig(
             datapath_provider=gke.DatapathProvider.ADVANCED_DATAPATH)} if place.shared else {}
         cluster = gke.Cluster(

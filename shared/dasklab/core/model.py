@@ -247,12 +247,18 @@ def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> floa
                  + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 6)  # minute's fee is $0.00002
 
 
+def build_system_pool_size(students: int, shared: bool, machine_type: str, nodes_per_zone: int, zones: int) -> int:
+    """The system pool's nodes per zone: `nodes_per_zone` for a lab of its own; a class's shared cluster, enough
+    for every student's scheduler and Jupyter (at least that)."""
+    if not shared:
+        return nodes_per_zone
+    return max(nodes_per_zone, math.ceil(system_nodes_for(students, machine_type) / max(1, zones)))
+
+
 def system_pool_usd_h(students: int, shared: bool, machine_type: str, nodes_per_zone: int, zones: int) -> float:
     """A lab's hourly share of its cluster's system pool, sized as the GKE adapter creates it: a lab of its own
-    pays its pool (`nodes_per_zone` in each zone); a shared lab, 1/students of the class's pool (at least that)."""
-    nodes = nodes_per_zone * zones
-    if shared:
-        nodes = max(nodes, math.ceil(system_nodes_for(students, machine_type) / zones) * zones)
+    pays its pool; a shared lab, 1/students of the class's pool."""
+    nodes = build_system_pool_size(students, shared, machine_type, nodes_per_zone, zones) * zones
     return round(nodes * node_hour_usd(machine_type) / (max(1, students) if shared else 1), 6)
 
 
