@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -324,6 +325,7 @@ def main() -> int:
     import tempfile
     from contextlib import ExitStack
     from dasklab.adapters import procs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the emulator and the stand-in are stopped
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     me = [sys.executable, str(Path(__file__).resolve())]
     stack = ExitStack()

@@ -9,7 +9,7 @@ import pytest
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import FileClasses, LocalBackend
-from dasklab.core.classes import ClassRecord, class_usage, plan_budget, plan_class, plan_class_lifetime, \
+from dasklab.core.classes import ClassRecord, class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, \
     plan_lead_time, usage_of
 from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, ValidationError
@@ -106,22 +106,26 @@ def test_plan_class_lifetime(asked, duration, lead, lifetime, says):
     assert got == lifetime and (note.startswith(says) if says else note == ""), note
 
 
-@pytest.mark.parametrize("cost, budget, stage, action, new_stage", [
-    (0.5, None, "", "none", ""),
-    (0.79, 1.0, "", "none", ""),
-    (0.80, 1.0, "", "warn", "warned"),
-    (0.85, 1.0, "warned", "none", "warned"),  # said once
-    (0.90, 1.0, "warned", "minimum", "minimum"),
-    (0.95, 1.0, "", "minimum", "minimum"),  # a jump past the warning still shrinks first
-    (0.95, 1.0, "minimum", "none", "minimum"),
-    (1.00, 1.0, "minimum", "teardown", "minimum"),
-    (3.00, 1.0, "", "teardown", ""),
+@pytest.mark.parametrize("cost, budget, stage, action, new_stage, warned_too", [
+    (0.5, None, "", "none", "", False),
+    (0.79, 1.0, "", "none", "", False),
+    (0.80, 1.0, "", "warn", "warned", False),
+    (0.85, 1.0, "warned", "none", "warned", False),  # said once
+    (0.90, 1.0, "warned", "minimum", "minimum", False),
+    (0.95, 1.0, "", "minimum", "minimum", True),  # a jump past the warning still shrinks first, and still warns
+    (0.95, 1.0, "minimum", "none", "minimum", False),
+    (1.00, 1.0, "minimum", "teardown", "minimum", False),
+    (1.00, 1.0, "warned", "teardown", "warned", False),
+    (3.00, 1.0, "", "teardown", "", True),
 ])
-def test_plan_budget(cost, budget, stage, action, new_stage):
+def test_plan_budget(cost, budget, stage, action, new_stage, warned_too):
     decision = plan_budget(cost, budget, stage)
     assert (decision.action, decision.stage) == (action, new_stage), decision.reason
+    assert bool(decision.passed_warning) == warned_too, decision.passed_warning
     if budget:
         assert f"${cost:.4f}" in decision.reason
+    if warned_too:
+        assert "passed 80% since the last pass" in decision.passed_warning
 
 
 # --- the store -------------------------------------------------------------------------------------
@@ -398,6 +402,26 @@ def test_a_class_budget_counts_every_lab(ctl):
     shrunk = next(i for i, e in enumerate(ctl.events.events) if e["event"] == "budget-minimum")
     assert ctl.backend.labs == {} and events(ctl, "class-deleted")[0]["reason"].startswith("estimated cost")
     assert shrunk < next(i for i, e in enumerate(ctl.events.events) if e["event"] == "lab-deleted")
+
+
+def test_a_class_budget_passed_between_two_passes_still_warns_first(ctl):
+    """The controller was away (a missed tick, a slow pass) while the class went from below 80 % to past 90 %: the
+    owner still gets the warning, then the minimum, in that order and in one pass."""
+    ctl.handle(start(budget={"class": 0.02}), "m1", published=T0)
+    tick(ctl, n=3)
+    record, mine = ctl.classes.fetch_class("intro"), {lab.spec.student: lab for lab in ctl.backend.fetch_labs()}
+    now = ctl.t.t
+    rate = (class_cost(record, mine, now + 100) - class_cost(record, mine, now)) / 100
+    assert rate > 0 and class_cost(record, mine, now) < 0.8 * 0.02
+    ctl.t.t = now + (0.95 * 0.02 - class_cost(record, mine, now)) / rate  # 95 %, seen first by the next pass
+    seen = len(ctl.events.events)
+    ctl.handle(msg(type="reconcile"), "tick")
+    steps = [e for e in ctl.events.events[seen:] if e["event"].startswith("budget-")]
+    assert [e["event"] for e in steps] == ["budget-warning", "budget-minimum"]
+    assert "passed 80% since the last pass" in steps[0]["reason"] and steps[0]["class"] == "intro"
+    assert 0.9 <= steps[1]["estimated_cost_usd"] / 0.02 < 1.0
+    assert ctl.classes.fetch_class("intro").budget_stage == "minimum"
+    assert all(lab.spec.max_workers == lab.spec.min_workers for lab in ctl.backend.fetch_labs())
 
 
 def test_a_lab_the_listing_could_not_read_is_not_taken_for_ended(ctl):

@@ -205,15 +205,16 @@ def _revision(lab) -> str:
     return str(running) if running == asked else f"{running} → {asked}"
 
 
-def fetch_status(cfg) -> list[dict]:
+def fetch_status(cfg, now: float | None = None) -> list[dict]:
     """One row per lab: what `dasklab status` shows, with what the controller decides from (limits, pin,
-    keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes."""
+    keep-alive, idle timeout, lifetime, cost) and the next teardown the timers would bring if nothing changes.
+    Costs and times are as of `now` (default: the clock)."""
     from dasklab.core.model import TEARING_DOWN, estimate_cost, node_seconds_at
     from dasklab.core.policy import plan_next_teardown
     from dasklab.local.timers import upcoming_ticks
     from dasklab.runtime import build_backend
     from dasklab.runtime import build_classes
-    backend, now, rows = build_backend(cfg), time.time(), []
+    backend, now, rows = build_backend(cfg), time.time() if now is None else now, []
     labs = backend.fetch_labs()
     classes = {r.name: r for r in build_classes(cfg).fetch_classes()} if any(lab.spec.class_name for lab in labs) \
         else {}
@@ -282,12 +283,12 @@ def progress(what: str):
         yield
 
 
-def fetch_class_status(cfg, rows: list[dict]) -> list[dict]:
+def fetch_class_status(cfg, rows: list[dict], now: float | None = None) -> list[dict]:
     """One row per class: its roster, labs by phase, live estimated cost (labs gone included) against its budget,
-    when it is ready and when it ends."""
+    when it is ready and when it ends (as of `now`, default: the clock)."""
     from dasklab.core.classes import class_cost
     from dasklab.runtime import build_backend, build_classes
-    backend, now, out = build_backend(cfg), time.time(), []
+    backend, now, out = build_backend(cfg), time.time() if now is None else now, []
     labs = backend.fetch_labs()
     for record in build_classes(cfg).fetch_classes():
         if not record.roster:

@@ -184,23 +184,28 @@ class BudgetDecision:
     action: str  # none, warn, minimum, teardown
     stage: str  # the stage to record: "", "warned", "minimum" (teardown ends it)
     reason: str
+    passed_warning: str = ""  # the warning this step went past unsaid (said first, so no owner misses it)
 
 
 def plan_budget(cost: float, budget: float | None, stage: str, what: str = "lab") -> BudgetDecision:
     """The budget's next step for a lab or class that has cost `cost` USD so far: a warning at BUDGET_WARN of the
-    budget, its workers down to their minimum at BUDGET_MINIMUM, torn down at the budget. Each step once."""
+    budget, its workers down to their minimum at BUDGET_MINIMUM, torn down at the budget. Each step once; a cost
+    that went past the warning between two passes still gets it said (passed_warning), before the step taken."""
     if budget is None:
         return BudgetDecision("none", stage, "no budget")
     share = cost / budget
     said = f"estimated cost ${cost:.4f} = {share:.0%} of the {what}'s budget ${budget:.2f}"
+    warning = (f"{said} (≥ {BUDGET_WARN:.0%}): workers go to the minimum at {BUDGET_MINIMUM:.0%}, the {what} is "
+               f"torn down at 100%")
+    passed = f"{warning} (passed {BUDGET_WARN:.0%} since the last pass)" if share >= BUDGET_MINIMUM and stage == "" \
+        else ""
     if share >= BUDGET_TEARDOWN:
-        return BudgetDecision("teardown", stage, f"{said}: budget reached, tearing down")
+        return BudgetDecision("teardown", stage, f"{said}: budget reached, tearing down", passed)
     if share >= BUDGET_MINIMUM and stage != "minimum":
         return BudgetDecision("minimum", "minimum", f"{said} (≥ {BUDGET_MINIMUM:.0%}): workers down to the minimum; "
-                                                    f"torn down at 100%")
+                                                    f"torn down at 100%", passed)
     if share >= BUDGET_WARN and stage == "":
-        return BudgetDecision("warn", "warned", f"{said} (≥ {BUDGET_WARN:.0%}): workers go to the minimum at "
-                                               f"{BUDGET_MINIMUM:.0%}, the {what} is torn down at 100%")
+        return BudgetDecision("warn", "warned", warning)
     return BudgetDecision("none", stage, said)
 
 

@@ -17,8 +17,9 @@ from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile
     StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_system_usd_h, build_update, check_caps, parse_command
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
-from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, Wakeups, \
-    class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, wakeup_message
+from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, BudgetDecision, ClassRecord, Classes, \
+    Wakeups, class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, \
+    wakeup_message
 from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, SHARED, TEARING_DOWN, Lab, \
     LabState, estimate_cost, node_seconds_at
 from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_health_probe, plan_idle_check, \
@@ -755,10 +756,14 @@ class Controller:
 
     # --- budgets ---
 
-    def _publish_budget(self, action: str, reason: str, cost: float, budget: float, **who) -> None:
-        event = {"warn": "budget-warning", "minimum": "budget-minimum", "teardown": "budget-reached"}[action]
-        self.events.publish({"event": event, **who, "time": self.clock(), "estimated_cost_usd": cost,
-                             "budget_usd": budget, "reason": reason})
+    def _publish_budget(self, decision: BudgetDecision, cost: float, budget: float, **who) -> None:
+        """The budget step's event, after the warning it went past (if it did: each owner is warned first)."""
+        steps = ([("warn", decision.passed_warning)] if decision.passed_warning else []) + \
+            [(decision.action, decision.reason)]
+        for action, reason in steps:
+            event = {"warn": "budget-warning", "minimum": "budget-minimum", "teardown": "budget-reached"}[action]
+            self.events.publish({"event": event, **who, "time": self.clock(), "estimated_cost_usd": cost,
+                                 "budget_usd": budget, "reason": reason})
 
     def _to_minimum(self, lab: Lab, stage: str, reason: str, mid: str) -> Lab:
         """The lab's workers down to its minimum (gracefully, by the autoscaler), and kept there."""
@@ -776,7 +781,7 @@ class Controller:
             return lab
         who = {"lab": lab.name, "owner": lab.spec.owner, "class": lab.spec.class_name or None,
                "student": lab.spec.student or None}
-        self._publish_budget(decision.action, decision.reason, cost, lab.spec.budget_usd,
+        self._publish_budget(decision, cost, lab.spec.budget_usd,
                              **{k: v for k, v in who.items() if v})
         if decision.action == "teardown":
             self._begin_teardown(lab, decision.reason, mid)
@@ -796,7 +801,7 @@ class Controller:
         decision = plan_budget(cost, record.budget_class_usd, record.budget_stage, "class")
         if decision.action == "none":
             return record
-        self._publish_budget(decision.action, decision.reason, cost, record.budget_class_usd,
+        self._publish_budget(decision, cost, record.budget_class_usd,
                              **{"class": record.name, "owner": record.owner})
         logs.decision(record.name, f"class-budget-{decision.action}", record.budget_stage, decision.stage,
                       decision.reason, mid, **{"class": record.name})
