@@ -28,11 +28,13 @@ import random
 import re
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import aiohttp
@@ -1270,8 +1272,8 @@ class _KubeApi(kmock.KubernetesScaffold):
             async with self.session.request(raw.method, yarl.URL(url, encoded=True), data=request.body,
                                             headers=headers, allow_redirects=False) as response:
                 payload = await response.read()
-        except aiohttp.ClientError as e:
-            raise fail(503, f"error trying to reach service: {e}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # refused, reset or timed out, the apiserver's
+            raise fail(503, f"error trying to reach service: {e or 'timeout'}")  # proxy says 503 and this text
         content_type = response.headers.get("Content-Type")
         return aiohttp.web.Response(status=response.status, body=payload,
                                     headers={"Content-Type": content_type} if content_type else None)
@@ -1853,6 +1855,9 @@ class KubeStandin:
             client.close()
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        except ExceptionGroup as group:  # said in one message, so a run's summary line shows every distinct bug
+            raise AssertionError(f"the stand-in's handlers raised {len(group.exceptions)} time(s): "
+                                 + "; ".join(f"{n} × {what}" for what, n in _bugs(group).most_common())) from group
         finally:
             self._stop_loop()
 
@@ -1973,3 +1978,14 @@ class KubeStandin:
 
     def list(self, resource: Kind | str, namespace: str | None = None, label_selector: str = "") -> list[Obj]:
         return self._run(self._api._select, kind_of(resource), namespace, {"labelSelector": label_selector})
+
+
+def _bugs(group: BaseExceptionGroup) -> Counter:
+    """Each distinct server-side error: its type, message and the stand-in line that raised it."""
+    seen: Counter = Counter()
+    for e in group.exceptions:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "standins" in f.filename] or \
+            traceback.extract_tb(e.__traceback__)[-1:]
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        seen[f"{type(e).__name__}: {str(e)[:160]}{where}"] += 1
+    return seen
