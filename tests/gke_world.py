@@ -17,7 +17,7 @@ import yaml
 from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend, class_cluster
 from dasklab.adapters.jupyter import start_jupyter, stop_jupyter, write_token
-from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group
+from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group, wait_until
 from dasklab.core.config import Config
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge, chart_fullname
 from kubernetes import client as k8s
@@ -242,13 +242,10 @@ class World:
         self._render(ns, release, full, values)
         # the scheduler pod's container as a process: its rendered args and env, on ports free here
         (container,) = self.kube.get("deployments", ns, f"{full}-scheduler")["spec"]["template"]["spec"]["containers"]
-        port, dash = free_port(), free_port()
         args = container["args"]
         assert args[:3] == ["dask-scheduler", "--port=8786", "--dashboard-address=:8787"], args
         env = {e["name"]: e["value"] for e in container["env"]}
-        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
-                     f"--dashboard-address=127.0.0.1:{dash}", *args[3:], "--host", "127.0.0.1"],
-                    env=self._env({**env, **LOG_LENGTH_ENV}), log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
+        pid, port, dash = self._start_scheduler(ns, args[3:], env)
         self.schedulers[ns] = (pid, port)
         self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
         if self.jupyter:  # the chart's Jupyter pod: JUPYTER_TOKEN from the Secret, the scheduler's address
@@ -262,6 +259,28 @@ class World:
             self.jupyters[ns] = (jpid, jport)
             self.kube.register_service_backend(ns, f"{full}-jupyter", 80, f"http://127.0.0.1:{jport}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
+
+    def _start_scheduler(self, ns: str, args: list[str], env: dict, port: int = 0) -> tuple[int, int, int]:
+        """The namespace's scheduler pod as a dask-scheduler process on 127.0.0.1: on `port` (0: one it picks) with
+        a dashboard on a port it picks, both read back from its scheduler file (pid, port, dashboard port). A port
+        found free a moment earlier may be taken by the time a process binds it, and the dashboard then moves
+        elsewhere with a mere warning (distributed/node.py start_http_server)."""
+        file = self.tmp / "schedulers" / f"{ns}.json"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.unlink(missing_ok=True)
+        log = self.tmp / "logs" / f"scheduler-{ns}.log"
+        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
+                     "--dashboard-address=127.0.0.1:0", f"--scheduler-file={file}", *args, "--host", "127.0.0.1"],
+                    env=self._env({**env, **LOG_LENGTH_ENV}), log_path=log)
+
+        def written() -> dict | None:
+            assert pid_alive(pid), f"the scheduler of {ns} exited: {log.read_text()[-2000:]}"
+            try:
+                return json.loads(file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or half
+                return None
+        info = wait_until(written, 60, what=f"the scheduler file of {ns}")
+        return pid, int(info["address"].rsplit(":", 1)[1]), int(info["services"]["dashboard"])
 
     def _upgrade(self, ns: str, release: str, full: str, values: dict) -> None:
         """`helm upgrade`: each Deployment patched from the manifest it last applied to the one the new values
@@ -288,11 +307,8 @@ class World:
                 pid, port = self.schedulers[ns]
                 stop_pid_group(pid)
                 (container,) = obj["spec"]["template"]["spec"]["containers"]
-                env, dash = {e["name"]: e["value"] for e in container["env"]}, free_port()
-                pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
-                             f"--dashboard-address=127.0.0.1:{dash}", *container["args"][3:], "--host", "127.0.0.1"],
-                            env=self._env({**env, **LOG_LENGTH_ENV}),
-                            log_path=self.tmp / "logs" / f"scheduler-{ns}.log")
+                env = {e["name"]: e["value"] for e in container["env"]}
+                pid, port, dash = self._start_scheduler(ns, container["args"][3:], env, port)  # where workers are
                 self.schedulers[ns] = (pid, port)
                 self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
 

@@ -160,6 +160,7 @@ def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placeme
     # one start-class → 100 labs being created, then reconcile ticks until the class is ready
     t0 = time.monotonic()
     ctl.handle(start_class(placement), "m1", published=time.time())
+    handled_s = time.monotonic() - t0  # the class step creates its labs one after the other
     assert published("command-outcome")[-1]["outcome"] == "accepted"
     assert len(world.gke.clusters) == (N if placement == "own" else 1)
     ticks = ticks_until(lambda: published("class-ready"), 540, "class-ready")
@@ -170,7 +171,8 @@ def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placeme
     assert [(r["student"], r["phase"]) for r in announced["labs"]] == [(s, READY) for s in STUDENTS]
     assert all(r["connection"]["dashboard"] for r in announced["labs"])
     assert len(ctl.backend.fetch_labs()) == N
-    print(f"\n100 labs ready: {ticks} reconcile ticks, {wall:.1f}s wall (GKE operations {world.gke.operation_s}s)")
+    print(f"\n{N} labs ready: {ticks} reconcile ticks, {wall:.1f}s wall (GKE operations {world.gke.operation_s}s); "
+          f"the start-class itself {handled_s:.1f}s")
 
     # a duplicate start-class (redelivered): nothing created, nothing announced again
     before, seen = calls(world), len(events.published)
@@ -240,20 +242,24 @@ def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placeme
 
         # the class's time runs on: warned, its labs to their minimum (0 workers), then torn down at the budget.
         # From here the controller's time is the offset's alone, so a slow machine cannot stretch a step.
-        frozen[0] = time.time()
+        frozen[0], stop_s = time.time(), []
         for _ in range(60):
             if published("class-deleted"):
                 break
             offset[0] += STEP_S[placement]
-            tick()
-            tick()
+            for _ in range(2):
+                t, reached = time.monotonic(), bool(published("budget-reached"))
+                tick()
+                if published("budget-reached") and not reached:  # this tick stopped the class's labs, one by one
+                    stop_s.append(time.monotonic() - t)
         else:
             raise AssertionError(f"the class budget never ended it: {[e['event'] for e in events.published[-5:]]}")
     steps = [e for e in events.published if e["event"].startswith("budget-")]
     assert [e["event"] for e in steps] == ["budget-warning", "budget-minimum", "budget-reached"]
     assert all(e["class"] == "intro" and "lab" not in e for e in steps)
     shares = [e["estimated_cost_usd"] / e["budget_usd"] for e in steps]
-    print(f"class budget steps at {', '.join(f'{x:.1%}' for x in shares)} of ${BUDGET:.2f}")
+    print(f"class budget steps at {', '.join(f'{x:.1%}' for x in shares)} of ${BUDGET:.2f}; the tick that stopped "
+          f"its {len(BUSY)} labs {stop_s[0]:.1f}s")
     assert 0.8 <= shares[0] < 0.9 <= shares[1] < 1.0 <= shares[2] < 1.1, shares
     [gone] = published("class-deleted")
     assert gone["reason"].startswith("estimated cost") and gone["students"] == N
