@@ -10,13 +10,12 @@ from dasklab.adapters.gke import (
     decode_cluster_record,
     encode_description,
     encode_labels,
-    nodes_per_zone,
     place_of,
 )
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, ValidationError
 from dasklab.core.messages import build_spec, parse_command
-from dasklab.core.model import Lab, LabState
+from dasklab.core.model import Lab, LabState, nodes_per_zone
 from dasklab.adapters.release import (
     POOL_LABEL,
     TOKEN_SECRET,

@@ -1272,8 +1272,10 @@ class _KubeApi(kmock.KubernetesScaffold):
             async with self.session.request(raw.method, yarl.URL(url, encoded=True), data=request.body,
                                             headers=headers, allow_redirects=False) as response:
                 payload = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # refused, reset or timed out, the apiserver's
-            raise fail(503, f"error trying to reach service: {e or 'timeout'}")  # proxy says 503 and this text
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            # refused, reset or timed out alike: the apiserver's proxy transport (k8s.io/apimachinery
+            # pkg/util/proxy/transport.go, RoundTrip) returns NewServiceUnavailable("error trying to reach service: …")
+            raise fail(503, f"error trying to reach service: {e or 'timeout'}")
         content_type = response.headers.get("Content-Type")
         return aiohttp.web.Response(status=response.status, body=payload,
                                     headers={"Content-Type": content_type} if content_type else None)

@@ -31,7 +31,6 @@ results move to the new ones, before Kubernetes deletes the old pods.
 import base64
 import binascii
 import json
-import math
 import re
 import secrets
 import tempfile
@@ -50,7 +49,7 @@ from dasklab.core.config import Config
 from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
     TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
-    LabSpec, LabState, WorkerProblem, build_system_pool_size, parse_memory, system_nodes_for
+    LabSpec, LabState, WorkerProblem, build_system_pool_size, nodes_per_zone, parse_memory, system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
     build_quota, build_release, build_token_secret, chart_fullname
@@ -112,11 +111,6 @@ def place_of(lab: "Lab | LabSpec | str") -> Place:
     if spec.placement == SHARED and spec.class_name:
         return Place(class_cluster(spec.class_name), f"dasklab-{spec.name}", spec.name, spec.class_name)
     return Place(cluster=spec.name, namespace=f"dasklab-{spec.name}", release=spec.name)
-
-
-def nodes_per_zone(nodes: int, zones: int) -> int:
-    """Node pool sizes are per zone: enough in each zone for `nodes` in all."""
-    return math.ceil(nodes / max(1, zones))
 
 
 # --- the record on the cluster (pure) ---

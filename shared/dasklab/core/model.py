@@ -247,12 +247,17 @@ def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> floa
                  + node_hour_usd(spec.machine_type, spec.spot) * node_seconds / 3600, 6)  # minute's fee is $0.00002
 
 
-def build_system_pool_size(students: int, shared: bool, machine_type: str, nodes_per_zone: int, zones: int) -> int:
-    """The system pool's nodes per zone: `nodes_per_zone` for a lab of its own; a class's shared cluster, enough
-    for every student's scheduler and Jupyter (at least that)."""
+def nodes_per_zone(nodes: int, zones: int) -> int:
+    """Node pool sizes are per zone: enough in each zone for `nodes` in all."""
+    return math.ceil(nodes / max(1, zones))
+
+
+def build_system_pool_size(students: int, shared: bool, machine_type: str, per_zone: int, zones: int) -> int:
+    """The system pool's nodes per zone: `per_zone` for a lab of its own; a class's shared cluster, enough for
+    every student's scheduler and Jupyter (at least that)."""
     if not shared:
-        return nodes_per_zone
-    return max(nodes_per_zone, math.ceil(system_nodes_for(students, machine_type) / max(1, zones)))
+        return per_zone
+    return max(per_zone, nodes_per_zone(system_nodes_for(students, machine_type), zones))
 
 
 def system_pool_usd_h(students: int, shared: bool, machine_type: str, nodes_per_zone: int, zones: int) -> float:

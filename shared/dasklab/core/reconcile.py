@@ -28,7 +28,7 @@ from dasklab.core.policy import HOLD, ScaleParams, plan_health, plan_health_prob
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
 # What became of a command, published on the status topic for whoever sent it (`dasklab` waits for it).
 ACCEPTED, DONE, REFUSED, NOTHING_TO_DO = "accepted", "done", "refused", "nothing-to-do"
-
+BUDGET_EVENTS = {"warn": "budget-warning", "minimum": "budget-minimum", "teardown": "budget-reached"}
 
 @dataclass
 class Controller:
@@ -761,9 +761,8 @@ class Controller:
         steps = ([("warn", decision.passed_warning)] if decision.passed_warning else []) + \
             [(decision.action, decision.reason)]
         for action, reason in steps:
-            event = {"warn": "budget-warning", "minimum": "budget-minimum", "teardown": "budget-reached"}[action]
-            self.events.publish({"event": event, **who, "time": self.clock(), "estimated_cost_usd": cost,
-                                 "budget_usd": budget, "reason": reason})
+            self.events.publish({"event": BUDGET_EVENTS[action], **who, "time": self.clock(),
+                                 "estimated_cost_usd": cost, "budget_usd": budget, "reason": reason})
 
     def _to_minimum(self, lab: Lab, stage: str, reason: str, mid: str) -> Lab:
         """The lab's workers down to its minimum (gracefully, by the autoscaler), and kept there."""
