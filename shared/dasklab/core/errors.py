@@ -43,3 +43,18 @@ class RateLimited(TransientError):
     def __init__(self, message: str, retry_after_s: float = 10.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class StepRefused(PermanentError):
+    """The cloud refused one step for a reason that does not concern the lab itself (e.g. deleting an emptied node:
+    a permission the scale-down needs, a policy on the instance group): the lab is not failed; it holds where it is,
+    says why (lab-degraded), and the step is tried again on a later pass."""
+
+
+class RecordUnreadable(PermanentError):
+    """A lab's stored record cannot be read by this version (corrupt, a key this version does not know, a schema
+    newer than this function's): that lab alone is left alone and reported; the others go on."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"lab {name}: record unreadable: {reason}")
