@@ -4,7 +4,7 @@ operations take several observations, deletion is refused while creating — wit
 from dataclasses import dataclass, field
 
 from dasklab.adapters.dashboard import Dashboard
-from dasklab.core.errors import ConflictError, PermanentError, TransientError
+from dasklab.core.errors import ConflictError, PermanentError, RecordUnreadable, TransientError
 from dasklab.core.model import NO_JUPYTER, JupyterActivity, Lab, WorkerInfo
 from dasklab.core.policy import Infra
 
@@ -64,6 +64,7 @@ class FakeBackend:
     def __init__(self):
         self.labs: dict[str, FakeLab] = {}
         self.unmanaged: set[str] = set()
+        self.unreadable: dict = {}  # (kind, name) → why the last listing could not read it
 
     def _lab(self, rec: FakeLab) -> Lab:
         return Lab.from_dict(rec.record, str(rec.version))
@@ -74,7 +75,16 @@ class FakeBackend:
         return self.labs[lab.name]
 
     def fetch_labs(self):
-        return [self._lab(r) for r in self.labs.values()]
+        """Every record that reads; one that does not is left out and kept in `unreadable` (as the real backends)."""
+        labs, poisoned = [], {}
+        for name, rec in self.labs.items():
+            try:
+                labs.append(self._lab(rec))
+            except RecordUnreadable as e:
+                poisoned[("lab", name)] = e
+        self.unreadable = {**{k: v for k, v in self.unreadable.items() if not isinstance(v, RecordUnreadable)},
+                           **poisoned}
+        return labs
 
     def fetch_lab(self, name):
         if name in self.unmanaged:

@@ -8,13 +8,13 @@ from datetime import datetime, timezone
 import pytest
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileClasses, LocalBackend
+from dasklab.adapters.local import FileClasses, FileReports, LocalBackend
 from dasklab.core.classes import ClassRecord, class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, \
     plan_lead_time, usage_of
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, ValidationError
+from dasklab.core.errors import ConflictError, PermanentError, TransientError, ValidationError
 from dasklab.core.messages import parse_command
-from dasklab.core.model import READY, TEARING_DOWN, Lab
+from dasklab.core.model import FAILED, READY, TEARING_DOWN, Lab
 from dasklab.core.reconcile import Controller
 from dasklab.local.timers import FileWakeups, LocalTimer
 from tests.conftest import make_spec, make_state
@@ -72,9 +72,18 @@ def rec(**kw) -> ClassRecord:
     (rec(at=100.0, duration_s=50, started={"a": 5}), {"a": lab("a")}, 150,
      dict(stop=(("a", "the class's duration (50s) ended at 1970-01-01T00:02:30Z"),), ended="the class's")),
     (rec(at=100.0, duration_s=50, started={"a": 5, "b": 5}), {"a": lab("a"), "b": lab("b")}, 149, dict(stop=())),
+    # a student refused (a quota): not retried, shown failed with the reason; the class is ready without them
+    (rec(started={"a": 5}, refused={"b": "quota CPUS"}), {"a": lab("a")}, 10,
+     dict(start=(), ready=True, failed=(("b", "quota CPUS"),), reason="failed: b")),
+    # a student whose lab failed: the same
+    (rec(started={"a": 5, "b": 5}), {"a": lab("a"), "b": lab("b", FAILED)}, 10,
+     dict(start=(), ready=True, failed=(("b", ""),))),
+    # a student whose lab's record cannot be read for good: failed with why, not awaited
+    (rec(started={"a": 5, "b": 5}), {"a": lab("a")}, 10, dict(start=(), ready=True, failed=(("b", "corrupt"),))),
 ])
 def test_plan_class(record, labs, now, expect):
-    plan = plan_class(record, labs, now, lead_s=600)
+    plan = plan_class(record, labs, now, lead_s=600,
+                      unreadable={"b": "corrupt"} if expect.get("failed") == (("b", "corrupt"),) else None)
     for key, value in expect.items():
         got = getattr(plan, key)
         assert (value in got) if key in ("reason", "ended") else got == value, (key, got, plan.reason)
@@ -200,7 +209,8 @@ class Clock:
 def ctl(tmp_path):
     clock = Clock()
     c = Controller(FakeBackend(), ListEvents(), Config(poll_s=0, tick_budget_s=0, confirm_s=0, cooldown_s=0),
-                   clock=clock, sleep=lambda s: None, classes=FileClasses(tmp_path), wakeups=FileWakeups(tmp_path))
+                   clock=clock, sleep=lambda s: None, classes=FileClasses(tmp_path), wakeups=FileWakeups(tmp_path),
+                   reports=FileReports(tmp_path))
     c.t = clock
     return c
 
@@ -429,11 +439,11 @@ def test_a_lab_the_listing_could_not_read_is_not_taken_for_ended(ctl):
     class step waits instead of deciding from its absence (class-ready, ended, never recreated)."""
     ctl.handle(start(), "m1", published=T0)
     bob = ctl.backend.labs.pop("intro-bob")  # listed no more, as an unreachable cluster's lab
-    ctl.backend.unreadable = (("lab", "intro-bob"),)
+    ctl.backend.unreadable = {("lab", "intro-bob"): TransientError("cluster intro-bob did not answer")}
     tick(ctl)
     assert not events(ctl, "class-ready") and ctl.classes.fetch_class("intro").started.keys() == {
         "alice", "bob", "carol"}
-    ctl.backend.labs["intro-bob"], ctl.backend.unreadable = bob, ()  # it answers again
+    ctl.backend.labs["intro-bob"], ctl.backend.unreadable = bob, {}  # it answers again
     tick(ctl)
     [ready] = events(ctl, "class-ready")
     assert [r["student"] for r in ready["labs"]] == ["alice", "bob", "carol"]
@@ -551,3 +561,41 @@ def test_cli_status_report_and_connect_for_a_class(tmp_path, monkeypatch, capsys
     assert cli.main(["connect", "--class", "intro", "--json"]) == 0
     assert [r["lab"] for r in json.loads(capsys.readouterr().out)] == ["intro-ann", "intro-ben"]
     assert cli.main(["class-report", "--class", "nope"]) == 2
+
+
+def test_a_refused_student_is_shown_failed_and_the_class_is_ready_without_them(ctl):
+    """Issue 20: a student whose start is refused (a quota, a permission) no longer keeps the class waiting for ever:
+    class-ready comes once every other lab is ready, with the refused one failed and why, and status and the class
+    report say it too; a new start-class tries them again."""
+    create = ctl.backend.apply_create
+
+    def refuse_bob(lab):
+        if lab.spec.student == "bob":
+            raise PermanentError("Insufficient regional quota to satisfy request: resource CPUS")
+        return create(lab)
+
+    ctl.backend.apply_create = refuse_bob
+    ctl.handle(start(), "m1", published=T0)
+    tick(ctl)
+    [ready] = events(ctl, "class-ready")
+    rows = {r["student"]: r for r in ready["labs"]}
+    assert rows["alice"]["phase"] == rows["carol"]["phase"] == READY
+    assert rows["bob"]["phase"] == FAILED and "CPUS" in rows["bob"]["reason"]
+    record = ctl.classes.fetch_class("intro")
+    assert "CPUS" in record.refused["bob"] and "bob" not in record.started
+    usage = class_usage(record, {}, ctl.t.t)
+    assert usage["bob"]["phase"] == FAILED and "CPUS" in usage["bob"]["reason"]
+    ctl.backend.apply_create = create  # the quota was raised: the same start-class again retries bob
+    ctl.handle(start(), "m2", published=T0 + 1)
+    tick(ctl)
+    assert ctl.backend.fetch_lab("intro-bob") is not None and not ctl.classes.fetch_class("intro").refused
+
+
+def test_a_student_whose_record_cannot_be_read_is_failed_not_awaited(ctl):
+    ctl.handle(start(), "m1", published=T0)
+    ctl.backend.labs["intro-bob"].record["spec"]["gpu"] = 1  # a key this version does not know
+    tick(ctl)
+    [ready] = events(ctl, "class-ready")
+    assert {r["student"]: r["phase"] for r in ready["labs"]} == {"alice": READY, "bob": FAILED, "carol": READY}
+    [degraded] = events(ctl, "lab-degraded")  # said once, though every pass meets it
+    assert degraded["lab"] == "intro-bob" and "unknown key(s) gpu" in degraded["reason"]

@@ -447,6 +447,104 @@ def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_
     assert max(gaps) <= 5  # ≈ 1.5 / (3/10); a rotation by one lab a minute would leave gaps of 8
 
 
+# --- one lab's trouble stays with that lab ---
+
+def test_one_poisoned_record_of_each_kind_and_one_failing_lab_leave_the_others_working():
+    """Issue 20: a record with a key this version does not know, one of a newer schema, one that lost its state, and
+    a lab whose step raises an unexpected exception, among healthy labs: each is contained (logged, one lab-degraded
+    with the reason, said once) and left as it is, the healthy labs still autoscale and are torn down, and the ticks
+    complete."""
+    from tests.fakes import MemoryReports
+    ctl, clock = controller()
+    ctl.reports = MemoryReports()
+    for name in ("busy", "idle", "unknown-key", "newer", "no-state", "buggy"):
+        deliver(ctl, msg(type="start-lab", lab=name, owner="o", workers={"initial": 1, "min": 1, "max": 4}))
+    settle(ctl, clock, passes=10)
+    labs = ctl.backend.labs
+    assert {r.record["state"]["phase"] for r in labs.values()} == {READY}
+    labs["unknown-key"].record["spec"]["gpus"] = 2  # written by another version of the function
+    labs["newer"].record["schema"] = 99
+    del labs["no-state"].record["state"]
+    real = ctl.backend.dashboard
+    ctl.backend.dashboard = lambda lab: (_ for _ in ()).throw(KeyError("boom")) if lab.name == "buggy" else real(lab)
+    labs["busy"].load.adaptive_target, labs["busy"].load.processing = 4, 8
+    for _ in range(6):
+        clock.t += 1
+        assert ctl.reconcile_all("reconcile") == ["buggy"]  # an unclassified error: retried; the records: contained
+    assert len(labs["busy"].workers) == 4  # the healthy lab autoscaled
+    degraded = {e["lab"]: e["reason"] for e in ctl.events.events if e["event"] == "lab-degraded"}
+    assert set(degraded) == {"unknown-key", "newer", "no-state", "buggy"}
+    assert "unknown key(s) gpus" in degraded["unknown-key"] and "schema 99" in degraded["newer"]
+    assert "state" in degraded["no-state"] and "KeyError" in degraded["buggy"]
+    assert len([e for e in ctl.events.events if e["event"] == "lab-degraded"]) == 4  # once each, not every pass
+    with pytest.raises(TransientError, match="retry for buggy$"):  # every other lab done; redelivered for buggy
+        ctl.handle(msg(type="nightly-teardown"), "night")
+    ctl.handle(msg(type="reconcile"), "tick")  # a reconcile tick completes
+    settle(ctl, clock, passes=10)
+    assert set(labs) == {"unknown-key", "newer", "no-state", "buggy"}  # the healthy ones torn down, the rest held
+
+
+def test_records_of_the_previous_schema_are_read_and_of_the_next_contained(tmp_path):
+    from dasklab.adapters.local import LocalBackend
+    from dasklab.core.errors import RecordUnreadable
+    from dasklab.core.model import RECORD_SCHEMA, Lab
+    lab = Lab(make_spec(name="a"), make_state(phase=READY))
+    old = lab.to_dict()
+    del old["schema"]  # schema 1: written before records carried one
+    old["state"]["retired_field"] = 1  # a field a previous version had
+    assert Lab.from_dict(old) == lab
+    for broken, says in ((dict(lab.to_dict(), schema=RECORD_SCHEMA + 1), "newer dasklab"),
+                         ({**lab.to_dict(), "spec": {**lab.to_dict()["spec"], "gpus": 1}}, r"unknown key\(s\) gpus"),
+                         ({"spec": {"name": "a"}}, "KeyError")):
+        with pytest.raises(RecordUnreadable, match=says):
+            Lab.from_dict(broken)
+    # the local backend lists the labs that read and keeps the others apart, with why
+    backend = LocalBackend(tmp_path)
+    assert backend.apply_create(lab)
+    (tmp_path / "labs" / "torn.json").write_text('{"managed_by": "dasklab", "spe')
+    assert [x.name for x in backend.fetch_labs()] == ["a"]
+    assert "not JSON" in str(backend.unreadable[("lab", "torn")])
+
+
+# --- out-of-order update-lab and scale: the newer one stays ---
+
+UPDATES = [  # (publish offset s, body)
+    (1, {"type": "start-lab", "lab": "a", "owner": "alice", "workers": {"initial": 1, "min": 1, "max": 3}}),
+    (2, {"type": "scale", "lab": "a", "max": 5}),
+    (3, {"type": "update-lab", "lab": "a", "values": {"worker": {"env": [{"name": "X", "value": "1"}]}}}),
+    (4, {"type": "scale", "lab": "a", "max": 2}),
+    (5, {"type": "update-lab", "lab": "a", "values": {"worker": {"env": [{"name": "X", "value": "2"}]}}}),
+    (6, {"type": "scale", "lab": "a", "pin": 2}),
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_an_older_update_lab_or_scale_never_overrides_a_newer_one(seed):
+    """After the start-lab, each update-lab and scale 1-3 times in a random order, reconcile passes between: the lab
+    ends as the last published update-lab and scale say; an older one is answered nothing-to-do with the reason."""
+    rng = random.Random(seed)
+    clock = Clock(T0 + 100)
+    ctl = Controller(FakeBackend(), ListEvents(), CONFIG, clock=clock, sleep=lambda s: None)
+    deliver_at = lambda offset, body: ctl.handle(msg(**body), f"m{offset}-{rng.random()}", published=T0 + offset)
+    deliver_at(*UPDATES[0])
+    queue = [u for u in UPDATES[1:] for _ in range(rng.randint(1, 3))]
+    rng.shuffle(queue)
+    for offset, body in queue:
+        deliver_at(offset, body)
+        for _ in range(rng.randint(0, 2)):
+            clock.t += 1
+            ctl.reconcile_all("reconcile")
+    settle(ctl, clock)
+    spec = ctl.backend.fetch_lab("a").spec
+    assert (spec.max_workers, spec.pinned_workers) == (2, 2)
+    assert spec.values["worker"]["env"] == [{"name": "X", "value": "2"}]
+    older = [e for e in ctl.events.events if e["event"] == "command-outcome" and "the newer one stays" in e["reason"]]
+    late = {o for o, _ in UPDATES[1:]} - {int(e["message_id"][1:].split("-")[0]) for e in ctl.events.events
+                                         if e["event"] == "command-outcome" and e["outcome"] != "nothing-to-do"}
+    assert all(e["outcome"] == "nothing-to-do" for e in older)
+    assert older or not late  # an older command that arrived after a newer one was answered why
+
+
 # --- the cloud's refusals, as the SDKs raise them ---
 
 def _cloud_errors():

@@ -52,7 +52,16 @@ def build_wakeups(config: Config):
     return SchedulerWakeups(config.project, config.region, config.control_topic)
 
 
+def build_reports(config: Config):
+    """What was reported once (a contained lab's lab-degraded): files locally, Firestore on Google Cloud."""
+    if config.backend == "local":
+        from dasklab.adapters.local import FileReports
+        return FileReports(config.home)
+    from dasklab.adapters.firestore import FirestoreReports
+    return FirestoreReports(config.project, config.firestore_database)
+
+
 def build_controller(config: Config | None = None) -> Controller:
     config = config or current()
     return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config),
-                      classes=build_classes(config), wakeups=build_wakeups(config))
+                      classes=build_classes(config), wakeups=build_wakeups(config), reports=build_reports(config))

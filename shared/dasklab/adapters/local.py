@@ -18,7 +18,8 @@ from pathlib import Path
 
 from dasklab.core import logs
 from dasklab.core.classes import merge_usage
-from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, TransientError
+from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RecordUnreadable, \
+    TransientError
 from dasklab.core.environment import jupyter_enabled, jupyter_packages, lab_packages
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, READY, JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra, plan_rollout
@@ -136,6 +137,7 @@ class LocalBackend:
     def __init__(self, home: str | Path):
         self.root = Path(home) / "labs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.unreadable: dict[tuple[str, str], RecordUnreadable] = {}  # what the last fetch_labs could not read
 
     # --- records ---
 
@@ -173,8 +175,18 @@ class LocalBackend:
         return Lab.from_dict(record, str(record["version"]))
 
     def fetch_labs(self) -> list[Lab]:
-        records = (self._read(p.stem) for p in sorted(self.root.glob("*.json")))
-        return [self._lab(r) for r in records if r and r.get("managed_by") == MANAGED_BY]
+        """Every managed record that reads; one that does not is left out and kept in `unreadable` with why."""
+        labs, self.unreadable = [], {}
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                record = self._read(path.stem)
+                if record and record.get("managed_by") == MANAGED_BY:
+                    labs.append(self._lab(record))
+            except RecordUnreadable as e:
+                self.unreadable[("lab", path.stem)] = e
+            except ValueError as e:  # not JSON
+                self.unreadable[("lab", path.stem)] = RecordUnreadable(path.stem, f"not JSON: {e}")
+        return labs
 
     def fetch_lab(self, name: str) -> Lab | None:
         record = self._read(name)
@@ -552,6 +564,20 @@ class FileEvents:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+class FileReports:
+    """What the local lab reported once (core.backend.Reports): `<home>/reported/<key>`, its text the time."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "reported"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def fetch_reported(self, key: str, now: float) -> bool:
+        return (self.root / key).exists()
+
+    def apply_reported(self, key: str, now: float) -> None:
+        (self.root / key).write_text(str(now))
 
 
 class FileTombstones:

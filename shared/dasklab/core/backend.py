@@ -15,7 +15,9 @@ class Backend(Protocol):
     installs_at_start: bool
 
     def fetch_labs(self) -> list[Lab]:
-        """Every lab this controller manages (resources without the managed-by marker are never listed)."""
+        """Every lab this controller manages (resources without the managed-by marker are never listed). What the
+        listing found but could not read is left out and kept in the backend's `unreadable`: (kind, name) → the
+        error (RecordUnreadable: for good, contained; TransientError: this time only)."""
 
     def fetch_lab(self, name: str) -> Lab | None:
         """One managed lab, or None; PermanentError if a resource of that name exists but is not managed."""
@@ -74,6 +76,14 @@ class Backend(Protocol):
 
     def connection_info(self, lab: Lab) -> dict:
         """How a person reaches the lab's Jupyter and dashboard (never a secret)."""
+
+
+class Reports(Protocol):
+    """What has been reported once, in a store that outlives function instances (Firestore; files locally)."""
+
+    def fetch_reported(self, key: str, now: float) -> bool: ...
+
+    def apply_reported(self, key: str, now: float) -> None: ...
 
 
 class Events(Protocol):

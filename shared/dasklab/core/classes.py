@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Protocol
 
-from dasklab.core.model import READY, TEARING_DOWN, Lab
+from dasklab.core.model import FAILED, READY, TEARING_DOWN, Lab
 
 DEFAULT_LEAD_S = {"gke": 15 * 60, "local": 60}  # until a class has seen its labs' creation times (GKE: 5–15 min)
 LEAD_PERCENTILE, LEAD_MARGIN, LEAD_TICK_S, LEAD_SAMPLES = 0.9, 1.25, 60.0, 20
@@ -37,6 +37,8 @@ class ClassRecord:
     ready_roster: tuple[str, ...] = ()  # the students of the roster class-ready was last published for
     budget_stage: str = ""  # "", "warned", "minimum": the class budget's steps already taken
     usage: dict = field(default_factory=dict)  # student → final figures of their lab once deleted (the report)
+    refused: dict = field(default_factory=dict)  # student → why their lab was refused (not retried until a new
+    # start-class is recorded)
     deleted_at: float | None = None  # when class-deleted was published
     version: str = ""  # the store's concurrency token ("" = not stored yet)
 
@@ -111,12 +113,17 @@ class ClassPlan:
     ready: bool = False  # every student's lab is ready: publish class-ready
     deleted: bool = False  # the class is over and every lab is gone: publish class-deleted
     ended: str = ""  # the class ends now (its duration is over): the reason, recorded as its stop
+    failed: tuple[tuple[str, str], ...] = ()  # (student, why) whose lab was refused, failed or cannot be read
     reason: str = ""
 
 
-def plan_class(record: ClassRecord, labs: dict[str, Lab], now: float, lead_s: float) -> ClassPlan:
+def plan_class(record: ClassRecord, labs: dict[str, Lab], now: float, lead_s: float,
+               unreadable: dict[str, str] | None = None) -> ClassPlan:
     """One step of a class: which students' labs to start or stop, and whether it is ready or over. `labs` are the
-    class's labs that exist, by student."""
+    class's labs that exist, by student; `unreadable` those whose record cannot be read (student → why). A student
+    whose lab was refused, failed or cannot be read counts as failed, with the reason: the class is ready once every
+    other lab is, and never waits for them."""
+    unreadable = unreadable or {}
     end = record.end
     ended = "" if record.is_stopped or end is None or now < end else \
         f"the class's duration ({record.duration_s}s) ended at {_iso(end)}"
@@ -132,17 +139,24 @@ def plan_class(record: ClassRecord, labs: dict[str, Lab], now: float, lead_s: fl
     if begin is not None and now < begin:
         return ClassPlan(stop=removed, reason=f"provisioning starts at {_iso(begin)}: at {_iso(record.at)} minus "
                                               f"the lead time {lead_s:.0f}s")
-    start = tuple(s for s in record.roster if s not in labs and s not in record.started)
+    failed = {s: unreadable[s] if s in unreadable else labs[s].state.reason if s in labs else record.refused[s]
+              for s in record.roster if s in unreadable or (s in labs and labs[s].state.phase == FAILED)
+              or (s not in labs and s in record.refused)}
+    start = tuple(s for s in record.roster if s not in labs and s not in record.started and s not in failed)
     # ended: started, not listed, and its final figures kept (written when its lab was deleted); a lab started but
     # not listed yet (or not readable this pass) is still to come, not ended
-    gone = [s for s in record.roster if s in record.started and s not in labs and s in record.usage]
-    coming = [s for s in record.roster if s in record.started and s not in labs and s not in record.usage]
+    gone = [s for s in record.roster if s in record.started and s not in labs and s in record.usage and s not in failed]
+    coming = [s for s in record.roster if s in record.started and s not in labs and s not in record.usage
+              and s not in failed]
     ready = [s for s in record.roster if s in labs and labs[s].state.phase == READY]
-    complete = not start and not coming and bool(ready) and len(ready) + len(gone) == len(record.roster)
+    complete = not start and not coming and bool(ready or failed) and \
+        len(ready) + len(gone) + len(failed) == len(record.roster)
     announce = complete and any(s not in record.ready_roster for s in record.roster)  # a removal alone: no new one
     parts = [f"{len(ready)}/{len(record.roster)} lab(s) ready"] + [f"starting {', '.join(start)}"] * bool(start) + \
-        [f"not listed yet: {', '.join(coming)}"] * bool(coming) + [f"ended: {', '.join(gone)}"] * bool(gone)
-    return ClassPlan(start=start, stop=removed, ready=announce, reason="; ".join(parts))
+        [f"not listed yet: {', '.join(coming)}"] * bool(coming) + [f"ended: {', '.join(gone)}"] * bool(gone) + \
+        [f"failed: {', '.join(failed)}"] * bool(failed)
+    return ClassPlan(start=start, stop=removed, ready=announce, failed=tuple(sorted(failed.items())),
+                     reason="; ".join(parts))
 
 
 def plan_lead_time(samples: tuple[float, ...] | list[float], default_s: float) -> tuple[float, str]:
@@ -240,6 +254,9 @@ def merge_usage(kept: dict | None, usage: dict) -> dict:
 def class_usage(record: ClassRecord, labs: dict[str, Lab], now: float) -> dict[str, dict]:
     """Every student's usage: the labs of theirs that are gone (kept in the record) plus the live one."""
     rows = {s: dict(u, phase="gone") for s, u in record.usage.items()}
+    for s, why in record.refused.items():  # refused before anything ran: nothing spent, the reason said
+        rows.setdefault(s, {"lab": record.lab_name(s), "phase": FAILED, "node_hours": 0.0, "cost_usd": 0.0,
+                            "peak_workers": 0, "busy_s": 0.0, "lifetime_s": 0.0, "reason": why})
     for s, lab in labs.items():
         rows[s] = merge_usage(record.usage.get(s), usage_of(lab, now))
     return {s: {k: v for k, v in u.items() if k != "runs"} for s, u in rows.items()}

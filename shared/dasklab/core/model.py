@@ -4,7 +4,11 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from dasklab.core.errors import RecordUnreadable
+
 MANAGED_BY = "dasklab"  # value of the managed-by marker on every resource the controller creates
+# The lab record's schema: 1 = records written before it carried one. Any field added or removed bumps it.
+RECORD_SCHEMA = 2
 
 # vCPUs and memory (GiB) of the machine types a start-lab may ask for; "local" is a group of local workers.
 MACHINE_TYPES: dict[str, tuple[float, float]] = {
@@ -115,6 +119,9 @@ class LabState:
     revision_workers: int = 0  # the worker count when spec.revision was recorded (what its Helm revision sets)
     update_ids: tuple[str, ...] = ()  # message ids of the latest update-labs applied: a redelivery is a no-op
     start_published: float = 0.0  # publish time of the start-lab that created the lab (tombstones compare it)
+    update_published: float = 0.0  # publish time of the latest update-lab applied: an older one changes nothing
+    scale_published: dict = field(default_factory=dict)  # limit (min, max, pin) → publish time of the scale that
+    # set it last: an older scale leaves it alone
     first_used_at: float | None = None  # when a client or a task was first seen: the warm-up ends there
     peak_workers: int = 0  # the highest worker target so far (the class report)
     busy_s: float = 0.0  # seconds with tasks running or queued, up to busy_since (the class report)
@@ -135,17 +142,35 @@ class Lab:
         return self.spec.name
 
     def to_dict(self) -> dict:
-        return {"spec": asdict(self.spec), "state": asdict(self.state)}
+        return {"schema": RECORD_SCHEMA, "spec": asdict(self.spec), "state": asdict(self.state)}
 
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "Lab":
-        spec = dict(data["spec"], public_source_ranges=tuple(data["spec"].get("public_source_ranges", ())),
-                    notes=tuple(data["spec"].get("notes", ())))
-        # fields a record of an older version holds and this one no longer has are dropped
-        state = {k: v for k, v in data["state"].items() if k in LabState.__dataclass_fields__}
-        state["update_ids"] = tuple(state.get("update_ids", ()))
-        state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
-        return cls(LabSpec(**spec), LabState(**state), version)
+        """The lab a stored record holds. A record of an older schema is read (fields it holds that this version no
+        longer has are dropped, missing ones take their defaults); one of a newer schema, one with a key its own
+        schema does not have, or one that does not parse raises RecordUnreadable: that lab is left alone."""
+        name = str((data.get("spec") or {}).get("name", "?")) if isinstance(data, dict) else "?"
+        try:
+            schema = int(data.get("schema", 1))
+            if schema > RECORD_SCHEMA:
+                raise RecordUnreadable(name, f"schema {schema} was written by a newer dasklab (this one reads up to "
+                                             f"{RECORD_SCHEMA}): left alone until this function is upgraded")
+            spec, state = dict(data["spec"]), dict(data["state"])
+            for part, fields in ((spec, LabSpec.__dataclass_fields__), (state, LabState.__dataclass_fields__)):
+                unknown = sorted(set(part) - set(fields))
+                if unknown and schema == RECORD_SCHEMA:
+                    raise RecordUnreadable(name, f"unknown key(s) {', '.join(unknown)} in a schema {schema} record")
+                for key in unknown:  # an older record's fields this version no longer has
+                    del part[key]
+            spec.update(public_source_ranges=tuple(spec.get("public_source_ranges", ())),
+                        notes=tuple(spec.get("notes", ())))
+            state["update_ids"] = tuple(state.get("update_ids", ()))
+            state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
+            return cls(LabSpec(**spec), LabState(**state), version)
+        except RecordUnreadable:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise RecordUnreadable(name, f"{type(e).__name__}: {e}") from e
 
     def with_state(self, **changes) -> "Lab":
         return replace(self, state=replace(self.state, **changes))

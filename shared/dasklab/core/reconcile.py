@@ -1,6 +1,7 @@
 """Reconcile: per message or tick, observe the lab (adapters) → plan (policy) → act (adapters), one step."""
 
 import time
+import traceback
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -8,15 +9,16 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from dasklab.core import logs
-from dasklab.core.backend import Backend, Events
+from dasklab.core.backend import Backend, Events, Reports
 from dasklab.core.config import Config
 from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
-    TransientError, ValidationError
+    RecordUnreadable, StepRefused, TransientError, ValidationError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, StartClass, \
     StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_system_usd_h, build_update, check_caps, parse_command
 from dasklab.core.overrides import note_field
-from dasklab.core.tombstones import Tombstones, plan_stop_outdated, plan_superseded
+from dasklab.core.tombstones import UNPIN, Tombstones, plan_ordered, plan_ordered_limits, plan_stop_outdated, \
+    plan_superseded
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, BudgetDecision, ClassRecord, Classes, \
     Wakeups, class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time, usage_of, \
     wakeup_message
@@ -43,6 +45,7 @@ class Controller:
     tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
     classes: Classes | None = None  # class records (None: start-class is refused)
     wakeups: Wakeups | None = None  # one-off timers for a class's `at` and end (None: the reconcile ticks alone)
+    reports: Reports | None = None  # what was reported once (a lab's contained failure), in a real store
 
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction,
@@ -55,14 +58,13 @@ class Controller:
         """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
         handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
         refusal is raised (PermanentError) and published by the entry point."""
-        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass)):
+        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale)):  # ordered by publishTime
             handler = {StartLab: self.start_lab, StopLab: self.stop_lab, StartClass: self.start_class,
-                       StopClass: self.stop_class}[type(cmd)]
+                       StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale}[type(cmd)]
             outcome = handler(cmd, message_id, published)
         else:
-            handler = {UpdateLab: self.update_lab, KeepAlive: self.keep_alive, Scale: self.scale,
-                       Reconcile: self.tick, TeardownIdle: self.tick, NightlyTeardown: self.tick,
-                       ReconcileClass: self.wake_class}[type(cmd)]
+            handler = {KeepAlive: self.keep_alive, Reconcile: self.tick, TeardownIdle: self.tick,
+                       NightlyTeardown: self.tick, ReconcileClass: self.wake_class}[type(cmd)]
             outcome = handler(cmd, message_id)
         if outcome is not None:  # ticks have no sender waiting
             self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome,
@@ -137,9 +139,10 @@ class Controller:
         logs.emit("INFO", lab=spec.name, action="start-lab", reason=reason, message_id=mid)
         return NOTHING_TO_DO, reason
 
-    def update_lab(self, cmd: UpdateLab, mid: str) -> tuple[str, str]:
+    def update_lab(self, cmd: UpdateLab, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the new values as the next revision (after their environment is ready), then converge: the
-        backend replaces what they change, step by step, on this and the following reconcile passes."""
+        backend replaces what they change, step by step, on this and the following reconcile passes. An update-lab
+        published before the lab's start-lab or its latest applied update-lab changes nothing."""
         lab = self.backend.fetch_lab(cmd.lab)
         if lab is None:
             raise PermanentError(f"no lab named {cmd.lab}: start it with start-lab")
@@ -147,6 +150,10 @@ class Controller:
             logs.emit("INFO", lab=lab.name, action="update-lab", reason="message already applied: a redelivery",
                       message_id=mid)
             return NOTHING_TO_DO, "message already applied: a redelivery"
+        older, why = plan_ordered("update-lab", published, lab.state.start_published, lab.state.update_published)
+        if older:
+            logs.emit("INFO", lab=lab.name, action="update-lab", reason=why, message_id=mid)
+            return NOTHING_TO_DO, why
         if lab.state.phase in (TEARING_DOWN, FAILED):
             raise PermanentError(f"lab {lab.name} is {lab.state.phase}: nothing to update")
         new = build_update(cmd, lab.spec)
@@ -154,6 +161,8 @@ class Controller:
         if verdict == "refuse":
             raise ValidationError("restart", reason)
         if verdict == "duplicate":
+            if (published or 0.0) > lab.state.update_published:  # the newest now: an older one later changes nothing
+                self.backend.apply_record(lab.with_state(update_published=published))
             logs.emit("INFO", lab=lab.name, action="update-lab", reason=reason, message_id=mid)
             return NOTHING_TO_DO, reason
         jupyter = plan_jupyter_restart(lab.spec, new)  # said again in lab-updated: the kernels' state goes
@@ -163,7 +172,8 @@ class Controller:
         before = lab.spec.revision
         ids = (lab.state.update_ids + ((mid,) if mid else ()))[-20:]
         lab = self.backend.apply_record(replace(lab, spec=replace(new, revision=before + 1)).with_state(
-            revision_workers=lab.state.target_workers, update_ids=ids))
+            revision_workers=lab.state.target_workers, update_ids=ids,
+            update_published=max(published or 0.0, lab.state.update_published)))
         logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
@@ -212,15 +222,25 @@ class Controller:
         capped = f"; its maximum lifetime still ends it at {_iso(cap)}" if cap < until else ""
         return DONE, f"kept alive until {_iso(until)}{capped}"
 
-    def scale(self, cmd: Scale, mid: str) -> tuple[str, str]:
+    def scale(self, cmd: Scale, mid: str, published: float | None = None) -> tuple[str, str]:
+        """New worker limits. Each limit (min, max, pin) keeps the publish time of the scale that set it last: a scale
+        published before the lab's start-lab changes nothing, and an older one changes only the limits no newer
+        scale has set (the others are said)."""
         check_caps(cmd, self.config)
         lab = self._lab_or_none(cmd.lab, "scale", mid)
         if lab is None:
             return NOTHING_TO_DO, f"no lab named {cmd.lab}"
-        spec = lab.spec
-        new = replace(spec, min_workers=spec.min_workers if cmd.min is None else cmd.min,
-                      max_workers=spec.max_workers if cmd.max is None else cmd.max,
-                      pinned_workers=None if cmd.unpin else (spec.pinned_workers if cmd.pin is None else cmd.pin))
+        asked = {"min": cmd.min, "max": cmd.max, "pin": UNPIN if cmd.unpin else cmd.pin}
+        asked = {k: v for k, v in asked.items() if v is not None}
+        stamps = lab.state.scale_published
+        kept, why = plan_ordered_limits(published, lab.state.start_published, stamps, tuple(asked))
+        if not kept:
+            logs.emit("INFO", lab=lab.name, action="scale", reason=why, message_id=mid)
+            return NOTHING_TO_DO, why
+        spec, asked = lab.spec, {k: v for k, v in asked.items() if k in kept}
+        new = replace(spec, min_workers=asked.get("min", spec.min_workers),
+                      max_workers=asked.get("max", spec.max_workers),
+                      pinned_workers=None if asked.get("pin") == UNPIN else asked.get("pin", spec.pinned_workers))
         if new.min_workers > new.max_workers:
             raise ValidationError("min", f"min ({new.min_workers}) must be ≤ max ({new.max_workers})")
         if new.pinned_workers is not None and not new.min_workers <= new.pinned_workers <= new.max_workers:
@@ -229,16 +249,20 @@ class Controller:
         if new.nodes_for(new.max_workers) > self.config.max_nodes:
             raise ValidationError("max", f"{new.max_workers} workers need {new.nodes_for(new.max_workers)} nodes, "
                                          f"above the controller cap max_nodes={self.config.max_nodes}")
+        stamped = {**stamps, **{k: max(published, stamps.get(k, 0.0)) for k in kept}} if published else stamps
+        said = f"; {why}" if why else ""
         if new == spec:
-            logs.emit("INFO", lab=lab.name, action="scale", reason="limits unchanged", message_id=mid)
-            return NOTHING_TO_DO, "limits unchanged"
-        lab = self.backend.apply_record(replace(lab, spec=new))
+            if stamped != stamps:  # the newest scale now: an older one arriving later changes nothing
+                self.backend.apply_record(lab.with_state(scale_published=stamped))
+            logs.emit("INFO", lab=lab.name, action="scale", reason="limits unchanged" + said, message_id=mid)
+            return NOTHING_TO_DO, "limits unchanged" + said
+        lab = self.backend.apply_record(replace(lab, spec=new).with_state(scale_published=stamped))
         logs.decision(lab.name, "limits", [spec.min_workers, spec.max_workers, spec.pinned_workers],
-                      [new.min_workers, new.max_workers, new.pinned_workers], "scale requested", mid)
+                      [new.min_workers, new.max_workers, new.pinned_workers], "scale requested" + said, mid)
         if lab.state.phase == READY:
             self.reconcile_lab(lab, "reconcile", mid)
         pin = "" if new.pinned_workers is None else f", pinned at {new.pinned_workers}"
-        return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow"
+        return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow{said}"
 
     # --- ticks ---
 
@@ -287,6 +311,9 @@ class Controller:
         if missing:  # the listing left labs out: they are neither dropped nor reported done
             logs.emit("WARNING", action=tick, reason=f"pass incomplete: {', '.join(missing)} did not answer",
                       message_id=mid)
+        for (kind, name), error in sorted(poisoned(self.backend).items()):  # contained: the others go on
+            if kind == "lab":
+                self._contain(name, "", str(error), mid)
         if labs:
             turn = int((self.clock() // 60 * GOLDEN) % 1 * len(labs))
             labs = labs[turn:] + labs[:turn]
@@ -317,9 +344,33 @@ class Controller:
         except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
             return False
+        except StepRefused as e:  # a step refused for a cause outside the lab: the lab holds, says why, tries later
+            self._contain(lab.name, lab.spec.owner, f"held: {e}", mid, cause="refused")
+            return True
         except PermanentError as e:  # refused for good (a permission, a quota): the lab fails, teardown follows
             self._fail(lab, str(e), mid)
             return True
+        except Exception as e:  # noqa: BLE001 -- the fleet pass is each lab's entry point: one lab's bug stays there
+            self._contain(lab.name, lab.spec.owner, f"{type(e).__name__}: {e}", mid, trace=traceback.format_exc())
+            return False  # unclassified: a teardown tick is redelivered for this lab (the others are done)
+
+    def _contain(self, name: str, owner: str, reason: str, mid: str, trace: str | None = None,
+                 cause: str = "error") -> None:
+        """A lab this pass cannot handle (its record unreadable, an unexpected error, a step refused): logged with
+        its traceback on every pass, and said once per distinct reason in a lab-degraded event (what was said is
+        kept in the reports store, so a new function instance does not say it again); the other labs go on."""
+        logs.emit("ERROR" if cause == "error" else "WARNING", lab=name, action="contain", reason=reason,
+                  message_id=mid, traceback=trace)
+        key, now = f"degraded-{name}-{zlib.crc32(reason.encode()):08x}", self.clock()
+        try:
+            if self.reports is not None and self.reports.fetch_reported(key, now):
+                return
+            self.events.publish({"event": "lab-degraded", "lab": name, "owner": owner or None, "time": now,
+                                 "reason": reason, "causes": [cause]})
+            if self.reports is not None:
+                self.reports.apply_reported(key, now)
+        except TransientError as e:  # said again on a later pass (events are at least once)
+            logs.emit("WARNING", lab=name, action="contain", reason=f"report later: {e}", message_id=mid)
 
     def _fail(self, lab: Lab, reason: str, mid: str) -> None:
         """A lab the cloud refuses to manage goes to failed with the refusal as its reason (published first); the
@@ -532,7 +583,7 @@ class Controller:
         base = record if not fresh else ClassRecord(
             cmd.class_, created_at=now, stopped=record and record.stopped, version=record.version if record else "",
             lead_samples=record.lead_samples if record else ())
-        new = replace(base, owner=cmd.owner, roster=tuple(cmd.roster), template=probe.template,
+        new = replace(base, owner=cmd.owner, roster=tuple(cmd.roster), template=probe.template, refused={},
                       at=cmd.at.timestamp() if cmd.at else None, duration_s=cmd.duration,
                       budget_student_usd=cmd.budget.student, budget_class_usd=cmd.budget.class_,
                       placement=cmd.placement, published=published)
@@ -639,6 +690,9 @@ class Controller:
                 logs.emit("WARNING", action="reconcile-class", reason=f"retry later: {e}", message_id=mid,
                           **{"class": record.name})
                 left.append(f"class {record.name}")
+            except Exception as e:  # noqa: BLE001 -- one class's failure must not stop the other classes
+                logs.emit("ERROR", action="reconcile-class", reason=f"{type(e).__name__}: {e}", message_id=mid,
+                          traceback=traceback.format_exc(), **{"class": record.name})
         return left
 
     def reconcile_class(self, record: ClassRecord, mid: str = "", labs: list[Lab] | None = None) -> bool:
@@ -656,25 +710,33 @@ class Controller:
             return False
         record = self._enforce_class_budget(record, mine, now, mid)
         lead, _ = self._lead(record)
-        plan = plan_class(record, mine, now, lead)
+        unreadable = {s: str(poisoned(self.backend)[("lab", record.lab_name(s))]) for s in record.roster
+                      if ("lab", record.lab_name(s)) in poisoned(self.backend)}
+        plan = plan_class(record, mine, now, lead, unreadable)
         if plan.ended:
             record = store.apply_class(replace(record, stopped=now, stop_reason=plan.ended))
             logs.decision(record.name, "class-end", list(record.roster), [], plan.ended, mid, **{"class": record.name})
-        ok, added, dropped = True, {}, set()
+        ok, added, dropped, refused = True, {}, set(), {}
         for student, why in plan.stop:
             if student not in record.roster:  # removed: once added again, a new lab is created
                 dropped.add(student)
             ok = self._class_step(record, student, mid, lambda: self._stop_student(mine[student], why, record,
-                                                                                   now, mid)) and ok
+                                                                                   now, mid)) is not None and ok
         for student in plan.start:
-            if self._class_step(record, student, mid,
-                                lambda: self._start(self._student_spec(record, student), mid, record.published)):
-                added[student] = now
-            else:
+            done = self._class_step(record, student, mid,
+                                    lambda: self._start(self._student_spec(record, student), mid, record.published))
+            if done is None:
                 ok = False
+            elif done:  # refused: the student is shown failed with the reason, the class does not wait for them
+                refused[student] = done
+            else:
+                added[student] = now
+        if refused:
+            record = store.apply_class(replace(record, refused={**record.refused, **refused}))
+            plan = plan_class(record, mine, now, lead, unreadable)
         changes = {}
         if plan.ready:
-            changes.update(self._class_ready(record, mine, lead, now))
+            changes.update(self._class_ready(record, mine, lead, now, dict(plan.failed)))
         if plan.deleted:
             self._publish_class_deleted(record, now)
             changes["deleted_at"] = now
@@ -691,23 +753,25 @@ class Controller:
         cluster's) records unreadable."""
         students = set(record.roster) | set(record.started)
         mine = {("class", record.name)} | {("lab", record.lab_name(s)) for s in students}
+        contained = poisoned(self.backend)  # unreadable for good: that student is failed, not awaited
         return [f"zone {z}" for z in getattr(self.backend, "missing_zones", ())] + [
-            f"{kind} {name}" for kind, name in getattr(self.backend, "unreadable", ()) if (kind, name) in mine]
+            f"{kind} {name}" for kind, name in getattr(self.backend, "unreadable", ()) if (kind, name) in mine
+            and (kind, name) not in contained]
 
-    def _class_step(self, record: ClassRecord, student: str, mid: str, step) -> bool:
-        """One student's step: a transient failure is retried on the next pass, a refusal is said (the lab's own
-        events say the rest) and not retried."""
+    def _class_step(self, record: ClassRecord, student: str, mid: str, step) -> str | None:
+        """One student's step: "" once done; None after a transient failure (retried on the next pass); the reason
+        of a refusal (said, and not retried: the lab's own events say the rest)."""
         try:
             step()
-            return True
+            return ""
         except TransientError as e:
             logs.emit("WARNING", action="reconcile-class", lab=record.lab_name(student), reason=f"retry later: {e}",
                       message_id=mid, **{"class": record.name})
-            return False
+            return None
         except PermanentError as e:
             logs.emit("ERROR", action="reconcile-class", lab=record.lab_name(student), reason=str(e), message_id=mid,
                       **{"class": record.name})
-            return True
+            return str(e) or type(e).__name__
 
     def _stop_student(self, lab: Lab, reason: str, record: ClassRecord, now: float, mid: str) -> None:
         """A normal stop-lab (its tombstone at the class's message time) with the class's reason: graceful, reported
@@ -718,7 +782,8 @@ class Controller:
                   **{"class": record.name})
         self.stop_lab(StopLab(lab=lab.name), mid, max(published, lab.state.start_published), reason)
 
-    def _class_ready(self, record: ClassRecord, mine: dict[str, Lab], lead: float, now: float) -> dict:
+    def _class_ready(self, record: ClassRecord, mine: dict[str, Lab], lead: float, now: float,
+                     failed: dict[str, str]) -> dict:
         """Publish class-ready with who connects how (no secret: tokens stay with the backend); returns the record's
         changes (the roster announced, the creation times observed for the lead time)."""
         table = []
@@ -727,6 +792,8 @@ class Controller:
             row = {"student": student, "lab": record.lab_name(student)}
             if lab is not None and lab.state.phase == READY:
                 row.update(phase=READY, connection=self.backend.connection_info(lab))
+            elif student in failed:
+                row.update(phase=FAILED, reason=failed[student])
             else:
                 row.update(phase="gone", reason=record.usage.get(student, {}).get("reason", "ended"))
             table.append(row)
@@ -736,8 +803,10 @@ class Controller:
                              "at": record.at and _iso(record.at), "ends_at": record.end and _iso(record.end),
                              "lead_time_s": round(lead), "labs": table,
                              "connect": f"dasklab connect --class {record.name}  # the instructor: tokens included"})
+        ready = sum(row["phase"] == READY for row in table)
         logs.decision(record.name, "class-ready", list(record.ready_roster), list(record.roster),
-                      f"{len(table)} lab(s) of class {record.name} ready", **{"class": record.name})
+                      f"{ready} of {len(table)} lab(s) of class {record.name} ready" +
+                      (f", {len(failed)} failed: {', '.join(failed)}" if failed else ""), **{"class": record.name})
         seen = [lab.state.ready_at - lab.state.created_at for s, lab in mine.items()
                 if s not in record.ready_roster and lab.state.ready_at is not None]
         return {"ready_roster": tuple(record.roster),
@@ -883,3 +952,10 @@ def _usage_changes(state: LabState, busy: bool, target: int, now: float) -> dict
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def poisoned(backend) -> dict:
+    """What the backend's last listing found but could not read for good ((kind, name) → RecordUnreadable): those
+    labs are contained and reported; unreadable for a moment (a cluster that did not answer) is not in it."""
+    return {key: error for key, error in getattr(backend, "unreadable", {}).items()
+            if isinstance(error, RecordUnreadable)}
