@@ -506,6 +506,78 @@ def test_records_of_the_previous_schema_are_read_and_of_the_next_contained(tmp_p
     assert "not JSON" in str(backend.unreadable[("lab", "torn")])
 
 
+def test_two_controllers_never_act_on_one_lab_at_once():
+    """Issue 20: two invocations (two controller instances sharing one fleet) race on a lab whose target went down:
+    while the first retires workers, the second sees the lab leased and leaves it alone (without the lease it
+    chose workers of its own and retired them too: two scale-downs for one decision). A holder that died is taken
+    over once its lease expires."""
+    import threading
+    backend = FakeBackend()
+    clock = Clock()
+    cfg = replace(CONFIG, confirm_s=0, cooldown_s=0, down_fraction=1.0)
+    first, second = (Controller(backend, ListEvents(), cfg, clock=clock, sleep=lambda s: None) for _ in range(2))
+    deliver(first, msg(type="start-lab", lab="a", owner="o", workers={"initial": 4, "min": 0, "max": 4}))
+    for _ in range(10):
+        clock.t += 1
+        first.reconcile_all("reconcile")
+    assert backend.labs["a"].record["state"]["phase"] == READY and len(backend.labs["a"].workers) == 4
+    acting, go, retirements = threading.Event(), threading.Event(), []
+    real = backend.apply_scale_down
+
+    def slow_scale_down(lab, addresses, target):  # the first retirement takes a while (data moves to survivors)
+        retirements.append(list(addresses))
+        if len(retirements) == 1:
+            acting.set()
+            go.wait(10)
+        real(lab, addresses, target)
+
+    backend.apply_scale_down = slow_scale_down
+    clock.t += 60
+    # the owner pins the lab at 1 worker: the first invocation records it and retires 3 workers at once
+    racer = threading.Thread(target=deliver, args=(first, msg(type="scale", lab="a", pin=1)))
+    racer.start()
+    assert acting.wait(10)
+    left = second.reconcile_all("reconcile")  # meanwhile, another invocation's pass
+    go.set()
+    racer.join(10)
+    assert left == ["a"]  # left to its holder, retried later
+    assert len(retirements) == 1 and len(backend.labs["a"].workers) == 1  # one act for one decision
+    state = backend.labs["a"].record["state"]
+    assert state["lease_holder"] == "" and state["lease_until"] == 0.0  # given back after the act
+    # a holder that died mid-act: its lease is taken over once it expires, not before
+    lab = backend.fetch_lab("a")
+    backend.apply_record(lab.with_state(lease_holder="dead-instance", lease_until=clock.t + cfg.lease_s))
+    deliver(second, msg(type="scale", lab="a", pin=3))  # recorded; its step is left to the holder
+    assert second.reconcile_all("reconcile") == ["a"] and len(backend.labs["a"].workers) == 1
+    clock.t += cfg.lease_s + 1
+    second.reconcile_all("reconcile")
+    assert len(backend.labs["a"].workers) == 3
+
+
+def test_a_rate_limit_backoff_lives_on_the_record():
+    """Issue 20: the backoff after a rate limit is on the lab's record, so another instance honours it."""
+    from dasklab.core.errors import RateLimited
+    backend = FakeBackend()
+    clock = Clock()
+    first, second = (Controller(backend, ListEvents(), CONFIG, clock=clock, sleep=lambda s: None) for _ in range(2))
+    deliver(first, msg(type="start-lab", lab="a", owner="o"))
+    real, calls = backend.fetch_infra, []
+
+    def limited(lab):
+        calls.append(lab.name)
+        raise RateLimited("Quota exceeded for quota metric 'Mutate requests' per minute", retry_after_s=30)
+
+    backend.fetch_infra = limited
+    assert first.reconcile_all("reconcile") == ["a"] and len(calls) == 1
+    assert backend.labs["a"].record["state"]["backoff_until"] == clock.t + 30
+    clock.t += 10
+    assert second.reconcile_all("reconcile") == ["a"] and len(calls) == 1  # the other instance waits too
+    clock.t += 21
+    backend.fetch_infra = real
+    assert second.reconcile_all("reconcile") == []
+    assert backend.labs["a"].record["state"]["backoff_count"] == 0
+
+
 # --- out-of-order update-lab and scale: the newer one stays ---
 
 UPDATES = [  # (publish offset s, body)

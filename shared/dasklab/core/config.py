@@ -67,6 +67,9 @@ class Config:
     tick_budget_s: float = 50.0
     # a pass starts no lab after this long (a Cloud Function invocation ends at 540 s); the rest wait a pass
     pass_budget_s: float = 480.0
+    # how long an invocation acting on a lab holds its lease (a step's act: a retirement, an install, a delete); a
+    # holder that died is taken over once it expires
+    lease_s: float = 120.0
     # the nightly teardown timer: local time of day (HH:MM, 24 h) in an IANA time zone
     nightly_at: str = "02:00"
     nightly_time_zone: str = "Etc/UTC"

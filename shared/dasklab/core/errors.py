@@ -25,6 +25,10 @@ class ConflictError(TransientError):
     """Somebody else changed the lab resource since we read it (optimistic concurrency)."""
 
 
+class LeaseHeld(TransientError):
+    """Another invocation holds the lab's lease (it is acting on the lab): this one leaves the lab alone for now."""
+
+
 class SchedulerUnreachable(TransientError):
     """The Dask scheduler's dashboard HTTP API did not answer."""
 

@@ -127,6 +127,10 @@ class LabState:
     busy_s: float = 0.0  # seconds with tasks running or queued, up to busy_since (the class report)
     busy_since: float | None = None  # when the current busy spell began (None: not busy when last observed)
     budget_stage: str = ""  # the budget's steps taken: "", "warned", "minimum"
+    lease_holder: str = ""  # the invocation acting on the lab now ("" = none): one actor per lab at a time
+    lease_until: float = 0.0  # when that lease expires (a holder that died is taken over then)
+    backoff_until: float = 0.0  # after a rate limit, the lab is left alone until then
+    backoff_count: int = 0  # rate limits in a row (the backoff doubles with each)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """Reconcile: per message or tick, observe the lab (adapters) → plan (policy) → act (adapters), one step."""
 
+import os
+import socket
 import time
 import traceback
+import uuid
 import zlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -11,7 +15,7 @@ from typing import Callable
 from dasklab.core import logs
 from dasklab.core.backend import Backend, Events, Reports
 from dasklab.core.config import Config
-from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
+from dasklab.core.errors import JupyterUnreachable, LeaseHeld, PermanentError, RateLimited, SchedulerUnreachable, \
     RecordUnreadable, StepRefused, TransientError, ValidationError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, StartClass, \
@@ -40,8 +44,7 @@ class Controller:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     params: ScaleParams = field(init=False)
-    # lab → (not before, rate limits in a row): this invocation's pacing after a rate limit, nothing more
-    _backoff: dict = field(init=False, default_factory=dict)
+    holder: str = field(init=False)  # who this controller is when it holds a lab's lease
     tombstones: Tombstones | None = None  # where stop-labs outlive their labs (None: not remembered)
     classes: Classes | None = None  # class records (None: start-class is refused)
     wakeups: Wakeups | None = None  # one-off timers for a class's `at` and end (None: the reconcile ticks alone)
@@ -50,6 +53,7 @@ class Controller:
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction,
                                   warmup_s=self.config.warmup_s)
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # --- commands ---
 
@@ -176,7 +180,7 @@ class Controller:
             update_published=max(published or 0.0, lab.state.update_published)))
         logs.decision(lab.name, "update", before, lab.spec.revision, reason, mid, notes=list(new.notes) or None)
         if lab.state.phase == READY:
-            self.reconcile_lab(lab, "reconcile", mid)
+            self._step_now(lab, mid)
         return ACCEPTED, f"revision {lab.spec.revision} recorded ({reason}); lab-updated follows"
 
     def stop_lab(self, cmd: StopLab, mid: str, published: float | None = None,
@@ -260,7 +264,7 @@ class Controller:
         logs.decision(lab.name, "limits", [spec.min_workers, spec.max_workers, spec.pinned_workers],
                       [new.min_workers, new.max_workers, new.pinned_workers], "scale requested" + said, mid)
         if lab.state.phase == READY:
-            self.reconcile_lab(lab, "reconcile", mid)
+            self._step_now(lab, mid)
         pin = "" if new.pinned_workers is None else f", pinned at {new.pinned_workers}"
         return DONE, f"limits now min {new.min_workers}, max {new.max_workers}{pin}; workers follow{said}"
 
@@ -321,7 +325,7 @@ class Controller:
         def one(lab: Lab) -> bool:
             if deadline is not None and self.clock() >= deadline:
                 return False  # not started: the next pass or tick takes it
-            if self.clock() < self._backoff.get(lab.name, (0.0, 0))[0]:
+            if self.clock() < lab.state.backoff_until:
                 return False  # rate limited a moment ago: this pass leaves it alone
             return self._reconcile_safely(lab, tick, mid, idle(lab.name) if callable(idle) else idle)
 
@@ -332,14 +336,14 @@ class Controller:
     def _reconcile_safely(self, lab: Lab, tick: str, mid: str, idle: bool | None = None) -> bool:
         try:
             self.reconcile_lab(lab, tick, mid, idle)
-            self._backoff.pop(lab.name, None)
+            if lab.state.backoff_count:  # the rate limit is over: said on the record, for every instance
+                self._record_backoff(lab.name, 0.0, 0, mid)
             return True
         except RateLimited as e:  # backoff: 1, 2, 4 … times the service's hint, at most 5 minutes
-            count = self._backoff.get(lab.name, (0.0, 0))[1]
-            wait = min(300.0, e.retry_after_s * 2 ** count)
-            self._backoff[lab.name] = (self.clock() + wait, count + 1)
+            wait = min(300.0, e.retry_after_s * 2 ** lab.state.backoff_count)
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"rate limited, next try in {wait:g}s: {e}",
                       message_id=mid)
+            self._record_backoff(lab.name, self.clock() + wait, lab.state.backoff_count + 1, mid)
             return False
         except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
@@ -353,6 +357,33 @@ class Controller:
         except Exception as e:  # noqa: BLE001 -- the fleet pass is each lab's entry point: one lab's bug stays there
             self._contain(lab.name, lab.spec.owner, f"{type(e).__name__}: {e}", mid, trace=traceback.format_exc())
             return False  # unclassified: a teardown tick is redelivered for this lab (the others are done)
+
+    def _record_backoff(self, name: str, until: float, count: int, mid: str) -> None:
+        """The backoff after a rate limit lives on the lab's record (any instance's next pass honours it)."""
+        try:
+            lab = self.backend.fetch_lab(name)
+            if lab is not None:
+                self.backend.apply_record(lab.with_state(backoff_until=until, backoff_count=count))
+        except TransientError as e:  # the store is busy too: the next pass meets the limit again
+            logs.emit("WARNING", lab=name, action="backoff", reason=f"not recorded: {e}", message_id=mid)
+
+    @contextmanager
+    def _acting(self, lab: Lab):
+        """Hold the lab's lease while acting on it: taken with the record's compare-and-swap (ConflictError if another
+        invocation wrote the record since it was read), given back after the act (it expires by itself otherwise,
+        so a holder that died is taken over). Yields the lab as leased (its new version)."""
+        now = self.clock()
+        leased = self.backend.apply_record(lab.with_state(lease_holder=self.holder,
+                                                          lease_until=now + self.config.lease_s))
+        try:
+            yield leased
+        finally:
+            try:
+                current = self.backend.fetch_lab(lab.name)
+                if current is not None and current.state.lease_holder == self.holder:
+                    self.backend.apply_record(current.with_state(lease_holder="", lease_until=0.0))
+            except TransientError as e:  # it expires at lease_until
+                logs.emit("WARNING", lab=lab.name, action="lease", reason=f"not given back, expires: {e}")
 
     def _contain(self, name: str, owner: str, reason: str, mid: str, trace: str | None = None,
                  cause: str = "error") -> None:
@@ -396,6 +427,9 @@ class Controller:
         Jupyter is read once the scheduler alone would let the lab go."""
         now = self.clock()
         phase = lab.state.phase
+        if lab.state.lease_holder not in ("", self.holder) and now < lab.state.lease_until:
+            raise LeaseHeld(f"lab {lab.name} is being acted on by {lab.state.lease_holder} (lease until "
+                            f"{_iso(lab.state.lease_until)}): left to it")
         if phase != TEARING_DOWN and lab.spec.budget_usd is not None:
             lab = self._enforce_lab_budget(lab, now, mid)
             if lab is None:
@@ -425,6 +459,16 @@ class Controller:
         step = plan_provision_step(lab.state.phase, self.backend.fetch_infra(lab))
         if step.action == "none":
             return
+        if step.action == "forget":
+            if self.backend.apply_forget(lab):  # False: another invocation forgot it (and said so) first
+                logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
+            return
+        if step.action not in ("provision", "install", "delete"):  # a wait, or a phase the infra decided: no act
+            return self._advance_step(lab, step, now, mid)
+        with self._acting(lab) as lab:
+            self._advance_step(lab, step, now, mid)
+
+    def _advance_step(self, lab: Lab, step, now: float, mid: str) -> None:
         if step.action == "provision":
             self.backend.apply_provision(lab)
         elif step.action == "install":
@@ -432,10 +476,6 @@ class Controller:
         elif step.action == "delete":
             self._publish_deleted(lab, now)  # events are at least once: published before the act they report
             self.backend.apply_delete(lab)
-        elif step.action == "forget":
-            if self.backend.apply_forget(lab):  # False: another invocation forgot it (and said so) first
-                logs.decision(lab.name, "forget", lab.state.phase, "gone", step.reason, mid)
-            return
         if step.phase == lab.state.phase:
             return
         before = lab.state.phase
@@ -456,9 +496,12 @@ class Controller:
         """One step of an update; once the backend runs the new revision everywhere, say so and record it. Until
         then the workers' health is read on every pass: a replacement that cannot start (its packages fail to
         install, its image cannot be pulled, no node for it) holds the rollout, and the lab says why."""
-        if not self.backend.apply_update(lab):
+        with self._acting(lab) as lab:
+            done = self.backend.apply_update(lab)
+        if not done:
             self._check_health(lab, load, self.backend.fetch_requested(lab), self.clock(), mid, rolling=True)
             return
+        lab = self.backend.fetch_lab(lab.name) or lab
         spec, before = lab.spec, lab.state.revision
         self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
                              "revision": spec.revision, "from_revision": before,
@@ -507,14 +550,16 @@ class Controller:
         """Move the backend toward the recorded target: start missing workers, retire extra ones, else settle."""
         target = lab.state.target_workers
         if requested < target:
-            self.backend.apply_workers(lab, target)
+            with self._acting(lab) as lab:
+                self.backend.apply_workers(lab, target)
         elif load.workers > target and load.workers >= requested:
-            workers = self.backend.dashboard(lab).fetch_workers()
-            chosen = plan_retirement(workers, len(workers) - target)
-            if chosen:
-                self.backend.apply_scale_down(lab, chosen, target)
-                logs.emit("INFO", lab=lab.name, action="retire", reason=f"{len(workers)} → {target} workers",
-                          workers=chosen, message_id=mid)
+            with self._acting(lab) as lab:  # workers chosen under the lease: nobody else retires meanwhile
+                workers = self.backend.dashboard(lab).fetch_workers()
+                chosen = plan_retirement(workers, len(workers) - target)
+                if chosen:
+                    self.backend.apply_scale_down(lab, chosen, target)
+                    logs.emit("INFO", lab=lab.name, action="retire", reason=f"{len(workers)} → {target} workers",
+                              workers=chosen, message_id=mid)
         else:
             self.backend.apply_settle(lab)
 
@@ -921,7 +966,15 @@ class Controller:
             before = lab.state.phase
             lab = self.backend.apply_record(self._accounted(lab, now).with_state(phase=TEARING_DOWN, reason=reason))
             logs.decision(lab.name, "teardown", before, TEARING_DOWN, reason, mid)
-        self.reconcile_lab(lab, "reconcile", mid)
+        self._step_now(lab, mid)
+
+    def _step_now(self, lab: Lab, mid: str) -> None:
+        """A command's decision is recorded: its first step now, unless another invocation is acting on the lab (then
+        that one, or the next pass, takes it from the record)."""
+        try:
+            self.reconcile_lab(lab, "reconcile", mid)
+        except LeaseHeld as e:
+            logs.emit("INFO", lab=lab.name, action="step", reason=f"later: {e}", message_id=mid)
 
     def _accounted(self, lab: Lab, now: float) -> Lab:
         """Add the node time since the last recorded decision (nodes follow the recorded target)."""
@@ -957,5 +1010,6 @@ def _iso(t: float) -> str:
 def poisoned(backend) -> dict:
     """What the backend's last listing found but could not read for good ((kind, name) → RecordUnreadable): those
     labs are contained and reported; unreadable for a moment (a cluster that did not answer) is not in it."""
-    return {key: error for key, error in getattr(backend, "unreadable", {}).items()
+    unreadable = getattr(backend, "unreadable", {})
+    return {key: error for key, error in (unreadable.items() if isinstance(unreadable, dict) else ())
             if isinstance(error, RecordUnreadable)}
