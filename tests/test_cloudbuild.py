@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dasklab.cloud import deploy
-from dasklab.local.timers import load_infra
+from dasklab.core.timers import load_infra
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = deploy.load_build()

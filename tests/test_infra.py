@@ -14,7 +14,7 @@ from dasklab.adapters import procs
 from dasklab.adapters.scheduler import SchedulerWakeups
 from dasklab.core.errors import ValidationError
 from dasklab.core.messages import parse_command
-from dasklab.local.timers import load_infra
+from dasklab.core.timers import load_infra
 from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
 LOCATION = "us-central1"

@@ -410,14 +410,14 @@ def test_a_pass_past_its_deadline_leaves_the_rest_for_the_next_one():
     for name in ("l1", "l2", "l3", "l4"):
         deliver(ctl, msg(type="start-lab", lab=name, owner="o"))
     seen = []
-    real = ctl._reconcile_safely
+    real = ctl.fleet._reconcile_safely
 
     def slow(lab, tick, mid, idle=None):  # every lab step takes 10 s
         seen.append(lab.name)
         clock.t += 10
         return real(lab, tick, mid, idle)
 
-    ctl._reconcile_safely = slow
+    ctl.fleet._reconcile_safely = slow
     left = ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 15)
     assert len(seen) == 2 and sorted(seen + left) == ["l1", "l2", "l3", "l4"]  # none dropped
     clock.t += 60  # the next tick starts elsewhere in the rotation
@@ -432,13 +432,13 @@ def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_
     for name in names:
         deliver(ctl, msg(type="start-lab", lab=name, owner="o"))
     reached: dict[str, list[int]] = {name: [-1] for name in names}
-    real = ctl._reconcile_safely
+    real = ctl.fleet._reconcile_safely
 
     def slow(lab, tick, mid, idle=None):  # every lab step takes 10 s: a 25 s deadline reaches 3 labs in 10
         clock.t += 10
         return real(lab, tick, mid, idle)
 
-    ctl._reconcile_safely = slow
+    ctl.fleet._reconcile_safely = slow
     for minute in range(40):
         clock.t = 1_000_020 + 60 * minute
         for name in set(names) - set(ctl.reconcile_all("reconcile", workers=1, deadline=clock.t + 25)):

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from dasklab.report import _class_labs, _span, fetch_class_report, print_class_report, print_table
 from dasklab.core import config as config_mod
 from dasklab.core.errors import DasklabError, PermanentError, SchedulerUnreachable, TransientError, ValidationError
 
@@ -171,18 +172,6 @@ def _ago(now: float, then: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _span(seconds: float | None) -> str:
-    """A duration for people: 45s, 12m05s, 3h07m, 2d04h."""
-    if seconds is None:
-        return "-"
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def _iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -190,7 +179,7 @@ def _iso(t: float | None) -> str | None:
 def timer_jobs(cfg) -> list:
     """The timers that tick the labs: infra/dasklab.yaml's jobs, the nightly one at its configured time on GKE
     (`infra apply` sets it; the local timer fires the file's schedule as it is)."""
-    from dasklab.local.timers import load_infra
+    from dasklab.core.timers import load_infra
     jobs = load_infra()["jobs"]
     if cfg.backend != "gke":
         return jobs
@@ -211,7 +200,7 @@ def fetch_status(cfg, now: float | None = None) -> list[dict]:
     Costs and times are as of `now` (default: the clock)."""
     from dasklab.core.model import TEARING_DOWN, estimate_cost, node_seconds_at
     from dasklab.core.policy import plan_next_teardown
-    from dasklab.local.timers import upcoming_ticks
+    from dasklab.core.timers import upcoming_ticks
     from dasklab.runtime import build_backend
     from dasklab.runtime import build_classes
     backend, now, rows = build_backend(cfg), time.time() if now is None else now, []
@@ -257,17 +246,6 @@ def fetch_status(cfg, now: float | None = None) -> list[dict]:
             "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab),
             "degraded": state.degraded_reason or None})
     return rows
-
-
-def print_table(title: str, columns: tuple[str, ...], rows: list[tuple], empty: str = "nothing") -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(("-" if v is None else str(v)) for v in row))
-    Console(width=None if sys.stdout.isatty() else 200).print(table if rows else empty)
 
 
 @contextmanager
@@ -352,15 +330,6 @@ def cmd_status(a, cfg) -> int:
     return 0
 
 
-def _class_labs(cfg, name: str):
-    from dasklab.runtime import build_backend, build_classes
-    record = build_classes(cfg).fetch_class(name)
-    if record is None or not record.roster:
-        raise PermanentError(f"no class named {name!r} on the {cfg.backend} backend: see `dasklab status`")
-    backend = build_backend(cfg)
-    return record, backend, {lab.spec.student: lab for lab in backend.fetch_labs() if lab.spec.class_name == name}
-
-
 def cmd_connect_class(a, cfg) -> int:
     """The instructor's table of who connects how, with each lab's login (its token: this is their own terminal)."""
     record, backend, labs = _class_labs(cfg, a.class_)
@@ -382,33 +351,6 @@ def cmd_connect_class(a, cfg) -> int:
                 [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
                  for r in table])
     return 0
-
-
-def fetch_class_report(cfg, name: str) -> dict:
-    """Usage per student (node-hours, cost, peak workers, time busy), live labs and labs gone alike."""
-    from dasklab.core.classes import class_usage
-    record, _, labs = _class_labs(cfg, name)
-    usage = class_usage(record, labs, time.time())
-    students = [{"student": s, **usage.get(s, {"lab": record.lab_name(s), "phase": "not started", "node_hours": 0.0,
-                                               "cost_usd": 0.0, "peak_workers": 0, "busy_s": 0.0, "lifetime_s": 0.0,
-                                               "reason": ""})}
-                for s in sorted(set(record.roster) | set(usage))]
-    return {"class": record.name, "owner": record.owner, "students": students,
-            "node_hours": round(sum(r["node_hours"] for r in students), 4),
-            "estimated_cost_usd": round(sum(r["cost_usd"] for r in students), 4),
-            "budget_usd": record.budget_class_usd, "budget_student_usd": record.budget_student_usd}
-
-
-def print_class_report(report: dict) -> None:
-    print_table(f"class {report['class']}: usage per student (estimated)",
-                ("student", "lab", "phase", "node-hours", "cost", "peak workers", "busy", "lifetime", "ended because"),
-                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], f"{r['node_hours']:.4f}", f"${r['cost_usd']:.4f}",
-                  r["peak_workers"], _span(r["busy_s"]), _span(r["lifetime_s"]),
-                  r["reason"] if r["phase"] in ("gone", "tearing-down") else "")
-                 for r in report["students"]])
-    budget = f" (budget ${report['budget_usd']:.2f})" if report["budget_usd"] else ""
-    print(f"class {report['class']}: {report['node_hours']:.4f} node-hours, ${report['estimated_cost_usd']:.4f} "
-          f"estimated{budget}")
 
 
 def cmd_class_report(a, cfg) -> int:
@@ -466,7 +408,7 @@ def print_changes(title: str, changes) -> None:
 def cmd_infra(a, cfg) -> int:
     """`infra apply [--dry-run]` / `infra destroy`: dasklab's topics, dead-letter subscription and timers."""
     from dasklab.cloud import infra
-    from dasklab.local.timers import load_infra
+    from dasklab.core.timers import load_infra
     _require_project(cfg)
     infra.build_desired(load_infra(), cfg.project, cfg.region, nightly_at=cfg.nightly_at,
                         time_zone=cfg.nightly_time_zone)  # refuse bad settings before any client is built
@@ -487,7 +429,7 @@ def cmd_infra(a, cfg) -> int:
 def deploy_steps(a, cfg) -> list:
     """What `dasklab deploy` runs: the identity of infra/iam.yaml, then cloudbuild.yaml's steps (or a build)."""
     from dasklab.cloud import deploy
-    from dasklab.local.timers import load_infra
+    from dasklab.core.timers import load_infra
     build, iam = deploy.load_build(), deploy.load_iam()
     values = deploy.substitutions(build, cfg.project, {
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],

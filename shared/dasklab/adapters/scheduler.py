@@ -13,6 +13,8 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -24,6 +26,7 @@ from dasklab.core.messages import parse_command
 
 JOB_PREFIX = "dasklab-wakeup-"
 AT_ATTRIBUTE = "dasklab-wakeup-at"  # the job's minute, ISO 8601 UTC: when its wake-up is due
+TICK_ATTRIBUTE = "dasklab-tick"  # on every timer job's message: which tick it is
 TIME_ZONE = "Etc/UTC"
 # A job's JOB_ID "can contain only letters ([A-Za-z]), numbers ([0-9]), hyphens (-), or underscores (_). The maximum
 # length is 500 characters." (google.cloud.scheduler_v1.Job.name)
@@ -48,6 +51,21 @@ def build_fire_time(at_epoch: float, now: float) -> datetime:
     return datetime.fromtimestamp(math.ceil(max(at_epoch, now + MIN_AHEAD_S) / 60) * 60, timezone.utc)
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    name: str  # projects/P/locations/L/jobs/J
+    schedule: str
+    time_zone: str
+    topic: str
+    data: bytes
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict:
+        """The Cloud Scheduler Job as a request dict."""
+        return {"name": self.name, "schedule": self.schedule, "time_zone": self.time_zone,
+                "pubsub_target": {"topic_name": self.topic, "data": self.data, "attributes": dict(self.attributes)}}
+
+
 def build_schedule(when: datetime) -> str:
     """`M H D Mon *`: that one minute of the year, in UTC (day of week left free, so only the date counts)."""
     return f"{when.minute} {when.hour} {when.day} {when.month} *"
@@ -55,7 +73,6 @@ def build_schedule(when: datetime) -> str:
 
 def build_job(name: str, when: datetime, message: dict, topic: str) -> dict:
     """The Cloud Scheduler Job (request dict) of a wake-up: JobSpec.body() of the infra jobs, plus its description."""
-    from dasklab.cloud.infra import TICK_ATTRIBUTE, JobSpec  # ~40 ms (yaml, croniter): not on every cold start
     iso = when.strftime("%Y-%m-%dT%H:%MZ")
     spec = JobSpec(name, build_schedule(when), TIME_ZONE, topic, json.dumps(message, separators=(",", ":")).encode(),
                    {TICK_ATTRIBUTE: message["type"], AT_ATTRIBUTE: iso})

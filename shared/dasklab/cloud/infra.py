@@ -20,10 +20,10 @@ from google.api_core.exceptions import AlreadyExists, NotFound
 
 from dasklab.core.errors import ValidationError
 from dasklab.core.logs import emit
-from dasklab.local.timers import load_infra
+from dasklab.adapters.scheduler import AT_ATTRIBUTE, JOB_PREFIX, TICK_ATTRIBUTE, JobSpec
+from dasklab.core.timers import load_infra
 
 NIGHTLY_TYPE = "nightly-teardown"
-TICK_ATTRIBUTE = "dasklab-tick"
 DEAD_LETTER_ATTEMPTS = 10  # Pub/Sub allows 5-100
 _HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
@@ -36,21 +36,6 @@ class Subscription:
     topic: str  # projects/P/topics/T
     dead_letter_topic: str = ""
     max_delivery_attempts: int = 0
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    name: str  # projects/P/locations/L/jobs/J
-    schedule: str
-    time_zone: str
-    topic: str
-    data: bytes
-    attributes: Mapping[str, str] = field(default_factory=dict)
-
-    def body(self) -> dict:
-        """The Cloud Scheduler Job as a request dict."""
-        return {"name": self.name, "schedule": self.schedule, "time_zone": self.time_zone,
-                "pubsub_target": {"topic_name": self.topic, "data": self.data, "attributes": dict(self.attributes)}}
 
 
 @dataclass(frozen=True)
@@ -256,7 +241,6 @@ def run(project: str, location: str, clients: Clients, *, dry_run: bool = False,
 def destroy(project: str, location: str, clients: Clients, *, infra: dict | None = None) -> list[Change]:
     """Delete the jobs, subscriptions and topics `build_desired` names, and the classes' pending wake-up jobs (named
     `dasklab-wakeup-…` and carrying their `dasklab-wakeup-at` attribute: the controller's own), nothing else."""
-    from dasklab.adapters.scheduler import AT_ATTRIBUTE, JOB_PREFIX
     desired = build_desired(infra or load_infra(), project, location)
     wakeups = [j.name for j in clients.scheduler.list_jobs(request={"parent": f"projects/{project}/locations/{location}"})
                if j.name.rsplit("/", 1)[-1].startswith(JOB_PREFIX) and AT_ATTRIBUTE in j.pubsub_target.attributes]

@@ -38,7 +38,7 @@ def _event(run: DemoRun, kind: str, seen: list[dict]):
 def run_class_demo(n: int, json_lines: bool = False) -> int:
     from distributed import Client
 
-    from dasklab.cli import fetch_class_report, print_class_report
+    from dasklab.report import fetch_class_report, print_class_report
 
     roster = build_roster(n)
     busy, kept = roster[0], "kept" if "kept" in roster else None

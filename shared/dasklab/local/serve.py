@@ -17,7 +17,8 @@ from dasklab.adapters import procs
 from dasklab.adapters.local import FileEvents, LocalBackend
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
-from dasklab.local.timers import FileWakeups, LocalTimer, load_infra
+from dasklab.core.timers import load_infra
+from dasklab.local.timers import FileWakeups, LocalTimer
 
 REPO = Path(__file__).resolve().parents[3]
 FUNCTIONS_SOURCE = REPO / "functions" / "main.py"
