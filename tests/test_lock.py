@@ -9,6 +9,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from dasklab.cloud import deploy
 from tests.lockfile import read_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +61,10 @@ def test_the_lock_pins_every_runtime_dependency_within_pyproject_with_hashes():
 def test_the_lock_header_says_how_to_regenerate_it_for_the_functions_python():
     header = [line for line in (REPO / "requirements.txt").read_text().splitlines()[:3] if line.startswith("#")]
     command = " ".join(header)
-    assert "compile pyproject.toml" in command and "--generate-hashes" in command
-    assert "--python-version 3.12" in command and "-o requirements.txt" in command
+    assert "compile pyproject.toml" in command and "--generate-hashes" in command and "-o requirements.txt" in command
+    [runtime] = {d["flags"]["runtime"] for d in deploy.function_deploys(deploy.load_build())}
+    version = f"{runtime.removeprefix('python')[0]}.{runtime.removeprefix('python')[1:]}"  # python312 → 3.12
+    assert f"--python-version {version}" in command and FUNCTION_ENV["python_version"] == version
 
 
 def test_a_lock_that_drifted_from_pyproject_is_caught(tmp_path):
