@@ -207,7 +207,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
                                                                                   pytest.approx(4 / 3), 1)
     # ... and its share of the system pool, which the README's table counts whole: a lab of its own pays its pool
     node = node_hour_usd("e2-standard-4")
-    assert system_pool_usd_h(1, False, "e2-standard-4", 1, 1) == pytest.approx(node)
+    assert system_pool_usd_h(1, False, "e2-standard-4", 1, 1) == pytest.approx(node, abs=1e-6)  # to the micro-$
     assert round(30 * 3 * system_pool_usd_h(30, True, "e2-standard-4", 1, 1), 2) == shared["system_nodes_usd"]
-    assert system_pool_usd_h(2, True, "e2-standard-4", 1, 3) == pytest.approx(3 * node / 2)  # a node a zone at least
+    assert system_pool_usd_h(2, True, "e2-standard-4", 1, 3) == pytest.approx(3 * node / 2, abs=1e-6)  # 1 a zone
     assert estimate_cost(replace(spec, system_usd_h=0.5), 3600, 0) == pytest.approx(0.10 / 30 + 0.5)

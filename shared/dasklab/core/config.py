@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from dasklab.core.errors import ValidationError
+from dasklab.core.model import MACHINE_TYPES
 
 # The Dask versions a lab may run under the chart: distributed 2025.9.0 fixed the 500 from retire_workers and
 # 2024.2.1 the nanny reviving a retired worker; 2026.6.0 removed the `dask-scheduler`/`dask-worker` commands the
@@ -118,6 +119,10 @@ def from_env(env: dict | None = None) -> Config:
     values["region"] = values.get("region") or region_of(values.get("location") or Config.location)
     if values["backend"] not in ("local", "gke"):
         raise ValidationError("DASKLAB_BACKEND", "must be 'local' or 'gke'")
+    for name in ("default_machine_type", "system_machine_type"):  # what budgets price, and GKE is asked for
+        if name in values and values[name] not in MACHINE_TYPES:
+            raise ValidationError(f"DASKLAB_{name.upper()}", f"unknown machine type {values[name]!r}; "
+                                                             f"known: {', '.join(sorted(MACHINE_TYPES))}")
     if "dask_version" in values:
         values["dask_version"] = check_dask_version("DASKLAB_DASK_VERSION", values["dask_version"])
     return Config(**values)

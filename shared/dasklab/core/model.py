@@ -10,7 +10,8 @@ MANAGED_BY = "dasklab"  # value of the managed-by marker on every resource the c
 # The lab record's schema: 1 = records written before it carried one. Any field added or removed bumps it.
 RECORD_SCHEMA = 2
 
-# vCPUs and memory (GiB) of the machine types a start-lab may ask for; "local" is a group of local workers.
+# vCPUs and memory (GiB) of the machine types a start-lab may ask for; "local" is a group of local workers. A family
+# added here needs its prices in MACHINE_FAMILY_USD_H (tests/test_prices.py checks).
 MACHINE_TYPES: dict[str, tuple[float, float]] = {
     "local": (2, 8),
     **{f"e2-standard-{n}": (n, 4 * n) for n in (2, 4, 8, 16, 32)},
@@ -237,10 +238,21 @@ class WorkerProblem:
     log_tail: str = ""
 
 
-# Cost figures for reports (us-central1 on-demand list prices; confirm against Google's price page).
+# Cost figures for budgets and reports, us-central1 (cloudbuild.yaml's region; other regions cost more or less).
 CLUSTER_FEE_PER_HOUR = 0.10
-E2_PER_VCPU_HOUR = 0.0335  # e2-standard-4 ≈ $0.134/h
-SPOT_DISCOUNT = 0.7
+# Compute Engine bills a VM by its vCPUs and its GiB of memory, at rates set per machine family, on-demand or Spot
+# (cloud.google.com/compute/vm-instance-pricing). USD per vCPU-hour and per GiB-hour, us-central1, from the Cloud
+# Billing Catalog's prices as of 2026-07-30 (Cyclenerd/google-cloud-pricing-cost-calculator pricing.yml, generated
+# that day: every standard/highmem/highcpu shape of a family is exactly these two rates times its vCPUs and GiB).
+# Spot rates are set per family, not one discount (here E2 Spot is 60 % of on-demand, N2 47 %, C3 25 %), and Google
+# changes them over time: refresh them with the rest.
+# family: (vCPU, GiB, Spot vCPU, Spot GiB); e2-standard-4 is $0.134/h, n2-highmem-4 $0.262/h, c3-standard-4 $0.202/h
+MACHINE_FAMILY_USD_H: dict[str, tuple[float, float, float, float]] = {
+    "e2": (0.02181159, 0.00292353, 0.01309, 0.001754),
+    "n2": (0.031611, 0.004237, 0.01499, 0.00201),
+    "c3": (0.03465, 0.003938, 0.00849, 0.000965),
+}
+LOCAL_PRICED_AS = "e2"  # a local lab is estimated as the E2 machine of its shape would cost
 
 
 def node_seconds_at(lab: Lab, now: float) -> float:
@@ -255,9 +267,17 @@ DEFAULT_PLACEMENT = SHARED  # chosen from the README's "Placement of a class" ta
 LAB_SYSTEM_CPU, LAB_SYSTEM_MEMORY_GIB = 1.0, 2 * 1e9 / 2**30
 
 
+def machine_family(machine_type: str) -> str:
+    return LOCAL_PRICED_AS if machine_type == "local" else machine_type.split("-")[0]
+
+
 def node_hour_usd(machine_type: str, spot: bool = False) -> float:
-    cpu, _ = MACHINE_TYPES[machine_type]
-    return cpu * E2_PER_VCPU_HOUR * ((1 - SPOT_DISCOUNT) if spot else 1)
+    """USD an hour for one node of `machine_type` (its family's rates times its vCPUs and GiB); KeyError for a type
+    the machine-type rule (MACHINE_TYPES) does not know, which every request and the configuration are checked
+    against, so no machine is priced at a guess."""
+    cpu, mem_gib = MACHINE_TYPES[machine_type]
+    per_cpu, per_gib, spot_cpu, spot_gib = MACHINE_FAMILY_USD_H[machine_family(machine_type)]
+    return cpu * spot_cpu + mem_gib * spot_gib if spot else cpu * per_cpu + mem_gib * per_gib
 
 
 def system_nodes_for(labs: int, machine_type: str) -> int:
