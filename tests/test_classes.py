@@ -584,7 +584,7 @@ def test_a_refused_student_is_shown_failed_and_the_class_is_ready_without_them(c
     record = ctl.classes.fetch_class("intro")
     assert "CPUS" in record.refused["bob"] and "bob" not in record.started
     usage = class_usage(record, {}, ctl.t.t)
-    assert usage["bob"]["phase"] == FAILED and "CPUS" in usage["bob"]["reason"]
+    assert usage["bob"]["phase"] == FAILED and "CPUS" in usage["bob"]["reason"]  # the class report's row
     ctl.backend.apply_create = create  # the quota was raised: the same start-class again retries bob
     ctl.handle(start(), "m2", published=T0 + 1)
     tick(ctl)

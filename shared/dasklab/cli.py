@@ -278,6 +278,8 @@ def fetch_class_status(cfg, rows: list[dict], now: float | None = None) -> list[
                     "estimated_cost_usd": class_cost(record, mine, now), "budget_usd": record.budget_class_usd,
                     "budget_student_usd": record.budget_student_usd, "at": _iso(record.at), "ends_at": _iso(record.end),
                     "stopped": record.stop_reason if record.is_stopped else None,
+                    "failed": {**dict(record.refused), **{lab.spec.student: lab.state.reason for lab in mine.values()
+                                                         if lab.state.phase == "failed"}},
                     "ready": set(record.roster) <= set(record.ready_roster)})
     return out
 
@@ -327,6 +329,8 @@ def cmd_status(a, cfg) -> int:
         print(f"class {c['class']} ({c['owner']}): {c['students']} student(s), {labs} · cost so far "
               f"${c['estimated_cost_usd']:.4f} (estimated){budget}{when}"
               + (f" · stopped: {c['stopped']}" if c["stopped"] else ""))
+        for student, why in sorted(c["failed"].items()):
+            print(f"class {c['class']}: {student} failed: {why}")
     return 0
 
 
