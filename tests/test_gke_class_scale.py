@@ -133,7 +133,7 @@ def sleep_long(s):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placement):
-    from dasklab import cli
+    from dasklab import report
     from dasklab.adapters.firestore import FirestoreClasses
     BUDGET = BUDGETS[placement]
     offset = [0.0]  # the controller's clock runs ahead of the wall clock by this much
@@ -207,8 +207,8 @@ def test_a_class_of_100_on_gke(world, firestore_tombstones, monkeypatch, placeme
     # `status --class` shows the class's live estimated cost within its budget
     monkeypatch.setattr("dasklab.runtime.build_backend", lambda cfg: ctl.backend)
     monkeypatch.setattr("dasklab.runtime.build_classes", lambda cfg: store)
-    status = lambda: cli.fetch_class_status(  # noqa: E731  (as of the controller's time)
-        CONFIG, [r for r in cli.fetch_status(CONFIG, ctl.clock()) if r["class"] == "intro"], ctl.clock())
+    status = lambda: report.fetch_class_status(  # noqa: E731  (as of the controller's time)
+        CONFIG, [r for r in report.fetch_status(CONFIG, ctl.clock()) if r["class"] == "intro"], ctl.clock())
     [summary] = status()
     assert summary["labs"] == {READY: N} and summary["ready"] and summary["budget_usd"] == BUDGET
     assert 0 < summary["estimated_cost_usd"] <= 0.8 * BUDGET

@@ -7,7 +7,8 @@ import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
-from dasklab.cli import build_update_lab, fetch_status, main, parser
+from dasklab.cli import build_update_lab, main, parser
+from dasklab.report import fetch_status
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, ValidationError
 from tests.conftest import cmd, drive
