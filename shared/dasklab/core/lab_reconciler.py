@@ -99,12 +99,12 @@ class LabReconciler(Part):
         """One step of an update; once the backend runs the new revision everywhere, say so and record it. Until
         then the workers' health is read on every pass: a replacement that cannot start (its packages fail to
         install, its image cannot be pulled, no node for it) holds the rollout, and the lab says why."""
-        with self._acting(lab) as lab:
-            done = self.backend.apply_update(lab)
+        with self._acting(lab) as leased:
+            done = self.backend.apply_update(leased)
+        lab = self.backend.fetch_lab(lab.name) or lab  # as the act and the lease given back left it
         if not done:
             self._check_health(lab, load, self.backend.fetch_requested(lab), self.clock(), mid, rolling=True)
             return
-        lab = self.backend.fetch_lab(lab.name) or lab
         spec, before = lab.spec, lab.state.revision
         self.events.publish({"event": "lab-updated", "lab": lab.name, "owner": spec.owner, "time": self.clock(),
                              "revision": spec.revision, "from_revision": before,
