@@ -274,10 +274,10 @@ def test_ports_are_bound_by_the_lab_processes_and_read_back_never_picked(control
 
 def test_a_scheduler_restarted_while_its_ports_are_taken_moves_and_its_workers_follow(controller, monkeypatch):
     """update-lab with restart: true restarts the scheduler on its recorded ports (its addresses stay); when another
-    process took them meanwhile it starts on ports the OS gives it, and the record, the workers and the controller's
-    reads follow."""
+    process took them meanwhile it starts on ports the OS gives it, and the record, the workers, Jupyter (whose
+    kernels' DASK_SCHEDULER_ADDRESS names it) and the controller's reads follow."""
     ctl, backend = controller, controller.backend
-    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}), "m1")
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, idle_timeout="1h", values={}), "m1")
     old = backend._local(ready(ctl))["scheduler"]
     thief = PortThief(monkeypatch)
     start = backend._start_scheduler
@@ -296,7 +296,11 @@ def test_a_scheduler_restarted_while_its_ports_are_taken_moves_and_its_workers_f
         drive(ctl, lambda: backend.dashboard(lab).fetch_load().workers == 1)
         new = backend._local(lab)["scheduler"]
         assert new["pid"] != old["pid"] and not {new["port"], new["dashboard_port"]} & thief.ports()
-        with Client(backend.connection_info(lab)["scheduler"], timeout=20) as client:
+        address = backend.connection_info(lab)["scheduler"]
+        with Client(address, timeout=20) as client:
             assert client.scheduler_info()["id"] == new["id"] != old["id"]
+        jupyter = backend._local(lab)["jupyter"]
+        assert jupyter["scheduler"] == new["port"] and backend.fetch_jupyter(lab).kernels == 0
+        assert f"DASK_SCHEDULER_ADDRESS={address}".encode() in open(f"/proc/{jupyter['pid']}/environ", "rb").read()
     finally:
         thief.close()

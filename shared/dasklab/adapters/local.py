@@ -360,7 +360,7 @@ class LocalBackend:
         if started is None:
             raise JupyterUnreachable(f"Jupyter exited at start: {self._tail(lab, 'jupyter')}")
         pid, bound = started
-        return {"pid": pid, "port": bound, "python": python}
+        return {"pid": pid, "port": bound, "python": python, "scheduler": sched["port"]}
 
     def _jupyter_api(self, lab: Lab, jupyter: dict) -> JupyterApi:
         token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
@@ -437,12 +437,16 @@ class LocalBackend:
 
     def _roll_jupyter(self, lab: Lab) -> bool:
         """One step of running the lab's Jupyter as its values say: in its environment, or none when they disable it
-        (or JupyterLab is not installed). A Jupyter of another environment, or one that exited (a crash between
-        stopping and starting it), is started again on its port with its token; its kernels are lost, as the
-        update's notes say. True once it runs as asked and answers."""
-        jupyter, wanted = self._local(lab).get("jupyter"), jupyter_enabled(lab.spec.values)
+        (or JupyterLab is not installed). A Jupyter of another environment, one whose scheduler moved to another port
+        (restarted while another process held its port: the kernels' DASK_SCHEDULER_ADDRESS names the old one), or
+        one that exited (a crash between stopping and starting it), is started again on its port with its token; its
+        kernels are lost, as the update's notes say. True once it runs as asked and answers."""
+        local = self._local(lab)
+        jupyter, wanted = local.get("jupyter"), jupyter_enabled(lab.spec.values)
         python = self.jupyter_python(lab.spec) if wanted else None
-        if jupyter and jupyter.get("python") == python and pid_alive(jupyter["pid"]):
+        scheduler = (local["scheduler"] or {}).get("port")
+        if jupyter and jupyter.get("python") == python and jupyter.get("scheduler", scheduler) == scheduler \
+                and pid_alive(jupyter["pid"]):
             try:
                 self._jupyter_api(lab, jupyter).fetch_activity()
             except JupyterUnreachable:
@@ -457,8 +461,13 @@ class LocalBackend:
                 stop_jupyter(jupyter["pid"])  # its kernels with it
             local["jupyter"] = self._start_jupyter(lab, local["scheduler"], port=jupyter and jupyter["port"]) \
                 if wanted else None
-        why = ("stopped: the values disable it" if not wanted else "started: the values enable it" if not jupyter
-               else f"restarted into the lab's environment, on its port {jupyter['port']} with its token")
+            port = (local["jupyter"] or {}).get("port")
+        why = "stopped: the values disable it" if not wanted else "started: the values enable it"
+        if wanted and jupyter:
+            cause = f"for its scheduler, now on port {scheduler}" if jupyter.get("python") == python and \
+                jupyter.get("scheduler", scheduler) != scheduler else "into the lab's environment"
+            where = f"on its port {port}" if port == jupyter["port"] else f"on port {port} (its port was taken)"
+            why = f"restarted {cause}, {where} with its token"
         logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision, python=python,
                   reason=why + ("; kernel state is lost, results on the workers are kept" if jupyter else ""))
         return False
