@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend, class_cluster
+from dasklab.adapters.local import start_scheduler
 from dasklab.adapters.jupyter import start_jupyter, stop_jupyter, write_token
-from dasklab.adapters.procs import free_port, pid_alive, spawn, stop_pid_group, wait_until
+from dasklab.adapters.procs import pid_alive, spawn, stop_pid_group, wait_until
 from dasklab.core.config import Config
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge, chart_fullname
 from kubernetes import client as k8s
@@ -251,35 +252,25 @@ class World:
         if self.jupyter:  # the chart's Jupyter pod: JUPYTER_TOKEN from the Secret, the scheduler's address
             token_file = self.tmp / f"jupyter-{ns}" / "token"
             write_token(token_file, self.token(ns))
-            jport = free_port()
-            jpid = start_jupyter(sys.executable, port=jport, token_file=token_file, root_dir=self.tmp / f"jupyter-{ns}",
-                                 runtime_dir=self.tmp / f"jupyter-{ns}" / "runtime",
-                                 scheduler_address=f"tcp://127.0.0.1:{port}", env=self._env(),
-                                 log_path=self.tmp / "logs" / f"jupyter-{ns}.log")
+            started = start_jupyter(sys.executable, token_file=token_file, root_dir=self.tmp / f"jupyter-{ns}",
+                                    runtime_dir=self.tmp / f"jupyter-{ns}" / "runtime",
+                                    scheduler_address=f"tcp://127.0.0.1:{port}", env=self._env(),
+                                    log_path=self.tmp / "logs" / f"jupyter-{ns}.log")
+            assert started, f"the Jupyter of {ns} exited: {(self.tmp / 'logs' / f'jupyter-{ns}.log').read_text()[-999:]}"
+            jpid, jport = started
             self.jupyters[ns] = (jpid, jport)
             self.kube.register_service_backend(ns, f"{full}-jupyter", 80, f"http://127.0.0.1:{jport}")
         self.kube.complete_job(ns, name, log=f'Release "{release}" has been upgraded.\nSTATUS: deployed\n')
 
     def _start_scheduler(self, ns: str, args: list[str], env: dict, port: int = 0) -> tuple[int, int, int]:
-        """The namespace's scheduler pod as a dask-scheduler process on 127.0.0.1: on `port` (0: one it picks) with
-        a dashboard on a port it picks, both read back from its scheduler file (pid, port, dashboard port). A port
-        found free a moment earlier may be taken by the time a process binds it, and the dashboard then moves
-        elsewhere with a mere warning (distributed/node.py start_http_server)."""
-        file = self.tmp / "schedulers" / f"{ns}.json"
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.unlink(missing_ok=True)
+        """The namespace's scheduler pod as a dask-scheduler process on 127.0.0.1: on `port` (0: one the OS gives
+        it) with a dashboard on one the OS gives it, both read back from its scheduler file (pid, port, dashboard
+        port), as the local lab starts its own."""
         log = self.tmp / "logs" / f"scheduler-{ns}.log"
-        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
-                     "--dashboard-address=127.0.0.1:0", f"--scheduler-file={file}", *args, "--host", "127.0.0.1"],
-                    env=self._env({**env, **LOG_LENGTH_ENV}), log_path=log)
-
-        def written() -> dict | None:
-            assert pid_alive(pid), f"the scheduler of {ns} exited: {log.read_text()[-2000:]}"
-            try:
-                return json.loads(file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or half
-                return None
-        info = wait_until(written, 60, what=f"the scheduler file of {ns}")
+        started = start_scheduler(args, file=self.tmp / "schedulers" / f"{ns}.json", port=port,
+                                  env=self._env({**env, **LOG_LENGTH_ENV}), log_path=log)
+        assert started, f"the scheduler of {ns} exited: {log.read_text()[-2000:]}"
+        pid, info = started
         return pid, int(info["address"].rsplit(":", 1)[1]), int(info["services"]["dashboard"])
 
     def _upgrade(self, ns: str, release: str, full: str, values: dict) -> None:

@@ -99,7 +99,7 @@ from pathlib import Path  # noqa: E402
 from distributed import Client, wait  # noqa: E402
 
 from dasklab.adapters import procs  # noqa: E402
-from dasklab.adapters.local import worker_problems  # noqa: E402
+from dasklab.adapters.local import start_scheduler, worker_problems  # noqa: E402
 from tests.test_cli import run  # noqa: E402
 from tests.conftest import drive  # noqa: E402
 from tests.test_local_lab import ready, start_msg  # noqa: E402
@@ -199,17 +199,16 @@ def test_a_killed_worker_is_explained_with_its_exit_code_and_replaced(controller
 
 def test_nanny_memory_restarts_are_read_from_a_real_nanny_log(tmp_path):
     """distributed's nanny restarting a worker above 95 % of its limit, as it logs it, is an OOM kill."""
-    port = procs.free_port()
     env = {**os.environ, "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "scratch")}
     log = tmp_path / "n0-w0.log"
-    scheduler = procs.spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                             str(port), "--dashboard-address", f"127.0.0.1:{procs.free_port()}"], env=env,
-                            log_path=tmp_path / "scheduler.log")
-    worker = procs.spawn([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--name",
+    scheduler, info = start_scheduler([], file=tmp_path / "scheduler.json", env=env,
+                                      log_path=tmp_path / "scheduler.log")
+    address = info["address"]
+    worker = procs.spawn([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name",
                           "n0-w0", "--nthreads", "1", "--memory-limit", "300MB", "--nanny", "--no-dashboard",
                           "--host", "127.0.0.1"], env=env, log_path=log, note_exit=True)
     try:
-        with Client(f"tcp://127.0.0.1:{port}", timeout=20) as client:
+        with Client(address, timeout=20) as client:
             client.wait_for_workers(1, timeout=30)
             held = client.submit(block, 0, 400, pure=False)  # 400 MB in a 300 MB worker (kept, so it runs)
             procs.wait_until(lambda: worker_problems("n0-w0", log, 300 * MB, dead=False), 60, what="a nanny restart")

@@ -2,12 +2,15 @@
 
 import json
 import re
+import socket
 import time
 
 import pytest
 from distributed import Client
 
 from dasklab.adapters import procs
+from dasklab.adapters.dashboard import HttpTransport
+from dasklab.adapters.jupyter import JupyterApi, stop_jupyter
 from dasklab.core.errors import ConflictError, PermanentError
 
 from tests.conftest import cmd, drive
@@ -185,3 +188,119 @@ def test_forgetting_a_record_changed_since_it_was_read_is_a_conflict(controller)
     with pytest.raises(ConflictError):
         backend.apply_forget(stale)
     assert backend.fetch_lab("moved").state.reason == "changed meanwhile"
+
+
+class PortThief:
+    """Another process, fast: every port this process finds free (a socket bound to port 0, read, closed) is taken
+    by a listening socket the moment it is released, and held (it answers nothing)."""
+
+    def __init__(self, monkeypatch):
+        self.held: list[socket.socket] = []
+        real, held = socket.socket, self.held
+
+        class Picked(real):
+            def bind(self, address):
+                super().bind(address)
+                if self.family == socket.AF_INET and address[1] == 0:
+                    self.picked = self.getsockname()[1]
+
+            def close(self):
+                super().close()
+                if getattr(self, "picked", None):
+                    thief = real()
+                    thief.bind(("127.0.0.1", self.picked))
+                    thief.listen()
+                    held.append(thief)
+        monkeypatch.setattr(socket, "socket", Picked)
+
+    def take(self, port: int) -> None:
+        """Hold `port` (one a process of ours left)."""
+        taken = socket.create_server(("127.0.0.1", port))
+        self.held.append(taken)
+
+    def ports(self) -> set[int]:
+        return {s.getsockname()[1] for s in self.held}
+
+    def close(self) -> None:
+        for s in self.held:
+            s.close()
+
+
+def settled(ctl, name="lab1"):
+    return drive(ctl, lambda: (lab := ctl.backend.fetch_lab(name)) and lab.state.phase in ("ready", "failed") and lab)
+
+
+def test_ports_are_bound_by_the_lab_processes_and_read_back_never_picked(controller, monkeypatch):
+    """A port found free and released can be taken before the process it was meant for binds it: the scheduler then
+    fails, or its dashboard moves elsewhere with a mere warning while the controller polls whatever holds the port
+    (another lab's dashboard, whose workers it may retire). Every port the controller's process releases is taken
+    here: the scheduler, its dashboard and Jupyter bind ports the OS gives them, recorded from their own files, and
+    the dashboard the controller reads is its scheduler's. A Jupyter restarted on its port, taken meanwhile, moves."""
+    ctl, backend = controller, controller.backend
+    thief = PortThief(monkeypatch)
+    try:
+        ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, idle_timeout="1h", values={}), "m1")
+        lab = settled(ctl)
+        assert lab.state.phase == "ready", lab.state.reason
+        assert not thief.held  # the controller found no port free for another process: it picked none
+        local = backend._local(lab)
+        sched, jupyter = local["scheduler"], local["jupyter"]
+        info = backend.connection_info(lab)
+        assert info["scheduler"] == f"tcp://127.0.0.1:{sched['port']}"
+        assert info["dashboard"] == f"http://127.0.0.1:{sched['dashboard_port']}/status"
+        assert info["jupyter"] == f"http://127.0.0.1:{jupyter['port']}/lab"
+        with Client(info["scheduler"], timeout=20) as client:
+            assert client.scheduler_info()["id"] == sched["id"]
+            client.wait_for_workers(1, timeout=30)
+        identity = json.loads(HttpTransport(info["dashboard"].removesuffix("/status")).get("/json/identity.json"))
+        assert (identity["id"], identity["address"]) == (sched["id"], info["scheduler"])  # its own dashboard
+        assert {w.name for w in backend.dashboard(lab).fetch_workers()} == set(local["workers"])
+        assert backend.fetch_jupyter(lab).kernels == 0  # Jupyter answers there, with the lab's token
+
+        # a restart on its port (into a new environment, say) while another process holds that port
+        token = backend.jupyter_login_url(lab).rsplit("token=", 1)[1]
+        stop_jupyter(jupyter["pid"])
+        thief.take(jupyter["port"])
+        moved = backend._start_jupyter(lab, sched, port=jupyter["port"])
+        try:
+            assert moved["port"] not in thief.ports() and procs.pid_alive(moved["pid"])
+            api = JupyterApi(HttpTransport(f"http://127.0.0.1:{moved['port']}"), token)  # the same token
+            assert procs.wait_until(lambda: api.fetch_activity(), 30, what="the moved Jupyter").kernels == 0
+        finally:
+            stop_jupyter(moved["pid"])
+    finally:
+        thief.close()
+
+
+def test_a_scheduler_restarted_while_its_ports_are_taken_moves_and_its_workers_follow(controller, monkeypatch):
+    """update-lab with restart: true restarts the scheduler on its recorded ports (its addresses stay); when another
+    process took them meanwhile it starts on ports the OS gives it, and the record, the workers, Jupyter (whose
+    kernels' DASK_SCHEDULER_ADDRESS names it) and the controller's reads follow."""
+    ctl, backend = controller, controller.backend
+    ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}, idle_timeout="1h", values={}), "m1")
+    old = backend._local(ready(ctl))["scheduler"]
+    thief = PortThief(monkeypatch)
+    start = backend._start_scheduler
+
+    def taken_meanwhile(lab, local, port=0, dash=0):
+        assert (port, dash) == (old["port"], old["dashboard_port"])  # a restart asks for its ports again
+        thief.take(port)
+        thief.take(dash)
+        return start(lab, local, port, dash)
+    monkeypatch.setattr(backend, "_start_scheduler", taken_meanwhile)
+    try:
+        values = {"scheduler": {"env": [{"name": "DASK_LAB_MARK", "value": "2"}]}}
+        ctl.handle(cmd(type="update-lab", lab="lab1", values=values, restart=True), "u1")
+        drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 2)
+        lab = backend.fetch_lab("lab1")
+        drive(ctl, lambda: backend.dashboard(lab).fetch_load().workers == 1)
+        new = backend._local(lab)["scheduler"]
+        assert new["pid"] != old["pid"] and not {new["port"], new["dashboard_port"]} & thief.ports()
+        address = backend.connection_info(lab)["scheduler"]
+        with Client(address, timeout=20) as client:
+            assert client.scheduler_info()["id"] == new["id"] != old["id"]
+        jupyter = backend._local(lab)["jupyter"]
+        assert jupyter["scheduler"] == new["port"] and backend.fetch_jupyter(lab).kernels == 0
+        assert f"DASK_SCHEDULER_ADDRESS={address}".encode() in open(f"/proc/{jupyter['pid']}/environ", "rb").read()
+    finally:
+        thief.close()

@@ -34,7 +34,7 @@ def handle(event):
 '''
 
 
-socket_free_port = procs.free_port
+unused_port = procs._unused_port
 
 
 def group_gone(pgid: int) -> bool:
@@ -73,10 +73,24 @@ def target(tmp_path):
 
 # --- Proc ----------------------------------------------------------------------------------------------
 
-def test_free_port_is_bindable():
-    port = procs.free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+def test_wait_for_report_reads_what_a_process_writes_once_whole(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text('{"port": 4')  # half written: not read yet
+    write = f"import time; time.sleep(0.3); open({str(report)!r}, 'w').write({json.dumps({'port': 41})!r})"
+    writer = procs.spawn([sys.executable, "-c", write + "; time.sleep(30)"], log_path=tmp_path / "w.log")
+    try:
+        assert procs.wait_for_report(writer, report, 10, what="writer") == {"port": 41}
+    finally:
+        procs.stop_pid_group(writer)
+    report.unlink()
+    quitter = procs.spawn(["sh", "-c", "exit 1"], log_path=tmp_path / "q.log")  # its port was taken, say
+    assert procs.wait_for_report(quitter, report, 10, what="quitter") is None
+    sleeper = procs.spawn(["sleep", "30"], log_path=tmp_path / "s.log")
+    try:
+        with pytest.raises(TimeoutError, match="sleeper"):
+            procs.wait_for_report(sleeper, report, 0.2, what="sleeper")
+    finally:
+        procs.stop_pid_group(sleeper)
 
 
 def test_wait_until_returns_value_or_times_out():
@@ -143,15 +157,16 @@ def test_emulator_push_to_functions_server_with_port_races(tmp_path, target, mon
     taken.bind(("127.0.0.1", 0))
     taken.listen()
 
-    def first_port_taken():  # the first port each one is given "races" with another process: retried
-        ports = iter([taken.getsockname()[1]])
-        monkeypatch.setattr(procs, "free_port", lambda: next(ports, None) or socket_free_port())
+    # the emulator cannot say which port it bound when given 0, so it is given one found unused: the first one
+    # "races" with another process, and is retried (functions-framework binds port 0 and logs which one it got)
+    held = taken.getsockname()[1]
+    ports = iter([held])
+    monkeypatch.setattr(procs, "_unused_port", lambda: next(ports, None) or unused_port())
 
     with contextlib.ExitStack() as stack:  # exits in reverse: the emulator stops first, else its open
-        first_port_taken()                 # keep-alive push connections hold gunicorn's graceful stop ~2 s
+        # keep-alive push connections hold gunicorn's graceful stop ~2 s
         server = stack.enter_context(
             procs.start_functions_server("handle", target, env={"OUT": str(out)}, log_path=tmp_path / "ff.log"))
-        first_port_taken()
         emulator = stack.enter_context(procs.start_pubsub_emulator(tmp_path / "emulator"))
         assert emulator.host.startswith("127.0.0.1:")
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator.host)
@@ -178,8 +193,8 @@ def test_emulator_push_to_functions_server_with_port_races(tmp_path, target, mon
         assert lines[0]["message"]["attributes"] == {"kind": "scale"}
     taken.close()
     assert group_gone(emulator.proc.pid) and group_gone(server.proc.pid)
-    assert "BindException" in emulator.log_path.read_text()  # the first attempts' failures, in the same logs
-    assert "Connection in use" in server.log_path.read_text()
+    assert "BindException" in emulator.log_path.read_text()  # the first attempt's failure, in the same log
+    assert server.port != held and "Connection in use" not in server.log_path.read_text()
 
 
 def test_functions_server_serves_a_push_body_while_a_slow_request_runs(tmp_path, target):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dasklab.adapters import dashboard as dashboard_module
 from dasklab.adapters.dashboard import SCHEDULER_API, SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
-from dasklab.adapters.procs import LOCALHOST, free_port, spawn, stop_pid_group, wait_until
+from dasklab.adapters.procs import LOCALHOST, spawn, stop_pid_group, wait_for_report, wait_until
 from dasklab.core.config import Config
 from dasklab.core.errors import SchedulerUnreachable
 
@@ -52,12 +52,14 @@ class ContractLab:
         self.worker_cmd = [str(bin_dir / "dask-worker")] if chart_commands else [str(bin_dir / "dask"), "worker"]
         self.env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DASK_TEMPORARY_DIRECTORY": str(tmp), **LOG_LENGTH_ENV,
                     "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": json.dumps(SCHEDULER_HTTP_ROUTES)}
-        port, dash = free_port(), free_port()
-        self.address, self.url = f"tcp://{LOCALHOST}:{port}", f"http://{LOCALHOST}:{dash}"
-        self.pids = [spawn([*scheduler, "--host", LOCALHOST, "--port", str(port), "--dashboard-address",
-                            f"{LOCALHOST}:{dash}"], env=self.env, log_path=tmp / "scheduler.log")]
+        file = tmp / "scheduler.json"  # the ports it bound (the OS's choice): its address and dashboard
+        self.pids = [spawn([*scheduler, "--host", LOCALHOST, "--port", "0", "--dashboard-address", f"{LOCALHOST}:0",
+                            "--scheduler-file", str(file)], env=self.env, log_path=tmp / "scheduler.log")]
         self.client = None
         try:
+            info = wait_for_report(self.pids[0], file, 60, what=f"{label} scheduler")
+            assert info, f"{label} scheduler exited: {(tmp / 'scheduler.log').read_text()[-2000:]}"
+            self.address, self.url = info["address"], f"http://{LOCALHOST}:{info['services']['dashboard']}"
             self._start()
         except BaseException:
             self.close()

@@ -9,10 +9,11 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from dasklab.adapters.procs import LOCALHOST, spawn, stop_pid_group
+from dasklab.adapters.procs import LOCALHOST, spawn, stop_pid_group, wait_for_report
 from dasklab.core.errors import JupyterUnreachable, NoEndpoints, SchedulerUnreachable
 from dasklab.core.model import NO_JUPYTER, JupyterActivity
 
+JUPYTER_START_S = 120.0  # until Jupyter Server writes its server file (the port it serves on)
 STOP_TIMEOUT_S = 20.0  # on SIGTERM Jupyter shuts its kernels down (a busy one is killed after ~5 s)
 
 
@@ -31,12 +32,13 @@ def write_token(path: Path, token: str) -> None:
         f.write(token)
 
 
-def start_jupyter(python: str, *, port: int, token_file: Path, root_dir: Path, runtime_dir: Path,
-                  scheduler_address: str, env: dict, log_path: Path) -> int:
-    """Start JupyterLab with `python` (its kernels run that python too) on 127.0.0.1:`port`, logging in with the
-    token in `token_file`, DASK_SCHEDULER_ADDRESS set (so `distributed.Client()` joins the lab). Returns its pid,
-    to stop with `stop_jupyter`. The token is never on the command line; the runtime dir (connection files) is
-    the lab's own."""
+def start_jupyter(python: str, *, port: int = 0, token_file: Path, root_dir: Path, runtime_dir: Path,
+                  scheduler_address: str, env: dict, log_path: Path) -> tuple[int, int] | None:
+    """Start JupyterLab with `python` (its kernels run that python too) on 127.0.0.1:`port` (0: one the OS gives
+    it), logging in with the token in `token_file`, DASK_SCHEDULER_ADDRESS set (so `distributed.Client()` joins the
+    lab), and wait for its server file in the runtime dir (the lab's own; connection files too): (pid, the port it
+    serves on), the pid to stop with `stop_jupyter`. None if it exited first (a taken `port`: it tries no other);
+    TransientError if it writes nothing in time. The token is never on the command line."""
     root_dir.mkdir(parents=True, exist_ok=True)
     runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = [python, "-m", "jupyterlab", "--no-browser", f"--ServerApp.ip={LOCALHOST}", f"--ServerApp.port={port}",
@@ -46,7 +48,14 @@ def start_jupyter(python: str, *, port: int, token_file: Path, root_dir: Path, r
     full_env = {**env, "JUPYTER_TOKEN_FILE": str(token_file), "JUPYTER_RUNTIME_DIR": str(runtime_dir),
                 "DASK_SCHEDULER_ADDRESS": scheduler_address}
     full_env.pop("JUPYTER_TOKEN", None)
-    return spawn(argv, env=full_env, log_path=log_path)
+    pid = spawn(argv, env=full_env, log_path=log_path)
+    # jupyter_server 2 writes jpserver-<pid>.json (ServerApp.info_file) with the port it chose, then binds it
+    try:
+        report = wait_for_report(pid, runtime_dir / f"jpserver-{pid}.json", JUPYTER_START_S, what="Jupyter Server")
+    except TimeoutError as e:
+        stop_jupyter(pid)
+        raise JupyterUnreachable(f"{e}; log {log_path}") from None
+    return (pid, int(report["port"])) if report else None
 
 
 def _children(pid: int) -> list[int]:

@@ -27,9 +27,10 @@ from dasklab.core.tombstones import TOMBSTONE_TTL_S
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES, Dashboard, HttpTransport
 from dasklab.adapters.envs import ensure_env
 from dasklab.adapters.jupyter import JupyterApi, jupyter_available, start_jupyter, stop_jupyter, write_token
-from dasklab.adapters.procs import EXIT_NOTE, free_port, pid_alive, spawn, stop_pid_group
+from dasklab.adapters.procs import EXIT_NOTE, LOCALHOST, pid_alive, spawn, stop_pid_group, wait_for_report
 
 
+SCHEDULER_START_S = 60.0  # until a scheduler writes its scheduler file (the ports it bound)
 RETIRE_TIMEOUT_S = 15.0  # a retired worker still running this long after its retirement is stopped
 EXITED_KEPT = 20  # workers that died, remembered (name, when) so their logs still say why after they are replaced
 # what distributed 2026.8 logs (its default format "%(asctime)s - %(name)s - %(levelname)s - %(message)s"): the
@@ -51,6 +52,25 @@ def build_worker_argv(python: str, scheduler: str, name: str, nthreads: int, mem
     the scheduler closes its nanny too (distributed ≥ 2024.2.1), so it never comes back."""
     return [python, "-m", "distributed.cli.dask_worker", scheduler, "--name", name, "--nthreads", str(nthreads),
             "--memory-limit", str(memory_limit), "--nanny", "--no-dashboard", "--host", "127.0.0.1"]
+
+
+def start_scheduler(args: list[str], *, file: Path, env: dict, log_path: Path, port: int = 0,
+                    dashboard_port: int = 0) -> tuple[int, dict] | None:
+    """Start a dask-scheduler on 127.0.0.1 (`args` are extra options) on `port`, its dashboard on `dashboard_port`
+    (0: a port the OS gives it; a taken dashboard port moves elsewhere with a mere warning, distributed/node.py
+    start_http_server), and wait for its scheduler file: (pid, the scheduler's identity there: `id`, `address`,
+    `services` → `dashboard`). None if it exited first (a taken `port`); TransientError if it writes nothing."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.unlink(missing_ok=True)  # a stale one (a killed scheduler) would name ports no longer ours
+    pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
+                 f"--dashboard-address={LOCALHOST}:{dashboard_port}", f"--scheduler-file={file}", *args,
+                 "--host", LOCALHOST], env=env, log_path=log_path)
+    try:
+        report = wait_for_report(pid, file, SCHEDULER_START_S, what="dask-scheduler")
+    except TimeoutError as e:
+        stop_pid_group(pid)
+        raise TransientError(f"{e}; log {log_path}") from None
+    return (pid, report) if report else None
 
 
 def _node_of(worker_name: str) -> str:
@@ -300,14 +320,25 @@ class LocalBackend:
         with self._update(lab.name) as local:
             if local["scheduler"] and pid_alive(local["scheduler"]["pid"]):
                 return
-            self._start_scheduler(lab, local, free_port(), free_port())
+            self._start_scheduler(lab, local)
 
-    def _start_scheduler(self, lab: Lab, local: dict, port: int, dash: int) -> None:
-        pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                     "--port", str(port), "--dashboard-address", f"127.0.0.1:{dash}"],
-                    env={**_plain_env(lab.spec.values, "scheduler"), **self._env(lab)},
-                    log_path=self._log(lab, "scheduler"))
-        local["scheduler"] = {"pid": pid, "port": port, "dashboard_port": dash,
+    def _start_scheduler(self, lab: Lab, local: dict, port: int = 0, dash: int = 0) -> None:
+        """Start the lab's scheduler and record the ports it bound, read back from its scheduler file: those the OS
+        gave it, or (a restart) `port` and `dash` again so that its addresses stay; if another process took `port`
+        meanwhile, it starts on a port the OS gives it, and the log says so (its workers start again on it)."""
+        env, log = {**_plain_env(lab.spec.values, "scheduler"), **self._env(lab)}, self._log(lab, "scheduler")
+        file = self.root / lab.name / "scheduler.json"
+        started = start_scheduler([], file=file, env=env, log_path=log, port=port, dashboard_port=dash)
+        if started is None and port:
+            started = start_scheduler([], file=file, env=env, log_path=log, dashboard_port=dash)
+        if started is None:
+            raise TransientError(f"scheduler exited at start: {self._tail(lab, 'scheduler')}")
+        pid, report = started
+        bound, dashboard = int(report["address"].rsplit(":", 1)[1]), int(report["services"]["dashboard"])
+        if port and (bound, dashboard) != (port, dash):
+            logs.emit("WARNING", lab=lab.name, action="scheduler-ports", **{"from": [port, dash]},
+                      to=[bound, dashboard], reason="its recorded ports were taken by another process meanwhile")
+        local["scheduler"] = {"pid": pid, "port": bound, "dashboard_port": dashboard, "id": report["id"],
                               "signature": self._scheduler_signature(lab.spec)}
 
     def apply_install(self, lab: Lab) -> None:
@@ -320,19 +351,28 @@ class LocalBackend:
             local["installed"] = True
 
     def _start_jupyter(self, lab: Lab, sched: dict, port: int | None = None) -> dict | None:
-        """Start the lab's Jupyter with the lab's python: with a new token on a free port, or (a restart) on `port`
-        with the token it had, so the URL `dasklab connect` printed stays valid."""
+        """Start the lab's Jupyter with the lab's python: with a new token on a port the OS gives it, or (a restart)
+        on `port` with the token it had, so the URL `dasklab connect` printed stays valid; if another process took
+        `port` meanwhile, on a port the OS gives it, and the log says so. Records the port it serves on."""
         python = self.jupyter_python(lab.spec)
         if not jupyter_enabled(lab.spec.values) or not jupyter_available(python):
             return None  # the values disable it, or JupyterLab is not installed (connection_info says so)
         here = self.root / lab.name / "jupyter"
         if port is None:
             write_token(here / "token", secrets.token_hex(32))  # 256 bits, this user only
-            port = free_port()
-        pid = start_jupyter(python, port=port, token_file=here / "token", root_dir=self.root / lab.name / "notebooks",
-                            runtime_dir=here / "runtime", scheduler_address=f"tcp://127.0.0.1:{sched['port']}",
-                            env=self._env(lab), log_path=self._log(lab, "jupyter"))
-        return {"pid": pid, "port": port, "python": python}
+        options = dict(token_file=here / "token", root_dir=self.root / lab.name / "notebooks",
+                       runtime_dir=here / "runtime", scheduler_address=f"tcp://{LOCALHOST}:{sched['port']}",
+                       env=self._env(lab), log_path=self._log(lab, "jupyter"))
+        started = start_jupyter(python, port=port or 0, **options)
+        if started is None and port:
+            started = start_jupyter(python, **options)
+            if started:
+                logs.emit("WARNING", lab=lab.name, action="jupyter-port", **{"from": port}, to=started[1],
+                          reason="its recorded port was taken by another process meanwhile: its URL changed")
+        if started is None:
+            raise JupyterUnreachable(f"Jupyter exited at start: {self._tail(lab, 'jupyter')}")
+        pid, bound = started
+        return {"pid": pid, "port": bound, "python": python, "scheduler": sched["port"]}
 
     def _jupyter_api(self, lab: Lab, jupyter: dict) -> JupyterApi:
         token = (self.root / lab.name / "jupyter" / "token").read_text().strip()
@@ -409,12 +449,16 @@ class LocalBackend:
 
     def _roll_jupyter(self, lab: Lab) -> bool:
         """One step of running the lab's Jupyter as its values say: in its environment, or none when they disable it
-        (or JupyterLab is not installed). A Jupyter of another environment, or one that exited (a crash between
-        stopping and starting it), is started again on its port with its token; its kernels are lost, as the
-        update's notes say. True once it runs as asked and answers."""
-        jupyter, wanted = self._local(lab).get("jupyter"), jupyter_enabled(lab.spec.values)
+        (or JupyterLab is not installed). A Jupyter of another environment, one whose scheduler moved to another port
+        (restarted while another process held its port: the kernels' DASK_SCHEDULER_ADDRESS names the old one), or
+        one that exited (a crash between stopping and starting it), is started again on its port with its token; its
+        kernels are lost, as the update's notes say. True once it runs as asked and answers."""
+        local = self._local(lab)
+        jupyter, wanted = local.get("jupyter"), jupyter_enabled(lab.spec.values)
         python = self.jupyter_python(lab.spec) if wanted else None
-        if jupyter and jupyter.get("python") == python and pid_alive(jupyter["pid"]):
+        scheduler = (local["scheduler"] or {}).get("port")
+        if jupyter and jupyter.get("python") == python and jupyter.get("scheduler", scheduler) == scheduler \
+                and pid_alive(jupyter["pid"]):
             try:
                 self._jupyter_api(lab, jupyter).fetch_activity()
             except JupyterUnreachable:
@@ -429,8 +473,13 @@ class LocalBackend:
                 stop_jupyter(jupyter["pid"])  # its kernels with it
             local["jupyter"] = self._start_jupyter(lab, local["scheduler"], port=jupyter and jupyter["port"]) \
                 if wanted else None
-        why = ("stopped: the values disable it" if not wanted else "started: the values enable it" if not jupyter
-               else f"restarted into the lab's environment, on its port {jupyter['port']} with its token")
+            port = (local["jupyter"] or {}).get("port")
+        why = "stopped: the values disable it" if not wanted else "started: the values enable it"
+        if wanted and jupyter:
+            cause = f"for its scheduler, now on port {scheduler}" if jupyter.get("python") == python and \
+                jupyter.get("scheduler", scheduler) != scheduler else "into the lab's environment"
+            where = f"on its port {port}" if port == jupyter["port"] else f"on port {port} (its port was taken)"
+            why = f"restarted {cause}, {where} with its token"
         logs.emit("INFO", lab=lab.name, action="jupyter-restart", revision=lab.spec.revision, python=python,
                   reason=why + ("; kernel state is lost, results on the workers are kept" if jupyter else ""))
         return False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,16 +26,9 @@ _LAUNCHER = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 # functions-framework 3.10 serves with gunicorn: WORKERS processes x THREADS threads (gthread worker),
 # CLOUD_RUN_TIMEOUT_SECONDS=0 disables gunicorn's timeout. We pin them so a long request never blocks
 # the others and the behaviour does not depend on the CPU count (its default is THREADS = 4 x CPUs).
-# GUNICORN_LOG_LEVEL=info makes it log "Listening at: …", which tells us that the port is ours.
+# GUNICORN_LOG_LEVEL=info makes it log "Listening at: …", which tells us the port it bound (it is ours).
 FUNCTIONS_SERVER_ENV = {"WORKERS": "1", "THREADS": "8", "CLOUD_RUN_TIMEOUT_SECONDS": "0",
                         "GUNICORN_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (another process may still take it before we bind it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
@@ -226,25 +221,36 @@ def _http_get(port: int) -> tuple[int, bytes] | None:
         conn.close()
 
 
-def _spawn_on_free_port(argv: Callable[[int], list[str]], *, log_path: Path, env: Mapping[str, str] | None,
-                        name: str, listening: str, ready: Callable[[int], bool], port_taken: str,
-                        timeout: float) -> tuple[Proc, int]:
-    """Start `argv(port)` on a free port; ready once its log says `listening.format(port=…)` (so that
-    it is our process that holds the port) and `ready(port)`. free_port() races with other processes:
-    retry twice when the log says `port_taken`. RuntimeError with the log tail otherwise."""
+def _unused_port() -> int:
+    """A port free on 127.0.0.1 a moment ago, for the Java emulators only: asked for port 0, they bind one but log
+    and report "listening on 0" (measured here), so we cannot learn theirs. Another process may take it first:
+    `_spawn_listening` retries then."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def _spawn_listening(argv: Callable[[int], list[str]], *, log_path: Path, env: Mapping[str, str] | None,
+                     name: str, listening: str, ready: Callable[[int], bool], port_taken: str, timeout: float,
+                     port: Callable[[], int] = lambda: 0) -> tuple[Proc, int]:
+    """Start `argv(port())` (0: a port the OS gives it) and read the port it bound from its log (the regex
+    `listening`, group 1), so that it is our process that holds it; ready once `ready(port)` too. A port named in
+    advance (`port` given) may be taken by another process first: retry twice when the log says `port_taken`.
+    RuntimeError with the log tail otherwise."""
     for attempt in range(3):
-        port = free_port()
-        proc = Proc.spawn(argv(port), log_path=log_path, env=env, name=name)
-        line = listening.format(port=port)
+        proc = Proc.spawn(argv(port()), log_path=log_path, env=env, name=name)
+
+        def bound(proc: Proc = proc) -> int | None:
+            found = re.search(listening, proc.log_text())
+            return int(found.group(1)) if found else None
         try:
-            _wait_ready(proc, lambda proc=proc, line=line, port=port: line in proc.log_text() and ready(port),
-                        timeout, what=f"{name} on {LOCALHOST}:{port}",
+            _wait_ready(proc, lambda bound=bound: (at := bound()) is not None and ready(at), timeout, what=name,
                         failed=lambda proc=proc: port_taken in proc.log_text())
         except RuntimeError as exc:
             if attempt < 2 and port_taken in str(exc):
                 continue
             raise
-        return proc, port
+        return proc, bound()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -326,11 +332,11 @@ def start_pubsub_emulator(data_dir: Path, project: str = "dasklab-local", *, tim
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "pubsub-emulator.log"
     # on a taken port the JVM logs a BindException and keeps running: the log tells, not the exit code
-    proc, port = _spawn_on_free_port(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
-                                     log_path=log_path, env=None, name="Pub/Sub emulator",
-                                     listening="Server started, listening on {port}",
-                                     ready=lambda port: _http_get(port) == (200, b"Ok"),
-                                     port_taken="java.net.BindException", timeout=timeout)
+    proc, port = _spawn_listening(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
+                                  log_path=log_path, env=None, name="Pub/Sub emulator",
+                                  listening=r"Server started, listening on (\d+)", port=_unused_port,
+                                  ready=lambda port: _http_get(port) == (200, b"Ok"),
+                                  port_taken="java.net.BindException", timeout=timeout)
     return Emulator(host=f"{LOCALHOST}:{port}", project=project, proc=proc, log_path=log_path)
 
 
@@ -372,11 +378,11 @@ def start_firestore_emulator(data_dir: Path, *, timeout: float = 60.0) -> Firest
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "firestore-emulator.log"
-    proc, port = _spawn_on_free_port(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
-                                     log_path=log_path, env=None, name="Firestore emulator",
-                                     listening=f"API endpoint: http://{LOCALHOST}:{{port}}",
-                                     ready=lambda port: _http_get(port) == (200, b"Ok"),
-                                     port_taken="java.net.BindException", timeout=timeout)
+    proc, port = _spawn_listening(lambda port: [*cmd, f"--host={LOCALHOST}", f"--port={port}"],
+                                  log_path=log_path, env=None, name="Firestore emulator",
+                                  listening=rf"API endpoint: http://{re.escape(LOCALHOST)}:(\d+)", port=_unused_port,
+                                  ready=lambda port: _http_get(port) == (200, b"Ok"),
+                                  port_taken="java.net.BindException", timeout=timeout)
     return FirestoreEmulator(host=f"{LOCALHOST}:{port}", proc=proc, log_path=log_path)
 
 
@@ -405,12 +411,12 @@ def start_functions_server(target: str, source: Path, *, env: Mapping[str, str] 
         return [sys.executable, "-m", "functions_framework", "--target", target, "--source", str(source),
                 "--signature-type", "cloudevent", "--host", LOCALHOST, "--port", str(port)]
 
-    # gunicorn logs "Listening at" (info) once bound, then any HTTP answer to GET / (405 for a CloudEvent
-    # target) means a worker serves; on a taken port it logs "Connection in use", retrying ~5 s, then exits
-    proc, port = _spawn_on_free_port(argv, log_path=Path(log_path), env=full_env, name=f"functions-framework {target}",
-                                     listening=f"Listening at: http://{LOCALHOST}:{{port}}",
-                                     ready=lambda port: _http_get(port) is not None,
-                                     port_taken="Connection in use", timeout=timeout)
+    # asked for port 0, gunicorn logs "Listening at: http://127.0.0.1:<the port it bound>" (info), then any HTTP
+    # answer to GET / (405 for a CloudEvent target) means a worker serves
+    proc, port = _spawn_listening(argv, log_path=Path(log_path), env=full_env, name=f"functions-framework {target}",
+                                  listening=rf"Listening at: http://{re.escape(LOCALHOST)}:(\d+)",
+                                  ready=lambda port: _http_get(port) is not None,
+                                  port_taken="Connection in use", timeout=timeout)
     return FunctionsServer(url=f"http://{LOCALHOST}:{port}/", port=port, proc=proc, log_path=Path(log_path))
 
 
@@ -429,6 +435,29 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Pa
     if note_exit:
         argv = ["/bin/sh", "-c", f'"$@"; echo "{EXIT_NOTE}$?"', "sh", *argv]
     return Proc.spawn(argv, log_path=log_path, env=env).pid
+
+
+def read_report(path: Path) -> dict | None:
+    """The JSON object a process wrote to `path`, or None while it is missing or half written."""
+    try:
+        report = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def wait_for_report(pid: int, path: Path, timeout: float, what: str) -> dict | None:
+    """What process `pid` writes to `path` once it listens: the ports it bound, those the OS gave it when it asked
+    for port 0 (a port found free and released can be taken by another process before it is bound, so we never pick
+    one). None if `pid` exits first (an explicit port was taken, say); TimeoutError after `timeout` s (it runs on)."""
+    deadline = time.monotonic() + timeout
+    while (report := read_report(path)) is None:
+        if not pid_alive(pid):
+            return None
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} (pid {pid}) wrote no {path.name} in {timeout}s")
+        time.sleep(0.05)
+    return report
 
 
 def pid_alive(pid: int) -> bool:
