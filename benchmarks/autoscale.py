@@ -299,7 +299,8 @@ class CountingHandler(logging.Handler):
 
 def _local_lab(home: Path, lab: str, initial: int, lo: int, hi: int, params: dict, echo: bool):
     """A local lab through dasklab's own controller: start-lab, reconcile until ready, `initial` workers joined."""
-    from dasklab.adapters.local import FileEvents, LocalBackend
+    from dasklab.adapters.local import LocalBackend
+    from dasklab.adapters.files import FileEvents
     from dasklab.core.config import Config
     from dasklab.core.messages import parse_command
     from dasklab.core.reconcile import Controller

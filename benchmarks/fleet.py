@@ -229,7 +229,7 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
             from dasklab.adapters.firestore import FirestoreClasses
             store = FirestoreClasses(f"bench-{os.getpid()}")
         else:
-            from dasklab.adapters.local import FileClasses
+            from dasklab.adapters.files import FileClasses
             store = FileClasses(Path(os.environ["BENCH_CLASSES_DIR"]))
         roster = tuple(f"s{i:03d}" for i in range(n))
         now = time.time()

@@ -15,7 +15,8 @@ import time
 
 from distributed import Client
 
-from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileEvents
 from dasklab.core.config import Config
 from dasklab.core.messages import parse_command
 from dasklab.core.reconcile import Controller

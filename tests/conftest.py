@@ -6,7 +6,8 @@ import time
 import pytest
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileEvents
 from dasklab.core.config import Config
 from dasklab.core.messages import parse_command
 from dasklab.core.model import DaskLoad, LabSpec, LabState

@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileClasses, FileReports, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileClasses, FileReports
 from dasklab.core.classes import ClassRecord, class_cost, class_usage, plan_budget, plan_class, plan_class_lifetime, \
     plan_lead_time, usage_of
 from dasklab.core.config import Config

@@ -14,7 +14,8 @@ from cloudevents.http import CloudEvent
 from dasklab.core import config
 from dasklab import entry
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileEvents
 from dasklab.core.errors import ConflictError
 from dasklab.local.serve import push_envelope
 

@@ -229,7 +229,7 @@ def start_stop_histories(draw):
 @given(start_stop_histories())
 def test_out_of_order_start_and_stop_end_as_the_last_published(history):
     import tempfile
-    from dasklab.adapters.local import FileTombstones
+    from dasklab.adapters.files import FileTombstones
     from dasklab.core.errors import PermanentError, TransientError
     from dasklab.core.reconcile import Controller
     from tests.fakes import FakeBackend, ListEvents

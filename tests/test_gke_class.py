@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from dasklab.adapters.gke import class_cluster, place_of
-from dasklab.adapters.local import FileClasses
+from dasklab.adapters.files import FileClasses
 from dasklab.adapters.procs import pid_alive
 from dasklab.core.messages import parse_command
 from dasklab.core.model import READY, node_hour_usd

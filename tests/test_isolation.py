@@ -7,7 +7,7 @@ import time
 
 import pytest
 from dasklab.adapters.gke import class_cluster
-from dasklab.adapters.local import FileClasses
+from dasklab.adapters.files import FileClasses
 from dasklab.adapters.procs import pid_alive
 from dasklab.core.messages import parse_command
 from dasklab.core.model import READY

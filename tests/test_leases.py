@@ -13,7 +13,8 @@ from tests.conftest import cmd, drive
 RACER = """
 import logging, sys, time
 from pathlib import Path
-from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileEvents
 from dasklab.core.reconcile import Controller
 from tests.conftest import FAST
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")

@@ -146,7 +146,7 @@ def deliver_out_of_order(seed, tombstones):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_out_of_order_delivery_ends_as_the_last_published_message_says(seed, tmp_path):
-    from dasklab.adapters.local import FileTombstones
+    from dasklab.adapters.files import FileTombstones
     assert deliver_out_of_order(seed, FileTombstones(tmp_path)) == {"a": READY, "e": READY}
 
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from google.cloud import scheduler_v1 as sched
 
-from dasklab.adapters.local import FileClasses
+from dasklab.adapters.files import FileClasses
 from dasklab.adapters.scheduler import SchedulerWakeups, build_fire_time, build_schedule
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, RateLimited, TransientError, ValidationError

@@ -11,7 +11,8 @@ from cloudevents.http import CloudEvent
 from dasklab import entry
 from dasklab.adapters import procs
 from dasklab.adapters.firestore import COLLECTION, FirestoreTombstones
-from dasklab.adapters.local import FileTombstones, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileTombstones
 from dasklab.core import config
 from dasklab.core.config import Config
 from dasklab.core.errors import TransientError

@@ -12,7 +12,7 @@ def build_events(config: Config):
     if config.backend == "gke" or os.environ.get("PUBSUB_EMULATOR_HOST"):
         from dasklab.adapters.pubsub import PubSubEvents
         return PubSubEvents(config.project or "dasklab-local", config.status_topic)
-    from dasklab.adapters.local import FileEvents
+    from dasklab.adapters.files import FileEvents
     return FileEvents(Path(config.home) / "status.jsonl")
 
 
@@ -27,7 +27,7 @@ def build_backend(config: Config):
 def build_tombstones(config: Config):
     """Where stop-labs outlive their labs: files under DASKLAB_HOME locally, Firestore on Google Cloud."""
     if config.backend == "local":
-        from dasklab.adapters.local import FileTombstones
+        from dasklab.adapters.files import FileTombstones
         return FileTombstones(config.home)
     from dasklab.adapters.firestore import FirestoreTombstones
     return FirestoreTombstones(config.project, config.firestore_database)
@@ -36,7 +36,7 @@ def build_tombstones(config: Config):
 def build_classes(config: Config):
     """Where class records live: files under DASKLAB_HOME locally, Firestore on Google Cloud."""
     if config.backend == "local":
-        from dasklab.adapters.local import FileClasses
+        from dasklab.adapters.files import FileClasses
         return FileClasses(config.home)
     from dasklab.adapters.firestore import FirestoreClasses
     return FirestoreClasses(config.project, config.firestore_database)
@@ -55,7 +55,7 @@ def build_wakeups(config: Config):
 def build_reports(config: Config):
     """What was reported once (a contained lab's lab-degraded): files locally, Firestore on Google Cloud."""
     if config.backend == "local":
-        from dasklab.adapters.local import FileReports
+        from dasklab.adapters.files import FileReports
         return FileReports(config.home)
     from dasklab.adapters.firestore import FirestoreReports
     return FirestoreReports(config.project, config.firestore_database)

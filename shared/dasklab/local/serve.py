@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from dasklab.adapters import procs
-from dasklab.adapters.local import FileEvents, LocalBackend
+from dasklab.adapters.local import LocalBackend
+from dasklab.adapters.files import FileEvents
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
 from dasklab.core.timers import load_infra
