@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 from dasklab.adapters.release import build_helm_values, chart_fullname
 from dasklab.core.config import Config
-from dasklab.core.messages import build_spec, parse_command
+from dasklab.core.messages import parse_command
+from dasklab.core.specs import build_spec
 
 from tests.gke_world import CONFIG, World
 

@@ -9,7 +9,8 @@ import yaml
 from dasklab.core.config import Config
 from dasklab.core.environment import check_environment, environment_record
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import build_spec, build_update, parse_command
+from dasklab.core.messages import parse_command
+from dasklab.core.specs import build_spec, build_update
 from dasklab.core.policy import JUPYTER_RESTARTS, plan_jupyter_restart, plan_rollout, plan_update
 from tests.conftest import make_spec
 

@@ -9,7 +9,8 @@ import pytest
 from dasklab import entry
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import COMMAND_TYPES, TICK_TYPES, Scale, StartLab, build_spec, check_caps, parse_command
+from dasklab.core.messages import COMMAND_TYPES, TICK_TYPES, Scale, StartLab, parse_command
+from dasklab.core.specs import build_spec, check_caps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

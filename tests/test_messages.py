@@ -9,7 +9,8 @@ import yaml
 
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import MAX_MESSAGE_BYTES, StartLab, build_spec, check_caps, decode_pubsub, parse_command
+from dasklab.core.messages import MAX_MESSAGE_BYTES, StartLab, decode_pubsub, parse_command
+from dasklab.core.specs import build_spec, check_caps
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NESTED_20: dict = {}

@@ -15,7 +15,8 @@ import yaml
 from dasklab.adapters.release import build_helm_values
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import build_spec, parse_command
+from dasklab.core.messages import parse_command
+from dasklab.core.specs import build_spec
 from dasklab.core.model import READY, Lab, LabState, parse_cpu, parse_memory
 from dasklab.core.overrides import note_field
 from dasklab.core.reconcile import Controller

@@ -6,7 +6,8 @@ import pytest
 from dasklab.core import config as config_mod
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import build_system_usd_h, parse_command
+from dasklab.core.messages import parse_command
+from dasklab.core.specs import build_system_usd_h
 from dasklab.core.model import CLUSTER_FEE_PER_HOUR, MACHINE_TYPES, estimate_cost, node_hour_usd
 from tests.conftest import make_spec
 

@@ -14,7 +14,8 @@ from dasklab.adapters.gke import (
 )
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, ValidationError
-from dasklab.core.messages import build_spec, parse_command
+from dasklab.core.messages import parse_command
+from dasklab.core.specs import build_spec
 from dasklab.core.model import Lab, LabState, nodes_per_zone
 from dasklab.adapters.release import (
     POOL_LABEL,

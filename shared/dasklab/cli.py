@@ -96,7 +96,8 @@ def _messages(a) -> dict:
 def validate(payload: dict, cfg) -> None:
     """Refuse a command here with the very error the function would log (caps included)."""
     from dasklab.core.environment import check_environment
-    from dasklab.core.messages import Scale, StartClass, StartLab, UpdateLab, build_spec, check_caps, parse_command
+    from dasklab.core.messages import Scale, StartClass, StartLab, UpdateLab, parse_command
+    from dasklab.core.specs import build_spec, check_caps
     cmd = parse_command(payload)
     if isinstance(cmd, (StartLab, StartClass)):
         spec = build_spec(cmd.student_lab(cmd.roster[0]) if isinstance(cmd, StartClass) else cmd, cfg)

@@ -6,7 +6,8 @@ from dataclasses import replace
 from dasklab.core import logs
 from dasklab.core.context import Part, iso, poisoned
 from dasklab.core.errors import PermanentError, TransientError
-from dasklab.core.messages import StopLab, build_spec, build_system_usd_h, parse_command
+from dasklab.core.messages import StopLab, parse_command
+from dasklab.core.specs import build_spec, build_system_usd_h
 from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, class_cost, \
     class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time
 from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, READY, SHARED, TEARING_DOWN, Lab

@@ -2,7 +2,7 @@
 plans the reconcile applies (which labs to start or stop, when to start provisioning, budgets)."""
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 

@@ -8,7 +8,8 @@ from dasklab.core import logs
 from dasklab.core.context import ACCEPTED, DONE, NOTHING_TO_DO, Part, iso
 from dasklab.core.errors import PermanentError, ValidationError
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, \
-    StartClass, StartLab, StopClass, StopLab, TeardownIdle, UpdateLab, build_spec, build_update, check_caps
+    StartClass, StartLab, StopClass, StopLab, TeardownIdle, UpdateLab
+from dasklab.core.specs import build_spec, build_update, check_caps
 from dasklab.core.overrides import note_field
 from dasklab.core.tombstones import UNPIN, plan_ordered, plan_ordered_limits
 from dasklab.core.classes import ClassRecord, wakeup_message
