@@ -326,7 +326,8 @@ def main() -> int:
     from contextlib import ExitStack
     from dasklab.adapters import procs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the emulator and the stand-in are stopped
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = [str(ROOT / "shared"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     me = [sys.executable, str(Path(__file__).resolve())]
     stack = ExitStack()
     scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
