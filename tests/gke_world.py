@@ -138,7 +138,8 @@ class World:
 
     def sync(self) -> None:
         """Instances of running clusters become Nodes; Dask processes follow the pods; gone clusters are cleaned."""
-        running = {name for name, c in self.gke.clusters.items() if c.status.name == "RUNNING"}
+        running = {name for name, c in self.gke.clusters.items()  # nodes serve in all three (Cluster.Status)
+                   if c.status.name in ("RUNNING", "RECONCILING", "DEGRADED")}
         nodes = {n: g for n, g in self.migs.nodes().items() if g.cluster in running}
         if self.worker_node_quota is not None:
             pool = sorted(n for n, g in nodes.items() if g.pool == CONFIG.worker_pool)

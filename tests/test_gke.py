@@ -1,6 +1,7 @@
 """The core on the GKE backend through the real clients: GKE, Kubernetes and instance-group stand-ins, a fake
 helm rendering the chart, and real Dask processes for the scheduler and every worker pod."""
 
+import argparse
 import json
 import logging
 import time
@@ -461,6 +462,31 @@ def test_a_compute_permission_refusal_fails_the_lab_naming_it_and_it_is_torn_dow
     assert len(failed) == 1 and "compute.instanceGroupManagers.update" in failed[0]["reason"]
     assert "compute.instanceGroupManagers.update" in lab_of(ctl).state.reason
     drive(ctl, world, lambda: not world.gke.clusters, tick="teardown-idle")  # failed labs are deleted
+
+
+def test_a_degraded_cluster_keeps_its_ready_lab_autoscaling_and_status_says_why(world, controller, monkeypatch,
+                                                                                capsys):
+    """DEGRADED: the cluster "requires user action to restore full functionality" (Cluster.Status docstring) but
+    runs. The lab stays ready, scales on, and `dasklab status` says DEGRADED with GKE's status message."""
+    from dasklab import cli, runtime
+    ctl, cluster = controller, f"{PARENT}/clusters/lab1"
+    handle(ctl, start_msg())
+    drive(ctl, world, lambda: phase(ctl) == "ready")
+    why = "Nodes of node pool workers cannot be repaired: check the node service account's permissions"
+    world.gke.degrade(cluster, why)
+    pin(ctl, 4)
+    drive(ctl, world, lambda: workers(ctl) == 4)
+    assert world.gke.clusters[cluster].status.name == "DEGRADED" and phase(ctl) == "ready"
+    assert not [e for e in ctl.events.published if e["event"] in ("lab-failed", "lab-deleted")]
+    infra = ctl.backend.fetch_infra(lab_of(ctl))
+    assert (infra.cluster, infra.release) == ("running", "deployed") and f"cluster DEGRADED: {why}" in infra.detail
+    monkeypatch.setattr(runtime, "build_backend", lambda cfg: ctl.backend)
+    monkeypatch.setattr(runtime, "build_classes", lambda cfg: type("NoClasses", (), {"fetch_classes": list})())
+    assert cli.cmd_status(argparse.Namespace(json=False, class_=None), CONFIG) == 0
+    assert f"lab1: cluster DEGRADED: {why}" in capsys.readouterr().out
+    world.gke.recover(cluster)
+    ctl.backend.fetch_labs()
+    assert "cluster_status" not in ctl.backend.connection_info(lab_of(ctl))
 
 
 def test_a_create_refused_for_quota_publishes_lab_failed_naming_the_quota(world, controller):

@@ -255,7 +255,7 @@ def fetch_status(cfg, now: float | None = None) -> list[dict]:
             "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
             "dask": info.get("dask_version"), "notes": list(spec.notes),
             "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab),
-            "degraded": state.degraded_reason or None})
+            "degraded": state.degraded_reason or None, "cluster": info.get("cluster_status")})
     return rows
 
 
@@ -342,6 +342,8 @@ def cmd_status(a, cfg) -> int:
     for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
         if r["degraded"]:
             print(f"{r['lab']} degraded: {r['degraded']}")
+        if r["cluster"]:  # its cluster runs but is not plainly RUNNING (DEGRADED, RECONCILING), as the backend reads it
+            print(f"{r['lab']}: {r['cluster']}")
     for c in classes:
         budget = f" of its budget ${c['budget_usd']:.2f}" if c["budget_usd"] else ""
         labs = ", ".join(f"{n} {p}" for p, n in c["labs"].items()) or "no lab yet"

@@ -68,7 +68,11 @@ EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
 HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
 Status = gke.Cluster.Status
-UP = (Status.RUNNING, Status.RECONCILING)
+# The running clusters (Cluster.Status docstrings): RUNNING "fully usable"; RECONCILING "work is actively being done on
+# the cluster, such as upgrading the master or node software"; DEGRADED "requires user action to restore full
+# functionality" (its API and nodes still serve: the lab stays and says why). Only ERROR ("unusable. It will be
+# automatically deleted") is a failed cluster.
+UP = (Status.RUNNING, Status.RECONCILING, Status.DEGRADED)
 
 
 @dataclass(frozen=True)
@@ -612,7 +616,7 @@ class GkeBackend:
                 f" (operation {pending[0].name} {pending[0].status.name})" if pending else ""))
         if cluster.status == Status.STOPPING:
             return Infra("deleting")
-        if cluster.status in (Status.ERROR, Status.DEGRADED):
+        if cluster.status == Status.ERROR:
             return Infra("error", detail=cluster.status_message or error or f"cluster {cluster.status.name}")
         if cluster.status not in UP:
             return Infra("creating", detail=f"cluster {cluster.status.name}")
@@ -622,7 +626,16 @@ class GkeBackend:
                 return Infra("deleting", detail=f"namespace {place.namespace} being deleted")
             if phase is None and not self._labels_hold(cluster, lab):
                 return Infra("absent")
-        return Infra("running", *self._release_state(lab, cluster))
+        release, detail = self._release_state(lab, cluster)
+        note = self._cluster_note(cluster)
+        return Infra("running", release, "; ".join(d for d in (note, detail) if d))
+
+    @staticmethod
+    def _cluster_note(cluster: gke.Cluster | None) -> str:
+        """What a running cluster that is not plainly RUNNING says (DEGRADED, RECONCILING: its status message)."""
+        if cluster is None or cluster.status == Status.RUNNING or cluster.status not in UP:
+            return ""
+        return f"cluster {cluster.status.name}" + (f": {cluster.status_message}" if cluster.status_message else "")
 
     @staticmethod
     def _labels_hold(cluster: gke.Cluster, lab: Lab) -> bool:
@@ -1012,11 +1025,15 @@ class GkeBackend:
 
     def _delete_from_class(self, lab: Lab, place: Place, cluster: gke.Cluster) -> bool:
         """A shared lab's teardown: its namespace goes (everything of its release in it); True if the class's
-        cluster is then empty (no other lab's record in an Active namespace, none on its labels) and goes too."""
+        cluster is then verifiably empty (read from it: no other lab's Active namespace, no other lab's record in
+        one, none on its labels) and goes too. A cluster that cannot be read (not running; its API not answering)
+        is never deleted on the absence of evidence: TransientError, the teardown waits (GKE deletes an ERROR
+        cluster itself)."""
         if cluster.status == Status.STOPPING:
             return False
-        if cluster.status not in UP:  # in error or being created: no other lab can be in it yet
-            return True
+        if cluster.status not in UP:
+            raise TransientError(f"class cluster {place.cluster} is {cluster.status.name}: its labs cannot be read, "
+                                 f"so it is not deleted for lab {lab.name}; waiting")
         if self._labels_hold(cluster, lab):  # cleared first: the labels' lab is listed while it has no namespace
             labels = {k: v for k, v in cluster.resource_labels.items()
                       if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
@@ -1024,16 +1041,25 @@ class GkeBackend:
                 name=self._path(place), resource_labels=labels, label_fingerprint=cluster.label_fingerprint))
             self._wait(op)
         kube = self._kube(place, cluster)
-        kube.delete_namespace(place.namespace)
-        others = sorted(ns for ns, _, _ in kube.list_configmaps(RECORD, self._class_selector(place))
-                        if ns != place.namespace)
-        if others or "rec0" in (self._get(place) or cluster).resource_labels:
+        others = self._others_in_class(kube, place, cluster)  # read before anything goes: a failed read deletes nothing
+        if others:
+            kube.delete_namespace(place.namespace)
+            others = self._others_in_class(kube, place, cluster)  # again: another last lab may have gone meanwhile
+        if others:
             logs.emit("INFO", lab=lab.name, action="delete-namespace", namespace=place.namespace,
                       reason=f"class cluster {place.cluster} kept: {len(others)} other lab(s) in it")
             return False
         logs.emit("INFO", lab=lab.name, action="delete-class-cluster", cluster=place.cluster,
-                  reason=f"the last lab of class {place.class_name} is gone: its cluster goes")
+                  reason=f"the last lab of class {place.class_name} is gone: its cluster goes (its namespace with it)")
         return True
+
+    def _others_in_class(self, kube: Kube, place: Place, cluster: gke.Cluster) -> list[str]:
+        """The other labs in a class's cluster, as read from it: their Active namespaces, their records, and a record
+        on the cluster's labels. Raises (TransientError) when the cluster cannot be read."""
+        selector = self._class_selector(place)
+        others = sorted(({ns for ns, phase in kube.namespaces(selector).items() if phase != "Terminating"}
+                         | {ns for ns, _, _ in kube.list_configmaps(RECORD, selector)}) - {place.namespace})
+        return others + (["(its labels)"] if "rec0" in (self._get(place) or cluster).resource_labels else [])
 
     def connection_info(self, lab: Lab) -> dict:
         """Commands to reach the lab from a workstation with kubectl; the token is read from its Secret, never
@@ -1050,6 +1076,9 @@ class GkeBackend:
                              "| base64 -d",
             "scheduler": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8786:8786  # then tcp://localhost:8786",
         }
+        note = self._cluster_note(self._seen.get(place.cluster))  # as last read (the listing): no call here
+        if note:
+            info["cluster_status"] = note
         if lab.spec.public_source_ranges:
             info["jupyter_public"] = (f"kubectl -n {ns} get svc {full}-jupyter-public  # its EXTERNAL-IP, open to "
                                       f"{', '.join(lab.spec.public_source_ranges)}")

@@ -88,11 +88,15 @@ class Kube:
             raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
         return cm.metadata.resource_version
 
+    def namespaces(self, selector: str) -> dict[str, str]:
+        """name → phase (Active, Terminating) of the namespaces with these labels."""
+        return {n.metadata.name: "Terminating" if n.metadata.deletion_timestamp else
+                (n.status and n.status.phase) or "Active"
+                for n in self._call("list namespaces", self.core.list_namespace, label_selector=selector).items}
+
     def list_configmaps(self, name: str, selector: str) -> list[tuple[str, dict, str]]:
         """(namespace, data, resourceVersion) of every ConfigMap `name` with these labels, in Active namespaces."""
-        active = {n.metadata.name for n in self._call("list namespaces", self.core.list_namespace,
-                                                      label_selector=selector).items
-                  if (n.status and n.status.phase) != "Terminating" and not n.metadata.deletion_timestamp}
+        active = {ns for ns, phase in self.namespaces(selector).items() if phase != "Terminating"}
         found = self._call("list ConfigMaps", self.core.list_config_map_for_all_namespaces, label_selector=selector,
                            field_selector=f"metadata.name={name}").items
         return [(cm.metadata.namespace, dict(cm.data or {}), cm.metadata.resource_version) for cm in found
