@@ -70,12 +70,12 @@ def _call_site(method: str, url: str) -> str:
 
 class World:
     def __init__(self, tmp: Path, *, worker_capacity: int = 3, jupyter: bool = False, config: Config = CONFIG,
-                 **gke_options):
+                 namespace_termination_s: float = 0.0, **gke_options):
         self.tmp, self.worker_capacity, self.config = tmp, worker_capacity, config
         self.jupyter = jupyter  # a real Jupyter Server per lab behind the service proxy (else it has no endpoints)
         self.jupyters: dict[str, tuple[int, int]] = {}  # namespace → (Jupyter pid, port)
         self.gke = GkeStandin(**{"operation_s": 0.3, **gke_options}).start()
-        self.kube = KubeStandin(TOKEN, nodes=())
+        self.kube = KubeStandin(TOKEN, nodes=(), namespace_termination_s=namespace_termination_s)
         self.migs = MigStandin(self.gke).start()
         self.admin = k8s.CoreV1Api(self.kube.api_client())
         self.schedulers: dict[str, tuple[int, int]] = {}  # namespace → (scheduler pid, port)

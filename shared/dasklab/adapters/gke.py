@@ -46,14 +46,15 @@ from google.cloud import container_v1 as gke
 
 from dasklab.core import logs
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
-    TransientError, ValidationError
+from dasklab.core.errors import ConflictError, Gone, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
+    StepRefused, TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
     LabSpec, LabState, WorkerProblem, build_system_pool_size, nodes_per_zone, parse_memory, system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
     build_quota, build_release, build_token_secret, chart_fullname
-from dasklab.adapters.compute import Migs, parse_mig, rate_limited
+from dasklab.adapters.compute import Migs, parse_mig
+from dasklab.adapters.googleapi import translate as _translate  # GKE's refusals → ours: the table shared with Compute
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import DELETION_COST, Kube
@@ -187,22 +188,6 @@ def _record_manifest(lab: Lab) -> dict:
             "metadata": {"name": RECORD, "namespace": place.namespace,
                          "labels": {"managed-by": MANAGED_BY, "lab": lab.name, **class_labels(place)}},
             "data": {RECORD_KEY: json.dumps(lab.to_dict(), sort_keys=True)}}
-
-
-def _translate(e: Exception, what: str) -> Exception:
-    """GKE's refusals → ours. FAILED_PRECONDITION is "another operation runs, wait" (transient; GKE's own upgrades
-    and repairs too) or a stale label fingerprint (conflict); a rate limit (RESOURCE_EXHAUSTED "Quota exceeded …
-    per minute") is transient with backoff; bad requests, missing rights and a quota refusal (403 "Insufficient
-    regional quota … resource "CPUS"") are permanent; the rest is transient."""
-    message = f"{what}: {getattr(e, 'message', None) or e}"
-    if isinstance(e, gexc.FailedPrecondition):
-        return ConflictError(message) if "fingerprint" in message.lower() else TransientError(message)
-    if rate_limited(e):
-        return RateLimited(f"{message} (rate limited, retrying later)")
-    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized, gexc.NotFound, gexc.AlreadyExists,
-                      gexc.MethodNotImplemented)):
-        return PermanentError(message)
-    return TransientError(message)
 
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
@@ -982,6 +967,7 @@ class GkeBackend:
         busy = {p.spec.node_name for p in kube.pods_of(place.namespace, place.workers)}
         urls = list(pool.instance_group_urls)
         by_group: dict[str, list[str]] = {}
+        unplaced: list[str] = []
         for node in marked:
             name = node.metadata.name
             if name in busy or (place.shared and self._others_on(kube, name, place)):
@@ -993,14 +979,17 @@ class GkeBackend:
                 if not self._daemon(pod):
                     kube.evict(pod.metadata.namespace, pod.metadata.name)
             url = self._group_of(name, node.metadata.labels.get(ZONE_LABEL, ""), urls)
-            if url is None:
-                raise PermanentError(f"node {name} is in no instance group of pool {self.config.worker_pool} "
-                                     f"(zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
+            if url is None:  # cannot be deleted by name: it stays cordoned, the others go, the lab says why
+                unplaced.append(f"{name} (zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
+                continue
             by_group.setdefault(url, []).append(name)
         for url, names in sorted(by_group.items()):
             self.migs.delete_instances(url, names)
             logs.emit("INFO", lab=lab.name, action="remove-nodes", nodes=names, zone=parse_mig(url)[1],
                       reason="emptied by retirement: their instances deleted from the node pool's group")
+        if unplaced:
+            raise StepRefused(f"node(s) {', '.join(unplaced)} in no instance group of pool {self.config.worker_pool}: "
+                              "kept cordoned, not deleted; tried again on a later pass")
 
     # --- teardown and access ---
 
@@ -1014,7 +1003,10 @@ class GkeBackend:
         self._check_managed(cluster)
         if lab.spec.public_source_ranges and cluster.status in UP:
             self._kube(place, cluster).delete_service(place.namespace, f"{place.fullname}-jupyter-public")
-        if place.shared and not self._delete_from_class(lab, place, cluster):
+        try:
+            if place.shared and not self._delete_from_class(lab, place, cluster):
+                return
+        except Gone:  # the class's cluster went meanwhile: done
             return
         try:
             self.clusters.delete_cluster(name=self._path(place))

@@ -10,7 +10,7 @@ from typing import Callable
 from dasklab.core import logs
 from dasklab.core.backend import Backend, Events
 from dasklab.core.config import Config
-from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
+from dasklab.core.errors import JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, StepRefused, \
     TransientError, ValidationError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import Command, KeepAlive, NightlyTeardown, Reconcile, ReconcileClass, Scale, StartClass, \
@@ -317,6 +317,9 @@ class Controller:
         except TransientError as e:  # other labs go on; this one is retried
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
             return False
+        except StepRefused as e:  # one step refused, not the lab: it holds, says why, the step is tried again
+            logs.emit("WARNING", lab=lab.name, action="step-refused", reason=str(e), message_id=mid)
+            return True
         except PermanentError as e:  # refused for good (a permission, a quota): the lab fails, teardown follows
             self._fail(lab, str(e), mid)
             return True
