@@ -18,7 +18,12 @@ TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster
 def translate(e: ApiException, what: str) -> Exception:
     """The one table for the kubernetes client: an ApiException (the API server's Status: code, reason, message,
     details) → ours, one row per answer, first match wins (k8s.io/apimachinery pkg/api/errors builds each)."""
-    body, reason = e.body or "", f"{e.status} {e.reason}"
+    body = e.body or ""
+    try:  # the Status's message names the refusal (the permission, the quota, the namespace)
+        said = json.loads(body).get("message") or ""
+    except (ValueError, AttributeError):
+        said = ""
+    reason = f"{e.status} {e.reason}" + (f": {said}" if said else "")
     if e.status == 404:  # NotFound: the object (or its namespace) is not there. A step on it is done (the call sites
         return Gone(f"{what}: {reason}")  # say so: missing_ok); a read returns None; anywhere else: the next pass
     if e.status == 409:  # Conflict (a stale resourceVersion) or AlreadyExists: another writer was first
