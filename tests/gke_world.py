@@ -71,12 +71,12 @@ def _call_site(method: str, url: str) -> str:
 
 class World:
     def __init__(self, tmp: Path, *, worker_capacity: int = 3, jupyter: bool = False, config: Config = CONFIG,
-                 **gke_options):
+                 namespace_termination_s: float = 0.0, **gke_options):
         self.tmp, self.worker_capacity, self.config = tmp, worker_capacity, config
         self.jupyter = jupyter  # a real Jupyter Server per lab behind the service proxy (else it has no endpoints)
         self.jupyters: dict[str, tuple[int, int]] = {}  # namespace → (Jupyter pid, port)
         self.gke = GkeStandin(**{"operation_s": 0.3, **gke_options}).start()
-        self.kube = KubeStandin(TOKEN, nodes=())
+        self.kube = KubeStandin(TOKEN, nodes=(), namespace_termination_s=namespace_termination_s)
         self.migs = MigStandin(self.gke).start()
         self.admin = k8s.CoreV1Api(self.kube.api_client())
         self.schedulers: dict[str, tuple[int, int]] = {}  # namespace → (scheduler pid, port)
@@ -139,7 +139,8 @@ class World:
 
     def sync(self) -> None:
         """Instances of running clusters become Nodes; Dask processes follow the pods; gone clusters are cleaned."""
-        running = {name for name, c in self.gke.clusters.items() if c.status.name == "RUNNING"}
+        running = {name for name, c in self.gke.clusters.items()  # nodes serve in all three (Cluster.Status)
+                   if c.status.name in ("RUNNING", "RECONCILING", "DEGRADED")}
         nodes = {n: g for n, g in self.migs.nodes().items() if g.cluster in running}
         if self.worker_node_quota is not None:
             pool = sorted(n for n, g in nodes.items() if g.pool == CONFIG.worker_pool)

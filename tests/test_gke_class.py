@@ -211,3 +211,43 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     assert round(30 * 3 * system_pool_usd_h(30, True, "e2-standard-4", 1, 1), 2) == shared["system_nodes_usd"]
     assert system_pool_usd_h(2, True, "e2-standard-4", 1, 3) == pytest.approx(3 * node / 2, abs=1e-6)  # 1 a zone
     assert estimate_cost(replace(spec, system_usd_h=0.5), 3600, 0) == pytest.approx(0.10 / 30 + 0.5)
+
+
+def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_path):
+    """GKE marks the class's cluster DEGRADED (it runs, but needs the user's action: Cluster.Status). A student's
+    stop-lab deletes only that student's namespace; while the cluster's API does not answer the last teardown waits;
+    once it answers and no other lab is in it, the last student's teardown deletes the cluster."""
+    from dasklab.core.errors import TransientError
+
+    world, events = World(tmp_path), []
+    ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,
+                     classes=FileClasses(tmp_path))
+    backend = ctl.backend
+    try:
+        ctl.handle(msg(type="start-class", **{"class": "intro"}, owner="prof", roster=["ann", "bob"],
+                       workers={"initial": 0, "min": 0, "max": 2}, max_lifetime="2h"), "m1")
+        drive_class(ctl, world, lambda: any(e["event"] == "class-ready" for e in events))
+        world.gke.degrade(CLUSTER, "Nodes of node pool workers cannot be repaired: user action needed")
+        ctl.handle(msg(type="stop-lab", lab="intro-ann"), "m2")
+        drive_class(ctl, world, lambda: backend.fetch_lab("intro-ann") is None)
+        assert CLUSTER in world.gke.clusters and world.kube.get("namespaces", None, "dasklab-intro-ann") is None
+        assert world.kube.get("namespaces", None, "dasklab-intro-bob") is not None
+        assert backend.fetch_lab("intro-bob").state.phase == READY
+        assert "cluster DEGRADED: Nodes of node pool workers cannot be repaired" in \
+            backend.connection_info(backend.fetch_lab("intro-bob"))["cluster_status"]
+
+        def fail_listing(site):  # once bob's teardown is recorded, the listing that proves the cluster empty fails
+            if site == "PUT configmaps":
+                world.kube.fail_next("GET", "/api/v1/configmaps", 503)
+                world.on_write = None
+
+        world.on_write = fail_listing
+        with pytest.raises(TransientError):  # the stop-lab is redelivered
+            ctl.handle(msg(type="stop-lab", lab="intro-bob"), "m3")
+        assert world.on_write is None and ("GET", "/api/v1/configmaps") in world.kube.requests
+        assert world.gke.clusters[CLUSTER].status.name == "DEGRADED"  # not deleted on the absence of evidence
+        assert backend.fetch_lab("intro-bob").state.phase == "tearing-down"  # nothing lost: retried
+        drive_class(ctl, world, lambda: CLUSTER not in world.gke.clusters)
+        assert backend.fetch_lab("intro-bob") is None
+    finally:
+        world.close()

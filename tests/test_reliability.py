@@ -619,20 +619,30 @@ def test_an_older_update_lab_or_scale_never_overrides_a_newer_one(seed):
 
 # --- the cloud's refusals, as the SDKs raise them ---
 
+def _status(code: int, reason: str, message: str, **details) -> "ApiException":
+    """An ApiException as the kubernetes client raises it for the API server's v1 Status."""
+    from kubernetes.client.exceptions import ApiException
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason,
+            "code": code, **({"details": details} if details else {})}
+    return ApiException(status=code, reason=reason, body=json.dumps(body))
+
+
 def _cloud_errors():
     from google.api_core import exceptions as g
-    from dasklab.core.errors import ConflictError, RateLimited
+    from dasklab.core.errors import ConflictError, Gone, RateLimited, StepRefused
     upgrading = "Operation operation-1-2 is currently upgrading cluster lab1. Please wait and try again once it is done."
-    return [  # (service, what the SDK raises, how it is classified)
+    permission = g.Forbidden("Required 'compute.instanceGroupManagers.update' permission for 'projects/p/zones/z/"
+                             "instanceGroupManagers/g'", errors=[{"reason": "forbidden"}])
+    return [  # (service, what the SDK raises, how it is classified; None: the step is done)
         ("compute", g.Unauthorized("Request had invalid authentication credentials."), PermanentError),
-        ("compute", g.Forbidden("Required 'compute.instanceGroupManagers.update' permission for 'projects/p/zones/"
-                                "z/instanceGroupManagers/g'", errors=[{"reason": "forbidden"}]), PermanentError),
+        ("compute", permission, PermanentError),
         ("compute", g.Forbidden("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.",
                                 errors=[{"reason": "quotaExceeded"}]), PermanentError),
         ("compute", g.Forbidden("Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'",
                                 errors=[{"reason": "rateLimitExceeded"}]), RateLimited),
         ("compute", g.TooManyRequests("Too Many Requests"), RateLimited),
         ("compute", g.ServiceUnavailable("backend unavailable"), TransientError),
+        ("compute", g.NotFound("The resource 'projects/p/zones/z/instanceGroupManagers/g' was not found"), Gone),
         ("gke", g.PermissionDenied("Required \"container.clusters.update\" permission(s)"), PermanentError),
         ("gke", g.Unauthenticated("Request had invalid authentication credentials."), PermanentError),
         ("gke", g.PermissionDenied('Insufficient regional quota to satisfy request: resource "CPUS": request '
@@ -641,21 +651,73 @@ def _cloud_errors():
                                     "per minute'"), RateLimited),
         ("gke", g.FailedPrecondition(upgrading), TransientError),
         ("gke", g.FailedPrecondition("Labels could not be set due to fingerprint mismatch"), ConflictError),
+        ("gke", g.NotFound("Not found: projects/p/locations/l/clusters/lab1."), Gone),
+        ("gke", g.AlreadyExists("Already exists: projects/p/locations/l/clusters/lab1."), ConflictError),
+        # deleting an emptied node: a permission refused holds the node, not the lab; a group gone is done
+        ("deleteInstances", permission, StepRefused),
+        ("deleteInstances", g.NotFound("The resource 'projects/p/zones/z/instanceGroupManagers/g' was not found"),
+         None),
+        ("deleteInstances", g.TooManyRequests("Too Many Requests"), RateLimited),
+        # the Kubernetes API: a pod or a node gone between the list and the patch (a Spot VM reclaimed), a create in
+        # a namespace being deleted (NamespaceLifecycle), a missing permission, the lab's quota, a stale write
+        ("kube", _status(404, "NotFound", 'pods "lab1-dask-worker-x" not found', name="lab1-dask-worker-x",
+                         kind="pods"), Gone),
+        ("kube", _status(404, "NotFound", 'nodes "gke-lab1-workers-1-abcd" not found', name="gke-lab1-workers-1-abcd",
+                         kind="nodes"), Gone),
+        ("kube", _status(403, "Forbidden", 'jobs.batch "helm-x" is forbidden: unable to create new content in '
+                         "namespace dasklab-lab1 because it is being terminated", name="helm-x", group="batch",
+                         kind="jobs", causes=[{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                               "message": "namespace dasklab-lab1 is being terminated"}]),
+         TransientError),
+        ("kube", _status(403, "Forbidden", 'nodes "n" is forbidden: User "dasklab" cannot patch resource "nodes" in '
+                         'API group "" at the cluster scope'), PermanentError),
+        ("kube", _status(403, "Forbidden", 'pods "p" is forbidden: exceeded quota: dasklab-quota, requested: '
+                         "requests.cpu=1, used: requests.cpu=7, limited: requests.cpu=7"), PermanentError),
+        ("kube", _status(409, "Conflict", 'Operation cannot be fulfilled on configmaps "dasklab-lab": the object '
+                         "has been modified"), ConflictError),
+        ("kube", _status(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption "
+                         "budget."), RateLimited),
+        ("kube", _status(503, "ServiceUnavailable", "the server is currently unable to handle the request"),
+         TransientError),
     ]
 
 
 CLOUD_ERRORS = _cloud_errors()
 
 
+def _classify(service, error):
+    """What the adapters make of the error: the SDK family's table, or (deleteInstances) the step's call site."""
+    from dasklab.adapters import googleapi, kube
+    from dasklab.adapters.compute import Migs
+    from dasklab.core.errors import DasklabError
+    if service == "kube":
+        return kube.translate(error, "call")
+    if service != "deleteInstances":
+        return googleapi.translate(error, "call")
+
+    class Refusing:
+        def delete_instances(self, **request):
+            raise error
+    try:
+        Migs(lambda: Refusing()).delete_instances(
+            "https://www.googleapis.com/compute/v1/projects/p/zones/z/instanceGroupManagers/g", ["gke-n-1"])
+    except DasklabError as e:
+        return e
+    return None
+
+
 @pytest.mark.parametrize("service, error, kind", CLOUD_ERRORS,
                          ids=[f"{s}-{type(e).__name__}-{i}" for i, (s, e, _) in enumerate(CLOUD_ERRORS)])
 def test_cloud_errors_are_classified_as_the_sdks_raise_them(service, error, kind):
-    from dasklab.adapters import compute, gke
     from dasklab.core.errors import RateLimited
-    translated = (compute._translate if service == "compute" else gke._translate)(error, "call")
+    translated = _classify(service, error)
+    if kind is None:
+        assert translated is None, translated  # done: the step returns normally
+        return
     assert type(translated) is kind, (error, translated)
     assert isinstance(translated, RateLimited) == (kind is RateLimited)
-    assert str(error.message) in str(translated)  # the permission or quota is named
+    said = getattr(error, "message", None) or json.loads(error.body)["message"]
+    assert str(said) in str(translated)  # the permission, the quota or the refusal is named
 
 
 APPLY_POINTS = ["apply_install", "apply_workers", "apply_scale_down", "apply_settle", "apply_record",

@@ -218,6 +218,8 @@ def cmd_status(a, cfg) -> int:
     for r in rows:  # why workers are missing, as the controller last reported it (lab-degraded)
         if r["degraded"]:
             print(f"{r['lab']} degraded: {r['degraded']}")
+        if r["cluster"]:  # its cluster runs but is not plainly RUNNING (DEGRADED, RECONCILING), as the backend reads it
+            print(f"{r['lab']}: {r['cluster']}")
     for c in classes:
         budget = f" of its budget ${c['budget_usd']:.2f}" if c["budget_usd"] else ""
         labs = ", ".join(f"{n} {p}" for p, n in c["labs"].items()) or "no lab yet"

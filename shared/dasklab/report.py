@@ -138,7 +138,7 @@ def fetch_status(cfg, now: float | None = None) -> list[dict]:
             "estimated_cost_usd": estimate_cost(spec, lifetime, node_seconds_at(lab, now)),
             "dask": info.get("dask_version"), "notes": list(spec.notes),
             "dashboard": info.get("dashboard"), "reason": state.reason, "revision": _revision(lab),
-            "degraded": state.degraded_reason or None})
+            "degraded": state.degraded_reason or None, "cluster": info.get("cluster_status")})
     return rows
 
 def fetch_class_status(cfg, rows: list[dict], now: float | None = None) -> list[dict]:

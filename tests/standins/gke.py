@@ -42,6 +42,13 @@ NODE_POOL_RE = re.compile(CLUSTER_RE.pattern + r"/nodePools/(?P<pool>[^/]+)")
 OPERATION_RE = re.compile(PARENT_RE.pattern + r"/operations/(?P<op>[^/]+)")
 
 OpType = gke.Operation.Type
+# A cluster's status, as GKE documents each (google.cloud.container_v1 Cluster.Status docstrings):
+# PROVISIONING "is being created"; RUNNING "has been created and is fully usable"; RECONCILING "some work is actively
+# being done on the cluster, such as upgrading the master or node software" (here: a control-plane upgrade);
+# STOPPING "is being deleted"; ERROR "is unusable. It will be automatically deleted" (here: a failed creation,
+# removed after `error_cluster_ttl_s`); DEGRADED "requires user action to restore full functionality" (here:
+# `degrade`, e.g. nodes GKE cannot repair). RECONCILING and DEGRADED clusters still run: their API and nodes serve.
+# The details of the last three are in `status_message`.
 # One mutating operation per cluster: "Operation operation-… is currently <doing> cluster <c>. Please wait and try
 # again once it is done." (FAILED_PRECONDITION; the text as GKE users report it, e.g. hashicorp/terraform-provider-google
 # issues on "is currently upgrading cluster", quoted in dasklab issue 10). GKE's own operations block the same way.
@@ -393,6 +400,23 @@ class GkeStandin(GrpcStandin):
 
             kind = OpType.UPGRADE_NODES if not by_gke else OpType.AUTO_UPGRADE_NODES
             return self._start_op(cluster, kind, np.self_link, finished, duration_s, steps).name
+
+    def degrade(self, cluster: str, message: str) -> None:
+        """GKE marks a running cluster DEGRADED when it needs the user's action to be fully functional again, saying
+        why in `status_message` (Cluster.Status docstring), e.g. "Nodes cannot be repaired". It still runs: its API
+        answers and its nodes stay. `recover` makes it RUNNING again."""
+        with self._lock:
+            self.tick()
+            c = self._clusters[cluster]
+            if c.status not in (gke.Cluster.Status.RUNNING, gke.Cluster.Status.RECONCILING):
+                raise ValueError(f"cluster {cluster} is {c.status.name}: only a running cluster degrades")
+            c.status, c.status_message = gke.Cluster.Status.DEGRADED, message
+
+    def recover(self, cluster: str) -> None:
+        """The user's action restored it: RUNNING, no status message."""
+        with self._lock:
+            c = self._clusters[cluster]
+            c.status, c.status_message = gke.Cluster.Status.RUNNING, ""
 
     def start_repair(self, cluster: str, pool: str, *, duration_s: float = 300.0) -> str:
         """GKE's node auto-repair: an AUTO_REPAIR_NODES operation that blocks the cluster (a repair can take over 5

@@ -788,6 +788,10 @@ class _KubeApi(kmock.KubernetesScaffold):
     _index: dict[kmock.resource, dict[str | None, dict[str, None]]] = attrs.field(factory=dict)  # res → ns → names
     _refused: dict[str, str] = attrs.field(factory=dict)  # ReplicaSet uid → why its last pod creation was refused
     _deferred: bool = False  # creates leave the controllers to their caller (set_nodes runs them once)
+    # A deleted namespace stays Terminating this long (its content goes at once), then goes: the namespace
+    # controller empties it and removes its `kubernetes` finalizer, which takes a while on a real cluster. 0: at once.
+    namespace_termination_s: float = 0.0
+    _terminating: dict[str, float] = attrs.field(factory=dict)  # namespace → clock() when it is finally removed
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock: discovery endpoints and the 404 fallback
@@ -816,6 +820,10 @@ class _KubeApi(kmock.KubernetesScaffold):
                     raise fail(failure[2], f"stand-in: injected failure for {raw.method} {path}")
             if self._due is not None and self.clock() >= self._due:
                 self.reconcile()  # the Deployment controller requeues for minReadySeconds: a pod became available
+            for ns in [ns for ns, at in self._terminating.items() if self.clock() >= at]:
+                self._terminating.pop(ns)  # emptied and finalized: the namespace goes
+                if (gone := self.find(NAMESPACES, None, ns)) is not None:
+                    self._remove(NAMESPACES, gone)
             group, version, namespace, plural, name, sub = parse_path(path)
             try:
                 data = json.loads(body) if body else None
@@ -1020,6 +1028,14 @@ class _KubeApi(kmock.KubernetesScaffold):
             meta["namespace"] = ns
             if self.find(NAMESPACES, None, ns) is None:
                 raise not_found(NAMESPACES, ns)
+            if ns in self._terminating:
+                # the NamespaceLifecycle admission plugin refuses any create in a namespace being deleted, 403 with a
+                # NamespaceTerminating cause (k8s.io/apiserver pkg/admission/plugin/namespace/lifecycle/admission.go)
+                raise fail(403, f'{kind.qualified} "{meta.get("name") or ""}" is forbidden: unable to create new '
+                                f"content in namespace {ns} because it is being terminated",
+                           name=meta.get("name"), group=kind.group, kind=kind.plural,
+                           causes=[{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                    "message": f"namespace {ns} is being terminated"}])
         else:
             meta.pop("namespace", None)
         if meta.get("resourceVersion"):
@@ -1164,6 +1180,15 @@ class _KubeApi(kmock.KubernetesScaffold):
         if kind is NAMESPACES and name in PROTECTED_NAMESPACES:
             raise fail(403, f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                        name=name, kind="namespaces")
+        if kind is NAMESPACES and self.namespace_termination_s > 0:  # Terminating a while, its content gone at once
+            if name not in self._terminating:
+                self._empty(name)
+                current["status"] = {"phase": "Terminating"}
+                current["metadata"]["deletionTimestamp"] = now()
+                current = self._put(NAMESPACES, current)
+                self._terminating[name] = self.clock() + self.namespace_termination_s
+                self.reconcile()
+            return current
         policy = params.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
         self._remove(kind, current, orphan=policy == "Orphan")
         self.reconcile()
@@ -1195,9 +1220,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         self.logs.pop((meta.get("namespace"), meta["name"]), None)
         self.previous_logs.pop((meta.get("namespace"), meta["name"]), None)
         if kind is NAMESPACES:
-            for dependent_kind in KINDS.values():
-                for dependent in self.stored(dependent_kind, meta["name"]) if dependent_kind.namespaced else ():
-                    self._remove(dependent_kind, dependent)
+            self._empty(meta["name"])
             return
         if kind is NODES:
             for pod in self.stored(PODS):
@@ -1215,6 +1238,12 @@ class _KubeApi(kmock.KubernetesScaffold):
                     self._put(dependent_kind, dependent)
                 else:
                     self._remove(dependent_kind, dependent)
+
+    def _empty(self, ns: str) -> None:
+        """The namespace controller's work: every object in the namespace deleted."""
+        for dependent_kind in KINDS.values():
+            for dependent in self.stored(dependent_kind, ns) if dependent_kind.namespaced else ():
+                self._remove(dependent_kind, dependent)
 
     def _log(self, ns: str, name: str, params: Mapping[str, str]) -> str:
         pod = self.read(PODS, ns, name)
@@ -1798,8 +1827,9 @@ class _KubeApi(kmock.KubernetesScaffold):
 class KubeStandin:
     """A strict Kubernetes API server on 127.0.0.1 (background thread, own event loop) for the real client.
 
-    Semantics: bearer-token auth (401); Namespaces (delete removes their content; default/kube-system/kube-public
-    are protected, 403); CRUD with create 201, missing namespace 404, AlreadyExists 409, NotFound 404, replace/patch
+    Semantics: bearer-token auth (401); Namespaces (delete removes their content; with ``namespace_termination_s``
+    the namespace stays Terminating that long, refusing creates in it 403 as NamespaceLifecycle does;
+    default/kube-system/kube-public are protected, 403); CRUD with create 201, missing namespace 404, AlreadyExists 409, NotFound 404, replace/patch
     (JSON patch, merge patch, strategic merge with list merge keys) with uid/resourceVersion preconditions (409) and
     no-op writes keeping the resourceVersion; server-set uid, resourceVersion, creationTimestamp, generation;
     422 Invalid for names, labels, annotations and per-kind specs (Pod, Deployment, ReplicaSet, Job, Service,
@@ -1816,7 +1846,7 @@ class KubeStandin:
 
     def __init__(self, token: str = "standin-token", *, nodes: Iterable[str] | Mapping[str, int] = ("node-1",),
                  pods_per_node: int = 110, latency_s: float = 0.0, seed: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, namespace_termination_s: float = 0.0):
         self.token = token
         self._clients: list[kubernetes.client.ApiClient] = []
         self._loop = asyncio.new_event_loop()
@@ -1828,6 +1858,7 @@ class KubeStandin:
         except BaseException:
             self._stop_loop()
             raise
+        self._api.namespace_termination_s = namespace_termination_s  # read by the loop's thread on each request
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         if nodes:
             self.set_nodes(nodes, pods_per_node=pods_per_node)

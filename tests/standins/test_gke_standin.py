@@ -593,3 +593,19 @@ def test_missing_zones_leave_their_clusters_out_and_are_said(client, standin):
     assert [c.name for c in listing.clusters] == ["in-b"] and list(listing.missing_zones) == ["us-central1-a"]
     listing = client.list_clusters(parent=ZONE)
     assert listing.clusters == [] and list(listing.missing_zones) == ["us-central1-a"]
+
+
+def test_a_running_cluster_degrades_with_a_status_message_and_still_serves(client, standin):
+    """Cluster.Status docstring: DEGRADED "requires user action to restore full functionality. Details can be found
+    in the statusMessage field". Only a running cluster degrades; it keeps its nodes and accepts operations."""
+    with pytest.raises(ValueError, match="only a running cluster degrades"):
+        create(client)
+        standin.degrade(CLUSTER, "never")  # still PROVISIONING
+    CLOCK.advance(3)
+    standin.degrade(CLUSTER, "Nodes cannot be repaired: user action needed")
+    c = client.get_cluster(name=CLUSTER)
+    assert (c.status, c.status_message) == (Status.DEGRADED, "Nodes cannot be repaired: user action needed")
+    assert c.current_node_count == 6 and wait(client, resize(client, 3)).status == OpStatus.DONE  # 2 × 3 zones
+    standin.recover(CLUSTER)
+    c = client.get_cluster(name=CLUSTER)
+    assert (c.status, c.status_message) == (Status.RUNNING, "")

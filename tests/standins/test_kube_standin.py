@@ -105,6 +105,33 @@ def test_namespace_lifecycle_and_cascade(core):
     assert refused(core.create_namespace, {"metadata": {"name": "a" * 64}})[0] == 422
 
 
+def test_a_deleted_namespace_is_terminating_a_while_and_refuses_new_content():
+    """A namespace being deleted stays Terminating until the namespace controller has emptied it; meanwhile the
+    NamespaceLifecycle admission plugin refuses creates in it: 403 "unable to create new content in namespace X
+    because it is being terminated", cause NamespaceTerminating (k8s.io/apiserver
+    pkg/admission/plugin/namespace/lifecycle/admission.go). A second delete changes nothing."""
+    clock = [0.0]
+    with KubeStandin(TOKEN, nodes=(), clock=lambda: clock[0], namespace_termination_s=5.0) as kube:
+        core = client.CoreV1Api(kube.api_client())
+        core.create_namespace({"metadata": {"name": "lab-a"}})
+        core.create_namespaced_config_map("lab-a", {"metadata": {"name": "settings"}})
+        assert core.delete_namespace("lab-a")["status"]["phase"] == "Terminating"
+        ns = core.read_namespace("lab-a")
+        assert ns.status.phase == "Terminating" and ns.metadata.deletion_timestamp
+        assert refused(core.read_namespaced_config_map, "settings", "lab-a")[0] == 404  # emptied
+        status, body = refused(core.create_namespaced_secret, "lab-a", {"metadata": {"name": "token"}})
+        assert (status, body["reason"]) == (403, "Forbidden")
+        assert body["message"] == ('secrets "token" is forbidden: unable to create new content in namespace lab-a '
+                                   "because it is being terminated")
+        assert body["details"]["causes"][0]["reason"] == "NamespaceTerminating"
+        assert refused(core.create_namespace, {"metadata": {"name": "lab-a"}})[0] == 409  # it still exists
+        assert core.delete_namespace("lab-a")["metadata"]["deletionTimestamp"]
+        clock[0] = 5.0
+        assert refused(core.read_namespace, "lab-a")[0] == 404  # finalized: gone
+        core.create_namespace({"metadata": {"name": "lab-a"}})  # and can be made again
+        core.create_namespaced_secret("lab-a", {"metadata": {"name": "token"}})
+
+
 KINDS = [  # (API class, method suffix, body beyond metadata)
     ("CoreV1Api", "config_map", {"data": {"threads": "2"}}),
     ("CoreV1Api", "secret", {"stringData": {"token": "s3cret"}}),

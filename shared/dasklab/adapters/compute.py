@@ -6,7 +6,8 @@ from typing import Callable
 
 from google.api_core import exceptions as gexc
 
-from dasklab.core.errors import PermanentError, RateLimited, TransientError
+from dasklab.adapters.googleapi import translate
+from dasklab.core.errors import PermanentError, StepRefused
 
 _MIG_URL = re.compile(r"projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)$")
 
@@ -17,25 +18,6 @@ def parse_mig(url: str) -> tuple[str, str, str]:
     if not m:
         raise PermanentError(f"not an instance group manager URL: {url}")
     return m["project"], m["zone"], m["name"]
-
-
-_RATE = re.compile(r"rateLimitExceeded|userRateLimitExceeded|per minute|per second|per 100 seconds", re.IGNORECASE)
-
-
-def rate_limited(e: Exception) -> bool:
-    """A 429, or a 403 for a per-minute API quota (Compute's "rateLimitExceeded"): wait and retry."""
-    reasons = " ".join(str(err.get("reason", "")) for err in getattr(e, "errors", None) or () if isinstance(err, dict))
-    return isinstance(e, gexc.TooManyRequests) or bool(_RATE.search(f"{e} {reasons}"))
-
-
-def _translate(e: Exception, what: str) -> Exception:
-    """Compute over REST raises Forbidden (403) and Unauthorized (401), not PermissionDenied/Unauthenticated: a
-    missing permission or an exhausted quota is permanent; a rate limit (429, or 403 rateLimitExceeded) transient."""
-    if rate_limited(e):
-        return RateLimited(f"{what}: rate limited, retrying later: {e}")
-    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized)):
-        return PermanentError(f"{what}: {e}")
-    return TransientError(f"{what}: {e}")
 
 
 class Migs:
@@ -59,7 +41,7 @@ class Migs:
                 size = self.client.get(project=project, zone=zone, instance_group_manager=name).target_size
                 sizes[zone] = sizes.get(zone, 0) + size  # two groups in a zone during a blue-green upgrade
             except (gexc.GoogleAPICallError, gexc.RetryError) as e:
-                raise _translate(e, f"read instance group {name}") from e
+                raise translate(e, f"read instance group {name}") from e
         return sizes
 
     def delete_instances(self, url: str, instances: list[str]) -> None:
@@ -76,4 +58,7 @@ class Migs:
         except gexc.NotFound:
             return  # the group is gone with its pool: nothing left to delete
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
-            raise _translate(e, f"delete instances from {name}") from e
+            error = translate(e, f"delete instances {', '.join(instances)} from {name}")
+            if type(error) is PermanentError:  # a permission or policy refusing the scale-down: not the lab's fault
+                raise StepRefused(f"{error}: the node(s) stay, cordoned, and their removal is tried again") from e
+            raise error from e

@@ -21,10 +21,14 @@ REPORTED_TTL_S = 30 * 86400  # longer than GKE keeps a finished operation listed
 
 
 def _translate(e: Exception, what: str) -> Exception:
-    """Firestore's errors → ours: refusals that retrying cannot fix are permanent, the rest transient."""
+    """Firestore's table (its own: a document read never raises NotFound, so a NotFound here is the database or
+    project itself, not an object a step could find gone): refusals that retrying cannot fix are permanent, the rest
+    transient (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED contention, RESOURCE_EXHAUSTED: retried by redelivery)."""
     from google.api_core import exceptions as gexc
-    permanent = (gexc.PermissionDenied, gexc.Forbidden, gexc.Unauthenticated, gexc.Unauthorized, gexc.NotFound,
-                 gexc.InvalidArgument, gexc.BadRequest)
+    permanent = (gexc.PermissionDenied, gexc.Forbidden,  # 403: the function's identity lacks datastore.* roles
+                 gexc.Unauthenticated, gexc.Unauthorized,  # 401: no valid identity
+                 gexc.NotFound,  # 404: "The database (default) does not exist for project p"
+                 gexc.InvalidArgument, gexc.BadRequest)  # 400: a request this code built wrong
     kind = PermanentError if isinstance(e, permanent) else TransientError
     return kind(f"{what}: {e}")
 

@@ -46,14 +46,15 @@ from google.cloud import container_v1 as gke
 
 from dasklab.core import logs
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, JupyterUnreachable, PermanentError, RateLimited, SchedulerUnreachable, \
-    TransientError, ValidationError
+from dasklab.core.errors import ConflictError, Gone, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
+    StepRefused, TransientError, ValidationError
 from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
     LabSpec, LabState, WorkerProblem, build_system_pool_size, nodes_per_zone, parse_memory, system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
     build_quota, build_release, build_token_secret, chart_fullname
-from dasklab.adapters.compute import Migs, parse_mig, rate_limited
+from dasklab.adapters.compute import Migs, parse_mig
+from dasklab.adapters.googleapi import translate as _translate  # GKE's refusals → ours: the table shared with Compute
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import DELETION_COST, Kube
@@ -68,7 +69,11 @@ EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
 HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
 Status = gke.Cluster.Status
-UP = (Status.RUNNING, Status.RECONCILING)
+# The running clusters (Cluster.Status docstrings): RUNNING "fully usable"; RECONCILING "work is actively being done on
+# the cluster, such as upgrading the master or node software"; DEGRADED "requires user action to restore full
+# functionality" (its API and nodes still serve: the lab stays and says why). Only ERROR ("unusable. It will be
+# automatically deleted") is a failed cluster.
+UP = (Status.RUNNING, Status.RECONCILING, Status.DEGRADED)
 
 
 @dataclass(frozen=True)
@@ -183,22 +188,6 @@ def _record_manifest(lab: Lab) -> dict:
             "metadata": {"name": RECORD, "namespace": place.namespace,
                          "labels": {"managed-by": MANAGED_BY, "lab": lab.name, **class_labels(place)}},
             "data": {RECORD_KEY: json.dumps(lab.to_dict(), sort_keys=True)}}
-
-
-def _translate(e: Exception, what: str) -> Exception:
-    """GKE's refusals → ours. FAILED_PRECONDITION is "another operation runs, wait" (transient; GKE's own upgrades
-    and repairs too) or a stale label fingerprint (conflict); a rate limit (RESOURCE_EXHAUSTED "Quota exceeded …
-    per minute") is transient with backoff; bad requests, missing rights and a quota refusal (403 "Insufficient
-    regional quota … resource "CPUS"") are permanent; the rest is transient."""
-    message = f"{what}: {getattr(e, 'message', None) or e}"
-    if isinstance(e, gexc.FailedPrecondition):
-        return ConflictError(message) if "fingerprint" in message.lower() else TransientError(message)
-    if rate_limited(e):
-        return RateLimited(f"{message} (rate limited, retrying later)")
-    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized, gexc.NotFound, gexc.AlreadyExists,
-                      gexc.MethodNotImplemented)):
-        return PermanentError(message)
-    return TransientError(message)
 
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
@@ -612,7 +601,7 @@ class GkeBackend:
                 f" (operation {pending[0].name} {pending[0].status.name})" if pending else ""))
         if cluster.status == Status.STOPPING:
             return Infra("deleting")
-        if cluster.status in (Status.ERROR, Status.DEGRADED):
+        if cluster.status == Status.ERROR:
             return Infra("error", detail=cluster.status_message or error or f"cluster {cluster.status.name}")
         if cluster.status not in UP:
             return Infra("creating", detail=f"cluster {cluster.status.name}")
@@ -622,7 +611,16 @@ class GkeBackend:
                 return Infra("deleting", detail=f"namespace {place.namespace} being deleted")
             if phase is None and not self._labels_hold(cluster, lab):
                 return Infra("absent")
-        return Infra("running", *self._release_state(lab, cluster))
+        release, detail = self._release_state(lab, cluster)
+        note = self._cluster_note(cluster)
+        return Infra("running", release, "; ".join(d for d in (note, detail) if d))
+
+    @staticmethod
+    def _cluster_note(cluster: gke.Cluster | None) -> str:
+        """What a running cluster that is not plainly RUNNING says (DEGRADED, RECONCILING: its status message)."""
+        if cluster is None or cluster.status == Status.RUNNING or cluster.status not in UP:
+            return ""
+        return f"cluster {cluster.status.name}" + (f": {cluster.status_message}" if cluster.status_message else "")
 
     @staticmethod
     def _labels_hold(cluster: gke.Cluster, lab: Lab) -> bool:
@@ -969,6 +967,7 @@ class GkeBackend:
         busy = {p.spec.node_name for p in kube.pods_of(place.namespace, place.workers)}
         urls = list(pool.instance_group_urls)
         by_group: dict[str, list[str]] = {}
+        unplaced: list[str] = []
         for node in marked:
             name = node.metadata.name
             if name in busy or (place.shared and self._others_on(kube, name, place)):
@@ -980,14 +979,17 @@ class GkeBackend:
                 if not self._daemon(pod):
                     kube.evict(pod.metadata.namespace, pod.metadata.name)
             url = self._group_of(name, node.metadata.labels.get(ZONE_LABEL, ""), urls)
-            if url is None:
-                raise PermanentError(f"node {name} is in no instance group of pool {self.config.worker_pool} "
-                                     f"(zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
+            if url is None:  # cannot be deleted by name: it stays cordoned, the others go, the lab says why
+                unplaced.append(f"{name} (zone {node.metadata.labels.get(ZONE_LABEL, '')!r})")
+                continue
             by_group.setdefault(url, []).append(name)
         for url, names in sorted(by_group.items()):
             self.migs.delete_instances(url, names)
             logs.emit("INFO", lab=lab.name, action="remove-nodes", nodes=names, zone=parse_mig(url)[1],
                       reason="emptied by retirement: their instances deleted from the node pool's group")
+        if unplaced:
+            raise StepRefused(f"node(s) {', '.join(unplaced)} in no instance group of pool {self.config.worker_pool}: "
+                              "kept cordoned, not deleted; tried again on a later pass")
 
     # --- teardown and access ---
 
@@ -1001,7 +1003,10 @@ class GkeBackend:
         self._check_managed(cluster)
         if lab.spec.public_source_ranges and cluster.status in UP:
             self._kube(place, cluster).delete_service(place.namespace, f"{place.fullname}-jupyter-public")
-        if place.shared and not self._delete_from_class(lab, place, cluster):
+        try:
+            if place.shared and not self._delete_from_class(lab, place, cluster):
+                return
+        except Gone:  # the class's cluster went meanwhile: done
             return
         try:
             self.clusters.delete_cluster(name=self._path(place))
@@ -1012,11 +1017,15 @@ class GkeBackend:
 
     def _delete_from_class(self, lab: Lab, place: Place, cluster: gke.Cluster) -> bool:
         """A shared lab's teardown: its namespace goes (everything of its release in it); True if the class's
-        cluster is then empty (no other lab's record in an Active namespace, none on its labels) and goes too."""
+        cluster is then verifiably empty (read from it: no other lab's Active namespace, no other lab's record in
+        one, none on its labels) and goes too. A cluster that cannot be read (not running; its API not answering)
+        is never deleted on the absence of evidence: TransientError, the teardown waits (GKE deletes an ERROR
+        cluster itself)."""
         if cluster.status == Status.STOPPING:
             return False
-        if cluster.status not in UP:  # in error or being created: no other lab can be in it yet
-            return True
+        if cluster.status not in UP:
+            raise TransientError(f"class cluster {place.cluster} is {cluster.status.name}: its labs cannot be read, "
+                                 f"so it is not deleted for lab {lab.name}; waiting")
         if self._labels_hold(cluster, lab):  # cleared first: the labels' lab is listed while it has no namespace
             labels = {k: v for k, v in cluster.resource_labels.items()
                       if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
@@ -1024,16 +1033,25 @@ class GkeBackend:
                 name=self._path(place), resource_labels=labels, label_fingerprint=cluster.label_fingerprint))
             self._wait(op)
         kube = self._kube(place, cluster)
-        kube.delete_namespace(place.namespace)
-        others = sorted(ns for ns, _, _ in kube.list_configmaps(RECORD, self._class_selector(place))
-                        if ns != place.namespace)
-        if others or "rec0" in (self._get(place) or cluster).resource_labels:
+        others = self._others_in_class(kube, place, cluster)  # read before anything goes: a failed read deletes nothing
+        if others:
+            kube.delete_namespace(place.namespace)
+            others = self._others_in_class(kube, place, cluster)  # again: another last lab may have gone meanwhile
+        if others:
             logs.emit("INFO", lab=lab.name, action="delete-namespace", namespace=place.namespace,
                       reason=f"class cluster {place.cluster} kept: {len(others)} other lab(s) in it")
             return False
         logs.emit("INFO", lab=lab.name, action="delete-class-cluster", cluster=place.cluster,
-                  reason=f"the last lab of class {place.class_name} is gone: its cluster goes")
+                  reason=f"the last lab of class {place.class_name} is gone: its cluster goes (its namespace with it)")
         return True
+
+    def _others_in_class(self, kube: Kube, place: Place, cluster: gke.Cluster) -> list[str]:
+        """The other labs in a class's cluster, as read from it: their Active namespaces, their records, and a record
+        on the cluster's labels. Raises (TransientError) when the cluster cannot be read."""
+        selector = self._class_selector(place)
+        others = sorted(({ns for ns, phase in kube.namespaces(selector).items() if phase != "Terminating"}
+                         | {ns for ns, _, _ in kube.list_configmaps(RECORD, selector)}) - {place.namespace})
+        return others + (["(its labels)"] if "rec0" in (self._get(place) or cluster).resource_labels else [])
 
     def connection_info(self, lab: Lab) -> dict:
         """Commands to reach the lab from a workstation with kubectl; the token is read from its Secret, never
@@ -1050,6 +1068,9 @@ class GkeBackend:
                              "| base64 -d",
             "scheduler": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8786:8786  # then tcp://localhost:8786",
         }
+        note = self._cluster_note(self._seen.get(place.cluster))  # as last read (the listing): no call here
+        if note:
+            info["cluster_status"] = note
         if lab.spec.public_source_ranges:
             info["jupyter_public"] = (f"kubectl -n {ns} get svc {full}-jupyter-public  # its EXTERNAL-IP, open to "
                                       f"{', '.join(lab.spec.public_source_ranges)}")

@@ -7,7 +7,8 @@ import kubernetes.client as k8s
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from dasklab.core.errors import ConflictError, NoEndpoints, PermanentError, SchedulerUnreachable, TransientError
+from dasklab.core.errors import ConflictError, Gone, NoEndpoints, PermanentError, RateLimited, SchedulerUnreachable, \
+    TransientError
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 REVISION = "deployment.kubernetes.io/revision"
@@ -15,12 +16,31 @@ TIMEOUT = 10.0  # seconds per request: a tick must not hang on one cluster
 
 
 def translate(e: ApiException, what: str) -> Exception:
-    """An API error → ours: 409 conflict, 5xx/429/no answer transient, other refusals permanent."""
-    if e.status == 409:
-        return ConflictError(f"{what}: {e.reason}")
-    if e.status in (0, 429) or e.status >= 500:
-        return TransientError(f"{what}: {e.status} {e.reason}")
-    return PermanentError(f"{what}: {e.status} {e.reason}")
+    """The one table for the kubernetes client: an ApiException (the API server's Status: code, reason, message,
+    details) → ours, one row per answer, first match wins (k8s.io/apimachinery pkg/api/errors builds each)."""
+    body = e.body or ""
+    try:  # the Status's message names the refusal (the permission, the quota, the namespace)
+        said = json.loads(body).get("message") or ""
+    except (ValueError, AttributeError):
+        said = ""
+    reason = f"{e.status} {e.reason}" + (f": {said}" if said else "")
+    if e.status == 404:  # NotFound: the object (or its namespace) is not there. A step on it is done (the call sites
+        return Gone(f"{what}: {reason}")  # say so: missing_ok); a read returns None; anywhere else: the next pass
+    if e.status == 409:  # Conflict (a stale resourceVersion) or AlreadyExists: another writer was first
+        return ConflictError(f"{what}: {reason}")
+    if e.status == 403 and ("NamespaceTerminating" in body or "because it is being terminated" in body):
+        # the NamespaceLifecycle admission plugin refuses a create in a namespace being deleted: "unable to create
+        # new content in namespace X because it is being terminated", cause NamespaceTerminating
+        # (k8s.io/apiserver pkg/admission/plugin/namespace/lifecycle/admission.go): it goes; wait it out
+        return TransientError(f"{what}: namespace being terminated: {reason}")
+    if e.status == 429:  # TooManyRequests: API priority and fairness, an eviction a disruption budget holds
+        retry = (e.headers or {}).get("Retry-After")
+        return RateLimited(f"{what}: {reason}", float(retry) if retry and retry.isdigit() else 10.0)
+    if e.status in (0, 410) or e.status >= 500:  # no answer, Expired (a stale list), server errors: transient
+        return TransientError(f"{what}: {reason}")
+    # 400 BadRequest, 422 Invalid: the request the controller built; 401 Unauthorized, 403 Forbidden (a permission
+    # the controller's identity lacks, a ResourceQuota "exceeded quota"): refusals that concern the lab
+    return PermanentError(f"{what}: {reason}")
 
 
 class Kube:
@@ -35,9 +55,10 @@ class Kube:
         try:
             return fn(*args, _request_timeout=TIMEOUT, **kwargs)
         except ApiException as e:
-            if missing_ok and e.status == 404:
+            error = translate(e, what)
+            if missing_ok and isinstance(error, Gone):  # a read of nothing, or a step on an object already gone
                 return None
-            raise translate(e, what) from e
+            raise error from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise TransientError(f"{what}: {e}") from e
 
@@ -88,11 +109,15 @@ class Kube:
             raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
         return cm.metadata.resource_version
 
+    def namespaces(self, selector: str) -> dict[str, str]:
+        """name → phase (Active, Terminating) of the namespaces with these labels."""
+        return {n.metadata.name: "Terminating" if n.metadata.deletion_timestamp else
+                (n.status and n.status.phase) or "Active"
+                for n in self._call("list namespaces", self.core.list_namespace, label_selector=selector).items}
+
     def list_configmaps(self, name: str, selector: str) -> list[tuple[str, dict, str]]:
         """(namespace, data, resourceVersion) of every ConfigMap `name` with these labels, in Active namespaces."""
-        active = {n.metadata.name for n in self._call("list namespaces", self.core.list_namespace,
-                                                      label_selector=selector).items
-                  if (n.status and n.status.phase) != "Terminating" and not n.metadata.deletion_timestamp}
+        active = {ns for ns, phase in self.namespaces(selector).items() if phase != "Terminating"}
         found = self._call("list ConfigMaps", self.core.list_config_map_for_all_namespaces, label_selector=selector,
                            field_selector=f"metadata.name={name}").items
         return [(cm.metadata.namespace, dict(cm.data or {}), cm.metadata.resource_version) for cm in found
@@ -208,8 +233,9 @@ class Kube:
                    {"spec": {"minReadySeconds": seconds}})
 
     def set_deletion_cost(self, ns: str, pod: str, cost: int | None) -> None:
+        """A pod gone since it was listed (a Spot node reclaimed, its ReplicaSet scaled) needs no cost: done."""
         self._call(f"annotate pod {pod}", self.core.patch_namespaced_pod, pod, ns,
-                   {"metadata": {"annotations": {DELETION_COST: None if cost is None else str(cost)}}})
+                   {"metadata": {"annotations": {DELETION_COST: None if cost is None else str(cost)}}}, missing_ok=True)
 
     # --- nodes ---
 
@@ -221,8 +247,9 @@ class Kube:
         return [p for p in pods.items if p.status.phase not in ("Succeeded", "Failed")]
 
     def cordon(self, node: str, labels: dict[str, str | None], unschedulable: bool = True) -> None:
+        """A node gone since it was listed (a Spot VM reclaimed, an upgrade replaced it) is past cordoning: done."""
         self._call(f"cordon {node}", self.core.patch_node, node,
-                   {"metadata": {"labels": labels}, "spec": {"unschedulable": unschedulable or None}})
+                   {"metadata": {"labels": labels}, "spec": {"unschedulable": unschedulable or None}}, missing_ok=True)
 
     def evict(self, ns: str, pod: str) -> None:
         self._call(f"evict {ns}/{pod}", self.core.create_namespaced_pod_eviction, pod, ns,

@@ -62,3 +62,8 @@ class RecordUnreadable(PermanentError):
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
         super().__init__(f"lab {name}: record unreadable: {reason}")
+
+
+class Gone(TransientError):
+    """The object a call named is not there (HTTP 404, gRPC NOT_FOUND). A step whose object vanished is already done
+    (the step functions that know it say so and return); anywhere else the next pass reads the world again."""
