@@ -60,7 +60,7 @@ def world(tmp_path, request):
 
 @pytest.fixture
 def controller(world):
-    return Controller(world.backend(), Events(), CONFIG)
+    return Controller(world.backend(), Events(), CONFIG, reports=world.reports)
 
 
 def handle(ctl, message, mid="m"):
@@ -456,15 +456,14 @@ def test_a_compute_permission_refusal_on_deleting_a_node_holds_the_node_not_the_
     pin(ctl, 6)
     drive(ctl, world, lambda: workers(ctl) == 6 and world.gke.node_count(cluster, "workers") == 2)
     world.migs.fail_next("deleteInstances", "permission", times=3)
-    try:
-        pin(ctl, 3)
-    except PermanentError:  # the scale command's own pass met the refusal: said to its sender
-        pass
+    pin(ctl, 3)  # recorded; its step's refusal holds the node and is said (lab-degraded), not the scale's
     drive(ctl, world, lambda: world.migs.refused == ["permission"] * 3)
     held = [n["metadata"]["name"] for n in world.kube.list("nodes", None, "dasklab/removing")]
     assert len(held) == 1 and world.kube.get("nodes", None, held[0])["spec"]["unschedulable"]  # held, cordoned
     assert held[0] not in world.migs.deleted and phase(ctl) == "ready" and workers(ctl) == 3
     assert "compute.instanceGroupManagers.update" in caplog.text and "the node(s) stay, cordoned" in caplog.text
+    [said] = [e for e in ctl.events.published if e["event"] == "lab-degraded" and "refused" in e["causes"]]  # once
+    assert said["causes"] == ["refused"] and "the node(s) stay, cordoned" in said["reason"]
     drive(ctl, world, lambda: world.gke.node_count(cluster, "workers") == 1)  # the permission is back: it goes
     assert held[0] in world.migs.deleted and phase(ctl) == "ready"
     assert not [e for e in ctl.events.published if e["event"] in ("lab-failed", "lab-deleted")]

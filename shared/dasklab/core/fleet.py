@@ -65,7 +65,7 @@ class Fleet(Part):
                       message_id=mid)
         for (kind, name), error in sorted(poisoned(self.backend).items()):  # contained: the others go on
             if kind == "lab":
-                self.contain(name, "", str(error), mid)
+                self.c.labs.contain(name, "", str(error), mid)
         if labs:
             turn = int((self.clock() // 60 * GOLDEN) % 1 * len(labs))
             labs = labs[turn:] + labs[:turn]
@@ -97,13 +97,13 @@ class Fleet(Part):
             logs.emit("WARNING", lab=lab.name, action=tick, reason=f"retry later: {e}", message_id=mid)
             return False
         except StepRefused as e:  # a step refused for a cause outside the lab: the lab holds, says why, tries later
-            self.contain(lab.name, lab.spec.owner, f"held: {e}", mid, cause="refused")
+            self.c.labs.contain(lab.name, lab.spec.owner, f"held: {e}", mid, cause="refused")
             return True
         except PermanentError as e:  # refused for good (a permission, a quota): the lab fails, teardown follows
             self.c.labs.apply_failed(lab, str(e), mid)
             return True
         except Exception as e:  # noqa: BLE001 -- the fleet pass is each lab's entry point: one lab's bug stays there
-            self.contain(lab.name, lab.spec.owner, f"{type(e).__name__}: {e}", mid, trace=traceback.format_exc())
+            self.c.labs.contain(lab.name, lab.spec.owner, f"{type(e).__name__}: {e}", mid, trace=traceback.format_exc())
             return False  # unclassified: a teardown tick is redelivered for this lab (the others are done)
 
     def _record_backoff(self, name: str, until: float, count: int, mid: str) -> None:
@@ -114,24 +114,6 @@ class Fleet(Part):
                 self.backend.apply_record(lab.with_state(backoff_until=until, backoff_count=count))
         except TransientError as e:  # the store is busy too: the next pass meets the limit again
             logs.emit("WARNING", lab=name, action="backoff", reason=f"not recorded: {e}", message_id=mid)
-
-    def contain(self, name: str, owner: str, reason: str, mid: str, trace: str | None = None,
-                 cause: str = "error") -> None:
-        """A lab this pass cannot handle (its record unreadable, an unexpected error, a step refused): logged with
-        its traceback on every pass, and said once per distinct reason in a lab-degraded event (what was said is
-        kept in the reports store, so a new function instance does not say it again); the other labs go on."""
-        logs.emit("ERROR" if cause == "error" else "WARNING", lab=name, action="contain", reason=reason,
-                  message_id=mid, traceback=trace)
-        key, now = f"degraded-{name}-{zlib.crc32(reason.encode()):08x}", self.clock()
-        try:
-            if self.reports is not None and self.reports.fetch_reported(key, now):
-                return
-            self.events.publish({"event": "lab-degraded", "lab": name, "owner": owner or None, "time": now,
-                                 "reason": reason, "causes": [cause]})
-            if self.reports is not None:
-                self.reports.apply_reported(key, now)
-        except TransientError as e:  # said again on a later pass (events are at least once)
-            logs.emit("WARNING", lab=name, action="contain", reason=f"report later: {e}", message_id=mid)
 
     def reconcile_classes(self, mid: str = "") -> list[str]:
         """One step of every class (after a pass over the labs); returns the classes to retry."""

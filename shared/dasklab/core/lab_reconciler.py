@@ -1,12 +1,14 @@
 """The lab reconciler: one lab one step — observe (backend) → plan (policy) → act under the lab's lease; its budget, its
 creation and its stop."""
 
+import zlib
 from contextlib import contextmanager
 from dataclasses import replace
 
 from dasklab.core import logs
 from dasklab.core.context import ACCEPTED, NOTHING_TO_DO, Part, iso
-from dasklab.core.errors import JupyterUnreachable, LeaseHeld, PermanentError, SchedulerUnreachable, TransientError
+from dasklab.core.errors import JupyterUnreachable, LeaseHeld, PermanentError, SchedulerUnreachable, StepRefused, \
+    TransientError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import StopLab
 from dasklab.core.overrides import note_field
@@ -358,6 +360,24 @@ class LabReconciler(Part):
             logs.decision(lab.name, "teardown", before, TEARING_DOWN, reason, mid)
         self.step_now(lab, mid)
 
+    def contain(self, name: str, owner: str, reason: str, mid: str, trace: str | None = None,
+                 cause: str = "error") -> None:
+        """A lab this pass cannot handle (its record unreadable, an unexpected error, a step refused): logged with
+        its traceback on every pass, and said once per distinct reason in a lab-degraded event (what was said is
+        kept in the reports store, so a new function instance does not say it again); the other labs go on."""
+        logs.emit("ERROR" if cause == "error" else "WARNING", lab=name, action="contain", reason=reason,
+                  message_id=mid, traceback=trace)
+        key, now = f"degraded-{name}-{zlib.crc32(reason.encode()):08x}", self.clock()
+        try:
+            if self.reports is not None and self.reports.fetch_reported(key, now):
+                return
+            self.events.publish({"event": "lab-degraded", "lab": name, "owner": owner or None, "time": now,
+                                 "reason": reason, "causes": [cause]})
+            if self.reports is not None:
+                self.reports.apply_reported(key, now)
+        except TransientError as e:  # said again on a later pass (events are at least once)
+            logs.emit("WARNING", lab=name, action="contain", reason=f"report later: {e}", message_id=mid)
+
     def step_now(self, lab: Lab, mid: str) -> None:
         """A command's decision is recorded: its first step now, unless another invocation is acting on the lab (then
         that one, or the next pass, takes it from the record)."""
@@ -365,6 +385,8 @@ class LabReconciler(Part):
             self.reconcile_lab(lab, "reconcile", mid)
         except LeaseHeld as e:
             logs.emit("INFO", lab=lab.name, action="step", reason=f"later: {e}", message_id=mid)
+        except StepRefused as e:  # the decision stands; the refused step holds, is said, and is tried again later
+            self.contain(lab.name, lab.spec.owner, f"held: {e}", mid, cause="refused")
 
     def accounted(self, lab: Lab, now: float) -> Lab:
         """Add the node time since the last recorded decision (nodes follow the recorded target)."""
