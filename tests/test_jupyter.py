@@ -127,8 +127,7 @@ def test_an_update_adding_a_package_restarts_jupyter_into_the_lab_environment(co
         def crash(*args, **kw):  # the controller dies after stopping the old Jupyter, before starting the new one
             raise RuntimeError("controller killed")
         monkeypatch.setattr(backend, "_start_jupyter", crash)
-        with pytest.raises(RuntimeError, match="controller killed"):
-            ctl.reconcile_all("reconcile")
+        assert ctl.reconcile_all("reconcile") == ["lab1"]  # the crash is contained in its lab, retried next pass
         assert not procs.pid_alive(old["pid"]) and backend._local(lab)["jupyter"] == old  # stopped, not restarted
         monkeypatch.undo()
         drive(ctl, lambda: backend.fetch_lab("lab1").state.revision == 2, timeout=120)

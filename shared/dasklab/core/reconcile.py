@@ -3,6 +3,7 @@ handlers, the fleet pass that schedules the lab and class reconcilers (the shape
 
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,16 +32,21 @@ class Controller:
     wakeups: Wakeups | None = None  # one-off timers for a class's `at` and end (None: the reconcile ticks alone)
     reports: Reports | None = None  # what was reported once (a lab's contained failure), in a real store
     params: ScaleParams = field(init=False)
-    holder: str = field(init=False)  # who this controller is when it holds a lab's lease
 
     def __post_init__(self):
         self.params = ScaleParams(self.config.confirm_s, self.config.cooldown_s, self.config.down_fraction,
                                   warmup_s=self.config.warmup_s)
-        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.labs = LabReconciler(self)  # one lab one step
         self.class_steps = ClassReconciler(self)  # one class one step
         self.fleet = Fleet(self)  # ticks: every lab's and class's step, each contained
         self.commands = Commands(self)  # messages → decisions → first steps
+
+    @property
+    def holder(self) -> str:
+        """Who holds a lab's lease: this instance's thread (a functions server runs invocations side by side in
+        one process; each is an actor of its own)."""
+        return f"{self._instance}-{threading.get_ident()}"
 
     def handle(self, cmd, message_id: str = "", published: float | None = None, request_id: str = "") -> None:
         """Run one command or tick (see Commands.handle)."""
