@@ -1,27 +1,13 @@
 """Builders: a validated command → the lab's spec (worker counts, sizes, caps, the Dask version), pure."""
 
-import re
 from dataclasses import replace
-
 
 from dasklab.core.config import Config, check_dask_version
 from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_memory, system_pool_usd_h
 
-SCHEMA_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024
-# chart values once parsed: as compact JSON at most this many bytes, nested at most this deep (YAML anchors and
-# aliases are refused, so a message's values cannot expand past its own size; this bounds what is stored)
-MAX_VALUES_BYTES = 32 * 1024
-MAX_VALUES_DEPTH = 16
-DEFAULT_MAX_WORKERS = 4  # workers.max when neither it nor values.worker.replicas is given
-LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 chars
-LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")  # no unit: seconds ("60" from a command line)
-_UNSAFE_PIP = re.compile(r"[;&|`$<>\\\n\r]")
-_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-from dasklab.core.messages import ChartValues, Scale, StartLab, UpdateLab, WorkerCounts
+from dasklab.core.messages import DEFAULT_MAX_WORKERS, ChartValues, Scale, StartLab, UpdateLab, WorkerCounts
 
 
 def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = None) -> None:
