@@ -5,9 +5,8 @@ from dataclasses import replace
 from dasklab.core.config import Config, check_dask_version
 from dasklab.core.environment import check_environment
 from dasklab.core.errors import ValidationError
-from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_memory, system_pool_usd_h
-
 from dasklab.core.messages import DEFAULT_MAX_WORKERS, ChartValues, Scale, StartLab, UpdateLab, WorkerCounts
+from dasklab.core.model import MACHINE_TYPES, LabSpec, parse_memory, system_pool_usd_h
 
 
 def check_caps(cmd: StartLab | Scale, config: Config, spec: LabSpec | None = None) -> None:
