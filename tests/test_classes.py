@@ -429,11 +429,11 @@ def test_a_lab_the_listing_could_not_read_is_not_taken_for_ended(ctl):
     class step waits instead of deciding from its absence (class-ready, ended, never recreated)."""
     ctl.handle(start(), "m1", published=T0)
     bob = ctl.backend.labs.pop("intro-bob")  # listed no more, as an unreachable cluster's lab
-    ctl.backend.unreadable = (("lab", "intro-bob"),)
+    ctl.backend.unreadable = {("lab", "intro-bob"): "its cluster did not answer"}
     tick(ctl)
     assert not events(ctl, "class-ready") and ctl.classes.fetch_class("intro").started.keys() == {
         "alice", "bob", "carol"}
-    ctl.backend.labs["intro-bob"], ctl.backend.unreadable = bob, ()  # it answers again
+    ctl.backend.labs["intro-bob"], ctl.backend.unreadable = bob, {}  # it answers again
     tick(ctl)
     [ready] = events(ctl, "class-ready")
     assert [r["student"] for r in ready["labs"]] == ["alice", "bob", "carol"]

@@ -117,7 +117,7 @@ def diff(before, after) -> tuple[Counter, list]:
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, firestore_env):
     w = ClassWorld(tmp_path, real={ns_of(s) for s in REAL})
     yield w
     tree = process_tree(w.pids())
