@@ -118,8 +118,9 @@ class World:
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
         records = self.records()
-        for name in ("apply_create", "apply_record", "apply_forget"):  # the record writes, in Firestore
-            self._crash_after(records, name, f"record {name.removeprefix('apply_')}")
+        for name, site in (("apply_create", "record create"), ("apply_record", "record write"),
+                           ("apply_forget", "record forget")):  # the record writes, in Firestore
+            self._crash_after(records, name, site)
         return GkeBackend(self.config, clusters, lambda cluster: api, migs, records, sleep=lambda s: time.sleep(0.02))
 
     def records(self) -> FirestoreLabRecords:
