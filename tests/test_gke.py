@@ -123,6 +123,7 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
     regional = world.config.location == "us-central1"
     world.crashing = crashing
     world.stage = "start"
+    world.gke.operation_s = 3.0  # the creation outlasts the start-labs and a first pass, however loaded the machine
     for _ in range(3):  # duplicates: one cluster
         handle(ctl, start_msg())
     if crashing:  # it crashed after the record's creation: the next pass creates the cluster
@@ -141,6 +142,7 @@ def test_lab_story_on_gke(world, controller, caplog, crashing):
     world.stage = "provision"
     passes = drive(ctl, world, lambda: phase(ctl) == "ready")
     assert passes >= 3, "creation takes operation polls, then the Helm Job, then the scheduler"
+    world.gke.operation_s = 0.3
     ready = [e for e in ctl.events.published if e["event"] == "lab-ready"]
     assert len(ready) == 1 + crashing * (len(ready) - 1)  # a crash may repeat an event, never lose it
     assert "port-forward" in ready[0]["connection"]["dashboard"]
