@@ -345,6 +345,11 @@ class GkeBackend:
         for name, reason in sorted(unread.items()):
             logs.emit("WARNING", lab=name, action="observe", reason=f"record unreadable, lab left alone: {reason}")
         self.unreadable = {("lab", name): reason for name, reason in unread.items()}  # absent is not gone
+        known = {place_of(lab).cluster for lab in labs} | {place_of(name).cluster for name in unread}
+        for name in sorted(n for n, c in managed.items() if n not in known and c.status != Status.STOPPING):
+            if not self._is_class_cluster(managed[name]):  # (a class's cluster is kept for labs still to come)
+                logs.emit("WARNING", lab=name, action="observe", reason=f"managed cluster {name} has no lab record "
+                          "(created by a version that kept it on the cluster?): left alone; drain before upgrading")
         return [self._as_seen(lab, managed.get(place_of(lab).cluster)) for lab in labs]
 
     def fetch_lab(self, name: str) -> Lab | None:
