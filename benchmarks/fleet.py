@@ -17,6 +17,8 @@ Three kinds of process, so that RSS is the controller's alone:
   GkeBackend.from_config builds them); creates lab0000 at latency 0, or measures one pass (ru_maxrss and CPU
   time of this process). The other labs are copies of lab0000 the cloud seeds into its stand-ins ("seed N").
 - this orchestrator: starts them, sets the latency, counts calls, prints the table.
+The labs' records (Firestore on Google Cloud) are files both share (tests.fakes.FileLabRecords): no latency, and
+their writes are not counted.
 """
 
 import argparse
@@ -73,8 +75,13 @@ class _Dashboards(BaseHTTPRequestHandler):
 
 
 def cloud() -> None:
+    from dataclasses import replace
+
     import yaml
+    from dasklab.adapters.gke import build_labels
     from dasklab.adapters.release import chart_fullname
+    from dasklab.core.model import Lab
+    from tests.fakes import FileLabRecords
     from tests.gke_world import TOKEN, World
     from tests.standins.compute import MigStandin
     from tests.standins.gke import GkeStandin
@@ -116,11 +123,18 @@ def cloud() -> None:
 
     kube.on_job_created(helm)
 
+    records = FileLabRecords(os.environ["BENCH_RECORDS_DIR"])  # the controller's lab records, shared by file
+
+    def copy_record(name: str, **spec) -> dict[str, str]:
+        """lab0000's record as lab `name`'s (spec changed by `spec`); its cluster's labels."""
+        lab = records.fetch_record("lab0000")
+        lab = Lab(replace(lab.spec, name=name, **spec), lab.state)
+        records.apply_create(lab)
+        return build_labels(lab)
+
     def seed(n: int) -> dict:
         """Labs lab0001… up to n as copies of lab0000 (created through the controller): its cluster, and its
-        namespace with every object in it, renamed; each copy's record labels re-encoded from its own record."""
-        from dasklab.adapters.gke import RECORD, RECORD_KEY, encode_labels
-        from dasklab.core.model import Lab
+        namespace with every object in it, renamed; each copy's record copied from lab0000's."""
         t0 = time.monotonic()
         clusters = gke.clusters
         source = next(name for name in clusters if name.endswith("/clusters/lab0000"))
@@ -131,26 +145,17 @@ def cloud() -> None:
             if name in have:
                 continue
             objects += kube.clone_namespace("dasklab-lab0000", f"dasklab-{name}", {"lab0000": name})
-            record = json.loads(kube.get("configmaps", f"dasklab-{name}", RECORD)["data"][RECORD_KEY])
-            gke.clone_cluster(source, name, encode_labels(Lab.from_dict(record, "")))
+            gke.clone_cluster(source, name, copy_record(name))
         return {"objects": objects, "seconds": round(time.monotonic() - t0, 1)}
 
     def seed_class(name: str, n: int) -> dict:
         """Students s000… of class `name` as copies of lab0000, their records naming the class and the student."""
-        from dasklab.adapters.gke import RECORD, RECORD_KEY, encode_labels
-        from dasklab.core.model import Lab
-        from kubernetes import client as k8s
-        t0, core = time.monotonic(), k8s.CoreV1Api(kube.api_client())
+        t0 = time.monotonic()
         source = next(c for c in gke.clusters if c.endswith("/clusters/lab0000"))
         for i in range(n):
             lab = f"{name}-s{i:03d}"
             kube.clone_namespace("dasklab-lab0000", f"dasklab-{lab}", {"lab0000": lab})
-            cm = kube.get("configmaps", f"dasklab-{lab}", RECORD)
-            record = json.loads(cm["data"][RECORD_KEY])
-            record["spec"].update(class_name=name, student=f"s{i:03d}")
-            cm["data"][RECORD_KEY] = json.dumps(record)
-            core.replace_namespaced_config_map(RECORD, f"dasklab-{lab}", cm)
-            gke.clone_cluster(source, lab, encode_labels(Lab.from_dict(record, "")))
+            gke.clone_cluster(source, lab, copy_record(lab, class_name=name, student=f"s{i:03d}"))
         return {"labs": n, "seconds": round(time.monotonic() - t0, 1)}
 
     print(json.dumps({"gke": gke.address, "kube": kube.url, "token": TOKEN, "migs": migs.address}), flush=True)
@@ -194,7 +199,7 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
     from dasklab.core.reconcile import Controller
     from google.cloud import container_v1 as gke
     from google.cloud.container_v1.services.cluster_manager.transports import ClusterManagerGrpcTransport
-    from tests.fakes import MemoryReports
+    from tests.fakes import FileLabRecords
     from tests.gke_world import CONFIG
 
     channel = grpc.insecure_channel(addr["gke"])
@@ -235,7 +240,8 @@ def controller(addr: dict, mode: str, n: int, workers: int) -> None:
         now = time.time()
         store.apply_class(ClassRecord(f"class{n}", owner="bench", roster=roster, started={s: now for s in roster},
                                       ready_roster=roster, budget_class_usd=1000.0, published=now, created_at=now))
-    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client), MemoryReports(),
+    ctl = Controller(GkeBackend(CONFIG, clusters, kube_for, Migs(migs_client),
+                                FileLabRecords(os.environ["BENCH_RECORDS_DIR"]),
                                 sleep=lambda s: None), Events(),
                      CONFIG, classes=store)
     out: dict = {}
@@ -335,6 +341,7 @@ def main() -> int:
     if sizes and procs.find_firestore_emulator() is not None:
         env["FIRESTORE_EMULATOR_HOST"] = stack.enter_context(procs.start_firestore_emulator(scratch / "fs")).host
     env["BENCH_CLASSES_DIR"] = str(scratch / "classes")
+    env["BENCH_RECORDS_DIR"] = str(scratch / "records")  # the labs' records (Firestore in the cloud), in files
     cl = subprocess.Popen(me + ["--cloud"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     rows, class_rows = [], []
     try:

@@ -56,6 +56,12 @@ def firestore_tombstones(firestore_emulator, monkeypatch):
 
 
 @pytest.fixture
+def firestore_env(firestore_emulator, monkeypatch):
+    """FIRESTORE_EMULATOR_HOST set to the session's emulator: the GKE test world keeps its lab records there."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+
+
+@pytest.fixture
 def home(tmp_path):
     return tmp_path / "home"
 

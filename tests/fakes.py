@@ -1,7 +1,8 @@
 """An in-memory Backend for core-level properties (interleavings, fault injection): GKE-like semantics —
 operations take several observations, deletion is refused while creating — without processes or clouds."""
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.core.errors import ConflictError, PermanentError, RecordUnreadable, TransientError
@@ -189,15 +190,72 @@ class ListEvents:
         self.events.append(event)
 
 
-class MemoryReports:
-    """gke.Reports as Firestore keeps it (FirestoreReports, tested on the emulator in test_tombstones.py), in memory:
-    one instance per world stands for the project's database, shared by every controller instance of the test."""
+class FileLabRecords:
+    """records.LabRecords in files (one JSON file per lab in `root`, a lock file for compare-and-swap), for a
+    benchmark whose processes share the records without the Firestore emulator; tests use FirestoreLabRecords."""
 
-    def __init__(self):
-        self.reported: dict[str, float] = {}
+    def __init__(self, root):
+        from pathlib import Path
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
 
-    def fetch_reported(self, key: str, now: float) -> bool:
-        return key in self.reported
+    def _locked(self):
+        import contextlib
+        import fcntl
 
-    def apply_reported(self, key: str, now: float) -> None:
-        self.reported.setdefault(key, now)
+        @contextlib.contextmanager
+        def lock():
+            with open(self.root / ".lock", "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                yield
+        return lock()
+
+    def _read(self, name: str):
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _write(self, lab, count: int):
+        data = {"version": count, "class": lab.spec.class_name if lab.spec.placement == "shared" else "",
+                "record": json.dumps(lab.to_dict())}
+        (self.root / f"{lab.name}.json").write_text(json.dumps(data))
+        return replace(lab, version=f"file:{count}")
+
+    def fetch_records(self, class_name=None):
+        from dasklab.adapters.records import decode_record
+        from dasklab.core.errors import RecordUnreadable
+        labs, unreadable = [], {}
+        for path in sorted(self.root.glob("*.json")):
+            data = json.loads(path.read_text())
+            if class_name is not None and data["class"] != class_name:
+                continue
+            try:
+                labs.append(decode_record(path.stem, data["record"], f"file:{data['version']}"))
+            except RecordUnreadable as e:
+                unreadable[path.stem] = e.reason
+        return labs, unreadable
+
+    def fetch_record(self, name):
+        from dasklab.adapters.records import decode_record
+        data = self._read(name)
+        return data and decode_record(name, data["record"], f"file:{data['version']}")
+
+    def apply_create(self, lab):
+        with self._locked():
+            return None if self._read(lab.name) else self._write(lab, 1)
+
+    def apply_record(self, lab):
+        with self._locked():
+            data = self._read(lab.name)
+            if data is None or lab.version != f"file:{data['version']}":
+                raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+            return self._write(lab, data["version"] + 1)
+
+    def apply_forget(self, lab):
+        with self._locked():
+            data = self._read(lab.name)
+            if data is None:
+                return False
+            if lab.version != f"file:{data['version']}":
+                raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
+            (self.root / f"{lab.name}.json").unlink()
+            return True

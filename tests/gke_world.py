@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -18,13 +19,13 @@ from dasklab.adapters.compute import Migs
 from dasklab.adapters.gke import GkeBackend, class_cluster
 from dasklab.adapters.local import start_scheduler
 from dasklab.adapters.jupyter import start_jupyter, stop_jupyter, write_token
+from dasklab.adapters.records import FirestoreLabRecords
 from dasklab.adapters.procs import pid_alive, spawn, stop_pid_group, wait_until
 from dasklab.core.config import Config
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, _merge, chart_fullname
 from kubernetes import client as k8s
 
 from tests.dask_checks import LOG_LENGTH_ENV
-from tests.fakes import MemoryReports
 from tests.standins.compute import MigStandin
 from tests.standins.gke import GkeStandin
 from tests.standins.kube import KubeStandin
@@ -89,7 +90,11 @@ class World:
         self.crashing = False
         self.crashed: list[str] = []
         self.on_write = None  # called with each Kubernetes write's call site, after it succeeded
-        self.reports = MemoryReports()  # the project's Firestore, outliving every controller instance
+        # the lab records in the Firestore emulator (tests: the `firestore_env` fixture), a project of this world's own
+        # that outlives every controller instance
+        if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            raise RuntimeError("the GKE test world keeps its lab records in the Firestore emulator: use firestore_env")
+        self.records_project = f"test-{uuid.uuid4().hex[:12]}"
         self.uninstallable: set[str] = set()  # packages pip cannot install (the image's entrypoint says so)
         self._lock = threading.Lock()
         self.kube.on_job_created(self._helm)
@@ -110,18 +115,25 @@ class World:
 
         api.call_api = call_api
         clusters = self.gke.client()
-        for name in ("create_cluster", "set_labels", "set_node_pool_size", "delete_cluster"):
+        for name in ("create_cluster", "set_node_pool_size", "delete_cluster"):
             self._crash_after(clusters, name)
         migs = Migs(lambda: self._crash_after(self.migs.client(), "delete_instances"))
-        return GkeBackend(self.config, clusters, lambda cluster: api, migs, self.reports,
-                          sleep=lambda s: time.sleep(0.02))
+        records = self.records()
+        for name, site in (("apply_create", "record create"), ("apply_record", "record write"),
+                           ("apply_forget", "record forget")):  # the record writes, in Firestore
+            self._crash_after(records, name, site)
+        return GkeBackend(self.config, clusters, lambda cluster: api, migs, records, sleep=lambda s: time.sleep(0.02))
 
-    def _crash_after(self, obj, name: str):
+    def records(self) -> FirestoreLabRecords:
+        """The lab records as the controller's functions share them."""
+        return FirestoreLabRecords(self.records_project)
+
+    def _crash_after(self, obj, name: str, site: str = ""):
         raw = getattr(obj, name)
 
         def wrapped(*args, **kwargs):
             result = raw(*args, **kwargs)
-            self._maybe_crash(name)
+            self._maybe_crash(site or name)
             return result
 
         setattr(obj, name, wrapped)

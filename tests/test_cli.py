@@ -358,14 +358,14 @@ def test_destroy_refuses_while_labs_exist_and_force_deletes_them_with_the_rest(g
     assert backend.fetch_lab("left-over").state.phase == "ready"  # its infrastructure deleted (no processes here)
 
 
-def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
-    """Over the GKE stand-in: the lab is read from its cluster, the commands come from connection_info."""
+def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys, tmp_path):
+    """Over the GKE stand-in: the lab is read from its record, the commands come from connection_info."""
     from dasklab import runtime
     from dasklab.adapters.compute import Migs
     from dasklab.adapters.gke import GkeBackend
     from dasklab.core.model import Lab
     from tests.conftest import make_spec, make_state
-    from tests.fakes import MemoryReports
+    from tests.fakes import FileLabRecords
     from tests.standins.gke import GkeStandin
 
     for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
@@ -373,7 +373,8 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys):
         monkeypatch.delenv(name)
     cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a")
     with GkeStandin() as gke:
-        backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None), MemoryReports())
+        backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None),
+                             FileLabRecords(tmp_path))
         assert backend.apply_create(Lab(make_spec(name="intro", dask_version="2025.12.0"),
                                         make_state(phase="provisioning")))
         monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)

@@ -34,7 +34,7 @@ def slow_inc(x):
     return x + 1
 
 
-def test_three_students_share_one_cluster(tmp_path, caplog):
+def test_three_students_share_one_cluster(tmp_path, caplog, firestore_env):
     caplog.set_level(logging.INFO, logger="dasklab")
     world, events = World(tmp_path), []
     ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,
@@ -154,7 +154,7 @@ def test_three_students_share_one_cluster(tmp_path, caplog):
         assert not [p for p in pids if pid_alive(p)] and not alive(tree)
 
 
-def test_own_placement_stays_available(tmp_path):
+def test_own_placement_stays_available(tmp_path, firestore_env):
     """placement "own": a cluster per student, as before."""
     world, events = World(tmp_path), []
     ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,

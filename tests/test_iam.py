@@ -31,7 +31,9 @@ FAMILIES = {
                                   (k8s.ApiClient, {"call_api"})]),
     # the document API: each call on a DocumentReference is one RPC (get → BatchGetDocuments, set → Commit)
     "firestore": ("google.cloud.firestore", [(firestore.Client, {"document"}),
-                                             (firestore.DocumentReference, {"get", "set"})]),
+                                             (firestore.DocumentReference,
+                                              {"get", "set", "create", "update", "delete"}),
+                                             (firestore.Query, {"stream"})]),
 }
 # families whose API is one-word methods on short-lived references: every such name counts in their modules
 ONE_WORD = {"firestore"}

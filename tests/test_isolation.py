@@ -94,7 +94,7 @@ STUDENTS = ("ann", "bob", "cy")
 
 
 @pytest.fixture
-def shared_class(tmp_path):
+def shared_class(tmp_path, firestore_env):
     """Three students' labs of class `intro` placed in one shared cluster (the default), driven to ready."""
     world = World(tmp_path)
     ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,

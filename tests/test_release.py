@@ -1,4 +1,4 @@
-"""Pure builders of the Dask Helm release (values, install Job, public Service) and of the GKE lab record."""
+"""Pure builders of the Dask Helm release (values, install Job, public Service) and of a GKE cluster's labels."""
 
 import json
 import re
@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 from dasklab.adapters.gke import (
-    decode_cluster_record,
+    build_labels,
     encode_description,
-    encode_labels,
     place_of,
 )
 from dasklab.core.config import Config
@@ -142,48 +141,22 @@ def test_token_secret_and_names():
     assert (nodes_per_zone(5, 1), nodes_per_zone(5, 3), nodes_per_zone(0, 3)) == (5, 2, 0)
 
 
-def test_cluster_record_round_trips_through_labels_alone():
-    lab = Lab(make_spec(name="intro-dask", values=yaml.safe_load(SEED), public_source_ranges=("10.0.0.0/8",),
-                        keep_alive_until=4070908800.0),
-              LabState(phase="provisioning", created_at=1.5, target_workers=2, reason="new lab requested"))
-    labels, description = encode_labels(lab), encode_description(lab)
-    assert len(labels) <= 64 and labels["managed-by"] == "dasklab" and labels["phase"] == "provisioning"
-    for key, value in labels.items():  # GKE's label rules
-        assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) and re.fullmatch(r"[a-z0-9_-]{0,63}", value), (key, value)
-    assert description == "dasklab lab intro-dask of alice"  # GKE documents no limit: no record in it
-    assert Lab.from_dict(decode_cluster_record(labels, "anything")) == lab
-
-
-def test_cluster_record_keeps_the_override_notes():
+def test_cluster_labels_say_whose_it_is_and_nothing_a_user_wrote():
     seed = (Path(__file__).resolve().parents[1] / "examples" / "seed-3.yaml").read_text()
     spec = build_spec(parse_command(json.dumps({"type": "start-lab", "lab": "intro", "owner": "alice",
                                                 "values": seed, "mixed_environment": True})),
-                      Config(backend="gke", project="p"))  # its jupyter has matplotlib, its workers not
+                      Config(backend="gke", project="p"))  # values, packages and override notes
     lab = Lab(spec, LabState(phase="provisioning", created_at=1.5, target_workers=15))
-    labels, description = encode_labels(lab), encode_description(lab)
-    assert len(spec.notes) >= 4 and len(labels) <= 64
-    assert Lab.from_dict(decode_cluster_record(labels, description)) == lab
-
-
-def test_large_values_fit_compressed_too_large_are_refused_and_old_records_still_read():
-    values = {"worker": {"env": [{"name": f"V{i}", "value": "same text " * 5} for i in range(60)]}}
-    lab = Lab(make_spec(values=values), LabState())
-    assert decode_cluster_record(encode_labels(lab), "")["spec"]["values"] == values
-    noise = {"x": [f"{i * 7919 % 10007:05d}{i}" for i in range(2000)]}
-    with pytest.raises(ValidationError, match="values.*above GKE's 64"):
-        encode_labels(Lab(make_spec(values=noise), LabState()))
-    # a cluster created before the values moved into the labels: they are in its description
-    import base64 as b64, json as js, zlib
-    from dasklab.adapters.gke import _pack
-    record = lab.to_dict()
-    record["spec"].pop("values")
-    data = _pack(record)
-    old = {f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))}
-    text = js.dumps({"values": values}, separators=(",", ":"), sort_keys=True)
-    description = "dasklab lab values: z:" + b64.b64encode(zlib.compress(text.encode(), 9)).decode()
-    assert decode_cluster_record(old, description)["spec"]["values"] == values
-    with pytest.raises(PermanentError, match="no readable lab record"):
-        decode_cluster_record({"managed-by": "dasklab", "rec0": "zzzz"}, description)
+    assert spec.notes and build_labels(lab) == {"managed-by": "dasklab", "lab": "intro", "owner": "alice"}
+    assert encode_description(lab) == "dasklab lab intro of alice"
+    student = Lab(make_spec(name="intro-ada", class_name="intro", student="ada", placement="shared",
+                            values={"worker": {"env": [{"name": "K", "value": "private"}]}}), LabState())
+    assert build_labels(student) == {"managed-by": "dasklab", "placement": "shared", "class": "intro"}
+    own = Lab(make_spec(name="intro-bob", class_name="intro", student="bob"), LabState())
+    assert build_labels(own) == {"managed-by": "dasklab", "lab": "intro-bob", "owner": "alice", "class": "intro"}
+    for labels in (build_labels(lab), build_labels(student), build_labels(own)):
+        for key, value in labels.items():  # GKE's label rules
+            assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) and re.fullmatch(r"[a-z0-9_-]{0,63}", value)
 
 
 def test_every_image_runs_the_pinned_dask_version():

@@ -33,6 +33,12 @@ CA_CERT = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nZGFza2xhYi10ZXN0\n----
 NAME_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,38}[a-z0-9])?")
 LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[a-z0-9_-]{0,63}")
+# A cluster's resource labels go onto its VMs: SetLabelsRequest's docstring, "sets the Google Cloud Platform labels on
+# a Google Container Engine cluster, which will in turn set them for Google Compute Engine resources used by that
+# cluster", beside GKE's own labels on every node VM. Compute allows at most 64 labels per resource
+# (cloud.google.com/compute/docs/labeling-resources, "Requirements for labels"), those included.
+GKE_VM_LABELS = ("goog-gke-node", "goog-k8s-cluster-name", "goog-k8s-cluster-location", "goog-k8s-node-pool-name")
+VM_MAX_LABELS = 64
 REGION_RE = re.compile(r"[a-z]+-[a-z]+[0-9]+")
 ZONE_RE = re.compile(r"([a-z]+-[a-z]+[0-9]+)-[a-z]")
 _PROJECT = r"(?P<project>[a-z][-a-z0-9]{4,28}[a-z0-9]|[0-9]+)"
@@ -303,6 +309,20 @@ class GkeStandin(GrpcStandin):
         """Every instance (node) → its group."""
         return {name: g for g in self.groups() for name in g.instances}
 
+    def vm_labels(self) -> dict[str, dict[str, str]]:
+        """Every instance (node VM) → its labels: its cluster's resource labels as they are now, and GKE's own."""
+        with self._lock:
+            self.tick()
+            found = {}
+            for g in self._groups.values():
+                c = self._clusters.get(g.cluster)
+                if c is None:
+                    continue
+                location = g.cluster.split("/locations/", 1)[1].split("/", 1)[0]
+                own = dict(zip(GKE_VM_LABELS, ("", c.name, location, g.pool)))
+                found.update({name: {**c.resource_labels, **own} for name in g.instances})
+            return found
+
     def zone_counts(self, cluster: str, pool: str) -> dict[str, int]:
         """Nodes of a pool in each zone (every group of the zone)."""
         counts: dict[str, int] = {}
@@ -545,6 +565,11 @@ class GkeStandin(GrpcStandin):
         # (cloud.google.com/kubernetes-engine/docs/how-to/creating-managing-labels, "Requirements for labels")
         if len(labels) > 64:
             raise StandinAbort(Code.INVALID_ARGUMENT, f"Too many labels ({len(labels)}); at most 64 are allowed.")
+        if len(labels) + len(GKE_VM_LABELS) > VM_MAX_LABELS:  # the VMs' labels (see GKE_VM_LABELS)
+            raise StandinAbort(Code.INVALID_ARGUMENT,
+                               f"Too many labels ({len(labels)}): with GKE's own {len(GKE_VM_LABELS)} the cluster's "
+                               f"VMs would carry {len(labels) + len(GKE_VM_LABELS)}, above Compute's "
+                               f"{VM_MAX_LABELS} per resource.")
         for key, value in labels.items():
             if not LABEL_KEY_RE.fullmatch(key):
                 raise StandinAbort(Code.INVALID_ARGUMENT, f"Invalid label key {key!r}.")

@@ -181,8 +181,23 @@ def test_invalid_labels_are_refused_on_create_and_set_labels(client, labels):
 
 
 def test_boundary_labels_are_accepted(client):
-    labels = {f"k{i}": "" for i in range(63)} | {"k" * 63: "v" * 63}
+    labels = {f"k{i}": "" for i in range(59)} | {"k" * 63: "v" * 63}  # 60, and GKE's 4 on each VM: 64
     assert create(client, resource_labels=labels)
+
+
+def test_cluster_labels_go_onto_its_vms_beside_gke_s_and_64_is_the_vm_s_limit(standin, client):
+    labels = {f"k{i}": "" for i in range(61)}
+    with pytest.raises(exceptions.InvalidArgument, match="VMs would carry 65, above Compute's 64"):
+        create(client, resource_labels=labels)
+    c = running(client, resource_labels={"team": "data"}, node_pools=[pool(count=2)])
+    vms = standin.vm_labels()
+    assert set(vms) == set(standin.instances()) and vms and all(
+        v == {"team": "data", "goog-gke-node": "", "goog-k8s-cluster-name": c.name,
+              "goog-k8s-cluster-location": "us-central1", "goog-k8s-node-pool-name": "workers"} for v in vms.values())
+    wait(client, set_labels(client, {"team": "ml"}, c.label_fingerprint))
+    assert {v["team"] for v in standin.vm_labels().values()} == {"ml"}  # SetLabels reaches the VMs
+    with pytest.raises(exceptions.InvalidArgument, match="above Compute's 64"):
+        set_labels(client, labels, client.get_cluster(name=CLUSTER).label_fingerprint)
 
 
 def test_duplicate_cluster_is_already_exists(client):

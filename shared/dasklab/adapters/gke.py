@@ -2,21 +2,18 @@
 pool's instance groups (adapters.compute) and the official Dask Helm release installed by an in-cluster Job.
 
 A class's labs with placement "shared" share their class's cluster instead (`place_of`): each lab is a namespace
-there (record, release, token, ResourceQuota, NetworkPolicies), the worker pool is sized for the class's labs
-together, a node is removed only when no other lab's pod runs on it, and the last lab's teardown deletes the cluster.
+there (release, token, ResourceQuota, NetworkPolicies; its record names the class), the worker pool is sized for the
+class's labs together, a node is removed only when no other lab's pod runs on it, and the last lab's teardown deletes
+the cluster.
 
-Where a lab's record lives (state is on the resources; `Lab.version` names the store and its CAS token):
-
-- While the cluster is not running (being created, in error, being deleted) the record is on the cluster:
-  spec and state (the chart values included) as zlib-compressed base32 text cut into `rec0…recN` resource labels,
-  next to the readable `managed-by`, `lab`, `owner` and `phase` labels. GKE documents no limit for a cluster's
-  `description`, so it carries only a readable line (clusters of older versions kept the values there: still read). Writes are SetLabels with the
-  `label_fingerprint` read (version ``gke:<fingerprint>``); GKE refuses them while another operation runs.
-- Once the cluster runs, the authoritative record (spec + state) is the ConfigMap `dasklab-lab` in the lab's
-  namespace, replaced with the resourceVersion read (version ``k8s:<resourceVersion>``; 409 → ConflictError).
-  The first write after creation moves it there (create = compare-and-swap). Autoscaling decisions therefore
-  never need a cluster operation, which would block SetNodePoolSize.
-- A deleting cluster's labels are read as a lab tearing down.
+Where a lab's record lives: in Firestore (adapters.records, injected as `records`), one document per lab holding its
+spec and state (the chart values, env and notes included); `Lab.version` is that document's update time, and every
+write is a compare-and-swap on it. The record is written before the cluster is created and outlives it: a creation
+whose ERROR cluster GKE removed is still a lab, failed once from its CREATE_CLUSTER operation's error. A cluster's
+resource labels say only whose it is (`managed-by`, `lab`, `owner`, and `class`/`placement` for a class): GKE copies
+them onto the node VMs and disks (SetLabelsRequest), where they reach billing exports, so nothing a user wrote goes
+there, and the controller never needs a cluster operation (SetLabels) to record a decision. Labs created by a
+version that kept the record on the labels or in a ConfigMap are not read by this one: drain them before upgrading.
 
 Workers: the release names each Dask worker after its pod, so worker → pod → node is exact. Scale-up raises the
 worker pool (per zone, never lowering a zone) and the Deployment's replicas. Scale-down gives exactly the retired
@@ -29,27 +26,24 @@ results move to the new ones, before Kubernetes deletes the old pods.
 """
 
 import base64
-import binascii
-import json
-import re
 import secrets
 import tempfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Protocol
+from typing import Callable
 
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
 
 from dasklab.core import logs
 from dasklab.core.config import Config
-from dasklab.core.errors import ConflictError, Gone, JupyterUnreachable, PermanentError, SchedulerUnreachable, \
-    StepRefused, TransientError, ValidationError
-from dasklab.core.model import MANAGED_BY, NO_JUPYTER, PROVISIONING, SHARED, TEARING_DOWN, JupyterActivity, Lab, \
-    LabSpec, LabState, WorkerProblem, build_system_pool_size, nodes_per_zone, parse_memory, system_nodes_for
+from dasklab.core.errors import Gone, JupyterUnreachable, PermanentError, RecordUnreadable, SchedulerUnreachable, \
+    StepRefused, TransientError
+from dasklab.core.model import INSTALLING, MANAGED_BY, NO_JUPYTER, PROVISIONING, REQUESTED, SHARED, TEARING_DOWN, \
+    JupyterActivity, Lab, LabSpec, WorkerProblem, build_system_pool_size, nodes_per_zone, parse_memory, \
+    system_nodes_for
 from dasklab.core.policy import Infra, plan_rollout
 from dasklab.adapters.release import POOL_LABEL, TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, \
     build_quota, build_release, build_token_secret, chart_fullname
@@ -58,12 +52,11 @@ from dasklab.adapters.googleapi import translate as _translate  # GKE's refusals
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import DELETION_COST, Kube
+from dasklab.adapters.records import LabRecords
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 REMOVING_LABEL = "dasklab/removing"  # on a cordoned worker node: value = the namespace of the lab emptying it
-RECORD, RECORD_KEY = "dasklab-lab", "record"
-DESCRIPTION_PREFIX = "dasklab lab values: "  # the description of clusters created before the values moved to labels
 DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
 EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
@@ -118,57 +111,28 @@ def place_of(lab: "Lab | LabSpec | str") -> Place:
     return Place(cluster=spec.name, namespace=f"dasklab-{spec.name}", release=spec.name)
 
 
-# --- the record on the cluster (pure) ---
+# --- what a cluster says of itself (pure) ---
 
-def _pack(obj) -> str:
-    raw = zlib.compress(json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), 9)
-    return base64.b32encode(raw).decode().rstrip("=").lower()  # label values: [a-z0-9_-] only
-
-
-def _unpack(text: str):
-    padded = text.upper() + "=" * (-len(text) % 8)
-    return json.loads(zlib.decompress(base64.b32decode(padded)))
-
-
-def encode_labels(lab: Lab) -> dict[str, str]:
-    """Resource labels carrying the whole record (at most 64 labels of 63 characters: about 2.3 KB compressed)."""
-    data = _pack(lab.to_dict())
-    labels = {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner, "phase": lab.state.phase,
-              **class_labels(place_of(lab))}
-    labels.update({f"rec{i}": data[at:at + 63] for i, at in enumerate(range(0, len(data), 63))})
-    if len(labels) > 64:
-        raise ValidationError("values", f"the lab's record with its chart values needs {len(labels)} cluster "
-                                        f"labels once compressed, above GKE's 64: send smaller values")
-    return labels
+def build_labels(lab: Lab) -> dict[str, str]:
+    """A cluster's resource labels: whose it is, nothing a user wrote. GKE copies them onto the cluster's VMs and
+    disks (SetLabelsRequest docstring), where billing exports show them, and Compute allows 64 labels per resource,
+    GKE's own `goog-*` labels included. A class's shared cluster is its class's, not its first lab's."""
+    place = place_of(lab)
+    if place.shared:
+        return {"managed-by": MANAGED_BY, **class_labels(place)}
+    return {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner,
+            **({"class": lab.spec.class_name} if lab.spec.class_name else {})}
 
 
 def class_labels(place: Place) -> dict[str, str]:
-    """What marks a class's shared cluster (and its labs' namespaces and records)."""
+    """What marks a class's shared cluster (and its labs' namespaces)."""
     return {"placement": SHARED, "class": place.class_name} if place.shared else {}
 
 
 def encode_description(lab: Lab) -> str:
-    """A readable line: the record is in the labels (GKE documents no length for a description)."""
-    return f"dasklab lab {lab.name} of {lab.spec.owner}"
-
-
-def decode_cluster_record(labels: dict[str, str], description: str) -> dict:
-    """The record from a cluster's labels (and, for clusters created before the values moved into the labels, its
-    description); PermanentError if they do not hold one."""
-    try:
-        chunks = []
-        while f"rec{len(chunks)}" in labels:
-            chunks.append(labels[f"rec{len(chunks)}"])
-        record = _unpack("".join(chunks))
-        if "values" not in record["spec"]:  # a cluster created before the values moved into the labels
-            text = description.removeprefix(DESCRIPTION_PREFIX)
-            if text.startswith("z:"):
-                text = zlib.decompress(base64.b64decode(text[2:])).decode()
-            held = json.loads(text)
-            record["spec"]["values"], record["spec"]["notes"] = held["values"], held.get("notes", [])
-    except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as e:
-        raise PermanentError(f"cluster labels or description hold no readable lab record: {e}") from e
-    return record
+    """A readable line (its record is in the lab records store)."""
+    place = place_of(lab)
+    return f"dasklab class {place.class_name}" if place.shared else f"dasklab lab {lab.name} of {lab.spec.owner}"
 
 
 def build_maintenance_policy(lab: Lab) -> gke.MaintenancePolicy:
@@ -180,14 +144,6 @@ def build_maintenance_policy(lab: Lab) -> gke.MaintenancePolicy:
                             maintenance_exclusion_options=gke.MaintenanceExclusionOptions(
                                 scope=gke.MaintenanceExclusionOptions.Scope.NO_UPGRADES))
     return gke.MaintenancePolicy(window=gke.MaintenanceWindow(maintenance_exclusions={EXCLUSION: window}))
-
-
-def _record_manifest(lab: Lab) -> dict:
-    place = place_of(lab)
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": RECORD, "namespace": place.namespace,
-                         "labels": {"managed-by": MANAGED_BY, "lab": lab.name, **class_labels(place)}},
-            "data": {RECORD_KEY: json.dumps(lab.to_dict(), sort_keys=True)}}
 
 
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
@@ -239,28 +195,20 @@ def pod_problems(pod, memory_limit: int) -> list[WorkerProblem]:
     return found
 
 
-class Reports(Protocol):
-    """What the backend has reported once, in a store that outlives function instances (Firestore)."""
-
-    def fetch_reported(self, key: str, now: float) -> bool: ...
-
-    def apply_reported(self, key: str, now: float) -> None: ...
-
-
 class GkeBackend:
     """The Backend protocol on GKE. Clients are injected (tests: the stand-ins); `from_config` builds real ones."""
 
     installs_at_start = True  # the chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint
 
     def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
-                 migs: Migs, reports: "Reports", *, sleep: Callable[[float], None] = time.sleep):
+                 migs: Migs, records: LabRecords, *, sleep: Callable[[float], None] = time.sleep):
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
-        self.reports = reports  # the failed creations already reported (lab-failed published), in a real store
+        self.records = records  # the labs' records (spec and state), in a store of their own (Firestore)
         self.parent = f"projects/{config.project}/locations/{config.location}"
         self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
         self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
-        # what the last fetch_labs listed but could not read: ("lab", name) or ("class", name) of a shared cluster
-        self.unreadable: tuple[tuple[str, str], ...] = ()
+        # what the last fetch_labs could not read, with why: {("lab", name): reason}
+        self.unreadable: dict[tuple[str, str], RecordUnreadable] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
@@ -290,9 +238,9 @@ class GkeBackend:
             from google.cloud import compute_v1
             return compute_v1.InstanceGroupManagersClient(credentials=credentials)
 
-        from dasklab.adapters.firestore import FirestoreReports
+        from dasklab.adapters.records import FirestoreLabRecords
         return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute),
-                   FirestoreReports(config.project, config.firestore_database))
+                   FirestoreLabRecords(config.project, config.firestore_database))
 
     # --- GKE calls ---
 
@@ -364,150 +312,66 @@ class GkeBackend:
     def _is_class_cluster(cluster: gke.Cluster) -> bool:
         return cluster.resource_labels.get("placement") == SHARED
 
-    def _read_class(self, cluster: gke.Cluster) -> list[Lab]:
-        """The labs of a class's shared cluster: the records in its labs' (Active) namespaces, and the record on its
-        labels (the lab that created it) until that lab's record moves into its namespace (its deletion clears the
-        labels before it deletes the namespace), except while the cluster is deleted (the class is over)."""
-        self._check_managed(cluster)
-        self._seen[cluster.name] = cluster
-        labels = dict(cluster.resource_labels)
-        place = Place(cluster.name, "", "", labels.get("class", ""))
-        labs, names = [], set()
-        if cluster.status in UP:
-            kube = self._kube(place, cluster)
-            for ns, data, rv in kube.list_configmaps(RECORD, self._class_selector(place)):
-                labs.append(Lab.from_dict(json.loads(data[RECORD_KEY]), f"k8s:{rv}"))
-            names = {lab.name for lab in labs}
-        creator = labels.get("lab")
-        if "rec0" in labels and cluster.status != Status.STOPPING and creator not in names:
-            labs.append(Lab.from_dict(decode_cluster_record(labels, cluster.description),
-                                      f"gke:{cluster.label_fingerprint}"))
-        return labs
-
     @staticmethod
-    def _class_selector(place: Place) -> str:
-        return f"managed-by={MANAGED_BY},class={place.class_name}"
-
-    def _read(self, cluster: gke.Cluster) -> Lab:
-        self._check_managed(cluster)
-        self._seen[cluster.name] = cluster
-        place = place_of(cluster.resource_labels.get("lab", cluster.name))
-        if cluster.status in UP:
-            found = self._kube(place, cluster).read_configmap(place.namespace, RECORD)
-            if found is not None:
-                return Lab.from_dict(json.loads(found[0][RECORD_KEY]), f"k8s:{found[1]}")
-        lab = Lab.from_dict(decode_cluster_record(dict(cluster.resource_labels), cluster.description),
-                            f"gke:{cluster.label_fingerprint}")
-        if cluster.status == Status.STOPPING and lab.state.phase != TEARING_DOWN:
-            lab = lab.with_state(phase=TEARING_DOWN, reason="cluster being deleted")
+    def _as_seen(lab: Lab, cluster: gke.Cluster | None) -> Lab:
+        """A lab whose cluster someone else is deleting is tearing down."""
+        if cluster is not None and cluster.status == Status.STOPPING and lab.state.phase != TEARING_DOWN:
+            return lab.with_state(phase=TEARING_DOWN, reason="cluster being deleted")
         return lab
 
     def fetch_labs(self) -> list[Lab]:
-        """Every managed cluster's lab, and the labs whose creation failed and whose ERROR cluster GKE removed
-        (with its labels, the record) before this controller saw it: the failed CREATE_CLUSTER operation is the
-        evidence left. Zones ListClusters could not reach are kept in `missing_zones` (the pass is incomplete)."""
+        """Every lab record (one query) beside one ListClusters (the clusters' status; zones it could not reach are
+        kept in `missing_zones`: the pass is incomplete). A record that cannot be read is left out and said in
+        `unreadable` with its reason: the other labs go on. A record whose cluster is gone is still listed (a
+        failed creation GKE removed: fetch_infra finds its operation's error)."""
         with ThreadPoolExecutor(max_workers=2) as calls:  # one listing of each, side by side
             clusters = calls.submit(self._gcall, "list clusters", self.clusters.list_clusters, parent=self.parent)
-            operations = calls.submit(self._gcall, "list operations", self.clusters.list_operations,
-                                      parent=self.parent)
-            listing, ops = clusters.result(), operations.result().operations
+            records = calls.submit(self.records.fetch_records)
+            listing, (labs, unread) = clusters.result(), records.result()
         self.missing_zones = tuple(listing.missing_zones)
-        listed = listing.clusters
-        managed = [c for c in listed if c.resource_labels.get("managed-by") == MANAGED_BY]  # others: never touched
-
-        unread: list[tuple[str, str]] = []
-
-        def read(cluster: gke.Cluster) -> list[Lab]:
-            try:
-                return self._read_class(cluster) if self._is_class_cluster(cluster) else [self._read(cluster)]
-            except TransientError as e:  # one unreachable cluster must not stop the others
-                logs.emit("WARNING", lab=cluster.name, action="observe", reason=f"record unreadable: {e}")
-                labels = cluster.resource_labels
-                unread.append(("class", labels.get("class", "")) if self._is_class_cluster(cluster)
-                              else ("lab", labels.get("lab", cluster.name)))
-                return []
-
-        with ThreadPoolExecutor(max_workers=max(1, min(64, len(managed)))) as pool:  # records read concurrently
-            labs = [lab for found in pool.map(read, managed) for lab in found]
-        self.unreadable = tuple(sorted(unread))  # those labs are not listed: absent is not gone
-        labs += self._lost_creations(ops, {c.name for c in listed})
-        return sorted(labs, key=lambda lab: lab.name)
-
-    def _lost_creations(self, ops, listed: set[str]) -> list[Lab]:
-        """Labs known only by a failed CREATE_CLUSTER operation whose cluster is gone (none newer for that name)."""
-        latest: dict[str, gke.Operation] = {}
-        for op in ops:
-            name = op.target_link.rsplit("/clusters/", 1)[-1] if "/clusters/" in op.target_link else ""
-            if (op.operation_type == gke.Operation.Type.CREATE_CLUSTER and name and "/" not in name
-                    and (name not in latest or op.start_time > latest[name].start_time)):
-                latest[name] = op
-        lost = []
-        for name, op in sorted(latest.items()):
-            if op.status != gke.Operation.Status.DONE or not op.error.message:
-                continue
-            if name in listed:  # still there (in ERROR): its record reports the failure, so once it is gone no more
-                if not self.reports.fetch_reported(op.name, time.time()):
-                    self.reports.apply_reported(op.name, time.time())
-                continue
-            if self.missing_zones or self.reports.fetch_reported(op.name, time.time()):
-                continue
-            cfg = self.config
-            created = datetime.fromisoformat(op.start_time.replace("Z", "+00:00")).timestamp() \
-                if op.start_time else time.time()
-            spec = LabSpec(name=name, owner="", min_workers=0, max_workers=0, initial_workers=0,
-                           machine_type=cfg.default_machine_type, worker_cpu=cfg.default_worker_cpu, worker_memory=0,
-                           idle_timeout_s=cfg.default_idle_timeout_s, max_lifetime_s=cfg.max_lifetime_s)
-            state = LabState(phase=PROVISIONING, created_at=created, last_accounted=created,
-                             reason=f"operation {op.name}: {op.error.message}")
-            lost.append(Lab(spec, state, f"op:{op.name}"))
-        return lost
+        managed = {c.name: c for c in listing.clusters if c.resource_labels.get("managed-by") == MANAGED_BY}
+        self._seen.update(managed)  # others: never touched
+        for name, reason in sorted(unread.items()):
+            logs.emit("WARNING", lab=name, action="observe", reason=f"record unreadable, lab left alone: {reason}")
+        self.unreadable = {("lab", name): RecordUnreadable(name, reason) for name, reason in unread.items()}
+        known = {place_of(lab).cluster for lab in labs} | {place_of(name).cluster for name in unread}
+        for name in sorted(n for n, c in managed.items() if n not in known and c.status != Status.STOPPING):
+            if not self._is_class_cluster(managed[name]):  # (a class's cluster is kept for labs still to come)
+                logs.emit("WARNING", lab=name, action="observe", reason=f"managed cluster {name} has no lab record "
+                          "(created by a version that kept it on the cluster?): left alone; drain before upgrading")
+        return [self._as_seen(lab, managed.get(place_of(lab).cluster)) for lab in labs]
 
     def fetch_lab(self, name: str) -> Lab | None:
-        """Its own cluster's record, else its record in the shared cluster of a class whose name begins it."""
-        cluster = self._get(place_of(name))
-        if cluster is not None and not self._is_class_cluster(cluster):
-            return self._read(cluster)
-        listed = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent).clusters
-        for cluster in listed:
-            labels = cluster.resource_labels
-            if labels.get("managed-by") == MANAGED_BY and self._is_class_cluster(cluster) \
-                    and name.startswith(f"{labels.get('class')}-"):
-                found = [lab for lab in self._read_class(cluster) if lab.name == name]
-                if found:
-                    return found[0]
-        return None
+        """Its record (RecordUnreadable if it cannot be read), None if it has none; PermanentError if a cluster of
+        that name exists that dasklab does not manage."""
+        lab = self.records.fetch_record(name)
+        cluster = self._get(place_of(lab or name))
+        if lab is None:
+            if cluster is not None and not self._is_class_cluster(cluster):
+                self._check_managed(cluster)
+            return None
+        return self._as_seen(lab, cluster)
 
     def apply_record(self, lab: Lab) -> Lab:
-        place = place_of(lab)
-        store, _, token = lab.version.partition(":")
-        if store == "op":  # a creation GKE removed with its record: nothing left to write; reported once
-            self.reports.apply_reported(token, time.time())
-            return lab
-        if store == "k8s":
-            rv = self._kube(place).replace_configmap(_record_manifest(lab), token)
-            return replace(lab, version=f"k8s:{rv}")
-        cluster = self._get(place)
-        if cluster is None:
-            raise ConflictError(f"cluster {place.cluster} is gone")
-        self._check_managed(cluster)
-        if lab.version != f"gke:{cluster.label_fingerprint}":
-            raise ConflictError(f"lab {lab.name} changed since it was read (version {lab.version})")
-        if cluster.status in UP:  # from now on the record lives in the lab's namespace
-            kube = self._kube(place, cluster)
-            kube.create(build_namespace(place.namespace, lab.name, place.class_name))
-            if not kube.create(_record_manifest(lab)):
-                raise ConflictError(f"lab {lab.name}: its record moved into the cluster concurrently")
-            return replace(lab, version=f"k8s:{kube.read_configmap(place.namespace, RECORD)[1]}")
-        op = self._gcall(f"set labels on {place.cluster}", self.clusters.set_labels, request=gke.SetLabelsRequest(
-            name=self._path(place), resource_labels=encode_labels(lab), label_fingerprint=cluster.label_fingerprint))
-        self._wait(op)
-        cluster = self._get(place)
-        return replace(lab, version=f"gke:{cluster.label_fingerprint if cluster else ''}")
+        return self.records.apply_record(lab)
 
     def apply_forget(self, lab: Lab) -> bool:
-        """Nothing to drop: the record went with the cluster (so this cannot tell whether another invocation
-        saw it go first)."""
-        return True
+        """The record goes once the infrastructure is gone; False if another invocation forgot it first."""
+        return self.records.apply_forget(lab)
+
+    def _failed_creation(self, place: Place, since: float) -> str:
+        """The error of the latest CREATE_CLUSTER operation of the cluster, if it failed after `since` (the lab's
+        creation): GKE removes a cluster whose creation failed, and the operation is the evidence left."""
+        ops = self._gcall("list operations", self.clusters.list_operations, parent=self.parent).operations
+        mine = [o for o in ops if o.operation_type == gke.Operation.Type.CREATE_CLUSTER
+                and o.target_link.endswith(f"/clusters/{place.cluster}") and o.start_time]
+        if not mine:
+            return ""
+        op = max(mine, key=lambda o: o.start_time)
+        started = datetime.fromisoformat(op.start_time.replace("Z", "+00:00")).timestamp()
+        if op.status != gke.Operation.Status.DONE or not op.error.message or started < since - 300:
+            return ""  # (300 s: GKE's clock and ours may differ a little)
+        return f"operation {op.name}: {op.error.message}"
 
     # --- provisioning ---
 
@@ -515,9 +379,10 @@ class GkeBackend:
         return [z.strip() for z in self.config.node_zones.split(",") if z.strip()]
 
     def apply_create(self, lab: Lab) -> bool:
-        """Create the lab's cluster (its record on it, see the module docstring); False if it exists. A shared lab:
-        the first of its class creates the class's cluster (its record on it); the others, once it runs, get their
-        namespace with their record in it (TransientError until then: the class step retries them)."""
+        """Record the lab (create = compare-and-swap: False if it exists), then create its cluster; a refused
+        creation drops the record again (the refusal is reported by the caller, once). A shared lab: the first of
+        its class creates the class's cluster; the others, once it runs, get their namespace and their record
+        (TransientError until then: the class step retries them)."""
         place = place_of(lab)
         if place.shared:
             cluster = self._get(place)
@@ -529,10 +394,20 @@ class GkeBackend:
                 if cluster.status not in UP:
                     raise TransientError(f"class cluster {cluster.name} is {cluster.status.name}: lab {lab.name} is "
                                          "created in it once it runs")
-                kube = self._kube(place, cluster)
-                kube.create(build_namespace(place.namespace, lab.name, place.class_name))
-                return kube.create(_record_manifest(lab))
-        return self._create_cluster(lab, place)
+                self._kube(place, cluster).create(build_namespace(place.namespace, lab.name, place.class_name))
+                return self.records.apply_create(lab) is not None
+        recorded = self.records.apply_create(lab)
+        if recorded is None:
+            return False
+        try:
+            created = self._create_cluster(lab, place)
+        except PermanentError:
+            self.records.apply_forget(recorded)
+            raise
+        if not created and place.shared:  # created meanwhile by another lab of the class: this lab goes in once it runs
+            self.records.apply_forget(recorded)
+            raise TransientError(f"class cluster {place.cluster} created concurrently: retrying {lab.name}")
+        return True
 
     def _create_cluster(self, lab: Lab, place: Place) -> bool:
         cfg, spec = self.config, lab.spec
@@ -550,7 +425,7 @@ class GkeBackend:
             datapath_provider=gke.DatapathProvider.ADVANCED_DATAPATH)} if place.shared else {}
         cluster = gke.Cluster(
             name=place.cluster, description=encode_description(lab), **network,
-            resource_labels=encode_labels(lab), locations=zones, maintenance_policy=build_maintenance_policy(lab),
+            resource_labels=build_labels(lab), locations=zones, maintenance_policy=build_maintenance_policy(lab),
             node_pools=[
                 gke.NodePool(name=cfg.system_pool, initial_node_count=system, autoscaling=off,
                              config=gke.NodeConfig(machine_type=cfg.system_machine_type, disk_type=DISK_TYPE,
@@ -564,15 +439,15 @@ class GkeBackend:
         try:
             self.clusters.create_cluster(parent=self.parent, cluster=cluster)
         except gexc.AlreadyExists:
-            if place.shared:  # created meanwhile by another lab of the class: this lab goes in once it runs
-                raise TransientError(f"class cluster {cluster.name} created concurrently: retrying {lab.name}")
             return False
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"create cluster {cluster.name}") from e
         return True
 
     def apply_provision(self, lab: Lab) -> None:
-        self.apply_create(lab)
+        """(Re)create the lab's cluster (its record exists): a crash came between the two, or the class's cluster
+        is gone."""
+        self._create_cluster(lab, place_of(lab))
 
     def _release(self, lab: Lab):
         cfg, place = self.config, place_of(lab)
@@ -587,11 +462,11 @@ class GkeBackend:
 
     def fetch_infra(self, lab: Lab) -> Infra:
         place = place_of(lab)
-        if lab.version.startswith("op:"):  # its cluster failed and GKE removed it: never re-created from here
-            return Infra("error", detail=f"{lab.state.reason} (GKE removed the cluster)")
         cluster = self._get(place)
         if cluster is None:
-            return Infra("absent")
+            failed = lab.state.phase in (REQUESTED, PROVISIONING, INSTALLING) and \
+                self._failed_creation(place, lab.state.created_at)
+            return Infra("error", detail=f"{failed} (GKE removed the cluster)") if failed else Infra("absent")
         pending, error = self._operations(cluster)
         cluster = self._get(place)
         if cluster is None:
@@ -609,7 +484,7 @@ class GkeBackend:
             phase = self._kube(place, cluster).namespace_phase(place.namespace)
             if phase == "Terminating":
                 return Infra("deleting", detail=f"namespace {place.namespace} being deleted")
-            if phase is None and not self._labels_hold(cluster, lab):
+            if phase is None:
                 return Infra("absent")
         release, detail = self._release_state(lab, cluster)
         note = self._cluster_note(cluster)
@@ -621,11 +496,6 @@ class GkeBackend:
         if cluster is None or cluster.status == Status.RUNNING or cluster.status not in UP:
             return ""
         return f"cluster {cluster.status.name}" + (f": {cluster.status_message}" if cluster.status_message else "")
-
-    @staticmethod
-    def _labels_hold(cluster: gke.Cluster, lab: Lab) -> bool:
-        """The cluster's labels carry this lab's record (the lab that created its class's cluster)."""
-        return "rec0" in cluster.resource_labels and cluster.resource_labels.get("lab") == lab.name
 
     def _release_state(self, lab: Lab, cluster: gke.Cluster) -> tuple[str, str]:
         """Follow the install Job: absent, installing, failed (with the tail of its log) or deployed (Job done
@@ -672,7 +542,8 @@ class GkeBackend:
         if pool is None:
             return
         sizes = self.migs.target_sizes(list(pool.instance_group_urls))
-        labs = len(kube.list_configmaps(RECORD, self._class_selector(place)))
+        labs, unread = self.records.fetch_records(place.class_name)
+        labs = len(labs) + len(unread)
         need = nodes_per_zone(system_nodes_for(labs, self.config.system_machine_type), len(sizes))
         if sizes and min(sizes.values()) < need:
             resize = gke.SetNodePoolSizeRequest(name=f"{self._path(place)}/nodePools/{pool.name}", node_count=need)
@@ -809,11 +680,11 @@ class GkeBackend:
     def _class_targets(self, lab: Lab, target: int, kube: Kube) -> dict[str, int]:
         """Worker targets of the labs in the pool: this lab's `target`; in a shared cluster, the other labs' recorded
         targets too."""
-        if not place_of(lab).shared:
+        place = place_of(lab)
+        if not place.shared:
             return {lab.name: target}
-        records = [json.loads(data[RECORD_KEY]) for _, data, _ in
-                   kube.list_configmaps(RECORD, self._class_selector(place_of(lab)))]
-        return {**{r["spec"]["name"]: r["state"]["target_workers"] for r in records}, lab.name: target}
+        labs, _ = self.records.fetch_records(place.class_name)
+        return {**{other.name: other.state.target_workers for other in labs}, lab.name: target}
 
     def _nodes_needed(self, lab: Lab, target: int, kube: Kube) -> int:
         """Worker nodes the pool needs for the workers of every lab in it, packed together."""
@@ -1017,26 +888,21 @@ class GkeBackend:
 
     def _delete_from_class(self, lab: Lab, place: Place, cluster: gke.Cluster) -> bool:
         """A shared lab's teardown: its namespace goes (everything of its release in it); True if the class's
-        cluster is then verifiably empty (read from it: no other lab's Active namespace, no other lab's record in
-        one, none on its labels) and goes too. A cluster that cannot be read (not running; its API not answering)
-        is never deleted on the absence of evidence: TransientError, the teardown waits (GKE deletes an ERROR
-        cluster itself)."""
+        cluster is then verifiably empty and goes too: no other lab of the class is recorded (but those tearing down
+        whose namespace is no longer Active: two last labs deleted side by side, the second deletes the cluster), no
+        other lab's namespace in it is Active, no record of the class is unreadable. A cluster that cannot be read
+        (not running; its API not answering) is never deleted on the absence of evidence: TransientError, the
+        teardown waits (GKE deletes an ERROR cluster itself)."""
         if cluster.status == Status.STOPPING:
             return False
         if cluster.status not in UP:
             raise TransientError(f"class cluster {place.cluster} is {cluster.status.name}: its labs cannot be read, "
                                  f"so it is not deleted for lab {lab.name}; waiting")
-        if self._labels_hold(cluster, lab):  # cleared first: the labels' lab is listed while it has no namespace
-            labels = {k: v for k, v in cluster.resource_labels.items()
-                      if not re.fullmatch(r"rec\d+|lab|owner|phase", k)}
-            op = self._gcall(f"set labels on {place.cluster}", self.clusters.set_labels, request=gke.SetLabelsRequest(
-                name=self._path(place), resource_labels=labels, label_fingerprint=cluster.label_fingerprint))
-            self._wait(op)
         kube = self._kube(place, cluster)
-        others = self._others_in_class(kube, place, cluster)  # read before anything goes: a failed read deletes nothing
+        others = self._others_in_class(kube, place, lab)  # read before anything goes: a failed read deletes nothing
         if others:
             kube.delete_namespace(place.namespace)
-            others = self._others_in_class(kube, place, cluster)  # again: another last lab may have gone meanwhile
+            others = self._others_in_class(kube, place, lab)  # again: another last lab may have gone meanwhile
         if others:
             logs.emit("INFO", lab=lab.name, action="delete-namespace", namespace=place.namespace,
                       reason=f"class cluster {place.cluster} kept: {len(others)} other lab(s) in it")
@@ -1045,13 +911,15 @@ class GkeBackend:
                   reason=f"the last lab of class {place.class_name} is gone: its cluster goes (its namespace with it)")
         return True
 
-    def _others_in_class(self, kube: Kube, place: Place, cluster: gke.Cluster) -> list[str]:
-        """The other labs in a class's cluster, as read from it: their Active namespaces, their records, and a record
-        on the cluster's labels. Raises (TransientError) when the cluster cannot be read."""
-        selector = self._class_selector(place)
-        others = sorted(({ns for ns, phase in kube.namespaces(selector).items() if phase != "Terminating"}
-                         | {ns for ns, _, _ in kube.list_configmaps(RECORD, selector)}) - {place.namespace})
-        return others + (["(its labels)"] if "rec0" in (self._get(place) or cluster).resource_labels else [])
+    def _others_in_class(self, kube: Kube, place: Place, lab: Lab) -> list[str]:
+        """The other labs of a class's cluster: their records (an unreadable one counts) and their Active namespaces
+        in it. Raises (TransientError) when either cannot be read."""
+        labs, unread = self.records.fetch_records(place.class_name)
+        recorded = {other.name for other in labs if other.name != lab.name and (
+            other.state.phase != TEARING_DOWN or kube.namespace_phase(place_of(other).namespace) == "Active")}
+        selector = f"managed-by={MANAGED_BY},class={place.class_name}"
+        active = {ns for ns, phase in kube.namespaces(selector).items() if phase != "Terminating"} - {place.namespace}
+        return sorted(recorded | {name for name in unread if name != lab.name} | active)
 
     def connection_info(self, lab: Lab) -> dict:
         """Commands to reach the lab from a workstation with kubectl; the token is read from its Secret, never
