@@ -91,7 +91,7 @@ def staged(tmp_path_factory) -> Path:
 def test_the_staged_folder_holds_the_function_and_the_library(staged):
     assert (staged / "main.py").read_text() == (REPO / "functions" / "main.py").read_text()
     assert (staged / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
-    assert (staged / "dasklab" / "__init__.py").is_file() and (staged / "dasklab" / "adapters" / "gke.py").is_file()
+    assert (staged / "dasklab" / "__init__.py").is_file() and (staged / "dasklab" / "adapters" / "gke" / "nodes.py").is_file()
     assert not list(staged.rglob("__pycache__")) and not (staged / "dasklab" / "tests").exists()
 
 

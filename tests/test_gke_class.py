@@ -213,7 +213,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     assert estimate_cost(replace(spec, system_usd_h=0.5), 3600, 0) == pytest.approx(0.10 / 30 + 0.5)
 
 
-def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_path):
+def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_path, firestore_env):
     """GKE marks the class's cluster DEGRADED (it runs, but needs the user's action: Cluster.Status). A student's
     stop-lab deletes only that student's namespace; while the cluster's API does not answer the last teardown waits;
     once it answers and no other lab is in it, the last student's teardown deletes the cluster."""
@@ -236,15 +236,19 @@ def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_
         assert "cluster DEGRADED: Nodes of node pool workers cannot be repaired" in \
             backend.connection_info(backend.fetch_lab("intro-bob"))["cluster_status"]
 
-        def fail_listing(site):  # once bob's teardown is recorded, the listing that proves the cluster empty fails
-            if site == "PUT configmaps":
-                world.kube.fail_next("GET", "/api/v1/configmaps", 503)
-                world.on_write = None
+        real, failed = backend.records.fetch_records, []
 
-        world.on_write = fail_listing
+        def fail_once(class_name=None):  # the read of the class's records that proves its cluster empty fails once
+            if class_name and not failed:
+                failed.append(class_name)
+                raise TransientError("the lab records did not answer (injected)")
+            return real(class_name)
+
+        backend.records.fetch_records = fail_once
         with pytest.raises(TransientError):  # the stop-lab is redelivered
             ctl.handle(msg(type="stop-lab", lab="intro-bob"), "m3")
-        assert world.on_write is None and ("GET", "/api/v1/configmaps") in world.kube.requests
+        assert failed == ["intro"]
+        backend.records.fetch_records = real
         assert world.gke.clusters[CLUSTER].status.name == "DEGRADED"  # not deleted on the absence of evidence
         assert backend.fetch_lab("intro-bob").state.phase == "tearing-down"  # nothing lost: retried
         drive_class(ctl, world, lambda: CLUSTER not in world.gke.clusters)
