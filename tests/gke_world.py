@@ -124,6 +124,11 @@ class World:
             self._crash_after(records, name, site)
         return GkeBackend(self.config, clusters, lambda cluster: api, migs, records, sleep=lambda s: time.sleep(0.02))
 
+    def reports(self):
+        """What the controller's functions reported once (a contained lab's lab-degraded), in the same database."""
+        from dasklab.adapters.firestore import FirestoreReports
+        return FirestoreReports(self.records_project)
+
     def records(self) -> FirestoreLabRecords:
         """The lab records as the controller's functions share them."""
         return FirestoreLabRecords(self.records_project)

@@ -62,7 +62,7 @@ def world(tmp_path, request, firestore_env):
 
 @pytest.fixture
 def controller(world):
-    return Controller(world.backend(), Events(), CONFIG, reports=world.reports)
+    return Controller(world.backend(), Events(), CONFIG, reports=world.reports())
 
 
 def handle(ctl, message, mid="m"):

@@ -20,7 +20,7 @@ from dasklab.core.reconcile import Controller
 from tests.conftest import make_load, make_spec, make_state
 from tests.fakes import FakeBackend, ListEvents
 
-CONFIG = Config(poll_s=0, confirm_s=2, cooldown_s=1, tick_budget_s=0)
+CONFIG = Config(poll_s=0, confirm_s=2, cooldown_s=1, tick_budget_s=0, lease_s=3)  # a dead holder: taken over after 3 s
 
 
 class Clock:
@@ -449,14 +449,14 @@ def test_passes_that_reach_a_fraction_of_the_fleet_reach_every_lab_within_a_few_
 
 # --- one lab's trouble stays with that lab ---
 
-def test_one_poisoned_record_of_each_kind_and_one_failing_lab_leave_the_others_working():
+def test_one_poisoned_record_of_each_kind_and_one_failing_lab_leave_the_others_working(tmp_path):
     """Issue 20: a record with a key this version does not know, one of a newer schema, one that lost its state, and
     a lab whose step raises an unexpected exception, among healthy labs: each is contained (logged, one lab-degraded
     with the reason, said once) and left as it is, the healthy labs still autoscale and are torn down, and the ticks
     complete."""
-    from tests.fakes import MemoryReports
+    from dasklab.adapters.files import FileReports
     ctl, clock = controller()
-    ctl.reports = MemoryReports()
+    ctl.reports = FileReports(tmp_path)  # what was said once, as the local lab keeps it
     for name in ("busy", "idle", "unknown-key", "newer", "no-state", "buggy"):
         deliver(ctl, msg(type="start-lab", lab=name, owner="o", workers={"initial": 1, "min": 1, "max": 4}))
     settle(ctl, clock, passes=10)

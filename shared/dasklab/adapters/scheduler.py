@@ -20,8 +20,8 @@ from typing import Callable
 
 from google.api_core import exceptions as gexc
 
-from dasklab.adapters.compute import rate_limited
-from dasklab.core.errors import PermanentError, RateLimited, TransientError, ValidationError
+from dasklab.adapters.googleapi import translate as _translate  # the table shared with GKE and Compute
+from dasklab.core.errors import TransientError, ValidationError
 from dasklab.core.messages import parse_command
 
 JOB_PREFIX = "dasklab-wakeup-"
@@ -78,18 +78,6 @@ def build_job(name: str, when: datetime, message: dict, topic: str) -> dict:
                    {TICK_ATTRIBUTE: message["type"], AT_ATTRIBUTE: iso})
     return dict(spec.body(), description=f"dasklab one-off wake-up at {iso}: deleted by dasklab once handled (its "
                                          f"cron would fire again every year)")  # ≤ 500 characters: no key in it
-
-
-def _translate(e: Exception, what: str) -> Exception:
-    """Cloud Scheduler's refusals → ours: a rate limit (429 RESOURCE_EXHAUSTED) is transient with backoff; a bad
-    request or a missing permission (PermissionDenied, InvalidArgument, …) is permanent; DeadlineExceeded,
-    ServiceUnavailable, Aborted and the rest are transient."""
-    message = f"{what}: {getattr(e, 'message', None) or e}"
-    if rate_limited(e):
-        return RateLimited(f"{message} (rate limited, retrying later)")
-    if isinstance(e, (gexc.BadRequest, gexc.Forbidden, gexc.Unauthorized, gexc.MethodNotImplemented)):
-        return PermanentError(message)
-    return TransientError(message)
 
 
 class SchedulerWakeups:
