@@ -201,3 +201,19 @@ def test_the_configured_dask_version_is_checked_when_the_config_is_read():
     assert from_env({"DASKLAB_DASK_VERSION": "2025.9.1"}).dask_version == "2025.9.1"
     with pytest.raises(ValidationError, match="DASKLAB_DASK_VERSION: Dask 2026.8.0 is outside"):
         from_env({"DASKLAB_DASK_VERSION": "2026.8.0"})
+
+
+def test_a_cluster_read_in_an_earlier_pass_is_not_trusted(monkeypatch):
+    """Issue 20: what the GKE backend keeps of a cluster it read (endpoint, pools) serves the pass that read it; a
+    warm instance's next invocation reads the cluster again instead of acting on what it was minutes ago."""
+    import time as real_time
+    from google.cloud import container_v1 as gke
+    from dasklab.adapters.gke import base
+    backend = base.GkeBase.__new__(base.GkeBase)
+    backend._seen_at = {}
+    cluster = gke.Cluster(name="lab1", endpoint="10.0.0.1")
+    backend._remember(cluster)
+    assert backend._seen(place_of("lab1")) is cluster
+    later = real_time.monotonic() + base.SEEN_S + 1
+    monkeypatch.setattr(base.time, "monotonic", lambda: later)
+    assert backend._seen(place_of("lab1")) is None

@@ -19,6 +19,7 @@ from dasklab.adapters.kube import Kube
 from dasklab.adapters.records import LabRecords
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+SEEN_S = 30.0  # a cluster read this recently (the pass's listing) is used as read; an older one is read again
 ZONE_LABEL = "topology.kubernetes.io/zone"
 REMOVING_LABEL = "dasklab/removing"  # on a cordoned worker node: value = the namespace of the lab emptying it
 DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
@@ -118,7 +119,9 @@ class GkeBase:
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
         self.records = records  # the labs' records (spec and state), in a store of their own (Firestore)
         self.parent = f"projects/{config.project}/locations/{config.location}"
-        self._seen: dict[str, gke.Cluster] = {}  # last cluster read by name: its endpoint and CA, to connect
+        # the clusters read in the last SEEN_S (the listing of this pass, a get): where to connect, which pools; a
+        # cache within a pass, never trusted across invocations (an older one is read again)
+        self._seen_at: dict[str, tuple[gke.Cluster, float]] = {}
         self.missing_zones: tuple[str, ...] = ()  # zones the last ListClusters could not reach
         # what the last fetch_labs could not read, with why: {("lab", name): reason}
         self.unreadable: dict[tuple[str, str], RecordUnreadable] = {}
@@ -136,12 +139,21 @@ class GkeBase:
         try:
             cluster = self.clusters.get_cluster(name=self._path(place))
         except gexc.NotFound:
-            self._seen.pop(place.cluster, None)
+            self._seen_at.pop(place.cluster, None)
             return None
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"read cluster {place.cluster}") from e
-        self._seen[place.cluster] = cluster
+        self._remember(cluster)
         return cluster
+
+    def _remember(self, *clusters: gke.Cluster) -> None:
+        now = time.monotonic()
+        self._seen_at.update({c.name: (c, now) for c in clusters})
+
+    def _seen(self, place: Place) -> gke.Cluster | None:
+        """The cluster as read within the last SEEN_S (this pass), else None: the caller reads it again."""
+        cluster, at = self._seen_at.get(place.cluster, (None, 0.0))
+        return cluster if time.monotonic() - at < SEEN_S else None
 
     @staticmethod
     def _check_managed(cluster: gke.Cluster) -> None:
@@ -156,7 +168,7 @@ class GkeBase:
         return cluster
 
     def _kube(self, place: Place, cluster: gke.Cluster | None = None) -> Kube:
-        cluster = cluster or self._seen.get(place.cluster) or self._get(place)
+        cluster = cluster or self._seen(place) or self._get(place)
         if cluster is None or not cluster.endpoint:
             raise TransientError(f"cluster {place.cluster} has no Kubernetes endpoint yet")
         return Kube(self._kube_for(cluster))

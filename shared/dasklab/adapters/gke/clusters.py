@@ -165,7 +165,7 @@ class Clusters(GkeBase):
                              "| base64 -d",
             "scheduler": f"kubectl -n {ns} port-forward svc/{full}-scheduler 8786:8786  # then tcp://localhost:8786",
         }
-        note = self._cluster_note(self._seen.get(place.cluster))  # as last read (the listing): no call here
+        note = self._cluster_note(self._seen(place))  # as last read (the listing): no call here
         if note:
             info["cluster_status"] = note
         if lab.spec.public_source_ranges:

@@ -26,7 +26,7 @@ class Listing(GkeBase):
             listing, (labs, unread) = clusters.result(), records.result()
         self.missing_zones = tuple(listing.missing_zones)
         managed = {c.name: c for c in listing.clusters if c.resource_labels.get("managed-by") == MANAGED_BY}
-        self._seen.update(managed)  # others: never touched
+        self._remember(*managed.values())  # others: never touched
         for name, reason in sorted(unread.items()):
             logs.emit("WARNING", lab=name, action="observe", reason=f"record unreadable, lab left alone: {reason}")
         self.unreadable = {("lab", name): RecordUnreadable(name, reason) for name, reason in unread.items()}

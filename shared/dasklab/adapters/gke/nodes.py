@@ -99,7 +99,7 @@ class Nodes(GkeBase):
         under a new name, or a regional pool has a node in every zone). Nothing is removed while an operation GKE
         or we started changes the pool. The cluster as listed in this pass will do (no GKE call at rest)."""
         place = place_of(lab)
-        cluster = self._seen.get(place.cluster) or self._get(place)
+        cluster = self._seen(place) or self._get(place)
         if cluster is None or cluster.status not in UP:
             return
         if cluster.status != Status.RUNNING or any(pool.status != gke.NodePool.Status.RUNNING

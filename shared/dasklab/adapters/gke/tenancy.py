@@ -25,7 +25,7 @@ class Tenancy(GkeBase):
     def _grow_system_pool(self, lab: Lab, place: Place, kube: Kube) -> None:
         """A class cluster's system pool holds every lab's scheduler and Jupyter: raised when the class has grown
         past what it was created for (students added to the roster). Never lowered."""
-        cluster = self._seen.get(place.cluster) or self._running(place)
+        cluster = self._seen(place) or self._running(place)
         pool = next((p for p in cluster.node_pools if p.name == self.config.system_pool), None)
         if pool is None:
             return
