@@ -554,6 +554,28 @@ def test_two_controllers_never_act_on_one_lab_at_once():
     assert len(backend.labs["a"].workers) == 3
 
 
+def test_a_command_recorded_while_a_step_acts_does_not_lose_the_phase_the_infra_reached():
+    """A keep-alive recorded by another invocation while this one installs the release: the install's phase is still
+    recorded (on the record as it now is), not lost to the version the keep-alive moved on."""
+    ctl, clock = controller()
+    deliver(ctl, msg(type="start-lab", lab="a", owner="o"))
+    backend, phases = ctl.backend, []
+    real_install, real_record = backend.apply_install, backend.apply_record
+
+    def install_while_kept_alive(lab):
+        real_install(lab)
+        deliver(ctl, msg(type="keep-alive", lab="a", until="2099-01-01T00:00:00Z"))
+
+    def record(lab):
+        phases.append(lab.state.phase)
+        return real_record(lab)
+
+    backend.apply_install, backend.apply_record = install_while_kept_alive, record
+    settle(ctl, clock, passes=10)
+    assert "installing" in phases and backend.fetch_lab("a").state.phase == READY
+    assert backend.fetch_lab("a").spec.keep_alive_until == 4070908800.0
+
+
 def test_a_rate_limit_backoff_lives_on_the_record():
     """Issue 20: the backoff after a rate limit is on the lab's record, so another instance honours it."""
     from dasklab.core.errors import RateLimited

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 from dasklab.core import logs
 from dasklab.core.context import ACCEPTED, NOTHING_TO_DO, Part, iso
-from dasklab.core.errors import JupyterUnreachable, LeaseHeld, PermanentError, SchedulerUnreachable, StepRefused, \
-    TransientError
+from dasklab.core.errors import ConflictError, JupyterUnreachable, LeaseHeld, PermanentError, SchedulerUnreachable, \
+    StepRefused, TransientError
 from dasklab.core.environment import environment_record
 from dasklab.core.messages import StopLab
 from dasklab.core.overrides import note_field
@@ -94,7 +94,13 @@ class LabReconciler(Part):
         elif step.phase == FAILED:
             self.events.publish({"event": "lab-failed", "lab": lab.name, "owner": lab.spec.owner, "time": now,
                                  "reason": step.reason})
-        lab = self.backend.apply_record(self.accounted(lab, now).with_state(**changes))
+        try:
+            lab = self.backend.apply_record(self.accounted(lab, now).with_state(**changes))
+        except ConflictError:  # a command recorded a decision meanwhile (keep-alive, scale): the phase is the infra's
+            fresh = self.backend.fetch_lab(lab.name)
+            if fresh is None or fresh.state.phase != before:
+                raise
+            lab = self.backend.apply_record(self.accounted(fresh, now).with_state(**changes))
         logs.decision(lab.name, step.action, before, step.phase, step.reason, mid)
 
     def _roll_out(self, lab: Lab, load, mid: str) -> None:
