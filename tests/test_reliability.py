@@ -554,7 +554,7 @@ def test_two_controllers_never_act_on_one_lab_at_once():
     assert len(backend.labs["a"].workers) == 3
 
 
-def test_a_command_recorded_while_a_step_acts_does_not_lose_the_phase_the_infra_reached():
+def test_a_command_recorded_while_a_step_acts_does_not_lose_the_phase_the_infra_reached(caplog):
     """A keep-alive recorded by another invocation while this one installs the release: the install's phase is still
     recorded (on the record as it now is), not lost to the version the keep-alive moved on."""
     ctl, clock = controller()
@@ -571,7 +571,10 @@ def test_a_command_recorded_while_a_step_acts_does_not_lose_the_phase_the_infra_
         return real_record(lab)
 
     backend.apply_install, backend.apply_record = install_while_kept_alive, record
+    caplog.set_level("INFO", logger="dasklab")
     settle(ctl, clock, passes=10)
+    installs = [json.loads(r.getMessage()) for r in caplog.records if '"action": "install"' in r.getMessage()]
+    assert [(d["from"], d["to"]) for d in installs] == [("provisioning", "installing")]  # recorded by the install
     assert "installing" in phases and backend.fetch_lab("a").state.phase == READY
     assert backend.fetch_lab("a").spec.keep_alive_until == 4070908800.0
 
