@@ -49,6 +49,7 @@ def start_jupyter(python: str, *, port: int = 0, token_file: Path, root_dir: Pat
                 "DASK_SCHEDULER_ADDRESS": scheduler_address}
     full_env.pop("JUPYTER_TOKEN", None)
     pid = spawn(argv, env=full_env, log_path=log_path)
+    (runtime_dir / "server.pid").write_text(str(pid))  # known before it is recorded: a lab's stop finds it
     # jupyter_server 2 writes jpserver-<pid>.json (ServerApp.info_file) with the port it chose, then binds it
     try:
         report = wait_for_report(pid, runtime_dir / f"jpserver-{pid}.json", JUPYTER_START_S, what="Jupyter Server")

@@ -62,6 +62,7 @@ def start_scheduler(args: list[str], *, file: Path, env: dict, log_path: Path, p
     pid = spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", f"--port={port}",
                  f"--dashboard-address={LOCALHOST}:{dashboard_port}", f"--scheduler-file={file}", *args,
                  "--host", LOCALHOST], env=env, log_path=log_path)
+    file.with_suffix(".pid").write_text(str(pid))  # known before it is recorded: stop_all finds it if we die waiting
     try:
         report = wait_for_report(pid, file, SCHEDULER_START_S, what="dask-scheduler")
     except TimeoutError as e:
@@ -575,7 +576,20 @@ class LocalBackend:
         return [w["pid"] for w in [*local["workers"].values(), *local.get("retiring", {}).values()]] + jupyter + sched
 
     def stop_all(self) -> int:
-        """Delete every local lab, processes and records (when the local controller shuts down)."""
+        """Delete every local lab, processes and records (when the local controller shuts down); first any scheduler
+        or Jupyter a killed invocation started but never recorded (found by the pid files written at their start;
+        a pid is signalled only while it still runs that lab's process)."""
+        for pidfile in self.root.glob("*/jupyter/runtime/server.pid"):  # first: their files go with the labs
+            if pid_alive(pid := int(pidfile.read_text() or 0)):
+                stop_jupyter(pid)
+        for pidfile in self.root.glob("*/scheduler.pid"):
+            pid = int(pidfile.read_text() or 0)
+            try:
+                ours = str(pidfile.parent) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:  # gone
+                ours = False
+            if ours:
+                stop_pid_group(pid)
         labs = self.fetch_labs()
         for lab in labs:
             self.apply_delete(lab)
