@@ -94,34 +94,11 @@ class Kube:
 
     # --- the lab's record (a ConfigMap, compared-and-swapped on resourceVersion) ---
 
-    def read_configmap(self, ns: str, name: str) -> tuple[dict, str] | None:
-        cm = self._call(f"read ConfigMap {ns}/{name}", self.core.read_namespaced_config_map, name, ns,
-                        missing_ok=True)
-        return (dict(cm.data or {}), cm.metadata.resource_version) if cm else None
-
-    def replace_configmap(self, manifest: dict, resource_version: str) -> str:
-        """Replace if still at `resource_version` (409 → ConflictError); returns the new resourceVersion."""
-        meta = manifest["metadata"]
-        body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
-        cm = self._call(f"replace ConfigMap {meta['namespace']}/{meta['name']}",
-                        self.core.replace_namespaced_config_map, meta["name"], meta["namespace"], body, missing_ok=True)
-        if cm is None:
-            raise ConflictError(f"ConfigMap {meta['namespace']}/{meta['name']} is gone since it was read")
-        return cm.metadata.resource_version
-
     def namespaces(self, selector: str) -> dict[str, str]:
         """name → phase (Active, Terminating) of the namespaces with these labels."""
         return {n.metadata.name: "Terminating" if n.metadata.deletion_timestamp else
                 (n.status and n.status.phase) or "Active"
                 for n in self._call("list namespaces", self.core.list_namespace, label_selector=selector).items}
-
-    def list_configmaps(self, name: str, selector: str) -> list[tuple[str, dict, str]]:
-        """(namespace, data, resourceVersion) of every ConfigMap `name` with these labels, in Active namespaces."""
-        active = {ns for ns, phase in self.namespaces(selector).items() if phase != "Terminating"}
-        found = self._call("list ConfigMaps", self.core.list_config_map_for_all_namespaces, label_selector=selector,
-                           field_selector=f"metadata.name={name}").items
-        return [(cm.metadata.namespace, dict(cm.data or {}), cm.metadata.resource_version) for cm in found
-                if cm.metadata.namespace in active]
 
     def ensure_quota(self, manifest: dict) -> bool:
         """The ResourceQuota as the manifest says (created, or its `hard` patched); True if it changed."""
