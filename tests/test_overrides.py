@@ -100,7 +100,7 @@ def test_the_replicas_rule(workers, replicas, expected):
 HOSTILE = {
     "scheduler": {"serviceType": "NodePort", "loadBalancerIP": "1.2.3.4", "nodeSelector": {"pool": "mine"},
                   "env": [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "value": "[]"}]},
-    "webUI": {"ingress": {"enabled": True, "hostname": "dask.example.org"}},
+    "webUI": {"ingress": {"enabled": True}},
     "worker": {"replicas": 2, "threads_per_worker": 8, "extraArgs": ["--name", "fixed", "--lifetime", "1h"],
                "resources": {"limits": {"cpu": 2, "memory": "6G"}, "requests": {"cpu": "100m"}},
                "nodeSelector": {"pool": "mine"}, "env": [{"name": "POD_NAME", "value": "w"}],

@@ -95,12 +95,13 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
         del user_args[i:i + 2]
     enforced = {
         "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
+                      "serviceAccountName": None,
                       "image": images["scheduler"],
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
         "worker": {"replicas": spec.initial_workers if replicas is None else replicas, "image": images["worker"],
-                   "strategy": WORKER_STRATEGY,
+                   "strategy": WORKER_STRATEGY, "serviceAccountName": None,
                    "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
+from dasklab.core.chart_values import check_chart_values
 from dasklab.core.config import check_dask_version
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, parse_cpu, parse_memory
@@ -23,7 +24,6 @@ LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 ch
 LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")  # no unit: seconds ("60" from a command line)
 _UNSAFE_PIP = re.compile(r"[;&|`$<>\\\n\r]")
-_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
 def _whole(pattern: str) -> str:
@@ -105,10 +105,11 @@ class _Strict(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     pass
 
 
-# --- Dask Helm chart values: the parts the controller reads are checked; the rest passes through. ---
+# --- Dask Helm chart values: chart_values.ACCEPTED says which keys a request may set (any other is refused first);
+# these structs read and check the parts the controller uses. ---
 
 class _Open(msgspec.Struct, kw_only=True):
-    """Other chart keys are allowed (and ignored here: the command keeps the raw values)."""
+    """Keys not read here are left to check_chart_values (the command keeps the raw values)."""
 
 
 class _Resources(_Open):
@@ -147,19 +148,14 @@ class _Image(_Open):
 
 
 class _Component(_Open):
-    serviceType: str | None = None
     image: _Image | None = None
     replicas: _Count | None = None
     resources: _ResourceBlock | None = None
     env: list[_EnvVar] | None = None
 
-    def __post_init__(self):
-        if self.serviceType is not None and self.serviceType not in _SERVICE_TYPES:
-            raise _Refusal("serviceType", f"must be one of {', '.join(_SERVICE_TYPES)}")
-
 
 class ChartValues(_Open):
-    """The seed lab's config.yaml shape: jupyter / scheduler / worker blocks; other chart keys pass."""
+    """The seed lab's config.yaml shape: jupyter / scheduler / worker blocks (other accepted keys: chart_values)."""
 
     jupyter: _Component | None = None
     scheduler: _Component | None = None
@@ -212,14 +208,18 @@ def check_values_bound(v: dict) -> None:
 
 
 def _chart_values(v) -> dict:
-    """Chart values as YAML text or a mapping → the mapping as written, once it is bounded and validates as
-    ChartValues."""
+    """Chart values as YAML text or a mapping → the mapping as written, once it is bounded, holds only accepted keys
+    (chart_values.ACCEPTED) and validates as ChartValues."""
     if isinstance(v, str):  # config.yaml as text
         v = _yaml_without_aliases(v)
         v = {} if v is None else v
     if not isinstance(v, dict):
         raise ValueError("must be a mapping of Dask Helm chart values (YAML text or a JSON object)")
     check_values_bound(v)
+    try:
+        check_chart_values(v)
+    except ValidationError as e:
+        raise _Refusal(e.field, e.rule) from None
     msgspec.convert(v, ChartValues, strict=False)
     return v
 
@@ -249,11 +249,25 @@ class WorkerResources(_Strict):
         _set(self, "memory", parse_memory)
 
 
+# expose.source_ranges, all together (overlaps counted once), open at most as many addresses as a /8 (IPv4) or a
+# /32 (IPv6): EXPOSE_RULE says so in every refusal, and the README quotes it
+EXPOSE_MAX_ADDRESSES = {4: 2 ** (32 - 8), 6: 2 ** (128 - 32)}
+EXPOSE_RULE = ("the ranges together (overlaps counted once) may open at most as many addresses as a /8 for IPv4 "
+               "(16,777,216) and as a /32 for IPv6 (2^96); name the networks to allow")
+
+
 def _cidrs(ranges: list[str]) -> list[str]:
     import ipaddress
+    networks = []
     for cidr in ranges:
-        if ipaddress.ip_network(cidr, strict=False).prefixlen == 0:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.prefixlen == 0:
             raise ValueError(f"{cidr} opens Jupyter to the whole internet; name the networks to allow")
+        networks.append(network)
+    for version, most in EXPOSE_MAX_ADDRESSES.items():
+        opened = sum(n.num_addresses for n in ipaddress.collapse_addresses(n for n in networks if n.version == version))
+        if opened > most:
+            raise ValueError(f"opens {opened:,} IPv{version} addresses: {EXPOSE_RULE}")
     return ranges
 
 

@@ -55,6 +55,13 @@ def _service_notes(values: dict, spec: LabSpec, backend: str) -> list[str]:
     return notes
 
 
+def _account_notes(values: dict) -> list[str]:
+    """The chart's serviceAccountName of each component: the lab's pods run under the lab's own account."""
+    return [f"values.{key}.serviceAccountName: replaced by the lab's own service account, which has no Kubernetes "
+            "rights; the lab's pods need none" for key in ("scheduler", "worker", "jupyter")
+            if _block(values, key).get("serviceAccountName") is not None]
+
+
 def _jupyter_notes(values: dict) -> list[str]:
     if "jupyter" not in values:
         return []
@@ -62,8 +69,6 @@ def _jupyter_notes(values: dict) -> list[str]:
     if jupyter.get("rbac"):
         notes.append("values.jupyter.rbac: turned off; Jupyter gets no Kubernetes rights (the controller scales "
                      "the workers: use `dasklab scale`)")
-    if jupyter.get("serviceAccountName") is not None:
-        notes.append("values.jupyter.serviceAccountName: removed; Jupyter runs without Kubernetes rights")
     given = "your password" if jupyter.get("password") else "the chart's default password"
     notes.append(f"values.jupyter.password: {given} is removed; Jupyter logs in with the lab's random token "
                  "(`dasklab connect` prints how to read it)")
@@ -152,7 +157,8 @@ def _local_notes(values: dict) -> list[str]:
 def build_overrides(cmd, spec: LabSpec, backend: str = "gke") -> tuple[str, ...]:
     """The notes of a start-lab (`cmd`: its workers and values) as built into `spec`, for `backend`."""
     values = spec.values if isinstance(spec.values, dict) else {}
-    notes = (_service_notes(values, spec, backend) + (_local_notes(values) if backend == "local" else _jupyter_notes(values))
+    notes = (_service_notes(values, spec, backend)
+             + (_local_notes(values) if backend == "local" else _jupyter_notes(values) + _account_notes(values))
              + _worker_notes(cmd, values, spec) + _placement_and_env_notes(values) + _image_notes(values, spec))
     return tuple(notes)
 
