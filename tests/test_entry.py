@@ -271,3 +271,27 @@ def test_every_command_gets_one_outcome_for_its_sender(local_env):
     assert (got["m-7"]["outcome"], got["m-7"]["reason"]) == ("nothing-to-do", "no lab named ghost")
     assert (got["m-8"]["outcome"], got["m-8"]["field"]) == ("refused", "message.attributes.request_id")
     assert LocalBackend(local_env).fetch_lab("o1").state.phase == "provisioning"  # the bad stop-lab did nothing
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"type": "start-lab", "lab": "o2", "owner": "eve", "values": {"worker": {"mounts": {
+        "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+        "volumeMounts": [{"name": "root", "mountPath": "/host"}]}}}}, "values.worker.mounts"),
+    ({"type": "start-lab", "lab": "o2", "owner": "eve",
+      "values": "jupyter:\n  extraConfig: |\n    c.ServerApp.token = ''\n"}, "values.jupyter.extraConfig"),
+    ({"type": "update-lab", "lab": "o2", "values": {"jupyter": {"env": [
+        {"name": "NOTEBOOK_ARGS", "value": "--IdentityProvider.token="}]}}}, "values.jupyter.env.0.name"),
+    ({"type": "start-class", "class": "c2", "owner": "eve", "roster": ["ann"],
+      "values": {"worker": {"securityContext": {"privileged": True}}}}, "values.worker.securityContext"),
+    ({"type": "start-lab", "lab": "o2", "owner": "eve",
+      "expose": {"source_ranges": ["0.0.0.0/1", "128.0.0.0/1"]}}, "expose.source_ranges"),
+])
+def test_a_request_leaving_the_lab_box_is_refused_to_its_sender_naming_the_field(local_env, caplog, payload, field):
+    from functions import main
+    main.control(CloudEvent(ATTRS, push_envelope(payload, "m-1", {"request_id": "r-9"})))  # acknowledged
+    [outcome] = outcomes(local_env)
+    assert (outcome["outcome"], outcome["field"], outcome["request_id"]) == ("refused", field, "r-9")
+    assert outcome["reason"].startswith(f"{field}: ")
+    [err] = errors(caplog)
+    assert err["field"] == field and err["action"] == "refused"
+    assert LocalBackend(local_env).fetch_labs() == []

@@ -9,7 +9,7 @@ import yaml
 
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
-from dasklab.core.messages import MAX_MESSAGE_BYTES, StartLab, decode_pubsub, parse_command
+from dasklab.core.messages import EXPOSE_RULE, MAX_MESSAGE_BYTES, StartLab, decode_pubsub, parse_command
 from dasklab.core.specs import build_spec, check_caps
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -103,6 +103,27 @@ def test_refusals_name_field_and_rule(payload, field, rule):
         payload = {**payload, "machine_type": "e2-standard-2"}
     e = refused(payload)
     assert e.field == field and rule in e.rule, f"{e.field}: {e.rule}"
+
+
+@pytest.mark.parametrize("ranges, opened", [
+    (["0.0.0.0/1", "128.0.0.0/1"], "opens 4,294,967,296 IPv4 addresses"),  # the whole internet in two halves
+    (["10.0.0.0/8", "11.0.0.0/24"], "opens 16,777,472 IPv4 addresses"),
+    (["1.0.0.0/9", "2.0.0.0/9", "3.0.0.0/9", "1.0.0.0/10"], "opens 25,165,824 IPv4 addresses"),  # overlap once
+    (["2001:db8::/31"], "IPv6 addresses"),
+    (["203.0.113.0/24", "2001:db8::/32", "2001:db9::/48"], "IPv6 addresses"),
+])
+def test_expose_is_bounded_by_the_addresses_it_opens(ranges, opened):
+    e = refused(start(expose={"source_ranges": ranges}))
+    assert e.field == "expose.source_ranges" and opened in e.rule and e.rule.endswith(EXPOSE_RULE), e.rule
+
+
+@pytest.mark.parametrize("ranges", [
+    ["10.0.0.0/8"], ["10.0.0.0/8", "10.0.0.0/9", "10.1.2.3/32"], ["203.0.113.0/24", "198.51.100.7"],
+    ["10.0.0.0/8", "2001:db8::/32"],  # each family within its own bound
+])
+def test_expose_within_the_bound_is_accepted(ranges):
+    assert build_spec(parse_command(json.dumps(start(expose={"source_ranges": ranges}))), CFG).public_source_ranges \
+        == tuple(ranges)
 
 
 def test_caps_on_scale():

@@ -34,7 +34,7 @@ class Accepted:
 # (docs.jupyter.org/en/latest/use/jupyter-directories.html). Any of them could turn the token off.
 JUPYTER_START_ENV = ("NOTEBOOK_ARGS", "DOCKER_STACKS_JUPYTER_CMD", "JUPYTERHUB_API_TOKEN", "JUPYTER_CONFIG_DIR",
                      "JUPYTER_CONFIG_PATH")
-_START_WHY = "they change how Jupyter starts or where it reads its config, and could turn its token off"
+_START_WHY = "changes how Jupyter starts or where it reads its config, so it could turn the token off"
 _POOL = {"scheduler": "the system pool", "worker": "the worker pool", "jupyter": "the system pool"}
 _QUANTITY = {"cpu": "CPU (1, 0.5, 500m)", "memory": "memory (3G, 512Mi)"}
 
@@ -59,9 +59,9 @@ def _component(c: str) -> dict[str, Accepted]:
     start = c == "jupyter"  # its variables that change how Jupyter starts are refused
     keys[f"{c}.env[].name"] = Accepted(
         f"passed to the chart; {ENFORCED_ENV[c]} is the controller's (yours is replaced, a note)"
-        + (f"; {', '.join(JUPYTER_START_ENV)} are refused: {_START_WHY}" if start else ""),
+        + (f"; {', '.join(JUPYTER_START_ENV)} are refused: each {_START_WHY}" if start else ""),
         "the seed's config.yaml sets EXTRA_PIP_PACKAGES (package specs only, no shell characters)",
-        never=JUPYTER_START_ENV if start else (), never_why=_START_WHY if start else "")
+        never=JUPYTER_START_ENV if start else (), never_why=f"it {_START_WHY}" if start else "")
     keys[f"{c}.env[].value"] = Accepted(
         "passed to the chart (text)", "a variable's literal value; valueFrom is refused: it reads Secrets, "
                                       "ConfigMaps and pod fields the lab does not own")

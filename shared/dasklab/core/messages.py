@@ -437,6 +437,7 @@ class StartClass(_Command, tag="start-class", kw_only=True):
     def __post_init__(self):
         super().__post_init__()
         _set(self, "roster", lambda names: _roster(names, self.class_))
+        _set(self, "values", _chart_values)  # refused here, naming the field, as a start-lab's are
         _set(self, "at", _at)
         _set(self, "duration", _seconds)
         if self.placement not in ("", *PLACEMENTS):
