@@ -192,3 +192,13 @@ def test_the_readme_table_is_the_modules():
     assert [row.split("`")[1] for row in rows] == list(ACCEPTED)  # exactly the module's keys, in its order
     assert build_readme_table() in section  # and what it says of each (`python -m dasklab.core.chart_values`)
     assert EXPOSE_RULE in " ".join(section.split())  # the expose bound, quoted
+
+
+def test_an_update_of_a_scheduler_key_the_controller_replaces_does_not_restart_the_scheduler():
+    from dasklab.core.policy import plan_update
+    from dasklab.core.specs import build_update
+    current = spec_of({"scheduler": {"serviceType": "LoadBalancer"}})
+    update = parse_command(json.dumps({"type": "update-lab", "lab": "intro", "values": {
+        "scheduler": {"serviceType": "ClusterIP", "serviceAccountName": INSTALLER}}}))
+    action, reason = plan_update(current, build_update(update, current), restart=False)
+    assert action == "update", reason

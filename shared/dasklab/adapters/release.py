@@ -77,9 +77,9 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
     its pod and node);
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
-    Secret, has no RBAC to scale workers, and the chart's known default password is removed. Every image runs the
-    lab's Dask version (`build_images`). `replicas`: the worker count a later revision (helm upgrade) keeps,
-    instead of the initial one.
+    Secret, has no RBAC to scale workers, and the chart's known default password is removed; no component runs under
+    a service account the values name. Every image runs the lab's Dask version (`build_images`). `replicas`: the
+    worker count a later revision (helm upgrade) keeps, instead of the initial one.
     """
     values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
     images = build_images(spec, values)

@@ -80,18 +80,19 @@ def _component(c: str) -> dict[str, Accepted]:
     return keys
 
 
-def _build() -> dict[str, Accepted]:
-    keys = {}
-    for c in COMPONENTS:
-        keys.update(_component(c))
-    keys.update({
+_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+# The keys of one component only (with the chart's top-level keys about it), by component.
+_OWN = {
+    "scheduler": {
         "scheduler.serviceType": Accepted(
             "replaced by ClusterIP (a note); `dasklab connect` reaches it privately",
             "the seed's config.yaml sets LoadBalancer; the scheduler's port and HTTP API have no authentication",
-            only=("ClusterIP", "NodePort", "LoadBalancer")),
+            only=_SERVICE_TYPES),
         "scheduler.loadBalancerIP": Accepted("removed (a note)", "the scheduler is never public"),
         "webUI.ingress.enabled": Accepted("turned off (a note): no Ingress is made",
                                           "the dashboard is reached privately, with `dasklab connect`"),
+    },
+    "worker": {
         "worker.extraArgs": Accepted(
             "passed to dask-worker; --name and its value are removed (a note)",
             "worker options (--lifetime, --resources) are the user's; the controller names workers after their pods "
@@ -103,24 +104,24 @@ def _build() -> dict[str, Accepted]:
                                               "sized by worker_resources"),
         "additional_worker_groups": Accepted("dropped (a note)", "one worker group, scaled by the controller",
                                              shape="any"),
+    },
+    "jupyter": {
         "jupyter.enabled": Accepted("passed: false runs the lab without Jupyter",
                                     "a lab driven from the user's own Dask client needs none"),
         "jupyter.serviceType": Accepted(
             "replaced by ClusterIP (a note); a public Jupyter is the controller's own load balancer, open to "
-            "expose.source_ranges only", "the seed's config.yaml sets LoadBalancer",
-            only=("ClusterIP", "NodePort", "LoadBalancer")),
+            "expose.source_ranges only", "the seed's config.yaml sets LoadBalancer", only=_SERVICE_TYPES),
         "jupyter.password": Accepted("removed (a note): Jupyter logs in with the lab's random token",
                                      "the chart's default password is public"),
         "jupyter.rbac": Accepted("turned off (a note): Jupyter gets no Kubernetes rights",
                                  "the controller scales the workers (`dasklab scale`)"),
         "jupyter.ingress.enabled": Accepted("turned off (a note): no Ingress is made",
                                             "a public Jupyter goes through expose.source_ranges"),
-    })
-    order = {c: i for i, c in enumerate(("scheduler", "webUI", "worker", "additional_worker_groups", "jupyter"))}
-    return dict(sorted(keys.items(), key=lambda kv: order[kv[0].split(".")[0].split("[")[0]]))
+    },
+}
 
-
-ACCEPTED: dict[str, Accepted] = _build()  # THE table: validation and the README's section both come from it
+# THE table: validation (check_chart_values) and the README's section (build_readme_table) both come from it.
+ACCEPTED: dict[str, Accepted] = {key: entry for c in COMPONENTS for key, entry in {**_component(c), **_OWN[c]}.items()}
 
 
 def _parts(path: str) -> tuple[str, ...]:

@@ -273,8 +273,8 @@ def plan_start(existing_spec: LabSpec | None, new_spec: LabSpec) -> tuple[str, s
                         "its values)"
 
 
-# Keys of values.scheduler the controller enforces or that leave the scheduler's pod alone.
-_SCHEDULER_KEPT = ("serviceType", "loadBalancerIP", "servicePort", "serviceAnnotations")
+# Keys of values.scheduler the controller replaces whatever they say: they leave the scheduler's pod alone.
+_SCHEDULER_KEPT = ("serviceType", "loadBalancerIP", "serviceAccountName")
 
 
 def _changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
