@@ -162,7 +162,7 @@ def _check(value, parts: tuple, field: str) -> None:
             _check(item, parts + (LIST,), f"{field}.{i}")
         return
     if not isinstance(value, dict):
-        raise ValidationError(field or "values", "must be a mapping")
+        raise ValidationError(field, "must be a mapping")
     for key, item in value.items():
         inner, where = parts + (key,), f"{field}.{key}" if field else str(key)
         if inner not in _ENTRIES and inner not in _INNER:
