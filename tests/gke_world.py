@@ -32,7 +32,7 @@ from tests.standins.kube import KubeStandin
 
 PROJECT, LOCATION, TOKEN = "dasklab-test", "us-central1-a", "kube-test-token"
 CONFIG = Config(backend="gke", project=PROJECT, location=LOCATION, poll_s=0.2, confirm_s=1.0, cooldown_s=0.5,
-                down_fraction=0.5, tick_budget_s=0)
+                down_fraction=0.5, tick_budget_s=0, node_service_account=f"dasklab-nodes@{PROJECT}.iam.gserviceaccount.com")
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 # The defaults of the chart dask/dask 2024.1.1 (dask/values.yaml at that tag) for what its templates read below.
 CHART_DEFAULTS = {

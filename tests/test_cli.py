@@ -371,7 +371,8 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys, 
     for name in ("DASKLAB_PROJECT", "DASKLAB_REGION"):  # recorded, so what main() sets is undone
         monkeypatch.setenv(name, "recorded")
         monkeypatch.delenv(name)
-    cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a")
+    cfg = config.Config(backend="gke", project="demo-p", location="us-central1-a",
+                        node_service_account="dasklab-nodes@demo-p.iam.gserviceaccount.com")
     with GkeStandin() as gke:
         backend = GkeBackend(cfg, gke.client(), lambda cluster: None, Migs(lambda: None),
                              FileLabRecords(tmp_path))

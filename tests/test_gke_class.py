@@ -74,7 +74,7 @@ def test_three_students_share_one_cluster(tmp_path, caplog, firestore_env):
             assert quota["status"]["used"]["pods"] == "3"  # scheduler, Jupyter, one worker (the Job's pod ended)
             assert {p["metadata"]["name"] for p in world.kube.list("networkpolicies", ns)} == {
                 "dasklab-deny-ingress", "dasklab-same-namespace", "dasklab-api-server-proxy",
-                "dasklab-api-server-proxy-jupyter"}
+                "dasklab-api-server-proxy-jupyter", "dasklab-egress"}
             info = backend.connection_info(lab(s))
             assert info["cluster"] == "intro--shared" and info["namespace"] == ns
             assert "get-credentials intro--shared" in info["credentials"]

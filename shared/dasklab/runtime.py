@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from dasklab.core.config import Config, current
+from dasklab.core.config import Config, check_node_service_account, current
 from dasklab.core.reconcile import Controller
 
 
@@ -62,6 +62,9 @@ def build_reports(config: Config):
 
 
 def build_controller(config: Config | None = None) -> Controller:
+    """The controller; on GKE its configuration must name the lab nodes' own service account (it creates clusters)."""
     config = config or current()
+    if config.backend == "gke":
+        check_node_service_account(config)
     return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config),
                       classes=build_classes(config), wakeups=build_wakeups(config), reports=build_reports(config))

@@ -90,6 +90,13 @@ FAMILY_DISKS = {"e2": {"pd-standard", "pd-balanced", "pd-ssd"},
 # "default" (NodeConfig field docstring; a non-e-mail is refused as invalid)
 SERVICE_ACCOUNT_RE = re.compile(r"default|[a-z][-a-z0-9]{4,28}[a-z0-9]@[-a-z0-9.]+\.iam\.gserviceaccount\.com"
                                 r"|[0-9]+-compute@developer\.gserviceaccount\.com")
+# Workload Identity (cloud.google.com/kubernetes-engine/docs/how-to/workload-identity): a Standard cluster enables it
+# with the workload pool of its own project, PROJECT_ID.svc.id.goog (gcloud --workload-pool), and it "must be enabled
+# at the cluster level before" a node pool runs the GKE metadata server; WorkloadMetadataConfig.Mode docstring:
+# GKE_METADATA "can only be enabled if Workload Identity is enabled at the cluster level". The node pools of a cluster
+# that has it run the GKE metadata server unless they say otherwise (the how-to, "Create a new cluster").
+WORKLOAD_POOL = "{project}.svc.id.goog"
+Metadata = gke.WorkloadMetadataConfig.Mode
 # Maintenance exclusions of scope no-upgrades last at most 30 days, at most 3 of them per cluster
 # (cloud.google.com/kubernetes-engine/docs/concepts/maintenance-windows-and-exclusions, "Types of exclusions")
 NO_UPGRADES_MAX, NO_UPGRADES_COUNT = timedelta(days=30), 3
@@ -611,6 +618,24 @@ class GkeStandin(GrpcStandin):
                 Code.INVALID_ARGUMENT, f'Invalid value for field "node_pool.config.service_account": '
                 f'"{config.service_account}". Must be a valid service account email address.')
 
+    @staticmethod
+    def _check_workload_pool(workload_pool: str, project: str) -> None:
+        """WorkloadIdentityConfig.workload_pool: "" (Workload Identity off) or the request's project's pool."""
+        want = WORKLOAD_POOL.format(project=project)
+        if workload_pool and workload_pool != want:
+            raise StandinAbort(Code.INVALID_ARGUMENT, f'Invalid value for field "cluster.workload_identity_config.'
+                                                      f'workload_pool": "{workload_pool}". Must be "{want}".')
+
+    @staticmethod
+    def _check_metadata(pool: gke.NodePool, workload_pool: str) -> None:
+        """GKE_METADATA only with Workload Identity on the cluster, which it is then for every pool left unset."""
+        config = pool.config.workload_metadata_config
+        if config.mode == Metadata.GKE_METADATA and not workload_pool:
+            raise StandinAbort(Code.INVALID_ARGUMENT, f"Node pool {pool.name!r}: workload metadata mode GKE_METADATA "
+                                                      "requires Workload Identity to be enabled on the cluster.")
+        if workload_pool and config.mode == Metadata.MODE_UNSPECIFIED:
+            pool.config.workload_metadata_config = gke.WorkloadMetadataConfig(mode=Metadata.GKE_METADATA)
+
     def _check_maintenance(self, policy: gke.MaintenancePolicy) -> None:
         exclusions = policy.window.maintenance_exclusions
         no_upgrades = 0
@@ -748,7 +773,8 @@ class GkeStandin(GrpcStandin):
             raise StandinAbort(Code.INVALID_ARGUMENT, f"Locations must include the cluster zone {location!r}.")
         return sorted(set(zones))
 
-    def _build_pool(self, cluster_name: str, pool: gke.NodePool, region: str, zones: list[str]) -> gke.NodePool:
+    def _build_pool(self, cluster_name: str, pool: gke.NodePool, region: str, zones: list[str],
+                    workload_pool: str = "") -> gke.NodePool:
         if not NAME_RE.fullmatch(pool.name):  # the message GKE answers for a bad node pool name (its regex)
             raise StandinAbort(
                 Code.INVALID_ARGUMENT,
@@ -763,6 +789,10 @@ class GkeStandin(GrpcStandin):
         pool.config.machine_type = pool.config.machine_type or "e2-medium"  # NodeConfig.machine_type: default e2-medium
         pool_zones = self._zones(region, pool.locations or zones)
         self._check_node_config(pool.name, pool.config, pool_zones[0])
+        self._check_metadata(pool, workload_pool)
+        # NodeConfig.service_account docstring: "if no Service Account is specified, the "default" service account
+        # is used" (the Compute Engine default account): what GKE then reports
+        pool.config.service_account = pool.config.service_account or "default"
         project, cluster = CLUSTER_RE.fullmatch(cluster_name).group("project", "cluster")
         pool.locations = pool_zones
         pool.self_link = f"{API}/{cluster_name}/nodePools/{pool.name}"
@@ -793,6 +823,7 @@ class GkeStandin(GrpcStandin):
             raise StandinAbort(Code.ALREADY_EXISTS, f"Already exists: {name}.")
         self._check_labels(c.resource_labels)
         self._check_maintenance(c.maintenance_policy)
+        self._check_workload_pool(c.workload_identity_config.workload_pool, m["project"])
         zones = self._zones(location, c.locations)
         if c.autopilot.enabled:  # Autopilot is regional only and manages its nodes (autopilot-overview)
             if ZONE_RE.fullmatch(location):
@@ -821,7 +852,8 @@ class GkeStandin(GrpcStandin):
             config = c.node_config if "node_config" in c else gke.NodeConfig(machine_type="e2-medium")
             c.node_pools = [gke.NodePool(name="default-pool", config=config, initial_node_count=c.initial_node_count)]
         region = ZONE_RE.fullmatch(zones[0]).group(1)
-        c.node_pools = [self._build_pool(name, p, region, zones) for p in c.node_pools]
+        c.node_pools = [self._build_pool(name, p, region, zones, c.workload_identity_config.workload_pool)
+                        for p in c.node_pools]
         c.location = c.zone = location
         c.locations = zones
         c.self_link = f"{API}/{name}"

@@ -624,3 +624,49 @@ def test_a_running_cluster_degrades_with_a_status_message_and_still_serves(clien
     standin.recover(CLUSTER)
     c = client.get_cluster(name=CLUSTER)
     assert (c.status, c.status_message) == (Status.RUNNING, "")
+
+
+# ---- Workload Identity and the nodes' account (cloud.google.com/kubernetes-engine/docs/how-to/workload-identity) --
+
+WI = gke.WorkloadIdentityConfig(workload_pool=f"{PROJECT}.svc.id.goog")
+GKE_METADATA = gke.WorkloadMetadataConfig(mode=gke.WorkloadMetadataConfig.Mode.GKE_METADATA)
+
+
+def metadata_pool(mode=None, name="workers") -> gke.NodePool:
+    config = gke.NodeConfig(machine_type="e2-standard-4")
+    if mode is not None:
+        config.workload_metadata_config = gke.WorkloadMetadataConfig(mode=mode)
+    return gke.NodePool(name=name, initial_node_count=1, config=config)
+
+
+@pytest.mark.parametrize("workload_pool", ["other-proj.svc.id.goog", PROJECT, f"{PROJECT}.svc.id.goog.evil",
+                                           "lab-proj.svc.id.goo"])
+def test_a_workload_pool_other_than_the_projects_own_is_refused(client, standin, workload_pool):
+    with pytest.raises(exceptions.InvalidArgument, match=f'Must be "{PROJECT}.svc.id.goog"'):
+        create(client, workload_identity_config=gke.WorkloadIdentityConfig(workload_pool=workload_pool))
+    assert standin.clusters == {}
+
+
+def test_the_gke_metadata_server_needs_workload_identity_on_the_cluster(client, standin):
+    with pytest.raises(exceptions.InvalidArgument, match="GKE_METADATA requires Workload Identity"):
+        create(client, node_pools=[metadata_pool(), metadata_pool(gke.WorkloadMetadataConfig.Mode.GKE_METADATA, "s")])
+    assert standin.clusters == {}
+    Mode = gke.WorkloadMetadataConfig.Mode
+    create(client, workload_identity_config=WI,
+           node_pools=[metadata_pool(Mode.GKE_METADATA, "a"), metadata_pool(None, "b"), metadata_pool(Mode.GCE_METADATA, "c")])
+    c = client.get_cluster(name=CLUSTER)  # recorded and returned: a pool left unset runs the GKE metadata server too
+    assert c.workload_identity_config.workload_pool == f"{PROJECT}.svc.id.goog"
+    assert [p.config.workload_metadata_config.mode for p in c.node_pools] == \
+        [Mode.GKE_METADATA, Mode.GKE_METADATA, Mode.GCE_METADATA]
+    create(client, name="no-wi", node_pools=[metadata_pool()])  # without Workload Identity: the node's metadata
+    c = client.get_cluster(name=f"{REGION}/clusters/no-wi")
+    assert not c.workload_identity_config.workload_pool
+    assert c.node_pools[0].config.workload_metadata_config.mode == Mode.MODE_UNSPECIFIED
+
+
+def test_a_pool_without_its_own_account_runs_as_the_default_one(client):
+    account = f"dasklab-nodes@{PROJECT}.iam.gserviceaccount.com"
+    pools = [metadata_pool(None, "a"), gke.NodePool(name="b", initial_node_count=1, config=gke.NodeConfig(
+        machine_type="e2-standard-4", service_account=account))]
+    create(client, node_pools=pools)
+    assert [p.config.service_account for p in client.get_cluster(name=CLUSTER).node_pools] == ["default", account]

@@ -160,22 +160,42 @@ def build_quota(spec: LabSpec, values: dict, namespace: str) -> dict:
                               "requests.memory": str(int(memory))}}}
 
 
+# Egress to the internet leaves out what is not the internet (RFC 1918 private ranges: the VPC's nodes, other clusters,
+# this cluster's Pod and Service ranges; RFC 6598 100.64.0.0/10, which GKE also accepts for Pod and Service ranges
+# (cloud.google.com/kubernetes-engine/docs/concepts/alias-ips, "non-RFC 1918"); link-local 169.254.0.0/16, the
+# metadata server 169.254.169.254 and the GKE metadata server's 169.254.169.252 included)
+NOT_INTERNET = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
+KUBE_DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
 def build_network_policies(spec: LabSpec, release: str, namespace: str) -> list[dict]:
-    """Ingress isolation of a lab's namespace (kubernetes.io/docs/concepts/services-networking/network-policies/):
-    every pod is isolated; pods of the same namespace reach each other; the API server's proxy (through
-    konnectivity-agent) reaches only the scheduler's dashboard and Jupyter; a public Jupyter its source ranges."""
-    def policy(name: str, selector: dict, ingress: list | None) -> dict:
-        body = {"podSelector": selector, "policyTypes": ["Ingress"]}
+    """The lab namespace's NetworkPolicies, in every placement (kubernetes.io/docs/concepts/services-networking/
+    network-policies/: a pod selected by a policy of a direction is isolated in it and admits only what some rule of
+    those policies allows; a connection needs the source's egress and the target's ingress).
+
+    Ingress: every pod is isolated; pods of the same namespace reach each other; the API server's proxy (through
+    konnectivity-agent) reaches only the scheduler's dashboard and Jupyter; a public Jupyter its source ranges.
+    Egress of the chart's pods (app=dask, release=<release>: scheduler, workers, Jupyter): to pods of their own
+    namespace; to kube-dns in kube-system on 53 (UDP and TCP); to the internet, 0.0.0.0/0 except NOT_INTERNET (for
+    pip and public data). Nothing else: not another lab's namespace, not the nodes, not the metadata server. The
+    Helm install Job is not selected: it reaches the API server and the chart repository."""
+    def policy(name: str, selector: dict, ingress: list | None, egress: list | None = None) -> dict:
+        body = {"podSelector": selector, "policyTypes": ["Ingress"] if egress is None else ["Egress"]}
         if ingress is not None:
             body["ingress"] = ingress
+        if egress is not None:
+            body["egress"] = egress
         return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                 "metadata": _meta(name, namespace, spec.name), "spec": body}
 
-    def ports(*numbers: int) -> list[dict]:
-        return [{"protocol": "TCP", "port": n} for n in numbers]
+    def ports(*numbers: int, protocol: str = "TCP") -> list[dict]:
+        return [{"protocol": protocol, "port": n} for n in numbers]
+
+    chart = {"app": CHART, "release": release}
 
     def component(*names: str) -> dict:
-        return {"matchLabels": {"app": CHART, "release": release},
+        return {"matchLabels": dict(chart),
                 "matchExpressions": [{"key": "component", "operator": "In", "values": list(names)}]}
 
     found = [policy("dasklab-deny-ingress", {}, None),
@@ -183,7 +203,11 @@ def build_network_policies(spec: LabSpec, release: str, namespace: str) -> list[
              policy("dasklab-api-server-proxy", component("scheduler"),
                     [{"from": [KONNECTIVITY], "ports": ports(DASHBOARD_PORT)}]),
              policy("dasklab-api-server-proxy-jupyter", component("jupyter"),
-                    [{"from": [KONNECTIVITY], "ports": ports(JUPYTER_PORT)}])]
+                    [{"from": [KONNECTIVITY], "ports": ports(JUPYTER_PORT)}]),
+             policy("dasklab-egress", {"matchLabels": dict(chart)}, None, [
+                 {"to": [{"podSelector": {}}]},
+                 {"to": [KUBE_DNS], "ports": ports(53, protocol="UDP") + ports(53)},
+                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NOT_INTERNET)}}]}])]
     if spec.public_source_ranges:
         found.append(policy("dasklab-public-jupyter", component("jupyter"),
                             [{"from": [{"ipBlock": {"cidr": c}} for c in spec.public_source_ranges],

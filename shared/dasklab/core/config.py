@@ -75,7 +75,9 @@ class Config:
     nightly_at: str = "02:00"
     nightly_time_zone: str = "Etc/UTC"
     # GKE backend: node pools of each lab's Standard cluster, and the Dask Helm release the in-cluster Job installs
-    node_service_account: str = ""  # e-mail of the nodes' account (infra/iam.yaml: dasklab-nodes); "" = GKE's default
+    # e-mail of the nodes' own account (infra/iam.yaml: dasklab-nodes); required to create clusters, never the Compute
+    # Engine default (check_node_service_account)
+    node_service_account: str = ""
     node_zones: str = ""  # comma-separated zones for the node pools; "" = GKE's default (one zone is cheapest)
     system_pool: str = "system"
     system_machine_type: str = "e2-standard-4"  # scheduler, Jupyter and the Helm Job run here
@@ -92,6 +94,24 @@ class Config:
     def zone_count(self) -> int:
         """Zones a lab's node pools span: those listed, else one for a zonal location, GKE's regional default 3."""
         return len([z for z in self.node_zones.split(",") if z.strip()]) or (1 if _ZONE.fullmatch(self.location) else 3)
+
+
+# The Compute Engine default service account, <project number>-compute@developer.gserviceaccount.com: what a node
+# runs as when NodeConfig.service_account is unset ("default"); it has Editor on the project unless that grant was
+# removed (cloud.google.com/compute/docs/access/service-accounts#default_service_account)
+_COMPUTE_DEFAULT = re.compile(r"[0-9]+-compute@developer\.gserviceaccount\.com")
+
+
+def check_node_service_account(config: Config) -> str:
+    """The nodes' dedicated account: ValidationError(DASKLAB_NODE_SERVICE_ACCOUNT) if unset, "default" or the Compute
+    Engine default account, whose credentials every pod of a node could otherwise take to Google's APIs."""
+    account = config.node_service_account.strip()
+    if not account or account == "default" or _COMPUTE_DEFAULT.fullmatch(account):
+        said = f"{account!r} is the Compute Engine default account" if account else "unset"
+        raise ValidationError("DASKLAB_NODE_SERVICE_ACCOUNT",
+                              f"{said}: lab nodes need their own service account (infra/iam.yaml: dasklab-nodes, "
+                              "set by `dasklab deploy`), never the Compute Engine default")
+    return account
 
 
 def region_of(location: str) -> str:

@@ -4,6 +4,7 @@ delete, and how a person connects."""
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
 
+from dasklab.core.config import check_node_service_account
 from dasklab.core.errors import Gone, PermanentError, TransientError
 from dasklab.core.model import INSTALLING, PROVISIONING, REQUESTED, TEARING_DOWN, Lab, build_system_pool_size, \
     nodes_per_zone
@@ -52,31 +53,38 @@ class Clusters(GkeBase):
         return True
 
     def _create_cluster(self, lab: Lab, place: Place) -> bool:
+        """Create the lab's (or its class's) cluster. No pod gets the nodes' credentials: the nodes run as their own
+        account (check_node_service_account), never the Compute Engine default; Workload Identity is on and every
+        pool runs the GKE metadata server, which serves pods no node credentials
+        (cloud.google.com/kubernetes-engine/docs/how-to/workload-identity); Dataplane V2 enforces the labs'
+        NetworkPolicies with no separate setting (cloud.google.com/kubernetes-engine/docs/concepts/dataplane-v2)."""
         cfg, spec = self.config, lab.spec
+        account = check_node_service_account(cfg)
         zones = self._zones()
         zone_count = cfg.zone_count
         off = gke.NodePoolAutoscaling(enabled=False)  # the controller sizes the pools
-        account = {"service_account": cfg.node_service_account, "oauth_scopes": [CLOUD_PLATFORM]} \
-            if cfg.node_service_account else {}  # with its own account a node's access is IAM's, not scopes'
+
+        def node_config(machine_type: str, **more) -> gke.NodeConfig:  # with its own account, access is IAM's
+            return gke.NodeConfig(machine_type=machine_type, disk_type=DISK_TYPE, service_account=account,
+                                  oauth_scopes=[CLOUD_PLATFORM], workload_metadata_config=gke.WorkloadMetadataConfig(
+                                      mode=gke.WorkloadMetadataConfig.Mode.GKE_METADATA), **more)
+
         # a class's cluster: system nodes for every student's scheduler and Jupyter, worker nodes for their initial
-        # workers, and Dataplane V2, which enforces NetworkPolicy with no separate setting
-        # (cloud.google.com/kubernetes-engine/docs/concepts/dataplane-v2)
+        # workers
         students = max(1, spec.class_size) if place.shared else 1
         system = build_system_pool_size(students, place.shared, cfg.system_machine_type, cfg.system_nodes, zone_count)
-        network = {"network_config": gke.NetworkConfig(
-            datapath_provider=gke.DatapathProvider.ADVANCED_DATAPATH)} if place.shared else {}
         cluster = gke.Cluster(
-            name=place.cluster, description=encode_description(lab), **network,
+            name=place.cluster, description=encode_description(lab),
+            network_config=gke.NetworkConfig(datapath_provider=gke.DatapathProvider.ADVANCED_DATAPATH),
+            workload_identity_config=gke.WorkloadIdentityConfig(workload_pool=f"{cfg.project}.svc.id.goog"),
             resource_labels=build_labels(lab), locations=zones, maintenance_policy=build_maintenance_policy(lab),
             node_pools=[
                 gke.NodePool(name=cfg.system_pool, initial_node_count=system, autoscaling=off,
-                             config=gke.NodeConfig(machine_type=cfg.system_machine_type, disk_type=DISK_TYPE,
-                                                   **account)),
+                             config=node_config(cfg.system_machine_type)),
                 gke.NodePool(name=cfg.worker_pool, autoscaling=off,
                              initial_node_count=nodes_per_zone(spec.nodes_for(lab.state.target_workers * students),
                                                                zone_count),
-                             config=gke.NodeConfig(machine_type=spec.machine_type, spot=spec.spot, disk_type=DISK_TYPE,
-                                                   **account)),
+                             config=node_config(spec.machine_type, spot=spec.spot)),
             ])
         try:
             self.clusters.create_cluster(parent=self.parent, cluster=cluster)

@@ -100,8 +100,8 @@ class Helm(GkeBase):
 
     def apply_install(self, lab: Lab) -> None:
         """Namespace, Jupyter's token Secret, installer RBAC, values ConfigMap and the Helm Job (each created
-        if absent: a repeated install is harmless; a later invocation follows the Job). In a shared cluster the
-        namespace also gets its ResourceQuota and NetworkPolicies first, so no pod of the release runs without them."""
+        if absent: a repeated install is harmless; a later invocation follows the Job). The namespace gets its
+        NetworkPolicies (and in a shared cluster its ResourceQuota) first, so no pod of the release runs without them."""
         place = place_of(lab)
         kube = self._kube(place, self._running(place))
         release = self._release(lab)
@@ -109,9 +109,9 @@ class Helm(GkeBase):
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
         if place.shared:
             self._grow_system_pool(lab, place, kube)
-            for manifest in [build_quota(lab.spec, release.values, place.namespace),
-                             *build_network_policies(lab.spec, place.release, place.namespace)]:
-                kube.create(manifest)
+            kube.create(build_quota(lab.spec, release.values, place.namespace))
+        for manifest in build_network_policies(lab.spec, place.release, place.namespace):  # in every placement
+            kube.create(manifest)
         for manifest in release.manifests[1:]:
             kube.create(manifest)
 
