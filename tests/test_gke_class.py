@@ -68,9 +68,12 @@ def test_three_students_share_one_cluster(tmp_path, caplog, firestore_env):
         for s in STUDENTS:
             ns = f"dasklab-intro-{s}"
             (quota,) = world.kube.list("resourcequotas", ns)
-            # 4 workers + 25 % surge = 5 of 1 CPU, the scheduler and Jupyter twice (0.5 CPU each), the Job 0.1 CPU
+            # 4 workers + 25 % surge = 5 of 1 CPU, the scheduler and Jupyter twice (0.5 CPU each), the Job 0.1 CPU;
+            # their limits: the same memory, CPU up to their slot of the system node (625m each) and 0.5 for the Job
             assert quota["spec"]["hard"] == {"pods": "10", "requests.cpu": "7100m",
-                                             "requests.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20)}
+                                             "requests.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20),
+                                             "limits.cpu": "8000m",
+                                             "limits.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20)}
             assert quota["status"]["used"]["pods"] == "3"  # scheduler, Jupyter, one worker (the Job's pod ended)
             assert {p["metadata"]["name"] for p in world.kube.list("networkpolicies", ns)} == {
                 "dasklab-deny-ingress", "dasklab-same-namespace", "dasklab-api-server-proxy",
