@@ -246,6 +246,11 @@ def test_the_scheduler_and_jupyter_get_limits_within_their_slot_of_a_system_node
     # the system machine sets the slot: an e2-standard-8 packs 7 labs (7.75 CPU, 31 GiB allocatable)
     big = build_helm_values(greedy_spec("shared"), **POOLS, system_machine="e2-standard-8")["jupyter"]["resources"]
     assert big["limits"] == {"cpu": "553m", "memory": "2267Mi"}
+    # one scheduler: more would take other labs' room on the system nodes
+    spec = build_spec(parse_command(json.dumps({"v": 1, "type": "start-lab", "lab": "a", "owner": "o", "values": {
+        "scheduler": {"replicas": 5}}})), Config(backend="gke", project="p"), "shared")
+    assert build_helm_values(spec, **POOLS)["scheduler"]["replicas"] == 1
+    assert any(n.startswith("values.scheduler.replicas: 5 replaced by 1") for n in spec.notes)
     (note,) = [n for n in greedy_spec("shared").notes if n.startswith("values.jupyter.resources")]
     assert note.startswith("values.jupyter.resources: capped at 0.625 CPU / 2.5 GiB (requests and limits), half "
                            "the lab's share of one e2-standard-4 system node shared by 3 labs")

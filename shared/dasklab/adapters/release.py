@@ -97,7 +97,7 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
                       system_machine: str = Config.system_machine_type) -> dict:
     """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
 
-    Enforced: the scheduler serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
+    Enforced: one scheduler, which serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
     are sized by the spec, replaced as WORKER_STRATEGY says, start at the initial count (the controller scales the
     Deployment afterwards), run alone on the worker pool and are named after their pods (so a Dask worker maps to
     its pod and node);
@@ -123,7 +123,7 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
         del user_args[i:i + 2]
     enforced = {
         "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
-                      "image": images["scheduler"],
+                      "image": images["scheduler"], "replicas": 1,
                       "resources": build_system_quantities(spec, "scheduler", system_machine),
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},

@@ -156,12 +156,16 @@ SYSTEM_DEFAULT_REQUESTS = {"cpu": "500m", "memory": "1G"}
 
 def build_share_notes(values: dict, spec: LabSpec, system_machine: str) -> list[str]:
     """GKE: the scheduler's and Jupyter's resources asked past their slot of a system node (model.system_slot,
-    what build_helm_values caps them to), one note per component."""
+    what build_helm_values caps them to), one note per component; schedulers past one."""
     shared = spec.placement == SHARED
     cpu, memory = system_slot(system_machine, shared)
     where = (f"one {system_machine} system node shared by {labs_per_system_node(system_machine)} labs" if shared
              else f"its own {system_machine} system node")
     notes = []
+    replicas = _block(values, "scheduler").get("replicas")
+    if replicas is not None and replicas != 1:
+        notes.append(f"values.scheduler.replicas: {replicas} replaced by 1; a Dask cluster has one scheduler, and "
+                     "more would take other labs' share of the system nodes")
     for key in POOL_KEYS:
         asked = _block(values, key).get("resources")
         if not isinstance(asked, dict):
