@@ -276,7 +276,8 @@ def test_one_students_values_cannot_take_anothers_share_of_the_system_pool(tmp_p
     backend = ctl.backend
     template = dict(owner="prof", workers={"initial": 1, "min": 1, "max": 2}, machine_type="e2-standard-4",
                     worker_resources={"cpu": 1, "memory": "3G"}, max_lifetime="2h")
-    greedy = {"jupyter": {"resources": {"requests": {"cpu": 3, "memory": "12G"}, "limits": {"cpu": 3, "memory": "12G"}}}}
+    most = {"cpu": 3, "memory": "12G"}
+    greedy = {"jupyter": {"resources": {"requests": most, "limits": most}}}
 
     def system_pods(student):
         return {p["metadata"]["labels"]["component"]: p for p in world.kube.list("pods", f"dasklab-intro-{student}")
@@ -319,9 +320,11 @@ def test_one_students_values_cannot_take_anothers_share_of_the_system_pool(tmp_p
         core = k8s.CoreV1Api(world.kube.api_client())
 
         def extra(name, cpu="1", memory="3G"):
-            return {"metadata": {"name": name}, "spec": {"nodeSelector": {POOL_LABEL: CONFIG.system_pool}, "containers": [{
-                "name": "c", "image": "ghcr.io/dask/dask:2024.1.0", "resources": {
-                    "requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}}]}}
+            size = {"cpu": cpu, "memory": memory}
+            container = {"name": "c", "image": "ghcr.io/dask/dask:2024.1.0",
+                         "resources": {"requests": size, "limits": size}}
+            return {"metadata": {"name": name},
+                    "spec": {"nodeSelector": {POOL_LABEL: CONFIG.system_pool}, "containers": [container]}}
 
         with pytest.raises(ApiException) as info:  # a container larger than the lab's largest: LimitRange
             core.create_namespaced_pod(ns, extra("huge", cpu="3", memory="12G"))

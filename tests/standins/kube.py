@@ -459,8 +459,8 @@ def limit_range_problems(limit_range: Obj, pod: Obj) -> list[str]:
             continue
         for c in pod["spec"].get("containers") or ():
             resources = c.setdefault("resources", {})
-            for kind, defaults in (("limits", item.get("default") or {}), ("requests", item.get("defaultRequest") or {})):
-                for key, value in defaults.items():  # requests were already copied from limits (apply_defaults)
+            for kind, field in (("limits", "default"), ("requests", "defaultRequest")):
+                for key, value in (item.get(field) or {}).items():  # requests were copied from limits (apply_defaults)
                     resources.setdefault(kind, {}).setdefault(key, value)
             requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
             for key, least in (item.get("min") or {}).items():  # minConstraint: its first failed check
@@ -1560,11 +1560,10 @@ class _KubeApi(kmock.KubernetesScaffold):
     def _quota_refusal(self, pod: Obj) -> str:
         """ResourceQuota admission (kubernetes.io/docs/concepts/policy/resource-quotas/): with a quota on
         requests.cpu/requests.memory every container must request them (limits alone count, as defaulting copies
-        them), with a quota on limits.cpu/limits.memory every container must set those limits (with a quota
-        value for limits.cpu or limits.memory, every new container must state those limits, as the same page says;
-        the missing ones sorted and joined as pkg/quota/v1/evaluator/core/pods.go does), and a pod that would take the namespace's use past a hard limit is refused with "exceeded quota"
-        (the wording of k8s.io/apiserver … resourcequota/controller.go: "exceeded quota: %s, requested: %s, used:
-        %s, limited: %s"). "" = admitted."""
+        them), with a quota on limits.cpu/limits.memory every container must state those limits (the same page;
+        the missing ones sorted and joined as pkg/quota/v1/evaluator/core/pods.go does), and a pod that would take
+        the namespace's use past a hard limit is refused with "exceeded quota" (the wording of k8s.io/apiserver …
+        resourcequota/controller.go: "exceeded quota: %s, requested: %s, used: %s, limited: %s"). "" = admitted."""
         ns = pod["metadata"]["namespace"]
         for quota in self.stored(RESOURCEQUOTAS, ns):
             hard, name = quota["spec"].get("hard") or {}, quota["metadata"]["name"]
@@ -1935,8 +1934,9 @@ class KubeStandin:
     and nodeSelector honoured, Pending when no room), and Jobs completed by the test; ResourceQuota admission (pods
     past a hard limit refused 403 "exceeded quota", a ReplicaSet's refused pods reported as ReplicaFailure) and
     status, on requests.* and limits.*; LimitRange admission (Container defaults applied to a pod's containers at
-    creation, min/max refused 403); with ``fit_resources`` the scheduler also fits cpu/memory requests; NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun, server-side apply and finalizers
-    are not modelled and watch/dryRun/apply requests are refused loudly.
+    creation, min/max refused 403); with ``fit_resources`` the scheduler also fits cpu/memory requests;
+    NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun,
+    server-side apply and finalizers are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 
     def __init__(self, token: str = "standin-token", *, nodes: Iterable[str] | Mapping[str, int] = ("node-1",),

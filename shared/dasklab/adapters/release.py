@@ -196,7 +196,8 @@ def build_limit_range(spec: LabSpec, values: dict, namespace: str) -> dict:
     container that sets no resources gets the install Job's (HELM_REQUESTS / HELM_LIMITS); none may be limited past
     the largest the lab runs: a worker (on the worker pool) or the scheduler's or Jupyter's slot of a system node,
     so no other container can take a system node the lab shares."""
-    sizes = [(spec.worker_cpu, spec.worker_memory), (parse_cpu(HELM_LIMITS["cpu"]), parse_memory(HELM_LIMITS["memory"])),
+    sizes = [(spec.worker_cpu, spec.worker_memory), (parse_cpu(HELM_LIMITS["cpu"]),
+                                                     parse_memory(HELM_LIMITS["memory"])),
              *(_quantities(values, c, "limits") for c in ("scheduler", "jupyter"))]
     most = {"cpu": str(_cpu(max(c for c, _ in sizes))), "memory": str(max(m for _, m in sizes))}
     return {"apiVersion": "v1", "kind": "LimitRange", "metadata": _meta("dasklab-limits", namespace, spec.name),

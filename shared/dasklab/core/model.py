@@ -313,7 +313,8 @@ def build_system_resources(resources, default: dict, slot: tuple[float, int]) ->
     shares follow their requests) and the slot bounds the burst. Every quantity is capped at the slot, and a
     request at its limit."""
     resources = resources if isinstance(resources, dict) else {}
-    asked = {kind: resources.get(kind) if isinstance(resources.get(kind), dict) else {} for kind in ("requests", "limits")}
+    asked = {kind: resources.get(kind) if isinstance(resources.get(kind), dict) else {}
+             for kind in ("requests", "limits")}
     out = {}
     for key, parse, cap in (("cpu", parse_cpu, slot[0]), ("memory", parse_memory, slot[1])):
         given = {kind: parse(asked[kind][key]) for kind in asked if asked[kind].get(key) is not None}
