@@ -680,6 +680,8 @@ def test_update_lab_replaces_every_worker_gracefully_by_a_new_helm_revision(worl
     assert upgrade["values"]["worker"]["replicas"] == 2  # the workers running then, not the initial count
     assert upgrade["values"]["worker"]["strategy"] == {"type": "RollingUpdate",
                                                        "rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}}
+    (limits,) = world.kube.list("limitranges", ns)  # a lab of its own has its LimitRange too, kept by the update
+    assert limits["spec"]["limits"][0]["max"] == {"cpu": "1", "memory": str(3 * 10**9)}  # the seed's largest
     deployment = world.kube.get("deployments", ns, "lab1-dask-worker")
     assert deployment["spec"].get("minReadySeconds", 0) == 0  # the hold was lifted
     assert deployment["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"

@@ -13,6 +13,7 @@ import pytest
 from dasklab.adapters.gke import class_cluster, place_of
 from dasklab.adapters.files import FileClasses
 from dasklab.adapters.procs import pid_alive
+from dasklab.adapters.release import POOL_LABEL
 from dasklab.core.messages import parse_command
 from dasklab.core.model import READY, node_hour_usd
 from dasklab.core.reconcile import Controller
@@ -68,9 +69,12 @@ def test_three_students_share_one_cluster(tmp_path, caplog, firestore_env):
         for s in STUDENTS:
             ns = f"dasklab-intro-{s}"
             (quota,) = world.kube.list("resourcequotas", ns)
-            # 4 workers + 25 % surge = 5 of 1 CPU, the scheduler and Jupyter twice (0.5 CPU each), the Job 0.1 CPU
+            # 4 workers + 25 % surge = 5 of 1 CPU, the scheduler and Jupyter twice (0.5 CPU each), the Job 0.1 CPU;
+            # their limits: the same memory, CPU up to their slot of the system node (625m each) and 0.5 for the Job
             assert quota["spec"]["hard"] == {"pods": "10", "requests.cpu": "7100m",
-                                             "requests.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20)}
+                                             "requests.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20),
+                                             "limits.cpu": "8000m",
+                                             "limits.memory": str(5 * 3 * 10**9 + 4 * 10**9 + 256 * 2**20)}
             assert quota["status"]["used"]["pods"] == "3"  # scheduler, Jupyter, one worker (the Job's pod ended)
             assert {p["metadata"]["name"] for p in world.kube.list("networkpolicies", ns)} == {
                 "dasklab-deny-ingress", "dasklab-same-namespace", "dasklab-api-server-proxy",
@@ -255,3 +259,93 @@ def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_
         assert CLUSTER not in world.gke.clusters
     finally:
         world.close()
+
+
+def test_one_students_values_cannot_take_anothers_share_of_the_system_pool(tmp_path, firestore_env):
+    """Fair shares (issue 21): ann's lab asks for a Jupyter of 3 CPU / 12 GB, most of the class's one e2-standard-4
+    system node. It runs capped at its slot (625m / 2.5 GiB, said in a note), so bob, who joins later, still gets
+    his scheduler and Jupyter on that node (the stand-in's scheduler fits requests to the node's allocatable). Pods
+    ann's namespace would add past its quota (limits.* included) are refused; a LimitRange bounds each container."""
+    from kubernetes import client as k8s
+    from kubernetes.client import ApiException
+
+    world, events = World(tmp_path), []
+    world.kube.fit_resources = True  # NodeResourcesFit: each node 4 CPU / 16Gi allocatable
+    ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,
+                     classes=FileClasses(tmp_path))
+    backend = ctl.backend
+    template = dict(owner="prof", workers={"initial": 1, "min": 1, "max": 2}, machine_type="e2-standard-4",
+                    worker_resources={"cpu": 1, "memory": "3G"}, max_lifetime="2h")
+    most = {"cpu": 3, "memory": "12G"}
+    greedy = {"jupyter": {"resources": {"requests": most, "limits": most}}}
+
+    def system_pods(student):
+        return {p["metadata"]["labels"]["component"]: p for p in world.kube.list("pods", f"dasklab-intro-{student}")
+                if p["metadata"]["labels"].get("component") in ("scheduler", "jupyter")}
+
+    def ready(student):
+        lab = backend.fetch_lab(f"intro-{student}")
+        return lab is not None and lab.state.phase == READY
+
+    try:
+        ctl.handle(msg(type="start-class", **{"class": "intro"}, roster=["ann"], values=greedy, **template), "m1")
+        drive_class(ctl, world, lambda: ready("ann") and len(system_pods("ann")) == 2)
+        assert any(n.startswith("values.jupyter.resources: capped at 0.625 CPU / 2.5 GiB") and "shared by 3 labs" in n
+                   for n in backend.fetch_lab("intro-ann").spec.notes)
+        # the next students' template asks nothing special; bob joins the same cluster, on the same system node
+        ctl.handle(msg(type="start-class", **{"class": "intro"}, roster=["ann", "bob"], **template), "m2")
+        drive_class(ctl, world, lambda: ready("bob") and [p["status"].get("phase") for p in system_pods(
+            "bob").values()] == ["Running"] * 2, timeout=60)
+
+        system = {n["metadata"]["name"] for n in world.kube.list("nodes", None, f"{POOL_LABEL}={CONFIG.system_pool}")}
+        assert len(system) == 1  # two labs: one system node holds them
+        for student in ("ann", "bob"):
+            for component, pod in system_pods(student).items():
+                assert pod["status"]["phase"] == "Running" and pod["spec"]["nodeName"] in system, (student, component)
+        (container,) = system_pods("ann")["jupyter"]["spec"]["containers"]
+        assert container["resources"] == {"requests": {"cpu": "625m", "memory": "2560Mi"},
+                                          "limits": {"cpu": "625m", "memory": "2560Mi"}}
+        (container,) = system_pods("bob")["jupyter"]["spec"]["containers"]
+        assert container["resources"] == {"requests": {"cpu": "500m", "memory": "1G"},
+                                          "limits": {"cpu": "625m", "memory": "1G"}}
+
+        # ann's namespace: its quota caps limits too, sized by the capped values, and a LimitRange bounds a container
+        ns = "dasklab-intro-ann"
+        (quota,) = world.kube.list("resourcequotas", ns)
+        # (2 workers + 1 surge) of 1 CPU / 3 G, the scheduler and Jupyter twice at their limits, the Job's 0.5 / 256Mi
+        assert quota["spec"]["hard"]["limits.cpu"] == f"{3000 + 2 * (625 + 625) + 500}m"
+        assert quota["spec"]["hard"]["limits.memory"] == str(3 * 3 * 10**9 + 2 * (10**9 + 2560 * 2**20) + 256 * 2**20)
+        (limit_range,) = world.kube.list("limitranges", ns)
+        assert limit_range["spec"]["limits"][0]["max"] == {"cpu": "1", "memory": str(3 * 10**9)}
+        core = k8s.CoreV1Api(world.kube.api_client())
+
+        def extra(name, cpu="1", memory="3G"):
+            size = {"cpu": cpu, "memory": memory}
+            container = {"name": "c", "image": "ghcr.io/dask/dask:2024.1.0",
+                         "resources": {"requests": size, "limits": size}}
+            return {"metadata": {"name": name},
+                    "spec": {"nodeSelector": {POOL_LABEL: CONFIG.system_pool}, "containers": [container]}}
+
+        with pytest.raises(ApiException) as info:  # a container larger than the lab's largest: LimitRange
+            core.create_namespaced_pod(ns, extra("huge", cpu="3", memory="12G"))
+        assert info.value.status == 403 and json.loads(info.value.body)["message"] == (
+            'pods "huge" is forbidden: [maximum cpu usage per Container is 1, but limit is 3, '
+            'maximum memory usage per Container is 3000000000, but limit is 12G]')
+        made = 0
+        with pytest.raises(ApiException) as info:  # pods past the quota: refused, whatever node they aim at
+            for made in range(1, 20):
+                core.create_namespaced_pod(ns, extra(f"extra-{made}"))
+        assert info.value.status == 403 and "exceeded quota: dasklab-quota" in info.value.body and made > 1
+        (quota,) = world.kube.list("resourcequotas", ns)
+        for key in ("requests.cpu", "requests.memory", "limits.cpu", "limits.memory"):
+            hard, used = (quota["status"][part][key] for part in ("hard", "used"))
+            assert parse_quantity(key, used) <= parse_quantity(key, hard), key
+        # bob's pods stayed where they were, Running
+        assert [p["status"]["phase"] for p in system_pods("bob").values()] == ["Running"] * 2
+    finally:
+        world.close()
+
+
+def parse_quantity(key: str, value: str) -> float:
+    from dasklab.core.model import parse_cpu, parse_memory
+    return parse_cpu(value) if key.endswith("cpu") else parse_memory(value)

@@ -217,3 +217,59 @@ def test_a_cluster_read_in_an_earlier_pass_is_not_trusted(monkeypatch):
     later = real_time.monotonic() + base.SEEN_S + 1
     monkeypatch.setattr(base.time, "monotonic", lambda: later)
     assert backend._seen(place_of("lab1")) is None
+
+
+def greedy_spec(placement: str, jupyter: dict | None = None):
+    """A lab whose Jupyter asks for most of an e2-standard-4 (the system machine) and a scheduler asking nothing."""
+    jupyter = jupyter or {"requests": {"cpu": 3, "memory": "12G"}}
+    message = {"v": 1, "type": "start-lab", "lab": "intro-ann", "owner": "alice", "workers": {"max": 4},
+               "worker_resources": {"cpu": 1, "memory": "3G"}, "values": {"jupyter": {"resources": jupyter}}}
+    return build_spec(parse_command(json.dumps(message)), Config(backend="gke", project="p"), placement)
+
+
+def test_the_scheduler_and_jupyter_get_limits_within_their_slot_of_a_system_node():
+    # nothing asked: requests as before; memory limited to its request, CPU to the component's slot
+    values = build_helm_values(make_spec(placement="shared"), **POOLS)
+    assert values["scheduler"]["resources"] == {"requests": {"cpu": "500m", "memory": "1G"},
+                                                "limits": {"cpu": "625m", "memory": "1G"}}
+    # shared e2-standard-4: (4 - 0.25) CPU and (16 - 1) GiB allocatable, 3 labs a node, half each → 625m / 2.5 GiB
+    greedy = build_helm_values(greedy_spec("shared"), **POOLS)["jupyter"]["resources"]
+    assert greedy == {"requests": {"cpu": "625m", "memory": "2560Mi"}, "limits": {"cpu": "625m", "memory": "2560Mi"}}
+    # in a cluster of its own the lab has the whole node: half of it each
+    own = build_helm_values(greedy_spec(""), **POOLS)["jupyter"]["resources"]
+    assert own == {"requests": {"cpu": "1875m", "memory": "7680Mi"}, "limits": {"cpu": "1875m", "memory": "7680Mi"}}
+    # within the slot, the request is honoured as asked (a limit alone is the request too, as Kubernetes does)
+    modest = greedy_spec("shared", {"limits": {"cpu": "600m", "memory": "2G"}})
+    assert build_helm_values(modest, **POOLS)["jupyter"]["resources"] == {
+        "requests": {"cpu": "600m", "memory": "2G"}, "limits": {"cpu": "600m", "memory": "2G"}}
+    assert not [n for n in modest.notes if n.startswith("values.jupyter.resources")]
+    # the system machine sets the slot: an e2-standard-8 packs 7 labs (7.75 CPU, 31 GiB allocatable)
+    big = build_helm_values(greedy_spec("shared"), **POOLS, system_machine="e2-standard-8")["jupyter"]["resources"]
+    assert big["limits"] == {"cpu": "553m", "memory": "2267Mi"}
+    # one scheduler: more would take other labs' room on the system nodes (the allowlist refuses another count)
+    with pytest.raises(ValidationError, match="values.scheduler.replicas"):
+        parse_command(json.dumps({"v": 1, "type": "start-lab", "lab": "a", "owner": "o", "values": {
+            "scheduler": {"replicas": 5}}}))
+    (note,) = [n for n in greedy_spec("shared").notes if n.startswith("values.jupyter.resources")]
+    assert note.startswith("values.jupyter.resources: capped at 0.625 CPU / 2.5 GiB (requests and limits), half "
+                           "the lab's share of one e2-standard-4 system node shared by 3 labs")
+
+
+def test_quota_and_limit_range_bound_the_lab_whatever_its_values_ask():
+    from dasklab.adapters.release import build_limit_range, build_quota
+    spec = greedy_spec("shared")
+    rel = release(spec)
+    (job,) = [m for m in rel.manifests if m["kind"] == "Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}}
+    hard = build_quota(spec, rel.values, "ns")["spec"]["hard"]
+    # 4 workers + 1 surge of 1 CPU / 3 G; scheduler and Jupyter twice (their surge) at their capped slot; the Job
+    assert hard == {"pods": "10",
+                    "requests.cpu": f"{5000 + 2 * (500 + 625) + 100}m",
+                    "requests.memory": str(5 * 3 * 10**9 + 2 * (10**9 + 2560 * 2**20) + 256 * 2**20),
+                    "limits.cpu": f"{5000 + 2 * (625 + 625) + 500}m",
+                    "limits.memory": str(5 * 3 * 10**9 + 2 * (10**9 + 2560 * 2**20) + 256 * 2**20)}
+    limits = build_limit_range(spec, rel.values, "ns")
+    assert limits["kind"] == "LimitRange" and limits["spec"]["limits"] == [{
+        "type": "Container", "max": {"cpu": "1", "memory": str(3 * 10**9)},  # a worker is the largest container
+        "default": {"cpu": "500m", "memory": "256Mi"}, "defaultRequest": {"cpu": "100m", "memory": "256Mi"}}]

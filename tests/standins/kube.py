@@ -85,9 +85,10 @@ ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "path")
 ROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "path")
 RESOURCEQUOTAS = Kind("", "v1", "resourcequotas", "ResourceQuota", True, "subdomain", ("status",))
 NETWORKPOLICIES = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "subdomain")
+LIMITRANGES = Kind("", "v1", "limitranges", "LimitRange", True, "subdomain")
 KINDS = {(k.group, k.version, k.plural): k for k in (
     NAMESPACES, NODES, CONFIGMAPS, SECRETS, SERVICEACCOUNTS, SERVICES, PODS, DEPLOYMENTS, REPLICASETS, JOBS, ROLES,
-    ROLEBINDINGS, RESOURCEQUOTAS, NETWORKPOLICIES)}
+    ROLEBINDINGS, RESOURCEQUOTAS, NETWORKPOLICIES, LIMITRANGES)}
 STATUS_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
                 409: "Conflict", 415: "UnsupportedMediaType", 422: "Invalid", 429: "TooManyRequests",
                 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
@@ -418,14 +419,62 @@ def show_quantity(resource: str, value: float) -> str:
 
 
 def pod_requests(pod: Obj) -> Counter:
-    """What a pod counts against a quota: `pods` 1 and its containers' requests (limits where no request)."""
+    """What a pod counts against a quota: `pods` 1, its containers' requests (limits where no request) and their
+    limits (kubernetes.io/docs/concepts/policy/resource-quotas/: requests.cpu, requests.memory, limits.cpu,
+    limits.memory are the sums across all pods in a non-terminal state)."""
     found: Counter = Counter({"pods": 1})
     for c in pod["spec"].get("containers") or ():
         resources = c.get("resources") or {}
-        got = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-        for key in ("cpu", "memory"):
-            if key in got:
-                found[f"requests.{key}"] += quantity(key, got[key])
+        for kind, got in (("requests", {**(resources.get("limits") or {}), **(resources.get("requests") or {})}),
+                          ("limits", resources.get("limits") or {})):
+            for key in ("cpu", "memory"):
+                if key in got:
+                    found[f"{kind}.{key}"] += quantity(key, got[key])
+    return found
+
+
+def limit_range_defaults(item: Obj) -> None:
+    """A LimitRange item of type Container as the API server stores it (SetDefaults_LimitRangeItem,
+    k8s.io/kubernetes pkg/apis/core/v1/defaults.go): a `default` limit missing takes `max`; a `defaultRequest`
+    missing takes `default`, else `min`."""
+    if item.get("type") != "Container":
+        return
+    default, request = item.setdefault("default", {}), item.setdefault("defaultRequest", {})
+    for key, value in (item.get("max") or {}).items():
+        default.setdefault(key, value)
+    for source in (default, item.get("min") or {}):
+        for key, value in source.items():
+            request.setdefault(key, value)
+
+
+def limit_range_problems(limit_range: Obj, pod: Obj) -> list[str]:
+    """The LimitRanger admission plugin on a pod's create (kubernetes.io/docs/concepts/policy/limit-range/;
+    k8s.io/kubernetes plugin/pkg/admission/limitranger/admission.go): first each container without a limit or a
+    request for a resource gets the item's `default` / `defaultRequest` (the pod is changed in place), then a
+    container whose request or limit is under `min` or over `max` is refused, worded as minConstraint and
+    maxConstraint word it. Only items of type Container are modelled."""
+    found = []
+    for item in (limit_range.get("spec") or {}).get("limits") or ():
+        if item.get("type") != "Container":
+            continue
+        for c in pod["spec"].get("containers") or ():
+            resources = c.setdefault("resources", {})
+            for kind, field in (("limits", "default"), ("requests", "defaultRequest")):
+                for key, value in (item.get(field) or {}).items():  # requests were copied from limits (apply_defaults)
+                    resources.setdefault(kind, {}).setdefault(key, value)
+            requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+            for key, least in (item.get("min") or {}).items():  # minConstraint: its first failed check
+                below = [f"{kind} is {got[key]}" for kind, got in (("request", requests), ("limit", limits))
+                         if key in got and quantity(key, got[key]) < quantity(key, least)]
+                if key not in requests or below:
+                    found.append(f"minimum {key} usage per Container is {least}" + (
+                        f", but {below[0]}" if key in requests else ".  No request is specified"))
+            for key, most in (item.get("max") or {}).items():  # maxConstraint: the limit checked before the request
+                above = [f"{kind} is {got[key]}" for kind, got in (("limit", limits), ("request", requests))
+                         if key in got and quantity(key, got[key]) > quantity(key, most)]
+                if key not in limits or above:
+                    found.append(f"maximum {key} usage per Container is {most}" + (
+                        f", but {above[0]}" if key in limits else ".  No limit is specified"))
     return found
 
 
@@ -690,6 +739,13 @@ def apply_defaults(kind: Kind, obj: Obj) -> None:
     if kind is PODS:
         spec.setdefault("restartPolicy", "Always")
         spec.setdefault("schedulerName", "default-scheduler")
+        for c in spec.get("containers") or ():  # a limit without a request: the request is the limit (SetDefaults_Pod)
+            resources = c.get("resources") or {}
+            if resources.get("limits"):
+                resources["requests"] = {**resources["limits"], **(resources.get("requests") or {})}
+    if kind is LIMITRANGES:
+        for item in (obj.get("spec") or {}).get("limits") or ():
+            limit_range_defaults(item)
     if kind in (DEPLOYMENTS, REPLICASETS, JOBS):
         template = spec.setdefault("template", {})
         template.setdefault("spec", {}).setdefault("restartPolicy", "Always")
@@ -791,6 +847,10 @@ class _KubeApi(kmock.KubernetesScaffold):
     # A deleted namespace stays Terminating this long (its content goes at once), then goes: the namespace
     # controller empties it and removes its `kubernetes` finalizer, which takes a while on a real cluster. 0: at once.
     namespace_termination_s: float = 0.0
+    # kube-scheduler's NodeResourcesFit filter: a pod fits a node only if its requests plus those of the pods bound
+    # there stay within the node's status.allocatable cpu and memory ("Insufficient cpu"). Off by default: most tests
+    # model a node by its pod count (set_nodes' capacities) and their nodes' cpu/memory are not the machine's.
+    fit_resources: bool = False
     _terminating: dict[str, float] = attrs.field(factory=dict)  # namespace → clock() when it is finally removed
 
     def __attrs_post_init__(self) -> None:
@@ -1050,7 +1110,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         if self.find(kind, ns, meta["name"]) is not None:
             raise fail(409, f'{kind.qualified} "{meta["name"]}" already exists', reason="AlreadyExists",
                        name=meta["name"], group=kind.group, kind=kind.plural)
-        if kind is PODS and (refusal := self._quota_refusal(obj)):
+        if kind is PODS and (refusal := self._admission_refusal(obj)):
             raise fail(403, f'pods "{meta["name"]}" is forbidden: {refusal}', name=meta["name"], kind="pods")
         meta["uid"] = self._uid()
         self._admit(kind, obj)
@@ -1486,19 +1546,35 @@ class _KubeApi(kmock.KubernetesScaffold):
         return (bool(node), {"Pending": 0, "Unknown": 1, "Running": 2}.get(pod["status"].get("phase"), 0), ready,
                 cost, -on_node[node], -self._ready_at.get(uid, 0) if ready else 0, -restarts, -self._born.get(uid, 0))
 
+    def _admission_refusal(self, pod: Obj) -> str:
+        """A pod's create through the admission plugins in their order: LimitRanger (mutating: defaults; then
+        validating: min/max) before ResourceQuota, so a quota on limits.* sees the defaulted limits. "" = admitted.
+        Several LimitRange problems are one aggregate error, listed in brackets (k8s.io/apimachinery
+        pkg/util/errors NewAggregate: a single error is its own message)."""
+        problems = [p for lr in self.stored(LIMITRANGES, pod["metadata"]["namespace"])
+                    for p in limit_range_problems(lr, pod)]
+        if problems:
+            return problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
+        return self._quota_refusal(pod)
+
     def _quota_refusal(self, pod: Obj) -> str:
         """ResourceQuota admission (kubernetes.io/docs/concepts/policy/resource-quotas/): with a quota on
         requests.cpu/requests.memory every container must request them (limits alone count, as defaulting copies
-        them), and a pod that would take the namespace's use past a hard limit is refused with "exceeded quota"
-        (the wording of k8s.io/apiserver … resourcequota/controller.go: "exceeded quota: %s, requested: %s, used:
-        %s, limited: %s"). "" = admitted."""
+        them), with a quota on limits.cpu/limits.memory every container must state those limits (the same page;
+        the missing ones sorted and joined as pkg/quota/v1/evaluator/core/pods.go does), and a pod that would take
+        the namespace's use past a hard limit is refused with "exceeded quota" (the wording of k8s.io/apiserver …
+        resourcequota/controller.go: "exceeded quota: %s, requested: %s, used: %s, limited: %s"). "" = admitted."""
         ns = pod["metadata"]["namespace"]
         for quota in self.stored(RESOURCEQUOTAS, ns):
             hard, name = quota["spec"].get("hard") or {}, quota["metadata"]["name"]
-            missing = [k for k in ("requests.cpu", "requests.memory") if k in hard and not all(
-                k.split(".")[1] in {**((c.get("resources") or {}).get("limits") or {}),
-                                    **((c.get("resources") or {}).get("requests") or {})}
-                for c in pod["spec"].get("containers") or ())]
+
+            def stated(c: Obj, kind: str) -> dict:
+                resources = c.get("resources") or {}
+                return {**(resources.get("limits") or {}), **(resources.get("requests") or {})} \
+                    if kind == "requests" else resources.get("limits") or {}
+            missing = sorted(k for k in ("requests.cpu", "requests.memory", "limits.cpu", "limits.memory")
+                             if k in hard and not all(k.split(".")[1] in stated(c, k.split(".")[0])
+                                                      for c in pod["spec"].get("containers") or ()))
             if missing:
                 return f"failed quota: {name}: must specify {','.join(missing)}"
             used, want = self._quota_used(ns), pod_requests(pod)
@@ -1526,7 +1602,7 @@ class _KubeApi(kmock.KubernetesScaffold):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {k: v for k, v in meta.items() if v},
                "spec": copy.deepcopy(template.get("spec") or {}), "status": {"phase": "Pending"}}
         apply_defaults(PODS, pod)
-        refusal = self._quota_refusal(pod)
+        refusal = self._admission_refusal(pod)
         if refusal:  # the controller's create was refused (403): it records why and tries again later
             self._refused[owner["metadata"]["uid"]] = f'pods "{meta["name"]}" is forbidden: {refusal}'
             return None
@@ -1540,19 +1616,27 @@ class _KubeApi(kmock.KubernetesScaffold):
         nodes = {n["metadata"]["name"]: n for n in self.stored(NODES)}
         pods = [p for p in self.stored(PODS, ns) if is_active(p)]
         load = self._node_load() if ns is not None else Counter(p["spec"].get("nodeName") for p in pods)
+        if self.fit_resources:  # requests bound per node, over every namespace: (node, resource) → amount
+            for pod in self.stored(PODS):
+                if is_active(pod) and pod["spec"].get("nodeName"):
+                    load.update({(pod["spec"]["nodeName"], k): v for k, v in pod_requests(pod).items()})
         usable = [n for n in nodes.values() if not n["spec"].get("unschedulable")
                   and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", ()))]
         for pod in sorted(pods, key=lambda p: self._born.get(p["metadata"]["uid"], 0)):
             if not pod["spec"].get("nodeName"):
                 wanted = (pod["spec"].get("nodeSelector") or {}).items()
+                want = pod_requests(pod) if self.fit_resources else Counter()
                 node = next((n for n in usable if load[n["metadata"]["name"]]
                              < int(n["status"].get("allocatable", {}).get("pods", 110))
-                             and wanted <= (n["metadata"].get("labels") or {}).items()), None)
+                             and wanted <= (n["metadata"].get("labels") or {}).items()
+                             and not self._short(n, want, load)), None)
                 if node is None:
-                    self._unschedulable(pod, len(nodes), Counter(self._misfit(n, wanted, load) for n in nodes.values()))
+                    self._unschedulable(pod, len(nodes), Counter(
+                        self._misfit(n, wanted, load, self._short(n, want, load)) for n in nodes.values()))
                     continue
                 pod["spec"]["nodeName"] = node["metadata"]["name"]
                 load[node["metadata"]["name"]] += 1
+                load.update({(node["metadata"]["name"], k): v for k, v in want.items()})
             if pod["status"].get("phase") == "Pending" and pod["spec"]["nodeName"] in nodes:
                 self._start_pod(pod, nodes[pod["spec"]["nodeName"]], pull_again)
 
@@ -1563,16 +1647,25 @@ class _KubeApi(kmock.KubernetesScaffold):
                        for name in in_ns if not (o := self.objects[res, o_ns, name]).deleted and is_active(o.raw))
 
     @staticmethod
-    def _misfit(node: Obj, wanted, load: Counter) -> str:
+    def _short(node: Obj, want: Counter, load: Counter) -> str:
+        """NodeResourcesFit: the first of cpu, memory the node lacks for `want` (pod_requests), "" if it fits."""
+        allocatable, name = node["status"].get("allocatable") or {}, node["metadata"]["name"]
+        return next((key for key in ("cpu", "memory") if want[f"requests.{key}"] and key in allocatable
+                     and load[(name, f"requests.{key}")] + want[f"requests.{key}"] > quantity(key, allocatable[key])),
+                    "")
+
+    @staticmethod
+    def _misfit(node: Obj, wanted, load: Counter, short: str = "") -> str:
         """Why one node does not fit a pod, worded as the scheduler's plugins word it (NodeUnschedulable,
-        TaintToleration for the not-ready taint, NodeAffinity, NodeResourcesFit's "Too many pods")."""
+        TaintToleration for the not-ready taint, NodeAffinity, NodeResourcesFit's "Too many pods" and
+        "Insufficient cpu")."""
         if node["spec"].get("unschedulable"):
             return "node(s) were unschedulable"
         if not any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", ())):
             return "node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
         if not wanted <= (node["metadata"].get("labels") or {}).items():
             return "node(s) didn't match Pod's node affinity/selector"
-        return "Too many pods"
+        return f"Insufficient {short}" if short else "Too many pods"
 
     def _unschedulable(self, pod: Obj, node_count: int, reasons: Counter | None = None) -> None:
         # the scheduler's FitError: "0/N nodes are available: " + sorted "<count> <reason>" joined by ", " + "."
@@ -1840,8 +1933,10 @@ class KubeStandin:
     ``clock``, see ``_sync_deployment``; real deletion ranking), a first-fit scheduler over Node objects (cordon
     and nodeSelector honoured, Pending when no room), and Jobs completed by the test; ResourceQuota admission (pods
     past a hard limit refused 403 "exceeded quota", a ReplicaSet's refused pods reported as ReplicaFailure) and
-    status; NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun, server-side apply and finalizers
-    are not modelled and watch/dryRun/apply requests are refused loudly.
+    status, on requests.* and limits.*; LimitRange admission (Container defaults applied to a pod's containers at
+    creation, min/max refused 403); with ``fit_resources`` the scheduler also fits cpu/memory requests;
+    NetworkPolicies stored and schema-checked (enforcement is evaluated by tests/netpol.py). Watch, dryRun,
+    server-side apply and finalizers are not modelled and watch/dryRun/apply requests are refused loudly.
     """
 
     def __init__(self, token: str = "standin-token", *, nodes: Iterable[str] | Mapping[str, int] = ("node-1",),
@@ -1931,6 +2026,17 @@ class KubeStandin:
     @latency_s.setter
     def latency_s(self, value: float) -> None:
         self._api.latency_s = value
+
+    @property
+    def fit_resources(self) -> bool:
+        """The scheduler also fits pods' cpu/memory requests to nodes' allocatable (see _KubeApi.fit_resources)."""
+        return self._api.fit_resources
+
+    @fit_resources.setter
+    def fit_resources(self, value: bool) -> None:
+        def set_() -> None:
+            self._api.fit_resources = value
+        self._run(set_)
 
     @property
     def requests(self) -> list[tuple[str, str]]:

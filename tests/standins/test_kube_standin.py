@@ -728,3 +728,81 @@ def test_network_policies_are_stored_and_validated(kube, api):
         "podSelector": {}, "policyTypes": ["Ingress"]}})
     assert net.read_namespaced_network_policy("deny", NS).spec.policy_types == ["Ingress"]
     assert [p["metadata"]["name"] for p in kube.list("networkpolicies", NS)] == ["deny"]
+
+
+def test_limit_range_defaults_and_bounds_each_container(kube, core):
+    """kubernetes.io/docs/concepts/policy/limit-range/ (LimitRanger admission): a container without a limit or a
+    request gets the LimitRange's default / defaultRequest at the pod's creation; one over `max` or under `min` is
+    refused 403 Forbidden, worded as the plugin words it; the LimitRange's own defaults (a missing `default` is `max`,
+    a missing `defaultRequest` is `default`) are filled in when it is stored."""
+    core.create_namespace({"metadata": {"name": "lr"}})
+    core.create_namespaced_limit_range("lr", {"metadata": {"name": "limits"}, "spec": {"limits": [{
+        "type": "Container", "max": {"cpu": "2", "memory": "4Gi"}, "min": {"cpu": "50m"},
+        "defaultRequest": {"cpu": "100m"}}]}})
+    (item,) = core.read_namespaced_limit_range("limits", "lr").spec.limits
+    assert item.default == {"cpu": "2", "memory": "4Gi"} and item.default_request == {"cpu": "100m", "memory": "4Gi"}
+
+    def pod(name, **resources):
+        return {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "i",
+                                                                     "resources": resources}]}}
+
+    bare = core.create_namespaced_pod("lr", pod("bare")).spec.containers[0].resources
+    assert (bare.requests, bare.limits) == ({"cpu": "100m", "memory": "4Gi"}, {"cpu": "2", "memory": "4Gi"})
+    # a limit alone: the request is that limit (pod defaulting), not the LimitRange's defaultRequest
+    given = core.create_namespaced_pod("lr", pod("given", limits={"cpu": "1", "memory": "1Gi"})).spec.containers[0]
+    assert given.resources.requests == {"cpu": "1", "memory": "1Gi"}
+    status, body = refused(core.create_namespaced_pod, "lr", pod("big", limits={"cpu": "4"}))
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == 'pods "big" is forbidden: maximum cpu usage per Container is 2, but limit is 4'
+    status, body = refused(core.create_namespaced_pod, "lr", pod("both", requests={"cpu": "10m", "memory": "5Gi"}))
+    assert status == 403 and body["message"] == (
+        'pods "both" is forbidden: [minimum cpu usage per Container is 50m, but request is 10m, '
+        'maximum memory usage per Container is 4Gi, but request is 5Gi]')
+    assert {p["metadata"]["name"] for p in kube.list("pods", "lr")} == {"bare", "given"}
+
+
+def test_quota_on_limits_needs_limits_and_caps_their_sum(kube, core):
+    """kubernetes.io/docs/concepts/policy/resource-quotas/: with limits.cpu/limits.memory in a quota, a container
+    without those limits is refused ("must specify"), unless a LimitRange gives it default limits first
+    (LimitRanger runs before ResourceQuota); the sum of the limits is capped ("exceeded quota") and reported used."""
+    core.create_namespace({"metadata": {"name": "ql"}})
+    core.create_namespaced_resource_quota("ql", {"metadata": {"name": "lab"}, "spec": {"hard": {
+        "requests.cpu": "4", "requests.memory": "8Gi", "limits.cpu": "3", "limits.memory": "4Gi"}}})
+
+    def pod(name, **resources):
+        return {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "i",
+                                                                     "resources": resources}]}}
+
+    status, body = refused(core.create_namespaced_pod, "ql", pod("asks", requests={"cpu": "1", "memory": "1Gi"}))
+    assert status == 403 and body["message"] == 'pods "asks" is forbidden: failed quota: lab: must specify ' \
+                                                'limits.cpu,limits.memory'
+    core.create_namespaced_pod("ql", pod("p1", requests={"cpu": "500m", "memory": "1Gi"},
+                                         limits={"cpu": "2", "memory": "1Gi"}))
+    status, body = refused(core.create_namespaced_pod, "ql", pod("p2", limits={"cpu": "2", "memory": "1Gi"}))
+    assert status == 403 and body["message"] == ('pods "p2" is forbidden: exceeded quota: lab, requested: '
+                                                 'limits.cpu=2, used: limits.cpu=2, limited: limits.cpu=3')
+    core.create_namespaced_limit_range("ql", {"metadata": {"name": "d"}, "spec": {"limits": [{
+        "type": "Container", "default": {"cpu": "500m", "memory": "512Mi"}, "defaultRequest": {"cpu": "100m"}}]}})
+    core.create_namespaced_pod("ql", pod("bare"))  # defaulted by the LimitRange, then within the quota
+    used = core.read_namespaced_resource_quota("lab", "ql").status.used
+    assert used == {"requests.cpu": "600m", "requests.memory": str(2**30 + 2**29), "limits.cpu": "2500m",
+                    "limits.memory": str(2**30 + 2**29)}
+
+
+def test_the_scheduler_fits_requests_to_allocatable_when_asked():
+    """kube-scheduler's NodeResourcesFit filter: a pod whose cpu request does not fit what is left of a node's
+    allocatable stays Pending with "Insufficient cpu" (kubernetes.io/docs/concepts/scheduling-eviction/
+    kube-scheduler/#filtering: PodFitsResources)."""
+    with KubeStandin(nodes={"n1": 110}) as kube:  # 4 CPU, 16Gi allocatable (node_status)
+        kube.fit_resources = True
+        core = client.CoreV1Api(kube.api_client())
+        core.create_namespace({"metadata": {"name": "s"}})
+        for name, cpu in (("a", "3"), ("b", "1"), ("c", "100m")):
+            core.create_namespaced_pod("s", {"metadata": {"name": name}, "spec": {"containers": [{
+                "name": "c", "image": "i", "resources": {"requests": {"cpu": cpu}}}]}})
+        pods = {p.metadata.name: p for p in core.list_namespaced_pod("s").items}
+        assert {n: p.spec.node_name for n, p in pods.items()} == {"a": "n1", "b": "n1", "c": None}
+        (condition,) = pods["c"].status.conditions
+        assert condition.message == "0/1 nodes are available: 1 Insufficient cpu."
+        core.delete_namespaced_pod("b", "s")
+        assert core.read_namespaced_pod("c", "s").spec.node_name == "n1"

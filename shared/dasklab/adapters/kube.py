@@ -79,6 +79,7 @@ class Kube:
                                                                               _request_timeout=TIMEOUT),
               "ResourceQuota": lambda: self.core.create_namespaced_resource_quota(ns, manifest,
                                                                                   _request_timeout=TIMEOUT),
+              "LimitRange": lambda: self.core.create_namespaced_limit_range(ns, manifest, _request_timeout=TIMEOUT),
               "NetworkPolicy": lambda: self.net.create_namespaced_network_policy(ns, manifest,
                                                                                  _request_timeout=TIMEOUT),
               "Job": lambda: self.batch.create_namespaced_job(ns, manifest, _request_timeout=TIMEOUT)}[kind]
@@ -102,15 +103,22 @@ class Kube:
 
     def ensure_quota(self, manifest: dict) -> bool:
         """The ResourceQuota as the manifest says (created, or its `hard` patched); True if it changed."""
-        meta = manifest["metadata"]
-        found = self._call(f"read ResourceQuota {meta['namespace']}/{meta['name']}",
-                           self.core.read_namespaced_resource_quota, meta["name"], meta["namespace"], missing_ok=True)
+        return self.ensure_spec(manifest)
+
+    def ensure_spec(self, manifest: dict) -> bool:
+        """A ResourceQuota or LimitRange as the manifest says (created, or its spec patched); True if it changed."""
+        kind, meta = manifest["kind"], manifest["metadata"]
+        read, patch = {"ResourceQuota": (self.core.read_namespaced_resource_quota,
+                                         self.core.patch_namespaced_resource_quota),
+                       "LimitRange": (self.core.read_namespaced_limit_range,
+                                      self.core.patch_namespaced_limit_range)}[kind]
+        found = self._call(f"read {kind} {meta['namespace']}/{meta['name']}", read, meta["name"], meta["namespace"],
+                           missing_ok=True)
         if found is None:
             return self.create(manifest)
-        if dict(found.spec.hard or {}) == manifest["spec"]["hard"]:
+        if self.core.api_client.sanitize_for_serialization(found.spec) == manifest["spec"]:
             return False
-        self._call(f"patch ResourceQuota {meta['name']}", self.core.patch_namespaced_resource_quota, meta["name"],
-                   meta["namespace"], {"spec": {"hard": manifest["spec"]["hard"]}})
+        self._call(f"patch {kind} {meta['name']}", patch, meta["name"], meta["namespace"], {"spec": manifest["spec"]})
         return True
 
     def namespace_phase(self, ns: str) -> str | None:

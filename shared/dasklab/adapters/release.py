@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from dasklab.adapters.dashboard import SCHEDULER_HTTP_ROUTES
 from dasklab.core.config import Config
-from dasklab.core.model import MANAGED_BY, LabSpec, parse_cpu, parse_memory
-from dasklab.core.overrides import WORKER_STRATEGY
+from dasklab.core.model import MANAGED_BY, SHARED, LabSpec, build_system_resources, parse_cpu, parse_memory, \
+    system_slot
+from dasklab.core.overrides import SYSTEM_DEFAULT_REQUESTS, WORKER_STRATEGY
 
 CHART = "dask"  # the official chart dask/dask
 POOL_LABEL = "cloud.google.com/gke-nodepool"  # GKE puts it on every node of a pool
@@ -23,9 +24,10 @@ WEBUI_PORT = 80  # the chart's webUI.servicePort: the scheduler Service's dashbo
 IMAGES = {"scheduler": "ghcr.io/dask/dask", "worker": "ghcr.io/dask/dask", "jupyter": "ghcr.io/dask/dask-notebook"}
 
 # What every lab gets unless its values say otherwise (the scheduler and Jupyter share the system pool).
+# Their limits and caps: build_system_resources, within model.system_slot.
 CONTROLLER_DEFAULTS = {
-    "scheduler": {"resources": {"requests": {"cpu": "500m", "memory": "1G"}}},
-    "jupyter": {"resources": {"requests": {"cpu": "500m", "memory": "1G"}}},
+    "scheduler": {"resources": {"requests": dict(SYSTEM_DEFAULT_REQUESTS)}},
+    "jupyter": {"resources": {"requests": dict(SYSTEM_DEFAULT_REQUESTS)}},
 }
 
 
@@ -68,18 +70,43 @@ def build_images(spec: LabSpec, values: dict) -> dict:
     return images
 
 
-def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, replicas: int | None = None) -> dict:
+def build_system_quantities(spec: LabSpec, component: str, system_machine: str) -> dict:
+    """The scheduler's or Jupyter's `resources` as the chart gets them: requests and limits, within their slot of a
+    system node (model.system_slot: half the lab's share of the node, in a class's shared cluster or its own)."""
+    asked = ((spec.values or {}).get(component) or {}).get("resources")
+    got = build_system_resources(asked, SYSTEM_DEFAULT_REQUESTS, system_slot(system_machine, spec.placement == SHARED))
+    written = [b.get(k) for b in (asked or {}).values() if isinstance(b, dict) for k in ("cpu", "memory")]
+
+    def show(key: str, value) -> object:  # as the request or the defaults wrote it when the same quantity
+        parse = parse_cpu if key == "cpu" else parse_memory
+        same = [w for w in (*written, SYSTEM_DEFAULT_REQUESTS[key]) if w is not None and _parses_to(parse, w, value)]
+        if same:
+            return same[0]
+        return _cpu(value) if key == "cpu" else f"{value >> 20}Mi" if value % 2**20 == 0 else str(value)
+    return {kind: {key: show(key, v) for key, v in q.items()} for kind, q in got.items()}
+
+
+def _parses_to(parse, written, value) -> bool:
+    try:
+        return parse(written) == value
+    except ValueError:
+        return False
+
+
+def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, replicas: int | None = None,
+                      system_machine: str = Config.system_machine_type) -> dict:
     """Chart values: controller defaults ← the request's `values` ← what the controller enforces.
 
-    Enforced: the scheduler serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
+    Enforced: one scheduler, which serves its HTTP API (distributed.http.scheduler.api) and is never public; workers
     are sized by the spec, replaced as WORKER_STRATEGY says, start at the initial count (the controller scales the
     Deployment afterwards), run alone on the worker pool and are named after their pods (so a Dask worker maps to
     its pod and node);
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
     Secret, has no RBAC to scale workers, and the chart's known default password is removed; no component runs under
-    a service account the values name. Every image runs the lab's Dask version (`build_images`). `replicas`: the
-    worker count a later revision (helm upgrade) keeps, instead of the initial one.
+    a service account the values name. The scheduler and Jupyter get requests and limits within their slot of a
+    `system_machine` node (build_system_quantities). Every image runs the lab's Dask version (`build_images`).
+    `replicas`: the worker count a later revision (helm upgrade) keeps, instead of the initial one.
     """
     values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
     images = build_images(spec, values)
@@ -95,8 +122,8 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
         del user_args[i:i + 2]
     enforced = {
         "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
-                      "serviceAccountName": None,
-                      "image": images["scheduler"],
+                      "serviceAccountName": None, "image": images["scheduler"], "replicas": 1,
+                      "resources": build_system_quantities(spec, "scheduler", system_machine),
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
@@ -109,6 +136,7 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
                    "extraArgs": user_args + ["--name", "$(POD_NAME)"]},
         "additional_worker_groups": [],
         "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"], "serviceAccountName": None, "password": "",
+                    "resources": build_system_quantities(spec, "jupyter", system_machine),
                     "ingress": {"enabled": False}, "nodeSelector": on(system_pool),
                     "env": _with_env(jupyter.get("env"), [{"name": "JUPYTER_TOKEN", "valueFrom": {
                         "secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}])},
@@ -130,6 +158,7 @@ def build_namespace(namespace: str, lab: str, class_name: str = "") -> dict:
 
 
 HELM_REQUESTS = {"cpu": "100m", "memory": "256Mi"}  # the install Job's container (a quota needs requests on every pod)
+HELM_LIMITS = {"cpu": "500m", "memory": "256Mi"}  # and limits (a quota on limits.*); memory never past its request
 DASHBOARD_PORT = 8787
 # GKE's API server reaches a pod (the service proxy, webhooks) through the konnectivity-agent pods of kube-system,
 # so their traffic comes from a pod address (github.com/tigera/operator/pull/5212: "On AKS and GKE the apiserver
@@ -138,26 +167,41 @@ KONNECTIVITY = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.na
                 "podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}}
 
 
-def _requests(component: dict, default: dict) -> tuple[float, int]:
-    """(cores, bytes) a component's pod requests: its requests, else its limits (Kubernetes then copies them)."""
-    resources = component.get("resources") or {}
-    got = {**(resources.get("limits") or {}), **(resources.get("requests") or {})} or default
-    return parse_cpu(got.get("cpu", default["cpu"])), parse_memory(got.get("memory", default["memory"]))
+def _quantities(values: dict, component: str, kind: str) -> tuple[float, int]:
+    """(cores, bytes) of a system component's `kind` (requests, limits) in the release's values (which have both)."""
+    got = ((values.get(component) or {}).get("resources") or {})[kind]
+    return parse_cpu(got["cpu"]), parse_memory(got["memory"])
 
 
 def build_quota(spec: LabSpec, values: dict, namespace: str) -> dict:
-    """A student's share of a shared cluster (kubernetes.io/docs/concepts/policy/resource-quotas/): requests of its
-    maximum workers plus the Deployments' rolling-update surge (maxSurge 25 %, rounded up), its scheduler and
-    Jupyter (twice: their surge) and the install Job."""
+    """A student's share of a shared cluster (kubernetes.io/docs/concepts/policy/resource-quotas/), on requests and
+    on limits alike: for each, its maximum workers plus the Deployments' rolling-update surge (maxSurge 25 %, rounded
+    up) times a worker's size, its scheduler's and Jupyter's (twice: their surge) and the install Job's. `values`
+    are the release's: the scheduler and Jupyter within their slot (build_system_quantities), so a lab's quota never
+    grows past its share of the system pool however much its values ask."""
     workers = spec.max_workers + -(-spec.max_workers // 4)
-    sched = _requests(values.get("scheduler") or {}, CONTROLLER_DEFAULTS["scheduler"]["resources"]["requests"])
-    jup = _requests(values.get("jupyter") or {}, CONTROLLER_DEFAULTS["jupyter"]["resources"]["requests"])
-    helm = parse_cpu(HELM_REQUESTS["cpu"]), parse_memory(HELM_REQUESTS["memory"])
-    cpu = workers * spec.worker_cpu + 2 * (sched[0] + jup[0]) + helm[0]
-    memory = workers * spec.worker_memory + 2 * (sched[1] + jup[1]) + helm[1]
+    hard = {"pods": str(workers + 5)}
+    for kind, helm in (("requests", HELM_REQUESTS), ("limits", HELM_LIMITS)):
+        sched, jup = _quantities(values, "scheduler", kind), _quantities(values, "jupyter", kind)
+        cpu = workers * spec.worker_cpu + 2 * (sched[0] + jup[0]) + parse_cpu(helm["cpu"])
+        memory = workers * spec.worker_memory + 2 * (sched[1] + jup[1]) + parse_memory(helm["memory"])
+        hard.update({f"{kind}.cpu": f"{round(cpu * 1000)}m", f"{kind}.memory": str(int(memory))})
     return {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": _meta("dasklab-quota", namespace, spec.name),
-            "spec": {"hard": {"pods": str(workers + 5), "requests.cpu": f"{round(cpu * 1000)}m",
-                              "requests.memory": str(int(memory))}}}
+            "spec": {"hard": hard}}
+
+
+def build_limit_range(spec: LabSpec, values: dict, namespace: str) -> dict:
+    """The lab namespace's LimitRange (kubernetes.io/docs/concepts/policy/limit-range/), in every placement: a
+    container that sets no resources gets the install Job's (HELM_REQUESTS / HELM_LIMITS); none may be limited past
+    the largest the lab runs: a worker (on the worker pool) or the scheduler's or Jupyter's slot of a system node,
+    so no other container can take a system node the lab shares."""
+    sizes = [(spec.worker_cpu, spec.worker_memory), (parse_cpu(HELM_LIMITS["cpu"]),
+                                                     parse_memory(HELM_LIMITS["memory"])),
+             *(_quantities(values, c, "limits") for c in ("scheduler", "jupyter"))]
+    most = {"cpu": str(_cpu(max(c for c, _ in sizes))), "memory": str(max(m for _, m in sizes))}
+    return {"apiVersion": "v1", "kind": "LimitRange", "metadata": _meta("dasklab-limits", namespace, spec.name),
+            "spec": {"limits": [{"type": "Container", "max": most, "default": dict(HELM_LIMITS),
+                                 "defaultRequest": dict(HELM_REQUESTS)}]}}
 
 
 # Egress to the internet leaves out what is not the internet (RFC 1918 private ranges: the VPC's nodes, other clusters,
@@ -243,14 +287,16 @@ class Release:
 
 
 def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: str, chart_version: str,
-                  helm_image: str, system_pool: str, worker_pool: str, replicas: int | None = None) -> Release:
+                  helm_image: str, system_pool: str, worker_pool: str, replicas: int | None = None,
+                  system_machine: str = Config.system_machine_type) -> Release:
     """The release's values and the manifests that install it: namespace, installer RBAC, values ConfigMap,
     the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked.
     A later revision (update-lab: other values, `replicas` the workers running then) gets a Job of another name,
     so each revision is its own `helm upgrade`."""
     import yaml  # PyYAML: only the install path pays for it
 
-    values = build_helm_values(spec, system_pool=system_pool, worker_pool=worker_pool, replicas=replicas)
+    values = build_helm_values(spec, system_pool=system_pool, worker_pool=worker_pool, replicas=replicas,
+                               system_machine=system_machine)
     job = [helm_image, chart_repo, CHART, chart_version, release, namespace, values]
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:10]
     job_name, values_cm, lab = f"{INSTALLER}-{digest}", f"dasklab-values-{digest}", spec.name
@@ -276,7 +322,7 @@ def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: st
              "spec": {"serviceAccountName": INSTALLER, "restartPolicy": "Never",
                       "nodeSelector": {POOL_LABEL: system_pool},
                       "containers": [{"name": "helm", "image": helm_image, "command": ["helm"], "args": args,
-                                      "resources": {"requests": dict(HELM_REQUESTS)},
+                                      "resources": {"requests": dict(HELM_REQUESTS), "limits": dict(HELM_LIMITS)},
                                       "volumeMounts": [{"name": "values", "mountPath": "/values",
                                                         "readOnly": True}]}],
                       "volumes": [{"name": "values", "configMap": {"name": values_cm}}]}}}},

@@ -280,12 +280,48 @@ def node_hour_usd(machine_type: str, spot: bool = False) -> float:
     return cpu * spot_cpu + mem_gib * spot_gib if spot else cpu * per_cpu + mem_gib * per_gib
 
 
+def labs_per_system_node(machine_type: str) -> int:
+    """Labs whose scheduler and Jupyter (LAB_SYSTEM_*) one system node holds, against its allocatable."""
+    cpu, mem_gib = MACHINE_TYPES[machine_type]
+    return max(1, int(min((cpu - NODE_RESERVED_CPU) // LAB_SYSTEM_CPU,
+                          (mem_gib - NODE_RESERVED_MEMORY_GIB) // LAB_SYSTEM_MEMORY_GIB)))
+
+
 def system_nodes_for(labs: int, machine_type: str) -> int:
     """System nodes that hold `labs` schedulers and Jupyters (their requests against a node's allocatable)."""
+    return max(1, math.ceil(labs / labs_per_system_node(machine_type)))
+
+
+def system_slot(machine_type: str, shared: bool) -> tuple[float, int]:
+    """(cores, bytes): the most the scheduler or Jupyter of one lab may request or be limited to on a system node.
+    A lab's share of a node is its allocatable divided among the labs the pool packs on it (labs_per_system_node in
+    a class's shared cluster, the lab alone in its own); each of its two components gets half. The limits of all the
+    labs a node was sized for then add up to at most its allocatable, so no lab can take another's share."""
     cpu, mem_gib = MACHINE_TYPES[machine_type]
-    per_node = max(1, int(min((cpu - NODE_RESERVED_CPU) // LAB_SYSTEM_CPU,
-                              (mem_gib - NODE_RESERVED_MEMORY_GIB) // LAB_SYSTEM_MEMORY_GIB)))
-    return max(1, math.ceil(labs / per_node))
+    labs = labs_per_system_node(machine_type) if shared else 1
+    cores = (cpu - NODE_RESERVED_CPU) / labs / 2
+    mib = (mem_gib - NODE_RESERVED_MEMORY_GIB) * 1024 / labs / 2
+    return math.floor(cores * 1000) / 1000, int(mib) * 2**20
+
+
+def build_system_resources(resources, default: dict, slot: tuple[float, int]) -> dict:
+    """A system component's container resources (cores and bytes) from what its chart values ask (`resources`:
+    requests and/or limits, as written), within `slot` (system_slot). A request missing takes its limit (as
+    Kubernetes does), else `default`. Memory is limited to its request unless a limit is asked (never evicted for
+    using more than it asked, nor using others' memory: Guaranteed for memory); CPU is limited to the slot unless
+    a limit is asked: CPU is compressible, a container over its request only borrows idle CPU (its neighbours' CFS
+    shares follow their requests) and the slot bounds the burst. Every quantity is capped at the slot, and a
+    request at its limit."""
+    resources = resources if isinstance(resources, dict) else {}
+    asked = {kind: resources.get(kind) if isinstance(resources.get(kind), dict) else {}
+             for kind in ("requests", "limits")}
+    out = {}
+    for key, parse, cap in (("cpu", parse_cpu, slot[0]), ("memory", parse_memory, slot[1])):
+        given = {kind: parse(asked[kind][key]) for kind in asked if asked[kind].get(key) is not None}
+        request = given.get("requests", given.get("limits", parse(default[key])))
+        limit = min(cap, given.get("limits", cap if key == "cpu" else request))
+        out[key] = (min(request, limit), limit)
+    return {"requests": {k: v[0] for k, v in out.items()}, "limits": {k: v[1] for k, v in out.items()}}
 
 
 def estimate_cost(spec: LabSpec, lifetime_s: float, node_seconds: float) -> float:

@@ -5,7 +5,8 @@ Each note reads "<field>: <what was done>; <what to do instead>". They mirror wh
 that every chart value the release builder changes is named by a note.
 """
 
-from dasklab.core.model import LabSpec, parse_cpu, parse_memory
+from dasklab.core.model import SHARED, LabSpec, build_system_resources, labs_per_system_node, parse_cpu, \
+    parse_memory, system_slot
 
 CONNECT = "reach it privately with `dasklab connect`"
 POOL_KEYS = ("scheduler", "jupyter")  # components the controller places on the system pool
@@ -151,6 +152,32 @@ def _local_notes(values: dict) -> list[str]:
         if any(isinstance(e, dict) and e.get("name") == "EXTRA_PIP_PACKAGES" for e in env):
             notes.append(f"values.{key}.env: EXTRA_PIP_PACKAGES is not installed by the local lab (it runs this "
                          "machine's Python environment); install the packages there")
+    return notes
+
+
+# what a scheduler or Jupyter gets when its values ask nothing (the system pool is sized for these, model.LAB_SYSTEM_*)
+SYSTEM_DEFAULT_REQUESTS = {"cpu": "500m", "memory": "1G"}
+
+
+def build_share_notes(values: dict, spec: LabSpec, system_machine: str) -> list[str]:
+    """GKE: the scheduler's and Jupyter's resources asked past their slot of a system node (model.system_slot,
+    what build_helm_values caps them to), one note per component (more than one scheduler is refused: chart_values)."""
+    shared = spec.placement == SHARED
+    cpu, memory = system_slot(system_machine, shared)
+    where = (f"one {system_machine} system node shared by {labs_per_system_node(system_machine)} labs" if shared
+             else f"its own {system_machine} system node")
+    notes = []
+    for key in POOL_KEYS:
+        asked = _block(values, key).get("resources")
+        if not isinstance(asked, dict):
+            continue
+        got = build_system_resources(asked, SYSTEM_DEFAULT_REQUESTS, (cpu, memory))
+        if any(isinstance(asked.get(kind), dict) and asked[kind].get(q) is not None and not _same(
+                parse, asked[kind][q], got[kind][q]) for kind in got for q, parse in (("cpu", parse_cpu),
+                                                                                     ("memory", parse_memory))):
+            notes.append(f"values.{key}.resources: capped at {cpu:g} CPU / {memory / 2**30:g} GiB (requests and "
+                         f"limits), half the lab's share of {where}, so no lab takes another's; run heavy work on "
+                         "the workers (worker_resources)")
     return notes
 
 

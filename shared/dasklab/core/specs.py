@@ -103,10 +103,10 @@ def build_system_usd_h(config: Config, students: int, shared: bool) -> float:
                              config.zone_count) if config.backend == "gke" else 0.0
 
 
-def build_spec(cmd: StartLab, config: Config) -> LabSpec:
-    """The lab's desired spec from a start-lab: fill defaults from the config and the chart values; the notes
-    say every part of the request the controller replaces."""
-    from dasklab.core.overrides import build_overrides
+def build_spec(cmd: StartLab, config: Config, placement: str = "") -> LabSpec:
+    """The lab's desired spec from a start-lab (a class's lab: in its `placement`): fill defaults from the config
+    and the chart values; the notes say every part of the request the controller replaces."""
+    from dasklab.core.overrides import build_overrides, build_share_notes
 
     limits = _worker_limits(cmd.chart)
     if cmd.worker_resources:
@@ -125,8 +125,9 @@ def build_spec(cmd: StartLab, config: Config) -> LabSpec:
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
         dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
         mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
-        system_usd_h=build_system_usd_h(config, students=1, shared=False),
+        system_usd_h=build_system_usd_h(config, students=1, shared=False), placement=placement,
     )
     _check_fits(spec)
     check_caps(cmd, config, spec)
-    return replace(spec, notes=build_overrides(cmd, spec, config.backend) + spec.notes)  # overrides, environment
+    shares = tuple(build_share_notes(spec.values, spec, config.system_machine_type)) if config.backend == "gke" else ()
+    return replace(spec, notes=build_overrides(cmd, spec, config.backend) + shares + spec.notes)  # overrides, env

@@ -10,8 +10,8 @@ from dasklab.core import logs
 from dasklab.core.errors import JupyterUnreachable, SchedulerUnreachable, TransientError
 from dasklab.core.model import NO_JUPYTER, JupyterActivity, Lab, WorkerProblem, parse_memory
 from dasklab.core.policy import plan_rollout
-from dasklab.adapters.release import TOKEN_KEY, TOKEN_SECRET, build_namespace, build_network_policies, build_quota, \
-    build_release, build_token_secret
+from dasklab.adapters.release import TOKEN_KEY, TOKEN_SECRET, build_limit_range, build_namespace, \
+    build_network_policies, build_quota, build_release, build_token_secret
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import Kube
@@ -72,6 +72,7 @@ class Helm(GkeBase):
         return build_release(lab.spec, release=place.release, namespace=place.namespace, chart_repo=cfg.chart_repo,
                              chart_version=cfg.chart_version, helm_image=cfg.helm_image,
                              system_pool=cfg.system_pool, worker_pool=cfg.worker_pool,
+                             system_machine=cfg.system_machine_type,
                              replicas=lab.state.revision_workers if lab.spec.revision > 1 else None)
 
     def release_job(self, lab: Lab) -> str:
@@ -101,12 +102,14 @@ class Helm(GkeBase):
     def apply_install(self, lab: Lab) -> None:
         """Namespace, Jupyter's token Secret, installer RBAC, values ConfigMap and the Helm Job (each created
         if absent: a repeated install is harmless; a later invocation follows the Job). The namespace gets its
-        NetworkPolicies (and in a shared cluster its ResourceQuota) first, so no pod of the release runs without them."""
+        LimitRange and NetworkPolicies (and in a shared cluster its ResourceQuota) first, so no pod of the release runs
+        without them."""
         place = place_of(lab)
         kube = self._kube(place, self._running(place))
         release = self._release(lab)
         kube.create(build_namespace(place.namespace, lab.name, place.class_name))
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
+        kube.create(build_limit_range(lab.spec, release.values, place.namespace))  # before any pod, every placement
         if place.shared:
             self._grow_system_pool(lab, place, kube)
             kube.create(build_quota(lab.spec, release.values, place.namespace))
@@ -135,6 +138,9 @@ class Helm(GkeBase):
         job = kube.read_job(place.namespace, release.job_name)
         if job is None:
             kube.set_min_ready(place.namespace, place.workers, HOLD_S)  # before the Job: a crash between repeats it
+            kube.ensure_spec(build_limit_range(lab.spec, release.values, place.namespace))  # the new sizes' bounds
+            if place.shared:
+                kube.ensure_spec(build_quota(lab.spec, release.values, place.namespace))
             for manifest in release.manifests[1:]:  # the namespace exists; RBAC is created if absent
                 kube.create(manifest)
             logs.emit("INFO", lab=lab.name, action="helm-upgrade", job=release.job_name,
