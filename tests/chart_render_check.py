@@ -2,7 +2,8 @@
 the chart dask/dask at its tag, for the seed lab's enforced values and for a values set that sets every key of the
 chart's templates that reaches a pod (WIDE: mounts, security contexts, tolerations, affinity, service accounts,
 Jupyter's command and args, annotations, probes, pull secrets, the worker port, an additional worker group, Jupyter's
-RBAC, name overrides). Every field the world renders must be what helm renders, and the objects both render must be equal. Usage:
+RBAC, name overrides). Every field the world renders must be what helm renders, and the objects both render must be
+equal. Usage:
 
     python -m tests.chart_render_check --helm PATH/TO/helm --chart PATH/TO/helm-chart-checkout/dask
 
@@ -19,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from dasklab.adapters.release import _merge, build_helm_values, chart_fullname
+from dasklab.adapters.release import _merge, build_helm_values
 from dasklab.core.config import Config
 from dasklab.core.messages import parse_command
 from dasklab.core.specs import build_spec
 
-from tests.gke_world import CONFIG, World
+from tests.gke_world import CONFIG, render_chart
 
 SEED = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
 _POD_KEYS = {  # what each Deployment template puts in its pod spec and container from a component's values
@@ -49,15 +50,6 @@ WIDE = {
     "jupyter": {**_POD_KEYS, "mounts": _MOUNTS, "rbac": True, "command": ["start.sh"],
                 "args": ["jupyter", "lab", "--ServerApp.token="]},
 }
-
-
-class _Collect:
-    def __init__(self):
-        self.objects: dict[tuple[str, str], dict] = {}
-
-    def create(self, obj: dict) -> dict:
-        self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
-        return obj
 
 
 def differences(ours, theirs, path: str = "") -> list[str]:
@@ -90,18 +82,17 @@ def compare(helm: str, chart_dir: str, values: dict) -> list[str]:
         out = subprocess.run([helm, "template", "lab1", str(chart), "--namespace", "dasklab-lab1", "-f",
                               str(Path(tmp) / "values.yaml")], capture_output=True, text=True, check=True).stdout
     theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
-    world = type("W", (), {"kube": _Collect(), "manifests": {}})()
-    World._render(world, "dasklab-lab1", "lab1", chart_fullname("lab1"), values)
-    problems = [f"{kind} {name}: not rendered by helm" for kind, name in world.kube.objects if (kind, name) not in theirs]
-    for key, ours in world.kube.objects.items():
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in render_chart(values)}
+    problems = [f"{kind} {name}: not rendered by helm" for kind, name in rendered if (kind, name) not in theirs]
+    for key, ours in rendered.items():
         if key in theirs:  # both ways: nothing the world renders differs, nothing helm renders is left out
             problems += [f"{key[0]} {key[1]}{d}" for d in differences(ours, theirs[key])]
             problems += [f"{key[0]} {key[1]}{d} (helm's side)" for d in differences(theirs[key], ours)]
-    for kind, name in sorted(set(theirs) - set(world.kube.objects)):
+    for kind, name in sorted(set(theirs) - set(rendered)):
         print(f"helm also renders {kind} {name} (the controller does not rely on it)")
     for problem in problems:
         print("DIFFERS", problem)
-    print(f"{len(world.kube.objects)} objects compared, {len(problems)} differences")
+    print(f"{len(rendered)} objects compared, {len(problems)} differences")
     return problems
 
 

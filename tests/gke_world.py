@@ -493,6 +493,13 @@ class World:
         return pids
 
 
+def render_chart(values: dict, release: str = "lab1", namespace: str = "dasklab-lab1") -> list[dict]:
+    """The objects the chart dask/dask 2024.1.1 renders from `values` (World._render), without a world."""
+    out: list[dict] = []
+    World._render(None, namespace, release, chart_fullname(release), values, out=out)
+    return out
+
+
 def _merge_patch(before: dict, after: dict) -> dict:
     """The RFC 7386 merge patch from one manifest to the next: what changed, null for what was dropped."""
     patch = {k: None for k in before if k not in after}

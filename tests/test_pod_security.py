@@ -2,13 +2,15 @@
 lab's ServiceAccount without a token, asserted on the pods the GKE world renders from the chart and the Kubernetes
 stand-in admits (Pod Security and ServiceAccount admission as the API server does them)."""
 
+import pytest
 from dasklab.adapters.gke import place_of
-from dasklab.adapters.release import INSTALLER, LAB_ACCOUNT, build_release
+from dasklab.adapters.release import (INSTALLER, LAB_ACCOUNT, build_helm_values, build_lab_account, build_namespace,
+                                      build_release)
 from kubernetes import client
 
 from tests.conftest import make_spec
-from tests.gke_world import CONFIG
-from tests.standins.kube import TOKEN_PATH
+from tests.gke_world import CONFIG, render_chart
+from tests.standins.kube import TOKEN_PATH, KubeStandin
 from tests.test_gke import controller, drive, phase, start_msg, world  # noqa: F401 (fixtures)
 
 
@@ -80,3 +82,42 @@ def test_a_host_path_that_reaches_the_release_builder_is_refused_by_the_api_serv
     for component in ("scheduler", "jupyter"):
         (pod,) = pods[component]
         assert pod["spec"]["serviceAccountName"] == LAB_ACCOUNT and token_volumes(pod) == []
+
+
+ROOT = {"volumes": [{"name": "root", "hostPath": {"path": "/"}}], "volumeMounts": [{"name": "root", "mountPath": "/h"}]}
+WIDENED = "violates PodSecurity \"baseline:latest\": "
+
+
+@pytest.mark.parametrize("values, refused", [
+    ({"worker": {"mounts": ROOT}}, {"worker": 'hostPath volumes (volume "root")'}),
+    ({"jupyter": {"mounts": ROOT}}, {"jupyter": 'hostPath volumes (volume "root")'}),
+    ({"worker": {"securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "65536"}]}}},
+     {"worker": "forbidden sysctls (kernel.msgmax)"}),
+    ({"scheduler": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}},
+     {"scheduler": 'seccompProfile (pod must not set securityContext.seccompProfile.type to "Unconfined")'}),
+    ({"jupyter": {"securityContext": {"seLinuxOptions": {"user": "system_u"}}}},
+     {"jupyter": "seLinuxOptions (pod set forbidden securityContext.seLinuxOptions: user may not be set)"}),
+    ({"worker": {"annotations": {"container.apparmor.security.beta.kubernetes.io/lab1-dask-worker": "unconfined"}}},
+     {"worker": 'forbidden AppArmor profile (container.apparmor.security.beta.kubernetes.io/lab1-dask-worker='
+                '"unconfined")'}),
+    ({"worker": {"securityContext": {"runAsUser": 1000, "fsGroup": 100}}}, {}),  # within baseline: admitted
+], ids=["worker-hostPath", "jupyter-hostPath", "sysctl", "seccomp-unconfined", "selinux-user", "apparmor", "user"])
+def test_values_that_widen_a_pod_are_rendered_and_refused_at_the_api_server(values, refused):
+    """Values that reach the release builder (the allowlist bypassed) are rendered as the chart renders them; the
+    pods that leave baseline are refused at the API server (their ReplicaSet says why), the others are admitted."""
+    with KubeStandin(nodes=("node-a",)) as kube:
+        kube.create(build_namespace("dasklab-lab1", "lab1"))
+        kube.create(build_lab_account("dasklab-lab1", "lab1"))
+        for obj in render_chart(build_helm_values(make_spec(name="lab1", values=values), system_pool="system",
+                                                  worker_pool="workers")):
+            kube.create(obj)
+        for component in ("scheduler", "worker", "jupyter"):
+            (replicaset,) = kube.list("replicasets", "dasklab-lab1", f"component={component}")
+            conditions = (replicaset.get("status") or {}).get("conditions") or []
+            pods = kube.list("pods", "dasklab-lab1", f"component={component}")
+            if component in refused:
+                assert not pods and [c["reason"] for c in conditions] == ["FailedCreate"]
+                assert conditions[0]["message"].endswith(f"is forbidden: {WIDENED}{refused[component]}")
+            else:
+                assert pods and not conditions, component
+                assert all(p["spec"]["serviceAccountName"] == LAB_ACCOUNT and not token_volumes(p) for p in pods)
