@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     values = build_helm_values(build_spec(parse_command(json.dumps(message)), Config()),
                                system_pool=CONFIG.system_pool, worker_pool=CONFIG.worker_pool)
     problems = []
-    for label, each in (("the seed lab's values", values), ("WIDE: every pod key of the templates", _merge(values, WIDE))):
+    for label, each in (("the seed lab's values", values),
+                        ("WIDE: every pod key of the templates", _merge(values, WIDE))):
         print(f"--- {label}")
         problems += compare(a.helm, a.chart, each)
     return 1 if problems else 0

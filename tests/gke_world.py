@@ -364,7 +364,8 @@ class World:
             return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(obj_name, component),
                     "spec": {"replicas": replicas, "selector": {"matchLabels": selector(component)},
                              "strategy": strategy,
-                             "template": {"metadata": {"labels": selector(component), **optional(annotations=annotations)},
+                             "template": {"metadata": {"labels": selector(component),
+                                                       **optional(annotations=annotations)},
                                           "spec": {"containers": [container], **pod}}}}
 
         def quantities(resources: dict) -> dict:  # the API server answers quantities as strings ("1", not 1)
@@ -402,16 +403,19 @@ class World:
             # dask-worker-deployment.yaml; additional-worker-deployment.yaml (the same, less what `extra` adds):
             # --nthreads/--memory-limit only when resources.limits is set, values quoted; --worker-port with port
             limits = (wk["resources"] or {}).get("limits")
-            sizing = ["--nthreads", str(wk.get("threads_per_worker") or limits.get("cpu") or wk["default_resources"]["cpu"]),
-                      "--memory-limit", str(limits.get("memory") or wk["default_resources"]["memory"])] if limits else []
+            default = wk["default_resources"]
+            sizing = ["--nthreads", str(wk.get("threads_per_worker") or limits.get("cpu") or default["cpu"]),
+                      "--memory-limit", str(limits.get("memory") or default["memory"])] if limits else []
             mounts = wk.get("mounts") or {}
             return deployment(obj_name, "worker", wk["replicas"], strategy, {
                 "name": f"{full}-worker", "image": image(wk),
-                "args": [wk["image"]["dask_worker"], wk.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
+                "args": [wk["image"]["dask_worker"],
+                         wk.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
                          *sizing, "--no-dashboard", "--dashboard-address", str(wk["portDashboard"]),
                          *(["--worker-port", str(wk["port"])] if wk.get("port") else []), *(wk["extraArgs"] or [])],
                 "ports": [{"containerPort": wk["portDashboard"], "name": "dashboard"}],
-                **optional(resources=quantities(wk["resources"]), env=wk["env"], volumeMounts=mounts.get("volumeMounts")),
+                **optional(resources=quantities(wk["resources"]), env=wk["env"],
+                           volumeMounts=mounts.get("volumeMounts")),
                 **extra}, {**optional(imagePullSecrets=wk["image"].get("pullSecrets"), volumes=mounts.get("volumes")),
                            **placement(wk)}, annotations=wk.get("annotations"))
 

@@ -70,15 +70,16 @@ def app_armor(meta: Obj, spec: Obj) -> tuple[str, str] | None:
                  if k.startswith("container.apparmor.security.beta.kubernetes.io/")
                  and not (v in ("", "runtime/default") or v.startswith("localhost/")))
     bad += [f'{who} securityContext.appArmorProfile.type="Unconfined"'
-            for who, ctx in [("pod", _ctx(spec))] + [(f'container "{c.get("name")}"', _ctx(c)) for c in _containers(spec)]
+            for who, ctx in [("pod", _ctx(spec))] + [(f'container "{c.get("name")}"', _ctx(c))
+                                                     for c in _containers(spec)]
             if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined"]
     if bad:
         return ("forbidden AppArmor profile" if len(bad) == 1 else "forbidden AppArmor profiles"), ", ".join(bad)
     return None
 
 
-BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-                         "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
 
 
 def capabilities_baseline(meta: Obj, spec: Obj) -> tuple[str, str] | None:
@@ -262,7 +263,8 @@ def run_as_non_root(meta: Obj, spec: Obj) -> tuple[str, str] | None:
     explicit = [c.get("name") for c in _containers(spec) if _ctx(c).get("runAsNonRoot") is False]
     implicit = [c.get("name") for c in _containers(spec) if _ctx(c).get("runAsNonRoot") is None and pod is not True]
     if pod is False or explicit:
-        return "runAsNonRoot != true", f"{_setters(pod is False, explicit)} must not set securityContext.runAsNonRoot=false"
+        return "runAsNonRoot != true", (f"{_setters(pod is False, explicit)} must not set "
+                                        "securityContext.runAsNonRoot=false")
     if implicit:
         return "runAsNonRoot != true", (f"pod or {_some('container', 'containers', implicit)} must set "
                                         "securityContext.runAsNonRoot=true")

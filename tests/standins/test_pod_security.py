@@ -146,10 +146,12 @@ def test_pods_get_the_token_of_their_service_account_unless_it_or_they_opt_out(c
         (volume, TOKEN_PATH, True)]
     sources = core.read_namespaced_pod("plain", "lab").spec.volumes[0].projected.sources
     assert sources[0].service_account_token.path == "token"
-    core.create_namespaced_service_account("lab", {"metadata": {"name": "quiet"}, "automountServiceAccountToken": False})
+    core.create_namespaced_service_account("lab", {"metadata": {"name": "quiet"},
+                                                   "automountServiceAccountToken": False})
     quiet = core.create_namespaced_pod("lab", pod("quiet", serviceAccountName="quiet"))
     assert token_volumes(quiet) == [] and not quiet.spec.containers[0].volume_mounts
-    asked = core.create_namespaced_pod("lab", pod("asked", serviceAccountName="quiet", automountServiceAccountToken=True))
+    asked = core.create_namespaced_pod("lab", pod("asked", serviceAccountName="quiet",
+                                                  automountServiceAccountToken=True))
     assert len(token_volumes(asked)) == 1  # "the Pod spec takes precedence"
     opted = core.create_namespaced_pod("lab", pod("opted", automountServiceAccountToken=False))
     assert token_volumes(opted) == []

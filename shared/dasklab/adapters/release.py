@@ -125,8 +125,9 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
                        "fieldRef": {"fieldPath": "metadata.name"}}}]),
                    "extraArgs": user_args + ["--name", "$(POD_NAME)"]},
         "additional_worker_groups": [],
-        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"], "serviceAccountName": LAB_ACCOUNT, "password": "",
-                    "ingress": {"enabled": False}, "nodeSelector": on(system_pool),
+        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"],
+                    "serviceAccountName": LAB_ACCOUNT, "password": "", "ingress": {"enabled": False},
+                    "nodeSelector": on(system_pool),
                     "env": _with_env(jupyter.get("env"), [{"name": "JUPYTER_TOKEN", "valueFrom": {
                         "secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}])},
     }
@@ -245,7 +246,8 @@ class Release:
 def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: str, chart_version: str,
                   helm_image: str, system_pool: str, worker_pool: str, replicas: int | None = None) -> Release:
     """The release's values and the manifests that install it: namespace, the lab's ServiceAccount, installer RBAC,
-    values ConfigMap, the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked.
+    values ConfigMap, the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter
+    Service if asked.
     A later revision (update-lab: other values, `replicas` the workers running then) gets a Job of another name,
     so each revision is its own `helm upgrade`."""
     import yaml  # PyYAML: only the install path pays for it
