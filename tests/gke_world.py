@@ -35,23 +35,27 @@ CONFIG = Config(backend="gke", project=PROJECT, location=LOCATION, poll_s=0.2, c
                 down_fraction=0.5, tick_budget_s=0, node_service_account=f"dasklab-nodes@{PROJECT}.iam.gserviceaccount.com")
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 # The defaults of the chart dask/dask 2024.1.1 (dask/values.yaml at that tag) for what its templates read below.
+_POD = {"tolerations": [], "affinity": {}, "nodeSelector": {}, "securityContext": {}, "livenessProbe": {},
+        "readinessProbe": {}, "resources": {}, "env": None}  # each component's pod keys, all empty
 CHART_DEFAULTS = {
-    "scheduler": {"image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0", "pullPolicy": "IfNotPresent"},
+    "scheduler": {"enabled": True, "image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0",
+                                             "pullPolicy": "IfNotPresent", "pullSecrets": None},
                   "replicas": 1, "serviceType": "ClusterIP", "loadBalancerIP": None, "servicePort": 8786,
-                  "extraArgs": [], "resources": {}, "nodeSelector": {}, "env": None},
+                  "serviceAnnotations": {}, "extraArgs": [], **_POD},
     "webUI": {"servicePort": 80, "ingress": {"enabled": False}},
-    "worker": {"image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0", "pullPolicy": "IfNotPresent",
-                         "dask_worker": "dask-worker"},
+    "worker": {"name": "worker", "image": {"repository": "ghcr.io/dask/dask", "tag": "2024.1.0",
+                                           "pullPolicy": "IfNotPresent", "dask_worker": "dask-worker",
+                                           "pullSecrets": None},
                "replicas": 3, "strategy": {"type": "RollingUpdate"}, "custom_scheduler_url": None,
-               "default_resources": {"cpu": 1, "memory": "4GiB"}, "env": None, "extraArgs": [], "resources": {},
-               "nodeSelector": {}, "portDashboard": 8790},
+               "default_resources": {"cpu": 1, "memory": "4GiB"}, "extraArgs": [], "mounts": {}, "annotations": {},
+               "portDashboard": 8790, **_POD},
     "additional_worker_groups": [],
     "jupyter": {"enabled": True, "rbac": True, "image": {"repository": "ghcr.io/dask/dask-notebook", "tag": "2024.1.0",
-                                                         "pullPolicy": "IfNotPresent"},
+                                                         "pullPolicy": "IfNotPresent", "pullSecrets": None},
                 "serviceType": "ClusterIP", "servicePort": 80,
-                "password": "sha1:aae8550c0a44:9507d45e087d5ee481a5ce9f4f16f37a0867318c", "env": None,
-                "extraConfig": "# Extra Jupyter config goes here\n# E.g\n# c.NotebookApp.port = 8888", "resources": {}, "nodeSelector": {}, "serviceAccountName": "dask-jupyter",
-                "ingress": {"enabled": False}},
+                "password": "sha1:aae8550c0a44:9507d45e087d5ee481a5ce9f4f16f37a0867318c", "command": None, "args": None,
+                "extraConfig": "# Extra Jupyter config goes here\n# E.g\n# c.NotebookApp.port = 8888", "mounts": {},
+                "serviceAccountName": "dask-jupyter", "ingress": {"enabled": False}, **_POD},
 }
 
 
@@ -322,9 +326,11 @@ class World:
                 self.kube.register_service_backend(ns, f"{full}-scheduler", 80, f"http://127.0.0.1:{dash}")
 
     def _render(self, ns: str, release: str, full: str, values: dict, out: list | None = None) -> None:
-        """What the chart dask/dask 2024.1.1 renders from the values, for every part the controller relies on: each
-        object below mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates).
-        Created, or appended to `out` (an upgrade compares them with what runs)."""
+        """What the chart dask/dask 2024.1.1 renders from the values, every key that reaches a pod: each object below
+        mirrors the template named beside it (github.com/dask/helm-chart, tag 2024.1.1, dask/templates), each field
+        where that template puts it. Created, or appended to `out` (an upgrade compares them with what runs).
+        Not rendered: the Ingresses (off unless enabled; asserted off) and the Prometheus ServiceMonitor/PodMonitor
+        (metrics.*: objects of the Prometheus operator, no pod)."""
         def make(obj: dict) -> None:
             if out is not None:
                 out.append(obj)
@@ -335,24 +341,32 @@ class World:
 
         v = _merge(CHART_DEFAULTS, values)
         s, w, j, ui = v["scheduler"], v["worker"], v["jupyter"], v["webUI"]
-        # _helpers.tpl: dask.name is the chart's name (no nameOverride); dask.chart is "<name>-<version>"
+        # _helpers.tpl: dask.name is nameOverride or the chart's name; dask.fullname is fullnameOverride, else the
+        # release when it contains that name, else "<release>-<name>" (63 characters at most); dask.chart is
+        # "<name>-<version>"
+        name = v.get("nameOverride") or "dask"
+        full = (v.get("fullnameOverride") or (release if name in release else f"{release}-{name}"))[:63].rstrip("-")
         chart = f"dask-{CONFIG.chart_version}"
 
-        def meta(name: str, component: str) -> dict:  # every template's metadata.labels
-            return {"name": name, "namespace": ns, "labels": {"app": "dask", "heritage": "Helm", "release": release,
-                                                             "chart": chart, "component": component}}
+        def meta(obj_name: str, component: str, annotations: dict | None = None) -> dict:  # every metadata.labels
+            return {"name": obj_name, "namespace": ns, "labels": {"app": name, "heritage": "Helm", "release": release,
+                                                                 "chart": chart, "component": component},
+                    **optional(annotations=annotations)}
 
         def selector(component: str) -> dict:  # every template's selector and pod template labels
-            return {"app": "dask", "release": release, "component": component}
+            return {"app": name, "release": release, "component": component}
 
         def image(component: dict) -> str:
             return f"{component['image']['repository']}:{component['image']['tag']}"
 
-        def deployment(component: str, replicas: int, strategy: dict, container: dict, pod: dict) -> dict:
-            return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"{full}-{component}", component),
+        def deployment(obj_name: str, component: str, replicas: int, strategy: dict, container: dict, pod: dict,
+                       annotations: dict | None = None) -> dict:
+            return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(obj_name, component),
                     "spec": {"replicas": replicas, "selector": {"matchLabels": selector(component)},
-                             "strategy": strategy, "template": {"metadata": {"labels": selector(component)},
-                                                                "spec": {"containers": [container], **pod}}}}
+                             "strategy": strategy,
+                             "template": {"metadata": {"labels": selector(component),
+                                                       **optional(annotations=annotations)},
+                                          "spec": {"containers": [container], **pod}}}}
 
         def quantities(resources: dict) -> dict:  # the API server answers quantities as strings ("1", not 1)
             return {k: {q: str(n) for q, n in (block or {}).items()} for k, block in (resources or {}).items()}
@@ -360,50 +374,97 @@ class World:
         def optional(**fields) -> dict:  # the templates' `{{- with … }}`: left out when empty
             return {k: val for k, val in fields.items() if val}
 
-        # dask-scheduler-deployment.yaml
-        make(deployment("scheduler", s["replicas"], {"type": "RollingUpdate"}, {
-            "name": f"{full}-scheduler", "image": image(s), **optional(imagePullPolicy=s["image"]["pullPolicy"]),
-            "args": ["dask-scheduler", f"--port={s['servicePort']}", "--dashboard-address=:8787", *s["extraArgs"]],
-            "ports": [{"containerPort": 8786}, {"containerPort": 8787}],
-            **optional(resources=quantities(s["resources"]), env=s["env"])}, optional(nodeSelector=s["nodeSelector"])))
-        # dask-scheduler-service.yaml
-        make({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-scheduler", "scheduler"),
-                          "spec": {"ports": [{"name": f"{full}-scheduler", "port": s["servicePort"], "targetPort": 8786},
-                                             {"name": f"{full}-webui", "port": ui["servicePort"], "targetPort": 8787}],
-                                   "selector": selector("scheduler"), "type": s["serviceType"],
-                                   **optional(loadBalancerIP=s["loadBalancerIP"])}})
-        # dask-worker-deployment.yaml: --nthreads/--memory-limit only when resources.limits is set, values quoted
-        limits = (w["resources"] or {}).get("limits")
-        sizing = ["--nthreads", str(w.get("threads_per_worker") or limits.get("cpu") or w["default_resources"]["cpu"]),
-                  "--memory-limit", str(limits.get("memory") or w["default_resources"]["memory"])] if limits else []
-        make(deployment("worker", w["replicas"], w["strategy"], {
-            "name": f"{full}-worker", "image": image(w), "imagePullPolicy": w["image"]["pullPolicy"],
-            "args": [w["image"]["dask_worker"], w.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
-                     *sizing, "--no-dashboard", "--dashboard-address", str(w["portDashboard"]), *w["extraArgs"]],
-            "ports": [{"containerPort": w["portDashboard"], "name": "dashboard"}],
-            **optional(resources=quantities(w["resources"]), env=w["env"])}, optional(nodeSelector=w["nodeSelector"])))
-        # dask-jupyter-config.yaml: the password line (the controller sets an empty one; the token logs in)
-        config = f"c = get_config()\nc.NotebookApp.password = '{j['password']}'\n"
-        if j.get("extraConfig"):
-            config += f"\n# jupyter.extraConfig follows below\n{j['extraConfig']}\n"
-        make({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{full}-jupyter-config", "jupyter"),
-                          "data": {"jupyter_notebook_config.py": config}})
-        # dask-jupyter-deployment.yaml
-        make(deployment("jupyter", 1, {"type": "RollingUpdate"}, {
-            "name": f"{full}-jupyter", "image": image(j), **optional(imagePullPolicy=j["image"]["pullPolicy"]),
-            "ports": [{"containerPort": 8888}], "resources": quantities(j["resources"]),
-            "volumeMounts": [{"name": "config-volume", "mountPath": "/usr/local/etc/jupyter"}],
-            "env": [{"name": "DASK_SCHEDULER_ADDRESS", "value": f"{full}-scheduler:{s['servicePort']}"}, *(j["env"] or [])]},
-            {"volumes": [{"name": "config-volume", "configMap": {"name": f"{full}-jupyter-config"}}],
-             **optional(nodeSelector=j["nodeSelector"], serviceAccountName=j["serviceAccountName"])}))
-        # dask-jupyter-service.yaml
-        make({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-jupyter", "jupyter"),
-                          "spec": {"ports": [{"name": f"{full}-jupyter", "port": j["servicePort"], "targetPort": 8888}],
-                                   "selector": selector("jupyter"), "type": j["serviceType"]}})
-        # dask-jupyter-serviceaccount.yaml renders only with jupyter.rbac (the controller turns it off); the
-        # ingresses only when enabled (off); additional-worker-deployment.yaml for each additional group (none)
-        assert not j["rbac"] and not ui["ingress"]["enabled"] and not j["ingress"]["enabled"]
-        assert not v["additional_worker_groups"]
+        def placement(c: dict) -> dict:  # the pod-level keys each Deployment template ends with, in its order
+            return optional(nodeSelector=c.get("nodeSelector"), securityContext=c.get("securityContext"),
+                            affinity=c.get("affinity"), tolerations=c.get("tolerations"),
+                            serviceAccountName=c.get("serviceAccountName"))
+
+        def probes(c: dict) -> dict:
+            return optional(livenessProbe=c.get("livenessProbe"), readinessProbe=c.get("readinessProbe"))
+
+        if s.get("enabled", True):
+            # dask-scheduler-deployment.yaml
+            make(deployment(f"{full}-scheduler", "scheduler", s["replicas"], {"type": "RollingUpdate"}, {
+                "name": f"{full}-scheduler", "image": image(s), **optional(imagePullPolicy=s["image"]["pullPolicy"]),
+                "args": ["dask-scheduler", f"--port={s['servicePort']}", "--dashboard-address=:8787",
+                         *(s["extraArgs"] or [])],
+                "ports": [{"containerPort": 8786}, {"containerPort": 8787}],
+                **optional(resources=quantities(s["resources"]), env=s["env"]), **probes(s)},
+                {**optional(imagePullSecrets=s["image"].get("pullSecrets")), **placement(s)}))
+            # dask-scheduler-service.yaml
+            make({"apiVersion": "v1", "kind": "Service",
+                  "metadata": meta(f"{full}-scheduler", "scheduler", s.get("serviceAnnotations")),
+                  "spec": {"ports": [{"name": f"{full}-scheduler", "port": s["servicePort"], "targetPort": 8786},
+                                     {"name": f"{full}-webui", "port": ui["servicePort"], "targetPort": 8787}],
+                           "selector": selector("scheduler"), "type": s["serviceType"],
+                           **optional(loadBalancerIP=s["loadBalancerIP"])}})
+
+        def worker(obj_name: str, wk: dict, strategy: dict, extra: dict) -> dict:
+            # dask-worker-deployment.yaml; additional-worker-deployment.yaml (the same, less what `extra` adds):
+            # --nthreads/--memory-limit only when resources.limits is set, values quoted; --worker-port with port
+            limits = (wk["resources"] or {}).get("limits")
+            default = wk["default_resources"]
+            sizing = ["--nthreads", str(wk.get("threads_per_worker") or limits.get("cpu") or default["cpu"]),
+                      "--memory-limit", str(limits.get("memory") or default["memory"])] if limits else []
+            mounts = wk.get("mounts") or {}
+            return deployment(obj_name, "worker", wk["replicas"], strategy, {
+                "name": f"{full}-worker", "image": image(wk),
+                "args": [wk["image"]["dask_worker"],
+                         wk.get("custom_scheduler_url") or f"{full}-scheduler:{s['servicePort']}",
+                         *sizing, "--no-dashboard", "--dashboard-address", str(wk["portDashboard"]),
+                         *(["--worker-port", str(wk["port"])] if wk.get("port") else []), *(wk["extraArgs"] or [])],
+                "ports": [{"containerPort": wk["portDashboard"], "name": "dashboard"}],
+                **optional(resources=quantities(wk["resources"]), env=wk["env"],
+                           volumeMounts=mounts.get("volumeMounts")),
+                **extra}, {**optional(imagePullSecrets=wk["image"].get("pullSecrets"), volumes=mounts.get("volumes")),
+                           **placement(wk)}, annotations=wk.get("annotations"))
+
+        make(worker(f"{full}-worker", w, w["strategy"], {"imagePullPolicy": w["image"]["pullPolicy"], **probes(w)}))
+        for group in v["additional_worker_groups"] or ():  # `merge . $.Values.worker`: the group's keys win
+            g = _merge(w, {k: val for k, val in group.items() if val is not None})
+            make(worker(f"{full}-worker-{g['name']}", g, {"type": g["strategy"]["type"]},
+                        optional(imagePullPolicy=g["image"]["pullPolicy"])))
+        if j.get("enabled", True):
+            # dask-jupyter-config.yaml: the password line (the controller sets an empty one; the token logs in)
+            config = f"c = get_config()\nc.NotebookApp.password = '{j['password']}'\n"
+            if j.get("extraConfig"):
+                config += f"\n# jupyter.extraConfig follows below\n{j['extraConfig']}\n"
+            make({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{full}-jupyter-config", "jupyter"),
+                  "data": {"jupyter_notebook_config.py": config}})
+            # dask-jupyter-deployment.yaml: the config volume after the values' volumes, its mount before theirs
+            mounts = j.get("mounts") or {}
+            make(deployment(f"{full}-jupyter", "jupyter", 1, {"type": "RollingUpdate"}, {
+                "name": f"{full}-jupyter", "image": image(j), **optional(imagePullPolicy=j["image"]["pullPolicy"]),
+                **optional(command=j.get("command"), args=j.get("args")),
+                "ports": [{"containerPort": 8888}], "resources": quantities(j["resources"]),
+                "volumeMounts": [{"name": "config-volume", "mountPath": "/usr/local/etc/jupyter"},
+                                 *(mounts.get("volumeMounts") or [])],
+                "env": [{"name": "DASK_SCHEDULER_ADDRESS", "value": f"{full}-scheduler:{s['servicePort']}"},
+                        *(j["env"] or [])], **probes(j)},
+                {**optional(imagePullSecrets=j["image"].get("pullSecrets")),
+                 "volumes": [*(mounts.get("volumes") or []),
+                             {"name": "config-volume", "configMap": {"name": f"{full}-jupyter-config"}}],
+                 **placement(j)}))
+            # dask-jupyter-service.yaml
+            make({"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{full}-jupyter", "jupyter"),
+                  "spec": {"ports": [{"name": f"{full}-jupyter", "port": j["servicePort"], "targetPort": 8888}],
+                           "selector": selector("jupyter"), "type": j["serviceType"]}})
+            if j["rbac"]:  # dask-jupyter-serviceaccount.yaml: named without the release (one release a namespace)
+                labels = {"app": name, "release": release, "component": "jupyter"}
+                make({"apiVersion": "v1", "kind": "ServiceAccount",
+                      "metadata": {"name": "dask-jupyter", "namespace": ns, "labels": labels}})
+                make({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                      "metadata": {"name": "dask-jupyter", "namespace": ns, "labels": labels},
+                      "rules": [{"apiGroups": ["apps"], "resources": ["deployments"],
+                                 "verbs": ["get", "list", "watch", "update", "patch"]},
+                                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                                {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get", "list"]}]})
+                make({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                      "metadata": {"name": "dask-jupyter", "namespace": ns, "labels": labels},
+                      "subjects": [{"kind": "ServiceAccount", "name": "dask-jupyter"}],
+                      "roleRef": {"kind": "Role", "name": "dask-jupyter", "apiGroup": "rbac.authorization.k8s.io"}})
+        # the ingresses render only when enabled (the controller turns them off)
+        assert not ui["ingress"]["enabled"] and not j["ingress"]["enabled"]
 
     # --- reading the world ---
 
@@ -434,6 +495,13 @@ class World:
         self.kube.stop()
         self.gke.stop()
         return pids
+
+
+def render_chart(values: dict, release: str = "lab1", namespace: str = "dasklab-lab1") -> list[dict]:
+    """The objects the chart dask/dask 2024.1.1 renders from `values` (World._render), without a world."""
+    out: list[dict] = []
+    World._render(None, namespace, release, chart_fullname(release), values, out=out)
+    return out
 
 
 def _merge_patch(before: dict, after: dict) -> dict:

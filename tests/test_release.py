@@ -17,6 +17,7 @@ from dasklab.core.messages import parse_command
 from dasklab.core.specs import build_spec
 from dasklab.core.model import Lab, LabState, nodes_per_zone
 from dasklab.adapters.release import (
+    LAB_ACCOUNT,
     POOL_LABEL,
     TOKEN_SECRET,
     build_helm_values,
@@ -69,7 +70,17 @@ def test_seed_values_are_kept_but_exposure_and_control_are_enforced():
     jupyter = values["jupyter"]
     assert env(jupyter)["JUPYTER_TOKEN"] == {"name": "JUPYTER_TOKEN", "valueFrom": {
         "secretKeyRef": {"name": TOKEN_SECRET, "key": "token"}}}
-    assert jupyter["rbac"] is False and jupyter["serviceAccountName"] is None and jupyter["password"] == ""
+    assert jupyter["rbac"] is False and jupyter["password"] == ""
+    # every pod runs as the lab's account, which mounts no token, and the namespace enforces Pod Security baseline
+    assert {values[c]["serviceAccountName"] for c in ("scheduler", "worker", "jupyter")} == {LAB_ACCOUNT}
+    namespace, account = release(seed_spec()).manifests[:2]
+    assert account == {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                       "metadata": {"name": LAB_ACCOUNT, "namespace": "dasklab-intro-dask",
+                                    "labels": {"managed-by": "dasklab", "lab": "intro-dask"}}}
+    labels = namespace["metadata"]["labels"]
+    assert {k.rsplit("/", 1)[1]: v for k, v in labels.items() if k.startswith("pod-security.kubernetes.io/")} == {
+        "enforce": "baseline", "enforce-version": "latest", "warn": "restricted", "warn-version": "latest",
+        "audit": "restricted", "audit-version": "latest"}
 
 
 def test_enforced_settings_win_over_the_request():
@@ -91,12 +102,12 @@ def test_enforced_settings_win_over_the_request():
 def test_install_job_runs_helm_on_the_pinned_chart_with_values_from_a_configmap():
     rel = release(seed_spec())
     kinds = [m["kind"] for m in rel.manifests]
-    assert kinds == ["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    assert kinds == ["Namespace", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
     assert all(m["metadata"]["labels"]["managed-by"] == "dasklab" for m in rel.manifests)
     assert all(m["metadata"].get("namespace") == "dasklab-intro-dask" for m in rel.manifests[1:])
-    role = rel.manifests[2]
+    role = rel.manifests[3]
     assert {g for rule in role["rules"] for g in rule["apiGroups"]} <= {"", "apps"}  # no RBAC escalation
-    values_cm, job = rel.manifests[4], rel.manifests[5]
+    values_cm, job = rel.manifests[5], rel.manifests[6]
     assert yaml.safe_load(values_cm["data"]["values.yaml"]) == rel.values
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]

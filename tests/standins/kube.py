@@ -46,8 +46,11 @@ import kubernetes.client
 import kubernetes_validate
 import yarl
 
+from tests.standins import pod_security
+
 Obj = dict[str, Any]
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"  # where ServiceAccount admission mounts the token
 # the API server refuses to delete these (k8s.io/kubernetes plugin/pkg/admission/namespace/lifecycle)
 PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
 
@@ -1110,11 +1113,14 @@ class _KubeApi(kmock.KubernetesScaffold):
         if self.find(kind, ns, meta["name"]) is not None:
             raise fail(409, f'{kind.qualified} "{meta["name"]}" already exists', reason="AlreadyExists",
                        name=meta["name"], group=kind.group, kind=kind.plural)
-        if kind is PODS and (refusal := self._admission_refusal(obj)):
+        if kind is PODS and (refusal := self._pod_admission(obj)):
             raise fail(403, f'pods "{meta["name"]}" is forbidden: {refusal}', name=meta["name"], kind="pods")
         meta["uid"] = self._uid()
         self._admit(kind, obj)
         self._insert(kind, obj)
+        if kind is NAMESPACES:  # the ServiceAccount controller gives every namespace its "default" account
+            self._insert(SERVICEACCOUNTS, {"apiVersion": "v1", "kind": "ServiceAccount",
+                                           "metadata": {"name": "default", "namespace": meta["name"]}})
         if not self._deferred:
             self.reconcile(ns if kind.namespaced else None)
         return self.read(kind, ns, meta["name"])
@@ -1153,6 +1159,9 @@ class _KubeApi(kmock.KubernetesScaffold):
             causes.add("metadata.annotations", "FieldValueTooLong", "Too long: must have at most 262144 bytes")
         if kind.plural in VALIDATORS:
             VALIDATORS[kind.plural](obj, old, causes)
+        if kind is NAMESPACES and old is None:  # PodSecurity admission: "require valid labels on create"
+            for label, value, why in pod_security.label_problems(meta.get("labels") or {}):
+                causes.invalid(f"metadata.labels[{label}]", value, why)
         for path, message in schema_problems(obj):  # every object written, against the official schema too
             causes.add(path, "FieldValueInvalid", f"does not match the OpenAPI schema: {message}")
         causes.raise_for(kind, name)
@@ -1546,16 +1555,53 @@ class _KubeApi(kmock.KubernetesScaffold):
         return (bool(node), {"Pending": 0, "Unknown": 1, "Running": 2}.get(pod["status"].get("phase"), 0), ready,
                 cost, -on_node[node], -self._ready_at.get(uid, 0) if ready else 0, -restarts, -self._born.get(uid, 0))
 
-    def _admission_refusal(self, pod: Obj) -> str:
-        """A pod's create through the admission plugins in their order: LimitRanger (mutating: defaults; then
-        validating: min/max) before ResourceQuota, so a quota on limits.* sees the defaulted limits. "" = admitted.
-        Several LimitRange problems are one aggregate error, listed in brackets (k8s.io/apimachinery
-        pkg/util/errors NewAggregate: a single error is its own message)."""
+    def _pod_admission(self, pod: Obj) -> str:
+        """The admission plugins a Pod create passes, in the API server's order ("" = admitted, else why it is
+        forbidden): ServiceAccount and LimitRanger (mutating: the account's token volume; resource defaults), then
+        LimitRanger (validating: min/max), PodSecurity and ResourceQuota (validating, quota last, so a quota on
+        limits.* sees the defaulted limits). Several LimitRange problems are one aggregate error, listed in brackets
+        (k8s.io/apimachinery pkg/util/errors NewAggregate: a single error is its own message)."""
+        if refusal := self._service_account(pod):
+            return refusal
         problems = [p for lr in self.stored(LIMITRANGES, pod["metadata"]["namespace"])
                     for p in limit_range_problems(lr, pod)]
         if problems:
             return problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
-        return self._quota_refusal(pod)
+        return pod_security.refusal(
+            self.read(NAMESPACES, None, pod["metadata"]["namespace"])["metadata"].get("labels") or {}, pod) \
+            or self._quota_refusal(pod)
+
+    def _service_account(self, pod: Obj) -> str:
+        """ServiceAccount admission (plugin/pkg/admission/serviceaccount, NewServiceAccount: "If the pod does not
+        specify a ServiceAccount, it sets the pod's ServiceAccount to default; it ensures the ServiceAccount
+        referenced by the pod exists"; then it adds the projected `kube-api-access-*` volume with the account's
+        token, CA and namespace, mounted read-only at /var/run/secrets/kubernetes.io/serviceaccount in each
+        container, unless the pod or else its ServiceAccount sets automountServiceAccountToken false:
+        kubernetes.io/docs/tasks/configure-pod-container/configure-service-account/ "Opt out of API credential
+        automounting … If both the ServiceAccount and the Pod's .spec specify a value for
+        automountServiceAccountToken, the Pod spec takes precedence")."""
+        spec, ns = pod["spec"], pod["metadata"]["namespace"]
+        name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        spec["serviceAccountName"] = spec["serviceAccount"] = name
+        account = self.find(SERVICEACCOUNTS, ns, name)
+        if account is None:
+            return f'error looking up service account {ns}/{name}: serviceaccount "{name}" not found'
+        mount = spec.get("automountServiceAccountToken")
+        if mount is None:
+            mount = account.get("automountServiceAccountToken", True)
+        if not mount:
+            return ""
+        volume = "kube-api-access-" + "".join(self._rng.choice(SAFE) for _ in range(5))
+        spec.setdefault("volumes", []).append({"name": volume, "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
+                                                                          "fieldPath": "metadata.namespace"}}]}}]}})
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            mounts = container.setdefault("volumeMounts", [])
+            if not any(m.get("mountPath") == TOKEN_PATH for m in mounts):
+                mounts.append({"name": volume, "readOnly": True, "mountPath": TOKEN_PATH})
+        return ""
 
     def _quota_refusal(self, pod: Obj) -> str:
         """ResourceQuota admission (kubernetes.io/docs/concepts/policy/resource-quotas/): with a quota on
@@ -1602,9 +1648,12 @@ class _KubeApi(kmock.KubernetesScaffold):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {k: v for k, v in meta.items() if v},
                "spec": copy.deepcopy(template.get("spec") or {}), "status": {"phase": "Pending"}}
         apply_defaults(PODS, pod)
-        refusal = self._admission_refusal(pod)
+        refusal = self._pod_admission(pod)
+        # PodSecurity's enforce mode is "not applied to workload resources, only to the resulting pod objects"
+        # (pod-security-admission, Workload resources and Pod templates): the controller's own pod create is refused
         if refusal:  # the controller's create was refused (403): it records why and tries again later
-            self._refused[owner["metadata"]["uid"]] = f'pods "{meta["name"]}" is forbidden: {refusal}'
+            # named by its generateName: the name is generated after admission ('pods "w-5d8f9-" is forbidden')
+            self._refused[owner["metadata"]["uid"]] = f'pods "{meta["generateName"]}" is forbidden: {refusal}'
             return None
         self._refused.pop(owner["metadata"]["uid"], None)
         return self._insert(PODS, pod)
@@ -1810,10 +1859,14 @@ class _KubeApi(kmock.KubernetesScaffold):
                      else "Deployment does not have minimum availability."}
         if previous and previous["status"] == condition["status"]:
             condition = previous
+        # a ReplicaSet's ReplicaFailure is copied to its Deployment (pkg/controller/deployment/progress.go
+        # getReplicaFailures: the new ReplicaSet's first, else an old one's)
+        failures = [c for rs in sorted(replicasets, key=lambda rs: rs["metadata"]["name"] != current)
+                    for c in (rs.get("status") or {}).get("conditions") or () if c["type"] == "ReplicaFailure"]
         status = {**omit_zero({
             "observedGeneration": meta["generation"], "replicas": len(pods), "updatedReplicas": len(updated),
             "readyReplicas": ready, "availableReplicas": available,
-            "unavailableReplicas": max(spec["replicas"] - available, 0)}), "conditions": [condition]}
+            "unavailableReplicas": max(spec["replicas"] - available, 0)}), "conditions": [condition, *failures[:1]]}
         if deployment.get("status") != status:
             deployment["status"] = status
             self._put(DEPLOYMENTS, deployment)

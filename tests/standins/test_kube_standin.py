@@ -665,7 +665,7 @@ def test_clone_namespace_copies_objects_with_new_identities(kube, core, apps):
     kube.register_service_backend("lab-a", "lab-a-scheduler", 80, "http://127.0.0.1:9/lab-a")
 
     copied = kube.clone_namespace("lab-a", "lab-b", {"lab-a": "lab-b"})
-    assert copied == 7  # the namespace, its Deployment, ReplicaSet, 2 pods, ConfigMap and Service
+    assert copied == 8  # the namespace, its default ServiceAccount, Deployment, ReplicaSet, 2 pods, ConfigMap, Service
     assert core.read_namespaced_config_map("record", "lab-b").data == {"lab": "lab-b"}
     old, new = pods("lab-a"), pods("lab-b")
     assert len(new) == 2 and all(p.metadata.namespace == "lab-b" for p in new.values())

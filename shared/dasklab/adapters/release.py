@@ -17,6 +17,23 @@ VALUES_KEY = "values.yaml"
 TOKEN_SECRET = "dasklab-jupyter-token"  # key "token": Jupyter's login token, never in values, logs or events
 TOKEN_KEY = "token"
 INSTALLER = "dasklab-helm"  # ServiceAccount, Role and RoleBinding of the install Job, limited to the namespace
+# The ServiceAccount the lab's scheduler, workers and Jupyter run as: no role, and no token mounted in their pods
+# (automountServiceAccountToken false: kubernetes.io/docs/tasks/configure-pod-container/configure-service-account/
+# "Opt out of API credential automounting"); the install Job keeps its own account and token, helm needs them.
+LAB_ACCOUNT = "dasklab-lab"
+# Pod Security Admission (kubernetes.io/docs/concepts/security/pod-security-admission/) on every lab namespace:
+# enforce BASELINE, the strictest level the chart's pods can run under. Not restricted: restricted requires every
+# container's securityContext.allowPrivilegeEscalation=false and capabilities.drop=["ALL"]
+# (kubernetes.io/docs/concepts/security/pod-security-standards/, Restricted), and the chart dask/dask 2024.1.1 renders
+# only a pod-level securityContext (scheduler/worker/jupyter.securityContext), no container-level one, so no values
+# can make its pods pass. Warn and audit at restricted report what still separates a lab from it. `latest`: each
+# Kubernetes release's baseline checks as they come (the chart's pods set none of the fields they restrict).
+POD_SECURITY_LEVEL = "baseline"
+POD_SECURITY_VERSION = "latest"
+POD_SECURITY_LABELS = {**{f"pod-security.kubernetes.io/{mode}": level for mode, level in (
+    ("enforce", POD_SECURITY_LEVEL), ("warn", "restricted"), ("audit", "restricted"))},
+                       **{f"pod-security.kubernetes.io/{mode}-version": POD_SECURITY_VERSION
+                          for mode in ("enforce", "warn", "audit")}}
 JUPYTER_PORT = 8888
 WEBUI_PORT = 80  # the chart's webUI.servicePort: the scheduler Service's dashboard port
 # The images of the chart 2024.1.1 (values.yaml: scheduler/worker.image.repository, jupyter.image.repository);
@@ -103,10 +120,11 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
     its pod and node);
     every Service stays ClusterIP and no Ingress is made (a public Jupyter is a separate LoadBalancer Service
     with source ranges, see `build_public_jupyter_service`); Jupyter logs in with a random token read from a
-    Secret, has no RBAC to scale workers, and the chart's known default password is removed; no component runs under
-    a service account the values name. The scheduler and Jupyter get requests and limits within their slot of a
-    `system_machine` node (build_system_quantities). Every image runs the lab's Dask version (`build_images`).
-    `replicas`: the worker count a later revision (helm upgrade) keeps, instead of the initial one.
+    Secret, has no RBAC to scale workers, and the chart's known default password is removed. The scheduler, workers
+    and Jupyter run as LAB_ACCOUNT (no token in their pods), whatever account the values name; the scheduler and
+    Jupyter get requests and limits within their slot of a `system_machine` node (build_system_quantities). Every
+    image runs the lab's Dask version (`build_images`). `replicas`: the worker count a later revision (helm upgrade)
+    keeps, instead of the initial one.
     """
     values = _merge(CONTROLLER_DEFAULTS, spec.values or {})
     images = build_images(spec, values)
@@ -122,22 +140,23 @@ def build_helm_values(spec: LabSpec, *, system_pool: str, worker_pool: str, repl
         del user_args[i:i + 2]
     enforced = {
         "scheduler": {"serviceType": "ClusterIP", "loadBalancerIP": None, "nodeSelector": on(system_pool),
-                      "serviceAccountName": None, "image": images["scheduler"], "replicas": 1,
+                      "serviceAccountName": LAB_ACCOUNT, "image": images["scheduler"], "replicas": 1,
                       "resources": build_system_quantities(spec, "scheduler", system_machine),
                       "env": _with_env(scheduler.get("env"), [{"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES",
                                                                "value": json.dumps(SCHEDULER_HTTP_ROUTES)}])},
         "webUI": {"ingress": {"enabled": False}},
         "worker": {"replicas": spec.initial_workers if replicas is None else replicas, "image": images["worker"],
-                   "strategy": WORKER_STRATEGY, "serviceAccountName": None,
+                   "strategy": WORKER_STRATEGY, "serviceAccountName": LAB_ACCOUNT,
                    "resources": {"limits": dict(quantity), "requests": quantity},
                    "threads_per_worker": max(1, int(spec.worker_cpu)), "nodeSelector": on(worker_pool),
                    "env": _with_env(worker.get("env"), [{"name": "POD_NAME", "valueFrom": {
                        "fieldRef": {"fieldPath": "metadata.name"}}}]),
                    "extraArgs": user_args + ["--name", "$(POD_NAME)"]},
         "additional_worker_groups": [],
-        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"], "serviceAccountName": None, "password": "",
+        "jupyter": {"serviceType": "ClusterIP", "rbac": False, "image": images["jupyter"],
+                    "serviceAccountName": LAB_ACCOUNT, "password": "", "ingress": {"enabled": False},
                     "resources": build_system_quantities(spec, "jupyter", system_machine),
-                    "ingress": {"enabled": False}, "nodeSelector": on(system_pool),
+                    "nodeSelector": on(system_pool),
                     "env": _with_env(jupyter.get("env"), [{"name": "JUPYTER_TOKEN", "valueFrom": {
                         "secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}])},
     }
@@ -152,9 +171,16 @@ def _meta(name: str, namespace: str | None, lab: str, **labels: str) -> dict:
 
 
 def build_namespace(namespace: str, lab: str, class_name: str = "") -> dict:
-    """The lab's namespace; in a class's shared cluster labelled with the class (its labs are listed by it)."""
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": _meta(namespace, None, lab, **({"class": class_name} if class_name else {}))}
+    """The lab's namespace, under Pod Security Admission (POD_SECURITY_LABELS); in a class's shared cluster labelled
+    with the class (its labs are listed by it)."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(
+        namespace, None, lab, **POD_SECURITY_LABELS, **({"class": class_name} if class_name else {}))}
+
+
+def build_lab_account(namespace: str, lab: str) -> dict:
+    """The ServiceAccount of the lab's pods (LAB_ACCOUNT): no token is mounted in a pod that runs as it."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(LAB_ACCOUNT, namespace, lab),
+            "automountServiceAccountToken": False}
 
 
 HELM_REQUESTS = {"cpu": "100m", "memory": "256Mi"}  # the install Job's container (a quota needs requests on every pod)
@@ -289,8 +315,9 @@ class Release:
 def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: str, chart_version: str,
                   helm_image: str, system_pool: str, worker_pool: str, replicas: int | None = None,
                   system_machine: str = Config.system_machine_type) -> Release:
-    """The release's values and the manifests that install it: namespace, installer RBAC, values ConfigMap,
-    the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter Service if asked.
+    """The release's values and the manifests that install it: namespace, the lab's ServiceAccount, installer RBAC,
+    values ConfigMap, the Job running `helm upgrade --install … -f /values/values.yaml`, and the public Jupyter
+    Service if asked.
     A later revision (update-lab: other values, `replicas` the workers running then) gets a Job of another name,
     so each revision is its own `helm upgrade`."""
     import yaml  # PyYAML: only the install path pays for it
@@ -307,6 +334,7 @@ def build_release(spec: LabSpec, *, release: str, namespace: str, chart_repo: st
             "--namespace", namespace, "-f", f"/values/{VALUES_KEY}"]
     manifests = [
         build_namespace(namespace, lab),
+        build_lab_account(namespace, lab),  # before the Job: its pods are refused until their account exists
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(INSTALLER, namespace, lab)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(INSTALLER, namespace, lab),
          "rules": rules},

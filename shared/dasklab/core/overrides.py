@@ -59,7 +59,7 @@ def _service_notes(values: dict, spec: LabSpec, backend: str) -> list[str]:
 def _account_notes(values: dict) -> list[str]:
     """The chart's serviceAccountName of each component: the lab's pods run under the lab's own account."""
     return [f"values.{key}.serviceAccountName: replaced by the lab's own service account, which has no Kubernetes "
-            "rights; the lab's pods need none" for key in ("scheduler", "worker", "jupyter")
+            "rights and mounts no token; the lab's pods need none" for key in ("scheduler", "worker", "jupyter")
             if _block(values, key).get("serviceAccountName") is not None]
 
 
