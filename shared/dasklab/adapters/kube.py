@@ -121,6 +121,17 @@ class Kube:
         self._call(f"patch {kind} {meta['name']}", patch, meta["name"], meta["namespace"], {"spec": manifest["spec"]})
         return True
 
+    def ensure_labels(self, manifest: dict) -> bool:
+        """A Namespace carries the manifest's labels (a merge patch of those that differ; others kept); True if it
+        changed. A lab made by an earlier version gets the labels it lacks (its Pod Security level) this way."""
+        name, want = manifest["metadata"]["name"], manifest["metadata"].get("labels") or {}
+        found = self._call(f"read Namespace {name}", self.core.read_namespace, name)
+        have = found.metadata.labels or {}
+        missing = {k: v for k, v in want.items() if have.get(k) != v}
+        if missing:
+            self._call(f"patch Namespace {name}", self.core.patch_namespace, name, {"metadata": {"labels": missing}})
+        return bool(missing)
+
     def namespace_phase(self, ns: str) -> str | None:
         """Active, Terminating, or None if there is no such namespace."""
         found = self._call(f"read Namespace {ns}", self.core.read_namespace, ns, missing_ok=True)

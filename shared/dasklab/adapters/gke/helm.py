@@ -138,6 +138,10 @@ class Helm(GkeBase):
         job = kube.read_job(place.namespace, release.job_name)
         if job is None:
             kube.set_min_ready(place.namespace, place.workers, HOLD_S)  # before the Job: a crash between repeats it
+            # a lab an earlier version installed gets the boundaries it lacks: its Pod Security labels, NetworkPolicies
+            kube.ensure_labels(build_namespace(place.namespace, lab.name, place.class_name))
+            for manifest in build_network_policies(lab.spec, place.release, place.namespace):
+                kube.create(manifest)
             kube.ensure_spec(build_limit_range(lab.spec, release.values, place.namespace))  # the new sizes' bounds
             if place.shared:
                 kube.ensure_spec(build_quota(lab.spec, release.values, place.namespace))
