@@ -11,7 +11,7 @@ import yaml
 from kubernetes import client
 from dasklab.adapters.gke import place_of
 from dasklab.adapters.release import (LAB_ACCOUNT, POD_SECURITY_LABELS, POOL_LABEL, TOKEN_KEY, TOKEN_SECRET,
-                                      build_helm_values, build_namespace)
+                                      build_helm_values, build_limit_range, build_namespace)
 from dasklab.core.chart_values import ACCEPTED
 from dasklab.core.config import Config
 from dasklab.core.messages import parse_command
@@ -149,3 +149,23 @@ def test_a_lab_an_earlier_version_installed_gets_its_boundaries_at_its_next_upda
     labels = world.kube.get("namespaces", None, ns)["metadata"]["labels"]
     assert {k: labels.get(k) for k in POD_SECURITY_LABELS} == POD_SECURITY_LABELS
     assert world.kube.get("networkpolicies", ns, "dasklab-egress") is not None
+
+
+def test_a_lab_whose_scheduler_the_api_server_refuses_fails_saying_why(world, controller, monkeypatch):
+    """Pods refused at admission are not waited on forever: with a LimitRange that allows no container above half a
+    CPU (an administrator's, say), the scheduler's Deployment says ReplicaFailure and the lab fails with the API
+    server's words in lab-failed."""
+    from dasklab.adapters.gke import helm
+
+    def small(spec, values, namespace):
+        manifest = build_limit_range(spec, values, namespace)
+        manifest["spec"]["limits"][0]["max"]["cpu"] = "500m"
+        return manifest
+    monkeypatch.setattr(helm, "build_limit_range", small)
+    ctl = controller
+    ctl.handle(start_msg(), "m1")
+    drive(ctl, world, lambda: phase(ctl) == "failed", timeout=120)
+    failed = ctl.events.published[-1]
+    assert failed["event"] == "lab-failed"
+    assert "the scheduler's pods are refused by the API server" in failed["reason"]
+    assert "maximum cpu usage per Container is 500m" in failed["reason"]

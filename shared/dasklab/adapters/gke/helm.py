@@ -96,8 +96,23 @@ class Helm(GkeBase):
         try:
             self.dashboard(lab).transport.get("/health")
         except SchedulerUnreachable as e:
+            refused = self._refused_pods(kube, place)
+            if refused:
+                return "failed", refused
             return "installing", f"release installed; scheduler not answering yet ({e})"
         return "deployed", ""
+
+    @staticmethod
+    def _refused_pods(kube: Kube, place) -> str:
+        """Why the API server refuses the scheduler's or Jupyter's pods, if it does: their Deployment's condition
+        ReplicaFailure (reason FailedCreate, the admission's message: Pod Security, LimitRange, quota) — kept on
+        the Deployment while the refusal lasts (apps/v1 DeploymentConditionType)."""
+        for component in ("scheduler", "jupyter"):
+            deployment = kube.deployment(place.namespace, f"{place.fullname}-{component}")
+            for cond in (deployment and deployment.status and deployment.status.conditions) or ():
+                if cond.type == "ReplicaFailure" and cond.status == "True":
+                    return f"the {component}'s pods are refused by the API server: {cond.message}"
+        return ""
 
     def apply_install(self, lab: Lab) -> None:
         """Namespace, Jupyter's token Secret, installer RBAC, values ConfigMap and the Helm Job (each created
