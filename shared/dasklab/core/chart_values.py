@@ -53,7 +53,8 @@ def _component(c: str) -> dict[str, Accepted]:
         for q in ("cpu", "memory"):
             keys[f"{c}.resources.{kind}.{q}"] = Accepted(
                 f"replaced by the worker size (worker_resources, else resources.limits), a note if it differs"
-                if c == "worker" else f"passed to the chart: the pod's {kind} of {_QUANTITY[q]}",
+                if c == "worker" else (f"passed to the chart: the pod's {kind} of {_QUANTITY[q]}, capped at the "
+                                       f"{c}'s slot of a system node (a note; memory limited to its request)"),
                 "the seed's config.yaml sizes every component; only CPU and memory, which every node has"
                 + ("; a worker is sized to fit its node" if c == "worker" else ""))
     start = c == "jupyter"  # its variables that change how Jupyter starts are refused
@@ -75,7 +76,7 @@ def _component(c: str) -> dict[str, Accepted]:
         f"kept, and pinned to {_POOL[c]} as well (a note)", "the controller places every component; your labels "
                                                             "can only narrow that", shape="labels")
     keys[f"{c}.serviceAccountName"] = Accepted(
-        "replaced by the lab's own service account, which has no Kubernetes rights (a note)",
+        "replaced by the lab's own service account, which has no Kubernetes rights and mounts no token (a note)",
         "a named account would lend its rights (the install Job's may write the lab's Secrets and record)")
     return keys
 
