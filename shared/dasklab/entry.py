@@ -5,6 +5,7 @@ from functools import lru_cache
 from dasklab.core import logs
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import decode_publish_time, decode_pubsub, parse_command, parse_request_id
+from dasklab.core.trust import parse_sender
 
 
 @lru_cache(maxsize=1)
@@ -24,8 +25,9 @@ def handle_event(data, event_id: str = "") -> None:
         mid = mid or event_id
         request = parse_request_id(attributes)
         published = decode_publish_time(data)  # a stop-lab wins over a start-lab published before it
+        sender = parse_sender(attributes)  # None: an administrator's direct publish (core/trust.py)
         cmd = parse_command(payload)
-        controller().handle(cmd, mid, published=published, request_id=request)
+        controller().handle(cmd, mid, published=published, request_id=request, sender=sender)
     except PermanentError as e:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,
                   lab=_lab_of(cmd))

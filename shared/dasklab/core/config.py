@@ -88,6 +88,10 @@ class Config:
     helm_image: str = "alpine/helm:3.16.3"
     # the Dask version of every lab's images (scheduler, workers, Jupyter): inside DASK_WINDOW
     dask_version: str = "2026.3.0"
+    # Google identities (comma-separated e-mails) that may send any command, for anyone (core/trust.py)
+    admins: str = ""
+    # the HTTPS command entry point's URL: the CLI calls it, and it is the audience its callers' ID tokens name
+    command_url: str = ""
     firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
 
     @property
