@@ -76,3 +76,12 @@ def test_the_controller_checks_the_sender_attribute_on_the_records(local_env, mo
     assert LocalBackend(local_env).fetch_lab("lab-a") is None  # ann's own stop: gone
     forged = send({"type": "stop-lab", "lab": "lab-a"}, "m-7", "Not An Identity")
     assert (forged["outcome"], forged["field"]) == ("refused", "message.attributes.sender")
+
+
+def test_an_identity_owner_still_makes_a_valid_gke_label():
+    import re
+
+    from dasklab.adapters.gke.base import build_labels
+    from dasklab.core.messages import LABEL_VALUE
+    labels = build_labels(ANNS)
+    assert labels["owner"] == "ann_example_edu" and re.fullmatch(LABEL_VALUE, labels["owner"])

@@ -15,12 +15,14 @@ class Unauthenticated(PermanentError):
 
 def verify_caller(authorization: str, audience: list[str], certs_url: str = GOOGLE_CERTS) -> str:
     """The verified e-mail of an `Authorization: Bearer <ID token>` header: its RS256 signature checked against
-    `certs_url`'s certificates, its audience against one of `audience` (the entry point's URL first), its expiry, its issuer."""
+    `certs_url`'s certificates, its audience against one of `audience` (the entry point's URL first), its expiry,
+    its issuer."""
     from google.auth.transport.requests import Request
     from google.oauth2 import id_token
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("no bearer ID token: call with `Authorization: Bearer $(gcloud auth print-identity-token)`")
+        raise Unauthenticated("no bearer ID token: call with "
+                              "`Authorization: Bearer $(gcloud auth print-identity-token)`")
     if not audience or not audience[0]:
         raise PermanentError("DASKLAB_COMMAND_URL is unset: the entry point cannot check its callers' audience")
     try:
