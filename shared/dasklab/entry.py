@@ -4,7 +4,7 @@ verified sender → the trust rules → the control topic; errors classified."""
 from functools import lru_cache
 
 from dasklab.core import logs
-from dasklab.core.errors import NotAllowed, PermanentError, ValidationError
+from dasklab.core.errors import NotAllowed, PermanentError, TransientError, ValidationError
 from dasklab.core.messages import REQUEST_ID, decode_publish_time, decode_pubsub, parse_command, parse_request_id
 from dasklab.core.trust import SENDER, parse_sender
 
@@ -78,6 +78,9 @@ def handle_command(authorization: str, body: bytes, request_id: str = "") -> tup
             _publish_refusal(e, cmd, "", request)
         return code, {k: v for k, v in {"outcome": "refused", "reason": str(e), "field": getattr(e, "field", None),
                                         "rule": getattr(e, "rule", None), "sender": sender}.items() if v}
+    except TransientError as e:  # the certificates or the topic did not answer: the caller may send it again
+        logs.emit("WARNING", action="retry", reason=str(e), sender=sender)
+        return 503, {"outcome": "retry", "reason": str(e)}
     logs.emit("INFO", action="published", reason=f"{cmd.type} from {sender}", message_id=mid, lab=_lab_of(cmd))
     return 202, {"outcome": "published", "message_id": mid, "sender": sender, "request_id": request or None}
 
