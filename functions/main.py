@@ -1,11 +1,20 @@
-"""Cloud Function entry points: decode the Pub/Sub CloudEvent, validate it, hand it to the controller."""
+"""Cloud Function entry points: a Pub/Sub CloudEvent (decoded, validated, to the controller), an HTTPS command."""
 
 import functions_framework
 
-from dasklab.entry import handle_event
+from dasklab.entry import handle_command, handle_event
 
 
 @functions_framework.cloud_event
 def control(cloud_event):
     """Commands (start-lab, update-lab, stop-lab, keep-alive, scale) and timer ticks, all from the control topic."""
     handle_event(cloud_event.data, cloud_event["id"])
+
+
+@functions_framework.http
+def command(request):
+    """A person's command over HTTPS (IAM-authenticated): the verified caller becomes its `sender`, then the control
+    topic. Answers 202 with the message id, or the refusal naming the field and rule."""
+    code, answer = handle_command(request.headers.get("Authorization", ""), request.get_data(),
+                                  request.headers.get("X-Request-Id", ""))
+    return answer, code

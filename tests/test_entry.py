@@ -76,7 +76,7 @@ def test_malformed_envelope_is_acknowledged(local_env, caplog):
 def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
     from functions import main
 
-    def busy(cmd, mid, published=None, request_id=""):
+    def busy(cmd, mid, published=None, request_id="", sender=None):
         raise ConflictError("someone else changed the lab")
 
     monkeypatch.setattr(entry.controller(), "handle", busy)

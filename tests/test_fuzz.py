@@ -68,7 +68,7 @@ class Recorder:
     def __init__(self):
         self.handled, self.refusals = [], []
 
-    def handle(self, cmd, mid, published=None, request_id=""):
+    def handle(self, cmd, mid, published=None, request_id="", sender=None):
         if isinstance(cmd, StartLab):
             build_spec(cmd, Config())
         elif isinstance(cmd, Scale):

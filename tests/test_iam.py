@@ -122,7 +122,7 @@ def in_scope(scope: str, scopes: list[str]) -> bool:
 def identities() -> dict[str, dict]:
     return {**{f"account {k}": v for k, v in IAM["accounts"].items()},
             **{f"service agent {k}": v for k, v in IAM["service_agents"].items()}, "deployer": IAM["deployer"],
-            "operator": IAM["operator"]}
+            "operator": IAM["operator"], "administrator": IAM["administrator"]}
 
 
 def needed(ident: dict) -> set[str]:
@@ -219,3 +219,34 @@ def test_the_function_runs_as_the_controller_and_its_nodes_as_the_nodes_account(
     assert flags["service-account"] == flags["trigger-service-account"] == controller
     env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
     assert env["DASKLAB_NODE_SERVICE_ACCOUNT"] == deploy.account_email(IAM["accounts"]["nodes"]["account"], PROJECT)
+
+
+def test_the_operator_calls_the_entry_point_and_reads_its_answers_and_nothing_more():
+    """Item 6: an operator invokes the command entry point and attaches subscriptions to the status topic alone; it
+    cannot publish a command, read the control topic, or delete a subscription (the trigger's stops every command)."""
+    from dasklab.core.config import Config
+    operator = IAM["operator"]
+    granted = {p: g for g in operator["roles"] for p in role_permissions(g["role"])}
+    assert {"pubsub.topics.publish", "pubsub.subscriptions.delete", "pubsub.topics.attachSubscription"} - set(
+        granted) == {"pubsub.topics.publish", "pubsub.subscriptions.delete"}
+    assert granted["pubsub.topics.attachSubscription"]["on_topic"] == Config.status_topic  # never the control topic
+    assert granted["run.routes.invoke"] == {**granted["run.routes.invoke"], "role": "roles/run.invoker",
+                                            "on_service": "dasklab-command"}
+    assert not any(g.get("on_topic") == Config.control_topic for g in operator["roles"])
+    # direct publishing on the control topic: administrators (on that topic alone) and the controller's account
+    # (the entry point and the class wake-ups run as it); nobody else of this file
+    publishers = sorted(name for name, ident in identities().items()
+                        if any("pubsub.topics.publish" in role_permissions(g["role"]) for g in ident["roles"]))
+    assert publishers == ["account controller", "administrator", "deployer", "service agent pubsub"]
+    [admin_grant] = [g for g in IAM["administrator"]["roles"] if g["role"] == "roles/pubsub.publisher"]
+    assert admin_grant["on_topic"] == Config.control_topic
+
+
+def test_an_operators_cli_leaves_its_reply_subscription_to_expire(monkeypatch):
+    import dasklab.adapters.pubsub as pubsub
+    from dasklab.replies import PubSubReplies
+    calls = []
+    monkeypatch.setattr(pubsub, "close_reply_subscription", lambda *a: calls.append(a))
+    PubSubReplies("p", "dasklab-status", "r1", delete=False).__exit__(None, None, None)
+    PubSubReplies("p", "dasklab-status", "r2").__exit__(None, None, None)
+    assert calls == [("p", "dasklab-reply-r2")]  # the administrator's path deletes its own

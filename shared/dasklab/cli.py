@@ -110,19 +110,20 @@ def validate(payload: dict, cfg) -> None:
         check_caps(cmd, cfg)
 
 
-def _replies(cfg, request_id: str, wait: float):
+def _replies(cfg, request_id: str, wait: float, delete: bool = True):
     """Where this command's outcome will appear: the status topic (Google Cloud or the emulator) or the local
-    status file; listening starts before the command is published, so nothing is missed."""
+    status file; listening starts before the command is published, so nothing is missed. An operator may not
+    delete subscriptions (`delete=False`): theirs expires by itself."""
     from dasklab import replies
     if wait <= 0:
         return replies.NoReplies()
     if cfg.backend == "gke":
-        return replies.PubSubReplies(cfg.project, cfg.status_topic, request_id)
+        return replies.PubSubReplies(cfg.project, cfg.status_topic, request_id, delete)
     from dasklab.local.serve import serve_info
     info = serve_info(cfg.home)
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
-        return replies.PubSubReplies(info["project"], info.get("status_topic", cfg.status_topic), request_id)
+        return replies.PubSubReplies(info["project"], info.get("status_topic", cfg.status_topic), request_id, delete)
     return replies.FileReplies(Path(cfg.home) / "status.jsonl", request_id)
 
 
@@ -146,8 +147,15 @@ def cmd_publish(a, cfg) -> int:
     validate(payload, cfg)
     wait = 0.0 if a.no_wait else a.wait
     request_id = new_request_id()
-    with _replies(cfg, request_id, wait) as replies:
-        if cfg.backend == "gke":
+    direct = getattr(a, "direct", False) or not cfg.command_url
+    if not direct and a.cmd in ("start-lab", "start-class") and not a.owner:
+        payload.pop("owner")  # the entry point makes the verified caller its owner
+    with _replies(cfg, request_id, wait, delete=direct) as replies:
+        if not direct:  # the HTTPS entry point, with the caller's own credentials: it verifies who sends
+            from dasklab.adapters.idtokens import post_command
+            answer = post_command(cfg.command_url, payload, request_id)
+            mid, where = answer["message_id"], f"{cfg.command_url} as {answer['sender']}"
+        elif cfg.backend == "gke":
             from dasklab.adapters import pubsub
             mid = pubsub.publish(cfg.project, cfg.control_topic, payload, **{REQUEST_ID: request_id})
             where = f"projects/{cfg.project}/topics/{cfg.control_topic}"
@@ -425,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
                       help=f"wait this long for the controller's outcome (default {DEFAULT_WAIT_S:g})")
     wait.add_argument("--no-wait", action="store_true", help="publish and return at once")
+    wait.add_argument("--direct", action="store_true", help="publish on the control topic itself (administrators "
+                                                            "only), not through $DASKLAB_COMMAND_URL")
     sizing = argparse.ArgumentParser(add_help=False)  # what start-lab and start-class give each lab
     sizing.add_argument("--min", type=int)
     sizing.add_argument("--max", type=int)

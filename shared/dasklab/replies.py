@@ -22,10 +22,11 @@ def is_reply(event: dict, request_id: str, message_id: str | None) -> bool:
 
 class PubSubReplies:
     """A short-lived subscription on the status topic filtered on the request id (the filter works on Google
-    Cloud; the emulator ignores it, so events are filtered here too), deleted on exit."""
+    Cloud; the emulator ignores it, so events are filtered here too), deleted on exit by an administrator; an
+    operator's expires by itself (a day unused: REPLY_TTL_S)."""
 
-    def __init__(self, project: str, topic: str, request_id: str):
-        self.project, self.topic, self.request_id = project, topic, request_id
+    def __init__(self, project: str, topic: str, request_id: str, delete: bool = True):
+        self.project, self.topic, self.request_id, self.delete = project, topic, request_id, delete
         self.name = f"dasklab-reply-{request_id}"
 
     def __enter__(self) -> "PubSubReplies":
@@ -45,7 +46,8 @@ class PubSubReplies:
 
     def __exit__(self, *exc) -> None:
         from dasklab.adapters import pubsub
-        pubsub.close_reply_subscription(self.project, self.name)
+        if self.delete:
+            pubsub.close_reply_subscription(self.project, self.name)
 
 
 class FileReplies:

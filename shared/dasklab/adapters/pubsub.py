@@ -93,7 +93,8 @@ def open_reply_subscription(project: str, topic: str, name: str, request_id: str
         subscriber().create_subscription(request=request)
     except gexc.PermissionDenied as e:
         raise PermanentError(f"cannot subscribe to {topic} for the command's outcome ({e.message}): you need "
-                             f"the role dasklabOperator (README, \"Starting a lab\"), or pass --no-wait") from e
+                             f"the role dasklabOperator and roles/pubsub.subscriber on {topic} (infra/iam.yaml: "
+                             "operator), or pass --no-wait") from e
     except gexc.NotFound as e:
         raise PermanentError(f"topic {topic} not found in {project}: run `dasklab infra apply` first") from e
     except (gexc.GoogleAPICallError, gexc.RetryError) as e:

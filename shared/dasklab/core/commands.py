@@ -15,16 +15,21 @@ from dasklab.core.tombstones import UNPIN, plan_ordered, plan_ordered_limits
 from dasklab.core.classes import ClassRecord, wakeup_message
 from dasklab.core.model import FAILED, READY, TEARING_DOWN
 from dasklab.core.policy import plan_jupyter_restart, plan_update
+from dasklab.core.trust import check_authorized, parse_admins
 
 
 class Commands(Part):
     """start-lab, update-lab, stop-lab, keep-alive, scale, start-class, stop-class, and the class wake-up."""
 
     def handle(self, cmd: Command, message_id: str = "", published: float | None = None,
-               request_id: str = "") -> None:
+               request_id: str = "", sender: str | None = None) -> None:
         """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
         handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
-        refusal is raised (PermanentError) and published by the entry point."""
+        refusal is raised (PermanentError) and published by the entry point. `sender` is the verified identity the
+        HTTPS entry point set; None is a direct publish, which topic IAM allows administrators (and the entry
+        point, which always sets it) alone: an administrator's."""
+        if sender is not None:
+            self.authorize(cmd, sender)
         if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale)):  # ordered by publishTime
             handler = {StartLab: self.start_lab, StopLab: self.c.labs.apply_stop, StartClass: self.start_class,
                        StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale}[type(cmd)]
@@ -36,6 +41,13 @@ class Commands(Part):
         if outcome is not None:  # ticks have no sender waiting
             self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome,
                                  **{"class": getattr(cmd, "class_", None)})
+
+    def authorize(self, cmd: Command, sender: str) -> None:
+        """The trust rules again on the records as read now (defence in depth behind the HTTPS entry point)."""
+        import msgspec
+        lab = self.backend.fetch_lab(cmd.lab) if getattr(cmd, "lab", None) else None
+        klass = self.c.class_steps.store().fetch_class(cmd.class_) if getattr(cmd, "class_", None) else None
+        check_authorized(sender, sender in parse_admins(self.config.admins), msgspec.to_builtins(cmd), lab, klass)
 
     def publish_outcome(self, command: str | None, lab: str | None, message_id: str, request_id: str, outcome: str,
                         reason: str, **extra) -> None:

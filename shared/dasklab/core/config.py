@@ -88,6 +88,14 @@ class Config:
     helm_image: str = "alpine/helm:3.16.3"
     # the Dask version of every lab's images (scheduler, workers, Jupyter): inside DASK_WINDOW
     dask_version: str = "2026.3.0"
+    # Google identities (comma-separated e-mails) that may send any command, for anyone (core/trust.py)
+    admins: str = ""
+    # the HTTPS command entry point's URL: the CLI calls it, and it is the audience its callers' ID tokens name
+    command_url: str = ""
+    # more audiences its callers' tokens may name (comma-separated; e.g. gcloud's own client id, which a person's
+    # `gcloud auth print-identity-token` names and Cloud Run accepts), and where Google's signing certificates are
+    token_audiences: str = ""
+    id_token_certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
     firestore_database: str = "(default)"  # GKE backend: the Firestore (Native mode) database of the tombstones
 
     @property

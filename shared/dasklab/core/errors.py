@@ -17,6 +17,14 @@ class ValidationError(PermanentError):
         super().__init__(f"{field}: {rule}")
 
 
+class NotAllowed(PermanentError):
+    """The trust model refuses this sender this command (core/trust.py): `rule` names the rule, `field` the field."""
+
+    def __init__(self, field: str, rule: str, reason: str):
+        self.field, self.rule = field, rule
+        super().__init__(f"{reason}: {rule}")
+
+
 class TransientError(DasklabError):
     """Retrying later may help: timeouts, conflicts, an operation in progress. Raised to get a redelivery."""
 

@@ -32,7 +32,9 @@ def _whole(pattern: str) -> str:
 
 
 _Lab = Annotated[str, msgspec.Meta(pattern=_whole(LAB_NAME))]
-_Owner = Annotated[str, msgspec.Meta(pattern=_whole(LABEL_VALUE))]
+# a name (GKE label value) or a Google identity: the verified sender the HTTPS entry point sets
+OWNER = r"^([a-z0-9_-]{1,63}|[a-z0-9._%+-]{1,64}@[a-z0-9.-]{1,190}\.[a-z]{2,63})$"
+_Owner = Annotated[str, msgspec.Meta(pattern=_whole(OWNER))]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 _AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 _Quantity = Union[int, float, str]  # a Kubernetes quantity, converted by parse_cpu / parse_memory
@@ -41,6 +43,8 @@ _PATTERN_WORDS = {
     repr(_whole(LAB_NAME)): "must be ≤ 40 chars of lowercase letters, digits and hyphens, start with a letter "
                             "and end with a letter or digit (GKE cluster name rules)",
     repr(_whole(LABEL_VALUE)): "must be 1-63 chars of lowercase letters, digits, '_' and '-' (GKE label value)",
+    repr(_whole(OWNER)): "must be 1-63 chars of lowercase letters, digits, '_' and '-' (GKE label value), "
+                        "or a lowercase e-mail address",
     repr(_whole(_ENV_NAME)): "must be letters, digits and '_', not starting with a digit (an environment variable)",
 }
 

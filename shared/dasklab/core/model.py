@@ -72,6 +72,7 @@ class LabSpec:
     notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"
     class_name: str = ""  # the class this lab is a student's lab of ("" = a lab of its own)
     student: str = ""  # the student (a roster name) whose lab it is, within class_name
+    student_identity: str = ""  # that student's Google identity (`ann=ann@example.edu`): may keep it alive, stop it
     placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
     class_size: int = 0  # students in its class when it was started: a shared lab's share of the class cluster
     budget_usd: float | None = None  # estimated cost at which the lab is warned (80 %), shrunk (90 %), torn down

@@ -48,9 +48,14 @@ class Controller:
         one process; each is an actor of its own)."""
         return f"{self._instance}-{threading.get_ident()}"
 
-    def handle(self, cmd, message_id: str = "", published: float | None = None, request_id: str = "") -> None:
+    def handle(self, cmd, message_id: str = "", published: float | None = None, request_id: str = "",
+               sender: str | None = None) -> None:
         """Run one command or tick (see Commands.handle)."""
-        self.commands.handle(cmd, message_id, published, request_id)
+        self.commands.handle(cmd, message_id, published, request_id, sender)
+
+    def authorize(self, cmd, sender: str) -> None:
+        """The trust rules for this sender and command on the records it names (NotAllowed if refused)."""
+        self.commands.authorize(cmd, sender)
 
     def publish_outcome(self, *args, **extra) -> None:
         self.commands.publish_outcome(*args, **extra)

@@ -1,6 +1,7 @@
 """GKE backend, the ground every role stands on: where a lab lives (Place), the cluster's identity labels, and the GKE
 calls (errors translated, operations polled)."""
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -85,7 +86,8 @@ def build_labels(lab: Lab) -> dict[str, str]:
     place = place_of(lab)
     if place.shared:
         return {"managed-by": MANAGED_BY, **class_labels(place)}
-    return {"managed-by": MANAGED_BY, "lab": lab.name, "owner": lab.spec.owner,
+    owner = re.sub(r"[^a-z0-9_-]", "_", lab.spec.owner)[:63]  # an identity's '@' and '.' are no label characters
+    return {"managed-by": MANAGED_BY, "lab": lab.name, "owner": owner,
             **({"class": lab.spec.class_name} if lab.spec.class_name else {})}
 
 
