@@ -89,7 +89,8 @@ def test_three_students_each_reach_their_own_lab_and_nothing_else(tmp_path, fire
             return f"dasklab-intro-{student}"
 
         def jupyter_pod(student, who="prof"):
-            (pod,) = client.CoreV1Api(api(who)).list_namespaced_pod(ns(student), label_selector="component=jupyter").items
+            (pod,) = client.CoreV1Api(api(who)).list_namespaced_pod(ns(student),
+                                                                   label_selector="component=jupyter").items
             return pod.metadata.name
 
         def connects(who, student):

@@ -87,7 +87,8 @@ JOBS = Kind("batch", "v1", "jobs", "Job", True, "subdomain", ("status",))
 ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "path")
 ROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "path")
 CLUSTERROLES = Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False, "path")
-CLUSTERROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False, "path")
+CLUSTERROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False,
+                           "path")
 RESOURCEQUOTAS = Kind("", "v1", "resourcequotas", "ResourceQuota", True, "subdomain", ("status",))
 NETWORKPOLICIES = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "subdomain")
 LIMITRANGES = Kind("", "v1", "limitranges", "LimitRange", True, "subdomain")
@@ -1015,8 +1016,8 @@ class _KubeApi(kmock.KubernetesScaffold):
             return aiohttp.web.Response(text=self._log(ns, name, params), content_type="text/plain")
         elif sub in ("portforward", "exec", "attach"):
             self.read(kind, ns, name)
-            # streams need an upgraded connection (SPDY or WebSocket); a plain request is refused 400 (k8s.io/apimachinery
-            # pkg/util/httpstream: "Upgrade request required"). The stand-in serves no streams.
+            # streams need an upgraded connection (SPDY or WebSocket); a plain request is refused 400
+            # (k8s.io/apimachinery pkg/util/httpstream: "Upgrade request required"). The stand-in serves no streams.
             return aiohttp.web.Response(status=400, text="Upgrade request required")
         elif sub == "eviction" and method == "POST":
             self._remove(PODS, self.read(PODS, ns, name))

@@ -312,8 +312,8 @@ def build_student_access(namespace: str, lab: str, release: str, identities: tup
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [TOKEN_SECRET], "verbs": ["get"]},
     ]
     return [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(STUDENT_ACCESS, namespace, lab),
-         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(STUDENT_ACCESS, namespace, lab), "rules": rules},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(STUDENT_ACCESS, namespace, lab),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": STUDENT_ACCESS},
