@@ -46,7 +46,7 @@ import kubernetes.client
 import kubernetes_validate
 import yarl
 
-from tests.standins import pod_security
+from tests.standins import pod_security, rbac
 
 Obj = dict[str, Any]
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
@@ -80,18 +80,22 @@ CONFIGMAPS = Kind("", "v1", "configmaps", "ConfigMap", True, "subdomain")
 SECRETS = Kind("", "v1", "secrets", "Secret", True, "subdomain")
 SERVICEACCOUNTS = Kind("", "v1", "serviceaccounts", "ServiceAccount", True, "subdomain")
 SERVICES = Kind("", "v1", "services", "Service", True, "dns1035", ("status", "proxy"))
-PODS = Kind("", "v1", "pods", "Pod", True, "subdomain", ("status", "log", "eviction"))
+PODS = Kind("", "v1", "pods", "Pod", True, "subdomain", ("status", "log", "eviction", "portforward", "exec", "attach"))
 DEPLOYMENTS = Kind("apps", "v1", "deployments", "Deployment", True, "subdomain", ("status", "scale"))
 REPLICASETS = Kind("apps", "v1", "replicasets", "ReplicaSet", True, "subdomain", ("status", "scale"))
 JOBS = Kind("batch", "v1", "jobs", "Job", True, "subdomain", ("status",))
 ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "path")
 ROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "path")
+CLUSTERROLES = Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False, "path")
+CLUSTERROLEBINDINGS = Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False,
+                           "path")
 RESOURCEQUOTAS = Kind("", "v1", "resourcequotas", "ResourceQuota", True, "subdomain", ("status",))
 NETWORKPOLICIES = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "subdomain")
 LIMITRANGES = Kind("", "v1", "limitranges", "LimitRange", True, "subdomain")
 KINDS = {(k.group, k.version, k.plural): k for k in (
     NAMESPACES, NODES, CONFIGMAPS, SECRETS, SERVICEACCOUNTS, SERVICES, PODS, DEPLOYMENTS, REPLICASETS, JOBS, ROLES,
-    ROLEBINDINGS, RESOURCEQUOTAS, NETWORKPOLICIES, LIMITRANGES)}
+    ROLEBINDINGS, CLUSTERROLES, CLUSTERROLEBINDINGS, RESOURCEQUOTAS, NETWORKPOLICIES, LIMITRANGES)}
+SELF_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 STATUS_CODES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
                 409: "Conflict", 415: "UnsupportedMediaType", 422: "Invalid", 429: "TooManyRequests",
                 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
@@ -702,6 +706,11 @@ def check_role(obj: Obj, old: Obj | None, causes: Causes) -> None:
         if not rule.get("verbs"):
             causes.required(f"{field}.verbs", "verbs must contain at least one value")
         if rule.get("nonResourceURLs"):
+            if obj.get("kind") == "ClusterRole":  # a ClusterRole's rule is either non-resource or resource
+                if rule.get("apiGroups") or rule.get("resources"):
+                    causes.invalid(f"{field}.nonResourceURLs", rule["nonResourceURLs"],
+                                   "rules cannot apply to both regular resources and non-resource URLs")
+                continue
             causes.invalid(f"{field}.nonResourceURLs", rule["nonResourceURLs"],
                            "namespaced rules cannot apply to non-resource URLs")
         if not rule.get("apiGroups"):
@@ -715,8 +724,9 @@ def check_rolebinding(obj: Obj, old: Obj | None, causes: Causes) -> None:
     ref = obj.get("roleRef") or {}
     if ref.get("apiGroup") != "rbac.authorization.k8s.io":
         causes.unsupported("roleRef.apiGroup", ref.get("apiGroup"), ("rbac.authorization.k8s.io",))
-    if ref.get("kind") not in ("Role", "ClusterRole"):
-        causes.unsupported("roleRef.kind", ref.get("kind"), ("ClusterRole", "Role"))
+    kinds = ("ClusterRole",) if obj.get("kind") == "ClusterRoleBinding" else ("ClusterRole", "Role")
+    if ref.get("kind") not in kinds:
+        causes.unsupported("roleRef.kind", ref.get("kind"), kinds)
     if not ref.get("name"):
         causes.required("roleRef.name")
     for i, subject in enumerate(obj.get("subjects") or ()):
@@ -730,7 +740,7 @@ def check_rolebinding(obj: Obj, old: Obj | None, causes: Causes) -> None:
 
 VALIDATORS = {"pods": check_pod, "deployments": check_workload, "replicasets": check_workload, "jobs": check_job,
               "services": check_service, "configmaps": check_data, "secrets": check_data, "roles": check_role,
-              "rolebindings": check_rolebinding}
+              "rolebindings": check_rolebinding, "clusterroles": check_role, "clusterrolebindings": check_rolebinding}
 
 
 def apply_defaults(kind: Kind, obj: Obj) -> None:
@@ -825,6 +835,7 @@ class _KubeApi(kmock.KubernetesScaffold):
 
     token: str
     latency_s: float = 0.0
+    users: dict[str, rbac.User] = attrs.field(factory=dict)  # bearer token → who it authenticates (besides `token`)
     seed: int = 0
     calls: list[tuple[str, str]] = attrs.field(factory=list)
     session: aiohttp.ClientSession | None = None
@@ -865,6 +876,12 @@ class _KubeApi(kmock.KubernetesScaffold):
                                    verbs={"create", "delete", "deletecollection", "get", "list", "patch", "update"})
         for name in PROTECTED_NAMESPACES:
             self.create(NAMESPACES, None, {"metadata": {"name": name}})
+        # the controller's token: a member of system:masters (cluster-admin), as the GKE tests' controller has had
+        self.users[self.token] = rbac.User("dasklab-controller", (rbac.MASTERS,))
+        for role in rbac.DEFAULT_CLUSTER_ROLES:
+            self.create(CLUSTERROLES, None, copy.deepcopy(role))
+        for binding in rbac.DEFAULT_CLUSTER_ROLE_BINDINGS:
+            self.create(CLUSTERROLEBINDINGS, None, copy.deepcopy(binding))
 
     # HTTP entry point: kmock's RawHandler.__call__, with our path parsing, auth, latency and injected failures.
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
@@ -874,9 +891,19 @@ class _KubeApi(kmock.KubernetesScaffold):
         try:
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
-            if raw.headers.get("Authorization") != f"Bearer {self.token}":
+            header = raw.headers.get("Authorization", "")
+            user = self.users.get(header[len("Bearer "):]) if header.startswith("Bearer ") else None
+            if user is None:
 # no or a wrong bearer token: 401 (kubernetes.io/docs/reference/access-authn-authz/authentication)
                 raise fail(401, "Unauthorized")
+            # authorization before any handler, so a refused request learns nothing of what exists (403 before 404)
+            # (kubernetes.io/docs/reference/access-authn-authz/authorization/)
+            attributes = rbac.request_attributes(raw.method, path, raw.query)
+            if not self.authorized(user, attributes):
+                raise fail(403, rbac.forbidden_message(user, attributes), name=attributes.name,
+                           group=attributes.api_group, kind=attributes.resource)
+            if raw.method == "POST" and path == SELF_REVIEWS:
+                return self._json(self._self_review(user, body), 201)
             for failure in self.failures:
                 if failure[0] == raw.method.upper() and failure[1] in path:
                     self.failures.remove(failure)
@@ -906,6 +933,23 @@ class _KubeApi(kmock.KubernetesScaffold):
         except Exception as e:  # a stand-in bug: answer 500 and re-raise from stop() (kmock's strict mode)
             self._errors[-1].append(e)
             return await self._render_error(e)
+
+    def authorized(self, user: rbac.User, attributes: rbac.Attributes) -> bool:
+        """RBAC on the stored ClusterRoleBindings and the RoleBindings of the request's namespace."""
+        def role(kind: str, name: str) -> Obj | None:
+            return self.find(CLUSTERROLES, None, name) if kind == "ClusterRole" else \
+                self.find(ROLES, attributes.namespace, name) if kind == "Role" else None
+        return rbac.authorize(user, attributes, self.stored(CLUSTERROLEBINDINGS),
+                              self.stored(ROLEBINDINGS, attributes.namespace) if attributes.namespace else (), role)
+
+    def _self_review(self, user: rbac.User, body: bytes) -> Obj:
+        """SelfSubjectAccessReview (authorization.k8s.io/v1, what `kubectl auth can-i` sends): may I do this? The
+        answer is status.allowed, evaluated as the request itself would be."""
+        review = json.loads(body or b"{}")
+        check_body(review, "SelfSubjectAccessReview", "authorization.k8s.io/v1")
+        allowed = self.authorized(user, rbac.review_attributes(review.get("spec") or {}))
+        return {**review, "kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+                "status": {"allowed": allowed}}
 
     @staticmethod
     def _action(method: str, group: str | None, name: str | None, query: Mapping[str, str]) -> kmock.action | None:
@@ -970,6 +1014,11 @@ class _KubeApi(kmock.KubernetesScaffold):
             return self._json(self._subresource(kind, ns, name, sub, request))
         elif sub == "log" and method == "GET":
             return aiohttp.web.Response(text=self._log(ns, name, params), content_type="text/plain")
+        elif sub in ("portforward", "exec", "attach"):
+            self.read(kind, ns, name)
+            # streams need an upgraded connection (SPDY or WebSocket); a plain request is refused 400
+            # (k8s.io/apimachinery pkg/util/httpstream: "Upgrade request required"). The stand-in serves no streams.
+            return aiohttp.web.Response(status=400, text="Upgrade request required")
         elif sub == "eviction" and method == "POST":
             self._remove(PODS, self.read(PODS, ns, name))
             self.reconcile()
@@ -1973,7 +2022,10 @@ class _KubeApi(kmock.KubernetesScaffold):
 class KubeStandin:
     """A strict Kubernetes API server on 127.0.0.1 (background thread, own event loop) for the real client.
 
-    Semantics: bearer-token auth (401); Namespaces (delete removes their content; with ``namespace_termination_s``
+    Semantics: bearer-token auth (401): the server's token is the controller's, in system:masters, and ``add_user``
+    maps more tokens to users (Google accounts on GKE); per-request RBAC (403 with the API server's message; Roles,
+    ClusterRoles and their bindings evaluated by tests/standins/rbac.py; SelfSubjectAccessReview answered; pods'
+    portforward/exec/attach authorized, then 400 "Upgrade request required": no streams); Namespaces (delete removes their content; with ``namespace_termination_s``
     the namespace stays Terminating that long, refusing creates in it 403 as NamespaceLifecycle does;
     default/kube-system/kube-public are protected, 403); CRUD with create 201, missing namespace 404, AlreadyExists 409, NotFound 404, replace/patch
     (JSON patch, merge patch, strategic merge with list merge keys) with uid/resourceVersion preconditions (409) and
@@ -2063,6 +2115,12 @@ class KubeStandin:
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=30)
 
     # --- clients and hooks ---------------------------------------------------------------------------------------
+
+    def add_user(self, token: str, name: str, groups: Iterable[str] = ()) -> None:
+        """A bearer token that authenticates `name` (on GKE, a Google account's e-mail), in `groups` and
+        system:authenticated; what it may do is what RBAC grants that user and those groups."""
+        user = rbac.User(name, tuple(groups))
+        self._run(lambda: self._api.users.__setitem__(token, user))
 
     def api_client(self, token: str | None = None) -> kubernetes.client.ApiClient:
         """A real ApiClient for this server (closed by ``stop``); ``token`` defaults to the server's."""

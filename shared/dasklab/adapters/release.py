@@ -291,6 +291,36 @@ def build_token_secret(namespace: str, lab: str, token: str) -> dict:
             "type": "Opaque", "stringData": {TOKEN_KEY: token}}
 
 
+STUDENT_ACCESS = "dasklab-connect"  # Role and RoleBinding: what the lab's people need to connect to it
+
+
+def build_student_access(namespace: str, lab: str, release: str, identities: tuple[str, ...]) -> list[dict]:
+    """Role and RoleBinding (kind User: a Google account, as GKE authenticates it) granting `identities`, in the lab's
+    namespace only, what connecting needs: get the release's Jupyter and scheduler Services; get and list the pods
+    (their names are generated, so resourceNames cannot name them: port-forwarding to a Service resolves a pod);
+    port-forward to them (get for the WebSocket upgrade, create for kubectl's SPDY POST); the service proxy with every
+    method Jupyter's API uses (the namespace holds only this lab's Services, and a proxied service's name carries its
+    port); get the lab's token Secret by name. Nothing else: no list of Secrets, no exec, attach or logs, no create of
+    pods, no other namespace (kubernetes.io/docs/reference/access-authn-authz/rbac/)."""
+    full = chart_fullname(release)
+    rules = [
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": [f"{full}-jupyter", f"{full}-scheduler"],
+         "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+        {"apiGroups": [""], "resources": ["services/proxy"], "verbs": ["get", "create", "update", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [TOKEN_SECRET], "verbs": ["get"]},
+    ]
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(STUDENT_ACCESS, namespace, lab), "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(STUDENT_ACCESS, namespace, lab),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": STUDENT_ACCESS},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who} for who in identities]},
+    ]
+
+
 def build_public_jupyter_service(release: str, namespace: str, lab: str, source_ranges) -> dict:
     """An opt-in LoadBalancer for Jupyter only, restricted to `source_ranges` (the chart's Jupyter Service has
     no loadBalancerSourceRanges, so this one is the controller's; it selects the chart's Jupyter pods)."""

@@ -31,13 +31,15 @@ class ClassReconciler(Part):
 
     def _student_spec(self, record: ClassRecord, student: str):
         """A student's lab: the start-lab the class's template gives, built and capped as any start-lab's."""
-        cmd = parse_command(record.template).student_lab(student)
+        template = parse_command(record.template)
+        cmd = template.student_lab(student)
         placement = record.placement or DEFAULT_PLACEMENT
         spec = build_spec(cmd, self.config, placement)
         lifetime, note = plan_class_lifetime(cmd.max_lifetime, self.config.default_lifetime_s,
                                              self.config.max_lifetime_s, record.duration_s,
                                              self.plan_lead(record)[0] if record.at is not None else 0.0)
         return replace(spec, class_name=record.name, student=student, placement=placement,
+                       access=template.access_of(student), student_identity=template.identities.get(student, ""),
                        class_size=len(record.roster), system_usd_h=build_system_usd_h(
                            self.config, len(record.roster), placement == SHARED),
                        budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,

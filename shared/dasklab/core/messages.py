@@ -406,6 +406,31 @@ def _roster(names: list[str], class_name: str) -> list[str]:
     return names
 
 
+_EMAIL = re.compile(r"[a-z0-9._%+'-]+@[a-z0-9-]+(\.[a-z0-9-]+)+", re.IGNORECASE)
+
+
+def _identity(value: str) -> str:
+    """A Google account (an e-mail: what GKE names a user in RBAC), lowercased as Google reports it."""
+    if len(value) > 254 or not _EMAIL.fullmatch(value):
+        raise ValueError(f"{value!r} is not an e-mail address (a Google account, e.g. ann@example.edu)")
+    return value.lower()
+
+
+def _roster_entries(entries: list[str], class_name: str, identities: dict[str, str]) -> list[str]:
+    """Roster entries `name` or `name=<Google account>`: the names (checked by _roster); each account into
+    `identities`."""
+    names = []
+    for i, entry in enumerate(entries):
+        name, given, identity = entry.partition("=")
+        if given:
+            try:
+                identities[name] = _identity(identity)
+            except ValueError as e:
+                raise _Refusal(f"[{i}]", f"{name!r}: {e}") from None
+        names.append(name)
+    return _roster(names, class_name)
+
+
 _USD = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -437,15 +462,32 @@ class StartClass(_Command, tag="start-class", kw_only=True):
     duration: int | str | None = None  # seconds once parsed: the labs are torn down at `at` (or now) + duration
     budget: Budget = msgspec.field(default_factory=Budget)
     placement: str = ""  # "" = the controller's default; "own" = a cluster per student; "shared" = one per class
+    # student → Google account, from roster entries `name=<account>`: in-cluster rights to connect to their own lab
+    identities: dict[str, str] = msgspec.field(default_factory=dict)
+    owner_identity: str | None = None  # the owner's Google account: the same rights in every student's lab
 
     def __post_init__(self):
         super().__post_init__()
-        _set(self, "roster", lambda names: _roster(names, self.class_))
+        identities = dict(self.identities)
+        _set(self, "roster", lambda entries: _roster_entries(entries, self.class_, identities))
+        for name, identity in identities.items():
+            if name not in self.roster:
+                raise _Refusal(f"identities.{name}", f"{name!r} is not on the roster")
+            try:
+                identities[name] = _identity(identity)
+            except ValueError as e:
+                raise _Refusal(f"identities.{name}", str(e)) from None
+        msgspec.structs.force_setattr(self, "identities", identities)
+        _set(self, "owner_identity", _identity)
         _set(self, "values", _chart_values)  # refused here, naming the field, as a start-lab's are
         _set(self, "at", _at)
         _set(self, "duration", _seconds)
         if self.placement not in ("", *PLACEMENTS):
             raise _Refusal("placement", f"must be one of {', '.join(PLACEMENTS)}")
+
+    def access_of(self, student: str) -> tuple[str, ...]:
+        """The Google accounts that may connect to a student's lab: the student's, then the owner's."""
+        return tuple(dict.fromkeys(a for a in (self.identities.get(student), self.owner_identity) if a))
 
     def student_lab(self, student: str) -> StartLab:
         """The start-lab of one student's lab (validated as one: its refusals name the start-lab's fields)."""

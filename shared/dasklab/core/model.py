@@ -73,6 +73,9 @@ class LabSpec:
     class_name: str = ""  # the class this lab is a student's lab of ("" = a lab of its own)
     student: str = ""  # the student (a roster name) whose lab it is, within class_name
     student_identity: str = ""  # that student's Google identity (`ann=ann@example.edu`): may keep it alive, stop it
+    # the Google accounts granted what connecting needs in the lab's namespace (the student's, the class owner's);
+    # kept in the private lab record, never on a label
+    access: tuple[str, ...] = ()
     placement: str = ""  # where a class's lab runs: "" / "own" = a cluster of its own; "shared" = the class's cluster
     class_size: int = 0  # students in its class when it was started: a shared lab's share of the class cluster
     budget_usd: float | None = None  # estimated cost at which the lab is warned (80 %), shrunk (90 %), torn down
@@ -169,7 +172,7 @@ class Lab:
                 for key in unknown:  # an older record's fields this version no longer has
                     del part[key]
             spec.update(public_source_ranges=tuple(spec.get("public_source_ranges", ())),
-                        notes=tuple(spec.get("notes", ())))
+                        notes=tuple(spec.get("notes", ())), access=tuple(spec.get("access", ())))
             state["update_ids"] = tuple(state.get("update_ids", ()))
             state["down_window"] = tuple((int(level), float(since)) for level, since in state.get("down_window", ()))
             return cls(LabSpec(**spec), LabState(**state), version)

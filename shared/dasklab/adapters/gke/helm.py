@@ -11,7 +11,7 @@ from dasklab.core.errors import JupyterUnreachable, SchedulerUnreachable, Transi
 from dasklab.core.model import NO_JUPYTER, JupyterActivity, Lab, WorkerProblem, parse_memory
 from dasklab.core.policy import plan_rollout
 from dasklab.adapters.release import TOKEN_KEY, TOKEN_SECRET, build_limit_range, build_namespace, \
-    build_network_policies, build_quota, build_release, build_token_secret
+    build_network_policies, build_quota, build_release, build_student_access, build_token_secret
 from dasklab.adapters.dashboard import Dashboard
 from dasklab.adapters.jupyter import JupyterApi
 from dasklab.adapters.kube import Kube
@@ -124,6 +124,9 @@ class Helm(GkeBase):
         release = self._release(lab)
         kube.create(build_namespace(place.namespace, lab.name, place.class_name))
         kube.create(build_token_secret(place.namespace, lab.name, secrets.token_urlsafe(32)))
+        for manifest in build_student_access(place.namespace, lab.name, place.release, lab.spec.access) \
+                if lab.spec.access else ():  # a student with a Google account connects to this lab, and only to it
+            kube.create(manifest)
         kube.create(build_limit_range(lab.spec, release.values, place.namespace))  # before any pod, every placement
         if place.shared:
             self._grow_system_pool(lab, place, kube)
