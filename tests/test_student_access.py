@@ -119,6 +119,12 @@ def test_three_students_each_reach_their_own_lab_and_nothing_else(tmp_path, fire
             # the Role and its binding: the student's account and the owner's, in labels nowhere
             binding = world.kube.get("rolebindings", ns(student), STUDENT_ACCESS)
             assert [s["name"] for s in binding["subjects"]] == [f"{student}@example.edu", PROF]
+        # the roster's account is the lab's student: she may stop her own class lab, another student may not
+        from dasklab.core.trust import plan_authorize
+        ann_lab, stop = ctl.backend.fetch_lab("intro-ann"), {"type": "stop-lab", "lab": "intro-ann"}
+        assert ann_lab.spec.student_identity == "ann@example.edu"
+        assert plan_authorize("ann@example.edu", False, stop, ann_lab, None).allowed
+        assert not plan_authorize("bob@example.edu", False, stop, ann_lab, None).allowed
 
         ann, bob_pod = client.CoreV1Api(api("ann")), jupyter_pod("bob")
         # bob's Secret, with the API server's words
