@@ -81,7 +81,35 @@ def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
 
     monkeypatch.setattr(entry.controller(), "handle", busy)
     with pytest.raises(ConflictError):
-        main.control(event({"type": "reconcile", "budget_seconds": 0}))
+        main.ticks(event({"type": "reconcile", "budget_seconds": 0}))
+
+
+@pytest.mark.parametrize("tick", [{"v": 1, "type": "nightly-teardown"}, {"type": "teardown-idle"},
+                                  {"type": "reconcile", "budget_seconds": 530}, {"type": "reconcile-class", "class": "c"}])
+def test_a_tick_forged_on_the_control_topic_does_nothing_and_is_refused_to_its_sender(local_env, caplog, tick):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "kept", "owner": "alice"}, "m-0"))
+    main.control(CloudEvent(ATTRS, push_envelope(tick, "forged", {"request_id": "r-f"})))  # acknowledged
+    assert LocalBackend(local_env).fetch_lab("kept").state.phase == "provisioning"  # no teardown, no step
+    refused = next(o for o in outcomes(local_env) if o["message_id"] == "forged")
+    assert (refused["outcome"], refused["command"], refused["field"], refused["rule"], refused["request_id"]) == (
+        "refused", tick["type"], "type", "ticks are accepted only from the timers' topic", "r-f")
+    [err] = errors(caplog)
+    assert (err["action"], err["field"], err["message_id"]) == ("refused", "type", "forged")
+    assert not [r for r in caplog.records if '"action": "teardown"' in r.message or '"tick"' in r.message]
+
+
+def test_the_ticks_entry_point_runs_a_real_tick_and_refuses_commands(local_env, caplog):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "t1", "owner": "alice"}, "m-0"))
+    main.ticks(CloudEvent({**ATTRS, "source": "//pubsub.googleapis.com/projects/p/topics/dasklab-ticks"},
+                          push_envelope({"v": 1, "type": "nightly-teardown"}, "tick-1")))
+    teardown = next(json.loads(r.message) for r in caplog.records if '"action": "teardown"' in r.message)
+    assert teardown["lab"] == "t1" and teardown["message_id"] == "tick-1" and "nightly" in teardown["reason"]
+    main.ticks(event({"type": "stop-lab", "lab": "t1"}, "cmd-1"))  # a command on the timers' topic
+    [refused] = [o for o in outcomes(local_env) if o["message_id"] == "cmd-1"]
+    assert (refused["outcome"], refused["field"]) == ("refused", "type")
+    assert "ticks only" in refused["rule"]
 
 
 def test_importing_the_functions_module_loads_no_cloud_sdk():
@@ -257,7 +285,7 @@ def test_every_command_gets_one_outcome_for_its_sender(local_env):
     send({"type": "keep-alive", "lab": "o1", "for": 60}, "m-6")
     send({"type": "stop-lab", "lab": "ghost"}, "m-7")
     send({"type": "stop-lab", "lab": "o1"}, "m-8", request_id="has space")
-    send({"type": "reconcile", "budget_seconds": 0}, "m-9")
+    main.ticks(CloudEvent(ATTRS, push_envelope({"type": "reconcile", "budget_seconds": 0}, "m-9")))
     got = {e["message_id"]: e for e in outcomes(local_env)}
     assert len(outcomes(local_env)) == len(got) == 8  # one each; none for the tick
     assert (got["m-1"]["outcome"], got["m-1"]["command"], got["m-1"]["lab"], got["m-1"]["request_id"]) == (

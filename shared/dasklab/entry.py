@@ -4,7 +4,8 @@ from functools import lru_cache
 
 from dasklab.core import logs
 from dasklab.core.errors import PermanentError
-from dasklab.core.messages import decode_publish_time, decode_pubsub, parse_command, parse_request_id
+from dasklab.core.messages import CONTROL, check_topic, decode_publish_time, decode_pubsub, parse_command, \
+    parse_request_id
 
 
 @lru_cache(maxsize=1)
@@ -14,9 +15,10 @@ def controller():
     return runtime.build_controller()
 
 
-def handle_event(data, event_id: str = "") -> None:
-    """Handle one control-topic message. Permanent errors are logged, published as the command's outcome and
-    acknowledged (return); transient ones propagate so Pub/Sub redelivers the message."""
+def handle_event(data, event_id: str = "", topic: str = CONTROL) -> None:
+    """Handle one message of `topic` (control: commands; ticks: the timers' ticks, which the control topic refuses).
+    Permanent errors are logged, published as the command's outcome and acknowledged (return); transient ones
+    propagate so Pub/Sub redelivers the message."""
     logs.setup()
     mid, request, cmd = event_id, "", None
     try:
@@ -25,6 +27,7 @@ def handle_event(data, event_id: str = "") -> None:
         request = parse_request_id(attributes)
         published = decode_publish_time(data)  # a stop-lab wins over a start-lab published before it
         cmd = parse_command(payload)
+        check_topic(cmd, topic)  # a forged tick is refused to its sender like any refusal
         controller().handle(cmd, mid, published=published, request_id=request)
     except PermanentError as e:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,
