@@ -141,6 +141,21 @@ def log_lines(srv) -> list[dict]:
     return [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
 
 
+def test_a_redelivered_nightly_teardown_through_the_ticks_entry_point_spares_a_lab_created_after_it(local_env, caplog):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "early", "owner": "alice"}, "m-1"))
+    nightly = push_envelope({"v": 1, "type": "nightly-teardown"}, "night-1")  # published now (publishTime)
+    time.sleep(0.01)
+    main.control(event({"type": "start-lab", "lab": "late", "owner": "bob"}, "m-2"))
+    main.ticks(CloudEvent(ATTRS, nightly))  # delivered (again) after the late lab was created
+    backend = LocalBackend(local_env)
+    assert backend.fetch_lab("early") is None or backend.fetch_lab("early").state.phase == "tearing-down"
+    assert backend.fetch_lab("late").state.phase == "provisioning"
+    lines = [json.loads(r.message) for r in caplog.records if r.name == "dasklab"]
+    [spared] = [d for d in lines if d.get("action") == "spare"]
+    assert (spared["lab"], spared["message_id"]) == ("late", "night-1") and "before the lab was created" in spared["reason"]
+
+
 def test_server_modes_and_malformed_bodies(server, local_env):
     start = {"type": "start-lab", "lab": "via-binary", "owner": "alice"}
     binary = {"ce-id": "1", "ce-specversion": "1.0", "ce-source": ATTRS["source"], "ce-type": ATTRS["type"],

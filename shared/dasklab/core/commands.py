@@ -25,13 +25,15 @@ class Commands(Part):
         """Run one command or tick; `published` is its Pub/Sub publishTime (epoch seconds; None: now). A command's
         handler returns its outcome (accepted, done or nothing to do, and why), published for its sender; a
         refusal is raised (PermanentError) and published by the entry point."""
-        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale)):  # ordered by publishTime
+        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale, Reconcile, TeardownIdle,
+                            NightlyTeardown)):  # ordered by publishTime; a teardown tick spares labs created after it
             handler = {StartLab: self.start_lab, StopLab: self.c.labs.apply_stop, StartClass: self.start_class,
-                       StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale}[type(cmd)]
+                       StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale,
+                       Reconcile: self.c.fleet.tick, TeardownIdle: self.c.fleet.tick,
+                       NightlyTeardown: self.c.fleet.tick}[type(cmd)]
             outcome = handler(cmd, message_id, published)
         else:
-            handler = {KeepAlive: self.keep_alive, Reconcile: self.c.fleet.tick, TeardownIdle: self.c.fleet.tick,
-                       NightlyTeardown: self.c.fleet.tick, ReconcileClass: self.wake_class}[type(cmd)]
+            handler = {KeepAlive: self.keep_alive, ReconcileClass: self.wake_class}[type(cmd)]
             outcome = handler(cmd, message_id)
         if outcome is not None:  # ticks have no sender waiting
             self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome,
