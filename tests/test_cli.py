@@ -217,12 +217,12 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
 def test_deploy_dry_run_options(home):
     quick = cloud_run(home, "deploy", "--dry-run", "--skip-tests", "--skip-identity", project="env-p").stdout
     assert [line.split(":", 1)[0].split("] ")[1] for line in quick.splitlines()] == [
-        "stage", "deploy-control", "infra"]
+        "stage", "deploy-control", "deploy-ticks", "infra"]
     assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
     build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
     assert build.splitlines() == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
                                   "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
-                                  "_CONTROL_TOPIC=dasklab-control,_SERVICE_ACCOUNT=dasklab-controller,"
+                                  "_CONTROL_TOPIC=dasklab-control,_TICK_TOPIC=dasklab-ticks,_SERVICE_ACCOUNT=dasklab-controller,"
                                   "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
                                   "_TIME_ZONE=Etc/UTC ."]
 
