@@ -199,7 +199,7 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
     from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
     emu = procs.start_pubsub_emulator(tmp_path / "pubsub")
-    server = None
+    server = ticks_server = None
     backend = LocalBackend(home)
     try:
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emu.host)
@@ -217,17 +217,22 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
                    "DASKLAB_TICK_BUDGET_S": "0"}  # one pass per reconcile tick
             server = procs.start_functions_server("control", REPO / "functions" / "main.py",
                                                   log_path=tmp_path / "ff.log", env=env)
+            ticks_server = procs.start_functions_server("ticks", REPO / "functions" / "main.py",
+                                                        log_path=tmp_path / "ticks.log", env=env)
             control = f"projects/{E2E_PROJECT}/topics/dasklab-control"
-            trigger = f"projects/{E2E_PROJECT}/subscriptions/eventarc-{LOCATION}-dasklab-control-sub"
-            subscriber.create_subscription(request={
-                "name": trigger, "topic": control, "push_config": {"push_endpoint": server.url},
-                "ack_deadline_seconds": 600,
-                "retry_policy": {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}})
+            triggers = {}
+            for name, srv in (("control", server), ("ticks", ticks_server)):  # each function's Eventarc trigger
+                triggers[name] = f"projects/{E2E_PROJECT}/subscriptions/eventarc-{LOCATION}-dasklab-{name}-sub"
+                subscriber.create_subscription(request={
+                    "name": triggers[name], "topic": f"projects/{E2E_PROJECT}/topics/dasklab-{name}",
+                    "push_config": {"push_endpoint": srv.url}, "ack_deadline_seconds": 600,
+                    "retry_policy": {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}})
             watch = f"projects/{E2E_PROJECT}/subscriptions/status-watch"
             subscriber.create_subscription(name=watch, topic=f"projects/{E2E_PROJECT}/topics/dasklab-status")
-            # a second apply gives the trigger's subscription the dead-letter policy, and changes nothing else
+            # a second apply gives the triggers' subscriptions the dead-letter policy, and changes nothing else
             changes = {c.name: c for c in infra.run(E2E_PROJECT, LOCATION, clients)}
-            assert changes.pop(trigger).action == "update" and {c.action for c in changes.values()} == {"unchanged"}
+            assert [changes.pop(t).action for t in triggers.values()] == ["update", "update"]
+            assert {c.action for c in changes.values()} == {"unchanged"}
 
             def run_job(name):
                 job = standin.client().run_job(name=f"projects/{E2E_PROJECT}/locations/{LOCATION}/jobs/{name}")
@@ -260,7 +265,7 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
 
             until(forgotten, every=1.0, what="the lab forgotten")
 
-        decisions = [line for line in log_lines(server) if line.get("lab") == "e2e"]
+        decisions = [line for line in log_lines(server) + log_lines(ticks_server) if line.get("lab") == "e2e"]
         teardown = next(d for d in decisions if d.get("action") == "teardown")
         assert teardown["from"] == "ready" and "idle" in teardown["reason"]
         assert teardown["message_id"] in published  # the teardown-idle job's own message
@@ -274,11 +279,12 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
         until(status_events, what="lab-ready and lab-deleted on the status topic")
         assert {e["lab"] for e in events} == {"e2e"}
     finally:
-        if server:
-            server.stop()
+        for srv in (server, ticks_server):
+            if srv:
+                srv.stop()
         backend.stop_all()
         emu.stop()
-    assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid)
+    assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid) and not procs.pid_alive(ticks_server.proc.pid)
 
 
 def outcomes(home) -> list[dict]:

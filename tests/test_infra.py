@@ -228,7 +228,8 @@ def test_first_apply_creates_everything_and_the_second_writes_nothing(env):
     assert [(c.kind, c.action) for c in first] == [("topic", "create")] * 4 + [("subscription", "create")] + [
         ("job", "create")] * 3
     topics = env.topics()
-    assert topics == {env.path("topics", t) for t in ("dasklab-control", "dasklab-status", "dasklab-dead-letter")}
+    assert topics == {env.path("topics", t) for t in ("dasklab-control", "dasklab-ticks", "dasklab-status",
+                                                           "dasklab-dead-letter")}
     dead_sub = env.subscriptions()[env.path("subscriptions", "dasklab-dead-letter-sub")]
     assert dead_sub.topic == env.path("topics", "dasklab-dead-letter")
     jobs = env.standin.jobs
@@ -236,12 +237,12 @@ def test_first_apply_creates_everything_and_the_second_writes_nothing(env):
     assert sorted(jobs) == sorted(env.job(n) for n in names)
     reconcile = jobs[env.job("dasklab-reconcile")]
     assert (reconcile.schedule, reconcile.time_zone, reconcile.pubsub_target.topic_name) == (
-        "* * * * *", "Etc/UTC", env.path("topics", "dasklab-control"))
+        "* * * * *", "Etc/UTC", env.path("topics", "dasklab-ticks"))
     assert dict(reconcile.pubsub_target.attributes) == {"dasklab-tick": "reconcile"}
 
     env.reset_calls()
     second = env.run()
-    assert {c.action for c in second} == {"unchanged"} and len(second) == 7
+    assert {c.action for c in second} == {"unchanged"} and len(second) == 8
     assert env.writes() == set()
     assert env.standin.calls == ["ListJobs"] and set(env.pubsub_calls) == {"list_topics", "list_subscriptions"}
     assert env.topics() == topics and env.standin.jobs == jobs
@@ -269,7 +270,7 @@ def test_changing_nightly_at_updates_the_job_in_place(env):
 @needs_emulator
 def test_dry_run_plans_without_writing(env):
     changes = env.run(dry_run=True)
-    assert {c.action for c in changes} == {"create"} and len(changes) == 7
+    assert {c.action for c in changes} == {"create"} and len(changes) == 8
     assert env.writes() == set() and env.topics() == set() and env.standin.jobs == {}
     env.run()
     env.reset_calls()
@@ -295,7 +296,7 @@ def test_destroy_removes_what_apply_created_and_nothing_else(env):
 
     removed = env.destroy()
     assert [(c.kind, c.action) for c in removed] == [("job", "delete")] * 4 + [("subscription", "delete")] + [
-        ("topic", "delete")] * 3  # the 3 timers and the class's pending wake-up
+        ("topic", "delete")] * 4  # the 3 timers and the class's pending wake-up
     assert env.topics() == {other_topic} and sorted(env.standin.jobs) == sorted([other_job.name, lookalike.name])
     assert env.subscriptions() == {}
     assert {c.action for c in env.destroy()} == {"unchanged"}  # NotFound is fine
@@ -322,8 +323,9 @@ def test_a_foreign_control_subscription_gets_the_dead_letter_policy_and_dead_let
     env.subscriber.create_subscription(name=control, topic=env.path("topics", "dasklab-control"))
     trigger = env.path("subscriptions", "eventarc-us-central1-dasklab-ticks-123-sub-789")  # the ticks function's
     env.subscriber.create_subscription(name=trigger, topic=env.path("topics", "dasklab-ticks"))
-    assert by_name(env.run())[control].action == "update"
-    change = by_name(env.run())[trigger]
+    changes = by_name(env.run())
+    change = changes[trigger]
+    assert changes[control].action == "update"
     assert (change.kind, change.action) == ("dead-letter-policy", "update")
     policy = env.subscriptions()[trigger].dead_letter_policy
     assert (policy.dead_letter_topic, policy.max_delivery_attempts) == (env.path("topics", "dasklab-dead-letter"), 10)
