@@ -272,7 +272,7 @@ def cmd_serve(a, cfg) -> int:
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
-        print(f"the controller's full JSON logs: {ctl.functions_log} (commands), {ctl.ticks_log} (ticks)")
+        print(f"the controller's full JSON log: {ctl.functions_log} (its ticks: {ctl.ticks_log})")
         if not a.quiet:
             print("its decisions, as they happen (--quiet hides them):", flush=True)
             show = lambda entry: (line := describe(entry)) and print(line, flush=True)  # noqa: E731
