@@ -103,7 +103,7 @@ def test_the_local_controller_hands_each_status_event_over_once(tmp_path, emulat
     emulator's status subscription; each one once."""
     env_before = os.environ.get("PUBSUB_EMULATOR_HOST")
     with LocalController(tmp_path, emulator=emulator, fire_timers=False) as ctl:
-        pids = [ctl.server.proc.pid] + ([ctl.emulator.proc.pid] if ctl.emulator else [])
+        pids = [ctl.server.proc.pid, ctl.ticks_server.proc.pid] + ([ctl.emulator.proc.pid] if ctl.emulator else [])
         mid = ctl.publish({"v": 1, "type": "stop-lab", "lab": "nosuch"})
         got, deadline = [], time.time() + 60
         while not got and time.time() < deadline:

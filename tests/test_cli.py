@@ -203,7 +203,7 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     ids = [line.split(":", 1)[0].split("] ", 1)[1] for line in lines]
-    assert ids[0] == "role-dasklabController" and ids[-4:] == ["test", "stage", "deploy-control", "infra"]
+    assert ids[0] == "role-dasklabController" and ids[-5:] == ["test", "stage", "deploy-control", "deploy-ticks", "infra"]
     assert lines[0].startswith(f"[1/{len(lines)}] ")
     deploy_line = next(line for line in lines if "gcloud functions deploy dasklab-control" in line)
     assert "--region=europe-west1" in deploy_line and "--entry-point=control" in deploy_line
@@ -217,12 +217,12 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
 def test_deploy_dry_run_options(home):
     quick = cloud_run(home, "deploy", "--dry-run", "--skip-tests", "--skip-identity", project="env-p").stdout
     assert [line.split(":", 1)[0].split("] ")[1] for line in quick.splitlines()] == [
-        "stage", "deploy-control", "infra"]
+        "stage", "deploy-control", "deploy-ticks", "infra"]
     assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
     build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
     assert build.splitlines() == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
                                   "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
-                                  "_CONTROL_TOPIC=dasklab-control,_SERVICE_ACCOUNT=dasklab-controller,"
+                                  "_CONTROL_TOPIC=dasklab-control,_TICK_TOPIC=dasklab-ticks,_SERVICE_ACCOUNT=dasklab-controller,"
                                   "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
                                   "_TIME_ZONE=Etc/UTC ."]
 
@@ -303,7 +303,7 @@ def test_infra_apply_dry_run_then_apply_then_destroy(gcp, capsys):
     plan = capsys.readouterr()
     assert "infra plan (dry run: nothing written)" in plan.out and "planning" in plan.err
     rows = table_rows(plan.out)
-    assert [(r[0], r[2]) for r in rows] == [("topic", "create")] * 3 + [("subscription", "create")] + [
+    assert [(r[0], r[2]) for r in rows] == [("topic", "create")] * 4 + [("subscription", "create")] + [
         ("job", "create")] * 3
     assert gcp.jobs == {}
     assert main("infra", "apply", "--project", project, "--region", "europe-west1") == 0

@@ -31,7 +31,7 @@ def entry_points() -> set[str]:
 
 def test_one_deploy_step_per_entry_point():
     deploys = deploy.function_deploys(BUILD)
-    assert entry_points() == {"control"}
+    assert entry_points() == {"control", "ticks"}
     assert sorted(d["flags"]["entry-point"] for d in deploys) == sorted(entry_points())
     assert len({d["name"] for d in deploys}) == len(deploys)
 
@@ -42,7 +42,8 @@ def test_deploy_step_flags(fn):
     assert flags["gen2"] is True and flags["retry"] is True
     assert (flags["runtime"], flags["region"], flags["source"], flags["timeout"]) == (
         "python312", "$_REGION", "build/function", "540s")
-    assert flags["trigger-topic"] == "$_CONTROL_TOPIC" and flags["max-instances"] == "$_MAX_INSTANCES"
+    assert flags["trigger-topic"] == {"control": "$_CONTROL_TOPIC", "ticks": "$_TICK_TOPIC"}[flags["entry-point"]]
+    assert flags["max-instances"] == "$_MAX_INSTANCES"
     assert flags["service-account"] == "$_SERVICE_ACCOUNT@$PROJECT_ID.iam.gserviceaccount.com"
     env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
     assert env["DASKLAB_PROJECT"] == "$PROJECT_ID" and env["DASKLAB_LOCATION"] == "$_LOCATION"
@@ -56,6 +57,7 @@ def test_substitutions_are_declared_used_and_agree_with_the_infra_files():
     used = set(re.findall(r"\$\{?(_[A-Z0-9_]+)", text))
     assert used == set(BUILD["substitutions"]), "every $_NAME is declared, every declared one is used"
     assert BUILD["substitutions"]["_CONTROL_TOPIC"] == load_infra()["topics"]["control"]
+    assert BUILD["substitutions"]["_TICK_TOPIC"] == load_infra()["topics"]["ticks"]
     iam = deploy.load_iam()
     assert BUILD["substitutions"]["_SERVICE_ACCOUNT"] == iam["accounts"]["controller"]["account"]
     assert BUILD["substitutions"]["_NODE_SERVICE_ACCOUNT"] == iam["accounts"]["nodes"]["account"]

@@ -81,7 +81,35 @@ def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
 
     monkeypatch.setattr(entry.controller(), "handle", busy)
     with pytest.raises(ConflictError):
-        main.control(event({"type": "reconcile", "budget_seconds": 0}))
+        main.ticks(event({"type": "reconcile", "budget_seconds": 0}))
+
+
+@pytest.mark.parametrize("tick", [{"v": 1, "type": "nightly-teardown"}, {"type": "teardown-idle"},
+                                  {"type": "reconcile", "budget_seconds": 530}, {"type": "reconcile-class", "class": "c"}])
+def test_a_tick_forged_on_the_control_topic_does_nothing_and_is_refused_to_its_sender(local_env, caplog, tick):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "kept", "owner": "alice"}, "m-0"))
+    main.control(CloudEvent(ATTRS, push_envelope(tick, "forged", {"request_id": "r-f"})))  # acknowledged
+    assert LocalBackend(local_env).fetch_lab("kept").state.phase == "provisioning"  # no teardown, no step
+    refused = next(o for o in outcomes(local_env) if o["message_id"] == "forged")
+    assert (refused["outcome"], refused["command"], refused["field"], refused["rule"], refused["request_id"]) == (
+        "refused", tick["type"], "type", "ticks are accepted only from the timers' topic", "r-f")
+    [err] = errors(caplog)
+    assert (err["action"], err["field"], err["message_id"]) == ("refused", "type", "forged")
+    assert not [r for r in caplog.records if '"action": "teardown"' in r.message or '"tick"' in r.message]
+
+
+def test_the_ticks_entry_point_runs_a_real_tick_and_refuses_commands(local_env, caplog):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "t1", "owner": "alice"}, "m-0"))
+    main.ticks(CloudEvent({**ATTRS, "source": "//pubsub.googleapis.com/projects/p/topics/dasklab-ticks"},
+                          push_envelope({"v": 1, "type": "nightly-teardown"}, "tick-1")))
+    teardown = next(json.loads(r.message) for r in caplog.records if '"action": "teardown"' in r.message)
+    assert teardown["lab"] == "t1" and teardown["message_id"] == "tick-1" and "nightly" in teardown["reason"]
+    main.ticks(event({"type": "stop-lab", "lab": "t1"}, "cmd-1"))  # a command on the timers' topic
+    [refused] = [o for o in outcomes(local_env) if o["message_id"] == "cmd-1"]
+    assert (refused["outcome"], refused["field"]) == ("refused", "type")
+    assert "ticks only" in refused["rule"]
 
 
 def test_importing_the_functions_module_loads_no_cloud_sdk():
@@ -111,6 +139,21 @@ def post(url, body: bytes, headers: dict) -> int:
 
 def log_lines(srv) -> list[dict]:
     return [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_a_redelivered_nightly_teardown_through_the_ticks_entry_point_spares_a_lab_created_after_it(local_env, caplog):
+    from functions import main
+    main.control(event({"type": "start-lab", "lab": "early", "owner": "alice"}, "m-1"))
+    nightly = push_envelope({"v": 1, "type": "nightly-teardown"}, "night-1")  # published now (publishTime)
+    time.sleep(0.01)
+    main.control(event({"type": "start-lab", "lab": "late", "owner": "bob"}, "m-2"))
+    main.ticks(CloudEvent(ATTRS, nightly))  # delivered (again) after the late lab was created
+    backend = LocalBackend(local_env)
+    assert backend.fetch_lab("early") is None or backend.fetch_lab("early").state.phase == "tearing-down"
+    assert backend.fetch_lab("late").state.phase == "provisioning"
+    lines = [json.loads(r.message) for r in caplog.records if r.name == "dasklab"]
+    [spared] = [d for d in lines if d.get("action") == "spare"]
+    assert (spared["lab"], spared["message_id"]) == ("late", "night-1") and "before the lab was created" in spared["reason"]
 
 
 def test_server_modes_and_malformed_bodies(server, local_env):
@@ -156,7 +199,7 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
     from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
     emu = procs.start_pubsub_emulator(tmp_path / "pubsub")
-    server = None
+    server = ticks_server = None
     backend = LocalBackend(home)
     try:
         monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emu.host)
@@ -174,17 +217,22 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
                    "DASKLAB_TICK_BUDGET_S": "0"}  # one pass per reconcile tick
             server = procs.start_functions_server("control", REPO / "functions" / "main.py",
                                                   log_path=tmp_path / "ff.log", env=env)
+            ticks_server = procs.start_functions_server("ticks", REPO / "functions" / "main.py",
+                                                        log_path=tmp_path / "ticks.log", env=env)
             control = f"projects/{E2E_PROJECT}/topics/dasklab-control"
-            trigger = f"projects/{E2E_PROJECT}/subscriptions/eventarc-{LOCATION}-dasklab-control-sub"
-            subscriber.create_subscription(request={
-                "name": trigger, "topic": control, "push_config": {"push_endpoint": server.url},
-                "ack_deadline_seconds": 600,
-                "retry_policy": {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}})
+            triggers = {}
+            for name, srv in (("control", server), ("ticks", ticks_server)):  # each function's Eventarc trigger
+                triggers[name] = f"projects/{E2E_PROJECT}/subscriptions/eventarc-{LOCATION}-dasklab-{name}-sub"
+                subscriber.create_subscription(request={
+                    "name": triggers[name], "topic": f"projects/{E2E_PROJECT}/topics/dasklab-{name}",
+                    "push_config": {"push_endpoint": srv.url}, "ack_deadline_seconds": 600,
+                    "retry_policy": {"minimum_backoff": {"seconds": 10}, "maximum_backoff": {"seconds": 600}}})
             watch = f"projects/{E2E_PROJECT}/subscriptions/status-watch"
             subscriber.create_subscription(name=watch, topic=f"projects/{E2E_PROJECT}/topics/dasklab-status")
-            # a second apply gives the trigger's subscription the dead-letter policy, and changes nothing else
+            # a second apply gives the triggers' subscriptions the dead-letter policy, and changes nothing else
             changes = {c.name: c for c in infra.run(E2E_PROJECT, LOCATION, clients)}
-            assert changes.pop(trigger).action == "update" and {c.action for c in changes.values()} == {"unchanged"}
+            assert [changes.pop(t).action for t in triggers.values()] == ["update", "update"]
+            assert {c.action for c in changes.values()} == {"unchanged"}
 
             def run_job(name):
                 job = standin.client().run_job(name=f"projects/{E2E_PROJECT}/locations/{LOCATION}/jobs/{name}")
@@ -217,7 +265,7 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
 
             until(forgotten, every=1.0, what="the lab forgotten")
 
-        decisions = [line for line in log_lines(server) if line.get("lab") == "e2e"]
+        decisions = [line for line in log_lines(server) + log_lines(ticks_server) if line.get("lab") == "e2e"]
         teardown = next(d for d in decisions if d.get("action") == "teardown")
         assert teardown["from"] == "ready" and "idle" in teardown["reason"]
         assert teardown["message_id"] in published  # the teardown-idle job's own message
@@ -231,11 +279,12 @@ def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_ser
         until(status_events, what="lab-ready and lab-deleted on the status topic")
         assert {e["lab"] for e in events} == {"e2e"}
     finally:
-        if server:
-            server.stop()
+        for srv in (server, ticks_server):
+            if srv:
+                srv.stop()
         backend.stop_all()
         emu.stop()
-    assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid)
+    assert not emu.proc.alive() and not procs.pid_alive(server.proc.pid) and not procs.pid_alive(ticks_server.proc.pid)
 
 
 def outcomes(home) -> list[dict]:
@@ -257,7 +306,7 @@ def test_every_command_gets_one_outcome_for_its_sender(local_env):
     send({"type": "keep-alive", "lab": "o1", "for": 60}, "m-6")
     send({"type": "stop-lab", "lab": "ghost"}, "m-7")
     send({"type": "stop-lab", "lab": "o1"}, "m-8", request_id="has space")
-    send({"type": "reconcile", "budget_seconds": 0}, "m-9")
+    main.ticks(CloudEvent(ATTRS, push_envelope({"type": "reconcile", "budget_seconds": 0}, "m-9")))
     got = {e["message_id"]: e for e in outcomes(local_env)}
     assert len(outcomes(local_env)) == len(got) == 8  # one each; none for the tick
     assert (got["m-1"]["outcome"], got["m-1"]["command"], got["m-1"]["lab"], got["m-1"]["request_id"]) == (

@@ -212,13 +212,14 @@ def test_deploy_grants_exactly_the_file_and_act_as_only_on_the_nodes_account():
 
 def test_the_function_runs_as_the_controller_and_its_nodes_as_the_nodes_account():
     build = deploy.load_build()
-    [fn] = deploy.function_deploys(build)
     values = deploy.substitutions(build, PROJECT)
-    flags = {k: deploy.substitute(v, values) if isinstance(v, str) else v for k, v in fn["flags"].items()}
-    controller = deploy.account_email(IAM["accounts"]["controller"]["account"], PROJECT)
-    assert flags["service-account"] == flags["trigger-service-account"] == controller
-    env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
-    assert env["DASKLAB_NODE_SERVICE_ACCOUNT"] == deploy.account_email(IAM["accounts"]["nodes"]["account"], PROJECT)
+    for fn in deploy.function_deploys(build):  # the control and the ticks functions
+        flags = {k: deploy.substitute(v, values) if isinstance(v, str) else v for k, v in fn["flags"].items()}
+        controller = deploy.account_email(IAM["accounts"]["controller"]["account"], PROJECT)
+        assert flags["service-account"] == flags["trigger-service-account"] == controller
+        env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
+        assert env["DASKLAB_NODE_SERVICE_ACCOUNT"] == deploy.account_email(IAM["accounts"]["nodes"]["account"], PROJECT)
+
 
 
 def test_the_operator_calls_the_entry_point_and_reads_its_answers_and_nothing_more():
@@ -237,7 +238,8 @@ def test_the_operator_calls_the_entry_point_and_reads_its_answers_and_nothing_mo
     # (the entry point and the class wake-ups run as it); nobody else of this file
     publishers = sorted(name for name, ident in identities().items()
                         if any("pubsub.topics.publish" in role_permissions(g["role"]) for g in ident["roles"]))
-    assert publishers == ["account controller", "administrator", "deployer", "service agent pubsub"]
+    assert publishers == ["account controller", "administrator", "deployer", "service agent pubsub",
+                          "service agent scheduler"]  # the scheduler's on the ticks topic alone
     [admin_grant] = [g for g in IAM["administrator"]["roles"] if g["role"] == "roles/pubsub.publisher"]
     assert admin_grant["on_topic"] == Config.control_topic
 
@@ -250,3 +252,21 @@ def test_an_operators_cli_leaves_its_reply_subscription_to_expire(monkeypatch):
     PubSubReplies("p", "dasklab-status", "r1", delete=False).__exit__(None, None, None)
     PubSubReplies("p", "dasklab-status", "r2").__exit__(None, None, None)
     assert calls == [("p", "dasklab-reply-r2")]  # the administrator's path deletes its own
+
+
+def test_only_the_timers_may_publish_on_the_timers_topic():
+    """The ticks topic's one publish grant is the Cloud Scheduler service agent's, on that topic alone, created first;
+    no account, no operator and no other agent is granted publish there (a project-wide publisher role would be)."""
+    from dasklab.core.timers import load_infra
+    ticks = load_infra()["topics"]["ticks"]
+    steps = deploy.build_service_agent_steps(IAM, PROJECT, "123")
+    on_topic = [s for s in steps if s.argv[:3] == ("gcloud", "pubsub", "topics")]
+    assert [s.argv[3:5] for s in on_topic] == [("create", ticks), ("add-iam-policy-binding", ticks)]
+    assert on_topic[0].unless == ("gcloud", "pubsub", "topics", "describe", ticks, f"--project={PROJECT}")
+    [grant] = [s for s in steps if "add-iam-policy-binding" in s.argv and ticks in s.argv]
+    assert "--member=serviceAccount:service-123@gcp-sa-cloudscheduler.iam.gserviceaccount.com" in grant.argv
+    assert "--role=roles/pubsub.publisher" in grant.argv
+    publishers = [(name, g) for name, ident in identities().items() for g in ident["roles"]
+                  if "pubsub.topics.publish" in role_permissions(g["role"])]
+    assert [name for name, g in publishers if g.get("on_topic") == "ticks"] == ["service agent scheduler"]
+    assert all("ticks" not in g.get("why", "") or g.get("on_topic") == "ticks" for _, g in publishers)

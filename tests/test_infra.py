@@ -20,7 +20,7 @@ from tests.standins.cloud_scheduler import CloudSchedulerStandin
 LOCATION = "us-central1"
 INFRA = load_infra()
 P = "dasklab-test"
-CONTROL, STATUS, DEAD = (f"projects/{P}/topics/dasklab-{t}" for t in ("control", "status", "dead-letter"))
+CONTROL, TICKS, STATUS, DEAD = (f"projects/{P}/topics/dasklab-{t}" for t in ("control", "ticks", "status", "dead-letter"))
 DEAD_SUB = f"projects/{P}/subscriptions/dasklab-dead-letter-sub"
 JOBS = f"projects/{P}/locations/{LOCATION}/jobs"
 PUBSUB_WRITES = {"create_topic", "create_subscription", "update_subscription", "delete_topic", "delete_subscription"}
@@ -45,14 +45,15 @@ def by_name(changes):
 
 def test_build_desired_names_topics_dead_letter_subscription_and_jobs():
     d = desired(nightly_at="01:30", time_zone="Europe/Paris")
-    assert d.topics == (CONTROL, STATUS, DEAD)
+    assert d.topics == (CONTROL, TICKS, STATUS, DEAD)
     assert d.subscriptions == (infra.Subscription(DEAD_SUB, DEAD),)
     jobs = {j.name.rsplit("/", 1)[1]: j for j in d.jobs}
     assert jobs["dasklab-reconcile"] == infra.JobSpec(
-        f"{JOBS}/dasklab-reconcile", "* * * * *", "Etc/UTC", CONTROL, b'{"v":1,"type":"reconcile"}',
+        f"{JOBS}/dasklab-reconcile", "* * * * *", "Etc/UTC", TICKS, b'{"v":1,"type":"reconcile"}',
         {"dasklab-tick": "reconcile"})
     idle = jobs["dasklab-teardown-idle"]
     assert (idle.schedule, idle.time_zone) == ("*/15 * * * *", "Etc/UTC")
+    assert {j.topic for j in d.jobs} == {TICKS}  # the timers' own topic: the control topic refuses ticks
     nightly = jobs["dasklab-nightly-teardown"]
     assert (nightly.schedule, nightly.time_zone) == ("30 1 * * *", "Europe/Paris")
     assert parse_command(nightly.data).type == "nightly-teardown"
@@ -77,13 +78,13 @@ def test_unknown_time_zone_names_the_field(value):
 
 def test_plan_on_an_empty_project_creates_everything_in_dependency_order():
     changes = infra.plan_infra(desired(), infra.Observed())
-    assert [(c.kind, c.action) for c in changes] == [("topic", "create")] * 3 + [("subscription", "create")] + [
+    assert [(c.kind, c.action) for c in changes] == [("topic", "create")] * 4 + [("subscription", "create")] + [
         ("job", "create")] * 3
 
 
 def test_plan_when_everything_exists_is_all_unchanged():
     changes = infra.plan_infra(desired(), observed_from(desired()))
-    assert {c.action for c in changes} == {"unchanged"} and len(changes) == 7
+    assert {c.action for c in changes} == {"unchanged"} and len(changes) == 8
 
 
 def test_plan_updates_a_changed_schedule_with_a_mask_and_a_readable_diff():
@@ -224,10 +225,11 @@ def pull(subscriber, subscription: str):
 @needs_emulator
 def test_first_apply_creates_everything_and_the_second_writes_nothing(env):
     first = env.run()
-    assert [(c.kind, c.action) for c in first] == [("topic", "create")] * 3 + [("subscription", "create")] + [
+    assert [(c.kind, c.action) for c in first] == [("topic", "create")] * 4 + [("subscription", "create")] + [
         ("job", "create")] * 3
     topics = env.topics()
-    assert topics == {env.path("topics", t) for t in ("dasklab-control", "dasklab-status", "dasklab-dead-letter")}
+    assert topics == {env.path("topics", t) for t in ("dasklab-control", "dasklab-ticks", "dasklab-status",
+                                                           "dasklab-dead-letter")}
     dead_sub = env.subscriptions()[env.path("subscriptions", "dasklab-dead-letter-sub")]
     assert dead_sub.topic == env.path("topics", "dasklab-dead-letter")
     jobs = env.standin.jobs
@@ -235,12 +237,12 @@ def test_first_apply_creates_everything_and_the_second_writes_nothing(env):
     assert sorted(jobs) == sorted(env.job(n) for n in names)
     reconcile = jobs[env.job("dasklab-reconcile")]
     assert (reconcile.schedule, reconcile.time_zone, reconcile.pubsub_target.topic_name) == (
-        "* * * * *", "Etc/UTC", env.path("topics", "dasklab-control"))
+        "* * * * *", "Etc/UTC", env.path("topics", "dasklab-ticks"))
     assert dict(reconcile.pubsub_target.attributes) == {"dasklab-tick": "reconcile"}
 
     env.reset_calls()
     second = env.run()
-    assert {c.action for c in second} == {"unchanged"} and len(second) == 7
+    assert {c.action for c in second} == {"unchanged"} and len(second) == 8
     assert env.writes() == set()
     assert env.standin.calls == ["ListJobs"] and set(env.pubsub_calls) == {"list_topics", "list_subscriptions"}
     assert env.topics() == topics and env.standin.jobs == jobs
@@ -268,7 +270,7 @@ def test_changing_nightly_at_updates_the_job_in_place(env):
 @needs_emulator
 def test_dry_run_plans_without_writing(env):
     changes = env.run(dry_run=True)
-    assert {c.action for c in changes} == {"create"} and len(changes) == 7
+    assert {c.action for c in changes} == {"create"} and len(changes) == 8
     assert env.writes() == set() and env.topics() == set() and env.standin.jobs == {}
     env.run()
     env.reset_calls()
@@ -294,17 +296,17 @@ def test_destroy_removes_what_apply_created_and_nothing_else(env):
 
     removed = env.destroy()
     assert [(c.kind, c.action) for c in removed] == [("job", "delete")] * 4 + [("subscription", "delete")] + [
-        ("topic", "delete")] * 3  # the 3 timers and the class's pending wake-up
+        ("topic", "delete")] * 4  # the 3 timers and the class's pending wake-up
     assert env.topics() == {other_topic} and sorted(env.standin.jobs) == sorted([other_job.name, lookalike.name])
     assert env.subscriptions() == {}
     assert {c.action for c in env.destroy()} == {"unchanged"}  # NotFound is fine
 
 
 @needs_emulator
-def test_running_the_reconcile_job_delivers_its_tick_on_the_control_topic(env):
+def test_running_the_reconcile_job_delivers_its_tick_on_the_timers_topic(env):
     env.run()
     probe = env.path("subscriptions", "probe")
-    env.subscriber.create_subscription(name=probe, topic=env.path("topics", "dasklab-control"))
+    env.subscriber.create_subscription(name=probe, topic=env.path("topics", "dasklab-ticks"))
     job = env.scheduler.run_job(name=env.job("dasklab-reconcile"))
     assert job.status.code == 0
     [message] = pull(env.subscriber, probe)
@@ -317,9 +319,13 @@ def test_running_the_reconcile_job_delivers_its_tick_on_the_control_topic(env):
 @pytest.mark.filterwarnings("ignore:The return_immediately flag:DeprecationWarning")  # else an empty pull waits 2 s
 def test_a_foreign_control_subscription_gets_the_dead_letter_policy_and_dead_letters_are_kept(env):
     env.run()
-    trigger = env.path("subscriptions", "eventarc-us-central1-dasklab-control-123-sub-456")  # like gcloud's
-    env.subscriber.create_subscription(name=trigger, topic=env.path("topics", "dasklab-control"))
-    change = by_name(env.run())[trigger]
+    control = env.path("subscriptions", "eventarc-us-central1-dasklab-control-123-sub-456")  # like gcloud's
+    env.subscriber.create_subscription(name=control, topic=env.path("topics", "dasklab-control"))
+    trigger = env.path("subscriptions", "eventarc-us-central1-dasklab-ticks-123-sub-789")  # the ticks function's
+    env.subscriber.create_subscription(name=trigger, topic=env.path("topics", "dasklab-ticks"))
+    changes = by_name(env.run())
+    change = changes[trigger]
+    assert changes[control].action == "update"
     assert (change.kind, change.action) == ("dead-letter-policy", "update")
     policy = env.subscriptions()[trigger].dead_letter_policy
     assert (policy.dead_letter_topic, policy.max_delivery_attempts) == (env.path("topics", "dasklab-dead-letter"), 10)

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from dasklab.core.model import NO_JUPYTER, JupyterActivity, WorkerInfo
-from dasklab.core.policy import (DOWN, HOLD, UP, Infra, ScaleParams, plan_idle_check, plan_next_teardown,
+from dasklab.core.policy import (plan_tick_reach, DOWN, HOLD, UP, Infra, ScaleParams, plan_idle_check, plan_next_teardown,
                                  plan_provision_step, plan_retirement, plan_scale, plan_start, plan_teardown)
 from tests.conftest import make_load, make_spec, make_state
 
@@ -320,3 +320,17 @@ def test_next_teardown_is_the_first_tick_the_policy_deletes_at(spec, load, now, 
 
 def test_no_tick_no_teardown():
     assert plan_next_teardown(make_spec(), make_state(), make_load(idle_since=0.0), []) is None
+
+
+@pytest.mark.parametrize("tick, published, created_at, acts", [
+    ("nightly-teardown", 1000.0, 999.0, True),  # existed when the tick fired
+    ("nightly-teardown", 1000.0, 1000.0, True),
+    ("nightly-teardown", 1000.0, 1000.5, False),  # created after: a redelivery spares it
+    ("teardown-idle", 1000.0, 1600.0, False),
+    ("reconcile", 1000.0, 1600.0, True),  # a reconcile tick's steps are what the lab's own state asks for
+    ("nightly-teardown", None, 1600.0, True),  # not from Pub/Sub (a direct call): no publish time to go by
+])
+def test_a_teardown_tick_acts_only_on_labs_that_existed_when_it_was_published(tick, published, created_at, acts):
+    verdict, reason = plan_tick_reach(tick, published, created_at)
+    assert verdict is acts
+    assert (reason == "") is acts and (acts or "before the lab was created" in reason)

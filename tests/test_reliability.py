@@ -777,3 +777,17 @@ def test_a_permanent_refusal_at_any_action_fails_the_lab_once_and_it_is_torn_dow
         clock.t += 1
         ctl.reconcile_all("reconcile")
     assert "s" not in fake.labs and [e["event"] for e in ctl.events.events].count("lab-failed") == 1
+
+
+def test_a_redelivered_nightly_teardown_spares_the_labs_created_after_it_fired():
+    ctl, clock = controller()
+    ctl.handle(msg(type="start-lab", lab="before", owner="alice"), "m-1", published=clock.t)
+    fired = clock.t + 10  # the nightly teardown is published; its first delivery fails (the function was busy)
+    clock.t += 60
+    ctl.handle(msg(type="start-lab", lab="after", owner="bob"), "m-2", published=clock.t)
+    clock.t += 600  # the redelivery, ten minutes on
+    ctl.handle(msg(type="nightly-teardown"), "tick", published=fired)
+    going = lambda name: (lab := ctl.backend.fetch_lab(name)) is None or lab.state.phase == TEARING_DOWN  # noqa: E731
+    assert going("before") and not going("after")
+    ctl.handle(msg(type="nightly-teardown"), "tick-2", published=clock.t)  # the next night's reaches it
+    assert going("after")

@@ -21,7 +21,7 @@ from tests.standins.cloud_scheduler import CloudSchedulerStandin
 
 PROJECT, REGION = "lab-proj", "us-central1"
 PARENT = f"projects/{PROJECT}/locations/{REGION}"
-TOPIC = f"projects/{PROJECT}/topics/dasklab-control"
+TOPIC = f"projects/{PROJECT}/topics/dasklab-ticks"
 T0 = datetime(2026, 12, 7, 8, 0, 10, tzinfo=timezone.utc).timestamp()
 WAKE = {"v": 1, "type": "reconcile-class", "class": "intro"}
 
@@ -56,7 +56,7 @@ def standin(clock, delivered):
 
 @pytest.fixture
 def wakeups(standin, clock):
-    return SchedulerWakeups(PROJECT, REGION, "dasklab-control", client_factory=standin.client, clock=clock)
+    return SchedulerWakeups(PROJECT, REGION, "dasklab-ticks", client_factory=standin.client, clock=clock)
 
 
 def job(standin, key) -> sched.Job | None:
@@ -69,7 +69,7 @@ def utc(*args) -> datetime:
 
 # --- the adapter --------------------------------------------------------------------------------------------------
 
-def test_a_wakeup_is_a_one_off_cron_job_publishing_the_message_on_the_control_topic(wakeups, standin):
+def test_a_wakeup_is_a_one_off_cron_job_publishing_the_message_on_the_timers_topic(wakeups, standin):
     wakeups.apply_wakeup("intro-start", T0 + 3600 - 900 + 20, WAKE)  # 08:45:30 → fires at 08:46, never early
     j = job(standin, "intro-start")
     assert (j.schedule, j.time_zone, j.state) == ("46 8 7 12 *", "Etc/UTC", sched.Job.State.ENABLED)
@@ -164,8 +164,8 @@ def test_a_job_deleted_between_create_and_update_is_retried_and_delete_errors_ar
         wakeups.apply_expire("intro-start", T0)
 
 
-def test_the_gke_runtime_builds_it_in_the_functions_region_on_the_control_topic():
-    w = build_wakeups(Config(backend="gke", project=PROJECT, region="europe-west1", control_topic="ctl"))
+def test_the_gke_runtime_builds_it_in_the_functions_region_on_the_timers_topic():
+    w = build_wakeups(Config(backend="gke", project=PROJECT, region="europe-west1", tick_topic="ctl"))
     assert isinstance(w, SchedulerWakeups)
     assert (w.parent, w.topic) == (f"projects/{PROJECT}/locations/europe-west1", f"projects/{PROJECT}/topics/ctl")
 

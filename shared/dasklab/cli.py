@@ -280,11 +280,12 @@ def cmd_serve(a, cfg) -> int:
     with LocalController(cfg.home, emulator=None if not a.no_emulator else False) as ctl:
         print(f"local controller running: bus={ctl.bus}, functions at {ctl.server.url}, home={cfg.home}")
         print("publish with `dasklab start-lab --lab NAME`; Ctrl-C stops it and every local lab")
-        print(f"the controller's full JSON log: {ctl.functions_log}")
+        print(f"the controller's full JSON log: {ctl.functions_log} (its ticks: {ctl.ticks_log})")
         if not a.quiet:
             print("its decisions, as they happen (--quiet hides them):", flush=True)
             show = lambda entry: (line := describe(entry)) and print(line, flush=True)  # noqa: E731
-            threading.Thread(target=follow_log, args=(ctl.functions_log, stop, show), daemon=True).start()
+            for log in (ctl.functions_log, ctl.ticks_log):
+                threading.Thread(target=follow_log, args=(log, stop, show), daemon=True).start()
         try:
             while True:
                 time.sleep(3600)
@@ -343,6 +344,7 @@ def deploy_steps(a, cfg) -> list:
     build, iam = deploy.load_build(), deploy.load_iam()
     values = deploy.substitutions(build, cfg.project, {
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
+        "_TICK_TOPIC": load_infra()["topics"]["ticks"],
         "_SERVICE_ACCOUNT": iam["accounts"]["controller"]["account"],
         "_NODE_SERVICE_ACCOUNT": iam["accounts"]["nodes"]["account"], "_NIGHTLY_AT": cfg.nightly_at,
         "_TIME_ZONE": cfg.nightly_time_zone})

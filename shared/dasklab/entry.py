@@ -5,7 +5,8 @@ from functools import lru_cache
 
 from dasklab.core import logs
 from dasklab.core.errors import NotAllowed, PermanentError, TransientError, ValidationError
-from dasklab.core.messages import REQUEST_ID, decode_publish_time, decode_pubsub, parse_command, parse_request_id
+from dasklab.core.messages import CONTROL, REQUEST_ID, check_topic, decode_publish_time, decode_pubsub, \
+    parse_command, parse_request_id
 from dasklab.core.trust import SENDER, parse_sender
 
 
@@ -16,9 +17,10 @@ def controller():
     return runtime.build_controller()
 
 
-def handle_event(data, event_id: str = "") -> None:
-    """Handle one control-topic message. Permanent errors are logged, published as the command's outcome and
-    acknowledged (return); transient ones propagate so Pub/Sub redelivers the message."""
+def handle_event(data, event_id: str = "", topic: str = CONTROL) -> None:
+    """Handle one message of `topic` (control: commands; ticks: the timers' ticks, which the control topic refuses).
+    Permanent errors are logged, published as the command's outcome and acknowledged (return); transient ones
+    propagate so Pub/Sub redelivers the message."""
     logs.setup()
     mid, request, cmd = event_id, "", None
     try:
@@ -28,6 +30,7 @@ def handle_event(data, event_id: str = "") -> None:
         published = decode_publish_time(data)  # a stop-lab wins over a start-lab published before it
         sender = parse_sender(attributes)  # None: an administrator's direct publish (core/trust.py)
         cmd = parse_command(payload)
+        check_topic(cmd, topic)  # a forged tick is refused to its sender like any refusal
         controller().handle(cmd, mid, published=published, request_id=request, sender=sender)
     except PermanentError as e:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,

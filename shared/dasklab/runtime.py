@@ -44,12 +44,12 @@ def build_classes(config: Config):
 
 def build_wakeups(config: Config):
     """A class's one-off wake-ups: files the local timer fires; on GKE, one-off Cloud Scheduler jobs in the
-    functions' region publishing on the control topic."""
+    functions' region publishing on the timers' topic."""
     if config.backend == "local":
         from dasklab.local.timers import FileWakeups
         return FileWakeups(config.home)
     from dasklab.adapters.scheduler import SchedulerWakeups
-    return SchedulerWakeups(config.project, config.region, config.control_topic)
+    return SchedulerWakeups(config.project, config.region, config.tick_topic)
 
 
 def build_reports(config: Config):

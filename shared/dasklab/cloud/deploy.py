@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from dasklab.core.errors import DasklabError, ValidationError
+from dasklab.core.timers import load_infra
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD_FILE = REPO / "cloudbuild.yaml"
@@ -157,11 +158,19 @@ def build_iam_steps(iam: dict, project: str) -> list[Step]:
 
 
 def build_service_agent_steps(iam: dict, project: str, project_number: str) -> list[Step]:
-    """Grants to Google's service agents (named by the project number) that dasklab relies on."""
-    steps = []
+    """Grants to Google's service agents (named by the project number) that dasklab relies on: on the project, or on
+    one of dasklab's topics (`on_topic`, a key of infra/dasklab.yaml topics; the topic is created first if absent)."""
+    steps, topics = [], load_infra()["topics"]
     for key, agent in iam.get("service_agents", {}).items():
         member = f"--member=serviceAccount:{agent['email'].format(project_number=project_number)}"
         for grant in agent["roles"]:
+            if grant.get("on_topic"):
+                topic, where = topics[grant["on_topic"]], f"--project={project}"
+                steps.append(Step(f"topic-{grant['on_topic']}", ("gcloud", "pubsub", "topics", "create", topic, where),
+                                  unless=("gcloud", "pubsub", "topics", "describe", topic, where)))
+                steps.append(Step(f"grant-{key}", ("gcloud", "pubsub", "topics", "add-iam-policy-binding", topic, where,
+                                                   member, f"--role={grant['role']}", "--quiet", "--format=none")))
+                continue
             steps.append(Step(f"grant-{key}", ("gcloud", "projects", "add-iam-policy-binding", project, member,
                                                f"--role={grant['role']}", "--condition=None", "--quiet",
                                                "--format=none")))

@@ -42,7 +42,7 @@ class Subscription:
 class Desired:
     project: str
     location: str
-    control_topic: str
+    triggers: tuple[str, ...]  # the topics whose subscriptions (the functions' triggers) get the dead-letter policy
     dead_letter_topic: str
     topics: tuple[str, ...]
     subscriptions: tuple[Subscription, ...]
@@ -108,7 +108,7 @@ def build_desired(infra: dict, project: str, location: str, *, nightly_at: str =
     nightly = nightly_schedule(nightly_at)
     time_zone = _check_time_zone(time_zone)
     names = infra["topics"]
-    topic = {role: f"projects/{project}/topics/{names[role]}" for role in ("control", "status", "dead_letter")}
+    topic = {role: f"projects/{project}/topics/{names[role]}" for role in ("control", "ticks", "status", "dead_letter")}
     dead_letters = Subscription(f"projects/{project}/subscriptions/{names['dead_letter']}-sub", topic["dead_letter"])
     jobs = []
     for job in infra["jobs"]:
@@ -118,11 +118,11 @@ def build_desired(infra: dict, project: str, location: str, *, nightly_at: str =
             name=f"projects/{project}/locations/{location}/jobs/{job.name}",
             schedule=nightly if is_nightly else job.schedule,
             time_zone=time_zone if is_nightly else job.time_zone,
-            topic=topic["control"],
+            topic=topic["ticks"],  # the timers' own topic: a tick on the control topic is refused
             data=json.dumps(job.message, separators=(",", ":")).encode(),
             attributes={TICK_ATTRIBUTE: kind},
         ))
-    return Desired(project, location, topic["control"], topic["dead_letter"], tuple(topic.values()),
+    return Desired(project, location, (topic["control"], topic["ticks"]), topic["dead_letter"], tuple(topic.values()),
                    (dead_letters,), tuple(jobs))
 
 
@@ -151,7 +151,7 @@ def plan_infra(desired: Desired, observed: Observed) -> list[Change]:
 
     ours = {s.name for s in desired.subscriptions}
     for name, have in sorted(observed.subscriptions.items()):  # e.g. the Eventarc trigger of the function
-        if have.topic != desired.control_topic or name in ours:
+        if have.topic not in desired.triggers or name in ours:
             continue
         want = replace(have, dead_letter_topic=desired.dead_letter_topic, max_delivery_attempts=DEAD_LETTER_ATTEMPTS)
         if want == have:

@@ -30,13 +30,15 @@ class Commands(Part):
         point, which always sets it) alone: an administrator's."""
         if sender is not None:
             self.authorize(cmd, sender)
-        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale)):  # ordered by publishTime
+        if isinstance(cmd, (StartLab, StopLab, StartClass, StopClass, UpdateLab, Scale, Reconcile, TeardownIdle,
+                            NightlyTeardown)):  # ordered by publishTime; a teardown tick spares labs created after it
             handler = {StartLab: self.start_lab, StopLab: self.c.labs.apply_stop, StartClass: self.start_class,
-                       StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale}[type(cmd)]
+                       StopClass: self.stop_class, UpdateLab: self.update_lab, Scale: self.scale,
+                       Reconcile: self.c.fleet.tick, TeardownIdle: self.c.fleet.tick,
+                       NightlyTeardown: self.c.fleet.tick}[type(cmd)]
             outcome = handler(cmd, message_id, published)
         else:
-            handler = {KeepAlive: self.keep_alive, Reconcile: self.c.fleet.tick, TeardownIdle: self.c.fleet.tick,
-                       NightlyTeardown: self.c.fleet.tick, ReconcileClass: self.wake_class}[type(cmd)]
+            handler = {KeepAlive: self.keep_alive, ReconcileClass: self.wake_class}[type(cmd)]
             outcome = handler(cmd, message_id)
         if outcome is not None:  # ticks have no sender waiting
             self.publish_outcome(cmd.type, getattr(cmd, "lab", None), message_id, request_id, *outcome,

@@ -45,6 +45,7 @@ class Config:
     location: str = "us-central1-a"  # where lab clusters run: a zone (one system node); a region triples the nodes
     region: str = ""  # where the functions and the Cloud Scheduler jobs run; empty: the region of `location`
     control_topic: str = "dasklab-control"
+    tick_topic: str = "dasklab-ticks"  # the timers' topic: a class's one-off wake-ups publish there
     status_topic: str = "dasklab-status"
     home: str = str(Path.home() / ".dasklab")
     # caps: a request above one is refused, never truncated

@@ -10,6 +10,7 @@ from dasklab.core.context import Part, poisoned
 from dasklab.core.errors import PermanentError, RateLimited, StepRefused, TransientError
 from dasklab.core.messages import NightlyTeardown, Reconcile, TeardownIdle
 from dasklab.core.model import Lab
+from dasklab.core.policy import plan_tick_reach
 
 
 GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per minute (see reconcile_all)
@@ -18,10 +19,11 @@ GOLDEN = (5 ** 0.5 - 1) / 2  # the rotation of the pass's starting point per min
 class Fleet(Part):
     """Ticks: passes over every lab (concurrently, within a deadline) and every class."""
 
-    def tick(self, cmd: Reconcile | TeardownIdle | NightlyTeardown, mid: str) -> None:
+    def tick(self, cmd: Reconcile | TeardownIdle | NightlyTeardown, mid: str, published: float | None = None) -> None:
         """One timer tick over every managed lab. A reconcile tick keeps polling for its budget; the next pass
         retries what failed. A teardown tick has one pass: if a lab failed or was not reached before the
-        invocation's deadline, the tick raises to be redelivered."""
+        invocation's deadline, the tick raises to be redelivered; it acts only on the labs that existed when it was
+        `published` (its publishTime)."""
         start = self.clock()
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
@@ -40,7 +42,7 @@ class Fleet(Part):
 
         while True:
             left = self.reconcile_all(cmd.type, mid, deadline=max(deadline, start + self.config.pass_budget_s),
-                                      idle=idle if isinstance(cmd, Reconcile) else None)
+                                      idle=idle if isinstance(cmd, Reconcile) else None, published=published)
             if isinstance(cmd, Reconcile):
                 left += self.reconcile_classes(mid)
             if left and not isinstance(cmd, Reconcile):
@@ -50,13 +52,13 @@ class Fleet(Part):
             self.sleep(self.config.poll_s)
 
     def reconcile_all(self, tick: str, mid: str = "", workers: int = 64, deadline: float | None = None,
-                      idle: bool | Callable[[str], bool] | None = None) -> list[str]:
+                      idle: bool | Callable[[str], bool] | None = None, published: float | None = None) -> list[str]:
         """One pass over all labs, `workers` at a time, so no lab waits on another's slow call. A lab not yet
         started when `deadline` passes is left for the next pass. The pass starts at a point of the ring of labs
         that moves by the golden ratio of the ring every minute, so successive starts spread evenly: a fleet of
         which a pass reaches a fraction f has every lab reached within about 1.5/f minutes, with no state kept.
         With `idle` (default: on teardown ticks; or a predicate of the lab's name) labs without work are asked since
-        when they are idle.
+        when they are idle. A lab created after `published` (the tick's publishTime) is spared by a teardown tick.
         Returns the labs failed or left over."""
         labs = self.backend.fetch_labs()
         missing = [f"zone {z}" for z in getattr(self.backend, "missing_zones", ())]
@@ -75,6 +77,10 @@ class Fleet(Part):
                 return False  # not started: the next pass or tick takes it
             if self.clock() < lab.state.backoff_until:
                 return False  # rate limited a moment ago: this pass leaves it alone
+            acts, why = plan_tick_reach(tick, published, lab.state.created_at)
+            if not acts:  # done with: a redelivery of this tick spares it as well
+                logs.emit("INFO", lab=lab.name, action="spare", tick=tick, reason=why, message_id=mid)
+                return True
             return self._reconcile_safely(lab, tick, mid, idle(lab.name) if callable(idle) else idle)
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(labs)))) as pool:

@@ -523,6 +523,7 @@ Command = Union[StartLab, UpdateLab, StopLab, KeepAlive, Scale, StartClass, Stop
                 TeardownIdle, NightlyTeardown]
 COMMAND_TYPES = ("start-lab", "update-lab", "stop-lab", "keep-alive", "scale", "start-class", "stop-class")
 TICK_TYPES = ("reconcile", "reconcile-class", "teardown-idle", "nightly-teardown")
+CONTROL, TICKS = "control", "ticks"  # the topics a message can arrive on (infra/dasklab.yaml topics)
 _DECODER = msgspec.json.Decoder(Command, strict=False)  # lax like JSON senders expect: "8" → 8, 1 → true
 
 
@@ -552,6 +553,16 @@ def parse_command(data: bytes | str | dict) -> Command:
         raise ValidationError("data", f"must be a JSON object ({e})") from None
     except RecursionError:
         raise ValidationError("data", "is nested too deeply to decode") from None
+
+
+def check_topic(cmd: Command, topic: str) -> Command:
+    """A tick only from the timers' topic (which only the timers may publish to), a command only from the control
+    topic: anyone who may publish a command could otherwise forge a nightly teardown. Raises ValidationError."""
+    if topic == CONTROL and cmd.type in TICK_TYPES:
+        raise ValidationError("type", "ticks are accepted only from the timers' topic")
+    if topic == TICKS and cmd.type not in TICK_TYPES:
+        raise ValidationError("type", "the timers' topic carries ticks only: commands go to the control topic")
+    return cmd
 
 
 def decode_pubsub(event_data: dict) -> tuple[bytes, dict, str]:

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from dasklab.core.context import iso
 from dasklab.core.environment import jupyter_enabled, jupyter_packages
 from dasklab.core.model import (FAILED, INSTALLING, NO_JUPYTER, PROVISIONING, READY, REQUESTED, TEARING_DOWN, DaskLoad,
                                 JupyterActivity, LabSpec, LabState, WorkerInfo, WorkerProblem)
@@ -250,6 +251,17 @@ def plan_teardown(tick: str, spec: LabSpec, state: LabState, load: DaskLoad | No
     jupyter_note = ", no Jupyter kernel busy or activity" if jupyter.running else ""
     return TeardownDecision(True, f"idle for {idle:.0f}s ≥ idle timeout {spec.idle_timeout_s}s: no task"
                                   f"{jupyter_note}{clients}", "idle")
+
+
+def plan_tick_reach(tick: str, published: float | None, created_at: float) -> tuple[bool, str]:
+    """Whether a tick published at `published` (its Pub/Sub publishTime; None: not from Pub/Sub) acts on a lab created
+    at `created_at`. A teardown tick acts only on labs that existed when it was published, so one redelivered hours
+    later (Pub/Sub retries for up to 24 h) spares the labs started since; a reconcile tick reaches every lab (its
+    steps are what each lab's own state asks for now). Returns (acts, reason)."""
+    if tick == "reconcile" or published is None or created_at <= published:
+        return True, ""
+    return False, (f"{tick} published at {iso(published)}, before the lab was created ({iso(created_at)}): "
+                   f"it acts only on labs that existed when it fired")
 
 
 def plan_next_teardown(spec: LabSpec, state: LabState, load: DaskLoad | None,

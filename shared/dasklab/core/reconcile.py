@@ -60,8 +60,8 @@ class Controller:
     def publish_outcome(self, *args, **extra) -> None:
         self.commands.publish_outcome(*args, **extra)
 
-    def tick(self, cmd, mid: str) -> None:
-        self.fleet.tick(cmd, mid)
+    def tick(self, cmd, mid: str, published: float | None = None) -> None:
+        self.fleet.tick(cmd, mid, published)
 
     def reconcile_all(self, tick: str, mid: str = "", **kw) -> list[str]:
         return self.fleet.reconcile_all(tick, mid, **kw)

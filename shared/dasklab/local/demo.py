@@ -166,9 +166,10 @@ class DemoRun:
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
-        self.pids += [self.ctl.server.proc.pid] + ([self.ctl.emulator.proc.pid] if self.ctl.emulator else [])
-        threading.Thread(target=self.timeline.follow, args=(self.ctl.functions_log, self.stop_tail),
-                         daemon=True).start()
+        self.pids += [self.ctl.server.proc.pid, self.ctl.ticks_server.proc.pid] + (
+            [self.ctl.emulator.proc.pid] if self.ctl.emulator else [])
+        for log in (self.ctl.functions_log, self.ctl.ticks_log):  # commands' decisions, ticks' decisions
+            threading.Thread(target=self.timeline.follow, args=(log, self.stop_tail), daemon=True).start()
         self.timeline.say("demo", f"local controller up: bus = {self.ctl.bus}; functions-framework at "
                                   f"{self.ctl.server.url}")
         return self

@@ -46,7 +46,7 @@ class LocalController:
         self.settings = {"DASKLAB_TICK_BUDGET_S": "57", **{k: str(v) for k, v in (settings or {}).items()}}
         self.budget_s = float(self.settings["DASKLAB_TICK_BUDGET_S"])
         self.fire_timers = fire_timers
-        self.emulator = self.server = self.timer = None
+        self.emulator = self.server = self.ticks_server = self.timer = None
         self.infra = load_infra()
         self._events_read = 0  # status events of the file already returned by fetch_events (direct push)
 
@@ -57,6 +57,11 @@ class LocalController:
     @property
     def functions_log(self) -> Path:
         return self.home / "logs" / "functions.log"
+
+    @property
+    def ticks_log(self) -> Path:
+        """The ticks entry point's log (a server of its own reads its port from its own log)."""
+        return self.home / "logs" / "ticks.log"
 
     def start(self) -> "LocalController":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -76,20 +81,23 @@ class LocalController:
             env.update(self.emulator.env)
         self.server = procs.start_functions_server("control", FUNCTIONS_SOURCE, env=env,
                                                    log_path=self.functions_log)
+        self.ticks_server = procs.start_functions_server("ticks", FUNCTIONS_SOURCE, env=env, log_path=self.ticks_log)
+        topics = self.infra["topics"]
         if self.emulator:
             from dasklab.adapters import pubsub
-            topics = self.infra["topics"]
-            for topic in (topics["control"], topics["status"], topics["dead_letter"]):
+            for topic in (topics["control"], topics["ticks"], topics["status"], topics["dead_letter"]):
                 pubsub.ensure_topic(LOCAL_PROJECT, topic)
-            pubsub.ensure_subscription(LOCAL_PROJECT, topics["control"], "dasklab-control-push",
-                                       push_endpoint=f"{self.server.url}projects/{LOCAL_PROJECT}/topics/"
-                                                     f"{topics['control']}", dead_letter_topic=topics["dead_letter"])
+            for role, server in (("control", self.server), ("ticks", self.ticks_server)):
+                pubsub.ensure_subscription(LOCAL_PROJECT, topics[role], f"{topics[role]}-push",
+                                           push_endpoint=f"{server.url}projects/{LOCAL_PROJECT}/topics/{topics[role]}",
+                                           dead_letter_topic=topics["dead_letter"])
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
+            "ticks_url": self.ticks_server.url,
             "emulator_host": self.emulator.host if self.emulator else None, "project": LOCAL_PROJECT,
-            "control_topic": self.infra["topics"]["control"], "status_topic": self.infra["topics"]["status"],
-            "functions_log": str(self.functions_log)}))
+            "control_topic": topics["control"], "tick_topic": topics["ticks"], "status_topic": topics["status"],
+            "functions_log": str(self.functions_log), "ticks_log": str(self.ticks_log)}))
         if self.fire_timers:
             self.timer = LocalTimer(self.infra["jobs"], self._fire, fire_at_start=("dasklab-reconcile",),
                                     wakeups=FileWakeups(self.home),
@@ -126,8 +134,9 @@ class LocalController:
         """Stop the timer, every lab's processes, the functions server and the emulator."""
         if self.timer:
             self.timer.stop()
-        if self.server:  # first, so no invocation acts on the labs while they are stopped
-            self.server.stop(timeout=2)
+        for server in (self.ticks_server, self.server):  # first, so no invocation acts on the labs while stopped
+            if server:
+                server.stop(timeout=2)
         LocalBackend(self.home).stop_all()
         if self.emulator:
             self.emulator.stop()
@@ -150,7 +159,8 @@ def serve_info(home: str | Path) -> dict:
 
 def publish_local(home: str | Path, payload: dict, tick: str | None = None, attributes: dict | None = None,
                   background: bool = True) -> str:
-    """Validate a command, then send it to the running local controller over its bus; returns the message id.
+    """Validate a command, then send it to the running local controller over its bus (a `tick` on the timers' topic,
+    to the ticks entry point; anything else on the control topic); returns the message id.
     By direct push the delivery runs in a thread, or, with `background=False`, before returning (a process about
     to exit, like the CLI, would otherwise drop it)."""
     parse_command(payload)  # refuse locally with the same error the function would log
@@ -159,12 +169,12 @@ def publish_local(home: str | Path, payload: dict, tick: str | None = None, attr
     if info["emulator_host"]:
         os.environ.setdefault("PUBSUB_EMULATOR_HOST", info["emulator_host"])
         from dasklab.adapters import pubsub
-        return pubsub.publish(info["project"], info["control_topic"], payload, **attributes)
-    envelope = push_envelope(payload, attributes=attributes)
+        return pubsub.publish(info["project"], info["tick_topic" if tick else "control_topic"], payload, **attributes)
+    envelope, url = push_envelope(payload, attributes=attributes), info["ticks_url" if tick else "functions_url"]
     if not background:
-        _push(info["functions_url"], envelope)
+        _push(url, envelope)
         return envelope["message"]["messageId"]
-    threading.Thread(target=_push, args=(info["functions_url"], envelope), daemon=True).start()
+    threading.Thread(target=_push, args=(url, envelope), daemon=True).start()
     return envelope["message"]["messageId"]
 
 
@@ -187,7 +197,7 @@ def _push(url: str, envelope: dict, attempts: int = 5) -> None:
 # The controller's decisions `dasklab local serve` shows as they happen (its JSON log has every line).
 DECISIONS = ("create", "provision", "install", "mark-ready", "mark-failed", "limits", "keep-alive", "scale-up",
              "scale-down", "retire", "teardown", "forget", "refused", "update", "rollout-start", "rollout-retire",
-             "jupyter-restart", "updated", "degraded", "recovered")
+             "jupyter-restart", "updated", "degraded", "recovered", "spare")
 
 
 def follow_log(path: Path, stop: threading.Event, show: Callable[[dict], None], interval: float = 0.2) -> None:
