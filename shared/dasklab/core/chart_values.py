@@ -52,7 +52,7 @@ def _component(c: str) -> dict[str, Accepted]:
     for kind in ("limits", "requests"):
         for q in ("cpu", "memory"):
             keys[f"{c}.resources.{kind}.{q}"] = Accepted(
-                f"replaced by the worker size (worker_resources, else resources.limits), a note if it differs"
+                "replaced by the worker size (worker_resources, else resources.limits), a note if it differs"
                 if c == "worker" else (f"passed to the chart: the pod's {kind} of {_QUANTITY[q]}, capped at the "
                                        f"{c}'s slot of a system node (a note; memory limited to its request)"),
                 "the seed's config.yaml sizes every component; only CPU and memory, which every node has"
