@@ -431,7 +431,6 @@ def test_the_reply_subscription_is_filtered_on_the_request_and_deleted_afterward
 def test_the_cli_waits_for_the_outcome_on_google_cloud(emulator_host, monkeypatch, capsys, home):
     """The GKE-backend path of the CLI on the emulator: a "function" thread runs each control message through
     the real entry point, whose controller publishes on the status topic; the CLI's reply subscriptions go."""
-    import base64
     import threading
 
     from dasklab import entry
@@ -453,18 +452,7 @@ def test_the_cli_waits_for_the_outcome_on_google_cloud(emulator_host, monkeypatc
                      config.Config(backend="gke", project=project))
     monkeypatch.setattr(entry, "controller", lambda: ctl)
     stop = threading.Event()
-
-    def function():  # what the deployed function does with each control message
-        subscriber, path = pubsub.subscriber(), pubsub.subscriber().subscription_path(project, "trigger")
-        while not stop.is_set():
-            for m in subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages:
-                entry.handle_event({"message": {"data": base64.b64encode(m.message.data).decode(),
-                                                "attributes": dict(m.message.attributes),
-                                                "messageId": m.message.message_id}})
-                subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id])
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=function, daemon=True)
+    thread = threading.Thread(target=pump_control, args=(project, stop), daemon=True)
     thread.start()
     try:
         assert main("keep-alive", "--project", project, "--lab", "x", "--until", "2020-01-01T00:00:00Z",
@@ -482,3 +470,21 @@ def test_the_cli_waits_for_the_outcome_on_google_cloud(emulator_host, monkeypatc
     listed = pubsub.subscriber().list_subscriptions(project=f"projects/{project}")
     assert [s.name.rsplit("/", 1)[1] for s in listed] == ["trigger"]  # every reply subscription deleted
     pubsub.publisher.cache_clear(), pubsub.subscriber.cache_clear()
+
+
+def pump_control(project: str, stop) -> None:
+    """What the deployed control function does with each message of its trigger subscription (the emulator's pull
+    standing in for the push), until `stop` is set."""
+    import base64
+
+    from dasklab import entry
+    from dasklab.adapters import pubsub
+    subscriber = pubsub.subscriber()
+    path = subscriber.subscription_path(project, "trigger")
+    while not stop.is_set():
+        for m in subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages:
+            entry.handle_event({"message": {"data": base64.b64encode(m.message.data).decode(),
+                                            "attributes": dict(m.message.attributes),
+                                            "messageId": m.message.message_id}})
+            subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id])
+        stop.wait(0.2)

@@ -19,7 +19,7 @@ from google.auth import crypt, jwt
 from dasklab.adapters.local import LocalBackend
 from dasklab.core import config
 from dasklab.core.trust import OWN_START, OWNER
-from tests.test_cli import emulator_host  # noqa: F401 (a fixture)
+from tests.test_cli import emulator_host, pump_control  # noqa: F401 (a fixture)
 from tests.test_entry import local_env, outcomes  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,6 @@ def test_the_cli_sends_through_the_entry_point_and_hears_back_as_an_operator(emu
     served on 127.0.0.1), which publishes with the sender on the emulator's control topic; a "function" thread runs
     each control message through handle_event; the CLI reads its outcome from a reply subscription it does not
     delete (an operator may not: it expires by itself)."""
-    import base64
     from werkzeug.serving import make_server
 
     import functions_framework
@@ -182,19 +181,8 @@ def test_the_cli_sends_through_the_entry_point_and_hears_back_as_an_operator(emu
     caller = {"who": ANN}
     monkeypatch.setattr(idtokens, "fetch_token", lambda audience: token(caller["who"], audience))
     stop = threading.Event()
-
-    def function():  # what the deployed control function does with each control message
-        subscriber, path = pubsub.subscriber(), pubsub.subscriber().subscription_path(project, "trigger")
-        while not stop.is_set():
-            for m in subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages:
-                entry.handle_event({"message": {"data": base64.b64encode(m.message.data).decode(),
-                                                "attributes": dict(m.message.attributes),
-                                                "messageId": m.message.message_id}})
-                subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id])
-            stop.wait(0.2)
-
-    threads = [threading.Thread(target=server.serve_forever, daemon=True), threading.Thread(target=function,
-                                                                                              daemon=True)]
+    threads = [threading.Thread(target=server.serve_forever, daemon=True),
+               threading.Thread(target=pump_control, args=(project, stop), daemon=True)]
     for t in threads:
         t.start()
     try:
