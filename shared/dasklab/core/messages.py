@@ -10,15 +10,13 @@ import msgspec
 
 from dasklab.core.chart_values import check_chart_values
 from dasklab.core.config import check_dask_version
+from dasklab.core.chart_values import MAX_VALUES_BYTES, MAX_VALUES_DEPTH, _yaml_without_aliases, \
+    check_values_bound  # noqa: F401 (re-exported)
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, parse_cpu, parse_memory
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
-# chart values once parsed: as compact JSON at most this many bytes, nested at most this deep (YAML anchors and
-# aliases are refused, so a message's values cannot expand past its own size; this bounds what is stored)
-MAX_VALUES_BYTES = 32 * 1024
-MAX_VALUES_DEPTH = 16
 DEFAULT_MAX_WORKERS = 4  # workers.max when neither it nor values.worker.replicas is given
 LAB_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a GKE cluster name: ≤ 40 chars
 LABEL_VALUE = r"^[a-z0-9_-]{1,63}$"
@@ -164,51 +162,6 @@ class ChartValues(_Open):
     jupyter: _Component | None = None
     scheduler: _Component | None = None
     worker: _Component | None = None
-
-
-def _yaml_without_aliases(text: str):
-    """YAML text → data, refusing aliases (`*name`, hence `<<: *name` merges): an alias repeats a whole subtree,
-    so a few hundred bytes of nested aliases expand to gigabytes."""
-    import yaml  # only messages that carry YAML pay for it
-
-    class NoAliases(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise ValueError(f"uses the YAML alias *{event.anchor} (line {event.start_mark.line + 1}): anchors "
-                                 "and aliases are not accepted, as they can expand a small message into a huge "
-                                 "one; write the values out")
-            return super().compose_node(parent, index)
-
-    try:
-        return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ValueError(f"is not valid YAML: {e}") from None
-    except RecursionError:
-        raise ValueError(f"is nested too deeply: at most {MAX_VALUES_DEPTH} levels") from None
-
-
-def _depth(v) -> int:
-    """How deeply mappings and lists nest (a scalar is 0), without recursion."""
-    deepest, todo = 0, [(v, 1)]
-    while todo:
-        item, level = todo.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, level)
-            if level <= MAX_VALUES_DEPTH:
-                todo.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def check_values_bound(v: dict) -> None:
-    """Refuse chart values nested deeper than MAX_VALUES_DEPTH or larger than MAX_VALUES_BYTES as JSON."""
-    import json
-    if _depth(v) > MAX_VALUES_DEPTH:
-        raise ValueError(f"is nested deeper than {MAX_VALUES_DEPTH} levels")
-    size = len(json.dumps(v, separators=(",", ":"), default=str))
-    if size > MAX_VALUES_BYTES:
-        raise ValueError(f"is {size} bytes once parsed (as JSON); at most {MAX_VALUES_BYTES} bytes allowed")
 
 
 def _chart_values(v) -> dict:
