@@ -1,6 +1,6 @@
 """The chart-values allowlist: each key that would take a lab out of its box is refused naming its field (or, for a
 key the controller sets itself, replaced and said); the seed passes verbatim; every key of the table is reachable and
-nothing beside it is; the README's table is the module's."""
+nothing beside it is; the docs' table (docs/security.md) is the module's."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dasklab.adapters.release import INSTALLER, build_helm_values, chart_fullname
-from dasklab.core.chart_values import ACCEPTED, LIST, NOT_ACCEPTED, README_SECTION, build_readme_table
+from dasklab.core.chart_values import ACCEPTED, LIST, NOT_ACCEPTED, DOCS_PAGE, DOCS_SECTION, build_docs_table
 from dasklab.core.config import Config
 from dasklab.core.errors import ValidationError
 from dasklab.core.messages import EXPOSE_RULE, StartClass, StartLab, parse_command
@@ -102,7 +102,7 @@ def test_each_key_outside_the_table_is_refused_naming_its_field(values, field, r
     e = refusal(start(values))
     assert (e.field, rule in e.rule) == (field, True), f"{e.field}: {e.rule}"
     if rule == NOT_ACCEPTED:
-        assert e.rule.endswith(f"(see README: {README_SECTION})")
+        assert e.rule.endswith(f"(see {DOCS_PAGE}: {DOCS_SECTION})")
 
 
 @pytest.mark.parametrize("kind", ["start-lab", "update-lab", "start-class"])
@@ -181,16 +181,14 @@ def test_a_borrowed_service_account_is_replaced_and_said():
     assert len(pods) == 3 and all(pod.get("serviceAccountName") != INSTALLER for pod in pods)
 
 
-def test_the_readme_table_is_the_modules():
-    readme = (REPO / "README.md").read_text()
-    sections = readme.split("\n## ")
+def test_the_docs_table_is_the_modules():
+    page = (REPO / DOCS_PAGE).read_text()  # the refusal's pointer leads to the table
+    sections = page.split("\n## ")
     titles = [s.split("\n", 1)[0] for s in sections]
-    i = titles.index(README_SECTION)
-    assert titles[i - 1].startswith("Message schema")  # right after the message schema
-    section = sections[i]
+    section = sections[titles.index(DOCS_SECTION)]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(ACCEPTED)  # exactly the module's keys, in its order
-    assert build_readme_table() in section  # and what it says of each (`python -m dasklab.core.chart_values`)
+    assert build_docs_table() in section  # and what it says of each (`python -m dasklab.core.chart_values`)
     assert EXPOSE_RULE in " ".join(section.split())  # the expose bound, quoted
 
 

@@ -177,8 +177,8 @@ def test_own_placement_stays_available(tmp_path, firestore_env):
         world.close()
 
 
-def test_the_readme_placement_table_is_what_the_cost_model_computes():
-    """The README's "Placement of a class" figures are placement_cost's, and the default follows the cheaper."""
+def test_the_docs_placement_table_is_what_the_cost_model_computes():
+    """docs/deploy.md's "Placement of a class" figures are placement_cost's, and the default follows the cheaper."""
     import re
     from pathlib import Path
 
@@ -186,7 +186,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     from tests.conftest import make_spec
 
     own, shared = (placement_cost(p, students=30, hours=3, workers=6) for p in ("own", "shared"))
-    section = Path(__file__).parent.parent.joinpath("README.md").read_text().split("### Placement of a class")[1]
+    section = Path(__file__).parent.parent.joinpath("docs", "deploy.md").read_text().split("## Placement of a class")[1]
     table = section.split("\n\n")[2]
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     for key, row in (("control_plane_usd", "control-plane fees"), ("system_nodes_usd", "system nodes (schedulers, "
@@ -198,7 +198,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     assert (own["clusters"], own["system_nodes"], own["worker_nodes"]) == (30, 30, 60)
     assert (shared["clusters"], shared["system_nodes"], shared["worker_nodes"]) == (1, 10, 60)
     assert DEFAULT_PLACEMENT == "shared" and shared["total_usd"] < own["total_usd"]
-    # with 2 workers a student, sharing saves on worker nodes too (the README says 30 vs 20)
+    # with 2 workers a student, sharing saves on worker nodes too (the page says 30 vs 20)
     assert (placement_cost("own", 30, 3, 2)["worker_nodes"], placement_cost("shared", 30, 3, 2)["worker_nodes"]) == \
         (30, 20)
     # a shared lab's estimate carries its share of the class cluster's fee
@@ -209,7 +209,7 @@ def test_the_readme_placement_table_is_what_the_cost_model_computes():
     assert spec.workers_per_node == make_spec().workers_per_node == 3
     assert (spec.node_share(1), spec.node_share(4), make_spec().node_share(1)) == (pytest.approx(1 / 3),
                                                                                   pytest.approx(4 / 3), 1)
-    # ... and its share of the system pool, which the README's table counts whole: a lab of its own pays its pool
+    # ... and its share of the system pool, which the page's table counts whole: a lab of its own pays its pool
     node = node_hour_usd("e2-standard-4")
     assert system_pool_usd_h(1, False, "e2-standard-4", 1, 1) == pytest.approx(node, abs=1e-6)  # to the micro-$
     assert round(30 * 3 * system_pool_usd_h(30, True, "e2-standard-4", 1, 1), 2) == shared["system_nodes_usd"]

@@ -11,8 +11,8 @@ from dasklab.core.overrides import ENFORCED_ENV
 # aliases are refused, so a message's values cannot expand past its own size; this bounds what is stored)
 MAX_VALUES_BYTES = 32 * 1024
 MAX_VALUES_DEPTH = 16
-README_SECTION = "Accepted chart values"
-NOT_ACCEPTED = f"is not an accepted chart value (see README: {README_SECTION})"
+DOCS_PAGE, DOCS_SECTION = "docs/security.md", "Accepted chart values"  # where the table below is documented
+NOT_ACCEPTED = f"is not an accepted chart value (see {DOCS_PAGE}: {DOCS_SECTION})"
 COMPONENTS = ("scheduler", "worker", "jupyter")
 LIST = "[]"  # in a key path: each item of a list ("worker.env[].name")
 
@@ -125,7 +125,7 @@ _OWN = {
     },
 }
 
-# THE table: validation (check_chart_values) and the README's section (build_readme_table) both come from it.
+# THE table: validation (check_chart_values) and the docs' section (build_docs_table) both come from it.
 ACCEPTED: dict[str, Accepted] = {key: entry for c in COMPONENTS for key, entry in {**_component(c), **_OWN[c]}.items()}
 
 
@@ -181,8 +181,8 @@ def check_chart_values(values: dict) -> None:
     _check(values, (), "")
 
 
-def build_readme_table() -> str:
-    """The README's table of accepted keys (the section `Accepted chart values`), one row per ACCEPTED entry."""
+def build_docs_table() -> str:
+    """The docs' table of accepted keys (docs/security.md, `Accepted chart values`), one row per ACCEPTED entry."""
     rows = ["| key | what dasklab does | why |", "|---|---|---|"]
     for path, entry in ACCEPTED.items():
         only = f"; accepted: {', '.join(map(str, entry.only))}" if entry.only else ""
@@ -236,4 +236,4 @@ def check_values_bound(v: dict) -> None:
         raise ValueError(f"is {size} bytes once parsed (as JSON); at most {MAX_VALUES_BYTES} bytes allowed")
 
 if __name__ == "__main__":
-    print(build_readme_table())
+    print(build_docs_table())

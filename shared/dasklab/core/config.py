@@ -11,7 +11,8 @@ from dasklab.core.model import MACHINE_TYPES
 
 # The Dask versions a lab may run under the chart: distributed 2025.9.0 fixed the 500 from retire_workers and
 # 2024.2.1 the nanny reviving a retired worker; 2026.6.0 removed the `dask-scheduler`/`dask-worker` commands the
-# chart 2024.1.1 runs. The default, 2026.3.0, is the newest release inside (README "The labs' Dask version").
+# chart 2024.1.1 runs. The default, 2026.3.0, is the newest release inside (docs/how-it-works.md, "The labs' Dask
+# version").
 DASK_WINDOW = ((2025, 9, 0), (2026, 3))  # from 2025.9.0 up to any 2026.3.x
 DASK_WINDOW_TEXT = "2025.9.0 ≤ Dask ≤ 2026.3.x"
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")  # us-central1-a; a region has no zone letter

@@ -207,7 +207,7 @@ class WorkerResources(_Strict):
 
 
 # expose.source_ranges, all together (overlaps counted once), open at most as many addresses as a /8 (IPv4) or a
-# /32 (IPv6): EXPOSE_RULE says so in every refusal, and the README quotes it
+# /32 (IPv6): EXPOSE_RULE says so in every refusal, and docs/security.md quotes it
 EXPOSE_MAX_ADDRESSES = {4: 2 ** (32 - 8), 6: 2 ** (128 - 32)}
 EXPOSE_RULE = ("the ranges together (overlaps counted once) may open at most as many addresses as a /8 for IPv4 "
                "(16,777,216) and as a /32 for IPv6 (2^96); name the networks to allow")

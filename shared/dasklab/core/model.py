@@ -266,7 +266,7 @@ def node_seconds_at(lab: Lab, now: float) -> float:
 
 
 SHARED, OWN = "shared", "own"  # placements of a class's labs
-DEFAULT_PLACEMENT = SHARED  # chosen from the README's "Placement of a class" table (`python -m dasklab.core.model`)
+DEFAULT_PLACEMENT = SHARED  # chosen from docs/deploy.md's "Placement of a class" table (`python -m dasklab.core.model`)
 # What each lab asks of the system pool: the scheduler's and Jupyter's requests (release.CONTROLLER_DEFAULTS).
 LAB_SYSTEM_CPU, LAB_SYSTEM_MEMORY_GIB = 1.0, 2 * 1e9 / 2**30
 
@@ -377,6 +377,6 @@ def placement_cost(placement: str, students: int, hours: float, workers: int, sp
     return parts
 
 
-if __name__ == "__main__":  # the README's "Placement of a class" table: 30 students × 3 h, 6 workers each
+if __name__ == "__main__":  # docs/deploy.md's "Placement of a class" table: 30 students × 3 h, 6 workers each
     for where in (OWN, SHARED):
         print(where, placement_cost(where, students=30, hours=3, workers=6))
