@@ -19,12 +19,14 @@ from dasklab.adapters.procs import pid_alive
 from dasklab.core.errors import PermanentError, TransientError, ValidationError
 from dasklab.core.messages import parse_command
 from dasklab.core.reconcile import Controller
-from dasklab.core.model import TEARING_DOWN
+from dasklab.core.model import RECORD_SCHEMA, TEARING_DOWN
 from distributed import Client
 from google.cloud import container_v1 as gke
+from google.cloud.firestore import DELETE_FIELD
 
 from tests.dask_checks import alive, process_tree, recomputed
 from tests.gke_world import CONFIG, LOCATION, PROJECT, Crash, World
+from tests.standins.dashboard import DashboardStandin
 from tests.standins.gke import GKE_VM_LABELS
 
 SEED_VALUES = (Path(__file__).parent.parent / "examples" / "config.yaml").read_text()
@@ -594,26 +596,75 @@ def test_a_failed_create_publishes_lab_failed_once_even_when_gke_removed_the_clu
     assert not [e for e in fresh.events.published if e["event"] == "lab-failed"]
 
 
-def test_one_unreadable_record_is_left_alone_and_the_other_labs_go_on(world, controller):
-    ctl = controller
-    for name in ("lab1", "bad-json", "bad-key"):
-        ctl.handle(start_msg(lab=name), name)
-    db = world.records()._db()  # two records a newer (or broken) writer left: bad JSON, a spec key this version lacks
-    db.document("dasklab-labs/bad-json").update({"record": "{\"spec\": {"})
-    poisoned = lab_of(ctl, "bad-key").to_dict()
-    poisoned["spec"]["gpu"] = "nvidia-l4"
-    db.document("dasklab-labs/bad-key").update({"record": json.dumps(poisoned)})
-    assert [lab.name for lab in ctl.backend.fetch_labs()] == ["lab1"]
-    unreadable = ctl.backend.unreadable
-    assert set(unreadable) == {("lab", "bad-json"), ("lab", "bad-key")}
-    assert "JSON" in str(unreadable[("lab", "bad-json")]) or "Expecting" in str(unreadable[("lab", "bad-json")])
-    assert "gpu" in str(unreadable[("lab", "bad-key")])
-    drive(ctl, world, lambda: phase(ctl) == "ready")  # the healthy lab goes on, pass after pass
-    ctl.reconcile_all("nightly-teardown")
-    assert {c.rsplit("/", 1)[1] for c in world.gke.clusters} >= {"bad-json", "bad-key"}  # never touched
-    assert not [e for e in ctl.events.published if e["event"] == "lab-failed"]
-    said = sorted(e["lab"] for e in ctl.events.published if e["event"] == "lab-degraded")
-    assert said == ["bad-json", "bad-key"]  # each said once, though every pass met it
+class OddDashboard(DashboardStandin):
+    """A scheduler dashboard of another shape: its counts.json lacks `processing` (a key the controller reads)."""
+
+    def _get(self, ns: str, path: str):
+        answer = super()._get(ns, path)
+        return {k: v for k, v in answer.items() if k != "processing"} if path == "/json/counts.json" else answer
+
+
+def test_poisoned_records_of_each_kind_are_contained_and_the_healthy_labs_autoscale_and_tear_down(world, controller):
+    """Issue 20 on the GKE path: among healthy ready labs, a record that is not JSON, one with a spec key this
+    version lacks, one of a newer schema, a document without its record field, and a lab whose step raises an
+    unexpected exception (its scheduler Service routes to a dashboard of another shape). Each is contained: said
+    once in lab-degraded (not again by a new instance), its record and cluster left as they are though it is idle.
+    The busy lab autoscales from its real scheduler's load, the idle one is torn down by the teardown-idle tick, a
+    reconcile tick completes, and the teardown tick is redelivered only for the lab whose step raised."""
+    ctl, db = controller, world.records()._db()
+    poisoned = ("bad-json", "unknown-key", "newer", "no-record", "buggy")
+    sizes = {"busy": (1, 3), "idle": (1, 3)}  # the poisoned ones run no worker: fewer processes, the same story
+    for name in ("busy", "idle", *poisoned):
+        least, most = sizes.get(name, (0, 3))
+        ctl.handle(start_msg(lab=name, idle_timeout="1h" if name == "busy" else "1s",
+                             workers={"initial": least, "min": least, "max": most}), name)
+    drive(ctl, world, lambda: all(phase(ctl, n) == "ready" for n in ("busy", "idle", *poisoned)), timeout=180)
+
+    records = {n: lab_of(ctl, n).to_dict() for n in ("unknown-key", "newer")}  # what other writers left
+    records["unknown-key"]["spec"]["gpu"] = "nvidia-l4"
+    records["newer"]["schema"] = RECORD_SCHEMA + 1
+    for name, text in (("bad-json", "{\"spec\": {"), *((n, json.dumps(r)) for n, r in records.items())):
+        db.document(f"dasklab-labs/{name}").update({"record": text})
+    db.document("dasklab-labs/no-record").update({"record": DELETE_FIELD})
+    odd = OddDashboard(world.kube).start()
+    try:
+        world.kube.register_service_backend(place_of("buggy").namespace, "buggy-dask-scheduler", 80,
+                                            odd.add(place_of("buggy").namespace))
+        stored = {n: db.document(f"dasklab-labs/{n}").get().to_dict() for n in poisoned}
+        busy = place_of("busy").namespace
+        with Client(world.scheduler_address(busy), timeout=20) as client:
+            futures = client.map(slow_inc, range(60), pure=False)
+            passes = drive(ctl, world, lambda: workers(ctl, "busy") == 3, timeout=120)  # scaled up from its load
+            assert ctl.backend.fetch_requested(lab_of(ctl, "busy")) == 3
+            assert sum(client.gather(futures)) == sum(range(1, 61))
+        assert [lab.name for lab in ctl.backend.fetch_labs()] == ["buggy", "busy", "idle"]
+        assert set(ctl.backend.unreadable) == {("lab", n) for n in poisoned if n != "buggy"}
+        time.sleep(1.2)  # every lab but the busy one idle past its timeout (a reconcile tick would end them too)
+        with pytest.raises(TransientError, match="retry for buggy$"):  # every other lab done with
+            ctl.handle(cmd(type="teardown-idle"), "idle-tick")
+        assert phase(ctl, "idle") == TEARING_DOWN and phase(ctl, "busy") == "ready"
+        drive(ctl, world, lambda: lab_of(ctl, "idle") is None)
+        ctl.handle(cmd(type="reconcile"), "tick")  # a reconcile tick completes
+        assert phase(ctl, "buggy") == "ready"
+        assert {c.rsplit("/", 1)[1] for c in world.gke.clusters} == {"busy", *poisoned}  # the idle ones left alone
+        assert {n: db.document(f"dasklab-labs/{n}").get().to_dict() for n in poisoned} == stored  # never written
+    finally:
+        odd.stop()
+    events = ctl.events.published
+    degraded = {}
+    for e in events:
+        if e["event"] == "lab-degraded" and e["lab"] in poisoned:
+            degraded.setdefault(e["lab"], []).append(e["reason"])
+    assert passes >= 2 and {n: len(said) for n, said in degraded.items()} == dict.fromkeys(poisoned, 1)  # once each
+    said = {n: s[0] for n, s in degraded.items()}
+    assert "Expecting" in said["bad-json"] and "unknown key(s) gpu" in said["unknown-key"]
+    assert f"schema {RECORD_SCHEMA + 1}" in said["newer"] and "no record field" in said["no-record"]
+    assert said["buggy"] == "KeyError: 'processing'"
+    assert not [e for e in events if e["event"] == "lab-failed"]
+    assert [e["lab"] for e in events if e["event"] == "lab-deleted"] == ["idle"]
+    fresh = Controller(world.backend(), Events(), CONFIG, reports=world.reports())  # a new function instance
+    fresh.reconcile_all("reconcile")
+    assert not [e for e in fresh.events.published if e["event"] == "lab-degraded"]  # said already
 
 
 def test_missing_zones_make_a_pass_incomplete(world, controller):
