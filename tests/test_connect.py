@@ -11,7 +11,9 @@ import time
 import urllib.request
 
 import pytest
+from google.cloud import container_v1 as gke
 
+from dasklab.adapters.files import FileClasses
 from dasklab.adapters.portforward import Forward, bind_local, open_stream
 from dasklab.cli import main
 from dasklab.cloud import connect
@@ -21,8 +23,6 @@ from dasklab.core.reconcile import Controller
 from tests.gke_world import PROJECT, World, drive_class
 from tests.notebook import Notebook
 from tests.test_student_access import CONFIG, PROF, STUDENTS, start_class
-
-from dasklab.adapters.files import FileClasses
 
 
 def forwards(connections: bool = False) -> list[str]:
@@ -53,6 +53,43 @@ def test_a_taken_port_moves_a_refused_stream_closes_its_connection_and_close_lea
         assert forwards(connections=True) == [] and refused_to_connect(forward.port)
     finally:
         held.close()
+
+
+class Listing:
+    """ClusterManagerClient.list_clusters only: what a student's roles/container.clusterViewer allows."""
+
+    def __init__(self, *clusters, missing_zones=()):
+        self.response = gke.ListClustersResponse(clusters=list(clusters), missing_zones=list(missing_zones))
+        self.parents = []
+
+    def list_clusters(self, parent):
+        self.parents.append(parent)
+        return self.response
+
+
+def cluster(name, **labels):
+    return gke.Cluster(name=name, resource_labels=labels, status=gke.Cluster.Status.RUNNING)
+
+
+def test_the_lab_is_found_from_the_clusters_labels_alone():
+    own = cluster("solo", **{"managed-by": "dasklab", "lab": "solo", "owner": "ann"})
+    intro = cluster("intro--shared", **{"managed-by": "dasklab", "placement": "shared", "class": "intro"})
+    intro_a = cluster("intro-a--shared", **{"managed-by": "dasklab", "placement": "shared", "class": "intro-a"})
+    theirs = cluster("other", lab="other")  # not dasklab's
+    listing = Listing(theirs, own, intro, intro_a)
+    found, place = connect.fetch_lab_cluster(listing, "p", "solo")
+    assert (found.name, place.cluster, place.namespace, place.fullname) == ("solo", "solo", "dasklab-solo",
+                                                                            "solo-dask")
+    assert listing.parents == ["projects/p/locations/-"]  # every location: a student need not know it
+    found, place = connect.fetch_lab_cluster(listing, "p", "intro-ann")
+    assert (found.name, place.namespace, place.class_name) == ("intro--shared", "dasklab-intro-ann", "intro")
+    found, place = connect.fetch_lab_cluster(listing, "p", "intro-a-bob")  # the longest class name wins
+    assert (found.name, place.namespace) == ("intro-a--shared", "dasklab-intro-a-bob")
+    for lab in ("other", "nosuch"):
+        with pytest.raises(PermanentError, match=f"no lab named '{lab}' among the clusters of project p: check"):
+            connect.fetch_lab_cluster(listing, "p", lab)
+    with pytest.raises(PermanentError, match="zones us-east1-b did not answer"):
+        connect.fetch_lab_cluster(Listing(own, missing_zones=["us-east1-b"]), "p", "nosuch")
 
 
 def test_three_students_each_connect_to_their_own_jupyter_and_to_no_other(tmp_path, firestore_env, monkeypatch,
