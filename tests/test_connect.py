@@ -43,12 +43,13 @@ def test_a_taken_port_moves_a_refused_stream_closes_its_connection_and_close_lea
         raise TransientError("port-forward to ns/pod:8888: no answer")
 
     try:
-        forward = Forward(refused, held.getsockname()[1])
+        heard = []
+        forward = Forward(refused, held.getsockname()[1], on_error=heard.append)
         assert forward.moved and forward.port != held.getsockname()[1]
         with socket.create_connection(("127.0.0.1", forward.port)) as client:
             client.settimeout(10)
             assert client.recv(1) == b""  # the stream could not open: the connection ends
-        assert forward.errors == ["port-forward to ns/pod:8888: no answer"]
+        assert forward.errors == heard == ["port-forward to ns/pod:8888: no answer"]  # the command prints it
         forward.close()
         assert forwards(connections=True) == [] and refused_to_connect(forward.port)
     finally:

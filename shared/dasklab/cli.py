@@ -436,7 +436,8 @@ def cmd_forward(name: str, a, cfg) -> int:
     clusters, kube_for = default_clients()
     with progress(f"connecting to lab {name}"):
         conn = open_connection(name, cfg.project, clusters, kube_for, jupyter_port=a.port,
-                               dashboard_port=a.dashboard_port)
+                               dashboard_port=a.dashboard_port,
+                               on_error=lambda error: print(f"dasklab: {error}", file=sys.stderr, flush=True))
     try:
         print("\n".join(describe(conn)), flush=True)
         while True:  # until Ctrl-C (KeyboardInterrupt) or SIGTERM (main's handler: SystemExit)

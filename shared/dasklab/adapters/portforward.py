@@ -87,8 +87,9 @@ class Forward:
     (a thread per connection; a browser opens a handful). `close` stops accepting, ends every connection and joins
     every thread."""
 
-    def __init__(self, opener: Callable[[], websocket.WebSocket], port: int, host: str = "127.0.0.1"):
-        self.opener, self.wanted = opener, port
+    def __init__(self, opener: Callable[[], websocket.WebSocket], port: int, host: str = "127.0.0.1",
+                 on_error: Callable[[str], None] = lambda error: None):
+        self.opener, self.wanted, self.on_error = opener, port, on_error
         self.listener = bind_local(port, host)
         self.port = self.listener.getsockname()[1]
         self.errors: list[str] = []  # what the streams said went wrong (a refusal, the pod's error channel)
@@ -126,7 +127,7 @@ class Forward:
             try:
                 ws = self.opener()
             except DasklabError as e:  # said once per connection; the browser sees the connection close
-                self.errors.append(str(e))
+                self._said(str(e))
                 return
             try:
                 self._pump(client, ws)
@@ -155,7 +156,7 @@ class Forward:
                         except OSError:
                             return
                     elif opcode == websocket.ABNF.OPCODE_BINARY and frame.data[:1] == bytes((ERROR,)):
-                        self.errors.append(frame.data[1:].decode("utf-8", "replace"))
+                        self._said(frame.data[1:].decode("utf-8", "replace"))
                         return
                     if not (isinstance(ws.sock, ssl.SSLSocket) and ws.sock.pending()):
                         break
@@ -170,6 +171,10 @@ class Forward:
                     ws.send_binary(bytes((DATA,)) + data)
                 except (websocket.WebSocketException, OSError):
                     return
+
+    def _said(self, error: str) -> None:
+        self.errors.append(error)
+        self.on_error(error)
 
     def close(self) -> None:
         with self._lock:

@@ -121,10 +121,11 @@ def _opener(api_for: Callable[[], ApiClient], lab: str, namespace: str, service:
 
 def open_connection(lab: str, project: str, clusters: gke.ClusterManagerClient,
                     kube_for: Callable[[gke.Cluster], ApiClient], *, jupyter_port: int = JUPYTER_PORT,
-                    dashboard_port: int = DASHBOARD_PORT) -> Connection:
+                    dashboard_port: int = DASHBOARD_PORT,
+                    on_error: Callable[[str], None] = lambda error: None) -> Connection:
     """Find the lab, read its token, check a Jupyter pod is Ready, then listen on the two local ports (refusals are
     raised before anything listens). `kube_for(cluster)` gives an ApiClient with the caller's own identity (a fresh
-    token whenever it is called)."""
+    token whenever it is called). `on_error` hears what a connection's stream could not do, as it happens."""
     cluster, place = fetch_lab_cluster(clusters, project, lab)
     if cluster.status not in UP:
         raise TransientError(f"lab {lab}: its cluster {cluster.name} is {cluster.status.name}: try again shortly")
@@ -141,7 +142,7 @@ def open_connection(lab: str, project: str, clusters: gke.ClusterManagerClient,
     forwards: list[Forward] = []
     try:
         for opener, port in ((jupyter, jupyter_port), (dashboard, dashboard_port)):
-            forwards.append(Forward(opener, port))
+            forwards.append(Forward(opener, port, on_error=on_error))
     except OSError:
         for forward in forwards:
             forward.close()
