@@ -66,7 +66,8 @@ def exchange(sock: socket.socket, body: bytes) -> bytes:
 def test_a_port_is_forwarded_over_websocket_to_what_the_pods_service_reaches(kube):
     ann = as_user(kube, ANN)
     forward = portforward(ann.connect_get_namespaced_pod_portforward, "jupyter", "lab-ann", ports="8888")
-    assert forward.websocket.getheaders()["sec-websocket-protocol"] == "v4.channel.k8s.io"  # offered v5 and v4: the kubelet serves v4
+    # the client offers v5 and v4 of the channel protocol: the kubelet's port-forward serves v4
+    assert forward.websocket.getheaders()["sec-websocket-protocol"] == "v4.channel.k8s.io"
     big = bytes(range(256)) * 1024  # more than one frame each way
     reply = exchange(forward.socket(8888), big)
     assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"echo:" + big)
