@@ -359,7 +359,8 @@ def test_destroy_refuses_while_labs_exist_and_force_deletes_them_with_the_rest(g
 
 
 def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys, tmp_path):
-    """Over the GKE stand-in: the lab is read from its record, the commands come from connection_info."""
+    """Over the GKE stand-in, with --no-forward: the lab is read from its record, the commands come from
+    connection_info (tests/test_connect.py forwards)."""
     from dasklab import runtime
     from dasklab.adapters.compute import Migs
     from dasklab.adapters.gke import GkeBackend
@@ -379,8 +380,8 @@ def test_connect_to_a_gke_lab_prints_the_backends_commands(monkeypatch, capsys, 
         assert backend.apply_create(Lab(make_spec(name="intro", dask_version="2025.12.0"),
                                         make_state(phase="provisioning")))
         monkeypatch.setattr(runtime, "build_backend", lambda cfg: backend)
-        assert main("connect", "intro", "--project", "demo-p") == 0
-        assert main("connect", "nosuch", "--project", "demo-p") == 2
+        assert main("connect", "intro", "--project", "demo-p", "--no-forward") == 0
+        assert main("connect", "--lab", "nosuch", "--project", "demo-p", "--no-forward") == 2
     out = capsys.readouterr()
     assert "lab intro (provisioning, owner alice, gke backend)" in out.out
     assert "credentials: gcloud container clusters get-credentials intro --location us-central1-a --project demo-p" \

@@ -398,16 +398,21 @@ def cmd_destroy(a, cfg) -> int:
 
 
 def cmd_connect(a, cfg) -> int:
-    """What a student needs to reach a lab: from the backend's connection_info (never a secret itself)."""
+    """On GKE: forward local ports to the lab's Jupyter and dashboard with the caller's own identity, until Ctrl-C
+    (cloud.connect). With --no-forward or --json, or locally: what a person needs to reach the lab, from the
+    backend's connection_info (never a secret itself)."""
     from dasklab.runtime import build_backend
     if a.class_:
         return cmd_connect_class(a, cfg)
-    if not a.lab:
+    name = a.lab_option or a.lab
+    if not name:
         raise ValidationError("lab", "give a lab, or --class CLASS for the table of a class")
+    if cfg.backend == "gke" and not (a.no_forward or a.json):
+        return cmd_forward(name, a, cfg)
     backend = build_backend(cfg)
-    lab = backend.fetch_lab(a.lab)
+    lab = backend.fetch_lab(name)
     if lab is None:
-        raise PermanentError(f"no lab named {a.lab!r} on the {cfg.backend} backend: see `dasklab status`")
+        raise PermanentError(f"no lab named {name!r} on the {cfg.backend} backend: see `dasklab status`")
     info = backend.connection_info(lab)
     login = getattr(backend, "jupyter_login_url", None)  # the local lab: this machine's own Jupyter, with its token
     if login and (url := login(lab)):
@@ -421,6 +426,26 @@ def cmd_connect(a, cfg) -> int:
         print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
     for note in lab.spec.notes:
         print(f"note: {note}")
+    return 0
+
+
+def cmd_forward(name: str, a, cfg) -> int:
+    """`dasklab connect --lab LAB` on GKE: listen on 127.0.0.1 (Jupyter, dashboard) until Ctrl-C or SIGTERM."""
+    from dasklab.cloud.connect import default_clients, describe, open_connection
+    _require_project(cfg)
+    clusters, kube_for = default_clients()
+    with progress(f"connecting to lab {name}"):
+        conn = open_connection(name, cfg.project, clusters, kube_for, jupyter_port=a.port,
+                               dashboard_port=a.dashboard_port,
+                               on_error=lambda error: print(f"dasklab: {error}", file=sys.stderr, flush=True))
+    try:
+        print("\n".join(describe(conn)), flush=True)
+        while True:  # until Ctrl-C (KeyboardInterrupt) or SIGTERM (main's handler: SystemExit)
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        conn.close()
     return 0
 
 
@@ -501,8 +526,14 @@ def parser() -> argparse.ArgumentParser:
     s = local.add_parser("serve", help="run the local controller until Ctrl-C")
     s.add_argument("--no-emulator", action="store_true", help="use direct push even if the emulator exists")
     s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
-    s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
+    s = sub.add_parser("connect", parents=[gcp], help="forward local ports to a lab's Jupyter and dashboard (GKE), "
+                                                     "or say how to reach them")
     s.add_argument("lab", nargs="?")
+    s.add_argument("--lab", dest="lab_option", help="the lab (same as the positional argument)")
+    s.add_argument("--port", type=int, default=8080, help="local port of Jupyter (default 8080, Cloud Shell's "
+                                                          "web preview port; another is taken if it is busy)")
+    s.add_argument("--dashboard-port", type=int, default=8787, help="local port of the Dask dashboard (default 8787)")
+    s.add_argument("--no-forward", action="store_true", help="only print the kubectl commands to do it yourself")
     s.add_argument("--class", dest="class_", help="the table of a class, for its instructor (tokens included)")
     s.add_argument("--json", action="store_true")
     infra = sub.add_parser("infra", help="dasklab's topics and timers on Google Cloud").add_subparsers(

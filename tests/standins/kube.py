@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -53,6 +54,18 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"  # where ServiceAccount admission mounts the token
 # the API server refuses to delete these (k8s.io/kubernetes plugin/pkg/admission/namespace/lifecycle)
 PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
+STREAMS = ("portforward", "exec", "attach")  # the pod subresources that stream over an upgraded connection
+# port-forward over WebSocket: the kubelet's portforward/websocket.go (k8s.io/kubernetes pkg/kubelet/cri/streaming/
+# portforward) accepts no subprotocol, "v4.channel.k8s.io" (binary frames) or "v4.base64.channel.k8s.io" (text, base64;
+# not served here); channel 2i carries port i's data both ways, 2i+1 its errors (server to client); the first frame
+# on each channel is the port number, uint16 little-endian
+PORTFORWARD_PROTOCOL = "v4.channel.k8s.io"
+
+
+def _is_websocket(raw: aiohttp.web.BaseRequest) -> bool:
+    """wsstream.IsWebSocketRequest (k8s.io/apiserver pkg/util/wsstream): `Connection: Upgrade`, `Upgrade: websocket`."""
+    return "upgrade" in raw.headers.get("Connection", "").lower() and \
+        raw.headers.get("Upgrade", "").lower() == "websocket"
 
 
 @dataclass(frozen=True)
@@ -866,6 +879,7 @@ class _KubeApi(kmock.KubernetesScaffold):
     # model a node by its pod count (set_nodes' capacities) and their nodes' cpu/memory are not the machine's.
     fit_resources: bool = False
     _terminating: dict[str, float] = attrs.field(factory=dict)  # namespace → clock() when it is finally removed
+    streams: set[asyncio.Task] = attrs.field(factory=set)  # the port-forwards being served (ended on shutdown)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock: discovery endpoints and the 404 fallback
@@ -902,6 +916,14 @@ class _KubeApi(kmock.KubernetesScaffold):
             if not self.authorized(user, attributes):
                 raise fail(403, rbac.forbidden_message(user, attributes), name=attributes.name,
                            group=attributes.api_group, kind=attributes.resource)
+            if attributes.subresource in STREAMS and attributes.verb == "get" and _is_websocket(raw):
+                # a WebSocket upgrade is a GET, authorized as `get`; since Kubernetes 1.35 it must also be allowed to
+                # `create` the subresource (feature gate AuthorizePodWebsocketUpgradeCreatePermission, beta and on by
+                # default; KEP-4006 "synthetic RBAC create authorization check", kubernetes/kubernetes#134577)
+                creating = dataclasses.replace(attributes, verb="create")
+                if not self.authorized(user, creating):
+                    raise fail(403, rbac.forbidden_message(user, creating), name=attributes.name,
+                               group=attributes.api_group, kind=attributes.resource)
             if raw.method == "POST" and path == SELF_REVIEWS:
                 return self._json(self._self_review(user, body), 201)
             for failure in self.failures:
@@ -1014,10 +1036,13 @@ class _KubeApi(kmock.KubernetesScaffold):
             return self._json(self._subresource(kind, ns, name, sub, request))
         elif sub == "log" and method == "GET":
             return aiohttp.web.Response(text=self._log(ns, name, params), content_type="text/plain")
-        elif sub in ("portforward", "exec", "attach"):
-            self.read(kind, ns, name)
+        elif sub in STREAMS:
+            pod = self.read(kind, ns, name)
+            if sub == "portforward" and method == "GET" and _is_websocket(request._raw_request):
+                return await self._portforward(pod, request)
             # streams need an upgraded connection (SPDY or WebSocket); a plain request is refused 400
-            # (k8s.io/apimachinery pkg/util/httpstream: "Upgrade request required"). The stand-in serves no streams.
+            # (k8s.io/apimachinery pkg/util/httpstream: "Upgrade request required"). Of the streams, the stand-in
+            # serves port-forward over WebSocket only (no SPDY, no exec or attach).
             return aiohttp.web.Response(status=400, text="Upgrade request required")
         elif sub == "eviction" and method == "POST":
             self._remove(PODS, self.read(PODS, ns, name))
@@ -1426,6 +1451,106 @@ class _KubeApi(kmock.KubernetesScaffold):
         content_type = response.headers.get("Content-Type")
         return aiohttp.web.Response(status=response.status, body=payload,
                                     headers={"Content-Type": content_type} if content_type else None)
+
+    def _pod_backend(self, pod: Obj, port: int) -> tuple[str, int] | None:
+        """What answers on the pod's `port`: the registered backend of a Service of its namespace that selects the pod
+        and targets that port (a number, or the name of one of the pod's container ports). A stand-in has no pod
+        network: a pod's port is what its Services' proxy reaches."""
+        ns, labels = pod["metadata"]["namespace"], pod["metadata"].get("labels") or {}
+        named = {p.get("name"): p.get("containerPort") for c in pod["spec"].get("containers") or ()
+                 for p in c.get("ports") or () if p.get("name")}
+        for service in self.stored(SERVICES, ns):
+            selector = service["spec"].get("selector") or {}
+            if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            for spec in service["spec"].get("ports") or ():
+                target = spec.get("targetPort", spec.get("port"))
+                if (named.get(target) if isinstance(target, str) else target) != port:
+                    continue
+                name = service["metadata"]["name"]
+                url = self.backends.get((ns, name, str(spec["port"]))) or self.backends.get((ns, name,
+                                                                                           spec.get("name") or "-"))
+                if url:
+                    return yarl.URL(url).host, yarl.URL(url).port
+        return None
+
+    async def _portforward(self, pod: Obj, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """pods/NAME/portforward?ports=P[,Q] over WebSocket, as the API server relays it to the kubelet (k8s.io/kubernetes
+        pkg/kubelet/cri/streaming/portforward/websocket.go, handleWebSocketStreams): the pod must be bound to a node
+        (pkg/registry/core/pod/strategy.go streamLocation: "pod X does not have a host assigned", 400); each port must
+        parse as 1..65535 (NewV4Options); a client offering subprotocols must offer one served (wsstream Conn.Open's
+        handshake refuses the upgrade otherwise). Then, per port i, the port number (uint16 little-endian) is written
+        first on channel 2i and 2i+1; the port's bytes are spliced both ways on 2i; an error forwarding it is written
+        as text on 2i+1 ("error forwarding port P to pod NAME, uid UID: …"); the connection closes once every port's
+        stream has ended (or when the client closes it)."""
+        raw: aiohttp.web.BaseRequest = request._raw_request
+        meta = pod["metadata"]
+        if not pod["spec"].get("nodeName"):
+            raise fail(400, f"pod {meta['name']} does not have a host assigned")
+        texts = [p for text in raw.query.getall("ports", []) for p in text.split(",")]
+        if not texts:
+            raise fail(400, 'query parameter "port" is required')
+        if not all(t.isdigit() and 0 < int(t) < 65536 for t in texts):
+            raise fail(400, f"unable to parse {','.join(texts)!r} as a port")
+        ports = [int(t) for t in texts]
+        offered = [p.strip() for p in raw.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        if offered and PORTFORWARD_PROTOCOL not in offered:
+            raise fail(400, f"unable to upgrade: requested protocol(s) are not supported: {offered}; supports "
+                            f"{[PORTFORWARD_PROTOCOL]}")
+        ws = aiohttp.web.WebSocketResponse(protocols=(PORTFORWARD_PROTOCOL,), autoping=True)
+        await ws.prepare(raw)
+        this = asyncio.current_task()
+        self.streams.add(this)
+        this.add_done_callback(self.streams.discard)
+        sending = asyncio.Lock()
+
+        async def send(channel: int, data: bytes) -> None:
+            async with sending:
+                await ws.send_bytes(bytes((channel,)) + data)
+
+        for i, port in enumerate(ports):
+            await send(2 * i, port.to_bytes(2, "little"))
+            await send(2 * i + 1, port.to_bytes(2, "little"))
+        writers: dict[int, asyncio.StreamWriter] = {}
+        readers: dict[int, asyncio.StreamReader] = {}
+        for i, port in enumerate(ports):
+            backend = self._pod_backend(pod, port)
+            try:
+                if backend is None:
+                    raise ConnectionRefusedError(f"dial tcp4 127.0.0.1:{port}: connect: connection refused")
+                readers[i], writers[i] = await asyncio.open_connection(*backend)
+            except OSError as e:
+                await send(2 * i + 1, f"error forwarding port {port} to pod {meta['name']}, uid {meta.get('uid')}: "
+                                      f"{e}".encode())
+
+        async def from_pod(i: int) -> None:
+            try:
+                while data := await readers[i].read(65536):
+                    await send(2 * i, data)
+            except OSError as e:
+                await send(2 * i + 1, f"error forwarding port {ports[i]} to pod {meta['name']}, uid {meta.get('uid')}: "
+                                      f"{e}".encode())
+
+        async def from_client() -> None:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
+                    continue
+                channel, data = msg.data[0], msg.data[1:]
+                if channel % 2 == 0 and channel // 2 in writers:
+                    writers[channel // 2].write(data)
+                    await writers[channel // 2].drain()
+
+        pumps = asyncio.gather(*(from_pod(i) for i in readers))
+        client = asyncio.ensure_future(from_client())
+        try:
+            await asyncio.wait({pumps, client}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for writer in writers.values():
+                writer.close()
+            pumps.cancel(), client.cancel()
+            await asyncio.gather(pumps, client, return_exceptions=True)
+            await ws.close()
+        return ws
 
     # --- controllers: run synchronously after every change, so a response already reflects their work ---------------
 
@@ -2025,7 +2150,9 @@ class KubeStandin:
     Semantics: bearer-token auth (401): the server's token is the controller's, in system:masters, and ``add_user``
     maps more tokens to users (Google accounts on GKE); per-request RBAC (403 with the API server's message; Roles,
     ClusterRoles and their bindings evaluated by tests/standins/rbac.py; SelfSubjectAccessReview answered; pods'
-    portforward/exec/attach authorized, then 400 "Upgrade request required": no streams); Namespaces (delete removes their content; with ``namespace_termination_s``
+    portforward over WebSocket served (the kubelet's v4 channel protocol, spliced to what the pod's Services reach;
+    the upgrade also needs `create`), a plain portforward/exec/attach request authorized, then 400 "Upgrade request
+    required"); Namespaces (delete removes their content; with ``namespace_termination_s``
     the namespace stays Terminating that long, refusing creates in it 403 as NamespaceLifecycle does;
     default/kube-system/kube-public are protected, 403); CRUD with create 201, missing namespace 404, AlreadyExists 409, NotFound 404, replace/patch
     (JSON patch, merge patch, strategic merge with list merge keys) with uid/resourceVersion preconditions (409) and
@@ -2095,6 +2222,8 @@ class KubeStandin:
             self._stop_loop()
 
     async def _shutdown(self) -> None:
+        for stream in list(self._api.streams):  # a port-forward still open ends with the server
+            stream.cancel()
         await self._runner.cleanup()
         await self._api.session.close()
         await self._loop.shutdown_default_executor()

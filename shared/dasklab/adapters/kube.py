@@ -251,6 +251,28 @@ class Kube:
         self._call(f"evict {ns}/{pod}", self.core.create_namespaced_pod_eviction, pod, ns,
                    {"metadata": {"name": pod, "namespace": ns}}, missing_ok=True)
 
+    def fetch_service_pod(self, ns: str, service: str, port: int) -> tuple[str, int] | None:
+        """A Ready pod behind the Service and the pod port its `port` targets (a number, or a container port's name),
+        as `kubectl port-forward svc/NAME` resolves them; None while no pod is Ready (Gone if the Service is not)."""
+        svc = self._call(f"read Service {ns}/{service}", self.core.read_namespaced_service, service, ns)
+        spec = next((p for p in svc.spec.ports or () if p.port == port), None)
+        if spec is None or not svc.spec.selector:
+            raise PermanentError(f"Service {ns}/{service} has no port {port} with a selector")
+        selector = ",".join(f"{k}={v}" for k, v in sorted(svc.spec.selector.items()))
+        pods = self._call(f"list pods of {service}", self.core.list_namespaced_pod, ns, label_selector=selector).items
+        for pod in pods:
+            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ())
+            if pod.status.phase != "Running" or not ready or pod.metadata.deletion_timestamp:
+                continue
+            target = spec.target_port if spec.target_port is not None else port
+            if isinstance(target, str) and not target.isdigit():
+                named = {cp.name: cp.container_port for c in pod.spec.containers for cp in c.ports or () if cp.name}
+                if target not in named:
+                    continue
+                target = named[target]
+            return pod.metadata.name, int(target)
+        return None
+
     # --- the dashboard, through the API server's service proxy ---
 
     def proxy(self, ns: str, service: str, port: str) -> "ProxyTransport":

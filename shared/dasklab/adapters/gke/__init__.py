@@ -40,7 +40,7 @@ from dasklab.adapters.gke.listing import Listing
 from dasklab.adapters.gke.nodes import Nodes
 from dasklab.adapters.gke.tenancy import Tenancy
 
-__all__ = ["GkeBackend", "Place", "build_install_failure", "build_labels", "build_maintenance_policy", "class_cluster",
+__all__ = ["GkeBackend", "Place", "build_install_failure", "build_kube_for", "build_labels", "build_maintenance_policy", "class_cluster",
            "class_labels", "encode_description", "place_of", "pod_problems"]
 
 
@@ -52,32 +52,39 @@ class GkeBackend(Listing, Clusters, Helm, Nodes, Tenancy):
 
     @classmethod
     def from_config(cls, config: Config) -> "GkeBackend":
-        """Real clients with the function's identity (google.auth.default); Kubernetes without gcloud/kubeconfig:
-        the cluster's endpoint and CA certificate, and an OAuth token refreshed whenever it is no longer valid."""
+        """Real clients with the function's identity (google.auth.default)."""
         import google.auth
-        import kubernetes.client
-        from google.auth.transport.requests import Request
 
         credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
-        apis: dict[tuple[str, str], kubernetes.client.ApiClient] = {}
-
-        def kube_for(cluster: gke.Cluster):
-            key = (cluster.name, cluster.endpoint)
-            if key not in apis:
-                with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as ca:
-                    ca.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
-                conf = kubernetes.client.Configuration(host=f"https://{cluster.endpoint}")
-                conf.ssl_ca_cert = ca.name
-                apis[key] = kubernetes.client.ApiClient(conf)
-            if not credentials.valid:
-                credentials.refresh(Request())
-            apis[key].configuration.api_key = {"authorization": f"Bearer {credentials.token}"}
-            return apis[key]
 
         def compute():
             from google.cloud import compute_v1
             return compute_v1.InstanceGroupManagersClient(credentials=credentials)
 
         from dasklab.adapters.records import FirestoreLabRecords
-        return cls(config, gke.ClusterManagerClient(credentials=credentials), kube_for, Migs(compute),
-                   FirestoreLabRecords(config.project, config.firestore_database))
+        return cls(config, gke.ClusterManagerClient(credentials=credentials), build_kube_for(credentials),
+                   Migs(compute), FirestoreLabRecords(config.project, config.firestore_database))
+
+
+def build_kube_for(credentials):
+    """cluster → a Kubernetes ApiClient with `credentials`' identity, without gcloud or a kubeconfig: the cluster's
+    endpoint and CA certificate, and an OAuth access token (what GKE's API server takes as a bearer token) refreshed
+    whenever it is no longer valid. One client per cluster endpoint."""
+    import kubernetes.client
+    from google.auth.transport.requests import Request
+
+    apis: dict[tuple[str, str], kubernetes.client.ApiClient] = {}
+
+    def kube_for(cluster: gke.Cluster):
+        key = (cluster.name, cluster.endpoint)
+        if key not in apis:
+            with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as ca:
+                ca.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
+            conf = kubernetes.client.Configuration(host=f"https://{cluster.endpoint}")
+            conf.ssl_ca_cert = ca.name
+            apis[key] = kubernetes.client.ApiClient(conf)
+        if not credentials.valid:
+            credentials.refresh(Request())
+        apis[key].configuration.api_key = {"authorization": f"Bearer {credentials.token}"}
+        return apis[key]
+    return kube_for
