@@ -1,9 +1,10 @@
 """Deployment: the steps of cloudbuild.yaml run here in order, the identity of infra/iam.yaml, and teardown.
 
-    load_build → build_steps (pure: substitute Cloud Build variables) → run_steps (subprocesses)
+    build_workspace (the repository's top, generated from the installed package: dasklab/inputs.py)
+    load_build → build_steps (pure: substitute Cloud Build variables) → run_steps (subprocesses, in the workspace)
     load_iam   → build_iam_steps (pure: gcloud commands)              → run_steps
 
-`dasklab deploy` runs the identity steps, then the build's steps (or `gcloud builds submit` with
+`dasklab deploy` runs the identity steps, then the build's steps (or `gcloud builds submit` of the workspace with
 `--cloud-build`); `dasklab destroy` deletes the functions the build deploys and what `infra` created.
 """
 
