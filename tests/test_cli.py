@@ -198,12 +198,16 @@ def cloud_run(home, *args, project=None):
     return subprocess.run([*DASKLAB, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+def step_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("[")]
+
+
 def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
     out = cloud_run(home, "deploy", "--dry-run", "--project", "demo-p", "--region", "europe-west1")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    lines = step_lines(out.stdout)
     ids = [line.split(":", 1)[0].split("] ", 1)[1] for line in lines]
-    assert ids[0] == "role-dasklabController" and ids[-5:] == ["test", "stage", "deploy-control", "deploy-ticks", "infra"]
+    assert ids[0] == "role-dasklabController" and ids[-4:] == ["stage", "deploy-control", "deploy-ticks", "infra"]
     assert lines[0].startswith(f"[1/{len(lines)}] ")
     deploy_line = next(line for line in lines if "gcloud functions deploy dasklab-control" in line)
     assert "--region=europe-west1" in deploy_line and "--entry-point=control" in deploy_line
@@ -212,19 +216,27 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
     assert "infra apply --project=demo-p --region=europe-west1" in lines[-1]
     assert "unless `gcloud iam service-accounts describe dasklab-controller@demo-p" in out.stdout
     assert "service-PROJECT_NUMBER@gcp-sa-pubsub" in out.stdout  # not looked up in a dry run
+    head, tests, *_, last = out.stdout.splitlines()
+    workspace = home / "deploy"
+    assert f"{len(lines)} steps, run in {workspace} (generated from " in head
+    assert (workspace / "cloudbuild.yaml").is_file() and (workspace / "functions" / "main.py").is_file()
+    assert tests.startswith("tests: none at deploy") and "smoke" not in ids
+    assert last == "dry run: nothing was run. Next: `dasklab deploy --project demo-p --region europe-west1` runs these steps"
 
 
 def test_deploy_dry_run_options(home):
-    quick = cloud_run(home, "deploy", "--dry-run", "--skip-tests", "--skip-identity", project="env-p").stdout
-    assert [line.split(":", 1)[0].split("] ")[1] for line in quick.splitlines()] == [
-        "stage", "deploy-control", "deploy-ticks", "infra"]
+    quick = cloud_run(home, "deploy", "--dry-run", "--smoke", "--skip-identity", project="env-p").stdout
+    assert [line.split(":", 1)[0].split("] ")[1] for line in step_lines(quick)] == [
+        "smoke", "stage", "deploy-control", "deploy-ticks", "infra"]
+    assert "tests: the smoke tier (pytest -m smoke)" in quick and (home / "deploy" / "tests" / "conftest.py").is_file()
     assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
     build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
-    assert build.splitlines() == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
-                                  "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
-                                  "_CONTROL_TOPIC=dasklab-control,_TICK_TOPIC=dasklab-ticks,_SERVICE_ACCOUNT=dasklab-controller,"
-                                  "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
-                                  "_TIME_ZONE=Etc/UTC ."]
+    assert step_lines(build) == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
+                                 "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
+                                 "_CONTROL_TOPIC=dasklab-control,_TICK_TOPIC=dasklab-ticks,_SERVICE_ACCOUNT=dasklab-controller,"
+                                 "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
+                                 "_TIME_ZONE=Etc/UTC ."]
+    assert not (home / "deploy" / "tests").exists()  # the upload: no tests, its smoke step skips and says so
 
 
 @pytest.mark.parametrize("args, code, message", [

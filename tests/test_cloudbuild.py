@@ -13,7 +13,9 @@ import pytest
 import yaml
 from packaging.utils import canonicalize_name
 
+from dasklab import inputs
 from dasklab.cloud import deploy
+from dasklab.core.errors import PermanentError
 from dasklab.core.timers import load_infra
 from tests.lockfile import read_lock
 
@@ -29,6 +31,7 @@ def entry_points() -> set[str]:
             and any(ast.unparse(d) == "functions_framework.cloud_event" for d in node.decorator_list)}
 
 
+@pytest.mark.smoke
 def test_one_deploy_step_per_entry_point():
     deploys = deploy.function_deploys(BUILD)
     assert entry_points() == {"control", "ticks"}
@@ -49,7 +52,7 @@ def test_deploy_step_flags(fn):
     assert env["DASKLAB_PROJECT"] == "$PROJECT_ID" and env["DASKLAB_LOCATION"] == "$_LOCATION"
     assert flags["ingress-settings"] == "internal-only" and flags["no-allow-unauthenticated"] is True
     order = list(STEPS)
-    assert order.index("test") < order.index("stage") < order.index(fn["step"]) < order.index("infra")
+    assert order.index("smoke") < order.index("stage") < order.index(fn["step"]) < order.index("infra")
 
 
 def test_substitutions_are_declared_used_and_agree_with_the_infra_files():
@@ -76,18 +79,65 @@ def test_substitution_rules():
 def test_the_infra_step_applies_with_the_timer_settings():
     [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == "infra"]
     assert "python -m dasklab.cli infra apply --project=p1 --region=us-central1" in step.argv[-1]
-    assert step.env == {"DASKLAB_NIGHTLY_AT": "02:00", "DASKLAB_NIGHTLY_TIME_ZONE": "Etc/UTC"}
+    assert "pip install -e" not in step.argv[-1]  # the staged library applies: no checkout needed
+    assert step.env == {"DASKLAB_NIGHTLY_AT": "02:00", "DASKLAB_NIGHTLY_TIME_ZONE": "Etc/UTC",
+                        "PYTHONPATH": "build/function"}
+
+
+def run_step(step_id: str, workspace: Path, **kw) -> subprocess.CompletedProcess:
+    [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == step_id]
+    return subprocess.run(step.argv, cwd=workspace, env=deploy.local_env(step.env), capture_output=True, text=True,
+                          check=True, **kw)
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
-    """Run the staging step's script in a folder holding (links to) the repository inputs."""
-    root = tmp_path_factory.mktemp("workspace")
-    for name in ("functions", "shared", "requirements.txt"):
-        (root / name).symlink_to(REPO / name)
-    [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == "stage"]
-    subprocess.run(step.argv, cwd=root, check=True, timeout=60)
-    return root / "build" / "function"
+def workspace(tmp_path_factory) -> Path:
+    """The folder `dasklab deploy` generates and runs the build's steps in."""
+    return deploy.build_workspace(tmp_path_factory.mktemp("deploy") / "workspace")
+
+
+@pytest.fixture(scope="module")
+def staged(workspace) -> Path:
+    """Run the staging step's script in the workspace."""
+    run_step("stage", workspace, timeout=60)
+    return workspace / "build" / "function"
+
+
+def test_the_workspace_is_laid_out_as_the_repository_top_with_the_package_carrying_its_inputs(workspace):
+    for name in ("cloudbuild.yaml", "requirements.txt", "functions/main.py", "infra/dasklab.yaml", "infra/iam.yaml"):
+        assert (workspace / name).read_bytes() == (REPO / name).read_bytes()
+        assert (workspace / "shared" / "dasklab" / "_inputs" / name).read_bytes() == (REPO / name).read_bytes()
+    assert (workspace / "shared" / "dasklab" / "cli.py").read_bytes() == (REPO / "shared/dasklab/cli.py").read_bytes()
+    assert not list(workspace.rglob("__pycache__")) and not (workspace / "tests").exists()
+
+
+def test_the_smoke_step_says_it_is_skipped_without_tests_and_runs_the_smoke_tier_with_them(workspace, tmp_path):
+    skipped = run_step("smoke", workspace, timeout=60)
+    assert "smoke tier: skipped, no tests/ in this upload" in skipped.stdout
+    with_tests = deploy.build_workspace(tmp_path / "ws", with_tests=True)
+    ran = run_step("smoke", with_tests, timeout=600)  # dasklab's dependencies are here: no pip install
+    assert "smoke tier: pytest -m smoke" in ran.stdout
+    assert int(re.search(r"(\d+) passed", ran.stdout)[1]) >= 10 and "failed" not in ran.stdout
+
+
+def test_the_smoke_step_names_every_file_with_smoke_tests():
+    marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py") if "@pytest.mark.smoke" in p.read_text()}
+    [step] = [s for s in deploy.build_steps(BUILD, deploy.substitutions(BUILD, "p1")) if s.id == "smoke"]
+    assert set(re.findall(r"tests/test_\w+\.py", step.argv[-1])) == marked
+
+
+def test_the_inputs_come_from_the_package_when_it_carries_them_else_from_the_checkout(monkeypatch, tmp_path):
+    assert inputs.inputs_root() == REPO  # this checkout: the package carries no copy
+    package = tmp_path / "site-packages" / "dasklab"
+    (package / "_inputs").mkdir(parents=True)
+    (package / "_inputs" / "cloudbuild.yaml").write_text("steps: []\n")
+    monkeypatch.setattr(inputs, "PACKAGE", package)  # an installed wheel's
+    assert inputs.input_path("infra/iam.yaml") == package / "_inputs" / "infra" / "iam.yaml"
+    (package / "_inputs" / "cloudbuild.yaml").unlink()
+    with pytest.raises(PermanentError, match="has no deploy inputs"):
+        inputs.inputs_root()
+    with pytest.raises(ValueError, match="not a deploy input"):
+        inputs.input_path("setup.py")
 
 
 def test_the_staged_folder_holds_the_function_and_the_library(staged):
@@ -99,13 +149,14 @@ def test_the_staged_folder_holds_the_function_and_the_library(staged):
 
 def test_the_staged_function_imports_its_own_copy_of_the_library(staged):
     code = ("import sys, main, dasklab, dasklab.runtime, dasklab.adapters.gke, dasklab.adapters.kube; "
-            "print(main.control.__name__, dasklab.__file__)")
+            "from dasklab.core.timers import load_infra, infra_path; from dasklab.inputs import inputs_root; "
+            "load_infra(); print(main.control.__name__, dasklab.__file__, inputs_root(), infra_path())")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=staged, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    name, where = out.stdout.split()
-    assert name == "control" and Path(where).resolve().is_relative_to(staged.resolve())
+    name, *where = out.stdout.split()
+    assert name == "control" and all(Path(w).resolve().is_relative_to(staged.resolve()) for w in where), where
 
 
 def distribution_of(module: str) -> str:

@@ -45,6 +45,7 @@ def errors(caplog) -> list[dict]:
     return [json.loads(r.message) for r in caplog.records if r.name == "dasklab" and r.levelname == "ERROR"]
 
 
+@pytest.mark.smoke
 def test_valid_command_reaches_the_controller(local_env, caplog):
     from functions import main
     main.control(event({"type": "start-lab", "lab": "lab1", "owner": "alice"}))
@@ -59,6 +60,7 @@ def test_valid_command_reaches_the_controller(local_env, caplog):
     (b"{not json", "data"),
     (b"x" * 70000, "data"),
 ])
+@pytest.mark.smoke
 def test_bad_input_is_logged_once_and_acknowledged(local_env, caplog, payload, field):
     from functions import main
     main.control(event(payload))  # returns normally: Pub/Sub acknowledges, no retry
@@ -73,6 +75,7 @@ def test_malformed_envelope_is_acknowledged(local_env, caplog):
     assert errors(caplog)[0]["field"] == "message.data"
 
 
+@pytest.mark.smoke
 def test_transient_failure_raises_for_redelivery(local_env, monkeypatch):
     from functions import main
 
@@ -99,6 +102,7 @@ def test_a_tick_forged_on_the_control_topic_does_nothing_and_is_refused_to_its_s
     assert not [r for r in caplog.records if '"action": "teardown"' in r.message or '"tick"' in r.message]
 
 
+@pytest.mark.smoke
 def test_the_ticks_entry_point_runs_a_real_tick_and_refuses_commands(local_env, caplog):
     from functions import main
     main.control(event({"type": "start-lab", "lab": "t1", "owner": "alice"}, "m-0"))

@@ -42,6 +42,7 @@ def test_seed_config_yaml_is_accepted_verbatim(as_text):
     assert spec.initial_workers == 3  # from worker.replicas
 
 
+@pytest.mark.smoke
 def test_example_start_lab_and_defaults():
     spec = build_spec(parse_command((EXAMPLES / "start-lab.json").read_bytes()), CFG)
     assert (spec.min_workers, spec.initial_workers, spec.max_workers) == (1, 2, 8)
@@ -98,6 +99,7 @@ def test_example_start_lab_and_defaults():
     (b"\xff\xfe", "data", "JSON object"),
     ("x" * (MAX_MESSAGE_BYTES + 1), "data", "at most 65536 bytes allowed"),
 ])
+@pytest.mark.smoke
 def test_refusals_name_field_and_rule(payload, field, rule):
     if field == "workers.max" and "max_nodes" in rule:
         payload = {**payload, "machine_type": "e2-standard-2"}

@@ -54,6 +54,7 @@ P = ScaleParams(confirm_s=20, cooldown_s=15, down_fraction=0.5)
     ({"pinned_workers": 2}, {"target_workers": 6}, {"adaptive_target": 6, "workers": 6}, 6, 100, DOWN, 2,
      "pinned at 2"),
 ])
+@pytest.mark.smoke
 def test_plan_scale(spec, state, load, requested, now, action, target, why):
     d = plan_scale(make_spec(**spec), make_state(**state), make_load(**load), requested, now, P)
     assert (d.action, d.target) == (action, target), d.reason
@@ -138,6 +139,7 @@ def test_plan_retirement_packs_survivors(workers, count, expected):
     ("tearing-down", Infra("deleting"), "wait", "tearing-down"),
     ("tearing-down", Infra("absent"), "forget", "gone"),
 ])
+@pytest.mark.smoke
 def test_plan_provision_step(phase, infra, action, to):
     step = plan_provision_step(phase, infra)
     assert (step.action, step.phase) == (action, to), step.reason
@@ -172,6 +174,7 @@ IDLE = dict(processing=0, queued=0, clients=0, idle_since=1000.0)
     ("reconcile", {"keep_alive_until": 10000.0}, {}, IDLE, 9000, False, "kept alive"),
     ("reconcile", {}, {"phase": "failed"}, IDLE, 9000, False, "within lifetime"),  # failed: the 15-minute tick
 ])
+@pytest.mark.smoke
 def test_plan_teardown(tick, spec, state, load, now, delete, why):
     d = plan_teardown(tick, make_spec(**spec), make_state(**state), load and make_load(**load), now)
     assert d.delete is delete and why in d.reason, d.reason

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from dasklab import __version__
 from dasklab.report import _class_labs, _span, fetch_class_report, fetch_class_status, fetch_status, \
     print_class_report, print_table
 from dasklab.core import config as config_mod
@@ -337,11 +338,12 @@ def cmd_infra(a, cfg) -> int:
     return 0
 
 
-def deploy_steps(a, cfg) -> list:
-    """What `dasklab deploy` runs: the identity of infra/iam.yaml, then cloudbuild.yaml's steps (or a build)."""
+def deploy_steps(a, cfg, workspace) -> list:
+    """What `dasklab deploy` runs: the identity of infra/iam.yaml, then the workspace's cloudbuild.yaml steps (all but
+    the smoke tier unless --smoke), or a build of them on Cloud Build."""
     from dasklab.cloud import deploy
     from dasklab.core.timers import load_infra
-    build, iam = deploy.load_build(), deploy.load_iam()
+    build, iam = deploy.load_build(workspace / "cloudbuild.yaml"), deploy.load_iam(workspace / "infra" / "iam.yaml")
     values = deploy.substitutions(build, cfg.project, {
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
         "_TICK_TOPIC": load_infra()["topics"]["ticks"],
@@ -354,21 +356,33 @@ def deploy_steps(a, cfg) -> list:
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
         steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
     if a.cloud_build:
-        return steps + [deploy.cloud_build_step(values)]
-    return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
+        return steps + [deploy.cloud_build_step(values, workspace / "cloudbuild.yaml")]
+    return steps + deploy.build_steps(build, values, skip=() if a.smoke else ("smoke",))
 
 
 def cmd_deploy(a, cfg) -> int:
+    """Generate the workspace from this installed dasklab, then run (or, with --dry-run, print) the steps in it."""
     from dasklab.cloud import deploy
+    from dasklab.inputs import inputs_root
     _require_project(cfg)
-    steps = deploy_steps(a, cfg)
+    started = time.monotonic()
+    workspace = deploy.build_workspace(Path(cfg.home) / "deploy", with_tests=a.smoke)
+    steps = deploy_steps(a, cfg, workspace)
+    where, again = f"{cfg.project} ({cfg.region})", f"--project {cfg.project} --region {cfg.region}"
+    print(f"deploy of dasklab {__version__} on {where}: {len(steps)} steps, run in {workspace} "
+          f"(generated from {inputs_root()})")
+    print("tests: the smoke tier (pytest -m smoke)" if a.smoke else
+          "tests: none at deploy (--smoke adds the smoke tier, a checkout's tests; the full suite is .ci/run)")
     if a.dry_run:
         for n, step in enumerate(steps, 1):
             guard = f"  # unless `{' '.join(step.unless)}` succeeds" if step.unless else ""
             print(f"[{n}/{len(steps)}] {step.id}: {step}{guard}")
+        print(f"dry run: nothing was run. Next: `dasklab deploy {again}` runs these steps")
         return 0
-    deploy.run_steps(steps)
-    print(f"dasklab is deployed on {cfg.project} ({cfg.region}): start a lab with `dasklab start-lab --lab NAME`")
+    deploy.run_steps(steps, cwd=workspace)
+    print(f"dasklab is deployed on {where} in {time.monotonic() - started:.0f} s. Next:\n"
+          f"  dasklab status {again}                  # the labs (none yet)\n"
+          f"  dasklab start-lab --lab NAME {again}    # a lab; then `dasklab connect NAME {again}`")
     return 0
 
 
@@ -541,10 +555,10 @@ def parser() -> argparse.ArgumentParser:
     s = infra.add_parser("apply", parents=[gcp], help="create or update them (idempotent)")
     s.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     infra.add_parser("destroy", parents=[gcp], help="delete exactly what apply creates")
-    s = sub.add_parser("deploy", parents=[gcp], help="identity, then cloudbuild.yaml's steps: tests, functions, infra")
+    s = sub.add_parser("deploy", parents=[gcp], help="identity, then cloudbuild.yaml's steps: stage, functions, infra")
     s.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     s.add_argument("--cloud-build", action="store_true", help="run the build on Cloud Build (gcloud builds submit)")
-    s.add_argument("--skip-tests", action="store_true", help="leave out the build's test step")
+    s.add_argument("--smoke", action="store_true", help="also run the smoke tier (pytest -m smoke; a checkout's tests)")
     s.add_argument("--skip-identity", action="store_true",
                    help="leave out creating the service accounts and granting their roles (infra/iam.yaml)")
     s = sub.add_parser("destroy", parents=[gcp], help="delete the functions and the infra (not the accounts)")

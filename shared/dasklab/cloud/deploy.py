@@ -1,9 +1,10 @@
 """Deployment: the steps of cloudbuild.yaml run here in order, the identity of infra/iam.yaml, and teardown.
 
-    load_build → build_steps (pure: substitute Cloud Build variables) → run_steps (subprocesses)
+    build_workspace (the repository's top, generated from the installed package: dasklab/inputs.py)
+    load_build → build_steps (pure: substitute Cloud Build variables) → run_steps (subprocesses, in the workspace)
     load_iam   → build_iam_steps (pure: gcloud commands)              → run_steps
 
-`dasklab deploy` runs the identity steps, then the build's steps (or `gcloud builds submit` with
+`dasklab deploy` runs the identity steps, then the build's steps (or `gcloud builds submit` of the workspace with
 `--cloud-build`); `dasklab destroy` deletes the functions the build deploys and what `infra` created.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,10 +22,8 @@ import yaml
 
 from dasklab.core.errors import DasklabError, ValidationError
 from dasklab.core.timers import load_infra
+from dasklab.inputs import BUNDLE, NAMES, PACKAGE, input_path, inputs_root
 
-REPO = Path(__file__).resolve().parents[3]
-BUILD_FILE = REPO / "cloudbuild.yaml"
-IAM_FILE = REPO / "infra" / "iam.yaml"
 _VARIABLE = re.compile(r"\$\$|\$\{(\w+)\}|\$(\w+)")
 
 
@@ -52,7 +52,7 @@ def _quote(arg: str) -> str:
 # --- cloudbuild.yaml -------------------------------------------------------------------------------
 
 def load_build(path: Path | None = None) -> dict:
-    return yaml.safe_load(Path(path or BUILD_FILE).read_text())
+    return yaml.safe_load(Path(path or input_path("cloudbuild.yaml")).read_text())
 
 
 def substitute(text: str, values: dict) -> str:
@@ -115,13 +115,13 @@ def cloud_build_step(values: dict, build_file: Path | None = None) -> Step:
     """`gcloud builds submit` of this repository with the same substitutions."""
     subs = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("_"))
     return Step("cloud-build", ("gcloud", "builds", "submit", f"--project={values['PROJECT_ID']}",
-                                f"--config={(build_file or BUILD_FILE).name}", f"--substitutions={subs}", "."))
+                                f"--config={(build_file or input_path('cloudbuild.yaml')).name}", f"--substitutions={subs}", "."))
 
 
 # --- infra/iam.yaml --------------------------------------------------------------------------------
 
 def load_iam(path: Path | None = None) -> dict:
-    return yaml.safe_load(Path(path or IAM_FILE).read_text())
+    return yaml.safe_load(Path(path or input_path("infra/iam.yaml")).read_text())
 
 
 def account_email(name: str, project: str) -> str:
@@ -198,6 +198,33 @@ def fetch_project_number(project: str) -> str:
     return out.stdout.strip()
 
 
+# --- the workspace: what the build's relative paths name, generated from the installed package --------
+
+def build_workspace(dest: Path, *, with_tests: bool = False) -> Path:
+    """A fresh folder laid out as the repository's top for the build's steps (and what `gcloud builds submit`
+    uploads): the inputs, and shared/dasklab, a copy of this dasklab with its inputs as package data (so the staged
+    function and the infra step find theirs). `with_tests` adds the checkout's tests/ (and the examples they read)
+    for the smoke step."""
+    root, dest = inputs_root(), Path(dest)
+    if with_tests and not (root / "tests").is_dir():
+        raise ValidationError("--smoke", f"needs the tests of a source checkout; this dasklab is installed ({root})")
+    shutil.rmtree(dest, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PACKAGE, dest / "shared" / "dasklab", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", BUNDLE))
+    for into in (dest, dest / "shared" / "dasklab" / BUNDLE):
+        for name in NAMES:
+            if (root / name).is_dir():
+                shutil.copytree(root / name, into / name, ignore=skip)
+            else:
+                into.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / name, into / name)
+    if with_tests:
+        for name in ("tests", "examples"):
+            shutil.copytree(root / name, dest / name, ignore=skip)
+        shutil.copy2(root / "pyproject.toml", dest / "pyproject.toml")  # the markers, the asyncio mode
+    return dest
+
+
 # --- running ---------------------------------------------------------------------------------------
 
 def local_env(extra: dict | None = None) -> dict:
@@ -207,8 +234,10 @@ def local_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_steps(steps: list[Step], *, cwd: Path = REPO, say=print) -> None:
-    """Run each step in order, its output streamed; StepFailed at the first that fails."""
+def run_steps(steps: list[Step], *, cwd: Path | None = None, say=print) -> None:
+    """Run each step in order (in `cwd`, by default this process's), its output streamed; StepFailed at the first
+    that fails."""
+    cwd = Path(cwd or Path.cwd())
     def succeeds(argv) -> bool:
         return subprocess.run(argv, cwd=cwd, capture_output=True, check=False, env=local_env()).returncode == 0
 

@@ -12,8 +12,7 @@ from croniter import croniter
 
 from dasklab.core.errors import ValidationError
 from dasklab.core.messages import TICK_TYPES, parse_command
-
-INFRA_FILE = Path(__file__).resolve().parents[3] / "infra" / "dasklab.yaml"
+from dasklab.inputs import input_path
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def upcoming_ticks(jobs: list[Job], start: float, until: float) -> list[tuple[fl
 
 
 def infra_path() -> Path:
-    return Path(os.environ.get("DASKLAB_INFRA", INFRA_FILE))
+    return Path(os.environ.get("DASKLAB_INFRA") or input_path("infra/dasklab.yaml"))
 
 
 def load_infra(path: Path | None = None) -> dict:

@@ -19,10 +19,9 @@ from dasklab.adapters.files import FileEvents
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
 from dasklab.core.timers import load_infra
+from dasklab.inputs import input_path
 from dasklab.local.timers import FileWakeups, LocalTimer
 
-REPO = Path(__file__).resolve().parents[3]
-FUNCTIONS_SOURCE = REPO / "functions" / "main.py"
 LOCAL_PROJECT = "dasklab-local"
 STATUS_PULL_SUBSCRIPTION = "dasklab-status-local"
 
@@ -79,9 +78,9 @@ class LocalController:
             self.emulator = procs.start_pubsub_emulator(self.home / "logs", LOCAL_PROJECT)
             os.environ.update(self.emulator.env)  # this process's clients talk to the emulator too
             env.update(self.emulator.env)
-        self.server = procs.start_functions_server("control", FUNCTIONS_SOURCE, env=env,
-                                                   log_path=self.functions_log)
-        self.ticks_server = procs.start_functions_server("ticks", FUNCTIONS_SOURCE, env=env, log_path=self.ticks_log)
+        source = input_path("functions/main.py")
+        self.server = procs.start_functions_server("control", source, env=env, log_path=self.functions_log)
+        self.ticks_server = procs.start_functions_server("ticks", source, env=env, log_path=self.ticks_log)
         topics = self.infra["topics"]
         if self.emulator:
             from dasklab.adapters import pubsub
