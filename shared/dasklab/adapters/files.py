@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dasklab.core.classes import ClassRecord, merge_usage
 from dasklab.core.errors import ConflictError
+from dasklab.core.dead_letters import LAST_ERROR_TTL_S
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 @contextmanager
@@ -49,6 +50,19 @@ class FileReports:
 
     def apply_reported(self, key: str, now: float) -> None:
         (self.root / key).write_text(str(now))
+
+    def fetch_last_error(self, key: str, now: float) -> dict | None:
+        try:
+            kept = json.loads((self.root / f"{key}.json").read_text())
+        except (FileNotFoundError, ValueError):  # none, or cut short by a crash: as if none
+            return None
+        return kept if kept.get("at", 0) + LAST_ERROR_TTL_S > now else None
+
+    def apply_last_error(self, key: str, error: dict, now: float) -> None:
+        path = self.root / f"{key}.json"
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({**error, "at": now}))
+        partial.replace(path)  # whole or not at all
 
 class FileTombstones:
     """The local lab's tombstones (core.tombstones.Tombstones): `<home>/tombstones/<lab>.json`, apart from the lab

@@ -25,6 +25,7 @@ from dasklab.core.timers import load_infra
 
 NIGHTLY_TYPE = "nightly-teardown"
 DEAD_LETTER_ATTEMPTS = 10  # Pub/Sub allows 5-100
+DEAD_LETTER_ACK_S = 120  # a reconcile tick's dead-letter pass acknowledges each letter well within this
 _HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 
@@ -195,7 +196,8 @@ def _apply_one(change: Change, clients: Clients) -> Change:
     if change.kind == "topic":
         clients.publisher.create_topic(request={"name": change.name})
     elif change.kind == "subscription":
-        clients.subscriber.create_subscription(request={"name": change.name, "topic": change.target.topic})
+        clients.subscriber.create_subscription(request={"name": change.name, "topic": change.target.topic,
+                                                        "ack_deadline_seconds": DEAD_LETTER_ACK_S})
     elif change.kind == "dead-letter-policy":
         policy = {"dead_letter_topic": change.target.dead_letter_topic,
                   "max_delivery_attempts": change.target.max_delivery_attempts}

@@ -92,6 +92,8 @@ class LocalController:
                                            push_endpoint=f"{server.url}projects/{LOCAL_PROJECT}/topics/{topics[role]}",
                                            dead_letter_topic=topics["dead_letter"])
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
+            # what the triggers give up on is kept here for the reconcile tick's dead-letter pass (as infra does)
+            pubsub.ensure_subscription(LOCAL_PROJECT, topics["dead_letter"], f"{topics['dead_letter']}-sub")
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
             "ticks_url": self.ticks_server.url,
