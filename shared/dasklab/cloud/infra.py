@@ -21,7 +21,7 @@ from google.api_core.exceptions import AlreadyExists, NotFound
 from dasklab.core.errors import ValidationError
 from dasklab.core.logs import emit
 from dasklab.adapters.scheduler import AT_ATTRIBUTE, JOB_PREFIX, TICK_ATTRIBUTE, JobSpec
-from dasklab.core.timers import load_infra
+from dasklab.core.timers import dead_letter_subscription, load_infra
 
 NIGHTLY_TYPE = "nightly-teardown"
 DEAD_LETTER_ATTEMPTS = 10  # Pub/Sub allows 5-100
@@ -110,7 +110,8 @@ def build_desired(infra: dict, project: str, location: str, *, nightly_at: str =
     time_zone = _check_time_zone(time_zone)
     names = infra["topics"]
     topic = {role: f"projects/{project}/topics/{names[role]}" for role in ("control", "ticks", "status", "dead_letter")}
-    dead_letters = Subscription(f"projects/{project}/subscriptions/{names['dead_letter']}-sub", topic["dead_letter"])
+    dead_letters = Subscription(f"projects/{project}/subscriptions/{dead_letter_subscription(names)}",
+                                topic["dead_letter"])
     jobs = []
     for job in infra["jobs"]:
         kind = job.message["type"]

@@ -18,7 +18,7 @@ from dasklab.adapters.local import LocalBackend
 from dasklab.adapters.files import FileEvents
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
-from dasklab.core.timers import load_infra
+from dasklab.core.timers import dead_letter_subscription, load_infra
 from dasklab.local.timers import FileWakeups, LocalTimer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -93,7 +93,7 @@ class LocalController:
                                            dead_letter_topic=topics["dead_letter"])
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
             # what the triggers give up on is kept here for the reconcile tick's dead-letter pass (as infra does)
-            pubsub.ensure_subscription(LOCAL_PROJECT, topics["dead_letter"], f"{topics['dead_letter']}-sub")
+            pubsub.ensure_subscription(LOCAL_PROJECT, topics["dead_letter"], dead_letter_subscription(topics))
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
             "ticks_url": self.ticks_server.url,
