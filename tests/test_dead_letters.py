@@ -113,6 +113,44 @@ def test_the_failure_key_is_the_same_on_both_sides_of_the_dead_letter_topic():
     assert failure_key(data, original) != failure_key(body(type="stop-lab", lab="other"), original)
 
 
+# --- where the last error is kept: the entry point writes it, the pass reads it ----------------------------------
+
+@pytest.mark.parametrize("kind", ["files", "firestore"])
+def test_the_last_error_is_kept_across_instances_until_it_expires(kind, tmp_path, request):
+    from dasklab.adapters.firestore import FirestoreReports
+    from dasklab.core.dead_letters import LAST_ERROR_TTL_S
+    if kind == "files":
+        one, other = FileReports(tmp_path), FileReports(tmp_path)
+    else:
+        project = request.getfixturevalue("firestore_tombstones").project
+        one, other = FirestoreReports(project), FirestoreReports(project)  # two function instances
+    t0 = 1_796_000_000.0
+    assert one.fetch_last_error("failure-1", t0) is None
+    one.apply_last_error("failure-1", {"error": "TransientError: first", "message_id": "m1"}, t0)
+    one.apply_last_error("failure-1", {"error": "TransientError: second", "message_id": "m1"}, t0 + 10)
+    assert other.fetch_last_error("failure-1", t0 + 60) == {"error": "TransientError: second", "message_id": "m1",
+                                                              "at": t0 + 10}
+    assert other.fetch_last_error("failure-1", t0 + 10 + LAST_ERROR_TTL_S) is None
+
+
+def test_the_entry_point_keeps_a_failures_last_error_and_still_fails(tmp_path, monkeypatch):
+    """A transient or unforeseen error is raised (Pub/Sub redelivers); its text is kept under the message's key first.
+    A store that fails as well hides nothing: the original error is what propagates."""
+    ctl, backend, clock = world(tmp_path)
+    monkeypatch.setattr(entry, "controller", lambda: ctl)
+    data, attrs = body(type="stop-lab", lab="intro"), {"request_id": "req-1"}
+    envelope = {"message": {"data": base64.b64encode(data).decode(), "attributes": attrs, "messageId": "m1"}}
+    backend.fetch_lab = lambda name: (_ for _ in ()).throw(TransientError("records store unavailable"))
+    with pytest.raises(TransientError, match="records store unavailable"):
+        entry.handle_event(envelope, topic="control")
+    kept = ctl.reports.fetch_last_error(failure_key(data, attrs), clock.t)
+    assert (kept["error"], kept["message_id"]) == ("TransientError: records store unavailable", "m1")
+    backend.fetch_lab = lambda name: (_ for _ in ()).throw(KeyError("a bug"))
+    ctl.reports.apply_last_error = lambda *a: (_ for _ in ()).throw(TransientError("reports store down too"))
+    with pytest.raises(KeyError, match="a bug"):
+        entry.handle_event(envelope, topic="control")
+
+
 # --- the pass, against a list of letters ------------------------------------------------------------------------
 
 def test_a_dead_lettered_stop_lab_is_carried_out_and_said(tmp_path):
