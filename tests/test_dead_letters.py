@@ -178,6 +178,49 @@ def test_a_dead_lettered_stop_lab_is_carried_out_and_said(tmp_path):
         "command-failed", "lab-deleted"]
 
 
+def test_direct_push_keeps_what_it_gave_up_on_for_the_next_tick(tmp_path):
+    """The local lab without the emulator: the pusher's last failed attempt leaves a dead letter in files, with the
+    attributes Pub/Sub would add; the next tick carries the stop out and removes it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dasklab.adapters.files import FileDeadLetters
+    from dasklab.local.serve import _push, push_envelope
+    hits = []
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        envelope = push_envelope({"v": 1, "type": "stop-lab", "lab": "intro"}, "m1", {"request_id": "req-1"})
+        _push(f"http://127.0.0.1:{server.server_address[1]}/", envelope, attempts=3, home=tmp_path, backoff=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert len(hits) == 3
+    store = FileDeadLetters(tmp_path)
+    [kept] = store.fetch_dead_letters()
+    assert (kept.message_id, kept.attributes["request_id"], kept.attributes[ATTEMPTS], kept.attributes[SOURCE]) == (
+        "m1", "req-1", "3", "direct-push")
+    assert plan_dead_letter(kept).published is not None
+    ctl, backend, clock = world(tmp_path)
+    ctl.dead_letters = store
+    ready_lab(ctl, clock)
+    ctl.handle(RECONCILE, "tick-1")
+    assert backend.fetch_lab("intro").state.phase == TEARING_DOWN and store.fetch_dead_letters() == []
+    [failed] = [e for e in ctl.events.events if e["event"] == "command-failed"]
+    assert (failed["lab"], failed["request_id"], failed["attempts"]) == ("intro", "req-1", 3)
+
+
 def test_a_dead_lettered_stop_lab_older_than_the_labs_start_leaves_it(tmp_path):
     """Ordered by the original publishTime (CloudPubSubDeadLetterSourceTopicPublishTime), like any stop-lab."""
     ctl, backend, clock = world(tmp_path)

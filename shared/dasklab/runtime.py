@@ -62,11 +62,13 @@ def build_reports(config: Config):
 
 
 def build_dead_letters(config: Config):
-    """The dead-letter subscription where Pub/Sub is reachable (cloud or emulator); none by direct push."""
+    """The dead-letter subscription where Pub/Sub is reachable (cloud or emulator); by direct push, the files the
+    local pusher keeps what it gave up on in."""
     if config.backend == "gke" or os.environ.get("PUBSUB_EMULATOR_HOST"):
         from dasklab.adapters.pubsub import PubSubDeadLetters
         return PubSubDeadLetters(config.project or "dasklab-local", config.dead_letter_subscription)
-    return None
+    from dasklab.adapters.files import FileDeadLetters
+    return FileDeadLetters(config.home)
 
 
 def build_controller(config: Config | None = None) -> Controller:
