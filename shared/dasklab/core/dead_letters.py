@@ -156,7 +156,7 @@ class DeadLetterPass(Part):
         original = (kept or {}).get("message_id") or None
         logs.emit("ERROR", action="dead-letter", lab=plan.lab, command=plan.type, reason=reason, attempts=plan.attempts,
                   source=plan.source or None, message_id=original, dead_letter_id=letter.message_id,
-                  request_id=plan.request_id, **{"class": plan.class_})
+                  request_id=plan.request_id, tick=mid, **{"class": plan.class_})
         event = {"event": COMMAND_FAILED, "command": plan.type, "lab": plan.lab, "class": plan.class_,
                  "outcome": "failed", "reason": reason, "error": error, "attempts": plan.attempts,
                  "carried_out": done, "message_id": original, "dead_letter_id": letter.message_id,
