@@ -221,6 +221,28 @@ def test_direct_push_keeps_what_it_gave_up_on_for_the_next_tick(tmp_path):
     assert (failed["lab"], failed["request_id"], failed["attempts"]) == ("intro", "req-1", 3)
 
 
+def test_a_dead_lettered_stop_class_stops_the_class(tmp_path):
+    """A stop-class is a stop too: carried out from the dead letters (the class marked stopped, its labs torn down)."""
+    from dasklab.adapters.files import FileClasses
+    ctl, backend, clock = world(tmp_path)
+    ctl.classes = FileClasses(tmp_path)
+    ctl.handle(parse_command({"v": 1, "type": "start-class", "class": "intro", "owner": "prof",
+                              "roster": ["ann", "ben"], "workers": {"initial": 0, "min": 0, "max": 1}}),
+               "m-start", published=clock.t - 60)
+    for _ in range(20):
+        clock.t += 1
+        ctl.handle(RECONCILE, "tick")
+    assert {lab.state.phase for lab in backend.fetch_labs()} == {READY}
+    ctl.dead_letters.waiting.append(letter(body(type="stop-class", **{"class": "intro"}), "d1"))
+    for _ in range(20):
+        clock.t += 1
+        ctl.handle(RECONCILE, "tick")
+    assert backend.fetch_labs() == [] and ctl.classes.fetch_class("intro").is_stopped
+    [failed] = [e for e in ctl.events.events if e["event"] == "command-failed"]
+    assert (failed["command"], failed["class"]) == ("stop-class", "intro")
+    assert "the stop is carried out all the same: class intro: teardown of 2 lab(s) started" in failed["reason"]
+
+
 def test_a_dead_lettered_stop_lab_older_than_the_labs_start_leaves_it(tmp_path):
     """Ordered by the original publishTime (CloudPubSubDeadLetterSourceTopicPublishTime), like any stop-lab."""
     ctl, backend, clock = world(tmp_path)
