@@ -203,7 +203,7 @@ def _push(url: str, envelope: dict, attempts: int = 5, home: str | Path | None =
 # The controller's decisions `dasklab local serve` shows as they happen (its JSON log has every line).
 DECISIONS = ("create", "provision", "install", "mark-ready", "mark-failed", "limits", "keep-alive", "scale-up",
              "scale-down", "retire", "teardown", "forget", "refused", "update", "rollout-start", "rollout-retire",
-             "jupyter-restart", "updated", "degraded", "recovered", "spare")
+             "jupyter-restart", "updated", "degraded", "recovered", "spare", "dead-letter")
 
 
 def follow_log(path: Path, stop: threading.Event, show: Callable[[dict], None], interval: float = 0.2) -> None:
