@@ -270,3 +270,24 @@ def test_only_the_timers_may_publish_on_the_timers_topic():
                   if "pubsub.topics.publish" in role_permissions(g["role"])]
     assert [name for name, g in publishers if g.get("on_topic") == "ticks"] == ["service agent scheduler"]
     assert all("ticks" not in g.get("why", "") or g.get("on_topic") == "ticks" for _, g in publishers)
+
+
+def test_the_controller_reads_the_dead_letters_on_that_subscription_alone():
+    """Every reconcile tick pulls and acknowledges the dead letters: consume is granted on dasklab-dead-letter-sub
+    alone (not project-wide, which would reach the triggers' and the reply subscriptions), after the deploy has made
+    sure the topic and the subscription exist (`infra apply` comes later in a deploy)."""
+    from dasklab.core.config import Config
+    [grant] = [g for g in IAM["accounts"]["controller"]["roles"] if g["role"] == "roles/pubsub.subscriber"]
+    assert grant["on_subscription"] == "dead_letter"
+    steps = deploy.build_iam_steps(IAM, PROJECT)
+    ids = [s.id for s in steps]
+    binding = next(s for s in steps if s.argv[1:4] == ("pubsub", "subscriptions", "add-iam-policy-binding"))
+    assert binding.argv[4] == Config.dead_letter_subscription and "--role=roles/pubsub.subscriber" in binding.argv
+    assert f"--member=serviceAccount:dasklab-controller@{PROJECT}.iam.gserviceaccount.com" in binding.argv
+    assert ids.index("topic-dead_letter") < ids.index("subscription-dead_letter") < steps.index(binding)
+    create = steps[ids.index("subscription-dead_letter")]
+    assert create.unless[:4] == ("gcloud", "pubsub", "subscriptions", "describe")
+    assert "--topic=dasklab-dead-letter" in create.argv
+    consumers = sorted(name for name, ident in identities().items() for g in ident["roles"]
+                       if "pubsub.subscriptions.consume" in role_permissions(g["role"]) and not g.get("on_topic"))
+    assert consumers == ["account controller", "administrator", "operator", "service agent pubsub"]

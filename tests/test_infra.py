@@ -232,6 +232,7 @@ def test_first_apply_creates_everything_and_the_second_writes_nothing(env):
                                                            "dasklab-dead-letter")}
     dead_sub = env.subscriptions()[env.path("subscriptions", "dasklab-dead-letter-sub")]
     assert dead_sub.topic == env.path("topics", "dasklab-dead-letter")
+    assert dead_sub.ack_deadline_seconds == infra.DEAD_LETTER_ACK_S  # a tick's dead-letter pass acks well within it
     jobs = env.standin.jobs
     names = ("dasklab-reconcile", "dasklab-teardown-idle", "dasklab-nightly-teardown")
     assert sorted(jobs) == sorted(env.job(n) for n in names)

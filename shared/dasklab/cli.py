@@ -129,7 +129,7 @@ def _replies(cfg, request_id: str, wait: float, delete: bool = True):
 
 
 def print_outcome(outcome: dict | None, mid: str, wait: float) -> int:
-    """The controller's answer, as the command's exit code: 2 if it refused the command."""
+    """The controller's answer, as the command's exit code: 2 if it refused the command, 1 if it failed."""
     if outcome is None:
         print(f"dasklab: no outcome from the controller within {wait:g}s (message {mid}); it may still come: see "
               f"`dasklab status`, or wait longer with --wait SECONDS", file=sys.stderr)
@@ -137,6 +137,9 @@ def print_outcome(outcome: dict | None, mid: str, wait: float) -> int:
     if outcome["outcome"] == "refused":
         print(f"dasklab: refused by the controller (message {mid}): {outcome['reason']}", file=sys.stderr)
         return 2
+    if outcome["outcome"] == "failed":  # a command-failed event: given up after its delivery attempts
+        print(f"dasklab: the command failed (message {mid}): {outcome['reason']}", file=sys.stderr)
+        return 1
     print(f"{outcome['outcome'].replace('-', ' ')}: {outcome['reason']}")
     return 0
 

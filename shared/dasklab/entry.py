@@ -4,7 +4,7 @@ verified sender → the trust rules → the control topic; errors classified."""
 from functools import lru_cache
 
 from dasklab.core import logs
-from dasklab.core.errors import NotAllowed, PermanentError, TransientError, ValidationError
+from dasklab.core.errors import DasklabError, NotAllowed, PermanentError, TransientError, ValidationError
 from dasklab.core.messages import CONTROL, REQUEST_ID, check_topic, decode_publish_time, decode_pubsub, \
     parse_command, parse_request_id
 from dasklab.core.trust import SENDER, parse_sender
@@ -22,7 +22,7 @@ def handle_event(data, event_id: str = "", topic: str = CONTROL) -> None:
     Permanent errors are logged, published as the command's outcome and acknowledged (return); transient ones
     propagate so Pub/Sub redelivers the message."""
     logs.setup()
-    mid, request, cmd = event_id, "", None
+    mid, request, cmd, payload, attributes = event_id, "", None, b"", {}
     try:
         payload, attributes, mid = decode_pubsub(data)
         mid = mid or event_id
@@ -36,6 +36,25 @@ def handle_event(data, event_id: str = "", topic: str = CONTROL) -> None:
         logs.emit("ERROR", action="refused", reason=str(e), field=getattr(e, "field", None), message_id=mid,
                   lab=_lab_of(cmd))
         _publish_refusal(e, cmd, mid, request)
+    except Exception as e:  # transient or unforeseen: Pub/Sub redelivers it (raise), its last error kept first
+        _keep_last_error(e, payload, attributes, mid)
+        raise
+
+
+def _keep_last_error(e: Exception, payload: bytes, attributes: dict, mid: str) -> None:
+    """Pub/Sub carries no error: after its last attempt it forwards the message to the dead-letter topic as it
+    was. The error of each failed attempt is kept in the reports store (Firestore; files locally), which outlives
+    this instance and is where the dead-letter pass of a reconcile tick looks, by a key computed from the message
+    as both sides see it (core/dead_letters.py: failure_key). Keeping it must not hide the failure itself."""
+    from dasklab.core.dead_letters import MAX_ERROR_CHARS, failure_key
+    try:
+        ctl = controller()
+        if ctl.reports is not None:
+            ctl.reports.apply_last_error(failure_key(payload, attributes),
+                                         {"error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS], "message_id": mid},
+                                         ctl.clock())
+    except DasklabError as kept:  # the store fails too: a dead letter then says no error was kept
+        logs.emit("WARNING", action="last-error", reason=f"not kept: {kept}", message_id=mid)
 
 
 def _publish_refusal(e: PermanentError, cmd, mid: str, request: str) -> None:

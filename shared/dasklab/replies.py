@@ -1,5 +1,5 @@
-"""The sender's side of command outcomes (used by the CLI): listen for one command's `command-outcome` status
-event, from before the command is published until it arrives or the wait ends."""
+"""The sender's side of command outcomes (used by the CLI): listen for one command's `command-outcome` (or
+`command-failed`) status event, from before the command is published until it arrives or the wait ends."""
 
 import json
 import time
@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 OUTCOME_EVENT = "command-outcome"
+FAILED_EVENT = "command-failed"  # the dead-letter pass: Pub/Sub gave the command up after its delivery attempts
 
 
 def new_request_id() -> str:
@@ -16,7 +17,7 @@ def new_request_id() -> str:
 
 def is_reply(event: dict, request_id: str, message_id: str | None) -> bool:
     """The outcome of this command: its request id, or its message id (a sender that set no request id)."""
-    return event.get("event") == OUTCOME_EVENT and (
+    return event.get("event") in (OUTCOME_EVENT, FAILED_EVENT) and (
         event.get("request_id") == request_id or (message_id is not None and event.get("message_id") == message_id))
 
 

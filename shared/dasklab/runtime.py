@@ -61,10 +61,21 @@ def build_reports(config: Config):
     return FirestoreReports(config.project, config.firestore_database)
 
 
+def build_dead_letters(config: Config):
+    """The dead-letter subscription where Pub/Sub is reachable (cloud or emulator); by direct push, the files the
+    local pusher keeps what it gave up on in."""
+    if config.backend == "gke" or os.environ.get("PUBSUB_EMULATOR_HOST"):
+        from dasklab.adapters.pubsub import PubSubDeadLetters
+        return PubSubDeadLetters(config.project or "dasklab-local", config.dead_letter_subscription)
+    from dasklab.adapters.files import FileDeadLetters
+    return FileDeadLetters(config.home)
+
+
 def build_controller(config: Config | None = None) -> Controller:
     """The controller; on GKE its configuration must name the lab nodes' own service account (it creates clusters)."""
     config = config or current()
     if config.backend == "gke":
         check_node_service_account(config)
     return Controller(build_backend(config), build_events(config), config, tombstones=build_tombstones(config),
-                      classes=build_classes(config), wakeups=build_wakeups(config), reports=build_reports(config))
+                      classes=build_classes(config), wakeups=build_wakeups(config), reports=build_reports(config),
+                      dead_letters=build_dead_letters(config))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dasklab.core.classes import ClassRecord, merge_usage
 from dasklab.core.errors import ConflictError
+from dasklab.core.dead_letters import LAST_ERROR_TTL_S
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 @contextmanager
@@ -49,6 +50,55 @@ class FileReports:
 
     def apply_reported(self, key: str, now: float) -> None:
         (self.root / key).write_text(str(now))
+
+    def fetch_last_error(self, key: str, now: float) -> dict | None:
+        try:
+            kept = json.loads((self.root / f"{key}.json").read_text())
+        except (FileNotFoundError, ValueError):  # none, or cut short by a crash: as if none
+            return None
+        return kept if kept.get("at", 0) + LAST_ERROR_TTL_S > now else None
+
+    def apply_last_error(self, key: str, error: dict, now: float) -> None:
+        path = self.root / f"{key}.json"
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({**error, "at": now}))
+        partial.replace(path)  # whole or not at all
+
+class FileDeadLetters:
+    """The local lab's dead letters when commands go by direct push (no emulator; core.backend.DeadLetters): one file
+    `<home>/dead-letters/<message id>.json` per message the push gave up on, carrying the attributes Pub/Sub adds
+    when it forwards one; removed once handled, left in place (read again by the next tick) otherwise."""
+
+    def __init__(self, home: str | Path):
+        self.root = Path(home) / "dead-letters"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def apply_dead_letter(self, message: dict, attempts: int, source: str) -> None:
+        """The pusher's side: keep a push envelope's message (base64 data, attributes, id, publishTime)."""
+        from dasklab.core.dead_letters import ATTEMPTS, SOURCE, SOURCE_PUBLISHED
+        forwarded = {**message.get("attributes", {}), ATTEMPTS: str(attempts), SOURCE: source,
+                     SOURCE_PUBLISHED: message.get("publishTime", "")}
+        path = self.root / f"{message['messageId']}.json"
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"data": message.get("data", ""), "attributes": forwarded,
+                                       "messageId": message["messageId"]}))
+        partial.replace(path)
+
+    def fetch_dead_letters(self) -> list:
+        import base64
+        from dasklab.core.dead_letters import DeadLetter
+        letters = []
+        for path in sorted(self.root.glob("*.json")):
+            kept = json.loads(path.read_text())
+            letters.append(DeadLetter(base64.b64decode(kept["data"]), kept["attributes"], kept["messageId"], path))
+        return letters
+
+    def apply_handled(self, letter) -> None:
+        letter.handle.unlink(missing_ok=True)
+
+    def apply_retry(self, letter) -> None:
+        pass  # its file stays: the next tick reads it again
+
 
 class FileTombstones:
     """The local lab's tombstones (core.tombstones.Tombstones): `<home>/tombstones/<lab>.json`, apart from the lab

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from dasklab.core.classes import merge_usage
 from dasklab.core.errors import ConflictError, PermanentError, TransientError
+from dasklab.core.dead_letters import LAST_ERROR_TTL_S
 from dasklab.core.tombstones import TOMBSTONE_TTL_S
 
 COLLECTION = "dasklab-tombstones"
@@ -18,6 +19,7 @@ DELETE = "delete"
 CLASSES = "dasklab-classes"  # `<class>`: {"version": n, "record": ClassRecord.to_dict()}
 REPORTED = "dasklab-reported"  # `<key>`: {"reported_at": epoch s, "expire_at": timestamp} — an event published once
 REPORTED_TTL_S = 30 * 86400  # longer than GKE keeps a finished operation listed (its evidence)
+FAILURES = "dasklab-failures"  # `<key>`: {"error", "message_id", "at", "expire_at"} — a failing message's last error
 
 
 def _translate(e: Exception, what: str) -> Exception:
@@ -88,6 +90,25 @@ class FirestoreReports(FirestoreTombstones):
             self._db().document(f"{REPORTED}/{key}").set({"reported_at": now, "expire_at": expire})
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"record that {key} was reported") from e
+
+
+    def fetch_last_error(self, key: str, now: float) -> dict | None:
+        from google.api_core import exceptions as gexc
+        try:
+            doc = self._db().document(f"{FAILURES}/{key}").get()
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"read the last error of {key}") from e
+        if not doc.exists or doc.get("at") + LAST_ERROR_TTL_S <= now:
+            return None
+        return {k: v for k, v in doc.to_dict().items() if k != "expire_at"}
+
+    def apply_last_error(self, key: str, error: dict, now: float) -> None:
+        from google.api_core import exceptions as gexc
+        expire = datetime.fromtimestamp(now + LAST_ERROR_TTL_S, timezone.utc)
+        try:
+            self._db().document(f"{FAILURES}/{key}").set({**error, "at": now, "expire_at": expire})
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _translate(e, f"keep the last error of {key}") from e
 
 
 class FirestoreClasses(FirestoreTombstones):

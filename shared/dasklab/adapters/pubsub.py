@@ -125,3 +125,50 @@ def pull(project: str, subscription: str, max_messages: int = 100, timeout: floa
         subscriber().acknowledge(request={"subscription": path,
                                           "ack_ids": [m.ack_id for m in response.received_messages]})
     return [json.loads(m.message.data) for m in response.received_messages]
+
+
+def _subscription_error(e: Exception, what: str, subscription: str) -> Exception:
+    """Pub/Sub's answers on a subscription the controller reads: gone or forbidden is for an administrator to fix
+    (`dasklab infra apply`, infra/iam.yaml); the rest (UNAVAILABLE, DEADLINE_EXCEEDED, …) passes."""
+    if isinstance(e, gexc.NotFound):
+        return PermanentError(f"{what}: subscription {subscription} not found: run `dasklab infra apply`")
+    if isinstance(e, (gexc.PermissionDenied, gexc.Unauthenticated)):
+        return PermanentError(f"{what}: {e.message} (infra/iam.yaml: the controller subscribes to {subscription})")
+    return TransientError(f"{what} on {subscription}: {e}")
+
+
+class PubSubDeadLetters:
+    """The dead-letter topic's pull subscription (core.backend.DeadLetters): read without acknowledging, each letter
+    acknowledged once handled. Its ack deadline (infra) is far longer than a dead-letter pass takes."""
+
+    def __init__(self, project: str, subscription: str, max_messages: int = 50, timeout: float = 3.0):
+        self.project, self.subscription = project, subscription
+        self.max_messages, self.timeout = max_messages, timeout
+
+    def fetch_dead_letters(self) -> list:
+        from dasklab.core.dead_letters import DeadLetter
+        path = subscriber().subscription_path(self.project, self.subscription)
+        try:
+            response = subscriber().pull(request={"subscription": path, "max_messages": self.max_messages},
+                                         timeout=self.timeout)
+        except gexc.DeadlineExceeded:  # nothing waiting (a pull answers when something comes, or at its deadline)
+            return []
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _subscription_error(e, "read the dead letters", self.subscription) from e
+        return [DeadLetter(bytes(m.message.data), dict(m.message.attributes), m.message.message_id, m.ack_id)
+                for m in response.received_messages]
+
+    def apply_handled(self, letter) -> None:
+        path = subscriber().subscription_path(self.project, self.subscription)
+        try:
+            subscriber().acknowledge(request={"subscription": path, "ack_ids": [letter.handle]})
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _subscription_error(e, "acknowledge a dead letter", self.subscription) from e
+
+    def apply_retry(self, letter) -> None:
+        path = subscriber().subscription_path(self.project, self.subscription)
+        try:  # a deadline of 0 (a nack): delivered again to the next pull, the next tick's
+            subscriber().modify_ack_deadline(request={"subscription": path, "ack_ids": [letter.handle],
+                                                      "ack_deadline_seconds": 0})
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise _subscription_error(e, "hand back a dead letter", self.subscription) from e

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from dasklab.core.errors import DasklabError, ValidationError
-from dasklab.core.timers import load_infra
+from dasklab.core.timers import dead_letter_subscription, load_infra
 from dasklab.inputs import BUNDLE, NAMES, PACKAGE, input_path, inputs_root
 
 _VARIABLE = re.compile(r"\$\$|\$\{(\w+)\}|\$(\w+)")
@@ -149,12 +149,36 @@ def build_iam_steps(iam: dict, project: str) -> list[Step]:
             if on:  # a role on another service account, not on the project
                 target = ("iam", "service-accounts", "add-iam-policy-binding",
                           account_email(iam["accounts"][on]["account"], project), f"--project={project}")
+            elif grant.get("on_subscription"):  # a role on one of dasklab's subscriptions (created first if absent)
+                steps += _subscription_steps(grant["on_subscription"], project)
+                target = ("pubsub", "subscriptions", "add-iam-policy-binding",
+                          _subscription_of(grant["on_subscription"]), f"--project={project}")
             else:
                 target = ("projects", "add-iam-policy-binding", project)
             role = grant["role"].format(project=project)
-            steps.append(Step(f"grant-{key}", ("gcloud", *target, member, f"--role={role}", "--condition=None",
+            condition = () if grant.get("on_subscription") else ("--condition=None",)  # no conditions there
+            steps.append(Step(f"grant-{key}", ("gcloud", *target, member, f"--role={role}", *condition,
                                                "--quiet", "--format=none")))
     return steps
+
+
+def _subscription_of(key: str) -> str:
+    """`on_subscription: dead_letter`: the subscription keeping that topic's messages (infra/dasklab.yaml)."""
+    if key != "dead_letter":
+        raise ValidationError("on_subscription", f"only dead_letter has a subscription of dasklab's own, not {key!r}")
+    return dead_letter_subscription(load_infra()["topics"])
+
+
+def _subscription_steps(key: str, project: str) -> list[Step]:
+    """The topic and subscription a grant is on, created as `dasklab infra apply` creates them, unless they exist
+    (the grant comes before the infra step of a deploy)."""
+    from dasklab.cloud.infra import DEAD_LETTER_ACK_S
+    topic, sub, where = load_infra()["topics"][key], _subscription_of(key), f"--project={project}"
+    return [Step(f"topic-{key}", ("gcloud", "pubsub", "topics", "create", topic, where),
+                 unless=("gcloud", "pubsub", "topics", "describe", topic, where)),
+            Step(f"subscription-{key}", ("gcloud", "pubsub", "subscriptions", "create", sub, f"--topic={topic}",
+                                         f"--ack-deadline={DEAD_LETTER_ACK_S}", where),
+                 unless=("gcloud", "pubsub", "subscriptions", "describe", sub, where))]
 
 
 def build_service_agent_steps(iam: dict, project: str, project_number: str) -> list[Step]:
@@ -179,15 +203,16 @@ def build_service_agent_steps(iam: dict, project: str, project_number: str) -> l
 
 def build_store_steps(project: str, region: str, database: str = "(default)") -> list[Step]:
     """The Firestore (Native mode) database that keeps the tombstones of stopped labs, created when `describe`
-    finds none, and the TTL policies on `expire_at` that delete tombstones past Pub/Sub's 24 h retry horizon and
-    the records of what was reported once (failed creations) after 30 days."""
+    finds none, and the TTL policies on `expire_at` that delete tombstones past Pub/Sub's 24 h retry horizon, the
+    records of what was reported once (failed creations) after 30 days, and failing messages' last errors after 8."""
     where = (f"--database={database}", f"--project={project}")
     return [Step("firestore-database", ("gcloud", "firestore", "databases", "create", *where, f"--location={region}",
                                         "--type=firestore-native"),
                  unless=("gcloud", "firestore", "databases", "describe", *where, "--format=none")),
             *(Step(f"firestore-ttl{suffix}", ("gcloud", "firestore", "fields", "ttls", "update", "expire_at",
                                               f"--collection-group={group}", "--enable-ttl", "--async", *where))
-              for suffix, group in (("", "dasklab-tombstones"), ("-reported", "dasklab-reported")))]
+              for suffix, group in (("", "dasklab-tombstones"), ("-reported", "dasklab-reported"),
+                                    ("-failures", "dasklab-failures")))]
 
 
 def fetch_project_number(project: str) -> str:

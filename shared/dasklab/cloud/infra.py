@@ -21,10 +21,11 @@ from google.api_core.exceptions import AlreadyExists, NotFound
 from dasklab.core.errors import ValidationError
 from dasklab.core.logs import emit
 from dasklab.adapters.scheduler import AT_ATTRIBUTE, JOB_PREFIX, TICK_ATTRIBUTE, JobSpec
-from dasklab.core.timers import load_infra
+from dasklab.core.timers import dead_letter_subscription, load_infra
 
 NIGHTLY_TYPE = "nightly-teardown"
 DEAD_LETTER_ATTEMPTS = 10  # Pub/Sub allows 5-100
+DEAD_LETTER_ACK_S = 120  # a reconcile tick's dead-letter pass acknowledges each letter well within this
 _HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 
@@ -109,7 +110,8 @@ def build_desired(infra: dict, project: str, location: str, *, nightly_at: str =
     time_zone = _check_time_zone(time_zone)
     names = infra["topics"]
     topic = {role: f"projects/{project}/topics/{names[role]}" for role in ("control", "ticks", "status", "dead_letter")}
-    dead_letters = Subscription(f"projects/{project}/subscriptions/{names['dead_letter']}-sub", topic["dead_letter"])
+    dead_letters = Subscription(f"projects/{project}/subscriptions/{dead_letter_subscription(names)}",
+                                topic["dead_letter"])
     jobs = []
     for job in infra["jobs"]:
         kind = job.message["type"]
@@ -195,7 +197,8 @@ def _apply_one(change: Change, clients: Clients) -> Change:
     if change.kind == "topic":
         clients.publisher.create_topic(request={"name": change.name})
     elif change.kind == "subscription":
-        clients.subscriber.create_subscription(request={"name": change.name, "topic": change.target.topic})
+        clients.subscriber.create_subscription(request={"name": change.name, "topic": change.target.topic,
+                                                        "ack_deadline_seconds": DEAD_LETTER_ACK_S})
     elif change.kind == "dead-letter-policy":
         policy = {"dead_letter_topic": change.target.dead_letter_topic,
                   "max_delivery_attempts": change.target.max_delivery_attempts}

@@ -3,6 +3,7 @@
 from typing import Protocol
 
 from dasklab.adapters.dashboard import Dashboard
+from dasklab.core.dead_letters import DeadLetter
 from dasklab.core.model import JupyterActivity, Lab, LabSpec, WorkerProblem
 from dasklab.core.policy import Infra
 
@@ -84,6 +85,26 @@ class Reports(Protocol):
     def fetch_reported(self, key: str, now: float) -> bool: ...
 
     def apply_reported(self, key: str, now: float) -> None: ...
+
+    def fetch_last_error(self, key: str, now: float) -> dict | None:
+        """The last error kept under `key` ({"error", "message_id", "at"}), None if none (or expired)."""
+
+    def apply_last_error(self, key: str, error: dict, now: float) -> None:
+        """Keep a failing message's last error (the entry point, before Pub/Sub redelivers it) for the dead-letter
+        pass, which finds it by the same key (core.dead_letters.failure_key)."""
+
+
+class DeadLetters(Protocol):
+    """The messages Pub/Sub gave up on: a pull subscription on the dead-letter topic."""
+
+    def fetch_dead_letters(self) -> list[DeadLetter]:
+        """What waits there now (not yet acknowledged); [] if nothing."""
+
+    def apply_handled(self, letter: DeadLetter) -> None:
+        """Acknowledge a letter once it is handled (TransientError: it is read again later)."""
+
+    def apply_retry(self, letter: DeadLetter) -> None:
+        """Hand back a letter that could not be handled, for the next tick (failing that, its ack deadline does)."""
 
 
 class Events(Protocol):

@@ -48,6 +48,8 @@ class Config:
     control_topic: str = "dasklab-control"
     tick_topic: str = "dasklab-ticks"  # the timers' topic: a class's one-off wake-ups publish there
     status_topic: str = "dasklab-status"
+    # the pull subscription keeping what the triggers gave up on (infra: the dead-letter topic's name + "-sub")
+    dead_letter_subscription: str = "dasklab-dead-letter-sub"
     home: str = str(Path.home() / ".dasklab")
     # caps: a request above one is refused, never truncated
     max_workers: int = 16

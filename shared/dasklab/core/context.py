@@ -24,6 +24,7 @@ class Part:
     classes = property(lambda self: self.c.classes)  # the class store
     wakeups = property(lambda self: self.c.wakeups)
     reports = property(lambda self: self.c.reports)
+    dead_letters = property(lambda self: self.c.dead_letters)
     params = property(lambda self: self.c.params)
     holder = property(lambda self: self.c.holder)
 

@@ -20,11 +20,13 @@ class Fleet(Part):
     """Ticks: passes over every lab (concurrently, within a deadline) and every class."""
 
     def tick(self, cmd: Reconcile | TeardownIdle | NightlyTeardown, mid: str, published: float | None = None) -> None:
-        """One timer tick over every managed lab. A reconcile tick keeps polling for its budget; the next pass
-        retries what failed. A teardown tick has one pass: if a lab failed or was not reached before the
-        invocation's deadline, the tick raises to be redelivered; it acts only on the labs that existed when it was
-        `published` (its publishTime)."""
+        """One timer tick over every managed lab. A reconcile tick first reads the dead letters, then keeps polling
+        for its budget; the next pass retries what failed. A teardown tick has one pass: if a lab failed or was not
+        reached before the invocation's deadline, the tick raises to be redelivered; it acts only on the labs that
+        existed when it was `published` (its publishTime)."""
         start = self.clock()
+        if isinstance(cmd, Reconcile):  # first the dead letters: a stop among them is recorded, the passes take it
+            self.c.dead_letter_pass.drain(mid)
         budget = (cmd.budget_seconds if isinstance(cmd, Reconcile) and cmd.budget_seconds is not None
                   else self.config.tick_budget_s if isinstance(cmd, Reconcile) else 0.0)
         deadline = start + budget

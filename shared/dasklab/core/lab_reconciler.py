@@ -267,8 +267,9 @@ class LabReconciler(Part):
         return NOTHING_TO_DO, reason
 
     def apply_stop(self, cmd: StopLab, mid: str, published: float | None = None,
-                 reason: str = "stop-lab requested") -> tuple[str, str]:
-        """Tear the lab down; `reason` is recorded on it (its lab-deleted and class report say it)."""
+                 reason: str = "stop-lab requested", step: bool = True) -> tuple[str, str]:
+        """Tear the lab down; `reason` is recorded on it (its lab-deleted and class report say it). With `step`
+        False the teardown is only recorded: the next pass takes its steps."""
         if self.tombstones is not None:  # first, so an older start-lab (redelivered, or overtaken) never recreates
             now = self.clock()
             try:
@@ -284,7 +285,7 @@ class LabReconciler(Part):
             logs.emit("INFO", lab=lab.name, action="stop-lab", reason=why, message_id=mid)
             return NOTHING_TO_DO, why
         already = lab.state.phase == TEARING_DOWN
-        self.begin_teardown(lab, reason, mid)  # already tearing down: the next step, as a tick would
+        self.begin_teardown(lab, reason, mid, step)  # already tearing down: the next step, as a tick would
         if already:
             return NOTHING_TO_DO, "already being torn down"
         return ACCEPTED, f"teardown started ({lab.state.phase} → {TEARING_DOWN}); lab-deleted follows"
@@ -358,13 +359,14 @@ class LabReconciler(Part):
             logs.emit("WARNING", lab=lab.name, action="observe", reason=f"Jupyter unreachable: {e}")
             return None
 
-    def begin_teardown(self, lab: Lab, reason: str, mid: str) -> None:
+    def begin_teardown(self, lab: Lab, reason: str, mid: str, step: bool = True) -> None:
         now = self.clock()
         if lab.state.phase != TEARING_DOWN:
             before = lab.state.phase
             lab = self.backend.apply_record(self.accounted(lab, now).with_state(phase=TEARING_DOWN, reason=reason))
             logs.decision(lab.name, "teardown", before, TEARING_DOWN, reason, mid)
-        self.step_now(lab, mid)
+        if step:
+            self.step_now(lab, mid)
 
     def contain(self, name: str, owner: str, reason: str, mid: str, trace: str | None = None,
                  cause: str = "error") -> None:

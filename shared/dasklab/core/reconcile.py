@@ -9,11 +9,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dasklab.core.backend import Backend, Events, Reports
+from dasklab.core.backend import Backend, DeadLetters, Events, Reports
 from dasklab.core.classes import Classes, Wakeups
 from dasklab.core.class_reconciler import ClassReconciler
 from dasklab.core.commands import Commands
 from dasklab.core.config import Config
+from dasklab.core.dead_letters import DeadLetterPass
 from dasklab.core.fleet import Fleet
 from dasklab.core.lab_reconciler import LabReconciler
 from dasklab.core.policy import ScaleParams
@@ -31,6 +32,7 @@ class Controller:
     classes: Classes | None = None  # class records (None: start-class is refused)
     wakeups: Wakeups | None = None  # one-off timers for a class's `at` and end (None: the reconcile ticks alone)
     reports: Reports | None = None  # what was reported once (a lab's contained failure), in a real store
+    dead_letters: DeadLetters | None = None  # commands Pub/Sub gave up on (None: nothing reads them)
     params: ScaleParams = field(init=False)
 
     def __post_init__(self):
@@ -41,6 +43,7 @@ class Controller:
         self.class_steps = ClassReconciler(self)  # one class one step
         self.fleet = Fleet(self)  # ticks: every lab's and class's step, each contained
         self.commands = Commands(self)  # messages → decisions → first steps
+        self.dead_letter_pass = DeadLetterPass(self)  # commands Pub/Sub gave up on: said, and a stop carried out
 
     @property
     def holder(self) -> str:

@@ -58,3 +58,8 @@ def load_infra(path: Path | None = None) -> dict:
             raise ValidationError(f"{where}.message", f"a timer sends a tick: {', '.join(TICK_TYPES)}")
         jobs.append(Job(raw["name"], raw["schedule"], raw.get("time_zone", "Etc/UTC"), raw["message"]))
     return {"topics": data["topics"], "jobs": jobs}
+
+
+def dead_letter_subscription(topics: dict) -> str:
+    """The pull subscription that keeps the dead letters (infra creates it; the controller reads it)."""
+    return f"{topics['dead_letter']}-sub"

@@ -15,10 +15,10 @@ from typing import Callable
 
 from dasklab.adapters import procs
 from dasklab.adapters.local import LocalBackend
-from dasklab.adapters.files import FileEvents
+from dasklab.adapters.files import FileDeadLetters, FileEvents
 from dasklab.core.errors import PermanentError
 from dasklab.core.messages import parse_command
-from dasklab.core.timers import load_infra
+from dasklab.core.timers import dead_letter_subscription, load_infra
 from dasklab.inputs import input_path
 from dasklab.local.timers import FileWakeups, LocalTimer
 
@@ -91,6 +91,8 @@ class LocalController:
                                            push_endpoint=f"{server.url}projects/{LOCAL_PROJECT}/topics/{topics[role]}",
                                            dead_letter_topic=topics["dead_letter"])
             pubsub.ensure_subscription(LOCAL_PROJECT, topics["status"], STATUS_PULL_SUBSCRIPTION)
+            # what the triggers give up on is kept here for the reconcile tick's dead-letter pass (as infra does)
+            pubsub.ensure_subscription(LOCAL_PROJECT, topics["dead_letter"], dead_letter_subscription(topics))
         (self.home / "serve.json").write_text(json.dumps({
             "pid": os.getpid(), "bus": self.bus, "functions_url": self.server.url,
             "ticks_url": self.ticks_server.url,
@@ -171,14 +173,15 @@ def publish_local(home: str | Path, payload: dict, tick: str | None = None, attr
         return pubsub.publish(info["project"], info["tick_topic" if tick else "control_topic"], payload, **attributes)
     envelope, url = push_envelope(payload, attributes=attributes), info["ticks_url" if tick else "functions_url"]
     if not background:
-        _push(url, envelope)
+        _push(url, envelope, home=home)
         return envelope["message"]["messageId"]
-    threading.Thread(target=_push, args=(url, envelope), daemon=True).start()
+    threading.Thread(target=_push, args=(url, envelope), kwargs={"home": home}, daemon=True).start()
     return envelope["message"]["messageId"]
 
 
-def _push(url: str, envelope: dict, attempts: int = 5) -> None:
-    """Deliver like a push subscription: retry a 5xx (a transient failure) with backoff."""
+def _push(url: str, envelope: dict, attempts: int = 5, home: str | Path | None = None, backoff: float = 1.0) -> None:
+    """Deliver like a push subscription: retry a 5xx (a transient failure) with backoff; after the last attempt,
+    keep the message as a dead letter in `home` (as a dead-letter policy would), for the next reconcile tick."""
     request = urllib.request.Request(url, data=json.dumps(envelope).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     for attempt in range(attempts):
@@ -188,15 +191,18 @@ def _push(url: str, envelope: dict, attempts: int = 5) -> None:
         except urllib.error.HTTPError as e:
             if e.code < 500:
                 return  # the request itself is at fault (4xx): retrying cannot help
-            time.sleep(2**attempt)
+            if attempt + 1 < attempts:
+                time.sleep(backoff * 2**attempt)
         except OSError:
             return  # the server is gone (the local controller stopped): nothing left to deliver to
+    if home is not None:
+        FileDeadLetters(home).apply_dead_letter(envelope["message"], attempts, source="direct-push")
 
 
 # The controller's decisions `dasklab local serve` shows as they happen (its JSON log has every line).
 DECISIONS = ("create", "provision", "install", "mark-ready", "mark-failed", "limits", "keep-alive", "scale-up",
              "scale-down", "retire", "teardown", "forget", "refused", "update", "rollout-start", "rollout-retire",
-             "jupyter-restart", "updated", "degraded", "recovered", "spare")
+             "jupyter-restart", "updated", "degraded", "recovered", "spare", "dead-letter")
 
 
 def follow_log(path: Path, stop: threading.Event, show: Callable[[dict], None], interval: float = 0.2) -> None:
