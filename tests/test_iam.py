@@ -122,7 +122,7 @@ def in_scope(scope: str, scopes: list[str]) -> bool:
 def identities() -> dict[str, dict]:
     return {**{f"account {k}": v for k, v in IAM["accounts"].items()},
             **{f"service agent {k}": v for k, v in IAM["service_agents"].items()}, "deployer": IAM["deployer"],
-            "operator": IAM["operator"], "administrator": IAM["administrator"]}
+            "operator": IAM["operator"], "administrator": IAM["administrator"], "student": IAM["student"]}
 
 
 def needed(ident: dict) -> set[str]:
