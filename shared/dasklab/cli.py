@@ -346,16 +346,19 @@ def deploy_steps(a, cfg) -> list:
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
         "_TICK_TOPIC": load_infra()["topics"]["ticks"],
         "_SERVICE_ACCOUNT": iam["accounts"]["controller"]["account"],
+        "_COMMAND_SERVICE_ACCOUNT": iam["accounts"]["command"]["account"], "_ADMINS": cfg.admins,
         "_NODE_SERVICE_ACCOUNT": iam["accounts"]["nodes"]["account"], "_NIGHTLY_AT": cfg.nightly_at,
         "_TIME_ZONE": cfg.nightly_time_zone})
-    steps = []
+    steps, people = [], []
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
         steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
+        # once the command function exists: run.invoker is granted on its service
+        people = deploy.build_people_steps(iam, cfg.project, cfg.region, cfg.admins, a.operators or "")
     if a.cloud_build:
-        return steps + [deploy.cloud_build_step(values)]
-    return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ())
+        return steps + [deploy.cloud_build_step(values)] + people
+    return steps + deploy.build_steps(build, values, skip=("test",) if a.skip_tests else ()) + people
 
 
 def cmd_deploy(a, cfg) -> int:
@@ -368,7 +371,9 @@ def cmd_deploy(a, cfg) -> int:
             print(f"[{n}/{len(steps)}] {step.id}: {step}{guard}")
         return 0
     deploy.run_steps(steps)
-    print(f"dasklab is deployed on {cfg.project} ({cfg.region}): start a lab with `dasklab start-lab --lab NAME`")
+    print(f"dasklab is deployed on {cfg.project} ({cfg.region}); send commands through it with\n"
+          f"  export DASKLAB_COMMAND_URL={deploy.command_url(cfg.region, cfg.project)}\n"
+          "then start a lab with `dasklab start-lab --lab NAME`")
     return 0
 
 
@@ -516,6 +521,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-tests", action="store_true", help="leave out the build's test step")
     s.add_argument("--skip-identity", action="store_true",
                    help="leave out creating the service accounts and granting their roles (infra/iam.yaml)")
+    s.add_argument("--operators", metavar="MEMBER,…", help="IAM principals (user:, group:, domain:) who may send "
+                   "commands through the command function: instructors and students (DASKLAB_ADMINS are granted too)")
     s = sub.add_parser("destroy", parents=[gcp], help="delete the functions and the infra (not the accounts)")
     s.add_argument("--force", action="store_true", help="also delete every managed lab")
     s = sub.add_parser("demo", help="the whole lab story on real Dask, in under two minutes")
