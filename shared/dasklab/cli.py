@@ -241,25 +241,22 @@ def cmd_status(a, cfg) -> int:
 
 
 def cmd_connect_class(a, cfg) -> int:
-    """The instructor's table of who connects how, with each lab's login (its token: this is their own terminal)."""
+    """The instructor's table of who connects how: each student's account and the command they run; their labs'
+    tokens only with --show-tokens (the instructor's own terminal)."""
+    from dasklab.core.messages import parse_command
+    from dasklab.report import build_connect_rows
     record, backend, labs = _class_labs(cfg, a.class_)
-    login = getattr(backend, "jupyter_login_url", None)
-    table = []
-    for student in record.roster:
-        lab = labs.get(student)
-        info = backend.connection_info(lab) if lab is not None else {}
-        if lab is not None and login and (url := login(lab)):
-            info["jupyter"] = url
-            info.pop("jupyter_token", None)
-        table.append({"student": student, "lab": record.lab_name(student),
-                      "phase": lab.state.phase if lab else "gone", **info})
+    table = build_connect_rows(record, labs, backend, show_tokens=a.show_tokens)
     if a.json:
         print(json.dumps(table, indent=1))
         return 0
-    print_table(f"class {record.name}: who connects how (tokens included: keep this to yourself)",
-                ("student", "lab", "phase", "jupyter", "scheduler", "dashboard"),
-                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
-                 for r in table])
+    owner = parse_command(record.template).owner_identity
+    print_table(f"class {record.name}: who connects how" + (f" ({owner} may connect to every lab)" if owner else "")
+                + (" - tokens included: keep this to yourself" if a.show_tokens else ""),
+                ("student", "lab", "phase", "identity", "they run") + (("jupyter", "dashboard") if a.show_tokens
+                                                                        else ()),
+                [(r["student"], r["lab"], r["phase"], r["identity"], r["connect"])
+                 + ((r.get("jupyter"), r.get("dashboard")) if a.show_tokens else ()) for r in table])
     return 0
 
 
@@ -508,7 +505,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="do not print the controller's decisions")
     s = sub.add_parser("connect", parents=[gcp], help="how to reach a lab's Jupyter and dashboard")
     s.add_argument("lab", nargs="?")
-    s.add_argument("--class", dest="class_", help="the table of a class, for its instructor (tokens included)")
+    s.add_argument("--class", dest="class_", help="the table of a class, for its instructor: who connects how")
+    s.add_argument("--show-tokens", action="store_true", help="with --class: each lab's Jupyter login (its token) "
+                   "too, as before: for the instructor's own terminal only")
     s.add_argument("--json", action="store_true")
     infra = sub.add_parser("infra", help="dasklab's topics and timers on Google Cloud").add_subparsers(
         dest="infra_cmd", required=True)
