@@ -207,7 +207,8 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
     assert out.returncode == 0, out.stderr
     lines = step_lines(out.stdout)
     ids = [line.split(":", 1)[0].split("] ", 1)[1] for line in lines]
-    assert ids[0] == "role-dasklabController" and ids[-4:] == ["stage", "deploy-control", "deploy-ticks", "infra"]
+    assert ids[0] == "role-dasklabController" and ids[-5:] == ["stage", "deploy-control", "deploy-ticks",
+                                                               "deploy-command", "infra"]
     assert lines[0].startswith(f"[1/{len(lines)}] ")
     deploy_line = next(line for line in lines if "gcloud functions deploy dasklab-control" in line)
     assert "--region=europe-west1" in deploy_line and "--entry-point=control" in deploy_line
@@ -227,16 +228,42 @@ def test_deploy_dry_run_prints_the_identity_then_the_build_steps(home):
 def test_deploy_dry_run_options(home):
     quick = cloud_run(home, "deploy", "--dry-run", "--smoke", "--skip-identity", project="env-p").stdout
     assert [line.split(":", 1)[0].split("] ")[1] for line in step_lines(quick)] == [
-        "smoke", "stage", "deploy-control", "deploy-ticks", "infra"]
+        "smoke", "stage", "deploy-control", "deploy-ticks", "deploy-command", "infra"]
     assert "tests: the smoke tier (pytest -m smoke)" in quick and (home / "deploy" / "tests" / "conftest.py").is_file()
     assert "DASKLAB_PROJECT=env-p" in quick  # the project from the environment
     build = cloud_run(home, "deploy", "--dry-run", "--cloud-build", "--skip-identity", "--project", "p2").stdout
     assert step_lines(build) == ["[1/1] cloud-build: gcloud builds submit --project=p2 --config=cloudbuild.yaml "
                                  "--substitutions=_REGION=us-central1,_LOCATION=us-central1-a,"
                                  "_CONTROL_TOPIC=dasklab-control,_TICK_TOPIC=dasklab-ticks,_SERVICE_ACCOUNT=dasklab-controller,"
+                                 "_COMMAND_SERVICE_ACCOUNT=dasklab-command,_ADMINS=,"
+                                 "_TOKEN_AUDIENCES=32555940559.apps.googleusercontent.com,"
                                  "_NODE_SERVICE_ACCOUNT=dasklab-nodes,_MAX_INSTANCES=10,_NIGHTLY_AT=02:00,"
                                  "_TIME_ZONE=Etc/UTC ."]
     assert not (home / "deploy" / "tests").exists()  # the upload: no tests, its smoke step skips and says so
+
+
+def test_deploy_grants_administrators_and_operators_once_the_command_function_exists(home):
+    """DASKLAB_ADMINS reach the functions' environment (commas kept) and, with --operators, get their grants after
+    the functions are deployed (run.invoker is granted on the command function's service); --cloud-build too."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DASKLAB_PROJECT", "GOOGLE_CLOUD_PROJECT",
+                                                             "DASKLAB_REGION", "DASKLAB_LOCATION")}
+    env.update(DASKLAB_HOME=str(home), DASKLAB_ADMINS="root@example.edu,ops@example.edu")
+    for extra in ([], ["--cloud-build"]):
+        out = subprocess.run([*DASKLAB, "deploy", "--dry-run", "--project", "p", *extra,
+                              "--operators", "group:intro@example.edu"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        last_build = max(i for i, line in enumerate(lines) if "] infra:" in line or "] cloud-build:" in line)
+        people = [line for line in lines[last_build + 1:] if "grant-" in line]
+        assert people and all("grant-administrator" in line or "grant-operator" in line for line in people)
+        assert sum("run services add-iam-policy-binding dasklab-command" in line for line in people) == 3
+        assert any("--member=group:intro@example.edu --role=roles/run.invoker" in line for line in people)
+        assert any("topics add-iam-policy-binding dasklab-control --project=p --member=user:ops@example.edu "
+                   "--role=roles/pubsub.publisher" in line for line in people)
+        assert not any("dasklab-control" in line and "group:" in line for line in people)
+        said = "'--substitutions=^|^_REGION=" if extra else "DASKLAB_ADMINS="  # gcloud topic escaping: commas kept
+        assert f"{said}" in out.stdout and "ADMINS=root@example.edu,ops@example.edu|" in out.stdout
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -24,22 +24,51 @@ BUILD = deploy.load_build()
 STEPS = {s.get("id"): s for s in BUILD["steps"]}
 
 
-def entry_points() -> set[str]:
-    """Functions of functions/main.py decorated with @functions_framework.cloud_event."""
+def entry_points(kind: str = "cloud_event") -> set[str]:
+    """Functions of functions/main.py decorated with @functions_framework.<kind> (cloud_event or http)."""
     tree = ast.parse((REPO / "functions" / "main.py").read_text())
     return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
-            and any(ast.unparse(d) == "functions_framework.cloud_event" for d in node.decorator_list)}
+            and any(ast.unparse(d) == f"functions_framework.{kind}" for d in node.decorator_list)}
 
 
 @pytest.mark.smoke
 def test_one_deploy_step_per_entry_point():
     deploys = deploy.function_deploys(BUILD)
-    assert entry_points() == {"control", "ticks"}
-    assert sorted(d["flags"]["entry-point"] for d in deploys) == sorted(entry_points())
+    assert entry_points() == {"control", "ticks"} and entry_points("http") == {"command"}
+    assert sorted(d["flags"]["entry-point"] for d in deploys) == sorted(entry_points() | entry_points("http"))
     assert len({d["name"] for d in deploys}) == len(deploys)
 
 
-@pytest.mark.parametrize("fn", deploy.function_deploys(BUILD), ids=lambda d: d["name"])
+def test_the_command_function_is_https_iam_authenticated_with_its_own_url_as_audience():
+    """Gen2, HTTP trigger, no unauthenticated callers (Cloud Run checks the ID token and run.invoker first), reachable
+    from anywhere, its own account; its env names its URL (the audience its callers' tokens must name), the
+    administrators and the further audiences (gcloud's client id by default: `gcloud auth print-identity-token`)."""
+    [fn] = [d for d in deploy.function_deploys(BUILD) if d["flags"]["entry-point"] == "command"]
+    flags = fn["flags"]
+    assert fn["name"] == "dasklab-command" and flags["gen2"] is True and flags["trigger-http"] is True
+    assert "retry" not in flags and "trigger-topic" not in flags and "allow-unauthenticated" not in flags
+    assert flags["no-allow-unauthenticated"] is True and flags["ingress-settings"] == "all"
+    assert flags["service-account"] == "$_COMMAND_SERVICE_ACCOUNT@$PROJECT_ID.iam.gserviceaccount.com"
+    values = deploy.substitutions(BUILD, "p1", {"_REGION": "europe-west1", "_ADMINS": "a@x.org,b@x.org"})
+    env = deploy.env_vars(deploy.substitute(flags["set-env-vars"], values))
+    assert env["DASKLAB_COMMAND_URL"] == deploy.command_url("europe-west1", "p1") == \
+        "https://europe-west1-p1.cloudfunctions.net/dasklab-command"
+    assert env["DASKLAB_ADMINS"] == "a@x.org,b@x.org" and env["DASKLAB_PROJECT"] == "p1"
+    assert env["DASKLAB_TOKEN_AUDIENCES"] == "32555940559.apps.googleusercontent.com"
+    from dasklab.core.config import from_env
+    cfg = from_env(env)  # the entry point reads it as such
+    assert (cfg.command_url, cfg.admins, cfg.backend) == (env["DASKLAB_COMMAND_URL"], "a@x.org,b@x.org", "gke")
+    order = list(STEPS)
+    assert order.index("stage") < order.index(fn["step"]) < order.index("infra")
+
+
+def test_env_vars_reads_gcloud_escaping():
+    assert deploy.env_vars("A=1,B=2") == {"A": "1", "B": "2"}
+    assert deploy.env_vars("^|^A=1,2|B=") == {"A": "1,2", "B": ""}
+
+
+@pytest.mark.parametrize("fn", [d for d in deploy.function_deploys(BUILD) if "trigger-topic" in d["flags"]],
+                         ids=lambda d: d["name"])
 def test_deploy_step_flags(fn):
     flags = fn["flags"]
     assert flags["gen2"] is True and flags["retry"] is True
@@ -48,7 +77,7 @@ def test_deploy_step_flags(fn):
     assert flags["trigger-topic"] == {"control": "$_CONTROL_TOPIC", "ticks": "$_TICK_TOPIC"}[flags["entry-point"]]
     assert flags["max-instances"] == "$_MAX_INSTANCES"
     assert flags["service-account"] == "$_SERVICE_ACCOUNT@$PROJECT_ID.iam.gserviceaccount.com"
-    env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
+    env = deploy.env_vars(flags["set-env-vars"])
     assert env["DASKLAB_PROJECT"] == "$PROJECT_ID" and env["DASKLAB_LOCATION"] == "$_LOCATION"
     assert flags["ingress-settings"] == "internal-only" and flags["no-allow-unauthenticated"] is True
     order = list(STEPS)
@@ -63,6 +92,7 @@ def test_substitutions_are_declared_used_and_agree_with_the_infra_files():
     assert BUILD["substitutions"]["_TICK_TOPIC"] == load_infra()["topics"]["ticks"]
     iam = deploy.load_iam()
     assert BUILD["substitutions"]["_SERVICE_ACCOUNT"] == iam["accounts"]["controller"]["account"]
+    assert BUILD["substitutions"]["_COMMAND_SERVICE_ACCOUNT"] == iam["accounts"]["command"]["account"]
     assert BUILD["substitutions"]["_NODE_SERVICE_ACCOUNT"] == iam["accounts"]["nodes"]["account"]
     assert all("entrypoint" in s for s in BUILD["steps"]), "each step must also run outside Cloud Build"
 

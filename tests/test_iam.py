@@ -62,8 +62,22 @@ def families_of(tree: ast.Module) -> set[str]:
     return {f for f, (marker, _) in FAMILIES.items() if any(marker in name for name in imported)}
 
 
+def scopes_of(rel: str, tree: ast.Module):
+    """(scope, node): 'path::Function', 'path::Class.method' for each method of a class (and 'path::Class' for
+    the rest of its body), 'path' for the module's other statements."""
+    for top in tree.body:
+        if isinstance(top, ast.ClassDef):
+            for item in top.body:
+                method = isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                yield (f"{rel}::{top.name}.{item.name}" if method else f"{rel}::{top.name}"), item
+        elif isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"{rel}::{top.name}", top
+        else:
+            yield rel, top
+
+
 def scan(path: Path) -> list[tuple[str, str]]:
-    """(family.method, scope) for every client method a module calls or passes on, scope = 'path::TopLevelName'.
+    """(family.method, scope) for every client method a module calls or passes on, scope as `scopes_of` names it.
 
     A method whose name has an underscore counts wherever it appears; a one-word name (get, publish) only on a
     receiver that also receives a multi-word method in the module, so `labels.get` is not read as an API call."""
@@ -71,8 +85,7 @@ def scan(path: Path) -> list[tuple[str, str]]:
     families = families_of(tree)
     rel = path.relative_to(REPO).as_posix()
     found, receivers = [], set()
-    for top in tree.body:
-        scope = f"{rel}::{top.name}" if isinstance(top, (ast.FunctionDef, ast.ClassDef)) else rel
+    for scope, top in scopes_of(rel, tree):
         for node in ast.walk(top):
             if isinstance(node, ast.Attribute):
                 for family in families:
@@ -115,8 +128,10 @@ def role_permissions(role: str) -> set[str]:
 
 
 def in_scope(scope: str, scopes: list[str]) -> bool:
-    """A scope (file::function) runs under an identity that runs it, its file, or a folder holding it ("…/")."""
-    return any(scope == s or scope.split("::")[0] == s or (s.endswith("/") and scope.startswith(s)) for s in scopes)
+    """A scope (file::function, file::Class.method) runs under an identity that runs it, its class, its file, or a
+    folder holding it ("…/")."""
+    return any(scope == s or scope.split("::")[0] == s or scope.startswith(s + ".")
+               or (s.endswith("/") and scope.startswith(s)) for s in scopes)
 
 
 def identities() -> dict[str, dict]:
@@ -139,11 +154,14 @@ def needed(ident: dict) -> set[str]:
 
 def test_the_scan_sees_the_calls_we_know_of():
     calls = dict.fromkeys(code_calls())
-    assert ("container.create_cluster", "shared/dasklab/adapters/gke/clusters.py::Clusters") in calls
-    assert ("compute.get", "shared/dasklab/adapters/compute.py::Migs") in calls  # a one-word name on a client
-    assert ("kubernetes.patch_namespaced_deployment_scale", "shared/dasklab/adapters/kube.py::Kube") in calls
+    assert ("container.create_cluster", "shared/dasklab/adapters/gke/clusters.py::Clusters._create_cluster") in calls
+    assert ("container.get_cluster", "shared/dasklab/adapters/gke/base.py::GkeBase._get") in calls  # by method
+    assert ("compute.get", "shared/dasklab/adapters/compute.py::Migs.target_sizes") in calls  # one-word, on a client
+    assert any(key == "kubernetes.patch_namespaced_deployment_scale" and scope.startswith(
+        "shared/dasklab/adapters/kube.py::Kube.") for key, scope in calls)
     assert ("pubsub.publish", "shared/dasklab/adapters/pubsub.py::publish") in calls
-    assert ("firestore.set", "shared/dasklab/adapters/firestore.py::FirestoreTombstones") in calls  # tombstones
+    assert any(key == "firestore.set" and scope.startswith("shared/dasklab/adapters/firestore.py::FirestoreTombstones.")
+               for key, scope in calls)  # tombstones
     assert "gcloud firestore databases create" in gcloud_commands()
     assert ("scheduler.delete_job", "shared/dasklab/cloud/infra.py::destroy") in calls  # passed on, not called there
     assert not any(key.endswith(".get") and "/gke/" in scope for key, scope in calls)  # dict.get is not an API
@@ -175,11 +193,22 @@ def test_roles_grant_every_permission_needed(name):
     assert sorted(needed(ident) - granted) == []
 
 
+def target(grant: dict) -> str:
+    """Where a grant applies: the project, or one topic, service or account (its own IAM policy)."""
+    for key in ("on_topic", "on_service", "on_account"):
+        if grant.get(key):
+            return f"{key}:{grant[key]}"
+    return "project"
+
+
 @pytest.mark.parametrize("name", sorted(identities()))
 def test_no_role_is_unneeded(name):
+    """A grant is needed when it gives a needed permission no other grant gives on its resource: a project-wide grant
+    covers every resource of the project, a topic's grant that topic alone."""
     ident, need = identities()[name], needed(identities()[name])
     for grant in ident["roles"]:
-        others = set().union(set(), *(role_permissions(g["role"]) for g in ident["roles"] if g is not grant))
+        others = set().union(set(), *(role_permissions(g["role"]) for g in ident["roles"] if g is not grant
+                                      and target(g) in ("project", target(grant))))
         only_here = (role_permissions(grant["role"]) & need) - others
         assert only_here, f"{grant['role']} grants nothing {name} needs that its other roles do not"
         assert grant.get("why"), f"{grant['role']}: say why"
@@ -210,38 +239,48 @@ def test_deploy_grants_exactly_the_file_and_act_as_only_on_the_nodes_account():
         g["role"].format(project=PROJECT) for g in IAM["accounts"]["controller"]["roles"]}
 
 
-def test_the_function_runs_as_the_controller_and_its_nodes_as_the_nodes_account():
+def test_each_function_runs_as_its_account_and_its_nodes_as_the_nodes_account():
+    """The control and ticks functions (and their triggers) run as dasklab-controller; the HTTPS command function as
+    dasklab-command, which holds no write on any lab. Each knows the nodes' account and the administrators."""
     build = deploy.load_build()
-    values = deploy.substitutions(build, PROJECT)
-    for fn in deploy.function_deploys(build):  # the control and the ticks functions
+    values = deploy.substitutions(build, PROJECT, {"_ADMINS": "root@example.edu,ops@example.edu"})
+    accounts = {}
+    for fn in deploy.function_deploys(build):
         flags = {k: deploy.substitute(v, values) if isinstance(v, str) else v for k, v in fn["flags"].items()}
-        controller = deploy.account_email(IAM["accounts"]["controller"]["account"], PROJECT)
-        assert flags["service-account"] == flags["trigger-service-account"] == controller
-        env = dict(kv.split("=", 1) for kv in flags["set-env-vars"].split(","))
+        accounts[fn["name"]] = flags["service-account"]
+        if "trigger-topic" in flags:
+            assert flags["trigger-service-account"] == flags["service-account"]
+        env = deploy.env_vars(flags["set-env-vars"])
         assert env["DASKLAB_NODE_SERVICE_ACCOUNT"] == deploy.account_email(IAM["accounts"]["nodes"]["account"], PROJECT)
-
+        assert env["DASKLAB_ADMINS"] == "root@example.edu,ops@example.edu"  # commas kept: the ^|^ delimiter
+    email = {key: deploy.account_email(a["account"], PROJECT) for key, a in IAM["accounts"].items()}
+    assert accounts == {"dasklab-control": email["controller"], "dasklab-ticks": email["controller"],
+                        "dasklab-command": email["command"]}
+    command_roles = {g["role"] for g in IAM["accounts"]["command"]["roles"]}
+    writes = {p for r in command_roles for p in role_permissions(r)
+              if p.split(".")[-1] in ("create", "update", "delete", "setIamPolicy")}
+    assert writes == set(), "the internet-facing function writes nothing"
 
 
 def test_the_operator_calls_the_entry_point_and_reads_its_answers_and_nothing_more():
     """Item 6: an operator invokes the command entry point and attaches subscriptions to the status topic alone; it
     cannot publish a command, read the control topic, or delete a subscription (the trigger's stops every command)."""
-    from dasklab.core.config import Config
     operator = IAM["operator"]
     granted = {p: g for g in operator["roles"] for p in role_permissions(g["role"])}
     assert {"pubsub.topics.publish", "pubsub.subscriptions.delete", "pubsub.topics.attachSubscription"} - set(
         granted) == {"pubsub.topics.publish", "pubsub.subscriptions.delete"}
-    assert granted["pubsub.topics.attachSubscription"]["on_topic"] == Config.status_topic  # never the control topic
+    assert granted["pubsub.topics.attachSubscription"]["on_topic"] == "status"  # never the control topic
     assert granted["run.routes.invoke"] == {**granted["run.routes.invoke"], "role": "roles/run.invoker",
                                             "on_service": "dasklab-command"}
-    assert not any(g.get("on_topic") == Config.control_topic for g in operator["roles"])
-    # direct publishing on the control topic: administrators (on that topic alone) and the controller's account
-    # (the entry point and the class wake-ups run as it); nobody else of this file
-    publishers = sorted(name for name, ident in identities().items()
-                        if any("pubsub.topics.publish" in role_permissions(g["role"]) for g in ident["roles"]))
-    assert publishers == ["account controller", "administrator", "deployer", "service agent pubsub",
-                          "service agent scheduler"]  # the scheduler's on the ticks topic alone
-    [admin_grant] = [g for g in IAM["administrator"]["roles"] if g["role"] == "roles/pubsub.publisher"]
-    assert admin_grant["on_topic"] == Config.control_topic
+    assert not any(g.get("on_topic") == "control" for g in operator["roles"])
+    # publishing on the control topic: administrators and the command entry point's account, each on that topic
+    # alone; the deployer (pubsub.admin, and it may grant itself anything) is the only project-wide publisher
+    publishers = sorted((name, target(g)) for name, ident in identities().items() for g in ident["roles"]
+                        if "pubsub.topics.publish" in role_permissions(g["role"]))
+    assert publishers == [("account command", "on_topic:control"), ("account command", "on_topic:status"),
+                          ("account controller", "on_topic:status"), ("administrator", "on_topic:control"),
+                          ("deployer", "project"), ("service agent pubsub", "on_topic:dead_letter"),
+                          ("service agent scheduler", "on_topic:ticks")]
 
 
 def test_an_operators_cli_leaves_its_reply_subscription_to_expire(monkeypatch):
@@ -255,21 +294,57 @@ def test_an_operators_cli_leaves_its_reply_subscription_to_expire(monkeypatch):
 
 
 def test_only_the_timers_may_publish_on_the_timers_topic():
-    """The ticks topic's one publish grant is the Cloud Scheduler service agent's, on that topic alone, created first;
-    no account, no operator and no other agent is granted publish there (a project-wide publisher role would be)."""
+    """The ticks topic's one publish grant is the Cloud Scheduler service agent's, on that topic alone, created first.
+    Who can make a tick appear there: a publisher on the topic or the project, and anyone who may create a Cloud
+    Scheduler job, since its Pub/Sub target is published by the agent ("a Cloud Scheduler Admin (or any custom role
+    with the permission cloudscheduler.jobs.create) can create jobs that publish to any Pub/Sub topics within the
+    project": cloud.google.com/scheduler/docs/access-control). Those are the agent, the controller (its classes'
+    wake-ups are ticks) and the deployer (who may grant itself anything) - no operator, administrator, the command
+    function nor the Pub/Sub agent."""
     from dasklab.core.timers import load_infra
     ticks = load_infra()["topics"]["ticks"]
     steps = deploy.build_service_agent_steps(IAM, PROJECT, "123")
-    on_topic = [s for s in steps if s.argv[:3] == ("gcloud", "pubsub", "topics")]
-    assert [s.argv[3:5] for s in on_topic] == [("create", ticks), ("add-iam-policy-binding", ticks)]
-    assert on_topic[0].unless == ("gcloud", "pubsub", "topics", "describe", ticks, f"--project={PROJECT}")
+    on_ticks = [s for s in steps if s.argv[:3] == ("gcloud", "pubsub", "topics") and ticks in s.argv]
+    assert [s.argv[3:5] for s in on_ticks] == [("create", ticks), ("add-iam-policy-binding", ticks)]
+    assert on_ticks[0].unless == ("gcloud", "pubsub", "topics", "describe", ticks, f"--project={PROJECT}")
     [grant] = [s for s in steps if "add-iam-policy-binding" in s.argv and ticks in s.argv]
     assert "--member=serviceAccount:service-123@gcp-sa-cloudscheduler.iam.gserviceaccount.com" in grant.argv
     assert "--role=roles/pubsub.publisher" in grant.argv
-    publishers = [(name, g) for name, ident in identities().items() for g in ident["roles"]
-                  if "pubsub.topics.publish" in role_permissions(g["role"])]
-    assert [name for name, g in publishers if g.get("on_topic") == "ticks"] == ["service agent scheduler"]
-    assert all("ticks" not in g.get("why", "") or g.get("on_topic") == "ticks" for _, g in publishers)
+
+    def can_tick(ident: dict) -> bool:
+        return any(target(g) in ("project", "on_topic:ticks") and role_permissions(g["role"])
+                   & {"pubsub.topics.publish", "cloudscheduler.jobs.create"} for g in ident["roles"])
+
+    assert sorted(name for name, ident in identities().items() if can_tick(ident)) == [
+        "account controller", "deployer", "service agent scheduler"]
+    # and every grant deploy applies to an account is where the file says: no project-wide publisher is left
+    applied = deploy.build_iam_steps(IAM, PROJECT) + deploy.build_service_agent_steps(IAM, PROJECT, "123")
+    assert not [s for s in applied if s.argv[1] == "projects" and "--role=roles/pubsub.publisher" in s.argv]
+
+
+def test_deploy_grants_the_people_what_the_file_says_where_it_says():
+    """Administrators (DASKLAB_ADMINS) and operators (--operators) get the `administrator`'s and `operator`'s grants:
+    run.invoker on the command function's Cloud Run service alone, publish on the control topic to administrators
+    alone, subscribe on the status topic; after the function is deployed (the service must exist)."""
+    steps = deploy.build_people_steps(IAM, PROJECT, "europe-west1", "Root@Example.edu", "group:class@example.edu")
+    grants = {(s.argv[1], s.argv[s.argv.index("add-iam-policy-binding") + 1], m.split("=", 1)[1], r.split("=", 1)[1])
+              for s in steps if "add-iam-policy-binding" in s.argv
+              for m in s.argv if m.startswith("--member=") for r in s.argv if r.startswith("--role=")}
+    admin, group = "user:root@example.edu", "group:class@example.edu"
+    assert grants == {
+        ("run", "dasklab-command", admin, "roles/run.invoker"), ("run", "dasklab-command", group, "roles/run.invoker"),
+        ("pubsub", "dasklab-control", admin, "roles/pubsub.publisher"),
+        ("pubsub", "dasklab-status", admin, "roles/pubsub.subscriber"),
+        ("pubsub", "dasklab-status", group, "roles/pubsub.subscriber"),
+        ("projects", PROJECT, admin, f"projects/{PROJECT}/roles/dasklabOperator"),
+        ("projects", PROJECT, admin, f"projects/{PROJECT}/roles/dasklabAdministrator"),
+        ("projects", PROJECT, group, f"projects/{PROJECT}/roles/dasklabOperator")}
+    [invoker] = [s for s in steps if s.argv[1] == "run" and admin in s.argv[7]]
+    assert "--region=europe-west1" in invoker.argv
+    assert {d["name"] for d in deploy.function_deploys(deploy.load_build())} >= {"dasklab-command"}
+    assert [s.argv[3] for s in steps if s.argv[3] == "create"] == ["create", "create"]  # each topic once
+    with pytest.raises(Exception, match="not an IAM principal"):
+        deploy.build_people_steps(IAM, PROJECT, "r", "", "everyone")
 
 
 def test_the_controller_reads_the_dead_letters_on_that_subscription_alone():

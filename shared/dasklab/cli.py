@@ -245,25 +245,22 @@ def cmd_status(a, cfg) -> int:
 
 
 def cmd_connect_class(a, cfg) -> int:
-    """The instructor's table of who connects how, with each lab's login (its token: this is their own terminal)."""
+    """The instructor's table of who connects how: each student's account and the command they run; their labs'
+    tokens only with --show-tokens (the instructor's own terminal)."""
+    from dasklab.core.messages import parse_command
+    from dasklab.report import build_connect_rows
     record, backend, labs = _class_labs(cfg, a.class_)
-    login = getattr(backend, "jupyter_login_url", None)
-    table = []
-    for student in record.roster:
-        lab = labs.get(student)
-        info = backend.connection_info(lab) if lab is not None else {}
-        if lab is not None and login and (url := login(lab)):
-            info["jupyter"] = url
-            info.pop("jupyter_token", None)
-        table.append({"student": student, "lab": record.lab_name(student),
-                      "phase": lab.state.phase if lab else "gone", **info})
+    table = build_connect_rows(record, labs, backend, show_tokens=a.show_tokens)
     if a.json:
         print(json.dumps(table, indent=1))
         return 0
-    print_table(f"class {record.name}: who connects how (tokens included: keep this to yourself)",
-                ("student", "lab", "phase", "jupyter", "scheduler", "dashboard"),
-                [(r["student"], r["lab"] + (f" ({r['labs']} labs)" if r.get("labs", 1) > 1 else ""), r["phase"], r.get("jupyter"), r.get("scheduler"), r.get("dashboard"))
-                 for r in table])
+    owner = parse_command(record.template).owner_identity
+    print_table(f"class {record.name}: who connects how" + (f" ({owner} may connect to every lab)" if owner else "")
+                + (" - tokens included: keep this to yourself" if a.show_tokens else ""),
+                ("student", "lab", "phase", "identity", "they run") + (("jupyter", "dashboard") if a.show_tokens
+                                                                        else ()),
+                [(r["student"], r["lab"], r["phase"], r["identity"], r["connect"])
+                 + ((r.get("jupyter"), r.get("dashboard")) if a.show_tokens else ()) for r in table])
     return 0
 
 
@@ -351,16 +348,19 @@ def deploy_steps(a, cfg, workspace) -> list:
         "_REGION": cfg.region, "_LOCATION": cfg.location, "_CONTROL_TOPIC": load_infra()["topics"]["control"],
         "_TICK_TOPIC": load_infra()["topics"]["ticks"],
         "_SERVICE_ACCOUNT": iam["accounts"]["controller"]["account"],
+        "_COMMAND_SERVICE_ACCOUNT": iam["accounts"]["command"]["account"], "_ADMINS": cfg.admins,
         "_NODE_SERVICE_ACCOUNT": iam["accounts"]["nodes"]["account"], "_NIGHTLY_AT": cfg.nightly_at,
         "_TIME_ZONE": cfg.nightly_time_zone})
-    steps = []
+    steps, people = [], []
     if not a.skip_identity:
         number = "PROJECT_NUMBER" if a.dry_run else deploy.fetch_project_number(cfg.project)
         steps += deploy.build_iam_steps(iam, cfg.project) + deploy.build_service_agent_steps(iam, cfg.project, number)
         steps += deploy.build_store_steps(cfg.project, cfg.region, cfg.firestore_database)  # the tombstones' store
+        # once the command function exists: run.invoker is granted on its service
+        people = deploy.build_people_steps(iam, cfg.project, cfg.region, cfg.admins, a.operators or "")
     if a.cloud_build:
-        return steps + [deploy.cloud_build_step(values, workspace / "cloudbuild.yaml")]
-    return steps + deploy.build_steps(build, values, skip=() if a.smoke else ("smoke",))
+        return steps + [deploy.cloud_build_step(values, workspace / "cloudbuild.yaml")] + people
+    return steps + deploy.build_steps(build, values, skip=() if a.smoke else ("smoke",)) + people
 
 
 def cmd_deploy(a, cfg) -> int:
@@ -383,9 +383,11 @@ def cmd_deploy(a, cfg) -> int:
         print(f"dry run: nothing was run. Next: `dasklab deploy {again}` runs these steps")
         return 0
     deploy.run_steps(steps, cwd=workspace)
-    print(f"dasklab is deployed on {where} in {time.monotonic() - started:.0f} s. Next:\n"
+    print(f"dasklab is deployed on {where} in {time.monotonic() - started:.0f} s. Send commands through it with\n"
+          f"  export DASKLAB_COMMAND_URL={deploy.command_url(cfg.region, cfg.project)}\n"
+          f"Next:\n"
           f"  dasklab status {again}                  # the labs (none yet)\n"
-          f"  dasklab start-lab --lab NAME {again}    # a lab; then `dasklab connect NAME {again}`")
+          f"  dasklab start-lab --lab NAME {again}    # a lab; then `dasklab connect --lab NAME {again}`")
     return 0
 
 
@@ -551,7 +553,9 @@ def parser() -> argparse.ArgumentParser:
                                                           "web preview port; another is taken if it is busy)")
     s.add_argument("--dashboard-port", type=int, default=8787, help="local port of the Dask dashboard (default 8787)")
     s.add_argument("--no-forward", action="store_true", help="only print the kubectl commands to do it yourself")
-    s.add_argument("--class", dest="class_", help="the table of a class, for its instructor (tokens included)")
+    s.add_argument("--class", dest="class_", help="the table of a class, for its instructor: who connects how")
+    s.add_argument("--show-tokens", action="store_true", help="with --class: each lab's Jupyter login (its token) "
+                   "too, as before: for the instructor's own terminal only")
     s.add_argument("--json", action="store_true")
     infra = sub.add_parser("infra", help="dasklab's topics and timers on Google Cloud").add_subparsers(
         dest="infra_cmd", required=True)
@@ -564,6 +568,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="also run the smoke tier (pytest -m smoke; a checkout's tests)")
     s.add_argument("--skip-identity", action="store_true",
                    help="leave out creating the service accounts and granting their roles (infra/iam.yaml)")
+    s.add_argument("--operators", metavar="MEMBER,…", help="IAM principals (user:, group:, domain:) who may send "
+                   "commands through the command function: instructors and students (DASKLAB_ADMINS are granted too)")
     s = sub.add_parser("destroy", parents=[gcp], help="delete the functions and the infra (not the accounts)")
     s.add_argument("--force", action="store_true", help="also delete every managed lab")
     s = sub.add_parser("demo", help="the whole lab story on real Dask, in under two minutes")

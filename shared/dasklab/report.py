@@ -37,6 +37,32 @@ def _class_labs(cfg, name: str):
     backend = build_backend(cfg)
     return record, backend, {lab.spec.student: lab for lab in backend.fetch_labs() if lab.spec.class_name == name}
 
+NO_IDENTITY = "no identity: the instructor connects for them"
+_TOKENS = ("jupyter_token",)  # what reaches a lab's Jupyter without asking who you are
+
+
+def build_connect_rows(record, labs: dict, backend, show_tokens: bool = False) -> list[dict]:
+    """The instructor's `connect --class` table: per student their lab, its phase, the Google account that may
+    connect to it (the roster's `ann=ann@example.edu`, else none: the instructor connects for them), and the command
+    they run themselves. A lab's token (or a Jupyter URL carrying it) only with `show_tokens`: the instructor's own
+    terminal, never to be shared."""
+    from dasklab.core.messages import parse_command
+    template = parse_command(record.template)
+    login = getattr(backend, "jupyter_login_url", None)  # the local lab's Jupyter URL with its token
+    rows = []
+    for student in record.roster:
+        lab, name = labs.get(student), record.lab_name(student)
+        row = {"student": student, "lab": name, "phase": lab.state.phase if lab else "gone",
+               "identity": template.identities.get(student) or NO_IDENTITY, "connect": f"dasklab connect --lab {name}"}
+        if lab is not None:
+            info = backend.connection_info(lab)
+            if show_tokens and login and (url := login(lab)):
+                info["jupyter"] = url
+            row.update({k: v for k, v in info.items() if show_tokens or k not in _TOKENS})
+        rows.append(row)
+    return rows
+
+
 def fetch_class_report(cfg, name: str) -> dict:
     """Usage per student (node-hours, cost, peak workers, time busy), live labs and labs gone alike."""
     from dasklab.core.classes import class_usage

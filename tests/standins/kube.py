@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -48,6 +49,8 @@ import kubernetes_validate
 import yarl
 
 from tests.standins import pod_security, rbac
+
+_CALLER: contextvars.ContextVar = contextvars.ContextVar("caller")  # the authenticated user of the request at hand
 
 Obj = dict[str, Any]
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
@@ -913,6 +916,7 @@ class _KubeApi(kmock.KubernetesScaffold):
             # authorization before any handler, so a refused request learns nothing of what exists (403 before 404)
             # (kubernetes.io/docs/reference/access-authn-authz/authorization/)
             attributes = rbac.request_attributes(raw.method, path, raw.query)
+            _CALLER.set(user)  # this request's task alone: its RBAC writes are checked for escalation
             if not self.authorized(user, attributes):
                 raise fail(403, rbac.forbidden_message(user, attributes), name=attributes.name,
                            group=attributes.api_group, kind=attributes.resource)
@@ -1023,6 +1027,7 @@ class _KubeApi(kmock.KubernetesScaffold):
                 current = self.read(kind, ns, name)
                 new = request.data if method == "PUT" else apply_patch(
                     current, request.body, request.headers.get("Content-Type", ""))
+                self._check_escalation(kind, ns, new)
                 result = self._update(kind, current, new)
                 self.reconcile(ns if kind.namespaced else None)
                 return self._json(self.read(kind, ns, result["metadata"]["name"]))
@@ -1144,7 +1149,41 @@ class _KubeApi(kmock.KubernetesScaffold):
         fields = field_filter(kind, params.get("fieldSelector", ""))
         return [o for o in self.stored(kind, ns) if selects(reqs, o["metadata"].get("labels") or {}) and fields(o)]
 
+    def _check_escalation(self, kind: Kind, ns: str | None, obj: Any) -> None:
+        """RBAC's privilege escalation prevention (rbac.py: the reference's rules) on a create or update of a Role,
+        ClusterRole or binding by the request's caller: a role only with every permission it grants held at its scope,
+        or `escalate` on roles/clusterroles; a binding only with every permission of the role it references held at
+        the binding's scope, or `bind` on that role. 403 naming what is not held, as the API server does."""
+        user = _CALLER.get(None)
+        if user is None or kind not in (ROLES, CLUSTERROLES, ROLEBINDINGS, CLUSTERROLEBINDINGS) or \
+                not isinstance(obj, dict):
+            return
+        scope = ns if kind.namespaced else ""
+
+        def role(ref_kind: str, name: str) -> Obj | None:
+            return self.find(CLUSTERROLES, None, name) if ref_kind == "ClusterRole" else \
+                self.find(ROLES, scope, name) if ref_kind == "Role" and scope else None
+        name = (obj.get("metadata") or {}).get("name", "")
+        if kind in (ROLES, CLUSTERROLES):
+            rules, verb, target = obj.get("rules") or [], "escalate", (kind.plural, name)
+        else:
+            ref = obj.get("roleRef") or {}
+            rules = (role(ref.get("kind", ""), ref.get("name", "")) or {}).get("rules") or []
+            verb = "bind"
+            target = ("clusterroles" if ref.get("kind") == "ClusterRole" else "roles", ref.get("name", ""))
+        if self.authorized(user, rbac.Attributes(verb=verb, resource=target[0], api_group=rbac.RBAC_GROUP,
+                                                 namespace=scope, name=target[1])):
+            return
+        held = rbac.held_rules(user, scope, self.stored(CLUSTERROLEBINDINGS),
+                               self.stored(ROLEBINDINGS, scope) if scope else (), role)
+        missing = rbac.not_held(held, rules)
+        if missing:
+            raise fail(403, f'{kind.qualified} "{name}" is forbidden: user "{user.name}" (groups='
+                            f'{json.dumps(list(user.all_groups))}) is attempting to grant RBAC permissions not currently held:\n'
+                            + "\n".join(missing), name=name, group=kind.group, kind=kind.plural)
+
     async def _create_request(self, kind: Kind, ns: str | None, request: kmock.Request) -> aiohttp.web.Response:
+        self._check_escalation(kind, ns, request.data)
         created = self.create(kind, ns, request.data)
         if kind is JOBS:
             for callback in self.job_callbacks:  # in a worker thread, so it may call this server with the real client

@@ -3,6 +3,7 @@ and RBAC evaluated on them as the API server's RBAC authorizer does (used by tes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -182,3 +183,61 @@ def review_attributes(spec: Obj) -> Attributes:
     a = spec.get("resourceAttributes") or {}
     return Attributes(verb=a.get("verb", ""), resource=a.get("resource", ""), api_group=a.get("group", ""),
                       namespace=a.get("namespace", ""), subresource=a.get("subresource", ""), name=a.get("name", ""))
+
+
+# --- privilege escalation prevention (kubernetes.io/docs/reference/access-authn-authz/rbac/ "Privilege escalation
+# prevention and bootstrapping"): "You can only create/update a role if at least one of the following things is
+# true: you already have all the permissions contained in the role, at the same scope as the object being modified
+# (cluster-wide for a ClusterRole, within the same namespace or cluster-wide for a Role); you are granted explicit
+# permission to perform the escalate verb on the roles or clusterroles resource"; "You can only create/update a role
+# binding if you already have all the permissions contained in the referenced role (at the same scope as the role
+# binding) or if you have been authorized to perform the bind verb on the referenced role."
+
+def held_rules(user: User, namespace: str, cluster_bindings: Iterable[Obj], bindings: Iterable[Obj],
+               role: Callable[[str, str], Obj | None]) -> list[Obj]:
+    """Every rule the user holds at this scope: its ClusterRoleBindings' (cluster-wide), and, for a namespace, its
+    RoleBindings' there."""
+    held = []
+    for binding in cluster_bindings:
+        if binds(binding, user):
+            held += (role("ClusterRole", binding["roleRef"]["name"]) or {}).get("rules") or []
+    for binding in bindings if namespace else ():
+        ref = binding.get("roleRef") or {}
+        if binds(binding, user, namespace):
+            held += (role(ref.get("kind", ""), ref.get("name", "")) or {}).get("rules") or []
+    return held
+
+
+def _covers(owner: Obj, verb: str, group: str, resource: str, name: str) -> bool:
+    """One held rule covers one atomic permission (k8s.io/component-helpers/auth/rbac/validation ruleCovers): its
+    verbs, groups and resources include it or `*`, and it names no resources or names this one (a permission on
+    every name is covered only by a rule naming none)."""
+    names = owner.get("resourceNames") or ()
+    sub = resource.split("/", 1)[1] if "/" in resource else ""
+    return (_verb(owner, verb) and any(g in ("*", group) for g in owner.get("apiGroups") or ())
+            and any(r in ("*", resource) or sub and r == f"*/{sub}" for r in owner.get("resources") or ())
+            and (not names or bool(name) and name in names))
+
+
+def _q(text: str) -> str:
+    return json.dumps(text)  # Go's %q, as the API server prints each permission
+
+
+def not_held(held: list[Obj], rules: Iterable[Obj]) -> list[str]:
+    """The permissions of `rules` no held rule covers, broken into one verb, group, resource and name each (as the
+    API server compares them); non-resource URLs compared exactly or by a held `*` prefix."""
+    missing = []
+    for rule in rules:
+        for verb in rule.get("verbs") or ():
+            for url in rule.get("nonResourceURLs") or ():
+                if not any(_verb(h, verb) and any(u == "*" or u == url or u.endswith("*") and url.startswith(u[:-1])
+                                                  for u in h.get("nonResourceURLs") or ()) for h in held):
+                    missing.append(f"{{NonResourceURLs:[{_q(url)}], Verbs:[{_q(verb)}]}}")
+            for group in rule.get("apiGroups") or ():
+                for resource in rule.get("resources") or ():
+                    for name in rule.get("resourceNames") or ("",):
+                        if not any(_covers(h, verb, group, resource, name) for h in held):
+                            missing.append(f"{{APIGroups:[{_q(group)}], Resources:[{_q(resource)}]"
+                                           + (f", ResourceNames:[{_q(name)}]" if name else "")
+                                           + f", Verbs:[{_q(verb)}]}}")
+    return missing

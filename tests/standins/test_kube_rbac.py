@@ -218,3 +218,65 @@ def test_request_attributes_follow_the_api_servers_request_info():
     assert a("PUT", "/api/v1/namespaces/n/finalize", {}) == rbac.Attributes("update", "namespaces", "", "n",
                                                                              "finalize", "n")
     assert a("GET", "/apis/apps/v1", {}) == rbac.Attributes("get", path="/apis/apps/v1")
+
+
+def test_a_role_or_binding_grants_only_what_its_writer_holds_unless_escalate_or_bind(kube):
+    """RBAC's privilege escalation prevention (the reference's "Privilege escalation prevention and bootstrapping"):
+    ann, who may write Roles and RoleBindings in her namespace and read her token, cannot write a Role granting more
+    than she holds (nor widen one by a patch), nor bind a Role granting more; holding its permissions she may; with
+    `escalate` on roles she may write any Role, with `bind` on one Role she may bind that Role. The controller (system
+    :masters here, as cluster-admin) writes the students' Roles and bindings as before."""
+    admin = admin_rbac(kube)
+    admin.create_namespaced_role("lab-ann", role(
+        "writer", {"apiGroups": [RBAC], "resources": ["roles", "rolebindings"], "verbs": ["create", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["token"], "verbs": ["get"]}))
+    admin.create_namespaced_role_binding("lab-ann", binding("writer", "writer", ("User", "ann@example.edu")))
+    ann = client.RbacAuthorizationV1Api(kube.api_client(ANN))
+    own = {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["token"], "verbs": ["get"]}
+    every_secret = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+
+    ann.create_namespaced_role("lab-ann", role("mine", own))  # what she holds: allowed
+    status, body = refused(ann.create_namespaced_role, "lab-ann", role("more", own, every_secret))
+    assert status == 403 and body["message"].startswith(
+        'roles.rbac.authorization.k8s.io "more" is forbidden: user "ann@example.edu" (groups=["system:authenticated"]) '
+        "is attempting to grant RBAC permissions not currently held:")
+    assert body["message"].endswith('\n{APIGroups:[""], Resources:["secrets"], Verbs:["get"]}')
+    assert refused(ann.patch_namespaced_role, "mine", "lab-ann",
+                   [{"op": "add", "path": "/rules/-", "value": every_secret}])[0] == 403  # widening it: the same
+    assert refused(ann.create_namespaced_role, "lab-bob", role("mine", own))[0] == 403  # another namespace: none held
+
+    ann.create_namespaced_role_binding("lab-ann", binding("to-bob", "mine", ("User", "bob@example.edu")))  # held
+    admin.create_namespaced_role("lab-ann", role("reader", every_secret))
+    status, body = refused(ann.create_namespaced_role_binding, "lab-ann",
+                           binding("to-bob2", "reader", ("User", "bob@example.edu")))
+    assert status == 403 and 'rolebindings.rbac.authorization.k8s.io "to-bob2" is forbidden' in body["message"]
+
+    # explicit escalate on roles, bind on one role
+    admin.create_namespaced_role("lab-ann", role("escalator",
+                                                 {"apiGroups": [RBAC], "resources": ["roles"], "verbs": ["escalate"]},
+                                                 {"apiGroups": [RBAC], "resources": ["roles"], "verbs": ["bind"],
+                                                  "resourceNames": ["reader"]}))
+    admin.create_namespaced_role_binding("lab-ann", binding("escalator", "escalator", ("User", "ann@example.edu")))
+    ann.create_namespaced_role("lab-ann", role("more", own, every_secret))
+    ann.create_namespaced_role_binding("lab-ann", binding("to-bob2", "reader", ("User", "bob@example.edu")))
+    assert refused(ann.create_namespaced_role_binding, "lab-ann",
+                   binding("to-bob3", "more", ("User", "bob@example.edu")))[0] == 403  # bind names "reader" alone
+    assert refused(as_user(kube, BOB).list_namespaced_secret, "lab-ann")[0] == 403  # what was bound: get, not list
+    assert as_user(kube, BOB).read_namespaced_secret("other", "lab-ann").metadata.name == "other"
+
+
+def test_not_held_breaks_rules_into_single_permissions():
+    held = [{"apiGroups": [""], "resources": ["pods", "secrets"], "resourceNames": ["a"], "verbs": ["get"]},
+            {"apiGroups": ["*"], "resources": ["*/scale"], "verbs": ["*"]}, {"nonResourceURLs": ["/api/*"],
+                                                                              "verbs": ["get"]}]
+    assert rbac.not_held(held, [{"apiGroups": [""], "resources": ["pods"], "resourceNames": ["a"],
+                                 "verbs": ["get"]}]) == []
+    assert rbac.not_held(held, [{"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
+                                {"nonResourceURLs": ["/api/v1"], "verbs": ["get"]}]) == []
+    assert rbac.not_held(held, [{"apiGroups": [""], "resources": ["pods"], "resourceNames": ["a", "b"],
+                                 "verbs": ["get", "list"]}]) == [
+        '{APIGroups:[""], Resources:["pods"], ResourceNames:["b"], Verbs:["get"]}',
+        '{APIGroups:[""], Resources:["pods"], ResourceNames:["a"], Verbs:["list"]}',
+        '{APIGroups:[""], Resources:["pods"], ResourceNames:["b"], Verbs:["list"]}']
+    assert rbac.not_held(held, [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]) == [
+        '{APIGroups:[""], Resources:["pods"], Verbs:["get"]}']  # every name: a rule naming some does not cover it

@@ -132,6 +132,26 @@ class Kube:
             self._call(f"patch Namespace {name}", self.core.patch_namespace, name, {"metadata": {"labels": missing}})
         return bool(missing)
 
+    def ensure_subjects(self, role: dict, binding: dict) -> bool:
+        """A RoleBinding's subjects as `binding` says (level-based: read, compared, written only when they differ):
+        created with its Role when absent, its subjects replaced (a JSON patch: the whole list, so a subject left
+        out loses access), deleted when the list is empty (no one is granted). True if anything changed."""
+        meta, want = binding["metadata"], binding.get("subjects") or []
+        ns, name = meta["namespace"], meta["name"]
+        found = self._call(f"read RoleBinding {ns}/{name}", self.rbac.read_namespaced_role_binding, name, ns,
+                           missing_ok=True)
+        if found is None:
+            return bool(want) and (self.create(role) | self.create(binding))
+        if not want:
+            self._call(f"delete RoleBinding {ns}/{name}", self.rbac.delete_namespaced_role_binding, name, ns,
+                       missing_ok=True)
+            return True
+        if self.api.sanitize_for_serialization(found.subjects or []) == want:
+            return False
+        self._call(f"patch RoleBinding {ns}/{name}", self.rbac.patch_namespaced_role_binding, name, ns,
+                   [{"op": "add", "path": "/subjects", "value": want}])
+        return True
+
     def namespace_phase(self, ns: str) -> str | None:
         """Active, Terminating, or None if there is no such namespace."""
         found = self._call(f"read Namespace {ns}", self.core.read_namespace, ns, missing_ok=True)

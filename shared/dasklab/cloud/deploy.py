@@ -113,9 +113,25 @@ def delete_function_steps(build: dict, project: str, region: str) -> list[Step]:
 
 def cloud_build_step(values: dict, build_file: Path | None = None) -> Step:
     """`gcloud builds submit` of this repository with the same substitutions."""
-    subs = ",".join(f"{k}={v}" for k, v in values.items() if k.startswith("_"))
+    pairs = [f"{k}={v}" for k, v in values.items() if k.startswith("_")]
+    subs = "^|^" + "|".join(pairs) if any("," in p for p in pairs) else ",".join(pairs)  # gcloud topic escaping
     return Step("cloud-build", ("gcloud", "builds", "submit", f"--project={values['PROJECT_ID']}",
                                 f"--config={(build_file or input_path('cloudbuild.yaml')).name}", f"--substitutions={subs}", "."))
+
+
+def env_vars(flag: str) -> dict:
+    """A --set-env-vars value as gcloud reads it: KEY=VALUE pairs split on commas, or on the delimiter D of a value
+    starting `^D^` (`gcloud topic escaping`), so a value may hold commas."""
+    delimiter = ","
+    if flag.startswith("^") and flag.index("^", 1) > 1:
+        delimiter, flag = flag[1:flag.index("^", 1)], flag[flag.index("^", 1) + 1:]
+    return dict(kv.split("=", 1) for kv in flag.split(delimiter) if kv)
+
+
+def command_url(region: str, project: str, name: str = "dasklab-command") -> str:
+    """The HTTPS function's URL (Cloud Functions gen2: https://REGION-PROJECT.cloudfunctions.net/NAME): where the CLI
+    sends commands, and the audience of its callers' ID tokens."""
+    return f"https://{region}-{project}.cloudfunctions.net/{name}"
 
 
 # --- infra/iam.yaml --------------------------------------------------------------------------------
@@ -143,23 +159,52 @@ def build_iam_steps(iam: dict, project: str) -> list[Step]:
                                              f"--project={project}", f"--display-name={ident['display_name']}"),
                           unless=("gcloud", "iam", "service-accounts", "describe", email, f"--project={project}")))
     for key, ident in iam["accounts"].items():
-        member = f"--member=serviceAccount:{account_email(ident['account'], project)}"
+        member = f"serviceAccount:{account_email(ident['account'], project)}"
         for grant in ident.get("roles", []):
-            on = grant.get("on_account")
-            if on:  # a role on another service account, not on the project
-                target = ("iam", "service-accounts", "add-iam-policy-binding",
-                          account_email(iam["accounts"][on]["account"], project), f"--project={project}")
-            elif grant.get("on_subscription"):  # a role on one of dasklab's subscriptions (created first if absent)
-                steps += _subscription_steps(grant["on_subscription"], project)
-                target = ("pubsub", "subscriptions", "add-iam-policy-binding",
-                          _subscription_of(grant["on_subscription"]), f"--project={project}")
-            else:
-                target = ("projects", "add-iam-policy-binding", project)
-            role = grant["role"].format(project=project)
-            condition = () if grant.get("on_subscription") else ("--condition=None",)  # no conditions there
-            steps.append(Step(f"grant-{key}", ("gcloud", *target, member, f"--role={role}", *condition,
-                                               "--quiet", "--format=none")))
-    return steps
+            steps += build_grant_steps(f"grant-{key}", member, grant, iam, project)
+    return _once(steps)
+
+
+def build_grant_steps(step_id: str, member: str, grant: dict, iam: dict, project: str, region: str = "") -> list[Step]:
+    """One grant of infra/iam.yaml to `member` (an IAM principal) where the grant says: on another service account
+    (`on_account`), on one of dasklab's topics (`on_topic`, a key of infra/dasklab.yaml topics: created first if
+    absent), on one of dasklab's subscriptions (`on_subscription`: created first if absent), on a Cloud Run service
+    (`on_service`: a function of cloudbuild.yaml, in `region`), else on the project."""
+    role, flags = grant["role"].format(project=project), (f"--member={member}",)
+    if grant.get("on_account"):
+        email = account_email(iam["accounts"][grant["on_account"]]["account"], project)
+        return [Step(step_id, ("gcloud", "iam", "service-accounts", "add-iam-policy-binding", email,
+                               f"--project={project}", *flags, f"--role={role}", "--condition=None", "--quiet",
+                               "--format=none"))]
+    if grant.get("on_topic"):
+        topic, where = load_infra()["topics"][grant["on_topic"]], f"--project={project}"
+        return [Step(f"topic-{grant['on_topic']}", ("gcloud", "pubsub", "topics", "create", topic, where),
+                     unless=("gcloud", "pubsub", "topics", "describe", topic, where)),
+                Step(step_id, ("gcloud", "pubsub", "topics", "add-iam-policy-binding", topic, where, *flags,
+                               f"--role={role}", "--quiet", "--format=none"))]
+    if grant.get("on_subscription"):  # no conditions on a subscription's policy
+        sub, where = _subscription_of(grant["on_subscription"]), f"--project={project}"
+        return _subscription_steps(grant["on_subscription"], project) + [
+            Step(step_id, ("gcloud", "pubsub", "subscriptions", "add-iam-policy-binding", sub, where, *flags,
+                           f"--role={role}", "--quiet", "--format=none"))]
+    if grant.get("on_service"):
+        if not region:
+            raise ValidationError("region", f"is needed to grant {role} on the service {grant['on_service']}")
+        return [Step(step_id, ("gcloud", "run", "services", "add-iam-policy-binding", grant["on_service"],
+                               f"--region={region}", f"--project={project}", *flags, f"--role={role}", "--quiet",
+                               "--format=none"))]
+    return [Step(step_id, ("gcloud", "projects", "add-iam-policy-binding", project, *flags, f"--role={role}",
+                           "--condition=None", "--quiet", "--format=none"))]
+
+
+def _once(steps: list[Step]) -> list[Step]:
+    """The steps in order, a repeated one (a topic created for a second grant on it) left out."""
+    seen, kept = set(), []
+    for step in steps:
+        if (step.id, step.argv, step.unless) not in seen:
+            seen.add((step.id, step.argv, step.unless))
+            kept.append(step)
+    return kept
 
 
 def _subscription_of(key: str) -> str:
@@ -183,22 +228,40 @@ def _subscription_steps(key: str, project: str) -> list[Step]:
 
 def build_service_agent_steps(iam: dict, project: str, project_number: str) -> list[Step]:
     """Grants to Google's service agents (named by the project number) that dasklab relies on: on the project, or on
-    one of dasklab's topics (`on_topic`, a key of infra/dasklab.yaml topics; the topic is created first if absent)."""
-    steps, topics = [], load_infra()["topics"]
+    one of dasklab's topics (the topic is created first if absent)."""
+    steps = []
     for key, agent in iam.get("service_agents", {}).items():
-        member = f"--member=serviceAccount:{agent['email'].format(project_number=project_number)}"
+        member = f"serviceAccount:{agent['email'].format(project_number=project_number)}"
         for grant in agent["roles"]:
-            if grant.get("on_topic"):
-                topic, where = topics[grant["on_topic"]], f"--project={project}"
-                steps.append(Step(f"topic-{grant['on_topic']}", ("gcloud", "pubsub", "topics", "create", topic, where),
-                                  unless=("gcloud", "pubsub", "topics", "describe", topic, where)))
-                steps.append(Step(f"grant-{key}", ("gcloud", "pubsub", "topics", "add-iam-policy-binding", topic, where,
-                                                   member, f"--role={grant['role']}", "--quiet", "--format=none")))
-                continue
-            steps.append(Step(f"grant-{key}", ("gcloud", "projects", "add-iam-policy-binding", project, member,
-                                               f"--role={grant['role']}", "--condition=None", "--quiet",
-                                               "--format=none")))
-    return steps
+            steps += build_grant_steps(f"grant-{key}", member, grant, iam, project)
+    return _once(steps)
+
+
+def people_members(emails: str) -> list[str]:
+    """Comma-separated Google identities (DASKLAB_ADMINS) → IAM principals: a service account's e-mail is a
+    serviceAccount:, any other a user:; one already prefixed (user:, group:, domain:, serviceAccount:) is kept."""
+    members = []
+    for item in (e.strip() for e in emails.split(",")):
+        if not item:
+            continue
+        if ":" not in item:
+            item = f"{'serviceAccount' if item.endswith('.gserviceaccount.com') else 'user'}:{item.lower()}"
+        if not re.fullmatch(r"(user|group|serviceAccount):[\w.%+-]+@[\w-]+(\.[\w-]+)+|domain:[\w-]+(\.[\w-]+)+", item):
+            raise ValidationError("member", f"{item!r} is not an IAM principal (user:, group:, domain:, serviceAccount:)")
+        members.append(item)
+    return members
+
+
+def build_people_steps(iam: dict, project: str, region: str, admins: str, operators: str) -> list[Step]:
+    """The grants of infra/iam.yaml's `administrator` to each of `admins` (DASKLAB_ADMINS) and of its `operator` to
+    each of `operators` (IAM principals: a class's group, its students): run once the command function exists, since
+    run.invoker is granted on its Cloud Run service."""
+    steps = []
+    for kind, members in (("administrator", people_members(admins)), ("operator", people_members(operators))):
+        for member in members:
+            for grant in iam[kind]["roles"]:
+                steps += build_grant_steps(f"grant-{kind}", member, grant, iam, project, region)
+    return _once(steps)
 
 
 def build_store_steps(project: str, region: str, database: str = "(default)") -> list[Step]:

@@ -8,9 +8,9 @@ from dasklab.core.context import Part, iso, poisoned
 from dasklab.core.errors import PermanentError, TransientError
 from dasklab.core.messages import StopLab, parse_command
 from dasklab.core.specs import build_spec, build_system_usd_h
-from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, ClassRecord, Classes, class_cost, \
-    class_usage, plan_budget, plan_class, plan_class_lifetime, plan_lead_time
-from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, READY, SHARED, TEARING_DOWN, Lab
+from dasklab.core.classes import CLASS_KEPT_S, DEFAULT_LEAD_S, LEAD_SAMPLES, AccessChange, ClassRecord, Classes, \
+    class_cost, class_usage, plan_access, plan_budget, plan_class, plan_class_lifetime, plan_lead_time
+from dasklab.core.model import DEFAULT_PLACEMENT, FAILED, PROVISIONING, READY, REQUESTED, SHARED, TEARING_DOWN, Lab
 
 
 class ClassReconciler(Part):
@@ -72,6 +72,12 @@ class ClassReconciler(Part):
                 dropped.add(student)
             ok = self._class_step(record, student, mid, lambda: self._stop_student(mine[student], why, record,
                                                                                    now, mid)) is not None and ok
+        if not plan.ended and not record.is_stopped:  # the people of each lab, as the latest start-class names them
+            template = parse_command(record.template)
+            wanted = {s: (template.access_of(s), template.identities.get(s, "")) for s in record.roster}
+            for change in plan_access(wanted, mine):
+                ok = self._class_step(record, change.student, mid,
+                                      lambda: self._apply_access(mine[change.student], change, mid)) is not None and ok
         for student in plan.start:
             done = self._class_step(record, student, mid,
                                     lambda: self.c.labs.apply_start(self._student_spec(record, student), mid, record.published))
@@ -97,6 +103,18 @@ class ClassReconciler(Part):
             changes.setdefault("ready_roster", tuple(s for s in record.ready_roster if s not in dropped))
             store.apply_class(replace(record, started=started, **changes))
         return ok
+
+    def _apply_access(self, lab: Lab, change: AccessChange, mid: str) -> None:
+        """The lab's in-cluster binding first (compared and written by the backend, where the lab is installed; a lab
+        not installed yet gets it from its record), then its record: a failure in between repeats both next pass; a
+        record written meanwhile by another step is a ConflictError (retried next pass, compared again)."""
+        new = lab.with_spec(access=change.access, student_identity=change.identity)
+        apply = getattr(self.backend, "apply_access", None)  # the local backend has no in-cluster identities
+        if apply is not None and lab.state.phase not in (REQUESTED, PROVISIONING, FAILED):
+            apply(new)
+        self.backend.apply_record(new)
+        logs.decision(lab.name, "access", list(lab.spec.access), list(change.access), change.reason, mid,
+                      **{"class": lab.spec.class_name})
 
     def _unlisted(self, record: ClassRecord) -> list[str]:
         """What the backend's last listing could not see of this class: unreachable zones, or its labs' (or shared

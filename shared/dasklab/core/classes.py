@@ -159,6 +159,33 @@ def plan_class(record: ClassRecord, labs: dict[str, Lab], now: float, lead_s: fl
                      reason="; ".join(parts))
 
 
+@dataclass(frozen=True)
+class AccessChange:
+    student: str
+    access: tuple[str, ...]  # the Google accounts that may connect to the lab, as the class now names them
+    identity: str  # the student's own account ("" if none)
+    reason: str
+
+
+def plan_access(wanted: dict[str, tuple[tuple[str, ...], str]], labs: dict[str, Lab]) -> tuple[AccessChange, ...]:
+    """Whose lab's people differ from what the class's latest start-class names (`wanted`: student → (accounts that
+    may connect, the student's own)): a roster entry that gained, lost or changed its identity, a changed
+    owner_identity. A lab being torn down is left alone (its namespace goes with it)."""
+    changes = []
+    for student, lab in sorted(labs.items()):
+        if student not in wanted or lab.state.phase == TEARING_DOWN:
+            continue
+        access, identity = wanted[student]
+        if (tuple(lab.spec.access), lab.spec.student_identity) == (tuple(access), identity):
+            continue
+        added = [a for a in access if a not in lab.spec.access]
+        removed = [a for a in lab.spec.access if a not in access]
+        said = [f"+{', +'.join(added)}"] * bool(added) + [f"-{', -'.join(removed)}"] * bool(removed)
+        changes.append(AccessChange(student, tuple(access), identity,
+                                    f"the class names other people for this lab: {'; '.join(said) or 'reordered'}"))
+    return tuple(changes)
+
+
 def plan_lead_time(samples: tuple[float, ...] | list[float], default_s: float) -> tuple[float, str]:
     """How long before `at` provisioning starts: the 90th percentile (nearest rank) of the last LEAD_SAMPLES
     observed requested → ready durations, × LEAD_MARGIN, plus a reconcile tick's period; `default_s` until a lab

@@ -136,6 +136,17 @@ class Helm(GkeBase):
         for manifest in release.manifests[1:]:
             kube.create(manifest)
 
+    def apply_access(self, lab: Lab) -> bool:
+        """The lab's people (`spec.access`: its student's and its class owner's Google accounts) are the subjects of
+        its `dasklab-connect` RoleBinding, compared with the cluster's and written when they differ; True if changed.
+        Nothing to do where the lab's namespace does not exist yet: its install creates the binding from the
+        record."""
+        place = place_of(lab)
+        kube = self._kube(place, self._running(place))
+        if kube.namespace_phase(place.namespace) != "Active":
+            return False
+        return kube.ensure_subjects(*build_student_access(place.namespace, lab.name, place.release, lab.spec.access))
+
     def apply_environment(self, spec) -> None:
         """Nothing: the chart's images install EXTRA_PIP_PACKAGES at container start."""
 
@@ -161,6 +172,7 @@ class Helm(GkeBase):
             for manifest in build_network_policies(lab.spec, place.release, place.namespace):
                 kube.create(manifest)
             kube.ensure_spec(build_limit_range(lab.spec, release.values, place.namespace))  # the new sizes' bounds
+            kube.ensure_subjects(*build_student_access(place.namespace, lab.name, place.release, lab.spec.access))
             if place.shared:
                 kube.ensure_spec(build_quota(lab.spec, release.values, place.namespace))
             for manifest in release.manifests[1:]:  # the namespace exists; RBAC is created if absent
