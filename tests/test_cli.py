@@ -393,7 +393,7 @@ def test_destroy_refuses_while_labs_exist_and_force_deletes_them_with_the_rest(g
     assert "functions describe dasklab-control --gen2 --region=us-central1" in fake_gcloud.read_text()
     assert "functions delete" not in fake_gcloud.read_text()  # it did not exist: skipped
     assert "delete-dasklab-control: nothing to do" in out.out
-    assert gcp.jobs == {} and "kept the service accounts (dasklab-controller, dasklab-nodes)" in out.out
+    assert gcp.jobs == {} and "kept the service accounts (dasklab-controller, dasklab-command, dasklab-nodes)" in out.out
     assert backend.fetch_lab("left-over").state.phase == "ready"  # its infrastructure deleted (no processes here)
 
 
