@@ -545,7 +545,11 @@ def test_cli_status_report_and_connect_for_a_class(tmp_path, monkeypatch, capsys
     roster = tmp_path / "students.txt"
     roster.write_text("# intro, fall\nann\n\nben  # late\n")
     assert cli.read_roster(str(roster)) == ["ann", "ben"]
-    ctl = Controller(LocalBackend(tmp_path), ListEvents(), Config(home=str(tmp_path)), classes=FileClasses(tmp_path))
+    # the nightly teardown 12 h away, so the class's end (30 min) is the next teardown at any time of day
+    nightly = datetime.fromtimestamp(time.time() + 12 * 3600, timezone.utc).strftime("%H:%M")
+    monkeypatch.setenv("DASKLAB_NIGHTLY_AT", nightly)
+    ctl = Controller(LocalBackend(tmp_path), ListEvents(), Config(home=str(tmp_path), nightly_at=nightly),
+                     classes=FileClasses(tmp_path))
     end = datetime.fromtimestamp(time.time() + 1800, timezone.utc)
     ctl.handle(msg(**{"type": "start-class", "class": "intro", "owner": "prof", "roster": ["ann", "ben"],
                       "at": datetime.now(timezone.utc).isoformat(), "duration": "30m", "budget": {"class": 9}}), "m1")
