@@ -104,7 +104,7 @@ def validate(payload: dict, cfg) -> None:
         for note in spec.notes:  # what the controller will replace, said before sending
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, UpdateLab):
-        for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
+        for note in check_environment(cmd.values, cmd.mixed_environment, cmd.lab):  # the rest needs the lab: the controller
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)

@@ -48,7 +48,7 @@ def build_update(cmd: UpdateLab, spec: LabSpec) -> LabSpec:
     controller does, when the values differ."""
     limits = _worker_limits(cmd.chart)
     version = _dask_version(cmd, replace(Config(), dask_version=spec.dask_version))
-    notes = check_environment(cmd.values, cmd.mixed_environment)
+    notes = check_environment(cmd.values, cmd.mixed_environment, cmd.lab)
     new = replace(spec, values=cmd.values, mixed_environment=cmd.mixed_environment, notes=notes,
                   worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
                   worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
@@ -124,7 +124,7 @@ def build_spec(cmd: StartLab, config: Config, placement: str = "") -> LabSpec:
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
         dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
-        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
+        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment, cmd.lab),
         system_usd_h=build_system_usd_h(config, students=1, shared=False), placement=placement,
     )
     _check_fits(spec)
