@@ -193,3 +193,29 @@ def test_the_seeds_step6_file_as_an_update_of_step4_asks_for_restart():
     verdict, reason = plan_update(spec, new, True)
     assert verdict == "update" and "scheduler restarted" in reason and JUPYTER_RESTARTS in reason, reason
     assert any("matplotlib in jupyter but not in worker" in n for n in new.notes)
+
+
+def test_a_changed_replicas_in_an_update_is_the_labs_new_maximum_under_the_caps():
+    """The seed's step 6 as an update of step 4: `replicas: 15` (was 4) raises the lab's maximum to 15, said in a
+    note and in the update's reason; the same replicas again, or none, leave the limits alone."""
+    step4 = make_spec(values=yaml.safe_load(SEED_STEP4), min_workers=0, max_workers=4)
+    new = build_update(parse_command(json.dumps({"v": 1, "type": "update-lab", "lab": "x", "values": SEED_STEP6,
+                                                 "restart": True})), step4, Config())
+    assert (new.min_workers, new.max_workers) == (0, 15)
+    assert new.notes[0] == ("values.worker.replicas: 15 is the lab's maximum now (was 4); the controller scales "
+                            "between workers.min (0) and 15 from the scheduler's load; `dasklab scale --pin 15` "
+                            "holds it")
+    assert "workers.max 4 → 15 (values.worker.replicas)" in plan_update(step4, new, True)[1]
+    same = SEED_STEP6.replace("replicas: 15", "replicas: 4")
+    _, kept = update(same, spec=step4)
+    assert kept.max_workers == 4 and not any(n.startswith("values.worker.replicas") for n in kept.notes)
+    scaled = make_spec(values=yaml.safe_load(SEED_STEP4), max_workers=8)  # `dasklab scale --max 8` since
+    assert update(SEED_STEP4.replace("pyarrow gcsfs", "pyarrow gcsfs s3fs"), spec=scaled)[1].max_workers == 8
+    for replicas, words in ((17, "17 is above the controller cap max_workers=16"),
+                            (0, "0 is below the lab's min or pin (1)")):
+        with pytest.raises(ValidationError) as e:
+            build_update(parse_command(json.dumps({"v": 1, "type": "update-lab", "lab": "x", "restart": True,
+                                                   "values": SEED_STEP6.replace("replicas: 15",
+                                                                                f"replicas: {replicas}")})),
+                         make_spec(values=yaml.safe_load(SEED_STEP4)), Config())
+        assert e.value.field == "values.worker.replicas" and e.value.rule.startswith(words), e.value.rule
