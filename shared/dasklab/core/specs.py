@@ -54,6 +54,10 @@ def build_update(cmd: UpdateLab, spec: LabSpec, config: Config | None = None) ->
                   worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
                   worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
     _check_fits(new, "values.worker.resources.limits")
+    if config is not None:  # what the controller replaces in the new values, said as at start-lab
+        from dasklab.core.overrides import build_overrides, build_share_notes
+        shares = build_share_notes(new.values, new, config.system_machine_type) if config.backend == "gke" else []
+        new = replace(new, notes=build_overrides(cmd, new, config.backend) + tuple(shares) + new.notes)
     return _update_maximum(new, spec, _replicas(cmd), config)
 
 
