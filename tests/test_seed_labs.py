@@ -101,3 +101,55 @@ def test_the_seed_files_as_update_lab_walk_one_lab_through_steps_4_and_6():
     for event in updated:  # each update's overrides said again, as at start-lab (replicas: by build_update)
         assert SAID - {"values.worker.replicas"} <= {note_field(n) for n in event["notes"]}, event["notes"]
     assert "values.worker.replicas" in {note_field(n) for n in updated[1]["notes"]}
+
+
+NOTEBOOK = """
+import seedonly
+
+def imports_inside(x):
+    import seedonly as module
+    return module.double(x)
+
+def uses_the_top_import(x):
+    return seedonly.double(x)
+"""
+
+
+def test_the_scheduler_unpickles_graphs_the_fact_its_note_rests_on(tmp_path, monkeypatch):
+    """Why a package the workers have and the scheduler lacks is said in a note: distributed's scheduler deserializes
+    every submitted graph (Scheduler.update_graph), so a graph naming a module it lacks is refused at submission
+    with its "different environments" error, before anything runs, while a task that imports the module inside its
+    function runs. Real scheduler and worker processes; the module is on the notebook's and the worker's path only;
+    the functions are a notebook's (defined in __main__, so pickled by value)."""
+    import os
+    import sys
+
+    from dasklab.adapters.local import start_scheduler
+    from dasklab.adapters.procs import spawn, stop_pid_group
+    from distributed import Client
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "seedonly.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    notebook = {"__name__": "__main__"}
+    exec(NOTEBOOK, notebook)  # noqa: S102 - the test's own text
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # distributed is installed: nothing else needed
+    started = start_scheduler(["--no-dashboard"], file=tmp_path / "s.json", env=env, log_path=tmp_path / "s.log")
+    assert started, (tmp_path / "s.log").read_text()
+    pid, info = started
+    worker = None
+    try:
+        worker = spawn([sys.executable, "-m", "distributed.cli.dask_worker", info["address"], "--nthreads", "1",
+                        "--no-dashboard", "--host", "127.0.0.1"], env={**env, "PYTHONPATH": str(tmp_path / "pkg")},
+                       log_path=tmp_path / "w.log")
+        with Client(info["address"], timeout=30) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert client.submit(notebook["imports_inside"], 4, pure=False).result(timeout=60) == 8
+            for named in (notebook["uses_the_top_import"], notebook["seedonly"].double):
+                with pytest.raises(RuntimeError, match="Error during deserialization of the task graph"):
+                    client.submit(named, 2, pure=False).result(timeout=60)
+        assert "No module named 'seedonly'" in (tmp_path / "s.log").read_text()
+    finally:
+        for p in (worker, pid):
+            if p:
+                stop_pid_group(p)

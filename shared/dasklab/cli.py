@@ -452,14 +452,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
     s.add_argument("--mixed-environment", action="store_true",
-                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+                   help="accept a package pinned differently or different image tags across jupyter, "
+                        "scheduler and worker")
     s = sub.add_parser("update-lab", parents=[gcp, wait], help="give a running lab new chart values (a new revision)")
     s.add_argument("--lab", required=True)
     s.add_argument("--values", required=True, help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--restart", action="store_true",
                    help="accept a change that restarts the scheduler (results held in memory are lost)")
     s.add_argument("--mixed-environment", action="store_true",
-                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+                   help="accept a package pinned differently or different image tags across jupyter, "
+                        "scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
     s = sub.add_parser("start-class", parents=[gcp, wait, sizing], help="a lab per student of a roster, from one message")
