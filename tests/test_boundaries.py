@@ -83,7 +83,7 @@ def test_no_accepted_values_render_a_pod_outside_its_box(seed):
     rng = random.Random(seed)
     values = random_values(rng)
     msg = {"v": 1, "type": "start-lab", "lab": "lab1", "owner": "ann", "values": values,
-           "mixed_environment": True}  # one environment per lab is another rule (test_environment.py)
+           "mixed_environment": True}  # what must agree among components is another rule (test_environment.py)
     spec = build_spec(parse_command(json.dumps(msg)), Config(backend="gke", project="p"), rng.choice(["", "shared"]))
     objects = render_chart(build_helm_values(spec, **POOLS))
     templates = pod_templates(objects)

@@ -37,10 +37,7 @@ def spec_of(config=GKE, **kw):
 
 @pytest.mark.parametrize("i, workers, nodes", [(1, 4, 2), (2, 4, 2), (3, 15, 5)])
 def test_each_seed_config_yaml_sent_verbatim_gives_the_lab_it_describes(i, workers, nodes):
-    if i == 3:  # jupyter has matplotlib, the workers not: one environment per lab (#13), unless said
-        with pytest.raises(ValidationError, match="matplotlib is in jupyter but not in scheduler or worker"):
-            spec_of(values=seed(i))
-    spec = spec_of(values=seed(i), **({"mixed_environment": True} if i == 3 else {}))
+    spec = spec_of(values=seed(i))  # as it is: no mixed_environment
     assert (spec.initial_workers, spec.max_workers) == (workers, workers)
     assert spec.values == yaml.safe_load(seed(i))
     # seed 3: 15 workers of 1 CPU / 3 GB (its limits) on e2-standard-4: 3 a node → 5 nodes, under max_nodes=8
@@ -51,25 +48,27 @@ def test_each_seed_config_yaml_sent_verbatim_gives_the_lab_it_describes(i, worke
             "values.worker.replicas"} <= fields
     jupyter = next(n for n in spec.notes if note_field(n) == "values.jupyter.serviceType")
     assert "LoadBalancer replaced by ClusterIP" in jupyter and "expose.source_ranges" in jupyter
-    if i == 3:  # its requests (0.5 CPU / 2.5G) are replaced by its limits
+    if i == 3:  # its requests (0.5 CPU / 2.5G) are replaced by its limits; Jupyter's matplotlib is said
         assert "values.worker.resources.requests" in fields
+        assert "values.jupyter.env.EXTRA_PIP_PACKAGES" in fields and not spec.mixed_environment
+    if i > 1:  # the scheduler lists no packages: said, with the update that adds them
+        assert "values.scheduler.env" in fields
 
 
 def test_more_workers_than_the_caps_allow_are_refused_and_the_user_lowers_them():
     big = seed(3).replace("replicas: 15", "replicas: 17")
     with pytest.raises(ValidationError) as e:
-        spec_of(values=big, mixed_environment=True)
+        spec_of(values=big)
     assert (e.value.field, e.value.rule) == ("values.worker.replicas",
                                              "17 is above the controller cap max_workers=16")
     # on smaller machines the node cap refuses first: e2-standard-2 holds one such worker a node
     with pytest.raises(ValidationError) as e:
-        spec_of(values=seed(3), machine_type="e2-standard-2", mixed_environment=True)
+        spec_of(values=seed(3), machine_type="e2-standard-2")
     assert e.value.field == "values.worker.replicas" and "above the controller cap max_nodes=8" in e.value.rule
     # what the user does instead: fewer workers, or the bigger machine type
-    mixed = {"mixed_environment": True}  # seed 3's jupyter has matplotlib, its workers not
-    assert spec_of(values=seed(3).replace("replicas: 15", "replicas: 8"), machine_type="e2-standard-2",
-                   **mixed).max_workers == 8
-    assert spec_of(values=seed(3), machine_type="e2-standard-8", **mixed).nodes_for(15) == 3
+    assert spec_of(values=seed(3).replace("replicas: 15", "replicas: 8"),
+                   machine_type="e2-standard-2").max_workers == 8
+    assert spec_of(values=seed(3), machine_type="e2-standard-8").nodes_for(15) == 3
 
 
 @pytest.mark.parametrize("workers, replicas, expected", [
@@ -144,7 +143,7 @@ def test_the_local_backend_says_what_it_does_not_run():
     # its Jupyter runs, with the workers' packages (the lab's venv): only the LoadBalancers are not used
     assert "values.jupyter" not in fields and "values.worker.env" not in fields, spec.notes
     assert any("not used (the local lab listens on 127.0.0.1)" in n for n in spec.notes)
-    spec = spec_of(LOCAL, values=seed(3), mixed_environment=True)
+    spec = spec_of(LOCAL, values=seed(3))
     assert "values.jupyter: resources not applied by the local lab" in " ".join(spec.notes)
 
 

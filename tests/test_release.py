@@ -155,7 +155,7 @@ def test_token_secret_and_names():
 def test_cluster_labels_say_whose_it_is_and_nothing_a_user_wrote():
     seed = (Path(__file__).resolve().parents[1] / "examples" / "seed-3.yaml").read_text()
     spec = build_spec(parse_command(json.dumps({"type": "start-lab", "lab": "intro", "owner": "alice",
-                                                "values": seed, "mixed_environment": True})),
+                                                "values": seed})),
                       Config(backend="gke", project="p"))  # values, packages and override notes
     lab = Lab(spec, LabState(phase="provisioning", created_at=1.5, target_workers=15))
     assert spec.notes and build_labels(lab) == {"managed-by": "dasklab", "lab": "intro", "owner": "alice"}

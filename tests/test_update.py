@@ -54,7 +54,7 @@ def test_update_adds_a_package_replaces_the_workers_and_keeps_the_results(contro
     updated = [e for e in ctl.events.read() if e["event"] == "lab-updated"]
     assert len(updated) == 1 and (updated[0]["from_revision"], updated[0]["revision"]) == (1, 2)
     assert updated[0]["environment"]["worker"]["extra_pip_packages"] == [EXTRA]
-    assert any("scheduler runs without inflection" in n for n in updated[0]["notes"])
+    assert any(n.startswith("values.scheduler.env: no inflection on the scheduler") for n in updated[0]["notes"])
     # the venv is the lab's own, under $DASKLAB_HOME, and sees the base packages
     python = backend.python(backend.fetch_lab("up1").spec)
     assert python.startswith(str(home / "envs"))
@@ -69,17 +69,21 @@ def test_update_adds_a_package_replaces_the_workers_and_keeps_the_results(contro
     assert row["revision"] == "2" and row["notes"] == list(lab.spec.notes)
 
 
-def test_the_cli_sends_update_lab_and_refuses_two_environments_itself(tmp_path, capsys, monkeypatch):
+def test_the_cli_sends_update_lab_and_refuses_different_versions_itself(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DASKLAB_HOME", str(tmp_path / "h"))
     config = tmp_path / "config.yaml"
     config.write_text("jupyter:\n  env:\n    - {name: EXTRA_PIP_PACKAGES, value: pyarrow gcsfs matplotlib}\n"
-                      "worker:\n  env:\n    - {name: EXTRA_PIP_PACKAGES, value: pyarrow gcsfs}\n")
+                      "worker:\n  env:\n    - {name: EXTRA_PIP_PACKAGES, value: pyarrow==18.0 gcsfs}\n")
     a = parser().parse_args(["update-lab", "--lab", "x", "--values", str(config), "--restart"])
     assert build_update_lab(a) == {"v": 1, "type": "update-lab", "lab": "x", "values": config.read_text(),
                                    "restart": True}
     assert main(["update-lab", "--lab", "x", "--values", str(config)]) == 2
-    assert ("values.jupyter.env.EXTRA_PIP_PACKAGES: matplotlib is in jupyter but not in scheduler or worker"
-            in capsys.readouterr().err)
+    assert ("values.worker.env.EXTRA_PIP_PACKAGES: pyarrow is pinned differently: unpinned (the newest) in jupyter, "
+            "==18.0 in worker" in capsys.readouterr().err)
+    config.write_text(config.read_text().replace("pyarrow==18.0", "pyarrow"))  # the seed's third file: said
+    main(["update-lab", "--lab", "x", "--values", str(config)])
+    assert "note: values.jupyter.env.EXTRA_PIP_PACKAGES: matplotlib in jupyter but not in worker" in \
+        capsys.readouterr().err
 
 
 def test_a_scheduler_change_is_refused_unless_restart_is_said(controller):

@@ -103,7 +103,7 @@ def validate(payload: dict, cfg) -> None:
         for note in spec.notes:  # what the controller will replace, said before sending
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, UpdateLab):
-        for note in check_environment(cmd.values, cmd.mixed_environment):  # the rest needs the lab: the controller
+        for note in check_environment(cmd.values, cmd.mixed_environment, cmd.lab):  # the rest needs the lab: the controller
             print(f"note: {note}", file=sys.stderr)
     elif isinstance(cmd, Scale):
         check_caps(cmd, cfg)
@@ -298,14 +298,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--values", help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--expose", nargs="+", metavar="CIDR", help="public Jupyter, only from these networks")
     s.add_argument("--mixed-environment", action="store_true",
-                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+                   help="accept a package pinned differently or different image tags across jupyter, "
+                        "scheduler and worker")
     s = sub.add_parser("update-lab", parents=[gcp, wait], help="give a running lab new chart values (a new revision)")
     s.add_argument("--lab", required=True)
     s.add_argument("--values", required=True, help="Dask Helm chart values file (config.yaml), or - for stdin")
     s.add_argument("--restart", action="store_true",
                    help="accept a change that restarts the scheduler (results held in memory are lost)")
     s.add_argument("--mixed-environment", action="store_true",
-                   help="accept different EXTRA_PIP_PACKAGES or image tags in jupyter, scheduler and worker")
+                   help="accept a package pinned differently or different image tags across jupyter, "
+                        "scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
     s = sub.add_parser("start-class", parents=[gcp, wait, sizing], help="a lab per student of a roster, from one message")

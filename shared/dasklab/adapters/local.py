@@ -256,8 +256,8 @@ class LocalBackend:
     # --- environments ---
 
     def apply_environment(self, spec: LabSpec) -> None:
-        """Install the EXTRA_PIP_PACKAGES of the spec's workers and Jupyter into the venv of each set (one set with
-        one environment per lab; cached; refused with pip's tail)."""
+        """Install the EXTRA_PIP_PACKAGES of the spec's workers and Jupyter into the venv of each set (one when
+        they list the same; cached; refused with pip's tail)."""
         self.python(spec)
         if jupyter_enabled(spec.values):
             self.jupyter_python(spec)
@@ -268,7 +268,7 @@ class LocalBackend:
 
     def jupyter_python(self, spec: LabSpec) -> str:
         """The interpreter of the lab's Jupyter and its kernels: the venv of its own packages, as the chart's Jupyter
-        image installs them (the workers' venv, with one environment per lab)."""
+        image installs them (the workers' venv when they list the same)."""
         return ensure_env(self.root.parent, jupyter_packages(spec.values))
 
     def _worker_signature(self, spec: LabSpec) -> str:

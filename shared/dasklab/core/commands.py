@@ -78,7 +78,7 @@ class Commands(Part):
             return NOTHING_TO_DO, why
         if lab.state.phase in (TEARING_DOWN, FAILED):
             raise PermanentError(f"lab {lab.name} is {lab.state.phase}: nothing to update")
-        new = build_update(cmd, lab.spec)
+        new = build_update(cmd, lab.spec, self.config)
         verdict, reason = plan_update(lab.spec, new, cmd.restart)
         if verdict == "refuse":
             raise ValidationError("restart", reason)

@@ -261,7 +261,7 @@ class StartLab(_Command, tag="start-lab", kw_only=True):
     spot: bool = False
     expose: Expose | None = None
     values: dict | str = msgspec.field(default_factory=dict)  # Dask Helm chart values, kept as the user wrote them
-    mixed_environment: bool = False  # accept different EXTRA_PIP_PACKAGES / image tags per component (a warning)
+    mixed_environment: bool = False  # accept different package pins / image tags per component (a note)
 
     def __post_init__(self):
         super().__post_init__()

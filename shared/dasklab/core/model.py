@@ -66,7 +66,7 @@ class LabSpec:
     public_source_ranges: tuple[str, ...] = ()  # opt-in public Jupyter, restricted to these CIDRs
     pinned_workers: int | None = None
     keep_alive_until: float | None = None
-    mixed_environment: bool = False  # the owner accepted different packages or image tags per component
+    mixed_environment: bool = False  # the owner accepted different package pins or image tags per component
     revision: int = 1  # the revision of the values asked for: 1 at start-lab, +1 per update-lab that changes them
     dask_version: str = ""  # the Dask its images run (config dask_version, or the version its values' tags state)
     notes: tuple[str, ...] = ()  # each part of the request the controller replaced: "field: what was done; do …"

@@ -78,7 +78,8 @@ def _jupyter_notes(values: dict) -> list[str]:
 
 def _worker_notes(cmd, values: dict, spec: LabSpec) -> list[str]:
     worker, notes = _block(values, "worker"), []
-    replicas = worker.get("replicas")
+    # an update-lab has no `workers`: build_update says what a changed replicas does
+    replicas = worker.get("replicas") if getattr(cmd, "workers", None) is not None else None
     if replicas is not None and cmd.workers.initial is not None and replicas != cmd.workers.initial:
         notes.append(f"values.worker.replicas: {replicas} replaced by workers.initial ({cmd.workers.initial}); "
                      "send one of them")
@@ -182,7 +183,7 @@ def build_share_notes(values: dict, spec: LabSpec, system_machine: str) -> list[
 
 
 def build_overrides(cmd, spec: LabSpec, backend: str = "gke") -> tuple[str, ...]:
-    """The notes of a start-lab (`cmd`: its workers and values) as built into `spec`, for `backend`."""
+    """The notes of a start-lab or update-lab (`cmd`: its workers and values) as built into `spec`, for `backend`."""
     values = spec.values if isinstance(spec.values, dict) else {}
     notes = (_service_notes(values, spec, backend)
              + (_local_notes(values) if backend == "local" else _jupyter_notes(values) + _account_notes(values))

@@ -315,6 +315,8 @@ def plan_update(current: LabSpec, new: LabSpec, restart: bool) -> tuple[str, str
         parts.append("workers replaced gracefully (new ones join before the old retire)")
     if scheduler:
         parts.append(f"scheduler restarted ({', '.join(scheduler)}; restart: true)")
+    if new.max_workers != current.max_workers:
+        parts.append(f"workers.max {current.max_workers} → {new.max_workers} (values.worker.replicas)")
     jupyter = plan_jupyter_restart(current, new)
     if jupyter:
         parts.append(jupyter)

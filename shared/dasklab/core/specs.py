@@ -41,19 +41,46 @@ def _check_fits(spec: LabSpec, field: str = "worker_resources") -> None:
                                      f"not fit on one {spec.machine_type} ({cpu_node} CPU / {mem_node} GiB)")
 
 
-def build_update(cmd: UpdateLab, spec: LabSpec) -> LabSpec:
+def build_update(cmd: UpdateLab, spec: LabSpec, config: Config | None = None) -> LabSpec:
     """The spec an update-lab asks for: the new values in place of the old (as `helm upgrade -f` does), the
     worker size from their `worker.resources.limits` (else the lab's), the same environment rule as start-lab.
-    The Dask version is the one the new tags state, else the lab's. The revision is not counted here: the
-    controller does, when the values differ."""
+    The Dask version is the one the new tags state, else the lab's. A changed `values.worker.replicas` is the lab's
+    new maximum, as at start-lab (the replicas rule), under the caps of `config`. The revision is not counted here:
+    the controller does, when the values differ."""
     limits = _worker_limits(cmd.chart)
     version = _dask_version(cmd, replace(Config(), dask_version=spec.dask_version))
-    notes = check_environment(cmd.values, cmd.mixed_environment)
+    notes = check_environment(cmd.values, cmd.mixed_environment, cmd.lab)
     new = replace(spec, values=cmd.values, mixed_environment=cmd.mixed_environment, notes=notes,
                   worker_cpu=(limits and limits.cpu) or spec.worker_cpu,
                   worker_memory=(limits and limits.memory) or spec.worker_memory, dask_version=version)
     _check_fits(new, "values.worker.resources.limits")
-    return new
+    if config is not None:  # what the controller replaces in the new values, said as at start-lab
+        from dasklab.core.overrides import build_overrides, build_share_notes
+        shares = build_share_notes(new.values, new, config.system_machine_type) if config.backend == "gke" else []
+        new = replace(new, notes=build_overrides(cmd, new, config.backend) + tuple(shares) + new.notes)
+    return _update_maximum(new, spec, _replicas(cmd), config)
+
+
+def _update_maximum(new: LabSpec, spec: LabSpec, replicas: int | None, config: Config | None) -> LabSpec:
+    """The replicas rule of an update: `values.worker.replicas`, when it differs from the lab's, becomes the maximum
+    (the seed's `helm upgrade` with `replicas: 15`); refused below the lab's min or pin, or above the caps."""
+    was = ((spec.values or {}).get("worker") or {}).get("replicas") if isinstance(spec.values, dict) else None
+    if replicas is None or replicas == was or replicas == spec.max_workers:
+        return new
+    field, hi = "values.worker.replicas", max(replicas, 1)
+    floor = max(spec.min_workers, spec.pinned_workers or 0)
+    if replicas < floor:
+        raise ValidationError(field, f"{replicas} is below the lab's min or pin ({floor}): lower them with "
+                                     "`dasklab scale` first, or raise values.worker.replicas")
+    if config is not None and hi > config.max_workers:
+        raise ValidationError(field, f"{replicas} is above the controller cap max_workers={config.max_workers}")
+    if config is not None and new.nodes_for(hi) > config.max_nodes:
+        raise ValidationError(field, f"{replicas} workers need {new.nodes_for(hi)} {new.machine_type} nodes, above "
+                                     f"the controller cap max_nodes={config.max_nodes}")
+    note = (f"values.worker.replicas: {replicas} is the lab's maximum now (was {spec.max_workers}); the controller "
+            f"scales between workers.min ({spec.min_workers}) and {hi} from the scheduler's load; `dasklab scale "
+            f"--pin {replicas}` holds it")
+    return replace(new, max_workers=hi, notes=(note,) + new.notes)
 
 
 def _replicas(cmd: StartLab) -> int | None:
@@ -124,7 +151,7 @@ def build_spec(cmd: StartLab, config: Config, placement: str = "") -> LabSpec:
         spot=cmd.spot, values=cmd.values,
         public_source_ranges=tuple(cmd.expose.source_ranges) if cmd.expose else (),
         dask_version=_dask_version(cmd, config),  # first: different Dask versions are refused, mixed or not
-        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment),
+        mixed_environment=cmd.mixed_environment, notes=check_environment(cmd.values, cmd.mixed_environment, cmd.lab),
         system_usd_h=build_system_usd_h(config, students=1, shared=False), placement=placement,
     )
     _check_fits(spec)
