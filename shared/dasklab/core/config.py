@@ -83,6 +83,7 @@ class Config:
     system_pool: str = "system"
     system_machine_type: str = "e2-standard-4"  # scheduler, Jupyter and the Helm Job run here
     system_nodes: int = 1  # per zone
+    node_disk_gb: int = 100  # every node's boot disk (GB; GKE's default): quotas SSD_TOTAL_GB/DISKS_TOTAL_GB count it
     worker_pool: str = "workers"  # cluster autoscaler off: the controller sizes it
     chart_repo: str = "https://helm.dask.org"
     chart_version: str = "2024.1.1"  # the official dask/dask chart, pinned

@@ -1,0 +1,69 @@
+"""Quotas before a lab, a class or a scale: the need (core/quotas.py, pure) against the project's quotas as the Compute
+stand-in serves them (regions.get, usage from the VMs it holds), through the controller and the `dasklab quota`
+preflight."""
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+from dasklab.core.config import Config
+from dasklab.core.model import READY, PROVISIONING
+from dasklab.core.quotas import CLUSTERS, FIT, REFUSE, WARN, Quota, build_need, build_reserved, build_scale_need, \
+    plan_quota
+
+from tests.conftest import make_spec, make_state
+from dasklab.core.model import Lab
+
+GKE = Config(backend="gke", location="us-central1-a")
+ROOMY = {"CPUS": Quota(1000, 0), "IN_USE_ADDRESSES": Quota(1000, 0), "SSD_TOTAL_GB": Quota(100000, 0),
+         CLUSTERS: Quota(100, 0)}
+
+
+def students(n, placement, **kw):
+    spec = make_spec(max_workers=6, machine_type="e2-standard-4", placement=placement, class_size=n, **kw)
+    return [replace(spec, name=f"intro-s{i}") for i in range(n)]
+
+
+def test_the_readme_class_needs_280_vcpus_shared_and_360_own():
+    # the README's placement table: 30 students × 6 workers, 3 workers per e2-standard-4 node
+    shared = build_need(students(30, "shared"), GKE)
+    own = build_need(students(30, "own"), GKE)
+    assert shared == Counter({"CPUS": 280, "IN_USE_ADDRESSES": 70, "SSD_TOTAL_GB": 7000, CLUSTERS: 1})
+    assert own == Counter({"CPUS": 360, "IN_USE_ADDRESSES": 90, "SSD_TOTAL_GB": 9000, CLUSTERS: 30})
+    # a class cluster that exists already: only the new students' share of the worker pool
+    assert build_need(students(3, "shared"), GKE, new_cluster=False) == Counter(
+        {"CPUS": 24, "IN_USE_ADDRESSES": 6, "SSD_TOTAL_GB": 600})
+    # a regional location triples every per-zone pool; an N2 machine counts against N2_CPUS, its disk likewise
+    regional = replace(GKE, location="us-central1")
+    assert build_need([make_spec(max_workers=3, machine_type="n2-standard-4")], regional) == Counter(
+        {"CPUS": 12, "N2_CPUS": 12, "IN_USE_ADDRESSES": 6, "SSD_TOTAL_GB": 600, CLUSTERS: 1})
+    assert build_need([make_spec(max_workers=3)], replace(GKE, node_disk_gb=50))["SSD_TOTAL_GB"] == 100
+
+
+@pytest.mark.parametrize("quotas, reserved, action, said", [
+    (ROOMY, {}, FIT, "every need fits"),
+    ({**ROOMY, "CPUS": Quota(24, 4)}, {}, REFUSE, "CPUS in us-central1: limit 24, usage 4, this needs 280 (free 20)"),
+    ({**ROOMY, "IN_USE_ADDRESSES": Quota(8, 0)}, {}, REFUSE, "IN_USE_ADDRESSES in us-central1: limit 8, usage 0, "
+                                                              "this needs 70"),
+    ({**ROOMY, "CPUS": Quota(300, 10)}, {"CPUS": 12}, WARN, "CPUS in us-central1 fits only at the current usage "
+                                                            "(limit 300, usage 10, this needs 280, the running labs "
+                                                            "may still take 12)"),
+    ({**ROOMY, "CPUS": Quota(300, 10)}, {"CPUS": 10}, FIT, "every need fits"),
+    ({k: v for k, v in ROOMY.items() if k != "SSD_TOTAL_GB"}, {}, WARN, "SSD_TOTAL_GB not reported, not checked"),
+    ({}, {}, WARN, "not checked, the region in us-central1 reported no quotas"),
+])
+def test_plan_quota(quotas, reserved, action, said):
+    decision = plan_quota(build_need(students(30, "shared"), GKE), quotas, reserved, "us-central1")
+    assert decision.action == action and said in decision.reason
+
+
+def test_what_running_labs_may_still_take_and_what_a_scale_adds():
+    ready = Lab(make_spec(name="a", max_workers=6), make_state(phase=READY, target_workers=3))  # 1 node → 2 nodes
+    creating = Lab(make_spec(name="b", max_workers=3), make_state(phase=PROVISIONING, target_workers=1))
+    gone = Lab(make_spec(name="c", max_workers=6), make_state(phase="tearing-down", target_workers=0))
+    assert build_reserved([ready, creating, gone], GKE) == Counter(
+        {"CPUS": 4 + 8, "IN_USE_ADDRESSES": 1 + 2, "SSD_TOTAL_GB": 100 + 200})
+    old = make_spec(max_workers=3)
+    assert build_scale_need(old, replace(old, max_workers=9), GKE) == Counter(
+        {"CPUS": 8, "IN_USE_ADDRESSES": 2, "SSD_TOTAL_GB": 200})
+    assert build_scale_need(old, replace(old, max_workers=2), GKE) == Counter()
