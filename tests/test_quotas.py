@@ -67,3 +67,82 @@ def test_what_running_labs_may_still_take_and_what_a_scale_adds():
     assert build_scale_need(old, replace(old, max_workers=9), GKE) == Counter(
         {"CPUS": 8, "IN_USE_ADDRESSES": 2, "SSD_TOTAL_GB": 200})
     assert build_scale_need(old, replace(old, max_workers=2), GKE) == Counter()
+
+
+# --- through the controller: the GKE backend on the GKE and Compute stand-ins ---
+
+@pytest.fixture
+def cloud(tmp_path):
+    """A controller on the GKE backend over the GKE and Compute stand-ins (lab records and classes in files), its
+    events, and the stand-ins."""
+    from dasklab.adapters.compute import Migs, Regions
+    from dasklab.adapters.files import FileClasses
+    from dasklab.adapters.gke import GkeBackend
+    from dasklab.core.reconcile import Controller
+    from tests.fakes import FileLabRecords, ListEvents
+    from tests.standins.compute import MigStandin
+    from tests.standins.gke import GkeStandin
+
+    cfg = Config(backend="gke", project="quota-proj", location="us-central1-a", tick_budget_s=0,
+                 node_service_account="dasklab-nodes@quota-proj.iam.gserviceaccount.com")
+    with GkeStandin(operation_s=3600) as g, MigStandin(g) as m:  # clusters stay PROVISIONING: nothing connects
+        backend = GkeBackend(cfg, g.client(), lambda cluster: None, Migs(m.client), FileLabRecords(tmp_path / "labs"),
+                             regions=Regions(m.regions_client))
+        events = ListEvents()
+        yield Controller(backend, events, cfg, classes=FileClasses(tmp_path)), events, g, m
+
+
+def start_class(roster, placement="own", max_workers=3):
+    return cmd(type="start-class", **{"class": "intro"}, owner="prof", roster=roster, placement=placement,
+               workers={"initial": 1, "max": max_workers})
+
+
+def cmd(**kw):
+    from tests.conftest import cmd as build
+    return build(**kw)
+
+
+def test_a_class_that_does_not_fit_is_refused_before_anything_is_created(cloud):
+    from dasklab.core.errors import ValidationError
+    ctl, events, g, m = cloud
+    m.limits.update(CPUS=24, IN_USE_ADDRESSES=8)  # a new project's
+    with pytest.raises(ValidationError) as refused:
+        ctl.handle(start_class(["ann", "ben", "cy", "dee", "eve"], max_workers=6), "m1")
+    # 5 own clusters: each a system node and 2 worker nodes of 4 vCPUs
+    assert "quota: CPUS in us-central1: limit 24, usage 0, this needs 60 (free 24)" in str(refused.value)
+    assert "IN_USE_ADDRESSES in us-central1: limit 8, usage 0, this needs 15 (free 8)" in str(refused.value)
+    assert g.clusters == {} and ctl.classes.fetch_class("intro") is None and ctl.backend.fetch_labs() == []
+    # a start-lab likewise; the same class, shared, fits
+    with pytest.raises(ValidationError, match="CPUS in us-central1: limit 24, usage 0, this needs 28"):
+        ctl.handle(cmd(type="start-lab", lab="solo", owner="alice", workers={"max": 16}), "m2")
+    assert g.clusters == {} and ctl.backend.fetch_labs() == []
+    m.limits.update(CPUS=100, IN_USE_ADDRESSES=100)
+    ctl.handle(start_class(["ann", "ben", "cy", "dee", "eve"], placement="shared", max_workers=6), "m3")
+    outcome = events.events[-1]
+    assert outcome["outcome"] == "accepted" and "quota" not in outcome["reason"], outcome
+    assert list(g.clusters) == ["projects/quota-proj/locations/us-central1-a/clusters/intro--shared"]
+
+
+def test_a_class_that_fits_only_at_the_current_usage_is_accepted_with_a_warning(cloud):
+    ctl, events, g, m = cloud
+    # a lab that runs 1 of its 6 workers (1 node of 2): it may still take another node's 4 vCPUs
+    ctl.backend.records.apply_create(Lab(make_spec(name="busy", max_workers=6),
+                                         make_state(phase="installing", target_workers=1)))
+    m.other_usage = {"CPUS": 4}  # what is running now (outside the stand-in's node pools)
+    m.limits.update(CPUS=22)  # free 18: the class's 16 fit now, not beside the running lab's growth
+    ctl.handle(start_class(["ann", "ben"]), "m1")
+    outcome = events.events[-1]
+    warning = ("quota: CPUS in us-central1 fits only at the current usage (limit 22, usage 4, this needs 16, the "
+               "running labs may still take 4)")
+    assert outcome["outcome"] == "accepted" and warning in outcome["reason"], outcome
+    assert ctl.classes.fetch_class("intro").notes == (warning,)
+    labs = {lab.name: lab for lab in ctl.backend.fetch_labs()}
+    assert warning in labs["intro-ann"].spec.notes and len(g.clusters) == 2
+    g.advance_all()  # the class's clusters run: their nodes count now (a system node and a worker node each)
+    # a scale that raises a maximum past what is free is refused, the lab as it was
+    from dasklab.core.errors import ValidationError
+    with pytest.raises(ValidationError, match=r"quota: CPUS in us-central1: limit 22, usage 20, this needs 8 \(free 2\)"):
+        ctl.handle(cmd(type="scale", lab="busy", max=12), "m2")
+    assert ctl.backend.fetch_lab("busy").spec.max_workers == 6
+    ctl.handle(cmd(type="scale", lab="busy", max=3), "m3")  # lowering it is never refused
+    assert ctl.backend.fetch_lab("busy").spec.max_workers == 3
