@@ -146,3 +146,29 @@ def test_a_class_that_fits_only_at_the_current_usage_is_accepted_with_a_warning(
     assert ctl.backend.fetch_lab("busy").spec.max_workers == 6
     ctl.handle(cmd(type="scale", lab="busy", max=3), "m3")  # lowering it is never refused
     assert ctl.backend.fetch_lab("busy").spec.max_workers == 3
+
+
+def test_the_quota_preflight_prints_the_controllers_table_and_starts_nothing(cloud, tmp_path, monkeypatch, capsys):
+    from dasklab import runtime
+    from tests.test_cli import main
+    ctl, events, g, m = cloud
+    for name in ("DASKLAB_PROJECT", "DASKLAB_REGION", "DASKLAB_LOCATION", "DASKLAB_BACKEND"):  # undone after
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DASKLAB_LOCATION", "us-central1-a")
+    monkeypatch.setenv("DASKLAB_NODE_SERVICE_ACCOUNT", "dasklab-nodes@quota-proj.iam.gserviceaccount.com")
+    monkeypatch.setattr(runtime, "build_backend", lambda cfg: ctl.backend)
+    (tmp_path / "students.txt").write_text("ann\nben  # the second\n\ncy\n")
+    (tmp_path / "config.yaml").write_text("worker:\n  replicas: 2\n")
+    m.limits.update(CPUS=28)
+    args = ("quota", "--class", "intro", "--roster", str(tmp_path / "students.txt"), "--values",
+            str(tmp_path / "config.yaml"), "--max", "6", "--project", "quota-proj")
+    assert main(*args, "--placement", "own") == 2  # 3 own clusters: a system node and 2 worker nodes each
+    out = capsys.readouterr().out
+    assert "CPUS" in out and "refuse" in out and "CPUS in us-central1: limit 28, usage 0, this needs 36" in out
+    assert main(*args) == 0  # shared: 1 system node for 3 students, 18 workers on 6 nodes (3 a node): 7 × 4 vCPUs
+    out = capsys.readouterr().out
+    assert "quotas: every need fits (in us-central1)" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("CPUS"))
+    assert row == ["CPUS", "28", "0", "0", "28", "fits"]
+    assert g.clusters == {} and ctl.classes.fetch_class("intro") is None and events.events == []

@@ -66,19 +66,42 @@ class Commands(Part):
             return with_quota_note(spec, self.check_quotas(build_need([spec], self.config)))
         return self.c.labs.apply_start(build_spec(cmd, self.config), mid, published, check)
 
-    def check_quotas(self, need, labs: list | None = None) -> str:
-        """The need against the project's quotas as read now (the backend's; none: not checked) beside what the
-        labs that exist may still take: refused (ValidationError naming each quota short, its limit, usage and the
-        need) before anything is created; the warning when it fits only at the current usage; "" when it fits."""
+    def plan_quotas(self, need, labs: list | None = None):
+        """plan_quota: the need against the project's quotas as read now (the backend's), beside what the labs that
+        exist may still take; None when the backend has no quotas (the local one)."""
         fetch = getattr(self.backend, "fetch_quotas", None)
-        quotas = fetch() if fetch is not None and need else None
+        quotas = fetch() if fetch is not None else None
         if quotas is None:
-            return ""
+            return None
         labs = self.backend.fetch_labs() if labs is None else labs
-        decision = plan_quota(need, quotas, build_reserved(labs, self.config), region_of(self.config.location))
-        if decision.action == REFUSE:
+        return plan_quota(need, quotas, build_reserved(labs, self.config), region_of(self.config.location))
+
+    def check_quotas(self, need, labs: list | None = None) -> str:
+        """Refused (ValidationError naming each quota short, its limit, usage and the need) before anything is
+        created; the warning when it fits only at the current usage; "" when it fits or is not checked."""
+        decision = self.plan_quotas(need, labs) if need else None
+        if decision is not None and decision.action == REFUSE:
             raise ValidationError("quota", decision.reason)
-        return decision.reason if decision.action == WARN else ""
+        return decision.reason if decision is not None and decision.action == WARN else ""
+
+    def class_need(self, cmd: StartClass, adding: list, existing: dict):
+        """What a start-class's new labs (`adding`) need; the class's cluster too unless a lab of it exists."""
+        cluster_exists = any(lab.spec.class_name == cmd.class_ for lab in existing.values())
+        return build_need(adding, self.config, new_cluster=not cluster_exists)
+
+    def class_probe(self, cmd: StartClass) -> ClassRecord:
+        """The class a start-class describes (nothing stored): its students' labs are built from it."""
+        import msgspec
+        return ClassRecord(cmd.class_, roster=tuple(cmd.roster), template=msgspec.to_builtins(cmd),
+                           placement=cmd.placement, duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
+
+    def preflight_class(self, cmd: StartClass):
+        """What `dasklab quota` prints: the decision start-class would take on the quotas now (None: no quotas)."""
+        existing = {lab.name: lab for lab in self.backend.fetch_labs()}
+        probe = self.class_probe(cmd)
+        adding = [spec for spec in (self.c.class_steps._student_spec(probe, s) for s in cmd.roster)
+                  if spec.name not in existing]
+        return self.plan_quotas(self.class_need(cmd, adding, existing), list(existing.values()))
 
     def update_lab(self, cmd: UpdateLab, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the new values as the next revision (after their environment is ready), then converge: the
@@ -188,14 +211,12 @@ class Commands(Part):
     def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the class (roster, template, at, duration, budgets), then one class step: the labs missing are
         created (now, or a lead time before `at`), those of students no longer listed stopped gracefully."""
-        import msgspec
         store, now = self.c.class_steps.store(), self.clock()
         published = now if published is None else published
         if cmd.duration is not None and cmd.duration > self.config.max_lifetime_s:
             raise ValidationError("duration", f"{cmd.duration}s is above the controller cap max_lifetime="
                                               f"{self.config.max_lifetime_s}s: no lab may run that long")
-        probe = ClassRecord(cmd.class_, roster=tuple(cmd.roster), template=msgspec.to_builtins(cmd),
-                            placement=cmd.placement, duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
+        probe = self.class_probe(cmd)
         existing = {lab.name: lab for lab in self.backend.fetch_labs()}
         adding = []  # the labs this start-class creates
         for i, student in enumerate(cmd.roster):  # every lab validated as a start-lab before anything is written
@@ -221,9 +242,7 @@ class Commands(Part):
         if record is not None and not record.is_stopped and record.owner != cmd.owner:
             raise ValidationError("owner", f"class {cmd.class_} exists and belongs to {record.owner}")
         # what its new labs need at their maximum against the quotas, before anything is written (refused: raised)
-        cluster_exists = any(lab.spec.class_name == cmd.class_ for lab in existing.values())
-        quota_note = self.check_quotas(build_need(adding, self.config, new_cluster=not cluster_exists),
-                                       list(existing.values())) if adding else ""
+        quota_note = self.check_quotas(self.class_need(cmd, adding, existing), list(existing.values()))
         fresh = record is None or record.is_stopped
         base = record if not fresh else ClassRecord(
             cmd.class_, created_at=now, stopped=record and record.stopped, version=record.version if record else "",
