@@ -172,3 +172,24 @@ def test_the_quota_preflight_prints_the_controllers_table_and_starts_nothing(clo
     row = next(line.split() for line in out.splitlines() if line.startswith("CPUS"))
     assert row == ["CPUS", "28", "0", "0", "28", "fits"]
     assert g.clusters == {} and ctl.classes.fetch_class("intro") is None and events.events == []
+
+
+def test_quotas_that_cannot_be_read_are_said_never_blocking(cloud):
+    from dasklab.core.config import from_env
+    from dasklab.core.errors import TransientError, ValidationError
+    ctl, events, g, m = cloud
+    m.fail_next("regions.get", "regions-permission")  # an IAM not redeployed: the lab starts, the reason said
+    ctl.handle(cmd(type="start-lab", lab="solo", owner="alice"), "m1")
+    assert events.events[-1]["outcome"] == "accepted" and "quota: not checked: read the quotas of region " \
+        "us-central1" in events.events[-1]["reason"] and "Required 'compute.regions.get' permission for 'projects/" \
+        "quota-proj/regions/us-central1'" in events.events[-1]["reason"]
+    m.quotas_unavailable = True  # regions.get fails open: no quotas, said
+    ctl.handle(cmd(type="start-lab", lab="duo", owner="alice"), "m2")
+    assert "quota: not checked, the region in us-central1 reported no quotas" in events.events[-1]["reason"]
+    m.quotas_unavailable = False
+    m.fail_next("regions.get", "rate-limit")  # transient: the start-lab is retried, nothing created meanwhile
+    with pytest.raises(TransientError):
+        ctl.handle(cmd(type="start-lab", lab="trio", owner="alice"), "m3")
+    assert ctl.backend.fetch_lab("trio") is None
+    with pytest.raises(ValidationError, match="DASKLAB_NODE_DISK_GB"):
+        from_env({"DASKLAB_NODE_DISK_GB": "8"})

@@ -41,6 +41,8 @@ ERRORS = {
                              "cookie or other valid authentication credential.", "authError"),
     "permission": (403, "Required 'compute.instanceGroupManagers.update' permission for "
                         "'projects/{project}/zones/{zone}/instanceGroupManagers/{name}'", "forbidden"),
+    "regions-permission": (403, "Required 'compute.regions.get' permission for 'projects/{project}/regions/{region}'",
+                           "forbidden"),
     "quota": (403, "Quota 'CPUS' exceeded. Limit: 8.0 in region {region}.", "quotaExceeded"),
     "rate-limit": (403, "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service "
                         "'compute.googleapis.com' for consumer 'project_number:1'.", "rateLimitExceeded"),

@@ -88,6 +88,6 @@ def test_regions_get_serves_quotas_with_usage_from_the_node_vms(world):
     assert quotas["IN_USE_ADDRESSES"].usage == 6 and quotas["CPUS"] == Quota(24, 26)
     m.quotas_unavailable = True  # fails open: no quotas, a warning
     assert regions.fetch_quotas("lab-proj", "us-central1") == {}
-    m.fail_next("regions.get", "permission")
-    with pytest.raises(PermanentError):
+    m.fail_next("regions.get", "regions-permission")
+    with pytest.raises(PermanentError, match="compute.regions.get"):
         regions.fetch_quotas("lab-proj", "us-central1")

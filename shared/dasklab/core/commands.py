@@ -17,8 +17,8 @@ from dasklab.core.model import FAILED, READY, TEARING_DOWN
 from dasklab.core.policy import plan_jupyter_restart, plan_update
 from dasklab.core.trust import check_authorized, parse_admins
 from dasklab.core.config import region_of
-from dasklab.core.quotas import REFUSE, WARN, build_need, build_reserved, build_scale_need, plan_quota, \
-    with_quota_note
+from dasklab.core.quotas import REFUSE, WARN, QuotaDecision, build_need, build_reserved, build_scale_need, \
+    plan_quota, with_quota_note
 
 
 class Commands(Part):
@@ -70,7 +70,10 @@ class Commands(Part):
         """plan_quota: the need against the project's quotas as read now (the backend's), beside what the labs that
         exist may still take; None when the backend has no quotas (the local one)."""
         fetch = getattr(self.backend, "fetch_quotas", None)
-        quotas = fetch() if fetch is not None else None
+        try:
+            quotas = fetch() if fetch is not None else None
+        except PermanentError as e:  # e.g. no compute.regions.get (an IAM not redeployed): said, never blocking
+            return QuotaDecision(WARN, f"quota: not checked: {e}")
         if quotas is None:
             return None
         labs = self.backend.fetch_labs() if labs is None else labs

@@ -153,6 +153,8 @@ def from_env(env: dict | None = None) -> Config:
         if name in values and values[name] not in MACHINE_TYPES:
             raise ValidationError(f"DASKLAB_{name.upper()}", f"unknown machine type {values[name]!r}; "
                                                              f"known: {', '.join(sorted(MACHINE_TYPES))}")
+    if values.get("node_disk_gb", 10) < 10:  # NodeConfig.disk_size_gb docstring: "The smallest allowed … is 10GB"
+        raise ValidationError("DASKLAB_NODE_DISK_GB", f"{values['node_disk_gb']} GB: a node's boot disk is 10 GB at least")
     if "dask_version" in values:
         values["dask_version"] = check_dask_version("DASKLAB_DASK_VERSION", values["dask_version"])
     return Config(**values)

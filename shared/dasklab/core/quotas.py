@@ -135,7 +135,7 @@ def plan_quota(need: Counter | dict, quotas: dict[str, Quota], reserved: Counter
         return QuotaDecision(REFUSE, "; ".join(
             f"{r.metric}{at}: limit {r.limit:g}, usage {r.usage:g}, this needs {r.need:g} (free {r.free:g})"
             for r in short) + ": raise the quota or ask for fewer workers, students or clusters", tuple(rows))
-    if not quotas:
+    if not set(quotas) - {CLUSTERS}:
         return QuotaDecision(WARN, f"quota: not checked, the region{at} reported no quotas", tuple(rows))
     tight = [r for r in rows if r.verdict == WARN]
     if tight:
