@@ -25,7 +25,7 @@ FAMILIES = {
     "container": ("container_v1", [(container_v1.ClusterManagerClient, None)]),
     "pubsub": ("pubsub_v1", [(PublisherClient, None), (SubscriberClient, None)]),
     "scheduler": ("scheduler_v1", [(scheduler_v1.CloudSchedulerClient, None)]),
-    "compute": ("compute_v1", [(compute_v1.InstanceGroupManagersClient, None)]),
+    "compute": ("compute_v1", [(compute_v1.InstanceGroupManagersClient, None), (compute_v1.RegionsClient, {"get"})]),
     "kubernetes": ("kubernetes", [(k8s.CoreV1Api, None), (k8s.AppsV1Api, None), (k8s.BatchV1Api, None),
                                   (k8s.RbacAuthorizationV1Api, None), (k8s.NetworkingV1Api, None),
                                   (k8s.ApiClient, {"call_api"})]),

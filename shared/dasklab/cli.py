@@ -229,6 +229,23 @@ def cmd_status(a, cfg) -> int:
     return 0
 
 
+def cmd_quota(a, cfg) -> int:
+    """The start-class's need against the project's quotas, decided as the controller decides it; 2 if refused."""
+    from dasklab import runtime
+    from dasklab.core.messages import parse_command
+    from dasklab.core.quotas import REFUSE, build_quota_table
+    from dasklab.core.reconcile import Controller
+    payload = build_start_class(a)
+    validate(payload, cfg)  # refused here as the controller would refuse it, its notes said
+    cmd = parse_command(payload)
+    decision = Controller(runtime.build_backend(cfg), None, cfg).commands.preflight_class(cmd)
+    if decision is None:
+        print(f"the {cfg.backend} backend has no cloud quotas: nothing to check")
+        return 0
+    print(build_quota_table(decision))
+    return 2 if decision.action == REFUSE else 0
+
+
 def cmd_class_report(a, cfg) -> int:
     report = fetch_class_report(cfg, a.class_)
     if a.json:
@@ -310,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
                         "scheduler and worker")
     s = sub.add_parser("stop-lab", parents=[gcp, wait], help="tear a lab down")
     s.add_argument("--lab", required=True)
-    s = sub.add_parser("start-class", parents=[gcp, wait, sizing], help="a lab per student of a roster, from one message")
+    s = klass = argparse.ArgumentParser(add_help=False)  # a class: start-class, and the quota preflight
     s.add_argument("--class", dest="class_", required=True, help="the class name: labs are <class>-<student>")
     s.add_argument("--roster", required=True, help="a file with one student per line (# comments), or - for stdin")
     s.add_argument("--owner", help="the instructor (default: your user name)")
@@ -322,6 +339,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-class", type=float, metavar="USD", help="estimated cost at which the class is stopped")
     s.add_argument("--placement", choices=("own", "shared"),
                    help="a cluster per student, or one for the class (the default: shared)")
+    sub.add_parser("start-class", parents=[gcp, wait, sizing, klass], help="a lab per student of a roster, from one "
+                                                                        "message")
+    sub.add_parser("quota", parents=[gcp, sizing, klass], help="what a start-class would need of the project's "
+                                                              "quotas (the controller's check), starting nothing")
     s = sub.add_parser("stop-class", parents=[gcp, wait], help="tear down every lab of a class")
     s.add_argument("--class", dest="class_", required=True)
     s = sub.add_parser("class-report", parents=[gcp], help="usage per student of a class")
@@ -408,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"start-lab": cmd_publish, "update-lab": cmd_publish, "stop-lab": cmd_publish,
                    "keep-alive": cmd_publish, "scale": cmd_publish, "publish": cmd_publish, "status": cmd_status,
                    "start-class": cmd_publish, "stop-class": cmd_publish, "class-report": cmd_class_report,
+                   "quota": cmd_quota,
                    "demo": cmd_demo, "local": cmd_serve, "connect": cmd_connect, "infra": cmd_infra,
                    "deploy": cmd_deploy, "destroy": cmd_destroy}[a.cmd]
         return handler(a, cfg)

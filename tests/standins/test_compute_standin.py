@@ -65,3 +65,29 @@ def test_refusals_arrive_as_compute_sends_them_and_are_classified(world, kind, s
     if kind == "permission":
         assert "compute.instanceGroupManagers.update" in str(translated.value)
     assert m.refused == [kind] * 2 * times
+
+
+def test_regions_get_serves_quotas_with_usage_from_the_node_vms(world):
+    from dasklab.adapters.compute import Regions
+    from dasklab.core.quotas import Quota
+    g, m = world
+    # the fixture's cluster: a regional pool of 2 e2-standard-4 nodes per zone (GKE's defaults: pd-standard, 100 GB)
+    regions = Regions(m.regions_client)
+    quotas = regions.fetch_quotas("lab-proj", "us-central1")
+    assert quotas["CPUS"] == Quota(2400, 6 * 4) and quotas["IN_USE_ADDRESSES"] == Quota(2300, 6)
+    assert quotas["DISKS_TOTAL_GB"].usage == 600 and quotas["SSD_TOTAL_GB"].usage == 0
+    assert regions.fetch_quotas("lab-proj", "europe-west1")["CPUS"].usage == 0  # another region's VMs: not counted
+    # private nodes hold no external address; a pd-balanced disk counts as SSD; an N2 node against N2_CPUS
+    pools = [gke.NodePool(name="p", initial_node_count=1, config=gke.NodeConfig(
+        machine_type="n2-standard-8", disk_type="pd-balanced", disk_size_gb=50))]
+    g.client().create_cluster(parent=REGION, cluster=gke.Cluster(
+        name="lab-2", node_pools=pools, network_config=gke.NetworkConfig(default_enable_private_nodes=True)))
+    m.limits["CPUS"], m.other_usage = 24, {"CPUS": 2}
+    quotas = regions.fetch_quotas("lab-proj", "us-central1")
+    assert quotas["N2_CPUS"].usage == 24 and quotas["SSD_TOTAL_GB"].usage == 150
+    assert quotas["IN_USE_ADDRESSES"].usage == 6 and quotas["CPUS"] == Quota(24, 26)
+    m.quotas_unavailable = True  # fails open: no quotas, a warning
+    assert regions.fetch_quotas("lab-proj", "us-central1") == {}
+    m.fail_next("regions.get", "regions-permission")
+    with pytest.raises(PermanentError, match="compute.regions.get"):
+        regions.fetch_quotas("lab-proj", "us-central1")

@@ -1,5 +1,6 @@
-"""Adapter for Compute Engine managed instance groups (google-cloud-compute): a GKE node pool's per-zone sizes and
-the deletion of chosen instances, the only way to take a chosen node out of a pool (a resize removes at random)."""
+"""Adapter for Compute Engine (google-cloud-compute): a GKE node pool's managed instance groups (per-zone sizes, and
+the deletion of chosen instances, the only way to take a chosen node out of a pool: a resize removes at random), and
+the region's quotas the labs' nodes count against."""
 
 import re
 from typing import Callable
@@ -8,6 +9,7 @@ from google.api_core import exceptions as gexc
 
 from dasklab.adapters.googleapi import translate
 from dasklab.core.errors import PermanentError, StepRefused
+from dasklab.core.quotas import Quota
 
 _MIG_URL = re.compile(r"projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)$")
 
@@ -62,3 +64,22 @@ class Migs:
             if type(error) is PermanentError:  # a permission or policy refusing the scale-down: not the lab's fault
                 raise StepRefused(f"{error}: the node(s) stay, cordoned, and their removal is tried again") from e
             raise error from e
+
+
+class Regions:
+    """The region's quotas (compute v1 `regions.get`: `Region.quotas`, each a metric with its limit and usage). The
+    client is built on first use only."""
+
+    def __init__(self, client_factory: Callable[[], object]):
+        self._factory, self._client = client_factory, None
+
+    def fetch_quotas(self, project: str, region: str) -> dict[str, Quota]:
+        """metric → its limit and usage. Empty when the region reports none: regions.get fails open, with
+        `quota_status_warning` set, when quota data is unavailable (Region docstring)."""
+        if self._client is None:
+            self._client = self._factory()
+        try:
+            found = self._client.get(project=project, region=region)
+        except (gexc.GoogleAPICallError, gexc.RetryError) as e:
+            raise translate(e, f"read the quotas of region {region}") from e
+        return {q.metric: Quota(q.limit, q.usage) for q in found.quotas}

@@ -43,7 +43,7 @@ class ClassReconciler(Part):
                        class_size=len(record.roster), system_usd_h=build_system_usd_h(
                            self.config, len(record.roster), placement == SHARED),
                        budget_usd=record.budget_student_usd, keep_alive_until=record.keep_alive_until,
-                       max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()))
+                       max_lifetime_s=lifetime, notes=spec.notes + ((note,) if note else ()) + record.notes)
 
     def reconcile_class(self, record: ClassRecord, mid: str = "", labs: list[Lab] | None = None) -> bool:
         """Observe the class's labs, plan (plan_class, plan_budget), act: each lab one step. False if a lab's step

@@ -39,6 +39,7 @@ class ClassRecord:
     usage: dict = field(default_factory=dict)  # student → final figures of their lab once deleted (the report)
     refused: dict = field(default_factory=dict)  # student → why their lab was refused (not retried until a new
     # start-class is recorded)
+    notes: tuple[str, ...] = ()  # what its labs are told at creation (a quota that fits only at the current usage)
     deleted_at: float | None = None  # when class-deleted was published
     version: str = ""  # the store's concurrency token ("" = not stored yet)
 
@@ -63,7 +64,7 @@ class ClassRecord:
     @classmethod
     def from_dict(cls, data: dict, version: str = "") -> "ClassRecord":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "version"}
-        for name in ("roster", "lead_samples", "ready_roster"):
+        for name in ("roster", "lead_samples", "ready_roster", "notes"):
             known[name] = tuple(known.get(name, ()))
         return cls(**known, version=version)
 

@@ -16,6 +16,9 @@ from dasklab.core.classes import ClassRecord, wakeup_message
 from dasklab.core.model import FAILED, READY, TEARING_DOWN
 from dasklab.core.policy import plan_jupyter_restart, plan_update
 from dasklab.core.trust import check_authorized, parse_admins
+from dasklab.core.config import region_of
+from dasklab.core.quotas import REFUSE, WARN, QuotaDecision, build_need, build_reserved, build_scale_need, \
+    plan_quota, with_quota_note
 
 
 class Commands(Part):
@@ -59,7 +62,49 @@ class Commands(Part):
         self.events.publish({k: v for k, v in event.items() if v is not None})
 
     def start_lab(self, cmd: StartLab, mid: str, published: float | None = None) -> tuple[str, str]:
-        return self.c.labs.apply_start(build_spec(cmd, self.config), mid, published)
+        def check(spec):  # once the lab is to be created: what it needs at its maximum, against the quotas
+            return with_quota_note(spec, self.check_quotas(build_need([spec], self.config)))
+        return self.c.labs.apply_start(build_spec(cmd, self.config), mid, published, check)
+
+    def plan_quotas(self, need, labs: list | None = None):
+        """plan_quota: the need against the project's quotas as read now (the backend's), beside what the labs that
+        exist may still take; None when the backend has no quotas (the local one)."""
+        fetch = getattr(self.backend, "fetch_quotas", None)
+        try:
+            quotas = fetch() if fetch is not None else None
+        except PermanentError as e:  # e.g. no compute.regions.get (an IAM not redeployed): said, never blocking
+            return QuotaDecision(WARN, f"quota: not checked: {e}")
+        if quotas is None:
+            return None
+        labs = self.backend.fetch_labs() if labs is None else labs
+        return plan_quota(need, quotas, build_reserved(labs, self.config), region_of(self.config.location))
+
+    def check_quotas(self, need, labs: list | None = None) -> str:
+        """Refused (ValidationError naming each quota short, its limit, usage and the need) before anything is
+        created; the warning when it fits only at the current usage; "" when it fits or is not checked."""
+        decision = self.plan_quotas(need, labs) if need else None
+        if decision is not None and decision.action == REFUSE:
+            raise ValidationError("quota", decision.reason)
+        return decision.reason if decision is not None and decision.action == WARN else ""
+
+    def class_need(self, cmd: StartClass, adding: list, existing: dict):
+        """What a start-class's new labs (`adding`) need; the class's cluster too unless a lab of it exists."""
+        cluster_exists = any(lab.spec.class_name == cmd.class_ for lab in existing.values())
+        return build_need(adding, self.config, new_cluster=not cluster_exists)
+
+    def class_probe(self, cmd: StartClass) -> ClassRecord:
+        """The class a start-class describes (nothing stored): its students' labs are built from it."""
+        import msgspec
+        return ClassRecord(cmd.class_, roster=tuple(cmd.roster), template=msgspec.to_builtins(cmd),
+                           placement=cmd.placement, duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
+
+    def preflight_class(self, cmd: StartClass):
+        """What `dasklab quota` prints: the decision start-class would take on the quotas now (None: no quotas)."""
+        existing = {lab.name: lab for lab in self.backend.fetch_labs()}
+        probe = self.class_probe(cmd)
+        adding = [spec for spec in (self.c.class_steps._student_spec(probe, s) for s in cmd.roster)
+                  if spec.name not in existing]
+        return self.plan_quotas(self.class_need(cmd, adding, existing), list(existing.values()))
 
     def update_lab(self, cmd: UpdateLab, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the new values as the next revision (after their environment is ready), then converge: the
@@ -148,6 +193,9 @@ class Commands(Part):
         if new.nodes_for(new.max_workers) > self.config.max_nodes:
             raise ValidationError("max", f"{new.max_workers} workers need {new.nodes_for(new.max_workers)} nodes, "
                                          f"above the controller cap max_nodes={self.config.max_nodes}")
+        if new.max_workers > spec.max_workers:  # what the higher maximum adds, against the quotas
+            note = self.check_quotas(build_scale_need(spec, new, self.config))
+            new, why = with_quota_note(new, note), "; ".join(w for w in (why, note) if w)
         stamped = {**stamps, **{k: max(published, stamps.get(k, 0.0)) for k in kept}} if published else stamps
         said = f"; {why}" if why else ""
         if new == spec:
@@ -166,17 +214,18 @@ class Commands(Part):
     def start_class(self, cmd: StartClass, mid: str, published: float | None = None) -> tuple[str, str]:
         """Record the class (roster, template, at, duration, budgets), then one class step: the labs missing are
         created (now, or a lead time before `at`), those of students no longer listed stopped gracefully."""
-        import msgspec
         store, now = self.c.class_steps.store(), self.clock()
         published = now if published is None else published
         if cmd.duration is not None and cmd.duration > self.config.max_lifetime_s:
             raise ValidationError("duration", f"{cmd.duration}s is above the controller cap max_lifetime="
                                               f"{self.config.max_lifetime_s}s: no lab may run that long")
-        probe = ClassRecord(cmd.class_, template=msgspec.to_builtins(cmd), placement=cmd.placement,
-                            duration_s=cmd.duration, at=cmd.at.timestamp() if cmd.at else None)
+        probe = self.class_probe(cmd)
         existing = {lab.name: lab for lab in self.backend.fetch_labs()}
+        adding = []  # the labs this start-class creates
         for i, student in enumerate(cmd.roster):  # every lab validated as a start-lab before anything is written
             spec = self.c.class_steps._student_spec(probe, student)
+            if spec.name not in existing:
+                adding.append(spec)
             lifetime_notes = [n for n in spec.notes if note_field(n) in ("duration", "max_lifetime")]
             other = existing.get(spec.name)
             if other is not None and (other.spec.class_name, other.spec.owner) != (cmd.class_, cmd.owner):
@@ -195,6 +244,8 @@ class Commands(Part):
             return NOTHING_TO_DO, why
         if record is not None and not record.is_stopped and record.owner != cmd.owner:
             raise ValidationError("owner", f"class {cmd.class_} exists and belongs to {record.owner}")
+        # what its new labs need at their maximum against the quotas, before anything is written (refused: raised)
+        quota_note = self.check_quotas(self.class_need(cmd, adding, existing), list(existing.values()))
         fresh = record is None or record.is_stopped
         base = record if not fresh else ClassRecord(
             cmd.class_, created_at=now, stopped=record and record.stopped, version=record.version if record else "",
@@ -202,7 +253,8 @@ class Commands(Part):
         new = replace(base, owner=cmd.owner, roster=tuple(cmd.roster), template=probe.template, refused={},
                       at=cmd.at.timestamp() if cmd.at else None, duration_s=cmd.duration,
                       budget_student_usd=cmd.budget.student, budget_class_usd=cmd.budget.class_,
-                      placement=cmd.placement, published=published)
+                      placement=cmd.placement, published=published,
+                      notes=(quota_note,) if quota_note else () if adding else base.notes)
         if not fresh and replace(new, published=record.published) == record:
             if published > record.published:
                 store.apply_class(new)
@@ -232,7 +284,7 @@ class Commands(Part):
             parts.append(f"{len(removed)} lab(s) removed gracefully ({', '.join(removed)})")
         if new.end is not None:
             parts.append(f"the labs end at {iso(new.end)}")
-        parts += lifetime_notes  # the same for every student: said once
+        parts += lifetime_notes + list(new.notes)  # the same for every student: said once
         return ACCEPTED, "; ".join(parts) + "; class-ready follows"
 
     def stop_class(self, cmd: StopClass, mid: str, published: float | None = None) -> tuple[str, str]:

@@ -86,6 +86,7 @@ class Config:
     system_pool: str = "system"
     system_machine_type: str = "e2-standard-4"  # scheduler, Jupyter and the Helm Job run here
     system_nodes: int = 1  # per zone
+    node_disk_gb: int = 100  # every node's boot disk (GB; GKE's default): quotas SSD_TOTAL_GB/DISKS_TOTAL_GB count it
     worker_pool: str = "workers"  # cluster autoscaler off: the controller sizes it
     chart_repo: str = "https://helm.dask.org"
     chart_version: str = "2024.1.1"  # the official dask/dask chart, pinned
@@ -155,6 +156,8 @@ def from_env(env: dict | None = None) -> Config:
         if name in values and values[name] not in MACHINE_TYPES:
             raise ValidationError(f"DASKLAB_{name.upper()}", f"unknown machine type {values[name]!r}; "
                                                              f"known: {', '.join(sorted(MACHINE_TYPES))}")
+    if values.get("node_disk_gb", 10) < 10:  # NodeConfig.disk_size_gb docstring: "The smallest allowed … is 10GB"
+        raise ValidationError("DASKLAB_NODE_DISK_GB", f"{values['node_disk_gb']} GB: a node's boot disk is 10 GB at least")
     if "dask_version" in values:
         values["dask_version"] = check_dask_version("DASKLAB_DASK_VERSION", values["dask_version"])
     return Config(**values)

@@ -210,8 +210,10 @@ class LabReconciler(Part):
         logs.emit("ERROR", lab=lab.name, action="mark-failed", **{"from": lab.state.phase, "to": FAILED},
                   reason=reason, message_id=mid)
 
-    def apply_start(self, spec, mid: str, published: float | None) -> tuple[str, str]:
-        """Create the lab of this spec unless it exists or a later stop-lab says otherwise (start-lab and classes)."""
+    def apply_start(self, spec, mid: str, published: float | None, check=None) -> tuple[str, str]:
+        """Create the lab of this spec unless it exists or a later stop-lab says otherwise (start-lab and classes).
+        `check(spec)`, if given, runs only when the lab is to be created: it refuses it (raises) or returns the spec
+        to create (e.g. with a note)."""
         now = self.clock()
         timed, published = published is not None, now if published is None else published
         stopped = self.fetch_stopped(spec.name, now)
@@ -233,6 +235,7 @@ class LabReconciler(Part):
             # the lab stands for this start-lab now: a stop-lab published before it leaves the lab alone
             self.backend.apply_record(existing.with_state(start_published=published))
         if verdict == "create":
+            spec = check(spec) if check is not None else spec
             self.backend.apply_environment(spec)  # e.g. a pip install that fails: refused before anything exists
             now = self.clock()
             lab = Lab(spec, LabState(phase=PROVISIONING, created_at=now, last_accounted=now,

@@ -24,6 +24,8 @@ MACHINE_TYPES: dict[str, tuple[float, float]] = {
 # What a node keeps for the kubelet and system pods (GKE's allocatable is about this much less).
 NODE_RESERVED_CPU = 0.25
 NODE_RESERVED_MEMORY_GIB = 1.0
+# Every node's boot disk type: every machine family above supports it (C3 has no pd-standard, GKE's default).
+NODE_DISK_TYPE = "pd-balanced"
 
 _MEMORY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
 _MEMORY_UNITS = {None: 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,

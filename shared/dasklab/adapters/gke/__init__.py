@@ -31,7 +31,7 @@ import tempfile
 from google.cloud import container_v1 as gke
 
 from dasklab.core.config import Config
-from dasklab.adapters.compute import Migs
+from dasklab.adapters.compute import Migs, Regions
 from dasklab.adapters.gke.base import CLOUD_PLATFORM, Place, build_labels, build_maintenance_policy, class_cluster, \
     class_labels, encode_description, place_of
 from dasklab.adapters.gke.clusters import Clusters
@@ -61,9 +61,14 @@ class GkeBackend(Listing, Clusters, Helm, Nodes, Tenancy):
             from google.cloud import compute_v1
             return compute_v1.InstanceGroupManagersClient(credentials=credentials)
 
+        def regions():
+            from google.cloud import compute_v1
+            return compute_v1.RegionsClient(credentials=credentials)
+
         from dasklab.adapters.records import FirestoreLabRecords
         return cls(config, gke.ClusterManagerClient(credentials=credentials), build_kube_for(credentials),
-                   Migs(compute), FirestoreLabRecords(config.project, config.firestore_database))
+                   Migs(compute), FirestoreLabRecords(config.project, config.firestore_database),
+                   regions=Regions(regions))
 
 
 def build_kube_for(credentials):

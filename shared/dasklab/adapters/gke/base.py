@@ -12,9 +12,9 @@ from google.cloud import container_v1 as gke
 
 from dasklab.core.config import Config
 from dasklab.core.errors import PermanentError, RecordUnreadable, TransientError
-from dasklab.core.model import MANAGED_BY, SHARED, TEARING_DOWN, Lab, LabSpec
+from dasklab.core.model import MANAGED_BY, NODE_DISK_TYPE, SHARED, TEARING_DOWN, Lab, LabSpec
 from dasklab.adapters.release import chart_fullname
-from dasklab.adapters.compute import Migs
+from dasklab.adapters.compute import Migs, Regions
 from dasklab.adapters.googleapi import translate as _translate  # GKE's refusals → ours: the table shared with Compute
 from dasklab.adapters.kube import Kube
 from dasklab.adapters.records import LabRecords
@@ -23,7 +23,7 @@ CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 SEEN_S = 30.0  # a cluster read this recently (the pass's listing) is used as read; an older one is read again
 ZONE_LABEL = "topology.kubernetes.io/zone"
 REMOVING_LABEL = "dasklab/removing"  # on a cordoned worker node: value = the namespace of the lab emptying it
-DISK_TYPE = "pd-balanced"  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
+DISK_TYPE = NODE_DISK_TYPE  # every machine family the schema offers supports it (C3 has no pd-standard, GKE's default)
 EXCLUSION = "dasklab-lab-lifetime"  # the maintenance exclusion's name
 LOW_COST = -1000  # pod-deletion-cost of a retired worker's pod: its ReplicaSet removes it first
 HOLD_S = 86400  # the worker Deployment's minReadySeconds while an update's new workers join: old pods are kept
@@ -117,8 +117,10 @@ class GkeBase:
     """What every role of GkeBackend shares: its clients, and reading a cluster."""
 
     def __init__(self, config: Config, clusters: gke.ClusterManagerClient, kube_for: Callable[[gke.Cluster], object],
-                 migs: Migs, records: LabRecords, *, sleep: Callable[[float], None] = time.sleep):
+                 migs: Migs, records: LabRecords, *, sleep: Callable[[float], None] = time.sleep,
+                 regions: Regions | None = None):
         self.config, self.clusters, self._kube_for, self.migs, self.sleep = config, clusters, kube_for, migs, sleep
+        self.regions = regions  # the region's quotas (None: not checked)
         self.records = records  # the labs' records (spec and state), in a store of their own (Firestore)
         self.parent = f"projects/{config.project}/locations/{config.location}"
         # the clusters read in the last SEEN_S (the listing of this pass, a get): where to connect, which pools; a

@@ -4,11 +4,12 @@ delete, and how a person connects."""
 from google.api_core import exceptions as gexc
 from google.cloud import container_v1 as gke
 
-from dasklab.core.config import check_node_service_account
+from dasklab.core.config import check_node_service_account, region_of
 from dasklab.core.errors import Gone, PermanentError, TransientError
 from dasklab.core.model import INSTALLING, PROVISIONING, REQUESTED, TEARING_DOWN, Lab, build_system_pool_size, \
     nodes_per_zone
 from dasklab.core.policy import Infra
+from dasklab.core.quotas import CLUSTERS, GKE_CLUSTER_LIMIT, Quota
 from dasklab.adapters.release import build_namespace
 from dasklab.adapters.googleapi import translate as _translate  # GKE's refusals → ours: the table shared with Compute
 from dasklab.adapters.gke.base import CLOUD_PLATFORM, DISK_TYPE, GkeBase, Place, Status, UP, build_labels, \
@@ -65,7 +66,8 @@ class Clusters(GkeBase):
         off = gke.NodePoolAutoscaling(enabled=False)  # the controller sizes the pools
 
         def node_config(machine_type: str, **more) -> gke.NodeConfig:  # with its own account, access is IAM's
-            return gke.NodeConfig(machine_type=machine_type, disk_type=DISK_TYPE, service_account=account,
+            return gke.NodeConfig(machine_type=machine_type, disk_type=DISK_TYPE, disk_size_gb=cfg.node_disk_gb,
+                                  service_account=account,
                                   oauth_scopes=[CLOUD_PLATFORM], workload_metadata_config=gke.WorkloadMetadataConfig(
                                       mode=gke.WorkloadMetadataConfig.Mode.GKE_METADATA), **more)
 
@@ -93,6 +95,16 @@ class Clusters(GkeBase):
         except (gexc.GoogleAPICallError, gexc.RetryError) as e:
             raise _translate(e, f"create cluster {cluster.name}") from e
         return True
+
+    def fetch_quotas(self) -> dict[str, Quota] | None:
+        """The quotas the labs count against: the region's (Compute regions.get) and GKE's cluster limit in the
+        labs' location (every cluster there counts, dasklab's or not); None when no Compute client is set."""
+        if self.regions is None:
+            return None
+        quotas = self.regions.fetch_quotas(self.config.project, region_of(self.config.location))
+        listing = self._gcall("list clusters", self.clusters.list_clusters, parent=self.parent)
+        quotas[CLUSTERS] = Quota(GKE_CLUSTER_LIMIT, len(listing.clusters))
+        return quotas
 
     def apply_provision(self, lab: Lab) -> None:
         """(Re)create the lab's cluster (its record exists): a crash came between the two, or the class's cluster
