@@ -131,6 +131,7 @@ def test_the_hostile_samples_would_leave_the_box_without_the_controller():
     assert [o for o in objects if o["kind"] == "Role"]
 
 
+@pytest.mark.slow
 def test_a_lab_an_earlier_version_installed_gets_its_boundaries_at_its_next_update(world, controller):
     """A lab installed before its namespace carried Pod Security labels and egress policies (simulated: removed
     from a running lab) gets both from its next update-lab, before the new revision's pods start."""

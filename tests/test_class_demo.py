@@ -14,6 +14,8 @@ from dasklab import cli
 from dasklab.adapters import procs
 from dasklab.local.serve import LocalController
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 HOME_PREFIX = "dasklab-class-demo-"  # the demo's home (a temporary folder): every process it starts carries it
 
 

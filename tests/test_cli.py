@@ -57,6 +57,7 @@ def wait_for(check, timeout=60):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_commands_through_the_local_controller(serve, home):
     assert serve["bus"] == "Pub/Sub emulator"
     out = run(home, "start-lab", "--lab", "cli1", "--workers", "1", "--max", "3", "--idle-timeout", "5m")
@@ -83,6 +84,7 @@ def test_commands_through_the_local_controller(serve, home):
 WAIT = ("--wait", "60")  # generous: the machine running the tests may be loaded
 
 
+@pytest.mark.slow
 def test_the_controllers_outcome_reaches_whoever_sent_the_command(serve, home, tmp_path):
     """Refusals made by the controller (not the CLI) exit 2 with the field and rule; the rest say what happened;
     `local serve` shows each decision as it happens."""
@@ -151,6 +153,7 @@ def test_the_controllers_outcome_reaches_whoever_sent_the_command(serve, home, t
 
 
 @pytest.mark.parametrize("serve", [("--no-emulator", "--quiet")], indirect=True)
+@pytest.mark.slow
 def test_outcomes_over_direct_push_and_a_quiet_serve(serve, home, tmp_path):
     assert serve["bus"] == "direct push (no emulator)"
     out = run(home, "keep-alive", "--lab", "nolab", "--until", "2020-01-01T00:00:00Z", *WAIT, check=False)

@@ -177,6 +177,7 @@ def test_the_staged_folder_holds_the_function_and_the_library(staged):
     assert not list(staged.rglob("__pycache__")) and not (staged / "dasklab" / "tests").exists()
 
 
+@pytest.mark.slow
 def test_the_staged_function_imports_its_own_copy_of_the_library(staged):
     code = ("import sys, main, dasklab, dasklab.runtime, dasklab.adapters.gke, dasklab.adapters.kube; "
             "from dasklab.core.timers import load_infra, infra_path; from dasklab.inputs import inputs_root; "
@@ -203,6 +204,7 @@ def distribution_of(module: str) -> str:
     return candidates[0].lower()
 
 
+@pytest.mark.slow
 def test_requirements_cover_what_the_staged_library_imports(staged):
     """Every third-party distribution imported by the deployed modules is pinned in requirements.txt."""
     wanted = set(read_lock(staged / "requirements.txt"))

@@ -145,6 +145,7 @@ def test_a_bad_command_is_400_naming_the_field(client):
     assert (code, answer["field"]) == (403, "type")
 
 
+@pytest.mark.slow
 def test_the_cli_sends_through_the_entry_point_and_hears_back_as_an_operator(emulator_host, certs_url, monkeypatch,
                                                                             capsys, home):
     """The CLI with DASKLAB_COMMAND_URL: its caller's ID token to the real entry point (a functions-framework app

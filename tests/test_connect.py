@@ -24,6 +24,8 @@ from tests.gke_world import PROJECT, World, drive_class
 from tests.notebook import Notebook
 from tests.test_student_access import CONFIG, PROF, STUDENTS, start_class
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 
 def forwards(connections: bool = False) -> list[str]:
     """The forwards' listening threads alive (and their connections' threads, if asked)."""

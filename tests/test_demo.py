@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 
 def test_demo_tells_the_whole_story():
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}

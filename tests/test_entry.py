@@ -196,6 +196,7 @@ def until(check, timeout=60.0, every=0.3, what="condition"):
 
 
 @needs_emulator
+@pytest.mark.slow
 def test_timer_jobs_reach_a_local_lab_through_the_emulator_and_the_functions_server(home, tmp_path, monkeypatch):
     from google.cloud import pubsub_v1
 

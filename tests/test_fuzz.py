@@ -109,12 +109,14 @@ def check_entry(body: bytes, attrs: dict) -> None:
 
 @SMALL
 @given(bodies)
+@pytest.mark.slow
 def test_parse_never_crashes(body):
     check_parse(body)
 
 
 @SMALL
 @given(bodies, attributes)
+@pytest.mark.slow
 def test_entry_point_always_acknowledges_with_one_outcome(body, attrs):
     check_entry(body, attrs)
 
@@ -228,6 +230,7 @@ def start_stop_histories(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(start_stop_histories())
+@pytest.mark.slow
 def test_out_of_order_start_and_stop_end_as_the_last_published(history):
     import tempfile
     from dasklab.adapters.files import FileTombstones

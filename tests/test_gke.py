@@ -116,8 +116,10 @@ def slow_inc(x):
 REGIONAL = {"config": replace(CONFIG, location="us-central1")}
 
 
-@pytest.mark.parametrize("world, crashing", [({}, False), ({}, True), (REGIONAL, False)], indirect=["world"],
-                         ids=["zonal-clean", "zonal-crash-after-every-kind-of-write", "regional-clean"])
+@pytest.mark.parametrize("world, crashing", [
+    pytest.param({}, False, id="zonal-clean"),  # the fast tier's GKE story
+    pytest.param({}, True, id="zonal-crash-after-every-kind-of-write", marks=pytest.mark.slow),
+    pytest.param(REGIONAL, False, id="regional-clean", marks=pytest.mark.slow)], indirect=["world"])
 def test_lab_story_on_gke(world, controller, caplog, crashing):
     caplog.set_level(logging.INFO, logger="dasklab")
     ctl, backend, ns = controller, controller.backend, place_of("lab1").namespace
@@ -248,6 +250,7 @@ def assert_no_user_text_in_labels(world, lab):
         assert not [v for v in labels.values() for text in written if text in v], labels
 
 
+@pytest.mark.slow
 def test_gke_refusals_are_retried_not_failures(world, controller):
     ctl, backend = controller, controller.backend
     ctl.handle(start_msg(), "m1")
@@ -281,6 +284,7 @@ def test_gke_refusals_are_retried_not_failures(world, controller):
         ("m1", "accepted"), ("m2", "accepted"), ("m3", "accepted"), ("m4", "accepted")]
 
 
+@pytest.mark.slow
 def test_a_start_lab_redelivered_after_its_stop_lab_creates_no_cluster(world, firestore_tombstones):
     """The deployed function's tombstones (Firestore, here its emulator) outlive the lab's cluster."""
     ctl = Controller(world.backend(), Events(), CONFIG, tombstones=firestore_tombstones)
@@ -320,6 +324,7 @@ def test_failed_cluster_creation_and_failed_release(world, controller):
     drive(ctl, world, lambda: not world.gke.clusters, tick="teardown-idle")  # failed labs are deleted
 
 
+@pytest.mark.slow
 def test_public_jupyter_only_with_source_ranges(world, controller):
     ctl = controller
     ctl.handle(start_msg(expose={"source_ranges": ["203.0.113.0/24"]}), "m1")
@@ -334,6 +339,7 @@ def test_public_jupyter_only_with_source_ranges(world, controller):
     drive(ctl, world, lambda: lab_of(ctl) is None)
 
 
+@pytest.mark.slow
 def test_scheduler_api_is_reached_only_through_the_authenticated_proxy(world, controller):
     ctl, ns = controller, place_of("lab1").namespace
     ctl.handle(start_msg(), "m1")
@@ -416,6 +422,7 @@ def pin(ctl, n, mid="pin"):
 
 
 @pytest.mark.parametrize("strategy", ["surge", "blue-green"])
+@pytest.mark.slow
 def test_an_upgrade_in_the_middle_of_a_scale_down_converges_through_renamed_nodes(world, controller, strategy):
     """GKE upgrades the worker pool (a repair or an upgrade the exclusion does not hold off) right after the
     controller cordoned the emptied node: the upgrade replaces nodes under new names (surge) or moves them to new
@@ -461,6 +468,7 @@ def test_an_upgrade_in_the_middle_of_a_scale_down_converges_through_renamed_node
 
 
 @pytest.mark.parametrize("kind", ["rate-limit", "too-many-requests"])
+@pytest.mark.slow
 def test_compute_rate_limits_are_retried_with_backoff(world, controller, kind, caplog):
     caplog.set_level(logging.INFO, logger="dasklab")
     ctl, cluster = controller, f"{PARENT}/clusters/lab1"
@@ -479,6 +487,7 @@ def test_compute_rate_limits_are_retried_with_backoff(world, controller, kind, c
     assert time.monotonic() - started >= 9  # not hammered at every poll
 
 
+@pytest.mark.slow
 def test_a_compute_permission_refusal_on_deleting_a_node_holds_the_node_not_the_lab(world, controller, caplog):
     """Compute 403 on deleteInstances (the scale-down's permission, not the lab's): StepRefused. The node is held
     (cordoned, not deleted), the lab stays ready and says why; once the permission is back the node goes."""
@@ -503,6 +512,7 @@ def test_a_compute_permission_refusal_on_deleting_a_node_holds_the_node_not_the_
 
 
 @pytest.mark.parametrize("world", [{"namespace_termination_s": 3.0}], indirect=True)
+@pytest.mark.slow
 def test_vanished_pods_and_nodes_are_done_and_a_terminating_namespace_is_waited_out(world, controller):
     """Everyday races that must not fail a lab: a pod or a node gone between the list and the patch (404 — a Spot VM
     reclaimed) is done; a create into a namespace being deleted (403 NamespaceLifecycle) waits until it is gone."""
@@ -530,6 +540,7 @@ def test_vanished_pods_and_nodes_are_done_and_a_terminating_namespace_is_waited_
     assert world.kube.get("namespaces", None, ns)["status"]["phase"] == "Active"
 
 
+@pytest.mark.slow
 def test_a_degraded_cluster_keeps_its_ready_lab_autoscaling_and_status_says_why(world, controller, monkeypatch,
                                                                                 capsys):
     """DEGRADED: the cluster "requires user action to restore full functionality" (Cluster.Status docstring) but
@@ -555,6 +566,7 @@ def test_a_degraded_cluster_keeps_its_ready_lab_autoscaling_and_status_says_why(
     assert "cluster_status" not in ctl.backend.connection_info(lab_of(ctl))
 
 
+@pytest.mark.slow
 def test_a_create_refused_for_quota_publishes_lab_failed_naming_the_quota(world, controller):
     ctl = controller
     quota = ("Insufficient regional quota to satisfy request: resource \"CPUS\": request requires '12.0' and is "
@@ -604,6 +616,7 @@ class OddDashboard(DashboardStandin):
         return {k: v for k, v in answer.items() if k != "processing"} if path == "/json/counts.json" else answer
 
 
+@pytest.mark.slow
 def test_poisoned_records_of_each_kind_are_contained_and_the_healthy_labs_autoscale_and_tear_down(world, controller):
     """Issue 20 on the GKE path: among healthy ready labs, a record that is not JSON, one with a spec key this
     version lacks, one of a newer schema, a document without its record field, and a lab whose step raises an
@@ -667,6 +680,7 @@ def test_poisoned_records_of_each_kind_are_contained_and_the_healthy_labs_autosc
     assert not [e for e in fresh.events.published if e["event"] == "lab-degraded"]  # said already
 
 
+@pytest.mark.slow
 def test_missing_zones_make_a_pass_incomplete(world, controller):
     ctl = controller
     ctl.handle(start_msg(), "m1")
@@ -689,6 +703,7 @@ def pip_packages():
 
 
 @pytest.mark.parametrize("crashing", [False, True], ids=["clean", "crash-after-every-kind-of-write"])
+@pytest.mark.slow
 def test_update_lab_replaces_every_worker_gracefully_by_a_new_helm_revision(world, controller, crashing):
     ctl = controller
     ctl.handle(start_msg(), "m1")
@@ -755,6 +770,7 @@ def test_update_lab_replaces_every_worker_gracefully_by_a_new_helm_revision(worl
     assert len(world.helm_runs) == 2 and lab_of(ctl).spec.revision == 2
 
 
+@pytest.mark.slow
 def test_a_package_pip_cannot_install_is_said_though_the_workers_run_and_a_fixed_update_recovers(world, controller):
     """The chart's images pip-install EXTRA_PIP_PACKAGES in their entrypoint and start the worker whatever pip said
     (dask-docker's prepare.sh has no `set -e`): the update completes, the new workers run without the package, and
@@ -785,6 +801,7 @@ def test_a_package_pip_cannot_install_is_said_though_the_workers_run_and_a_fixed
     assert "was install-failed" in recovered["reason"], recovered
 
 
+@pytest.mark.slow
 def test_jupyter_behind_the_service_proxy_holds_an_idle_lab_while_a_kernel_is_busy(tmp_path, caplog,
                                                                                     firestore_env):
     """The chart's Jupyter as a real Jupyter Server behind the stand-in's service proxy (its token from the Secret):

@@ -35,6 +35,7 @@ def slow_inc(x):
     return x + 1
 
 
+@pytest.mark.slow
 def test_three_students_share_one_cluster(tmp_path, caplog, firestore_env):
     caplog.set_level(logging.INFO, logger="dasklab")
     world, events = World(tmp_path), []
@@ -217,6 +218,7 @@ def test_the_docs_placement_table_is_what_the_cost_model_computes():
     assert estimate_cost(replace(spec, system_usd_h=0.5), 3600, 0) == pytest.approx(0.10 / 30 + 0.5)
 
 
+@pytest.mark.slow
 def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_path, firestore_env):
     """GKE marks the class's cluster DEGRADED (it runs, but needs the user's action: Cluster.Status). A student's
     stop-lab deletes only that student's namespace; while the cluster's API does not answer the last teardown waits;
@@ -261,6 +263,7 @@ def test_a_degraded_class_cluster_loses_only_the_stopped_students_namespace(tmp_
         world.close()
 
 
+@pytest.mark.slow
 def test_one_students_values_cannot_take_anothers_share_of_the_system_pool(tmp_path, firestore_env):
     """Fair shares (issue 21): ann's lab asks for a Jupyter of 3 CPU / 12 GB, most of the class's one e2-standard-4
     system node. It runs capped at its slot (625m / 2.5 GiB, said in a note), so bob, who joins later, still gets

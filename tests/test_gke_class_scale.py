@@ -28,6 +28,8 @@ from tests.gke_world import CONFIG, World
 from tests.standins.dashboard import DashboardStandin
 from tests.test_gke import SEED_VALUES, Events
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 N = int(__import__("os").environ.get("SCALE_N", "100"))
 STUDENTS = [f"s{i:03d}" for i in range(N)]
 BUSY = {s for i, s in enumerate(STUDENTS) if i % 3 == 0}  # 34 students at work, 66 idle

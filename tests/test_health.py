@@ -127,6 +127,7 @@ def decisions(caplog, action):
             if e.get("action") == action]
 
 
+@pytest.mark.slow
 def test_memory_pressure_scales_the_lab_up(controller, caplog):
     """Persisting more than the minimum of one 400 MB worker holds: past 60 % of its limit the scheduler's adaptive
     target counts memory, the lab scales out with memory named in the reason, every result is kept, and nothing is

@@ -1,6 +1,8 @@
 """Why workers are missing, on the GKE path: the real clients read worker pod status from the Kubernetes stand-in
 (OOMKilled, CrashLoopBackOff with the previous container's log, Unschedulable) and the lab says it."""
 
+import pytest
+
 from dasklab.adapters.gke import place_of
 from dasklab.core.reconcile import Controller
 
@@ -23,6 +25,7 @@ def ready_with_one_worker(ctl, world):
     drive(ctl, world, lambda: lab_of(ctl) and lab_of(ctl).state.phase == "ready" and workers(ctl) == 1, timeout=90)
 
 
+@pytest.mark.slow
 def test_an_oom_killed_worker_pod_is_explained_with_its_limit(world, controller):
     ctl = controller
     ready_with_one_worker(ctl, world)
@@ -56,6 +59,7 @@ def test_a_crash_loop_carries_the_failed_pip_install_log(world, controller):
     assert "No matching distribution found for pyarow" in event["reason"]
 
 
+@pytest.mark.slow
 def test_pending_worker_pods_say_the_schedulers_message(world, controller):
     ctl = controller
     ready_with_one_worker(ctl, world)

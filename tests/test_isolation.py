@@ -289,6 +289,7 @@ def test_no_cluster_is_created_without_the_nodes_own_account(tmp_path, firestore
         close(world)
 
 
+@pytest.mark.slow
 def test_own_clusters_isolate_each_lab_like_a_shared_one(own_class):
     world, ctl, events = own_class
     labs = {lab.spec.student: lab for lab in ctl.backend.fetch_labs()}

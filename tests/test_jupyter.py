@@ -29,6 +29,7 @@ def login(backend, lab) -> tuple[str, str]:
     return f"{url.scheme}://{url.netloc}", urllib.parse.parse_qs(url.query)["token"][0]
 
 
+@pytest.mark.slow
 def test_the_dask_array_exercise_runs_as_a_notebook_cell_on_the_lab_workers(controller, home):
     ctl, backend = controller, controller.backend
     ctl.handle(start_msg(workers={"initial": 2, "min": 2, "max": 2}, idle_timeout="1h", values={}), "m1")
@@ -61,6 +62,7 @@ def test_the_dask_array_exercise_runs_as_a_notebook_cell_on_the_lab_workers(cont
     nb.close()
 
 
+@pytest.mark.slow
 def test_a_busy_kernel_keeps_the_lab_and_a_notebook_left_open_does_not(controller, home, caplog):
     ctl, backend = controller, controller.backend
     ctl.handle(start_msg(idle_timeout="4s", values={}), "m1")
@@ -156,6 +158,7 @@ print(set(client.run(lambda: __import__({EXTRA!r}).camelize("dask_lab")).values(
     assert any(JUPYTER_RESTARTS in n for n in updated["notes"]), updated["notes"]  # what the restart cost
 
 
+@pytest.mark.slow
 def test_an_update_that_keeps_the_environment_keeps_the_kernels(controller):
     """Bigger workers (the seed's step 6) change no package: Jupyter runs on, and a kernel's variables survive."""
     ctl, backend = controller, controller.backend

@@ -7,8 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dasklab.core.errors import ConflictError
 from tests.conftest import cmd, drive
+
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
 
 RACER = """
 import logging, sys, time
@@ -17,6 +21,7 @@ from dasklab.adapters.local import LocalBackend
 from dasklab.adapters.files import FileEvents
 from dasklab.core.reconcile import Controller
 from tests.conftest import FAST
+
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 home = Path(sys.argv[1])
 ctl = Controller(LocalBackend(home), FileEvents(home / "status.jsonl"), FAST)

@@ -58,6 +58,7 @@ def test_lab_story_scales_up_and_down_without_losing_results(controller):
     assert deleted["event"] == "lab-deleted" and deleted["node_hours"] > 0 and deleted["estimated_cost_usd"] > 0
 
 
+@pytest.mark.slow
 def test_scale_down_during_running_computation_loses_nothing(controller, monkeypatch):
     """On nanny workers, as the chart runs them: 0 lost, 0 recomputed, and no retired worker comes back."""
     for name, value in LOG_LENGTH_ENV.items():
@@ -128,6 +129,7 @@ def test_unmanaged_lab_is_never_touched(controller, home):
     assert json.loads(record.read_text())["spec"] == {"name": "theirs"}
 
 
+@pytest.mark.slow
 def test_load_counts_the_tasks_queued_on_the_scheduler(controller):
     ctl, backend = controller, controller.backend
     ctl.handle(start_msg(workers={"initial": 1, "min": 1, "max": 1}), "m1")
@@ -230,6 +232,7 @@ def settled(ctl, name="lab1"):
     return drive(ctl, lambda: (lab := ctl.backend.fetch_lab(name)) and lab.state.phase in ("ready", "failed") and lab)
 
 
+@pytest.mark.slow
 def test_ports_are_bound_by_the_lab_processes_and_read_back_never_picked(controller, monkeypatch):
     """A port found free and released can be taken before the process it was meant for binds it: the scheduler then
     fails, or its dashboard moves elsewhere with a mere warning while the controller polls whatever holds the port
@@ -272,6 +275,7 @@ def test_ports_are_bound_by_the_lab_processes_and_read_back_never_picked(control
         thief.close()
 
 
+@pytest.mark.slow
 def test_a_scheduler_restarted_while_its_ports_are_taken_moves_and_its_workers_follow(controller, monkeypatch):
     """update-lab with restart: true restarts the scheduler on its recorded ports (its addresses stay); when another
     process took them meanwhile it starts on ports the OS gives it, and the record, the workers, Jupyter (whose

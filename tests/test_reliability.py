@@ -224,6 +224,7 @@ def story(backend) -> list[dict]:
     return [peak, low, "s" in fake.labs, sorted({e["event"] for e in ctl.events.events})]
 
 
+@pytest.mark.slow
 def test_fault_at_every_external_call_converges():
     clean = Faulty(FakeBackend())
     expected = story(clean)
@@ -389,6 +390,7 @@ def local_story(backend, clock_ctl):
 
 
 @pytest.mark.parametrize("method", PORT)
+@pytest.mark.slow
 def test_local_backend_converges_after_a_crash_at_each_port_call(home, method):
     from dasklab.adapters import procs
     from dasklab.adapters.local import LocalBackend

@@ -19,6 +19,8 @@ from tests.fakes import FakeBackend, ListEvents
 from tests.gke_world import LOCATION, PROJECT
 from tests.test_gke import controller, drive, handle, lab_of, phase, workers, world  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAID = {"values.scheduler.serviceType", "values.jupyter.serviceType", "values.jupyter.password",
         "values.worker.replicas"}  # what every seed file asks that the controller replaces or sizes

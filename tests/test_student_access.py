@@ -21,6 +21,8 @@ from dasklab.core.reconcile import Controller
 
 from tests.gke_world import CONFIG, World, drive_class
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
+
 STUDENTS = ("ann", "bob", "cy")
 PROF = "prof@example.edu"
 

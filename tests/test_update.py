@@ -86,6 +86,7 @@ def test_the_cli_sends_update_lab_and_refuses_different_versions_itself(tmp_path
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_scheduler_change_is_refused_unless_restart_is_said(controller):
     ctl, backend = controller, controller.backend
     lab = start(ctl)
@@ -113,6 +114,7 @@ def test_a_package_pip_cannot_install_is_refused_with_pips_tail(controller):
     assert controller.backend.fetch_lab("up1") is None  # nothing created
 
 
+@pytest.mark.slow
 def test_update_with_new_worker_resources_replaces_them_at_the_new_size(controller):
     """The seed's step 6 (bigger workers), with results held across it."""
     ctl, backend = controller, controller.backend
