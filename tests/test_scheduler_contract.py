@@ -181,7 +181,6 @@ def test_counts_json_under_load_gives_the_fields_and_a_desired_worker_count(lab)
     cover(lab, "GET /api/v1/adaptive_target", "workers")
 
 
-@pytest.mark.slow
 def test_retire_workers_by_address_under_load_keeps_every_result_and_none_comes_back(lab):
     workers = {w.name: w.address for w in lab.dashboard.fetch_workers()}
     chosen = [workers["w2"], workers["w3"]]
