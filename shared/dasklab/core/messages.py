@@ -8,10 +8,8 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
-from dasklab.core.chart_values import check_chart_values
+from dasklab.core.chart_values import _yaml_without_aliases, check_chart_values, check_values_bound
 from dasklab.core.config import check_dask_version
-from dasklab.core.chart_values import MAX_VALUES_BYTES, MAX_VALUES_DEPTH, _yaml_without_aliases, \
-    check_values_bound  # noqa: F401 (re-exported)
 from dasklab.core.errors import ValidationError
 from dasklab.core.model import MACHINE_TYPES, parse_cpu, parse_memory
 
