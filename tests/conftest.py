@@ -1,6 +1,9 @@
 """Shared fixtures: specs, loads, a clean local home and a local controller; every test leaves no process behind."""
 
 import json
+import os
+import signal
+import subprocess
 import time
 
 import pytest
@@ -16,6 +19,37 @@ from tests.dask_checks import alive, process_tree
 
 # the local lab's controller at test speed: polls every 0.2 s, confirms a scale-down over 1 s
 FAST = Config(poll_s=0.2, confirm_s=1.0, cooldown_s=0.5, down_fraction=0.5, tick_budget_s=0)
+
+
+def stop_group(proc: subprocess.Popen, first=signal.SIGTERM, grace: float = 60.0) -> None:
+    """Stop a command started with start_new_session=True as a user would: `first` (it unwinds: stops its labs and
+    their processes), then, if it has not ended within `grace` seconds, SIGKILL to its whole process group."""
+    for sig, wait in ((first, grace), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_to_end(argv: list[str], timeout: float, env: dict) -> subprocess.CompletedProcess:
+    """subprocess.run for a command that starts processes of its own (the demos): on a timeout it is stopped with
+    stop_group (SIGTERM, so it unwinds, and no process is left behind) before the timeout is raised."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{argv[2:]} did not end within {timeout:g} s; stopped. Its output's end:\n"
+                             f"{out[-3000:]}\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def make_spec(**kw) -> LabSpec:

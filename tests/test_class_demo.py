@@ -3,7 +3,6 @@ server; its outcomes read from the timeline, and no process of its home left on 
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -13,6 +12,8 @@ import pytest
 from dasklab import cli
 from dasklab.adapters import procs
 from dasklab.local.serve import LocalController
+
+from tests.conftest import run_to_end
 
 pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
 
@@ -36,8 +37,7 @@ def test_class_demo_busy_scales_idle_torn_down_kept_alive():
     n = 4  # busy, idle, kept, and one more idle one
     before = _processes_of_a_class_demo()
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
-    out = subprocess.run([sys.executable, "-m", "dasklab.cli", "demo", "--class", str(n), "--json"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = run_to_end([sys.executable, "-m", "dasklab.cli", "demo", "--class", str(n), "--json"], timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + "\n" + out.stderr[-2000:]
     timeline = [json.loads(line) for line in out.stdout.splitlines()]
     assert "bus = Pub/Sub emulator" in timeline[0]["event"]  # class-ready came over the status topic

@@ -13,6 +13,8 @@ import pytest
 from dasklab.core import config
 from dasklab.adapters import procs
 
+from tests.conftest import stop_group
+
 DASKLAB = [sys.executable, "-m", "dasklab.cli"]
 
 
@@ -41,8 +43,7 @@ def serve(home, tmp_path, request):
     assert proc.poll() is None, (tmp_path / "serve.log").read_text()
     info = json.loads((home / "serve.json").read_text())
     yield info
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
+    stop_group(proc, first=signal.SIGINT)  # Ctrl-C, as a user stops it (the group killed if it hangs)
     log.close()
     assert not (home / "serve.json").exists()
 

@@ -13,16 +13,14 @@ import urllib.request
 import pytest
 from google.cloud import container_v1 as gke
 
-from dasklab.adapters.files import FileClasses
 from dasklab.adapters.portforward import Forward, bind_local, open_stream
 from dasklab.cli import main
 from dasklab.cloud import connect
 from dasklab.core.errors import NotAllowed, PermanentError, TransientError
-from dasklab.core.reconcile import Controller
 
-from tests.gke_world import PROJECT, World, drive_class
+from tests.gke_world import PROJECT, World
 from tests.notebook import Notebook
-from tests.test_student_access import CONFIG, PROF, STUDENTS, start_class
+from tests.test_student_access import STUDENTS, start_ready_class
 
 pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
 
@@ -97,17 +95,9 @@ def test_the_lab_is_found_from_the_clusters_labels_alone():
 
 def test_three_students_each_connect_to_their_own_jupyter_and_to_no_other(tmp_path, firestore_env, monkeypatch,
                                                                           capsys):
-    world, events = World(tmp_path, jupyter=True), []
-    ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,
-                     classes=FileClasses(tmp_path))
-    conns = []
+    world, conns = World(tmp_path, jupyter=True), []
     try:
-        ctl.handle(start_class([f"{s}={s}@example.edu" for s in STUDENTS], owner_identity=PROF,
-                               workers={"initial": 1, "min": 1, "max": 2}, machine_type="e2-standard-4",
-                               worker_resources={"cpu": 1, "memory": "3G"}, max_lifetime="2h"), "m1")
-        drive_class(ctl, world, lambda: any(e["event"] == "class-ready" for e in events), timeout=180)
-        for who in (*STUDENTS, "prof"):
-            world.kube.add_user(f"{who}-token", f"{who}@example.edu")
+        start_ready_class(world, tmp_path)
         clusters = world.gke.client()  # a student lists clusters (roles/container.clusterViewer); no record is read
 
         def as_(who):

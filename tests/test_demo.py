@@ -2,18 +2,18 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import run_to_end
 
 pytestmark = pytest.mark.slow  # the slow tier: `pytest -m slow` (.ci/run runs both tiers)
 
 
 def test_demo_tells_the_whole_story():
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
-    out = subprocess.run([sys.executable, "-m", "dasklab.cli", "demo", "--json"], capture_output=True, text=True,
-                         timeout=180, env=env)
+    out = run_to_end([sys.executable, "-m", "dasklab.cli", "demo", "--json"], timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     timeline = [json.loads(line) for line in out.stdout.splitlines()]
     events = [e["event"] for e in timeline]

@@ -72,17 +72,25 @@ def refused(call, *args, **kwargs):
     return info.value.status, json.loads(body)["message"] if body.startswith("{") else body
 
 
-def test_three_students_each_reach_their_own_lab_and_nothing_else(tmp_path, firestore_env):
-    world, events = World(tmp_path, jupyter=True), []
+def start_ready_class(world: World, tmp_path) -> Controller:
+    """The class of STUDENTS (each with their Google account, PROF its owner's) ready on the GKE world, and a bearer
+    token `<who>-token` per person for the Kubernetes stand-in."""
+    events = []
     ctl = Controller(world.backend(), type("Events", (), {"publish": lambda self, e: events.append(e)})(), CONFIG,
                      classes=FileClasses(tmp_path))
+    ctl.handle(start_class([f"{s}={s}@example.edu" for s in STUDENTS], owner_identity=PROF,
+                           workers={"initial": 1, "min": 1, "max": 2}, machine_type="e2-standard-4",
+                           worker_resources={"cpu": 1, "memory": "3G"}, max_lifetime="2h"), "m1")
+    drive_class(ctl, world, lambda: any(e["event"] == "class-ready" for e in events), timeout=180)
+    for who in (*STUDENTS, "prof"):
+        world.kube.add_user(f"{who}-token", f"{who}@example.edu")
+    return ctl
+
+
+def test_three_students_each_reach_their_own_lab_and_nothing_else(tmp_path, firestore_env):
+    world = World(tmp_path, jupyter=True)
     try:
-        ctl.handle(start_class([f"{s}={s}@example.edu" for s in STUDENTS], owner_identity=PROF,
-                               workers={"initial": 1, "min": 1, "max": 2}, machine_type="e2-standard-4",
-                               worker_resources={"cpu": 1, "memory": "3G"}, max_lifetime="2h"), "m1")
-        drive_class(ctl, world, lambda: any(e["event"] == "class-ready" for e in events), timeout=180)
-        for who in (*STUDENTS, "prof"):
-            world.kube.add_user(f"{who}-token", f"{who}@example.edu")
+        ctl = start_ready_class(world, tmp_path)
 
         def api(who):
             return world.kube.api_client(f"{who}-token")
