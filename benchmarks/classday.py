@@ -2,15 +2,17 @@
 a modelled GKE (node pools, the cluster autoscaler) and distributed's own Adaptive logic; priced with core/model.py.
 
 Run: python benchmarks/classday.py [--seed N] [--trace FILE] [--write-trace FILE] [--plot FILE] [--json FILE]
+     [--budget-usd X] [--most-allocated]
 
 Configurations, each on the same trace (one lab per student, every worker 1 core / 3 GB on e2-standard-4):
 - static: the seed's cluster (/work/shared/seeds: `gcloud container clusters create --machine-type e2-standard-4
-  --num-nodes 2`, Helm chart `worker.replicas: 4`), one per student, for the whole class.
+  --num-nodes 2`, Helm chart `worker.replicas: 4`), one per student, for the whole class (its workers taken as
+  1 thread each: assumption, the seed sets no worker resources).
 - adaptive+CA: one class cluster; per student, distributed's AdaptiveCore (its own `recommendations`, wait_count
   3, interval 1 s) against a simulated cluster object; the worker pool sized by the cluster autoscaler.
 - operator+CA: one class cluster; per student, the dask-kubernetes operator's autoscaler (5 s poll, ≤ 25 % down
   per step, 15 s between steps); the worker pool sized by the cluster autoscaler.
-- dasklab own / dasklab shared: plan_scale, plan_retirement, plan_teardown (idle), plan_budget and the node sizing
+- dasklab own / dasklab shared (workers {initial: 1, max: 8}, as every autoscaled configuration): plan_scale, plan_retirement, plan_teardown (idle), plan_budget and the node sizing
   of core/model.py (workers_per_node, nodes_for, build_system_pool_size), as the lab reconciler calls them.
 Only the cloud and the Dask scheduler are modelled here (every timing in CLOUD, with its source or "assumption").
 """
@@ -47,9 +49,12 @@ CLOUD = {  # seconds unless said; (value, source)
     "ca_unneeded_s": (600.0, "cluster autoscaler FAQ: --scale-down-unneeded-time 10m"),
     "ca_delay_after_add_s": (600.0, "cluster autoscaler FAQ: --scale-down-delay-after-add 10m"),
     "ca_util_threshold": (0.5, "cluster autoscaler FAQ: --scale-down-utilization-threshold 0.5"),
-    "ca_moves_worker_pods": (False, "cluster autoscaler FAQ: pods of a custom controller (the operator's "
-                                    "DaskWorkerGroup) block a node's removal (--skip-nodes-with-custom-controller-"
-                                    "pods=true): only empty worker nodes go"),
+    "ca_moves_worker_pods": (False, "github.com/kubernetes/autoscaler/blob/master/cluster-autoscaler/FAQ.md: "
+                                    "--skip-nodes-with-custom-controller-pods=true, so pods of a custom controller "
+                                    "(a DaskWorkerGroup) block a node's removal: only empty worker nodes go"),
+    "most_allocated": (False, "kubernetes.io/docs/concepts/scheduling-eviction/resource-bin-packing: the default "
+                              "scoring is LeastAllocated (spreads pods); True = MostAllocated, which GKE's "
+                              "optimize-utilization autoscaling profile asks for"),
     "adaptive_interval_s": (1.0, "distributed Adaptive: interval 1s, wait_count 3 (GUIDE.md, Autoscaling anchors)"),
     "operator_poll_s": (5.0, "dask-kubernetes autoscaler: 5 s poll (GUIDE.md)"),
     "operator_down_fraction": (0.25, "dask-kubernetes autoscaler: at most 25 % per step (GUIDE.md)"),
@@ -120,12 +125,14 @@ class Pool:
             self.last_add = now
 
     def bind(self, now):
-        """kube-scheduler: each pending pod onto the ready node with the most room (LeastAllocated, its default)."""
+        """kube-scheduler: each pending pod onto the ready node with the most room (LeastAllocated, its default), or
+        with the least (MostAllocated: most_allocated)."""
         while self.pending:
             room = [n for n in self.nodes if n.ready_at <= now and len(n.workers) < self.slots]
             if not room:
                 return
-            node = min(room, key=lambda n: (len(n.workers), n.name))
+            sign = -1 if C["most_allocated"] else 1
+            node = min(room, key=lambda n: (sign * len(n.workers), n.name))
             w = self.pending.pop(0)
             w.node, w.state = node, "starting"
             if node.pulled_at is None:  # the first pod on a fresh node pulls the image; the others wait for it
@@ -452,7 +459,7 @@ def simulate(trace: dict, kind: str, budget_usd: float | None = None) -> World:
                     cost = estimate_cost(c.spec, t - c.state.created_at, dl_node_s[name])
                     if c.tick(t, cost):
                         close_lab(lab)
-        if kind.startswith("dasklab"):
+        if kind.startswith("dasklab") and tick % CONFIG.poll_s == 0:
             size_dasklab_pools(world, ctl, own, t)
         elif kind != "static" and tick % C["ca_scan_s"] == 0:
             ca_step(shared_pool, t)
@@ -549,7 +556,7 @@ def plot(worlds: list[World], path: str) -> str:
     load = ax.twinx()
     base = worlds[-1].load
     load.fill_between([t / 60 for t, _ in base], [x for _, x in base], step="post", alpha=0.15, color="grey")
-    load.set_ylabel("tasks queued or running (class)")
+    load.set_ylabel(f"tasks queued or running, class total ({worlds[-1].name})")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
@@ -563,9 +570,12 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", help="a trace (JSON, as --write-trace writes it) instead of a generated one")
     ap.add_argument("--write-trace", help="write the trace used to this file")
     ap.add_argument("--budget-usd", type=float, default=None, help="each dasklab lab's budget (plan_budget)")
-    ap.add_argument("--plot", default="classday.png")
+    ap.add_argument("--most-allocated", action="store_true",
+                    help="kube-scheduler packs pods (MostAllocated, GKE's optimize-utilization profile)")
+    ap.add_argument("--plot", default="classday.png", help="where the plot goes ('' for none)")
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args(argv)
+    C["most_allocated"] = args.most_allocated
     trace = json.loads(Path(args.trace).read_text()) if args.trace else build_trace(args.seed)
     if args.write_trace:
         Path(args.write_trace).write_text(json.dumps(trace, indent=1))
