@@ -46,12 +46,12 @@ def _keep_last_error(e: Exception, payload: bytes, attributes: dict, mid: str) -
     was. The error of each failed attempt is kept in the reports store (Firestore; files locally), which outlives
     this instance and is where the dead-letter pass of a reconcile tick looks, by a key computed from the message
     as both sides see it (core/dead_letters.py: failure_key). Keeping it must not hide the failure itself."""
-    from dasklab.core.dead_letters import MAX_ERROR_CHARS, failure_key
+    from dasklab.core.dead_letters import build_last_error, failure_key
     try:
         ctl = controller()
         if ctl.reports is not None:
             ctl.reports.apply_last_error(failure_key(payload, attributes),
-                                         {"error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS], "message_id": mid},
+                                         {"error": build_last_error(e), "message_id": mid},
                                          ctl.clock())
     except DasklabError as kept:  # the store fails too: a dead letter then says no error was kept
         logs.emit("WARNING", action="last-error", reason=f"not kept: {kept}", message_id=mid)

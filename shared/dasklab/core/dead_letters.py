@@ -37,6 +37,14 @@ class DeadLetter:
     handle: Any = field(default=None, compare=False)  # what the adapter acknowledges it by (its ack id)
 
 
+def build_last_error(e: BaseException) -> str:
+    """An attempt's error as kept for its dead letter: its type and message, cut to MAX_ERROR_CHARS and saying so."""
+    text = f"{type(e).__name__}: {e}"
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}… (cut at {MAX_ERROR_CHARS} of {len(text)} characters; the whole is in the function's log)"
+
+
 def failure_key(data: bytes, attributes: Mapping[str, str]) -> str:
     """Where a failing message's last error is kept (the reports store) and found again once it is dead-lettered.
 
